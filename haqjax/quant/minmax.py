@@ -25,19 +25,34 @@ def _reduce_axes(x: Array, channel_axis: int | None) -> tuple[int, ...] | None:
 
 
 def ste(x: Array, q: Array) -> Array:
-  """Forward `q`, backward identity to `x`."""
-  return x + jax.lax.stop_gradient(q - x)
+  """Forward exactly `q`, backward identity to `x`.
+
+  Written as `q' + (x - x')` (primes: stop_gradient) rather than
+  `x + (q - x)'`, whose rounding error depends on how XLA fuses it.
+  """
+  sg = jax.lax.stop_gradient
+  return sg(q) + (x - sg(x))
+
+
+def pow2(bits: ArrayLike) -> Array:
+  """2**bits as an exact float32 (integer shift; `**` on floats is not exact)."""
+  bits = jnp.clip(jnp.asarray(bits, jnp.int32), 0, 30)
+  return jnp.left_shift(jnp.int32(1), bits).astype(jnp.float32)
 
 
 def symmetric_fake_quant(x: Array, bits: ArrayLike,
                          channel_axis: int | None = None) -> Array:
   """Signed symmetric fake-quant; 1 bit is sign(x) * mean|x| (binary)."""
-  bits = jnp.asarray(bits, jnp.float32)
+  bits = jnp.asarray(bits, jnp.int32)
   axes = _reduce_axes(x, channel_axis)
   absmax = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
-  qmax = jnp.maximum(2.0 ** (bits - 1) - 1, 1.0)
-  scale = jnp.where(absmax > 0, absmax / qmax, 1.0)
-  q = jnp.clip(jnp.round(x / scale), -qmax, qmax) * scale
+  qmax = jnp.maximum(pow2(bits - 1) - 1, 1.0)
+  # Only multiply by broadcast values: XLA rewrites a division by a broadcast
+  # into a reciprocal multiply in some programs (e.g. under vmap) but not in
+  # others, and one ulp is enough to flip a rounding.
+  scale = jnp.where(absmax > 0, absmax * (1.0 / qmax), 1.0)
+  inv_scale = jnp.where(absmax > 0, qmax / absmax, 1.0)
+  q = jnp.clip(jnp.round(x * inv_scale), -qmax, qmax) * scale
   binary = jnp.where(x >= 0, 1.0, -1.0) * jnp.mean(jnp.abs(x), axis=axes, keepdims=True)
   q = jnp.where(bits <= 1, binary, q)
   return jnp.where(bits >= FLOAT_BITS, x, q.astype(x.dtype))
@@ -45,11 +60,12 @@ def symmetric_fake_quant(x: Array, bits: ArrayLike,
 
 def unsigned_fake_quant(x: Array, bits: ArrayLike) -> Array:
   """Unsigned fake-quant of a non-negative tensor on [0, max(x)]."""
-  bits = jnp.asarray(bits, jnp.float32)
+  bits = jnp.asarray(bits, jnp.int32)
   hi = jnp.max(x)
-  qmax = 2.0 ** bits - 1
-  scale = jnp.where(hi > 0, hi / qmax, 1.0)
-  q = jnp.clip(jnp.round(x / scale), 0, qmax) * scale
+  qmax = pow2(bits) - 1
+  scale = jnp.where(hi > 0, hi * (1.0 / qmax), 1.0)
+  inv_scale = jnp.where(hi > 0, qmax / hi, 1.0)
+  q = jnp.clip(jnp.round(x * inv_scale), 0, qmax) * scale
   return jnp.where(bits >= FLOAT_BITS, x, q.astype(x.dtype))
 
 
