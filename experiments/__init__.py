@@ -1,0 +1,1 @@
+"""haqjax experiment launchers (absl apps): `python -m experiments.<name>`."""

@@ -1,0 +1,139 @@
+"""What every launcher shares: flags from the config dataclass, clean errors.
+
+User mistakes (bad flag values, missing data, a policy that does not fit) end
+the program with one line on stderr, `error: ...`, and exit code 2; no
+traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import logging as pylogging
+
+from absl import app
+from absl import flags
+from absl import logging
+
+USAGE_ERROR = 2
+
+
+def fail(message: str) -> typing.NoReturn:
+  """Prints one clean line and exits with code 2."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(USAGE_ERROR)
+
+
+def _field_help(cls: type) -> dict[str, str]:
+  """Per-field help from the 'Attributes:' section of a dataclass docstring."""
+  doc = cls.__doc__ or ""
+  section = doc.split("Attributes:", 1)[-1]
+  help_text: dict[str, list[str]] = {}
+  current = None
+  for line in section.splitlines():
+    m = re.match(r"^\s{4}(\w+(?:, \w+)*): (.*)$", line)
+    if m:
+      current = m.group(1).split(", ")
+      for name in current:
+        help_text[name] = [m.group(2)]
+    elif current and line.strip():
+      for name in current:
+        help_text[name].append(line.strip())
+  return {k: " ".join(v) for k, v in help_text.items()}
+
+
+def _base_type(tp: Any) -> type:
+  if isinstance(tp, str):
+    tp = eval(tp, {"bool": bool, "int": int, "float": float, "str": str})  # noqa: S307
+  if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0]
+  return tp
+
+
+def define_flags_from(cls: type, *, skip: Sequence[str] = ()) -> list[str]:
+  """Defines one absl flag per dataclass field (same name, default and help)."""
+  helps = _field_help(cls)
+  names = []
+  for field in dataclasses.fields(cls):
+    if field.name in skip:
+      continue
+    default = field.default
+    help_text = helps.get(field.name, field.name)
+    tp = _base_type(field.type)
+    if tp is bool:
+      flags.DEFINE_bool(field.name, default, help_text)
+    elif tp is int:
+      flags.DEFINE_integer(field.name, default, help_text)
+    elif tp is float:
+      flags.DEFINE_float(field.name, default, help_text)
+    else:
+      flags.DEFINE_string(field.name, default, help_text)
+    names.append(field.name)
+  return names
+
+
+def values_of(names: Sequence[str]) -> dict[str, Any]:
+  """The parsed values of flags `names`."""
+  return {n: flags.FLAGS[n].value for n in names}
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing whose errors are one line and exit code 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e).splitlines()[0])
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+  """`app.run(main)` with clean one-line errors for user mistakes."""
+
+  def guarded(argv):
+    try:
+      main(argv)
+    except ValueError as e:
+      fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except FileNotFoundError as e:
+      fail(f"{e.filename or ''}: {e.strerror}")
+    except KeyboardInterrupt:
+      print("interrupted; rerun the same command to resume", file=sys.stderr)
+      sys.exit(130)
+
+  app.run(guarded, flags_parser=parse_flags)
+
+
+def enable_compilation_cache(path: str | None) -> None:
+  """Turns on JAX's persistent compilation cache (empty path: off)."""
+  if not path:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  path = os.path.expanduser(path)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+class _DropOrbaxRecords(pylogging.Filter):
+  """orbax logs every checkpoint step at INFO and unreadable files at ERROR;
+  haqjax reports what matters itself (one line for a bad checkpoint)."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return "orbax" not in record.pathname
+
+
+def quiet_libraries() -> None:
+  """Keeps the console to haqjax's own output: no tfds preparation progress
+  bars, no orbax log lines, library INFO lines only with --verbosity."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+    logging.get_absl_handler().addFilter(_DropOrbaxRecords())

@@ -1,0 +1,163 @@
+"""Training configuration: one frozen dataclass, validated on creation.
+
+The launcher builds it from absl flags; tests and notebooks build it directly.
+Every field is documented here, and the config is saved as `config.json`
+beside the results of each run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any
+
+from haqjax import io as haq_io
+
+MODES = ("train", "qat")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "constant")
+DTYPES = ("float32", "bfloat16")
+_UNIFORM_POLICY = re.compile(r"^w(\d+)a(\d+)$", re.IGNORECASE)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+  """What `train_and_evaluate` runs.
+
+  Attributes:
+    mode: 'train' for floating-point training, 'qat' for quantization-aware
+      training (fine-tuning) under `policy`.
+    dataset: digits, fashion_mnist, cifar10 or imagenet2012.
+    data_dir: where prepared datasets live (None: $HAQJAX_DATA_DIR or
+      ~/.cache/haqjax/datasets).
+    manual_dir: where raw files are found for preparation (None: the
+      dataset's standard places).
+    val_size: held-out validation carved from train: a count, or a fraction in
+      [0, 1). Searches score policies on it; the test split is never searched.
+    model: a name from `haqjax.models.MODELS`.
+    width_mult: width multiplier for models that take one.
+    policy: for mode 'qat': 'wXaY' (uniform) or a path to a policy JSON file.
+    init_from: a workdir (or its checkpoints/ folder) whose latest checkpoint
+      initialises the parameters, e.g. the FP32 run a QAT run fine-tunes.
+    epochs: passes over the training split.
+    batch_size: global training batch size (split over all devices).
+    eval_batch_size: global evaluation batch size.
+    optimizer: 'sgd' (with momentum, Nesterov) or 'adamw'.
+    learning_rate: peak learning rate.
+    momentum: SGD momentum / AdamW beta1.
+    weight_decay: L2 (sgd, added to the gradient) or decoupled (adamw).
+    schedule: 'cosine' (decay to 0 after warm-up) or 'constant'.
+    warmup_epochs: linear warm-up length, may be fractional.
+    label_smoothing: label smoothing of the cross-entropy.
+    augment: dataset augmentation (random crop/flip where it applies).
+    seed: seed of parameter init and data order.
+    split_seed: seed of the train/validation carve (fixed across runs).
+    dtype: computation dtype; parameters and optimizer state stay float32.
+    log_every_steps: how often training metrics are written.
+    checkpoint_every_steps: extra checkpoints inside an epoch (0: only at
+      epoch ends).
+    keep_checkpoints: how many recent checkpoints to keep.
+    progress: show a progress bar (None: only on a terminal).
+    tensorboard: also write TensorBoard event files.
+  """
+  mode: str = "train"
+  dataset: str = "fashion_mnist"
+  data_dir: str | None = None
+  manual_dir: str | None = None
+  val_size: float = 5000
+  model: str = "quickstart_cnn"
+  width_mult: float = 1.0
+  policy: str | None = None
+  init_from: str | None = None
+  epochs: float = 10
+  batch_size: int = 128
+  eval_batch_size: int = 500
+  optimizer: str = "sgd"
+  learning_rate: float = 0.1
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  schedule: str = "cosine"
+  warmup_epochs: float = 0.0
+  label_smoothing: float = 0.0
+  augment: bool = False
+  seed: int = 0
+  split_seed: int = 0
+  dtype: str = "float32"
+  log_every_steps: int = 100
+  checkpoint_every_steps: int = 0
+  keep_checkpoints: int = 2
+  progress: bool | None = None
+  tensorboard: bool = True
+
+  def __post_init__(self):
+    def choice(field, allowed):
+      value = getattr(self, field)
+      if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not allowed; allowed: {', '.join(allowed)}")
+
+    def positive(field, strict=True):
+      value = getattr(self, field)
+      bad = value <= 0 if strict else value < 0
+      if isinstance(value, bool) or bad:
+        raise ValueError(f"{field}={value!r} must be {'> 0' if strict else '>= 0'}")
+
+    choice("mode", MODES)
+    choice("optimizer", OPTIMIZERS)
+    choice("schedule", SCHEDULES)
+    choice("dtype", DTYPES)
+    for field in ("epochs", "batch_size", "eval_batch_size", "learning_rate",
+                  "width_mult", "log_every_steps", "keep_checkpoints"):
+      positive(field)
+    for field in ("momentum", "weight_decay", "warmup_epochs", "label_smoothing",
+                  "val_size", "checkpoint_every_steps"):
+      positive(field, strict=False)
+    if not 0 <= self.momentum < 1:
+      raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
+    if not 0 <= self.label_smoothing < 1:
+      raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+    if self.warmup_epochs > self.epochs:
+      raise ValueError(f"warmup_epochs={self.warmup_epochs} must be <= epochs={self.epochs}")
+    if self.mode == "qat" and not self.policy:
+      raise ValueError("policy is empty; mode 'qat' needs a policy: 'wXaY' "
+                       "(e.g. w4a4) or a policy JSON file")
+    if self.policy:
+      self.uniform_bits()  # Validates the 'wXaY' form.
+
+  def uniform_bits(self) -> tuple[int, int] | None:
+    """(w, a) when `policy` is 'wXaY'; None when it is a file path."""
+    m = _UNIFORM_POLICY.match(self.policy or "")
+    if not m:
+      if self.policy and not os.path.exists(self.policy):
+        raise ValueError(f"policy={self.policy!r} is neither 'wXaY' (e.g. w4a4) "
+                         "nor an existing policy JSON file")
+      return None
+    w, a = int(m.group(1)), int(m.group(2))
+    for name, b in (("w", w), ("a", a)):
+      if not (1 <= b <= 8 or b == 32):
+        raise ValueError(f"policy={self.policy!r}: {name} bits {b} is outside 1..8 "
+                         "(or 32 for floating point)")
+    return w, a
+
+  def replace(self, **changes: Any) -> Config:
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> Config:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f"config has unknown fields {unknown}; allowed: {sorted(fields)}")
+    return cls(**d)
+
+  def save(self, path: str | os.PathLike) -> None:
+    haq_io.write_json(path, self.to_dict())
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> Config:
+    with open(path) as f:
+      return cls.from_dict(json.load(f))

@@ -1,0 +1,134 @@
+"""Pure training and evaluation steps, shared by FP32 training and QAT.
+
+The policy is an argument of every step, so one compiled step serves every
+bit policy (QAT fine-tunes inside a search call the same compiled function for
+each candidate policy).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from haqjax.policy import Policy
+from haqjax.typing import Array, PRNGKey, PyTree
+
+Batch = dict[str, Array]
+Metrics = dict[str, Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; checkpointed as is."""
+  step: Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+
+  def variables(self) -> dict[str, PyTree]:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def _decay_mask(params: PyTree) -> PyTree:
+  """Weight decay on kernels only (not biases, BN scales or quantizer params)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def make_optimizer(*, name: str, learning_rate: optax.ScalarOrSchedule,
+                   momentum: float, weight_decay: float) -> optax.GradientTransformation:
+  """SGD with Nesterov momentum and L2 on kernels, or AdamW."""
+  if name == "sgd":
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=_decay_mask),
+        optax.sgd(learning_rate, momentum=momentum or None, nesterov=momentum > 0))
+  if name == "adamw":
+    return optax.adamw(learning_rate, b1=momentum, weight_decay=weight_decay,
+                       mask=_decay_mask)
+  raise ValueError(f"optimizer={name!r} is not allowed; allowed: sgd, adamw")
+
+
+def make_schedule(*, name: str, peak: float, total_steps: int,
+                  warmup_steps: int) -> optax.Schedule:
+  """Linear warm-up, then cosine decay to 0 or a constant rate."""
+  if name == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0 if warmup_steps else peak, peak, warmup_steps, max(total_steps, 1))
+  if name == "constant":
+    if not warmup_steps:
+      return optax.constant_schedule(peak)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup_steps), optax.constant_schedule(peak)],
+        [warmup_steps])
+  raise ValueError(f"schedule={name!r} is not allowed; allowed: cosine, constant")
+
+
+def init_state(key: PRNGKey, model: nn.Module, tx: optax.GradientTransformation,
+               input_shape: tuple[int, ...]) -> TrainState:
+  """Initial parameters (floating point) and optimizer state."""
+  variables = model.init(key, jnp.zeros((1, *input_shape[1:]), jnp.float32), train=False)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}),
+                    opt_state=tx.init(params))
+
+
+def _topk_correct(logits: Array, labels: Array, k: int) -> Array:
+  k = min(k, logits.shape[-1])
+  topk = jax.lax.top_k(logits, k)[1]  # [B, k]
+  return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def _loss(logits: Array, labels: Array, label_smoothing: float) -> Array:
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)  # [B]
+
+
+def train_step(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
+               batch: Batch, policy: Policy | None, *,
+               label_smoothing: float = 0.0) -> tuple[TrainState, Metrics]:
+  """One SGD step on `batch` under `policy` (None: floating point)."""
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, batch["image"],
+        policy=policy, train=True, mutable=["batch_stats"])
+    loss = jnp.mean(_loss(logits, batch["label"], label_smoothing))
+    return loss, (logits, updates.get("batch_stats", {}))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      "loss": loss,
+      "top1": jnp.mean(_topk_correct(logits, batch["label"], 1)),
+      "grad_norm": optax.global_norm(grads),
+  }
+  return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                    opt_state=opt_state), metrics
+
+
+def eval_step(model: nn.Module, variables: dict[str, PyTree], batch: Batch,
+              policy: Policy | None) -> Metrics:
+  """Sums over the real (mask 1) examples of `batch`: loss, top-1, top-5, count."""
+  logits = model.apply(variables, batch["image"], policy=policy, train=False)
+  mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
+  return {
+      "loss": jnp.sum(_loss(logits, batch["label"], 0.0) * mask),
+      "top1": jnp.sum(_topk_correct(logits, batch["label"], 1) * mask),
+      "top5": jnp.sum(_topk_correct(logits, batch["label"], 5) * mask),
+      "count": jnp.sum(mask),
+  }
+
+
+def summarize_eval(sums: dict[str, Any]) -> dict[str, float]:
+  """Turns summed eval metrics into means (top-1/top-5 in percent)."""
+  n = max(float(sums["count"]), 1.0)
+  return {"loss": float(sums["loss"]) / n, "top1": 100.0 * float(sums["top1"]) / n,
+          "top5": 100.0 * float(sums["top5"]) / n, "count": int(sums["count"])}

@@ -1,0 +1,256 @@
+"""`train_and_evaluate(config, workdir)`: FP32 training and QAT, resumable.
+
+The workdir holds everything a run writes:
+
+  config.json        the config (a rerun must match it, see `_check_workdir`)
+  layers.json        the model's layer table
+  policy.json        the policy (QAT)
+  metrics.jsonl      training/eval scalars (JSON lines), tensorboard/ beside it
+  checkpoints/       orbax checkpoints; a rerun resumes from the latest
+  results.json       final metrics, written last and atomically
+
+Data order depends only on (seed, epoch), so a resumed run sees the same
+batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from haqjax import data as haq_data
+from haqjax import io as haq_io
+from haqjax import models as haq_models
+from haqjax import parallel
+from haqjax.nn import LayerTable
+from haqjax.nn import layer_table
+from haqjax.policy import Policy
+from haqjax.policy import load_policy
+from haqjax.policy import save_policy
+from haqjax.train import checkpoint as ckpt_lib
+from haqjax.train import steps
+from haqjax.train import writers
+from haqjax.train.config import Config
+
+# Fields that may differ between a run and its resumption.
+_RESUMABLE_CHANGES = frozenset({
+    "data_dir", "manual_dir", "eval_batch_size", "log_every_steps",
+    "checkpoint_every_steps", "keep_checkpoints", "progress", "tensorboard"})
+
+
+def resolve_policy(config: Config, table: LayerTable) -> Policy | None:
+  """The policy a config asks for, validated against the model's table."""
+  if config.mode != "qat":
+    return None
+  bits = config.uniform_bits()
+  if bits is not None:
+    return Policy.uniform(table.names, *bits)
+  return load_policy(config.policy, table.names)
+
+
+def build_model(config: Config, num_classes: int):
+  kwargs: dict[str, Any] = {"dtype": jnp.dtype(config.dtype)}
+  if config.width_mult != 1.0:
+    kwargs["width_mult"] = config.width_mult
+  return haq_models.create(config.model, num_classes=num_classes, **kwargs)
+
+
+def _check_workdir(config: Config, workdir: str) -> None:
+  """Refuses to resume a workdir that holds a different run."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  try:
+    saved = Config.load(path).to_dict()
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"workdir {workdir!r}: config.json cannot be read ({e}); "
+                     "use another --workdir") from None
+  for key, value in config.to_dict().items():
+    if key not in _RESUMABLE_CHANGES and saved.get(key) != value:
+      raise ValueError(
+          f"workdir {workdir!r} holds a run with {key}={saved.get(key)!r}, not "
+          f"{value!r}; use another --workdir to keep both")
+
+
+def _init_from(config: Config, state: steps.TrainState, tx) -> steps.TrainState:
+  """Takes params and batch_stats from another run; a fresh optimizer state."""
+  variables = ckpt_lib.restore_variables(config.init_from)
+  for field in ("params", "batch_stats"):
+    want = jax.tree_util.tree_flatten_with_path(getattr(state, field))[0]
+    got = jax.tree_util.tree_flatten_with_path(variables[field])[0]
+    want_shapes = {jax.tree_util.keystr(k): np.shape(v) for k, v in want}
+    got_shapes = {jax.tree_util.keystr(k): np.shape(v) for k, v in got}
+    if want_shapes != got_shapes:
+      diff = sorted(set(want_shapes.items()) ^ set(got_shapes.items()))[0]
+      raise ValueError(f"init_from={config.init_from!r}: its {field} do not fit model "
+                       f"{config.model!r} (first difference at {diff[0]})")
+  params = jax.tree.map(jnp.asarray, variables["params"])
+  return state.replace(params=params,
+                       batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]),
+                       opt_state=tx.init(params))
+
+
+class _Evaluator:
+  """Compiled-once evaluation over a split (padded last batch, masked)."""
+
+  def __init__(self, model, sharding, batch_size: int):
+    self._step = jax.jit(functools.partial(steps.eval_step, model))
+    self._sharding = sharding
+    self._batch_size = batch_size
+
+  def __call__(self, variables, split, policy) -> dict[str, float]:
+    sums = None
+    for batch in haq_data.batches(split, batch_size=self._batch_size, seed=0, epoch=0,
+                                  shuffle=False, drop_remainder=False,
+                                  sharding=self._sharding):
+      out = self._step(variables, batch, policy)
+      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    if sums is None:
+      return {}
+    return steps.summarize_eval(jax.device_get(sums))
+
+
+def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
+  """Trains (FP32) or fine-tunes (QAT) a model and evaluates it.
+
+  Args:
+    config: what to run.
+    workdir: where everything is written; a rerun with the same workdir and
+      config resumes from the latest checkpoint.
+
+  Returns:
+    The final metrics, as written to `results.json`.
+
+  Raises:
+    ValueError: for a bad config, missing data, a policy that does not fit
+      the model, a workdir holding another run or an unreadable checkpoint.
+  """
+  workdir = os.path.abspath(workdir)
+  primary = jax.process_index() == 0
+  _check_workdir(config, workdir)
+
+  splits = haq_data.load(config.dataset, data_dir=config.data_dir,
+                         manual_dir=config.manual_dir, val_size=config.val_size,
+                         split_seed=config.split_seed)
+  spec = splits.spec
+  model = build_model(config, spec.num_classes)
+  input_shape = (1, *spec.image_shape)
+  table = layer_table(model, input_shape)
+  policy = resolve_policy(config, table)
+
+  mesh = parallel.data_mesh()
+  parallel.check_batch_size("batch_size", config.batch_size, mesh)
+  parallel.check_batch_size("eval_batch_size", config.eval_batch_size, mesh)
+  data_sharding = parallel.batch_sharding(mesh)
+
+  steps_per_epoch = haq_data.num_batches(splits.train, config.batch_size,
+                                         drop_remainder=True)
+  if steps_per_epoch == 0:
+    raise ValueError(f"batch_size={config.batch_size} is larger than the training "
+                     f"split ({len(splits.train)} examples)")
+  total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
+  schedule = steps.make_schedule(
+      name=config.schedule, peak=config.learning_rate, total_steps=total_steps,
+      warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)))
+  tx = steps.make_optimizer(name=config.optimizer, learning_rate=schedule,
+                            momentum=config.momentum, weight_decay=config.weight_decay)
+
+  key = jax.random.key(config.seed)
+  state = steps.init_state(key, model, tx, input_shape)
+  if config.init_from:
+    state = _init_from(config, state, tx)
+  state = parallel.replicate(state, mesh)
+
+  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  if checkpointer.latest_step() is not None:
+    state, _ = checkpointer.restore(state)
+  start_step = int(state.step)
+
+  if primary:
+    config.save(os.path.join(workdir, "config.json"))
+    haq_io.write_json(os.path.join(workdir, "layers.json"), table.rows())
+    if policy is not None:
+      save_policy(os.path.join(workdir, "policy.json"), policy, model=config.model)
+  writer = writers.create_writer(workdir, tensorboard=config.tensorboard)
+
+  train_step = jax.jit(
+      functools.partial(steps.train_step, model, tx,
+                        label_smoothing=config.label_smoothing),
+      donate_argnums=0)
+  evaluate = _Evaluator(model, data_sharding, config.eval_batch_size)
+
+  show = config.progress if config.progress is not None else os.isatty(2)
+  bar = tqdm.tqdm(total=total_steps, initial=start_step, disable=not (show and primary),
+                  desc=f"{config.mode} {config.model}", unit="step", dynamic_ncols=True)
+  step = start_step
+  first_step_seconds, loop_start, eval_seconds, running = None, None, 0.0, []
+  try:
+    while step < total_steps:
+      epoch, skip = divmod(step, steps_per_epoch)
+      for batch in haq_data.batches(
+          splits.train, batch_size=config.batch_size, seed=config.seed, epoch=epoch,
+          shuffle=True, drop_remainder=True, augment=config.augment,
+          sharding=data_sharding, start=skip):
+        t0 = time.perf_counter()
+        state, metrics = train_step(state, batch, policy)
+        running.append(metrics)
+        step += 1
+        bar.update(1)
+        if first_step_seconds is None:
+          jax.block_until_ready(metrics)
+          loop_start = time.perf_counter()
+          first_step_seconds = loop_start - t0
+        if step % config.log_every_steps == 0 or step == total_steps:
+          means = {k: float(np.mean([float(m[k]) for m in running])) for k in running[0]}
+          means["lr"] = float(schedule(step - 1))
+          writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+          bar.set_postfix(loss=f"{means['loss']:.3f}", top1=f"{100 * means['top1']:.1f}")
+          running = []
+        if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+          checkpointer.save(step, state, {"epoch": epoch})
+        if step == total_steps:
+          break
+      t_eval = time.perf_counter()
+      if len(splits.val):
+        val = evaluate(state.variables(), splits.val, policy)
+        writer.write_scalars(step, {f"val/{k}": v for k, v in val.items() if k != "count"})
+      writer.write_scalars(step, {"epoch": step / steps_per_epoch})
+      writer.flush()
+      checkpointer.save(step, state, {"epoch": epoch})
+      eval_seconds += time.perf_counter() - t_eval
+    jax.block_until_ready(state)
+  finally:
+    bar.close()
+    checkpointer.wait()
+  timed_steps = step - start_step - 1
+  train_seconds = (time.perf_counter() - loop_start - eval_seconds
+                   if loop_start is not None else 0.0)
+
+  val = evaluate(state.variables(), splits.val, policy) if len(splits.val) else {}
+  test = evaluate(state.variables(), splits.test, policy)
+  writer.write_scalars(step, {f"test/{k}": v for k, v in test.items() if k != "count"})
+  writer.close()
+  checkpointer.close()
+  results = {
+      "mode": config.mode, "model": config.model, "dataset": config.dataset,
+      "policy": None if policy is None else policy.to_dict()["layers"],
+      "steps": step, "epochs": step / steps_per_epoch,
+      "test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"],
+      "val_top1": val.get("top1"), "val_loss": val.get("loss"),
+      "first_step_seconds": first_step_seconds,
+      "train_seconds": train_seconds,
+      "train_images_per_second": (timed_steps * config.batch_size / train_seconds
+                                  if timed_steps > 0 and train_seconds > 0 else None),
+      "devices": jax.device_count(),
+  }
+  if primary:
+    haq_io.write_json(os.path.join(workdir, "results.json"), results)
+  return results

@@ -1,0 +1,122 @@
+"""Metric writers: one interface, JSON-lines and TensorBoard back-ends.
+
+Only process 0 writes; `create_writer` returns a writer that drops everything
+on the other processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+Scalars = Mapping[str, Any]
+
+
+class MetricWriter(Protocol):
+  """Where training and search metrics go."""
+
+  def write_scalars(self, step: int, scalars: Scalars) -> None:
+    """Records `scalars` (name -> number) at `step`."""
+
+  def flush(self) -> None:
+    """Makes everything written so far durable."""
+
+  def close(self) -> None:
+    """Flushes and releases the writer."""
+
+
+def _to_float(value: Any) -> float:
+  return float(np.asarray(value))
+
+
+class JsonlWriter:
+  """Appends one JSON object per `write_scalars` call: {"step", "time", ...}."""
+
+  def __init__(self, path: str | os.PathLike):
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    self._file = open(path, "a+")
+    # A line torn by a crash stays on its own line; later records stay whole.
+    if self._file.tell() > 0:
+      self._file.seek(self._file.tell() - 1)
+      if self._file.read(1) != "\n":
+        self._file.write("\n")
+
+  def write_scalars(self, step: int, scalars: Scalars) -> None:
+    record = {"step": int(step), "time": round(time.time(), 3)}
+    record.update({k: _to_float(v) for k, v in scalars.items()})
+    self._file.write(json.dumps(record) + "\n")
+
+  def flush(self) -> None:
+    self._file.flush()
+    os.fsync(self._file.fileno())
+
+  def close(self) -> None:
+    if not self._file.closed:
+      self.flush()
+      self._file.close()
+
+
+class TensorBoardWriter:
+  """TensorBoard event files through tensorboardX (no TensorFlow needed)."""
+
+  def __init__(self, logdir: str | os.PathLike):
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._writer = SummaryWriter(os.fspath(logdir))
+
+  def write_scalars(self, step: int, scalars: Scalars) -> None:
+    for k, v in scalars.items():
+      self._writer.add_scalar(k, _to_float(v), int(step))
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+class MultiWriter:
+  """Sends every call to each of `writers`."""
+
+  def __init__(self, writers: Sequence[MetricWriter]):
+    self._writers = list(writers)
+
+  def write_scalars(self, step: int, scalars: Scalars) -> None:
+    for w in self._writers:
+      w.write_scalars(step, scalars)
+
+  def flush(self) -> None:
+    for w in self._writers:
+      w.flush()
+
+  def close(self) -> None:
+    for w in self._writers:
+      w.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Reads back a JSON-lines metrics file (a torn last line is skipped)."""
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records
+
+
+def create_writer(workdir: str | os.PathLike, *, tensorboard: bool = True,
+                  name: str = "metrics") -> MetricWriter:
+  """`<workdir>/<name>.jsonl` (+ `<workdir>/tensorboard/`) on process 0."""
+  if jax.process_index() != 0:
+    return MultiWriter([])
+  writers: list[MetricWriter] = [JsonlWriter(os.path.join(workdir, f"{name}.jsonl"))]
+  if tensorboard:
+    writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard")))
+  return MultiWriter(writers)

@@ -1,0 +1,93 @@
+"""The launcher as a user runs it: exit codes, one-line errors, a real run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch(*args, cwd=ROOT, module="experiments.imagenet", timeout=300):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, *fragments):
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1, proc.stderr[-2000:]
+  assert lines[0].startswith("error: ")
+  assert "Traceback" not in proc.stderr
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def digits_args(tmp_path):
+  return ["--flagfile=experiments/flags/digits.flags", f"--data_dir={tmp_path / 'data'}",
+          f"--workdir={tmp_path / 'run'}", "--compilation_cache=", "--noprogress"]
+
+
+@pytest.mark.parametrize("flag, fragments", [
+    ("--batch_size=-8", ("batch_size=-8", "> 0")),
+    ("--batch_size=abc", ("batch_size", "abc")),
+    ("--dataset=mnist3d", ("dataset 'mnist3d' is unknown", "digits")),
+    ("--model=vgg99", ("model 'vgg99' is unknown", "digits_cnn")),
+    ("--optimizer=lion", ("optimizer='lion'", "sgd, adamw")),
+    ("--mode=qat", ("needs a policy",)),
+    ("--mode=qat --policy=w4a12", ("a bits 12 is outside 1..8",)),
+    ("--nosuchflag=1", ("nosuchflag",)),
+])
+def test_bad_flags(digits_args, flag, fragments):
+  proc = launch(*digits_args, *flag.split())
+  assert_one_line_error(proc, *fragments)
+
+
+def test_missing_workdir():
+  proc = launch("--flagfile=experiments/flags/digits.flags")
+  assert_one_line_error(proc, "--workdir is required")
+
+
+def test_missing_data_names_place_and_command(tmp_path):
+  manual = tmp_path / "empty"
+  manual.mkdir()
+  proc = launch("--dataset=cifar10", "--model=resnet20", f"--manual_dir={manual}",
+                f"--data_dir={tmp_path / 'data'}", f"--workdir={tmp_path / 'run'}")
+  assert_one_line_error(proc, "cifar10", str(manual), "cifar-10-python.tar.gz")
+
+
+def test_policy_json_with_wrong_layer_count(tmp_path, digits_args):
+  path = tmp_path / "p.json"
+  path.write_text(json.dumps({"layers": [{"w_bits": 4, "a_bits": 4}] * 2}))
+  proc = launch(*digits_args, "--mode=qat", f"--policy={path}")
+  assert_one_line_error(proc, str(path), "has 2 layers; the model has")
+
+
+def test_digits_run_then_flag_override_and_corrupt_checkpoint(tmp_path, digits_args):
+  proc = launch(*digits_args, "--epochs=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert summary["dataset"] == "digits" and summary["test_top1"] > 60
+  run = tmp_path / "run"
+  config = json.loads((run / "config.json").read_text())
+  assert config["epochs"] == 2 and config["model"] == "digits_cnn"  # The override won.
+  results = (run / "results.json").read_text()
+  # Corrupt the newest checkpoint: a rerun fails cleanly and loses nothing.
+  steps = sorted(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit())
+  for root, _, files in os.walk(run / "checkpoints" / str(steps[-1])):
+    for f in files:
+      if not f.endswith(".txt"):
+        with open(os.path.join(root, f), "wb") as fh:
+          fh.write(b"\x00garbage")
+  proc = launch(*digits_args, "--epochs=2")
+  assert_one_line_error(proc, "checkpoint", "cannot be read")
+  assert (run / "results.json").read_text() == results
+
+
+def test_bench_rejects_unknown_benchmark():
+  proc = launch("nope", module="experiments.bench")
+  assert_one_line_error(proc, "benchmark name is 'nope'", "train")
