@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import dataclasses
+import logging as pylogging
 import os
 import re
 import sys
@@ -15,8 +16,6 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
-
-import logging as pylogging
 
 from absl import app
 from absl import flags

@@ -166,11 +166,14 @@ class MobileNetV2(nn.Module):
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None = None,
                train: bool = False) -> Array:
+    if len(self.stage_strides) != len(V2_STAGES):
+      raise ValueError(f"stage_strides has {len(self.stage_strides)} entries; "
+                       f"allowed: {len(V2_STAGES)}, one per stage")
     kw = dict(train=train, dtype=self.dtype)
     x = conv_bn(x, policy, "stem", make_divisible(32 * self.width_mult), 3,
                 self.stem_strides, act=relu6, **kw)
     i = 1
-    for (t, c, n, _), s in zip(V2_STAGES, self.stage_strides, strict=True):
+    for (t, c, n, _), s in zip(V2_STAGES, self.stage_strides):
       out = make_divisible(c * self.width_mult)
       for b in range(n):
         x = InvertedResidual(out, s if b == 0 else 1, t, self.dtype,

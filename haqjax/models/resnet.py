@@ -54,8 +54,6 @@ class BasicBlock(nn.Module):
   strides: int = 1
   dtype: Any = jnp.float32
 
-  expansion = 1
-
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None, train: bool) -> Array:
     kw = dict(train=train, dtype=self.dtype)
