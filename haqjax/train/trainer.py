@@ -192,6 +192,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
                   desc=f"{config.mode} {config.model}", unit="step", dynamic_ncols=True)
   step = start_step
   first_step_seconds, loop_start, eval_seconds, running = None, None, 0.0, []
+  val: dict[str, float] = {}
   try:
     while step < total_steps:
       epoch, skip = divmod(step, steps_per_epoch)
@@ -209,15 +210,16 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
           loop_start = time.perf_counter()
           first_step_seconds = loop_start - t0
         if step % config.log_every_steps == 0 or step == total_steps:
-          means = {k: float(np.mean([float(m[k]) for m in running])) for k in running[0]}
+          fetched = jax.device_get(running)  # One transfer for the whole window.
+          means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
           means["lr"] = float(schedule(step - 1))
           writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
           bar.set_postfix(loss=f"{means['loss']:.3f}", top1=f"{100 * means['top1']:.1f}")
           running = []
+        if step == total_steps or step % steps_per_epoch == 0:
+          break  # The epoch-end checkpoint below covers this step.
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
           checkpointer.save(step, state, {"epoch": epoch})
-        if step == total_steps:
-          break
       t_eval = time.perf_counter()
       if len(splits.val):
         val = evaluate(state.variables(), splits.val, policy)
@@ -234,7 +236,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   train_seconds = (time.perf_counter() - loop_start - eval_seconds
                    if loop_start is not None else 0.0)
 
-  val = evaluate(state.variables(), splits.val, policy) if len(splits.val) else {}
+  if not val and len(splits.val):  # A rerun of a finished run trains nothing.
+    val = evaluate(state.variables(), splits.val, policy)
   test = evaluate(state.variables(), splits.test, policy)
   writer.write_scalars(step, {f"test/{k}": v for k, v in test.items() if k != "count"})
   writer.close()
