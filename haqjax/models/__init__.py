@@ -79,7 +79,9 @@ def create(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
     name: one of `MODELS`.
     num_classes: classifier outputs.
     **kwargs: the model's options (e.g. width_mult, depth, dtype); see its
-      factory function (`mobilenet_v2`, `resnet_small`, ...).
+      factory function (`mobilenet_v2`, `resnet_small`, ...). Every model
+      also takes `quant_scheme` (a `haqjax.quant.QuantScheme`: the weight and
+      activation quantizers of each layer).
 
   Returns:
     The (unbound) flax module.
@@ -92,9 +94,11 @@ def create(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
     raise ValueError(f"model {name!r} is unknown; allowed: {', '.join(MODELS)}")
   check_positive("num_classes", num_classes, integer=True)
   factory = _FACTORIES[name]
+  quant_scheme = kwargs.pop("quant_scheme", None)
   accepted = set(inspect.signature(factory).parameters) - {"num_classes"}
   unknown = sorted(set(kwargs) - accepted)
   if unknown:
     raise ValueError(f"model {name!r} does not take {', '.join(unknown)}; "
                      f"allowed: {', '.join(sorted(accepted))}")
-  return factory(num_classes=num_classes, **kwargs)
+  model = factory(num_classes=num_classes, **kwargs)
+  return model if quant_scheme is None else model.clone(quant_scheme=quant_scheme)

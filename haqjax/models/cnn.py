@@ -90,6 +90,7 @@ class DigitsCNN(nn.Module):
   num_classes: int = 10
   width: int = 16
   dtype: Any = jnp.float32
+  quant_scheme: Any = None  # a haqjax.quant.QuantScheme; None: defaults
 
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None = None,
@@ -142,6 +143,7 @@ class QuickstartCNN(nn.Module):
   num_classes: int = 10
   width_mult: float = 1.0
   dtype: Any = jnp.float32
+  quant_scheme: Any = None  # a haqjax.quant.QuantScheme; None: defaults
 
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None = None,

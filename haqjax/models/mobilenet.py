@@ -82,6 +82,7 @@ class MobileNetV1(nn.Module):
   num_classes: int = 1000
   width_mult: float = 1.0
   dtype: Any = jnp.float32
+  quant_scheme: Any = None  # a haqjax.quant.QuantScheme; None: defaults
 
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None = None,
@@ -162,6 +163,7 @@ class MobileNetV2(nn.Module):
   stage_strides: Sequence[int] = tuple(s for _, _, _, s in V2_STAGES)
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  quant_scheme: Any = None  # a haqjax.quant.QuantScheme; None: defaults
 
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None = None,

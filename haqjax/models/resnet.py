@@ -130,6 +130,7 @@ class ResNet(nn.Module):
   num_classes: int = 1000
   width: int = 64
   dtype: Any = jnp.float32
+  quant_scheme: Any = None  # a haqjax.quant.QuantScheme; None: defaults
 
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None = None,
@@ -159,6 +160,7 @@ class CifarResNet(nn.Module):
   num_classes: int = 10
   widths: Sequence[int] = (16, 32, 64)
   dtype: Any = jnp.float32
+  quant_scheme: Any = None  # a haqjax.quant.QuantScheme; None: defaults
 
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None = None,

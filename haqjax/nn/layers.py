@@ -3,8 +3,13 @@
 Each layer takes the policy at call time, `layer(x, policy)`, and looks up its
 own bits by its module path. `policy=None` runs in floating point. The input
 activation is quantized to `a_bits` and the kernel to `w_bits` before the
-matmul/convolution, as in HAQ. Quantizers are static attributes, so richer
-quantizers drop in without touching the models.
+matmul/convolution, as in HAQ.
+
+Quantizers are static: a layer's `weight_quantizer` / `act_quantizer` when
+set, else the `quant_scheme` (a `haqjax.quant.QuantScheme`) of the nearest
+enclosing module that has one (the model), else min-max STE fake-quant. So a
+model takes any quantizer per role and per layer without changing its code.
+Quantizers that round stochastically draw from the `quant` RNG stream.
 
 Shapes: convolution kernels are `[kh, kw, in/groups, out]`, dense kernels
 `[in, out]`, activations NHWC.
@@ -20,9 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from haqjax.policy import Policy
-from haqjax.quant import MinMaxActivation
-from haqjax.quant import MinMaxWeight
-from haqjax.quant import Quantizer
+from haqjax.quant.base import Quantizer
+from haqjax.quant.uniform import MinMaxActivation
+from haqjax.quant.uniform import MinMaxWeight
 from haqjax.typing import Array
 
 Initializer = Callable[..., Array]
@@ -35,13 +40,35 @@ def layer_name(module: nn.Module) -> str:
   return "/".join(module.scope.path)
 
 
+def _scheme(module: nn.Module):
+  """The `quant_scheme` of the nearest enclosing module that sets one."""
+  parent = module.parent
+  while isinstance(parent, nn.Module):
+    scheme = getattr(parent, "quant_scheme", None)
+    if scheme is not None:
+      return scheme
+    parent = parent.parent
+  return None
+
+
 class _QuantizedLayer(nn.Module):
   """Shared quantization of (input, kernel) for haqjax layers."""
 
+  def quantizers(self) -> tuple[Quantizer, Quantizer]:
+    """This layer's `(weight_quantizer, act_quantizer)`."""
+    wq, aq = self.weight_quantizer, self.act_quantizer
+    if wq is None or aq is None:
+      scheme = _scheme(self)
+      if scheme is not None:
+        swq, saq = scheme.for_layer(layer_name(self))
+        wq = swq if wq is None else wq
+        aq = saq if aq is None else aq
+    return (DEFAULT_WEIGHT_QUANTIZER if wq is None else wq,
+            DEFAULT_ACT_QUANTIZER if aq is None else aq)
+
   def _quantize(self, x: Array, kernel: Array,
                 policy: Policy | None) -> tuple[Array, Array]:
-    wq: Quantizer = self.weight_quantizer
-    aq: Quantizer = self.act_quantizer
+    wq, aq = self.quantizers()
     w_params = wq.init(kernel)
     if w_params:
       w_params = self.param("weight_quant", lambda _: w_params)
@@ -51,7 +78,9 @@ class _QuantizedLayer(nn.Module):
     if policy is None:
       return x, kernel
     w_bits, a_bits = policy.bits_for(layer_name(self))
-    return aq(a_params, x, a_bits), wq(w_params, kernel, w_bits)
+    a_key = self.make_rng("quant") if aq.needs_key else None
+    w_key = self.make_rng("quant") if wq.needs_key else None
+    return aq(a_params, x, a_bits, a_key), wq(w_params, kernel, w_bits, w_key)
 
 
 class QConv(_QuantizedLayer):
@@ -64,7 +93,8 @@ class QConv(_QuantizedLayer):
     padding: 'SAME', 'VALID' or explicit ((top, bottom), (left, right)).
     feature_group_count: groups; equal to the input channels for depthwise.
     use_bias: add a bias after the convolution.
-    weight_quantizer, act_quantizer: the quantizers for each role.
+    weight_quantizer, act_quantizer: the quantizers for each role (None: the
+      enclosing model's `quant_scheme`, else min-max).
     dtype: computation dtype (e.g. bfloat16 on TPU); parameters stay float32.
   """
   features: int
@@ -76,8 +106,8 @@ class QConv(_QuantizedLayer):
   kernel_init: Initializer = nn.initializers.variance_scaling(
       2.0, "fan_out", "normal")
   bias_init: Initializer = nn.initializers.zeros
-  weight_quantizer: Quantizer = DEFAULT_WEIGHT_QUANTIZER
-  act_quantizer: Quantizer = DEFAULT_ACT_QUANTIZER
+  weight_quantizer: Quantizer | None = None
+  act_quantizer: Quantizer | None = None
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -110,8 +140,8 @@ class QDense(_QuantizedLayer):
   use_bias: bool = True
   kernel_init: Initializer = nn.initializers.lecun_normal()
   bias_init: Initializer = nn.initializers.zeros
-  weight_quantizer: Quantizer = DEFAULT_WEIGHT_QUANTIZER
-  act_quantizer: Quantizer = DEFAULT_ACT_QUANTIZER
+  weight_quantizer: Quantizer | None = None
+  act_quantizer: Quantizer | None = None
   dtype: Any = jnp.float32
 
   @nn.compact

@@ -1,9 +1,40 @@
-"""Fake quantizers whose bit-width is a traced value."""
+"""The quantizer core: pure fake-quant functions whose bit-width is data.
 
+Functions (`affine`, `ste`, `calibration`, `kmeans`, ...) take the bit-width
+as a traced integer, so one compiled program serves every policy and
+`jax.vmap` runs many. Quantizer classes (frozen, keyword-only dataclasses)
+wrap them for the layers: `init`, `calibrate`, `__call__(params, x, bits)`.
+"""
+
+from haqjax.quant.affine import AffineSpec
+from haqjax.quant.affine import ROUNDINGS
+from haqjax.quant.affine import check_finite
+from haqjax.quant.affine import compute_range
+from haqjax.quant.affine import compute_scale
+from haqjax.quant.affine import dequantize
+from haqjax.quant.affine import fake_quant
+from haqjax.quant.affine import pow2
+from haqjax.quant.affine import qrange
+from haqjax.quant.affine import quantize
 from haqjax.quant.base import Quantizer
-from haqjax.quant.minmax import MinMaxActivation
-from haqjax.quant.minmax import MinMaxWeight
-from haqjax.quant.minmax import pow2
-from haqjax.quant.minmax import ste
-from haqjax.quant.minmax import symmetric_fake_quant
-from haqjax.quant.minmax import unsigned_fake_quant
+from haqjax.quant.base import passthrough
+from haqjax.quant.learned import HAQActivation
+from haqjax.quant.learned import LSQ
+from haqjax.quant.learned import PACT
+from haqjax.quant.learned import grad_scale
+from haqjax.quant.learned import lsq_fake_quant
+from haqjax.quant.learned import pact_fake_quant
+from haqjax.quant.learned import round_ste
+from haqjax.quant.rules import QuantRule
+from haqjax.quant.rules import QuantScheme
+from haqjax.quant.rules import haq_convention
+from haqjax.quant.rules import policy_from_rules
+from haqjax.quant.ste import clipped_ste
+from haqjax.quant.ste import ste
+from haqjax.quant.uniform import MinMaxActivation
+from haqjax.quant.uniform import MinMaxWeight
+from haqjax.quant.uniform import StaticRange
+from haqjax.quant.registry import ACT_QUANTIZERS
+from haqjax.quant.registry import WEIGHT_QUANTIZERS
+from haqjax.quant.registry import act_quantizer
+from haqjax.quant.registry import weight_quantizer

@@ -41,6 +41,15 @@ class Config:
     policy: for mode 'qat': 'wXaY' (uniform) or a path to a policy JSON file.
     init_from: a workdir (or its checkpoints/ folder) whose latest checkpoint
       initialises the parameters, e.g. the FP32 run a QAT run fine-tunes.
+    weight_quantizer: weight quantizer, a name from
+      `haqjax.quant.WEIGHT_QUANTIZERS` (minmax, mse, lsq, kmeans, ...).
+    act_quantizer: activation quantizer, a name from
+      `haqjax.quant.ACT_QUANTIZERS` (minmax, static, lsq, pact, haq, ...).
+    first_layer_w8: HAQ's convention: the first layer at 8-bit weights with
+      its input (the image) in floating point, whatever the policy says.
+    last_layer_w8a8: HAQ's option: the last layer (classifier) at W8A8.
+    calibration_batches: training batches that calibrate the quantizers
+      (LSQ steps, PACT clips, k-means codebooks, static ranges) before QAT.
     epochs: passes over the training split.
     batch_size: global training batch size (split over all devices).
     eval_batch_size: global evaluation batch size.
@@ -71,6 +80,11 @@ class Config:
   width_mult: float = 1.0
   policy: str | None = None
   init_from: str | None = None
+  weight_quantizer: str = "minmax"
+  act_quantizer: str = "minmax"
+  first_layer_w8: bool = False
+  last_layer_w8a8: bool = False
+  calibration_batches: int = 4
   epochs: float = 10
   batch_size: int = 128
   eval_batch_size: int = 500
@@ -107,8 +121,12 @@ class Config:
     choice("optimizer", OPTIMIZERS)
     choice("schedule", SCHEDULES)
     choice("dtype", DTYPES)
+    from haqjax import quant  # pylint: disable=g-import-not-at-top
+    choice("weight_quantizer", quant.WEIGHT_QUANTIZERS)
+    choice("act_quantizer", quant.ACT_QUANTIZERS)
     for field in ("epochs", "batch_size", "eval_batch_size", "learning_rate",
-                  "width_mult", "log_every_steps", "keep_checkpoints"):
+                  "width_mult", "log_every_steps", "keep_checkpoints",
+                  "calibration_batches"):
       positive(field)
     for field in ("momentum", "weight_decay", "warmup_epochs", "label_smoothing",
                   "val_size", "checkpoint_every_steps"):

@@ -16,6 +16,7 @@ batches as an uninterrupted one.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import time
@@ -30,6 +31,8 @@ from haqjax import data as haq_data
 from haqjax import io as haq_io
 from haqjax import models as haq_models
 from haqjax import parallel
+from haqjax import quant
+from haqjax.nn import calibrate as calibrate_lib
 from haqjax.nn import LayerTable
 from haqjax.nn import layer_table
 from haqjax.policy import Policy
@@ -39,6 +42,8 @@ from haqjax.train import checkpoint as ckpt_lib
 from haqjax.train import steps
 from haqjax.train import writers
 from haqjax.train.config import Config
+
+_QUANT_PARAMS = ("weight_quant", "act_quant")
 
 # Fields that may differ between a run and its resumption.
 _RESUMABLE_CHANGES = frozenset({
@@ -52,14 +57,23 @@ def resolve_policy(config: Config, table: LayerTable) -> Policy | None:
     return None
   bits = config.uniform_bits()
   if bits is not None:
-    return Policy.uniform(table.names, *bits)
-  return load_policy(config.policy, table.names)
+    policy = Policy.uniform(table.names, *bits)
+  else:
+    policy = load_policy(config.policy, table.names)
+  if config.first_layer_w8 or config.last_layer_w8a8:
+    policy = quant.haq_convention(policy, first=config.first_layer_w8,
+                                  last=config.last_layer_w8a8)
+  return policy
 
 
 def build_model(config: Config, num_classes: int):
   kwargs: dict[str, Any] = {"dtype": jnp.dtype(config.dtype)}
   if config.width_mult != 1.0:
     kwargs["width_mult"] = config.width_mult
+  if config.mode == "qat":
+    kwargs["quant_scheme"] = quant.QuantScheme(
+        weight=quant.weight_quantizer(config.weight_quantizer),
+        act=quant.act_quantizer(config.act_quantizer))
   return haq_models.create(config.model, num_classes=num_classes, **kwargs)
 
 
@@ -83,19 +97,42 @@ def _check_workdir(config: Config, workdir: str) -> None:
 def _init_from(config: Config, state: steps.TrainState, tx) -> steps.TrainState:
   """Takes params and batch_stats from another run; a fresh optimizer state."""
   variables = ckpt_lib.restore_variables(config.init_from)
+  merged = {}
   for field in ("params", "batch_stats"):
-    want = jax.tree_util.tree_flatten_with_path(getattr(state, field))[0]
-    got = jax.tree_util.tree_flatten_with_path(variables[field])[0]
-    want_shapes = {jax.tree_util.keystr(k): np.shape(v) for k, v in want}
-    got_shapes = {jax.tree_util.keystr(k): np.shape(v) for k, v in got}
-    if want_shapes != got_shapes:
-      diff = sorted(set(want_shapes.items()) ^ set(got_shapes.items()))[0]
+    want = jax.tree_util.tree_flatten_with_path(getattr(state, field))
+    got = {jax.tree_util.keystr(k): v
+           for k, v in jax.tree_util.tree_flatten_with_path(variables[field])[0]}
+    leaves = []
+    for path, init_value in want[0]:
+      name = jax.tree_util.keystr(path)
+      # Quantizer parameters are new in a QAT run: they keep their init.
+      new_quant = any(getattr(p, "key", None) in _QUANT_PARAMS for p in path)
+      value = got.pop(name, None)
+      if value is None and not new_quant:
+        raise ValueError(f"init_from={config.init_from!r}: its {field} do not fit "
+                         f"model {config.model!r} (missing {name})")
+      if value is not None and np.shape(value) != np.shape(init_value):
+        raise ValueError(f"init_from={config.init_from!r}: its {field} do not fit "
+                         f"model {config.model!r} (shape of {name})")
+      leaves.append(init_value if value is None else jnp.asarray(value))
+    extra = [k for k in got if not any(q in k for q in _QUANT_PARAMS)]
+    if extra:
       raise ValueError(f"init_from={config.init_from!r}: its {field} do not fit model "
-                       f"{config.model!r} (first difference at {diff[0]})")
-  params = jax.tree.map(jnp.asarray, variables["params"])
-  return state.replace(params=params,
-                       batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]),
-                       opt_state=tx.init(params))
+                       f"{config.model!r} (unexpected {extra[0]})")
+    merged[field] = jax.tree_util.tree_unflatten(want[1], leaves)
+  return state.replace(params=merged["params"], batch_stats=merged["batch_stats"],
+                       opt_state=tx.init(merged["params"]))
+
+
+def _calibrate(config: Config, model, state: steps.TrainState, splits, policy,
+               tx) -> steps.TrainState:
+  """Sets quantizer parameters from a few training batches (before QAT)."""
+  batches = itertools.islice(
+      haq_data.batches(splits.train, batch_size=config.batch_size, seed=config.seed,
+                       epoch=0, shuffle=True, drop_remainder=False),
+      config.calibration_batches)
+  variables = calibrate_lib.calibrate(model, state.variables(), batches, policy)
+  return state.replace(params=variables["params"], opt_state=tx.init(variables["params"]))
 
 
 class _Evaluator:
@@ -167,11 +204,13 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   state = steps.init_state(key, model, tx, input_shape)
   if config.init_from:
     state = _init_from(config, state, tx)
-  state = parallel.replicate(state, mesh)
 
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   if checkpointer.latest_step() is not None:
-    state, _ = checkpointer.restore(state)
+    state, _ = checkpointer.restore(parallel.replicate(state, mesh))
+  elif policy is not None:
+    state = _calibrate(config, model, state, splits, policy, tx)
+  state = parallel.replicate(state, mesh)
   start_step = int(state.step)
 
   if primary:

@@ -1,0 +1,128 @@
+"""Calibration of a model's quantizers from data.
+
+`calibrate(model, variables, batches, policy)` runs the model in floating
+point over a few batches, records each quantizable layer's input, and calls
+every layer's quantizers' `calibrate(params, x, bits)`: the weight quantizer
+on the layer's kernel and the activation quantizer on the recorded inputs of
+all batches (concatenated along the batch axis). This sets LSQ's initial step,
+PACT's clip, k-means codebooks and static activation ranges before QAT or for
+post-training quantization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from haqjax.nn.layers import _QuantizedLayer
+from haqjax.nn.layers import layer_name
+from haqjax.policy import Policy
+from haqjax.typing import Array, PyTree
+
+
+def record_layer_inputs(model: nn.Module, variables: PyTree,
+                        batches: Iterable[Array]) -> dict[str, dict[str, Any]]:
+  """Floating-point inputs and quantizers of each quantizable layer.
+
+  Returns:
+    `{layer name: {"inputs": [N, ...] numpy array over all batches (masked
+    padding rows dropped), "path": module path, "quantizers": (weight, act)}}`
+    in call order.
+  """
+  found: dict[str, dict[str, Any]] = {}
+  apply = jax.jit(lambda v, x: _capture(model, v, x))
+  for batch in batches:
+    images = batch["image"] if isinstance(batch, dict) else batch
+    mask = batch.get("mask") if isinstance(batch, dict) else None
+    if not found:  # Names, paths and quantizers, from one small eager call.
+      _describe(model, variables, images[:1], found)
+    keep = slice(None) if mask is None else np.asarray(mask, bool)
+    for entry, x in zip(found.values(), apply(variables, images)):
+      entry["inputs"].append(np.asarray(x)[keep])
+  if not found:
+    raise ValueError("calibration batches are empty; allowed: at least one batch")
+  for entry in found.values():
+    entry["inputs"] = np.concatenate(entry["inputs"], axis=0)
+  return found
+
+
+def _describe(model: nn.Module, variables: PyTree, images: Array,
+              found: dict[str, dict[str, Any]]) -> None:
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if isinstance(module, _QuantizedLayer) and context.method_name == "__call__":
+      found[layer_name(module)] = {"inputs": [], "path": tuple(module.scope.path),
+                                   "quantizers": module.quantizers()}
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    model.apply(variables, images, train=False)
+
+
+def _capture(model: nn.Module, variables: PyTree, images: Array) -> list[Array]:
+  """The inputs of every quantizable layer, in call order (traceable)."""
+  captured: list[Array] = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, _QuantizedLayer) and context.method_name == "__call__":
+      captured.append(args[0])
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    model.apply(variables, images, train=False)
+  return captured
+
+
+def _get(tree: PyTree, path: tuple[str, ...]) -> PyTree:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def calibrate(model: nn.Module, variables: PyTree, batches: Iterable[Array],
+              policy: Policy, *, weights: bool = True, activations: bool = True
+              ) -> PyTree:
+  """Variables with every layer's quantizer parameters set from data.
+
+  Args:
+    model: the model (with its `quant_scheme`).
+    variables: `{"params": ..., "batch_stats": ...}` holding trained weights
+      and initialised quantizer parameters.
+    batches: calibration batches (dicts with "image" and optionally "mask",
+      or image arrays); they are read once.
+    policy: the bits each quantizer is calibrated for.
+    weights, activations: which roles to calibrate.
+
+  Returns:
+    New variables; layers whose quantizers have no parameters are unchanged.
+
+  Raises:
+    ValueError: no batches, or non-finite activations (naming the layer).
+  """
+  recorded = record_layer_inputs(model, variables, batches)
+  params = _thaw(variables["params"])
+  for name, entry in recorded.items():
+    w_bits, a_bits = policy.bits_for(name)
+    wq, aq = entry["quantizers"]
+    layer = _get(params, entry["path"])
+    x = entry["inputs"]
+    if not np.all(np.isfinite(x)):
+      raise ValueError(f"calibration: the input of layer {name!r} has non-finite values "
+                       "(NaN or Inf); allowed: finite activations")
+    if activations and "act_quant" in layer:
+      layer["act_quant"] = aq.calibrate(layer["act_quant"], jnp.asarray(x), a_bits)
+    if weights and "weight_quant" in layer:
+      layer["weight_quant"] = wq.calibrate(layer["weight_quant"], layer["kernel"], w_bits)
+  return {**variables, "params": params}
+
+
+def _thaw(tree: PyTree) -> PyTree:
+  """Nested plain dicts (copied), so layers can be updated in place."""
+  if isinstance(tree, dict) or hasattr(tree, "items"):
+    return {k: _thaw(v) for k, v in tree.items()}
+  return tree

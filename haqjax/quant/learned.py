@@ -1,0 +1,263 @@
+"""Quantizers that learn their range: LSQ, LSQ+, PACT and HAQ's activations.
+
+Each keeps its range as a learnable parameter (trained with the model by the
+same optimizer, without weight decay) and computes its gradient by autodiff
+through a forward pass written so that the gradient is the paper's:
+
+* LSQ (Esser et al. 2020): `x_hat = round(clip(x / s, -Qn, Qp)) * s` with the
+  rounding straight-through; the step gradient is `-x/s + round(x/s)` inside
+  the range and `-Qn` / `Qp` outside, scaled by `g = 1 / sqrt(N * Qp)`.
+  Step initialisation `2 * mean|x| / sqrt(Qp)`.
+* LSQ+ (Bhalgat et al. 2020): LSQ with a learned offset `beta`,
+  `x_hat = round(clip((x - beta) / s, -Qn, Qp)) * s + beta`, initialised from
+  the min/max so that `[min, max]` spans the grid.
+* PACT (Choi et al. 2018): `y = clip(x, 0, alpha)` quantized on `[0, alpha]`
+  with the STE, so `d x_hat / d alpha = 1[x >= alpha]`.
+* HAQ's activation quantizer (Wang et al. 2019, the released code): a
+  learnable clip initialised to 6, unsigned on `[0, r]` after ReLU and signed
+  on `[-r, r]` elsewhere (one bit of the budget goes to the sign), gradient as
+  PACT's on both sides.
+
+References:
+  Esser et al., "Learned Step Size Quantization", ICLR 2020.
+  Bhalgat et al., "LSQ+: Improving low-bit quantization through learnable
+    offsets and better initialization", CVPR Workshops 2020.
+  Choi et al., "PACT: Parameterized Clipping Activation for Quantized Neural
+    Networks", arXiv:1805.06085, 2018.
+  Wang et al., "HAQ: Hardware-Aware Automated Quantization with Mixed
+    Precision", CVPR 2019.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from haqjax.quant import affine
+from haqjax.quant.base import Quantizer
+from haqjax.quant.base import passthrough
+from haqjax.quant.ste import ste
+from haqjax.typing import Array, ArrayLike, PRNGKey, PyTree
+
+_MIN_STEP = 1e-8
+SIGNS = ("auto", "signed", "unsigned")
+
+
+def grad_scale(x: Array, scale: ArrayLike) -> Array:
+  """`x` forward, gradient multiplied by `scale` backward (LSQ's `g`)."""
+  scaled = x * scale
+  return jax.lax.stop_gradient(x - scaled) + scaled
+
+
+def round_ste(x: Array) -> Array:
+  """Round to nearest even forward, identity backward."""
+  return ste(x, jnp.round(x))
+
+
+def lsq_bounds(bits: ArrayLike, signed: bool) -> tuple[Array, Array]:
+  """LSQ's `(Qn, Qp)`: the grid is `[-Qn, Qp]` (both as positive floats)."""
+  qmin, qmax = affine.qrange(bits, signed=signed)
+  return -qmin, qmax
+
+
+def lsq_fake_quant(x: Array, step: Array, bits: ArrayLike, *, signed: bool,
+                   num_elements: int, offset: Array | None = None) -> Array:
+  """LSQ (or, with `offset`, LSQ+) fake-quant with the paper's gradients.
+
+  Args:
+    x: the tensor.
+    step: the step size `s` (broadcasts against `x`; per tensor or channel).
+    bits: traced bit-width (1..8). A signed 1-bit grid is binary:
+      `sign(x - beta) * s`.
+    signed: grid `[-2^(b-1), 2^(b-1) - 1]`, else `[0, 2^b - 1]`.
+    num_elements: `N` in the gradient scale `1 / sqrt(N * Qp)`: the weights
+      per step for weights, the features per example for activations.
+    offset: LSQ+'s learned offset `beta`, or None.
+
+  Returns:
+    The fake-quantized tensor.
+  """
+  bits = jnp.asarray(bits, jnp.int32)
+  qn, qp = lsq_bounds(bits, signed)
+  qp_eff = jnp.maximum(qp, 1.0)
+  g = jax.lax.rsqrt(num_elements * qp_eff)
+  s = grad_scale(jnp.maximum(step, _MIN_STEP), g)
+  beta = 0.0 if offset is None else grad_scale(offset, g)
+  v = (x - beta) * (1.0 / s)
+  binary = signed  # a signed 1-bit grid has no zero: use {-1, +1}
+  q = round_ste(jnp.clip(v, -qn, qp))
+  if binary:
+    sign = ste(jnp.clip(v, -1.0, 1.0), jnp.where(v >= 0, 1.0, -1.0))
+    q = jnp.where(bits <= 1, sign, q)
+  return q * s + beta
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LSQ(Quantizer):
+  """Learned step size quantization (LSQ), or LSQ+ with `learn_offset`.
+
+  Attributes:
+    sign: 'signed' (weights), 'unsigned' (activations after ReLU) or 'auto'
+      (decided at calibration from the data's minimum and kept as a
+      non-learned parameter).
+    channel_axis: one step per index of this axis (e.g. -1 for per-output-
+      channel weight steps); None for one step per tensor (the paper).
+    batch_axis: for activations, the batch axis (0); `N` of the gradient scale
+      then counts the features of one example. None for weights.
+    learn_offset: LSQ+: also learn an offset `beta`.
+  """
+  sign: str = "signed"
+  channel_axis: int | None = None
+  batch_axis: int | None = None
+  learn_offset: bool = False
+
+  def __post_init__(self):
+    if self.sign not in SIGNS:
+      raise ValueError(f"sign is {self.sign!r}; allowed: {', '.join(SIGNS)}")
+
+  def _shape(self, x: Array) -> tuple[int, ...]:
+    if self.channel_axis is None:
+      return ()
+    shape = [1] * x.ndim
+    shape[self.channel_axis] = x.shape[self.channel_axis]
+    return tuple(shape)
+
+  def _num_elements(self, x: Array) -> int:
+    n = x.size
+    if self.channel_axis is not None:
+      n //= x.shape[self.channel_axis]
+    if self.batch_axis is not None:
+      n //= x.shape[self.batch_axis]
+    return max(n, 1)
+
+  def init(self, x: Array) -> PyTree:
+    params = {"step": jnp.ones(self._shape(x), jnp.float32)}
+    if self.learn_offset:
+      params["offset"] = jnp.zeros(self._shape(x), jnp.float32)
+    if self.sign == "auto":
+      params["signed"] = jnp.ones((), jnp.float32)
+    return params
+
+  def _reduce(self, x: Array, fn) -> Array:
+    if self.channel_axis is None:
+      return fn(x)
+    axes = tuple(a for a in range(x.ndim) if a != self.channel_axis % x.ndim)
+    return fn(x, axis=axes, keepdims=True)
+
+  def calibrate(self, params: PyTree, x: Array, bits: ArrayLike) -> PyTree:
+    """Step `2 mean|x| / sqrt(Qp)` (LSQ); LSQ+ maps `[min, max]` onto the grid."""
+    params = dict(params)
+    if self.sign == "auto":
+      signed = jnp.min(x) < 0
+      params["signed"] = signed.astype(jnp.float32)
+    else:
+      signed = jnp.asarray(self.sign == "signed")
+    qn_s, qp_s = lsq_bounds(bits, True)
+    qn_u, qp_u = lsq_bounds(bits, False)
+    qn = jnp.where(signed, qn_s, qn_u)
+    qp = jnp.maximum(jnp.where(signed, qp_s, qp_u), 1.0)
+    if self.learn_offset:
+      lo, hi = self._reduce(x, jnp.min), self._reduce(x, jnp.max)
+      lo = jnp.where(signed, lo, jnp.minimum(lo, 0.0))
+      step = (hi - lo) * (1.0 / (qn + qp))
+      params["offset"] = jnp.broadcast_to(lo + qn * step, params["offset"].shape)
+    else:
+      step = 2.0 * self._reduce(jnp.abs(x), jnp.mean) * jax.lax.rsqrt(qp)
+    step = jnp.where(step > 0, step, 1.0)
+    params["step"] = jnp.broadcast_to(step, params["step"].shape).astype(jnp.float32)
+    return params
+
+  def __call__(self, params: PyTree, x: Array, bits: ArrayLike,
+               key: PRNGKey | None = None) -> Array:
+    del key
+    kwargs = dict(step=params["step"], bits=bits, num_elements=self._num_elements(x),
+                  offset=params.get("offset"))
+    if self.sign == "auto":
+      q = jnp.where(jax.lax.stop_gradient(params["signed"]) > 0,
+                    lsq_fake_quant(x, signed=True, **kwargs),
+                    lsq_fake_quant(x, signed=False, **kwargs))
+    else:
+      q = lsq_fake_quant(x, signed=self.sign == "signed", **kwargs)
+    return passthrough(x, q, bits)
+
+
+def pact_fake_quant(x: Array, clip: Array, bits: ArrayLike, *, signed: bool) -> Array:
+  """PACT: clip to `[0, clip]` (or `[-clip, clip]`), quantize with the STE.
+
+  The gradient to `clip` is `1[x >= clip]` (and `-1[x <= -clip]` when
+  signed); to `x` it is `1` inside the clip range and 0 outside.
+  """
+  bits = jnp.asarray(bits, jnp.int32)
+  clip = jnp.maximum(clip, _MIN_STEP)
+  if signed:
+    y = jnp.minimum(jnp.maximum(x, -clip), clip)
+    spec = affine.AffineSpec(signed=True, narrow_range=True)
+    lo = -clip
+  else:
+    y = jnp.minimum(jnp.maximum(x, 0.0), clip)
+    spec = affine.AffineSpec(signed=False)
+    lo = jnp.zeros_like(clip)
+  q = affine.fake_quant(jax.lax.stop_gradient(y), bits, spec,
+                        lo=jax.lax.stop_gradient(lo), hi=jax.lax.stop_gradient(clip))
+  return ste(y, q)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PACT(Quantizer):
+  """PACT activation quantizer with a learned clip `alpha` (per tensor).
+
+  Attributes:
+    sign: 'unsigned' (PACT: after ReLU), 'signed' (clip to `[-alpha, alpha]`,
+      narrow signed grid) or 'auto' (decided from the data at calibration).
+    init_clip: alpha before calibration (PACT uses 10 on CIFAR).
+    calibrate_clip: set alpha to the calibration data's max |x| in
+      `calibrate`; otherwise keep `init_clip`.
+  """
+  sign: str = "unsigned"
+  init_clip: float = 10.0
+  calibrate_clip: bool = True
+
+  def __post_init__(self):
+    if self.sign not in SIGNS:
+      raise ValueError(f"sign is {self.sign!r}; allowed: {', '.join(SIGNS)}")
+    if not self.init_clip > 0:
+      raise ValueError(f"init_clip is {self.init_clip!r}; allowed: a positive number")
+
+  def init(self, x: Array) -> PyTree:
+    del x
+    params = {"clip": jnp.asarray(self.init_clip, jnp.float32)}
+    if self.sign == "auto":
+      params["signed"] = jnp.zeros((), jnp.float32)
+    return params
+
+  def calibrate(self, params: PyTree, x: Array, bits: ArrayLike) -> PyTree:
+    del bits
+    params = dict(params)
+    if self.sign == "auto":
+      params["signed"] = (jnp.min(x) < 0).astype(jnp.float32)
+    if self.calibrate_clip:
+      top = jnp.max(jnp.abs(x))
+      params["clip"] = jnp.where(top > 0, top, params["clip"]).astype(jnp.float32)
+    return params
+
+  def __call__(self, params: PyTree, x: Array, bits: ArrayLike,
+               key: PRNGKey | None = None) -> Array:
+    del key
+    clip = params["clip"]
+    if self.sign == "auto":
+      q = jnp.where(jax.lax.stop_gradient(params["signed"]) > 0,
+                    pact_fake_quant(x, clip, bits, signed=True),
+                    pact_fake_quant(x, clip, bits, signed=False))
+    else:
+      q = pact_fake_quant(x, clip, bits, signed=self.sign == "signed")
+    return passthrough(x, q, bits)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HAQActivation(PACT):
+  """HAQ's activation quantizer: learnable clip (init 6), unsigned after ReLU,
+  signed elsewhere; the sign is decided from the data at calibration."""
+  sign: str = "auto"
+  init_clip: float = 6.0
