@@ -153,9 +153,10 @@ def reduce_axes(ndim: int, spec: AffineSpec) -> tuple[int, ...]:
 def compute_range(x: Array, spec: AffineSpec) -> tuple[Array, Array]:
   """Min and max of `x` per tensor/channel/group, kept dims of the grouped view.
 
-  NaN in `x` propagates to the range (and so to every output of that range):
-  a tensor with NaN has no meaningful quantization; `check_finite` gives a
-  clear error outside jit.
+  NaN or Inf in `x` propagates through the range to the scale, and so every
+  output of that range is NaN: a tensor with non-finite values has no
+  meaningful quantization, and this is never silently hidden. Outside jit,
+  `check_finite` gives a clear error instead.
   """
   xg = to_groups(x, spec)
   axes = reduce_axes(x.ndim, spec)
@@ -183,10 +184,10 @@ def compute_scale(lo: ArrayLike, hi: ArrayLike, bits: ArrayLike, spec: AffineSpe
   else:
     lo = jnp.minimum(lo, 0.0)
     hi = jnp.maximum(hi, 0.0)
-    scale = (hi - lo) * (1.0 / (qmax - qmin))
-    safe = jnp.where(scale > 0, scale, 1.0)
+    scale = (hi - lo) * (1.0 / jnp.maximum(qmax - qmin, 1.0))  # >= 1 step
+    safe = jnp.where(scale == 0, 1.0, scale)
     zero_point = jnp.clip(jnp.round(qmin - lo * (1.0 / safe)), qmin, qmax)
-  scale = jnp.where(scale > 0, scale, 1.0)
+  scale = jnp.where(scale == 0, 1.0, scale)  # NaN stays NaN
   return scale, zero_point
 
 
