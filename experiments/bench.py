@@ -1,6 +1,11 @@
 r"""Benchmarks: programs that print and write JSON, not timed tests.
 
   python -m experiments.bench train [--out=bench_train.json] [--epochs=...]
+  python -m experiments.bench quant [--out=bench_quant.json]
+  python -m experiments.bench hardware [--out=bench_hardware.json]
+
+`quant` and `hardware` are described in `experiments/bench_quant.py` and
+`experiments/bench_hardware.py`.
 
 `train` measures, on this machine:
   * training-step throughput (images/s) and time to first step (compile) of
@@ -12,6 +17,7 @@ r"""Benchmarks: programs that print and write JSON, not timed tests.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import platform
 import sys
@@ -33,7 +39,7 @@ _CACHE = flags.DEFINE_string("compilation_cache", "",
                              "JAX persistent compilation cache ('' disables, so "
                              "time to first step includes compilation).")
 
-BENCHMARKS = ("train",)
+BENCHMARKS = ("train", "quant", "hardware")
 
 
 def _throughput(model_name: str, input_shape, num_classes: int, batch_size: int,
@@ -109,7 +115,12 @@ def main(argv: list[str]) -> None:
     raise ValueError(f"benchmark name is {got!r}; allowed: {', '.join(BENCHMARKS)}")
   cli.enable_compilation_cache(_CACHE.value)
   name = argv[1]
-  result = {"train": bench_train}[name]()
+  if name == "train":
+    result = bench_train()
+  else:
+    module = importlib.import_module(f"experiments.bench_{name}")
+    result = {"benchmark": name, "machine": platform.platform(),
+              "cpu_count": os.cpu_count(), **module.run()}
   out = _OUT.value or f"bench_{name}.json"
   from haqjax import io as haq_io  # pylint: disable=g-import-not-at-top
   haq_io.write_json(out, result)

@@ -1,0 +1,150 @@
+r"""Per-layer hardware costs of a network, as CSV.
+
+  python -m haqjax.hardware --target=systolic --array=32x32 --dataflow=os \
+      --topology=FILE.csv --w_bits=8 --a_bits=8
+  python -m haqjax.hardware --target=bismo-cloud --model=mobilenetv2 \
+      --input_size=224 --num_classes=100 --w_bits=4 --a_bits=4
+
+The network is a SCALE-Sim v2 topology CSV (`--topology`) or a model of
+`haqjax.models` (`--model`). Prints one row per layer,
+`layer,macs,cycles,utilization,dram_bytes,energy_pj`, then a `total` row;
+a cost the target does not model is left empty. Mistakes print one line to
+stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+
+import numpy as np
+
+HEADER = ("layer", "macs", "cycles", "utilization", "dram_bytes", "energy_pj")
+
+# Fields that --array=RxC sets, per target type.
+_ARRAY_FIELDS = {"Systolic": ("rows", "cols"), "Bismo": ("dm", "dn"),
+                 "BitFusion": ("rows", "cols")}
+
+
+class _Parser(argparse.ArgumentParser):
+
+  def error(self, message):
+    raise ValueError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = _Parser(prog="python -m haqjax.hardware", description=__doc__.split("\n")[0])
+  p.add_argument("--target", default="systolic",
+                 help="bismo-edge, bismo-cloud, bitfusion, systolic or table:PATH.npy")
+  p.add_argument("--array", help="array size RxC (systolic: PE rows x cols; "
+                 "bismo: Dm x Dn; bitfusion: rows x cols)")
+  p.add_argument("--dataflow", help="systolic dataflow: os, ws or is")
+  p.add_argument("--bit_mode", help="systolic bit mode: parallel, stripes, loom or fused")
+  p.add_argument("--topology", help="SCALE-Sim v2 topology CSV file")
+  p.add_argument("--model", help="a haqjax model name (e.g. mobilenetv2, resnet18)")
+  p.add_argument("--input_size", type=int, help="model input height = width")
+  p.add_argument("--num_classes", type=int, default=1000, help="model classifier outputs")
+  p.add_argument("--w_bits", type=int, default=8, help="weight bits of every layer (1..8, 32)")
+  p.add_argument("--a_bits", type=int, default=8, help="activation bits of every layer (1..8, 32)")
+  p.add_argument("--batch", type=int, help="batch size (default: the target preset's)")
+  return p
+
+
+def _bits(name: str, v: int) -> int:
+  if not (1 <= v <= 8 or v == 32):
+    raise ValueError(f"--{name} is {v}; allowed: 1..8, or 32 for floating point")
+  return v
+
+
+def _array(text: str) -> tuple[int, int]:
+  parts = text.lower().split("x")
+  if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise ValueError(f"--array is {text!r}; allowed: ROWSxCOLS, e.g. 32x32")
+  return int(parts[0]), int(parts[1])
+
+
+def build(args: argparse.Namespace):
+  """(target, layers) from parsed flags."""
+  from haqjax.hardware import base  # pylint: disable=g-import-not-at-top
+  from haqjax.hardware import layers as layers_lib  # pylint: disable=g-import-not-at-top
+  from haqjax.hardware import targets  # pylint: disable=g-import-not-at-top
+  from haqjax.hardware import topology  # pylint: disable=g-import-not-at-top
+
+  target = targets.get_target(args.target)
+  kind = type(target).__name__
+  changes = {}
+  if args.array is not None:
+    if kind not in _ARRAY_FIELDS:
+      raise ValueError(f"--array does not apply to --target={args.target}")
+    changes.update(zip(_ARRAY_FIELDS[kind], _array(args.array)))
+  for flag in ("dataflow", "bit_mode"):
+    if getattr(args, flag) is not None:
+      if kind != "Systolic":
+        raise ValueError(f"--{flag} applies to --target=systolic only")
+      changes[flag] = getattr(args, flag)
+  if args.batch is not None and args.batch < 1:
+    raise ValueError(f"--batch is {args.batch}; allowed: a positive integer")
+  if changes:
+    target = base.replace(target, **changes)
+  batch = args.batch or target.batch
+  if (args.topology is None) == (args.model is None):
+    raise ValueError("give exactly one of --topology=FILE.csv and --model=NAME")
+  if args.topology is not None:
+    layers = topology.read_topology(args.topology, batch=batch)
+  else:
+    if args.num_classes < 1:
+      raise ValueError(f"--num_classes is {args.num_classes}; allowed: a positive integer")
+    layers = layers_lib.from_model(args.model, input_size=args.input_size,
+                                   num_classes=args.num_classes, batch=batch)
+  return target, layers
+
+
+def rows(target, layers, w_bits: int, a_bits: int) -> list[list[str]]:
+  """The CSV rows (header, layers, total)."""
+  from haqjax.hardware import cost  # pylint: disable=g-import-not-at-top
+  n = len(layers)
+  c = cost.layer_costs(target, layers, np.full(n, float(w_bits)),
+                       np.full(n, float(a_bits)))
+  c = {k: np.asarray(v, np.float64) for k, v in c.items()}
+  macs = np.asarray(layers.macs, np.float64)
+  cols = {
+      "macs": macs,
+      "cycles": c.get("cycles"),
+      "utilization": c.get("utilization"),
+      "dram_bytes": c.get("dram_bytes"),
+      "energy_pj": c["energy_j"] * 1e12 if "energy_j" in c else None,
+  }
+  total = {k: (None if v is None else v.sum()) for k, v in cols.items()}
+  if cols["utilization"] is not None:
+    total["utilization"] = (cols["utilization"] * cols["cycles"]).sum() / cols["cycles"].sum()
+
+  def fmt(key, v):
+    if v is None:
+      return ""
+    return f"{v:.4f}" if key == "utilization" else f"{v:.0f}"
+
+  out = [list(HEADER)]
+  for i, name in enumerate(layers.names):
+    out.append([name] + [fmt(k, None if v is None else v[i]) for k, v in cols.items()])
+  out.append(["total"] + [fmt(k, v) for k, v in total.items()])
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  try:
+    args = _parser().parse_args(argv)
+    w = _bits("w_bits", args.w_bits)
+    a = _bits("a_bits", args.a_bits)
+    target, layers = build(args)
+    table = rows(target, layers, w, a)
+  except ValueError as e:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+  csv.writer(sys.stdout, lineterminator="\n").writerows(table)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

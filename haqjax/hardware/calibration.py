@@ -1,0 +1,116 @@
+"""Agreement of a cost model with a HAQ-format lookup table, and the BISMO fit.
+
+HAQ's latency search sums `T[l, w-1, a-1]` over layers. A model that stands in
+for such a table must rank configurations alike and match the sums that the
+budget constrains; `table_errors` reports exactly those numbers, and
+`fit_bismo` is the small offline search that produced the `bismo-cloud`
+preset's parameters.
+
+References:
+  K. Wang, Z. Liu, Y. Lin, J. Lin, S. Han, "HAQ: Hardware-Aware Automated
+  Quantization with Mixed Precision", CVPR 2019.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from haqjax.hardware import bismo as bismo_lib
+from haqjax.hardware.layers import Layers
+
+UNIFORM_BITS = (4, 5, 6, 8)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+  """Average ranks (ties share the mean rank), as Spearman's rho uses."""
+  order = np.argsort(x, kind="mergesort")
+  ranks = np.empty(len(x))
+  ranks[order] = np.arange(len(x), dtype=np.float64)
+  _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+  sums = np.bincount(inverse, weights=ranks)
+  return sums[inverse] / counts[inverse]
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+  """Spearman rank correlation of two equally long arrays."""
+  rx = _ranks(np.asarray(x, np.float64).ravel())
+  ry = _ranks(np.asarray(y, np.float64).ravel())
+  return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def table_errors(predicted: Any, table: Any,
+                 uniform_bits: Sequence[int] = UNIFORM_BITS) -> dict[str, Any]:
+  """How well a predicted `[L, 8, 8]` tensor matches a HAQ table.
+
+  Args:
+    predicted: model costs `[L, 8, 8]`, indexed `[l, w-1, a-1]`.
+    table: the reference table, same shape.
+    uniform_bits: uniform WbAb policies whose network sums are compared.
+
+  Returns:
+    `mean_abs_pct_error` over all entries (equal to the mean over layers of
+    each layer's mean), `per_layer_mean_abs_pct_error` `[L]`, `spearman` over
+    all entries, and `network_pct_error` {'W4A4': signed % error, ...}.
+  """
+  p = np.asarray(predicted, np.float64)
+  t = np.asarray(table, np.float64)
+  if p.shape != t.shape:
+    raise ValueError(f"predicted has shape {p.shape}; the table has {t.shape}")
+  rel = np.abs(p - t) / t
+  net = {f"W{b}A{b}": float(100 * (p[:, b - 1, b - 1].sum() / t[:, b - 1, b - 1].sum() - 1))
+         for b in uniform_bits}
+  return {
+      "mean_abs_pct_error": float(100 * rel.mean()),
+      "per_layer_mean_abs_pct_error": (100 * rel.mean(axis=(1, 2))).tolist(),
+      "spearman": spearman(p, t),
+      "network_pct_error": net,
+  }
+
+
+def bismo_tensor(target: bismo_lib.Bismo, layers: Layers) -> np.ndarray:
+  """BISMO cycles `[L, 8, 8]` for bits 1..8 (no jit; used by the fit)."""
+  b = jnp.arange(1.0, 9.0)
+  cycles = target.layer_cost(layers, b[:, None, None], b[None, :, None])["cycles"]
+  return np.asarray(jnp.transpose(cycles, (2, 0, 1)))  # [W, A, L] -> [L, W, A]
+
+
+def fit_bismo(layers: Layers, table: Any, *,
+              dims: Sequence[int] = (8, 16, 32),
+              dks: Sequence[int] = (128, 256, 512),
+              weight_ports: Sequence[float] = (8.0, 16.0, 32.0),
+              result_ports: Sequence[float] = (1024.0, 2048.0, 4096.0),
+              overheads: Sequence[float] = (0.0, 1000.0, 2000.0, 3000.0),
+              ) -> tuple[bismo_lib.Bismo, dict]:
+  """Grid search of BISMO parameters against a HAQ table.
+
+  The activation port is searched at `Dk / 2`, `Dk` and `2 Dk` bits. The
+  objective is the mean absolute % error over all entries plus the worst
+  network-level % error at the uniform policies.
+
+  Args:
+    layers: the table's network at the table's batch size.
+    table: `[L, 8, 8]` reference cycles.
+    dims, dks, weight_ports, result_ports, overheads: the grid (the defaults
+      reproduce the `bismo-cloud` preset from HAQ's table in about 20 s).
+
+  Returns:
+    `(best target, its table_errors)`.
+  """
+  best = None
+  for dm, dn, dk in itertools.product(dims, dims, dks):
+    for act, wp, rp, oh in itertools.product(
+        (dk / 2, dk, 2 * dk), weight_ports, result_ports, overheads):
+      t = bismo_lib.Bismo(name="bismo-fit", dm=dm, dn=dn, dk=dk,
+                          act_fetch_bits=float(act), weight_fetch_bits=wp,
+                          result_bits=rp, overhead_cycles=oh)
+      err = table_errors(bismo_tensor(t, layers), table)
+      score = err["mean_abs_pct_error"] + max(
+          abs(v) for v in err["network_pct_error"].values())
+      if best is None or score < best[0]:
+        best = (score, t, err)
+  return best[1], best[2]

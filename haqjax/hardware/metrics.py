@@ -1,0 +1,59 @@
+"""Target-independent costs: model size, BitOps and the roofline bound.
+
+These need no accelerator model, so every target reports them:
+
+  * size: `w` bits per weight plus 32-bit biases; a k-means (codebook)
+    quantized layer also stores its `2**w` 32-bit centroids (Deep Compression,
+    as HAQ's model-size search does).
+  * BitOps: `MACs * w * a`, the compute measure of mixed-precision papers.
+    Floating point (32 bits) counts as 32.
+  * roofline: `max(ops / peak ops per s, bytes / peak bytes per s)`.
+
+References:
+  S. Han, H. Mao, W. Dally, "Deep Compression", ICLR 2016.
+  S. Williams, A. Waterman, D. Patterson, "Roofline: an insightful visual
+  performance model for multicore architectures", CACM 2009.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from haqjax.hardware.layers import Layers
+from haqjax.typing import Array, ArrayLike
+
+CODEBOOK_BITS = 32
+
+
+def size_bits(layers: Layers, w_bits: ArrayLike, kmeans: bool = False) -> Array:
+  """Stored bits per layer `[..., L]`: weights at `w_bits`, biases at 32.
+
+  Args:
+    layers: the network.
+    w_bits: weight bits, broadcastable to `[..., L]` (32: float).
+    kmeans: add a `2**w`-entry 32-bit codebook per layer.
+  """
+  w = jnp.asarray(w_bits, jnp.float32)
+  bits = layers.weights * w + layers.biases * 32.0
+  if kmeans:
+    bits = bits + jnp.where(w < 32, 2.0 ** w * CODEBOOK_BITS, 0.0)
+  return bits
+
+
+def size_bytes(layers: Layers, w_bits: ArrayLike, kmeans: bool = False) -> Array:
+  """`size_bits / 8`."""
+  return size_bits(layers, w_bits, kmeans) / 8.0
+
+
+def bitops(layers: Layers, w_bits: ArrayLike, a_bits: ArrayLike) -> Array:
+  """`MACs * w * a` per layer `[..., L]` (MACs of the layers' batch)."""
+  w = jnp.asarray(w_bits, jnp.float32)
+  a = jnp.asarray(a_bits, jnp.float32)
+  return layers.macs * w * a
+
+
+def roofline_s(ops: ArrayLike, traffic_bytes: ArrayLike, peak_ops_per_s: float,
+               peak_bytes_per_s: float) -> Array:
+  """The roofline time bound: the slower of compute and memory traffic."""
+  return jnp.maximum(jnp.asarray(ops, jnp.float32) / peak_ops_per_s,
+                     jnp.asarray(traffic_bytes, jnp.float32) / peak_bytes_per_s)

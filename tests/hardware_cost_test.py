@@ -1,0 +1,164 @@
+"""Tests of policy costs, cost tensors, expected costs, budgets and the CLI."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from haqjax import hardware
+from haqjax.hardware import __main__ as cli
+
+TARGETS = ("bismo-edge", "bismo-cloud", "bitfusion", "systolic")
+
+
+@pytest.fixture(scope="module")
+def layers():
+  return hardware.from_model("quickstart_cnn", num_classes=10, batch=4)
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_tensor_matches_policy_cost(name, layers):
+  target = hardware.get_target(name)
+  t = np.asarray(hardware.cost_tensor(target, layers, metric="cycles"))
+  assert t.shape == (len(layers), 8, 8)
+  rng = np.random.default_rng(0)
+  w = rng.integers(1, 9, size=(5, len(layers)))
+  a = rng.integers(1, 9, size=(5, len(layers)))
+  got = np.asarray(hardware.policy_cost(target, layers, w, a, "cycles"))
+  idx = np.arange(len(layers))
+  want = t[idx, w - 1, a - 1].sum(-1)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(
+      hardware.batched_policy_cost(target, layers, w, a, "cycles"), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_expected_cost_exact_at_one_hot_and_differentiable(name, layers):
+  target = hardware.get_target(name)
+  bits = (2, 4, 6, 8)
+  rng = np.random.default_rng(1)
+  wi = rng.integers(0, 4, size=len(layers))
+  ai = rng.integers(0, 4, size=len(layers))
+  p = jax.nn.one_hot(wi, 4)
+  q = jax.nn.one_hot(ai, 4)
+  for metric in ("latency", "size", "bitops"):
+    exact = hardware.policy_cost(target, layers, np.array(bits)[wi],
+                                 np.array(bits)[ai], metric)
+    got = hardware.expected_cost(target, layers, p, q, bits, metric)
+    np.testing.assert_allclose(got, exact, rtol=1e-5)
+  grad = jax.grad(lambda p: hardware.expected_cost(target, layers, p, q, bits))(
+      jnp.full((len(layers), 4), 0.25))
+  assert grad.shape == (len(layers), 4) and np.isfinite(grad).all()
+
+
+def test_one_trace_serves_many_policies(layers):
+  traces = []
+
+  @dataclasses.dataclass(frozen=True, kw_only=True)
+  class Counting(hardware.Systolic):
+    def layer_cost(self, layers, w_bits, a_bits):
+      traces.append(1)
+      return super().layer_cost(layers, w_bits, a_bits)
+
+  target = Counting()
+  rng = np.random.default_rng(2)
+  for _ in range(20):
+    w = rng.integers(1, 9, size=len(layers)).astype(np.float32)
+    hardware.policy_cost(target, layers, w, w, "energy")
+  assert len(traces) == 1
+  many = rng.integers(1, 9, size=(1000, len(layers))).astype(np.float32)
+  out = hardware.batched_policy_cost(target, layers, many, many, "energy")
+  assert out.shape == (1000,) and len(traces) == 2
+
+
+def test_size_and_bitops(layers):
+  t = hardware.SYSTOLIC
+  w = np.full(len(layers), 4.0)
+  size = float(hardware.policy_cost(t, layers, w, w, "size"))
+  assert size == pytest.approx(float((layers.weights * 4 + layers.biases * 32).sum()) / 8)
+  km = float(hardware.size_bits(layers, 4.0, kmeans=True).sum())
+  assert km == pytest.approx(size * 8 + 16 * 32 * len(layers))
+  assert float(hardware.policy_cost(t, layers, w, 2 * w, "bitops")) == pytest.approx(
+      float(layers.macs.sum()) * 32)
+  # Float layers count 32 bits in size, but run as 8 bits on the accelerator.
+  f = np.full(len(layers), 32.0)
+  assert float(hardware.policy_cost(t, layers, f, f, "size")) > size
+  assert float(hardware.policy_cost(hardware.BISMO_EDGE, layers, f, f, "cycles")) == \
+      float(hardware.policy_cost(hardware.BISMO_EDGE, layers, 8 + 0 * f, 8 + 0 * f, "cycles"))
+
+
+def test_missing_metric_and_bad_metric(layers):
+  with pytest.raises(ValueError, match="does not model 'energy'"):
+    hardware.policy_cost(hardware.BISMO_EDGE, layers, 8.0, 8.0, "energy")
+  with pytest.raises(ValueError, match="metric is 'speed'"):
+    hardware.policy_cost(hardware.SYSTOLIC, layers, 8.0, 8.0, "speed")
+  assert "energy" not in hardware.available_metrics(hardware.BISMO_EDGE, layers)
+
+
+def test_budgets(layers):
+  t = hardware.BISMO_EDGE
+  ref = hardware.uniform_cost(t, layers, 8, 8)
+  b = hardware.Budget(metric="latency", value=0.5)
+  limit = b.resolve(t, layers)
+  assert limit == pytest.approx(0.5 * ref)
+  assert bool(b.fits(0.4 * ref, limit)) and not bool(b.fits(0.6 * ref, limit))
+  with pytest.raises(ValueError, match="needs its resolved limit"):
+    b.fits(1.0)
+  size = hardware.Budget(metric="size", value=0.25, reference="fp32")
+  w32 = hardware.uniform_cost(t, layers, 32, 32, "size")
+  assert size.resolve(t, layers) == pytest.approx(0.25 * w32)
+  ab = hardware.Budget(metric="energy", value=1e-3, kind="absolute")
+  assert ab.resolve(t, layers) == 1e-3 and bool(ab.fits(5e-4))
+  for kwargs, msg in [(dict(metric="speed"), "Budget.metric is 'speed'"),
+                      (dict(value=-1.0), "Budget.value is -1.0"),
+                      (dict(kind="relative"), "Budget.kind is 'relative'"),
+                      (dict(reference="w4a4"), "Budget.reference is 'w4a4'")]:
+    with pytest.raises(ValueError, match=msg):
+      hardware.Budget(**kwargs)
+
+
+def test_table_target(tmp_path, layers):
+  table = np.arange(len(layers) * 64, dtype=np.int64).reshape(len(layers), 8, 8) + 1
+  path = tmp_path / "t.npy"
+  np.save(path, table)
+  t = hardware.get_target(f"table:{path}")
+  np.testing.assert_array_equal(hardware.cost_tensor(t, layers, metric="cycles"), table)
+  w = np.array([1, 32, 3][:len(layers)] + [2] * (len(layers) - 3))
+  got = float(hardware.policy_cost(t, layers, w, w, "cycles"))
+  idx = np.arange(len(layers))
+  assert got == float(table[idx, np.minimum(w, 8) - 1, np.minimum(w, 8) - 1].sum())
+  np.save(tmp_path / "bad.npy", np.zeros((3, 4)))
+  with pytest.raises(ValueError, match=r"shape \(3, 4\)"):
+    hardware.get_target(f"table:{tmp_path / 'bad.npy'}")
+
+
+def test_cli_systolic_topology(tmp_path, capsys):
+  path = tmp_path / "net.csv"
+  path.write_text("Layer name, IFMAP Height, IFMAP Width, Filter Height, Filter Width, "
+                  "Channels, Num Filter, Strides,\nC1, 6, 6, 3, 3, 2, 5, 1,\n")
+  rc = cli.main(["--target=systolic", "--array=4x4", "--dataflow=ws",
+                 f"--topology={path}", "--w_bits=8", "--a_bits=8"])
+  out = capsys.readouterr().out.strip().splitlines()
+  assert rc == 0
+  assert out[0] == "layer,macs,cycles,utilization,dram_bytes,energy_pj"
+  # ws: K=18, N=5, M=16 on 4x4: ceil(18/4)*ceil(5/4) folds of (16 + 2*4 + 4 - 2).
+  assert out[1].split(",")[:3] == ["C1", str(16 * 18 * 5), str(5 * 2 * 26)]
+  assert out[-1].startswith("total,1440,260,")
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--target=foo", "--model=quickstart_cnn"], "target is 'foo'"),
+    (["--topology=/no/such.csv"], "does not exist"),
+    (["--model=quickstart_cnn", "--w_bits=9"], "--w_bits is 9"),
+    (["--model=quickstart_cnn", "--array=4by4"], "--array is '4by4'"),
+    (["--target=bitfusion", "--model=quickstart_cnn", "--dataflow=os"], "--dataflow applies"),
+    (["--model=nope"], "model is 'nope'"),
+    (["--model=quickstart_cnn", "--batch=0"], "--batch is 0"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_cli_errors(argv, msg, capsys):
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert msg in err and len(err.strip().splitlines()) == 1
