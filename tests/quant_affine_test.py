@@ -42,8 +42,9 @@ def _np_fake_quant(x, bits, spec):
     scale = ((hi - lo) * np.float32(1.0 / max(qmax - qmin, 1.0))).astype(np.float32)
     safe = np.where(scale == 0, 1, scale).astype(np.float32)
     zp = np.clip(np.round(qmin - lo * (np.float32(1) / safe)), qmin, qmax)
-  scale = np.where(scale == 0, 1, scale).astype(np.float32)
-  codes = np.clip(np.round(xg * (np.float32(1) / scale)) + zp, qmin, qmax)
+  with np.errstate(divide="ignore"):
+    inv = np.where(scale == 0, 0, np.float32(1) / scale).astype(np.float32)
+  codes = np.clip(np.round(xg * inv) + zp, qmin, qmax)
   if spec.signed and spec.symmetric and bits == 1:
     codes = np.where(xg >= 0, 1.0, -1.0)
   return ((codes - zp) * scale).reshape(x.shape).astype(np.float32), codes
@@ -111,6 +112,8 @@ def test_edge_cases_constant_zero_and_float_bits():
   zeros = jnp.zeros((3, 4))
   np.testing.assert_array_equal(affine.fake_quant(zeros, 4, AffineSpec(channel_axis=-1)), zeros)
   np.testing.assert_array_equal(affine.fake_quant(zeros, 4, AffineSpec(symmetric=False)), zeros)
+  for bits in range(1, 9):
+    np.testing.assert_array_equal(affine.fake_quant(zeros, bits), zeros)
   const = jnp.full((5,), 0.37, jnp.float32)
   for spec in (AffineSpec(), AffineSpec(symmetric=False), AffineSpec(signed=False)):
     for bits in range(2, 9):

@@ -38,3 +38,13 @@ from haqjax.quant.registry import ACT_QUANTIZERS
 from haqjax.quant.registry import WEIGHT_QUANTIZERS
 from haqjax.quant.registry import act_quantizer
 from haqjax.quant.registry import weight_quantizer
+from haqjax.quant.calibration import METHODS as CALIBRATION_METHODS
+from haqjax.quant.calibration import EmaRangeState
+from haqjax.quant.calibration import RangeCalibrator
+from haqjax.quant.calibration import calibrate_range
+from haqjax.quant.calibration import ema_calibrator
+from haqjax.quant.calibration import ema_range
+from haqjax.quant.calibration import kl_range
+from haqjax.quant.calibration import minmax_range
+from haqjax.quant.calibration import mse_range
+from haqjax.quant.calibration import percentile_range

@@ -168,9 +168,8 @@ def compute_scale(lo: ArrayLike, hi: ArrayLike, bits: ArrayLike, spec: AffineSpe
                   ) -> tuple[Array, Array]:
   """Scale and zero point (float, integer-valued) mapping `[lo, hi]` to the grid.
 
-  A range of zero width gets scale 1 (every code is the zero point, so the
-  output is exactly the constant 0 or, when symmetric, the tensor's sign
-  pattern times 0); an all-zero channel therefore stays all zero.
+  A range of zero width (an all-zero channel) gets scale 0: every code is
+  the zero point (or, for binary, +-1) and the output is exactly 0.
   """
   lo = jnp.asarray(lo, jnp.float32)
   hi = jnp.asarray(hi, jnp.float32)
@@ -187,7 +186,6 @@ def compute_scale(lo: ArrayLike, hi: ArrayLike, bits: ArrayLike, spec: AffineSpe
     scale = (hi - lo) * (1.0 / jnp.maximum(qmax - qmin, 1.0))  # >= 1 step
     safe = jnp.where(scale == 0, 1.0, scale)
     zero_point = jnp.clip(jnp.round(qmin - lo * (1.0 / safe)), qmin, qmax)
-  scale = jnp.where(scale == 0, 1.0, scale)  # NaN stays NaN
   return scale, zero_point
 
 
@@ -213,7 +211,7 @@ def quantize(x: Array, scale: Array, zero_point: Array, bits: ArrayLike,
   """
   bits = jnp.asarray(bits, jnp.int32)
   qmin, qmax = qrange(bits, signed=spec.signed, narrow_range=spec.narrow_range)
-  inv_scale = 1.0 / scale
+  inv_scale = jnp.where(scale == 0, 0.0, 1.0 / scale)  # NaN stays NaN
   v = x.astype(jnp.float32) * inv_scale
   codes = jnp.clip(_round(v, spec.rounding, key) + zero_point, qmin, qmax)
   if spec.signed and spec.symmetric:

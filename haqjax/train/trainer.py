@@ -284,6 +284,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   results = {
       "mode": config.mode, "model": config.model, "dataset": config.dataset,
       "policy": None if policy is None else policy.to_dict()["layers"],
+      "weight_quantizer": config.weight_quantizer if policy is not None else None,
+      "act_quantizer": config.act_quantizer if policy is not None else None,
       "steps": step, "epochs": step / steps_per_epoch,
       "test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"],
       "val_top1": val.get("top1"), "val_loss": val.get("loss"),
