@@ -5,7 +5,7 @@ r"""QAT of the quickstart model under several quantizers and uniform policies.
 Trains (or reuses) the FP32 quickstart model in `<workdir>/fp32`, then
 fine-tunes it from there with each (quantizer, policy) pair of the sweep:
 min-max STE, LSQ and PACT at W8A8 (min-max only), W4A4, W3A3 and W2A2, and
-k-means weight-only at 2/3/4 bits (activations in floating point). Every run
+k-means weight-only at 2/3/4 bits (activations in floating point, kernels without weight decay). Every run
 has its own workdir (a rerun resumes or skips finished runs). Writes
 `<workdir>/qat_sweep.json` and prints a markdown table of test top-1.
 """
@@ -60,8 +60,11 @@ def main(argv: list[str]) -> None:
   for name, (wq, aq, policy) in SWEEP.items():
     if _ONLY.value and name not in _ONLY.value:
       continue
+    # K-means trains the codebook only (the assignment is frozen, Deep
+    # Compression), so the kernels get no weight decay either.
+    extra = {"weight_decay": 0.0} if wq == "kmeans" else {}
     config = recipes.load_recipe("quickstart_qat", policy=policy, weight_quantizer=wq,
-                                 act_quantizer=aq, **qat)
+                                 act_quantizer=aq, **qat, **extra)
     t = time.perf_counter()
     run = trainer.train_and_evaluate(config, os.path.join(root, name))
     rows[name] = {"weight_quantizer": wq, "act_quantizer": aq, "policy": policy,

@@ -48,3 +48,15 @@ from haqjax.quant.calibration import kl_range
 from haqjax.quant.calibration import minmax_range
 from haqjax.quant.calibration import mse_range
 from haqjax.quant.calibration import percentile_range
+from haqjax.quant.fp8 import FP8
+from haqjax.quant.fp8 import fp8_fake_cast
+from haqjax.quant.kmeans import KMeansResult
+from haqjax.quant.kmeans import KMeansWeight
+from haqjax.quant.kmeans import assign
+from haqjax.quant.kmeans import centroid_grads
+from haqjax.quant.kmeans import kmeans
+from haqjax.quant.kmeans import kmeans_size_bits
+from haqjax.quant.lowbit import BinaryWeight
+from haqjax.quant.lowbit import TernaryWeight
+from haqjax.quant.lowbit import binarize
+from haqjax.quant.lowbit import ternarize
