@@ -42,7 +42,7 @@ def _fake_quant_throughput(n: int) -> dict:
   x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
   bits = jnp.int32(4)
   lo, hi = jnp.min(x), jnp.max(x)
-  spec = affine.AffineSpec(symmetric=False)
+  spec = affine.AffineSpec(signed=False, symmetric=False)  # torch's [0, 15] grid
   scale_only = jax.jit(lambda x: x * 1.0001)
   dynamic = jax.jit(lambda x, b: affine.fake_quant(x, b, spec))
   static = jax.jit(lambda x, b, lo, hi: affine.fake_quant(x, b, spec, lo=lo, hi=hi))
@@ -62,7 +62,7 @@ def _fake_quant_throughput(n: int) -> dict:
   except ImportError:
     out["torch"] = "not installed"
     return out
-  xt = torch.from_numpy(np.asarray(x))
+  xt = torch.from_numpy(np.array(x))
   scale, zp = affine.compute_scale(lo, hi, bits, spec)
   s, z = float(scale), int(zp)
 
@@ -141,8 +141,8 @@ def run() -> dict:
                f"{r['static_vs_torch']:.2f}x, min-max/torch min-max "
                f"{r['minmax_vs_torch_minmax']:.2f}x)")
     print(line, flush=True)
-  from experiments import bench_quant_kmeans  # pylint: disable=g-import-not-at-top
-  result["kmeans"] = bench_quant_kmeans.run()
+  from experiments import bench_quant_codebook  # pylint: disable=g-import-not-at-top
+  result["kmeans"] = bench_quant_codebook.run()
   result["trace_counts"] = _trace_counts()
   for name, r in result["trace_counts"].items():
     print(f"traces across {r['policies']} policies ({name}): train step "

@@ -12,6 +12,7 @@ has its own workdir (a rerun resumes or skips finished runs). Writes
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -74,6 +75,10 @@ def main(argv: list[str]) -> None:
                   "wall_seconds": round(time.perf_counter() - t, 1)}
     print(f"{name}: test top-1 {run['test_top1']:.2f}% "
           f"({run['test_top1'] - fp32['test_top1']:+.2f} pt vs FP32)", flush=True)
+  out_path = os.path.join(root, "qat_sweep.json")
+  if os.path.exists(out_path):  # Keep rows of earlier invocations (--only).
+    with open(out_path) as f:
+      rows = {**json.load(f).get("rows", {}), **rows}
   result = {"experiment": "qat_sweep", "model": "quickstart_cnn",
             "dataset": "fashion_mnist", "rows": rows,
             "wall_seconds": round(time.perf_counter() - t0, 1)}

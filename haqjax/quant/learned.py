@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from haqjax.quant import affine
 from haqjax.quant.base import Quantizer
 from haqjax.quant.base import passthrough
-from haqjax.quant.ste import ste
+from haqjax.quant.estimators import ste
 from haqjax.typing import Array, ArrayLike, PRNGKey, PyTree
 
 _MIN_STEP = 1e-8

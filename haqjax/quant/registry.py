@@ -27,7 +27,7 @@ from haqjax.quant.uniform import StaticRange
 
 
 def _kmeans() -> Quantizer:
-  from haqjax.quant.kmeans import KMeansWeight  # pylint: disable=g-import-not-at-top
+  from haqjax.quant.codebook import KMeansWeight  # pylint: disable=g-import-not-at-top
   return KMeansWeight()
 
 

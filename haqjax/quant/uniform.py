@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from haqjax.quant import affine
 from haqjax.quant.base import Quantizer
 from haqjax.quant.base import passthrough
-from haqjax.quant.ste import clipped_ste
-from haqjax.quant.ste import ste
+from haqjax.quant.estimators import clipped_ste
+from haqjax.quant.estimators import ste
 from haqjax.typing import Array, ArrayLike, PRNGKey, PyTree
 
 ESTIMATORS = ("plain", "clipped")
@@ -118,7 +118,8 @@ class MinMaxActivation(Quantizer):
   def __call__(self, params: PyTree, x: Array, bits: ArrayLike,
                key: PRNGKey | None = None) -> Array:
     del params
-    lo, hi = jnp.min(x), jnp.max(x)
+    lo, hi = affine.minmax(x, range(x.ndim))
+    lo, hi = lo.reshape(()), hi.reshape(())
     signed_q = affine.fake_quant(x, bits, self._spec(True), lo=lo, hi=hi, key=key)
     unsigned_q = affine.fake_quant(x, bits, self._spec(False), lo=jnp.float32(0.0),
                                    hi=hi, key=key)

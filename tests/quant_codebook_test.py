@@ -8,11 +8,11 @@ import pytest
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
-from haqjax.quant.kmeans import KMeansWeight
-from haqjax.quant.kmeans import assign
-from haqjax.quant.kmeans import centroid_grads
-from haqjax.quant.kmeans import kmeans
-from haqjax.quant.kmeans import kmeans_size_bits
+from haqjax.quant.codebook import KMeansWeight
+from haqjax.quant.codebook import assign
+from haqjax.quant.codebook import centroid_grads
+from haqjax.quant.codebook import kmeans
+from haqjax.quant.codebook import kmeans_size_bits
 
 SHAPE = (3, 3, 16, 32)  # One kernel shape and one `iters` for all k-means
 ITERS = 300  # runs, so that they share compilations.

@@ -1,6 +1,6 @@
 r"""Benchmark: haqjax k-means against scikit-learn's on one million weights.
 
-  python -m experiments.bench_quant_kmeans [--out=bench_quant_kmeans.json]
+  python -m experiments.bench_quant_codebook [--out=bench_quant_codebook.json]
 
 Clusters 1M heavy-tailed (Laplacian, scale 0.05) float32 weights into 16
 clusters with the same algorithm on both sides: greedy k-means++ seeding
@@ -39,7 +39,7 @@ def run(num_weights: int = 1_000_000, bits: int = 4, iters: int = 100,
   from sklearn.cluster import KMeans  # pylint: disable=g-import-not-at-top
   from threadpoolctl import threadpool_limits  # pylint: disable=g-import-not-at-top
 
-  from haqjax.quant import kmeans as kmeans_lib  # pylint: disable=g-import-not-at-top
+  from haqjax.quant import codebook as kmeans_lib  # pylint: disable=g-import-not-at-top
 
   x = np.random.default_rng(0).laplace(scale=0.05, size=num_weights).astype(np.float32)
   x_dev = jax.device_put(x)
@@ -89,7 +89,7 @@ def run(num_weights: int = 1_000_000, bits: int = 4, iters: int = 100,
 
 
 def main(argv: list[str]) -> None:
-  out = "bench_quant_kmeans.json"
+  out = "bench_quant_codebook.json"
   for arg in argv[1:]:
     if arg.startswith("--out="):
       out = arg.split("=", 1)[1]
