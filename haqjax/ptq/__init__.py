@@ -1,0 +1,1 @@
+"""Post-training quantization: folding, equalization, bias correction, AdaRound."""

@@ -1,0 +1,275 @@
+"""BatchNorm folding: each conv-BN pair becomes a conv with a bias.
+
+At inference a BatchNorm after a convolution is an affine map per output
+channel, `y = gamma * (z - mean) / sqrt(var + eps) + beta`, so it merges into
+the convolution: the kernel's output channel `o` is multiplied by
+`gamma_o / sqrt(var_o + eps)` and the bias becomes
+`beta_o - mean_o * gamma_o / sqrt(var_o + eps)` (Nagel et al. 2021, section
+3.2; Jacob et al. 2018). Quantizing the folded kernel is what an integer
+accelerator executes, so the weight quantizer must see it.
+
+`fold_batch_norms` keeps the variables' tree structure, so the same model
+runs them unchanged: the kernel is replaced by the folded kernel and the BN
+becomes the identity plus the folded bias (mean 0, scale 1 and a variance
+`v` with `v + eps == 1` exactly in float32, so `rsqrt(v + eps)` is exactly
+1). Conv-BN pairs are found by the zoo's naming convention (`conv_bn` in
+`haqjax.models.cnn`): a layer `X` (a dict with a `kernel`) and a sibling
+`X_bn` in the same scope, with `mean`/`var` in `batch_stats`.
+
+For QAT with folded BN, `folded_kernel_and_bias` is the pure function a
+training step calls on the live parameters and the running statistics (or
+the batch statistics), so the quantizer acts on the folded kernel while the
+gradient still reaches `gamma` and `beta` (Krishnamoorthi 2018, section 3.2).
+
+Folding stales calibrated weight-quantizer parameters (LSQ steps, static
+ranges, codebooks): run `haqjax.nn.calibrate.calibrate` after folding.
+
+`bn_output_stats` keeps what later passes need from the BNs before folding:
+DFQ's high-bias absorption and analytic bias correction model each BN's
+output channel as `N(beta, gamma^2)`, which folding erases.
+
+References:
+  Nagel, Fournarakis, Amjad, Bondarenko, van Baalen, Blankevoort. A White
+  Paper on Neural Network Quantization. 2021. https://arxiv.org/abs/2106.08295
+  Jacob et al. Quantization and Training of Neural Networks for Efficient
+  Integer-Arithmetic-Only Inference. CVPR 2018.
+  https://arxiv.org/abs/1712.05877
+  Krishnamoorthi. Quantizing deep convolutional networks for efficient
+  inference: A whitepaper. 2018. https://arxiv.org/abs/1806.08342
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from haqjax.models.cnn import BN_EPSILON
+from haqjax.typing import Array, ArrayLike, PyTree
+
+BN_SUFFIX = "_bn"
+
+
+class BNPair(NamedTuple):
+  """A layer and the BatchNorm that follows it.
+
+  Attributes:
+    name: the layer's name (its module path joined by '/', as the policy).
+    path: the layer's module path.
+    bn_path: the BatchNorm's module path (a sibling named `name + '_bn'`).
+  """
+  name: str
+  path: tuple[str, ...]
+  bn_path: tuple[str, ...]
+
+
+def _check_eps(eps: float) -> None:
+  if not (isinstance(eps, (int, float)) and 0 < eps < 1):
+    raise ValueError(f"eps is {eps!r}; allowed: a number in (0, 1)")
+
+
+def identity_variance(eps: float = BN_EPSILON, dtype: Any = jnp.float32) -> Array:
+  """A variance `v` with `v + eps == 1` exactly in `dtype`, so `rsqrt(v + eps)` is 1."""
+  _check_eps(eps)
+  dtype = np.dtype(dtype)
+  v = dtype.type(1) - dtype.type(eps)
+  while dtype.type(v + dtype.type(eps)) > 1:
+    v = np.nextafter(v, dtype.type(0))
+  while dtype.type(v + dtype.type(eps)) < 1:
+    v = np.nextafter(v, dtype.type(2))
+  return jnp.asarray(v, dtype)
+
+
+def folded_kernel_and_bias(kernel: ArrayLike, bn_params: Mapping[str, ArrayLike],
+                           bn_stats: Mapping[str, ArrayLike],
+                           eps: float = BN_EPSILON,
+                           bias: ArrayLike | None = None) -> tuple[Array, Array]:
+  """The kernel and bias of a layer with its following BatchNorm merged in.
+
+  Pure and differentiable, so a QAT step can fold on every call::
+
+      w, b = folded_kernel_and_bias(p["conv1"]["kernel"], p["conv1_bn"],
+                                    stats["conv1_bn"])
+      y = conv(x, quantize(w)) + b
+
+  Args:
+    kernel: `[..., out]` kernel (conv `[kh, kw, in/groups, out]`, dense
+      `[in, out]`).
+    bn_params: the BN's parameters, `{"scale": [out], "bias": [out]}`
+      (either may be missing: scale 1, bias 0).
+    bn_stats: `{"mean": [out], "var": [out]}` (running or batch statistics).
+    eps: the BN's epsilon.
+    bias: the layer's own bias `[out]`, if it has one.
+
+  Returns:
+    `(kernel * gamma / sqrt(var + eps), beta + (bias - mean) * gamma /
+    sqrt(var + eps))`, the kernel shaped as `kernel`.
+
+  Raises:
+    ValueError: if a BN array does not have one entry per output channel.
+  """
+  _check_eps(eps)
+  return _fold(jnp.asarray(kernel), bn_params, bn_stats, eps, bias, jnp)
+
+
+def _fold(kernel, bn_params, bn_stats, eps, bias, xp=np):
+  """`folded_kernel_and_bias` in the array module `xp` (numpy or jax.numpy)."""
+  out = kernel.shape[-1]
+  mean, var = xp.asarray(bn_stats["mean"]), xp.asarray(bn_stats["var"])
+  gamma = xp.asarray(bn_params.get("scale", xp.ones(out, kernel.dtype)))
+  beta = xp.asarray(bn_params.get("bias", xp.zeros(out, kernel.dtype)))
+  for field, v in (("mean", mean), ("var", var), ("scale", gamma), ("bias", beta)):
+    if v.shape != (out,):
+      raise ValueError(f"BN {field} has shape {v.shape}; allowed: ({out},), one "
+                       "entry per output channel of the kernel")
+  mul = gamma / xp.sqrt(var + eps)  # [out]
+  b = -mean if bias is None else xp.asarray(bias) - mean
+  return kernel * mul, beta + b * mul
+
+
+def get_path(tree: PyTree, path: tuple[str, ...]) -> PyTree:
+  """The subtree of nested dicts at `path`."""
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def copy_tree(tree: PyTree) -> PyTree:
+  """Nested plain dicts copied (leaves shared), safe to update in place."""
+  if isinstance(tree, Mapping):
+    return {k: copy_tree(v) for k, v in tree.items()}
+  return tree
+
+
+def bn_pairs(variables: PyTree) -> tuple[BNPair, ...]:
+  """Every layer `X` followed by a BatchNorm `X_bn`, found by name.
+
+  A pair is a dict `X` with a `kernel` in `params` and a sibling `X_bn` with
+  `mean` and `var` in `batch_stats` (the convention of
+  `haqjax.models.cnn.conv_bn`).
+
+  Args:
+    variables: `{"params": ..., "batch_stats": ...}`.
+
+  Returns:
+    The pairs, in the order of a depth-first walk of `params`.
+
+  Raises:
+    ValueError: if `params` or `batch_stats` is missing.
+  """
+  for field in ("params", "batch_stats"):
+    if field not in variables:
+      raise ValueError(f"variables have no {field!r} collection; allowed: "
+                       "{'params': ..., 'batch_stats': ...}")
+  found: list[BNPair] = []
+
+  def walk(params: Mapping, stats: Mapping | None, path: tuple[str, ...]):
+    for key, sub in params.items():
+      if not isinstance(sub, Mapping):
+        continue
+      bn = (stats or {}).get(key + BN_SUFFIX)
+      if ("kernel" in sub and isinstance(bn, Mapping) and "mean" in bn
+          and "var" in bn):
+        found.append(BNPair("/".join(path + (key,)), path + (key,),
+                            path + (key + BN_SUFFIX,)))
+      walk(sub, (stats or {}).get(key), path + (key,))
+
+  walk(variables["params"], variables["batch_stats"], ())
+  return tuple(found)
+
+
+def is_folded(variables: PyTree, pair: BNPair, eps: float = BN_EPSILON) -> bool:
+  """Whether the BN of `pair` is the identity plus a bias (as folding leaves it)."""
+  bn = get_path(variables["params"], pair.bn_path)
+  stats = get_path(variables["batch_stats"], pair.bn_path)
+  one = np.asarray(stats["var"]) + np.asarray(eps, np.asarray(stats["var"]).dtype)
+  return bool(np.all(np.asarray(stats["mean"]) == 0) and np.all(one == 1)
+              and np.all(np.asarray(bn.get("scale", 1.0)) == 1))
+
+
+def fold_batch_norms(model: Any, variables: PyTree, *,
+                     eps: float = BN_EPSILON) -> PyTree:
+  """Variables with every conv-BN pair folded; the same model runs them.
+
+  Args:
+    model: the model the variables belong to. Pairs are found from the
+      variables' names (`X` and `X_bn`, see `bn_pairs`); the argument keeps
+      the `(model, variables)` signature of the PTQ passes.
+    variables: `{"params": ..., "batch_stats": ...}` with trained BNs; not
+      modified.
+    eps: the models' BN epsilon (`haqjax.models.cnn.BN_EPSILON`).
+
+  Returns:
+    New variables of the same tree structure: each paired kernel is folded,
+    each BN is the identity plus the folded bias. Layers that were already
+    folded are unchanged; other leaves are shared with `variables`.
+
+  Raises:
+    ValueError: missing collections, a bad `eps` or mis-shaped BN arrays.
+  """
+  del model
+  _check_eps(eps)
+  pairs = bn_pairs(variables)
+  params = copy_tree(variables["params"])
+  stats = copy_tree(variables["batch_stats"])
+  for pair in pairs:
+    if is_folded(variables, pair, eps):
+      continue
+    layer = get_path(params, pair.path)
+    bn = get_path(params, pair.bn_path)
+    bn_stats = get_path(stats, pair.bn_path)
+    if "bias" not in bn:
+      raise ValueError(f"BN {'/'.join(pair.bn_path)!r} has no bias; allowed: "
+                       "BatchNorm with use_bias=True, which holds the folded bias")
+    # numpy in float64: no per-shape compilation, and one rounding at the end.
+    as64 = lambda t: {k: np.asarray(v, np.float64) for k, v in t.items()
+                      if k in ("scale", "bias", "mean", "var")}
+    own = layer.get("bias")
+    kernel, bias = _fold(np.asarray(layer["kernel"], np.float64), as64(bn),
+                         as64(bn_stats), eps,
+                         None if own is None else np.asarray(own, np.float64))
+    layer["kernel"] = jnp.asarray(kernel, jnp.asarray(layer["kernel"]).dtype)
+    if own is not None:  # The layer's own bias moved into the BN's.
+      layer["bias"] = jnp.zeros_like(own)
+    dtype = jnp.asarray(bn_stats["var"]).dtype
+    out = kernel.shape[-1]
+    bn_stats["mean"] = jnp.zeros(out, dtype)
+    bn_stats["var"] = jnp.full(out, identity_variance(eps, dtype), dtype)
+    if "scale" in bn:
+      bn["scale"] = jnp.ones(out, jnp.asarray(bn["scale"]).dtype)
+    bn["bias"] = jnp.asarray(bias, jnp.asarray(bn["bias"]).dtype)
+  return {**variables, "params": params, "batch_stats": stats}
+
+
+def bn_output_stats(variables: PyTree, eps: float = BN_EPSILON
+                    ) -> dict[str, tuple[Array, Array]]:
+  """Per-channel mean and std of each BN's output, `(beta, |gamma|)`.
+
+  A BN normalises its input to zero mean and unit variance on the data its
+  statistics came from, so its output channel is modelled as
+  `N(beta, gamma^2)` (DFQ section 4.2). Take these from the variables before
+  folding; `haqjax.ptq.equalization` keeps them up to date through its
+  rescaling.
+
+  Args:
+    variables: unfolded variables.
+    eps: the BN epsilon (to tell folded BNs, which have lost gamma).
+
+  Returns:
+    `{layer name: (mean [C], std [C])}` for every conv-BN pair.
+
+  Raises:
+    ValueError: if a BN is already folded (its gamma is gone).
+  """
+  out = {}
+  for pair in bn_pairs(variables):
+    if is_folded(variables, pair, eps):
+      raise ValueError(f"layer {pair.name!r} has a folded BN; allowed: variables "
+                       "from before fold_batch_norms")
+    bn = get_path(variables["params"], pair.bn_path)
+    c = np.asarray(get_path(variables["batch_stats"], pair.bn_path)["mean"]).shape[0]
+    out[pair.name] = (jnp.asarray(bn.get("bias", jnp.zeros(c))),
+                      jnp.abs(jnp.asarray(bn.get("scale", jnp.ones(c)))))
+  return out

@@ -1,0 +1,112 @@
+"""BatchNorm folding: same logits, identity BNs, the QAT fold function."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from haqjax import models
+from haqjax.models.cnn import BN_EPSILON
+from haqjax.nn import layer_table
+from haqjax.policy import Policy
+from haqjax.ptq import folding
+
+
+def random_variables(model, shape, seed=0):
+  """Variables of `model` drawn with numpy (He-normal kernels, random BNs).
+
+  Faster than `model.init` on a CPU (no per-layer compilation). BN gammas have
+  both signs; running statistics are far from (0, 1).
+  """
+  rng = np.random.default_rng(seed)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))
+
+  def draw(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if "kernel" in name:
+      return jnp.asarray(rng.normal(0, np.sqrt(2 / np.prod(leaf.shape[:-1])),
+                                    leaf.shape), jnp.float32)
+    c = leaf.shape[0]
+    value = {"scale": rng.uniform(0.5, 1.5, c) * rng.choice([-1, 1], c, p=[.1, .9]),
+             "bias": rng.normal(0, 0.5, c), "mean": rng.normal(0, 0.3, c),
+             "var": rng.uniform(0.5, 2.0, c)}.get(name.split("'")[-2], np.zeros(c))
+    return jnp.asarray(value, jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def _model(name):
+  if name == "quickstart_cnn":
+    return models.create(name, num_classes=10), (28, 28, 1)
+  return models.create(name, num_classes=10, width_mult=0.35), (32, 32, 3)
+
+
+@pytest.mark.parametrize("name", ["quickstart_cnn", "mobilenet_v2_small"])
+def test_folded_logits_equal_unfolded(name):
+  model, shape = _model(name)
+  x = jax.random.normal(jax.random.key(1), (4, *shape))
+  variables = random_variables(model, shape)
+  folded = folding.fold_batch_norms(model, variables)
+  assert jax.tree.structure(folded) == jax.tree.structure(variables)
+  apply = jax.jit(model.apply)
+  ref = apply(variables, x)
+  out = apply(folded, x)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+  pairs = folding.bn_pairs(variables)
+  assert len(pairs) == len(layer_table(model, (1, *shape)).names) - 1  # no classifier BN
+  for pair in pairs:
+    assert folding.is_folded(folded, pair)
+    assert not folding.is_folded(variables, pair)
+  # Inputs untouched; folding is idempotent.
+  assert not folding.is_folded(variables, pairs[0])
+  again = folding.fold_batch_norms(model, folded)
+  jax.tree.map(np.testing.assert_array_equal, again, folded)
+
+
+def test_weight_quantizer_sees_the_folded_kernel():
+  model, shape = _model("quickstart_cnn")
+  x = jax.random.normal(jax.random.key(1), (2, *shape))
+  variables = random_variables(model, shape, seed=3)
+  folded = folding.fold_batch_norms(model, variables)
+  st = variables["batch_stats"]["conv1_bn"]
+  bn = variables["params"]["conv1_bn"]
+  expected = variables["params"]["conv1"]["kernel"] * bn["scale"] / jnp.sqrt(
+      st["var"] + BN_EPSILON)
+  np.testing.assert_allclose(folded["params"]["conv1"]["kernel"], expected, rtol=1e-6)
+  policy = Policy.uniform(layer_table(model, (1, *shape)).names, 8, 32)
+  apply = jax.jit(model.apply)
+  ref = apply(variables, x)
+  q = apply(folded, x, policy=policy)
+  assert float(jnp.abs(q - ref).max()) < 0.05 * float(jnp.abs(ref).max())
+
+
+def test_folded_kernel_and_bias_is_differentiable_and_uses_own_bias():
+  kernel = jax.random.normal(jax.random.key(0), (3, 3, 4, 5))
+  bn = {"scale": jnp.arange(1.0, 6.0), "bias": jnp.ones(5)}
+  stats = {"mean": jnp.full(5, 0.5), "var": jnp.full(5, 4.0)}
+  w, b = folding.folded_kernel_and_bias(kernel, bn, stats, eps=0.0 + 1e-5,
+                                        bias=jnp.full(5, 2.0))
+  mul = bn["scale"] / jnp.sqrt(4.0 + 1e-5)
+  np.testing.assert_allclose(w, kernel * mul, rtol=1e-6)
+  np.testing.assert_allclose(b, 1.0 + 1.5 * mul, rtol=1e-6)
+  grad = jax.grad(lambda g: folding.folded_kernel_and_bias(
+      kernel, {"scale": g, "bias": bn["bias"]}, stats)[0].sum())(bn["scale"])
+  assert grad.shape == (5,) and bool(jnp.all(grad != 0))
+
+
+def test_identity_variance_and_errors():
+  v = folding.identity_variance(BN_EPSILON)
+  assert float(jax.lax.rsqrt(v + BN_EPSILON)) == 1.0
+  with pytest.raises(ValueError, match="eps is 0"):
+    folding.identity_variance(0)
+  with pytest.raises(ValueError, match="BN mean has shape"):
+    folding.folded_kernel_and_bias(jnp.ones((1, 1, 2, 3)), {},
+                                   {"mean": jnp.zeros(2), "var": jnp.ones(3)})
+  with pytest.raises(ValueError, match="no 'batch_stats' collection"):
+    folding.fold_batch_norms(None, {"params": {}})
+  model, shape = _model("quickstart_cnn")
+  variables = random_variables(model, shape)
+  with pytest.raises(ValueError, match="has a folded BN"):
+    folding.bn_output_stats(folding.fold_batch_norms(model, variables))
+  stats = folding.bn_output_stats(variables)
+  assert set(stats) == {n for n, *_ in models.cnn.QUICKSTART_LAYERS}
