@@ -5,9 +5,10 @@ r"""The haqjax launcher: FP32 training and QAT on any supported dataset.
 
 Flags given after --flagfile override it. `--dataset` picks the data, so the
 same module runs ImageNet, CIFAR-10, Fashion-MNIST and digits. A rerun with
-the same --workdir resumes. Modes: `train` (floating point) and `qat`
+the same --workdir resumes. Modes: `train` (floating point), `qat`
 (fine-tuning under --policy=wXaY or a policy JSON, usually --init_from the
-FP32 run's workdir).
+FP32 run's workdir) and `ptq` (post-training quantization of --init_from under
+--policy on --calibration_size training images).
 """
 
 from __future__ import annotations
@@ -50,8 +51,12 @@ def main(argv: list[str]) -> None:
     parallel.initialize_multihost()
   cli.enable_compilation_cache(_CACHE.value)
   cli.quiet_libraries()
-  from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
-  results = trainer.train_and_evaluate(config, _WORKDIR.value)
+  if config.mode == "ptq":
+    from haqjax.ptq import runner  # pylint: disable=g-import-not-at-top
+    results = runner.ptq_and_evaluate(config, _WORKDIR.value)
+  else:
+    from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
+    results = trainer.train_and_evaluate(config, _WORKDIR.value)
   summary = {k: results[k] for k in ("mode", "model", "dataset", "test_top1",
                                      "test_top5", "val_top1", "steps")}
   print(json.dumps(summary), file=sys.stdout, flush=True)

@@ -149,12 +149,16 @@ class StaticRange(Quantizer):
     options: extra keyword options of the method, as (name, value) pairs
       (e.g. `(("percentile", 99.9),)`).
     estimator: 'clipped' (zero gradient for clipped values) or 'plain'.
+    max_samples: per-tensor 'percentile', 'mse' and 'kl' calibration searches
+      this many values, evenly strided over the data, when there are more (the
+      same size for every layer, so the search compiles once); None for all.
   """
   spec: affine.AffineSpec = affine.AffineSpec()
   sign: str = "auto"
   method: str = "minmax"
   options: tuple[tuple[str, object], ...] = ()
   estimator: str = "clipped"
+  max_samples: int | None = 1 << 18
 
   def __post_init__(self):
     _check("sign", self.sign, SIGNS)
@@ -176,6 +180,14 @@ class StaticRange(Quantizer):
   def calibrate(self, params: PyTree, x: Array, bits: ArrayLike) -> PyTree:
     from haqjax.quant import calibration  # pylint: disable=g-import-not-at-top
     signed = self.sign != "unsigned" if self.sign != "auto" else bool(jnp.min(x) < 0)
+    per_tensor = not self.spec.channel_axes and self.spec.group_size is None
+    if (per_tensor and self.max_samples and x.size > self.max_samples
+        and self.method in ("percentile", "mse", "kl")):
+      flat = jnp.ravel(x)
+      lo_all, hi_all = jnp.min(flat), jnp.max(flat)
+      index = (jnp.arange(self.max_samples) * (flat.size / self.max_samples)).astype(jnp.int32)
+      # Keep the extremes so the search's candidate clips span the full range.
+      x = flat[index].at[0].set(lo_all).at[1].set(hi_all)
     lo, hi = calibration.calibrate_range(x, bits, self._spec(signed), self.method,
                                          **dict(self.options))
     return {"lo": jnp.broadcast_to(lo, params["lo"].shape).astype(jnp.float32),

@@ -15,7 +15,7 @@ from typing import Any
 
 from haqjax import io as haq_io
 
-MODES = ("train", "qat")
+MODES = ("train", "qat", "ptq")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16")
@@ -28,7 +28,8 @@ class Config:
 
   Attributes:
     mode: 'train' for floating-point training, 'qat' for quantization-aware
-      training (fine-tuning) under `policy`.
+      training (fine-tuning) under `policy`, 'ptq' for post-training
+      quantization of the `init_from` model under `policy`.
     dataset: digits, fashion_mnist, cifar10 or imagenet2012.
     data_dir: where prepared datasets live (None: $HAQJAX_DATA_DIR or
       ~/.cache/haqjax/datasets).
@@ -50,6 +51,16 @@ class Config:
     last_layer_w8a8: HAQ's option: the last layer (classifier) at W8A8.
     calibration_batches: training batches that calibrate the quantizers
       (LSQ steps, PACT clips, k-means codebooks, static ranges) before QAT.
+    calibration_size: training images that calibrate PTQ.
+    ptq_cle: PTQ: cross-layer equalization and high-bias absorption.
+    ptq_relu6: PTQ: 'skip' (ReLU6 pairs are not equalized) or 'relu'.
+    ptq_adaround: PTQ: AdaRound the weights.
+    adaround_iters: PTQ: AdaRound iterations per layer.
+    ptq_bias_correction: PTQ: 'none', 'empirical' or 'analytic' (nearest
+      rounding only; AdaRound replaces it).
+    ptq_weight_range: PTQ: 'minmax' or 'mse' weight ranges.
+    ptq_act_range: PTQ: activation ranges, 'minmax', 'ema', 'percentile', 'mse'
+      or 'kl'.
     epochs: passes over the training split.
     batch_size: global training batch size (split over all devices).
     eval_batch_size: global evaluation batch size.
@@ -85,6 +96,14 @@ class Config:
   first_layer_w8: bool = False
   last_layer_w8a8: bool = False
   calibration_batches: int = 4
+  calibration_size: int = 1024
+  ptq_cle: bool = True
+  ptq_relu6: str = "skip"
+  ptq_adaround: bool = True
+  adaround_iters: int = 2000
+  ptq_bias_correction: str = "empirical"
+  ptq_weight_range: str = "mse"
+  ptq_act_range: str = "mse"
   epochs: float = 10
   batch_size: int = 128
   eval_batch_size: int = 500
@@ -126,7 +145,7 @@ class Config:
     choice("act_quantizer", quant.ACT_QUANTIZERS)
     for field in ("epochs", "batch_size", "eval_batch_size", "learning_rate",
                   "width_mult", "log_every_steps", "keep_checkpoints",
-                  "calibration_batches"):
+                  "calibration_batches", "calibration_size", "adaround_iters"):
       positive(field)
     for field in ("momentum", "weight_decay", "warmup_epochs", "label_smoothing",
                   "val_size", "checkpoint_every_steps"):
@@ -137,9 +156,16 @@ class Config:
       raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
     if self.warmup_epochs > self.epochs:
       raise ValueError(f"warmup_epochs={self.warmup_epochs} must be <= epochs={self.epochs}")
-    if self.mode == "qat" and not self.policy:
-      raise ValueError("policy is empty; mode 'qat' needs a policy: 'wXaY' "
+    if self.mode in ("qat", "ptq") and not self.policy:
+      raise ValueError(f"policy is empty; mode {self.mode!r} needs a policy: 'wXaY' "
                        "(e.g. w4a4) or a policy JSON file")
+    if self.mode == "ptq" and not self.init_from:
+      raise ValueError("init_from is empty; mode 'ptq' quantizes a trained model: "
+                       "pass the FP32 run's workdir")
+    choice("ptq_relu6", ("skip", "relu"))
+    choice("ptq_bias_correction", ("none", "empirical", "analytic"))
+    choice("ptq_weight_range", ("minmax", "mse"))
+    choice("ptq_act_range", quant.CALIBRATION_METHODS)
     if self.policy:
       self.uniform_bits()  # Validates the 'wXaY' form.
 

@@ -53,7 +53,7 @@ _RESUMABLE_CHANGES = frozenset({
 
 def resolve_policy(config: Config, table: LayerTable) -> Policy | None:
   """The policy a config asks for, validated against the model's table."""
-  if config.mode != "qat":
+  if config.mode not in ("qat", "ptq"):
     return None
   bits = config.uniform_bits()
   if bits is not None:
@@ -135,7 +135,7 @@ def _calibrate(config: Config, model, state: steps.TrainState, splits, policy,
   return state.replace(params=variables["params"], opt_state=tx.init(variables["params"]))
 
 
-class _Evaluator:
+class Evaluator:
   """Compiled-once evaluation over a split (padded last batch, masked)."""
 
   def __init__(self, model, sharding, batch_size: int):
@@ -170,6 +170,9 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     ValueError: for a bad config, missing data, a policy that does not fit
       the model, a workdir holding another run or an unreadable checkpoint.
   """
+  if config.mode == "ptq":
+    raise ValueError("mode is 'ptq'; train_and_evaluate runs 'train' and 'qat' "
+                     "(haqjax.ptq.runner.ptq_and_evaluate runs 'ptq')")
   workdir = os.path.abspath(workdir)
   primary = jax.process_index() == 0
   _check_workdir(config, workdir)
@@ -224,7 +227,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       functools.partial(steps.train_step, model, tx,
                         label_smoothing=config.label_smoothing),
       donate_argnums=0)
-  evaluate = _Evaluator(model, data_sharding, config.eval_batch_size)
+  evaluate = Evaluator(model, data_sharding, config.eval_batch_size)
 
   show = config.progress if config.progress is not None else os.isatty(2)
   bar = tqdm.tqdm(total=total_steps, initial=start_step, disable=not (show and primary),
