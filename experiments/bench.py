@@ -3,9 +3,10 @@ r"""Benchmarks: programs that print and write JSON, not timed tests.
   python -m experiments.bench train [--out=bench_train.json] [--epochs=...]
   python -m experiments.bench quant [--out=bench_quant.json]
   python -m experiments.bench hardware [--out=bench_hardware.json]
+  python -m experiments.bench ptq [--init_from=FP32_WORKDIR] [--out=bench_ptq.json]
 
-`quant` and `hardware` are described in `experiments/bench_quant.py` and
-`experiments/bench_hardware.py`.
+`quant`, `hardware` and `ptq` are described in `experiments/bench_quant.py`,
+`experiments/bench_hardware.py` and `experiments/bench_ptq.py`.
 
 `train` measures, on this machine:
   * training-step throughput (images/s) and time to first step (compile) of
@@ -35,11 +36,13 @@ _EPOCHS = flags.DEFINE_float("epochs", None, "Override the quickstart recipe's e
 _SKIP_ACCURACY = flags.DEFINE_bool("skip_accuracy", False,
                                    "Only measure throughput, not the quickstart run.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared datasets folder.")
+_INIT_FROM = flags.DEFINE_string("init_from", None,
+                                 "ptq: the FP32 quickstart workdir (default: train one).")
 _CACHE = flags.DEFINE_string("compilation_cache", "",
                              "JAX persistent compilation cache ('' disables, so "
                              "time to first step includes compilation).")
 
-BENCHMARKS = ("train", "quant", "hardware")
+BENCHMARKS = ("train", "quant", "hardware", "ptq")
 
 
 def _throughput(model_name: str, input_shape, num_classes: int, batch_size: int,
@@ -119,8 +122,10 @@ def main(argv: list[str]) -> None:
     result = bench_train()
   else:
     module = importlib.import_module(f"experiments.bench_{name}")
+    kwargs = ({"init_from": _INIT_FROM.value, "data_dir": _DATA_DIR.value}
+              if name == "ptq" else {})
     result = {"benchmark": name, "machine": platform.platform(),
-              "cpu_count": os.cpu_count(), **module.run()}
+              "cpu_count": os.cpu_count(), **module.run(**kwargs)}
   out = _OUT.value or f"bench_{name}.json"
   from haqjax import io as haq_io  # pylint: disable=g-import-not-at-top
   haq_io.write_json(out, result)

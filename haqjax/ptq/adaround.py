@@ -73,6 +73,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -569,10 +570,13 @@ class AdaRoundResult(NamedTuple):
     ranges: `{layer name: {"lo": ..., "hi": ...}}` for each rounded layer,
       the `StaticRange` parameters that re-quantize its kernel exactly.
     infos: `{layer name: AdaRoundInfo}`.
+    seconds: `{layer name: wall seconds of its optimisation}` (compilation
+      included for the first layer of each shape).
   """
   variables: PyTree
   ranges: dict[str, dict[str, Array]]
   infos: dict[str, AdaRoundInfo]
+  seconds: dict[str, float]
 
 
 def layer_geometries(model: nn.Module, variables: PyTree, image: ArrayLike
@@ -673,6 +677,7 @@ def adaround_model(key: PRNGKey, model: nn.Module, variables: PyTree,
   new_vars = {**variables, "params": params}
   ranges: dict[str, dict[str, Array]] = {}
   infos: dict[str, AdaRoundInfo] = {}
+  seconds: dict[str, float] = {}
   names = list(recorded)
   keys = jax.random.split(key, len(names))
   for i, name in enumerate(names):
@@ -684,10 +689,13 @@ def adaround_model(key: PRNGKey, model: nn.Module, variables: PyTree,
     inputs = entry["inputs"]
     if sequential and ranges:  # inputs through the already-rounded layers
       inputs = record_layer_inputs(model, new_vars, images)[name]["inputs"]
+    t0 = time.perf_counter()
     rounded, info = adaround_layer(
         keys[i], layer_params["kernel"], inputs, w_bits, layer=geometries[name],
         target_inputs=entry["inputs"] if sequential else None, **options)
+    jax.block_until_ready(rounded)
+    seconds[name] = round(time.perf_counter() - t0, 3)
     layer_params["kernel"] = rounded
     ranges[name] = {"lo": info.lo, "hi": info.hi}
     infos[name] = info
-  return AdaRoundResult(variables=new_vars, ranges=ranges, infos=infos)
+  return AdaRoundResult(variables=new_vars, ranges=ranges, infos=infos, seconds=seconds)

@@ -195,6 +195,7 @@ def ptq(key: PRNGKey, model: nn.Module, variables: PyTree, batches: Sequence[Any
     result = timed("adaround", adaround_lib.adaround_model, key, qmodel, variables,
                    batches, policy, range_method=options.weight_range,
                    iters=options.adaround_iters)
+    report["adaround_layer_seconds"] = result.seconds
     variables = folding.copy_tree(result.variables)
     for name, rng in result.ranges.items():
       layer = folding.get_path(variables["params"], tuple(name.split("/")))
