@@ -46,7 +46,8 @@ def test_w8a8_ptq_keeps_fp32_accuracy_and_each_step_reports(trained):
   acc = _accuracy(result.model, result.variables, splits.test, policy)
   assert acc >= fp32["test_top1"] - 1.0, (acc, fp32["test_top1"])
   assert set(result.report["seconds"]) == {"fold_bn", "cle", "high_bias_absorption",
-                                           "weight_range", "adaround", "act_range"}
+                                           "record_inputs", "weight_range", "adaround",
+                                           "act_range"}
   stem = result.variables["params"]["stem"]
   # AdaRound's kernels sit on the grid of the stored weight range.
   requant = result.model.apply(result.variables, batches[0]["image"], policy=policy)
@@ -68,6 +69,19 @@ def test_adaround_beats_nearest_at_low_weight_bits(trained):
   acc_nearest = _accuracy(nearest.model, nearest.variables, splits.val, policy)
   acc_ada = _accuracy(ada.model, ada.variables, splits.val, policy)
   assert acc_ada >= acc_nearest, (acc_ada, acc_nearest)
+
+
+def test_scorer_ranks_policies_with_one_compiled_eval(trained):
+  _, _, fp32, splits, model, variables, batches, names = trained
+  scorer = pipeline.PTQScorer(model, variables, batches, splits.val, eval_batch_size=200)
+  original = scorer._evaluate._step  # pylint: disable=protected-access
+  scores = {}
+  for w, a in ((8, 8), (6, 6), (4, 8), (2, 2)):
+    scores[(w, a)] = scorer(Policy.uniform(names, w, a))["top1"]
+  assert scorer._evaluate._step is original  # pylint: disable=protected-access
+  assert original._cache_size() == 1  # pylint: disable=protected-access
+  assert scores[(8, 8)] >= fp32["val_top1"] - 1.0
+  assert scores[(2, 2)] < scores[(8, 8)] - 5
 
 
 def test_options_are_validated():

@@ -85,8 +85,8 @@ def _get(tree: PyTree, path: tuple[str, ...]) -> PyTree:
 
 
 def calibrate(model: nn.Module, variables: PyTree, batches: Iterable[Array],
-              policy: Policy, *, weights: bool = True, activations: bool = True
-              ) -> PyTree:
+              policy: Policy, *, weights: bool = True, activations: bool = True,
+              recorded: dict[str, dict[str, Any]] | None = None) -> PyTree:
   """Variables with every layer's quantizer parameters set from data.
 
   Args:
@@ -97,6 +97,9 @@ def calibrate(model: nn.Module, variables: PyTree, batches: Iterable[Array],
       or image arrays); they are read once.
     policy: the bits each quantizer is calibrated for.
     weights, activations: which roles to calibrate.
+    recorded: the `record_layer_inputs` of these batches, when already at
+      hand (a search calibrating many policies records them once); `batches`
+      is then not read.
 
   Returns:
     New variables; layers whose quantizers have no parameters are unchanged.
@@ -104,7 +107,8 @@ def calibrate(model: nn.Module, variables: PyTree, batches: Iterable[Array],
   Raises:
     ValueError: no batches, or non-finite activations (naming the layer).
   """
-  recorded = record_layer_inputs(model, variables, batches)
+  if recorded is None:
+    recorded = record_layer_inputs(model, variables, batches)
   params = _thaw(variables["params"])
   for name, entry in recorded.items():
     w_bits, a_bits = policy.bits_for(name)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from haqjax.nn.calibrate import calibrate
+from haqjax.nn.calibrate import record_layer_inputs
 from haqjax.policy import Policy
 from haqjax.ptq import adaround as adaround_lib
 from haqjax.ptq import bias_correction as bc_lib
@@ -138,6 +139,89 @@ def _check_batches(batches: Sequence[Any]) -> list[Any]:
   return batches
 
 
+class Prepared(NamedTuple):
+  """The policy-independent part of PTQ: folded, equalized, quantizers added."""
+  model: nn.Module
+  variables: PyTree
+  bn_stats: Any
+  pairs: tuple[Any, ...]
+  batches: list[Any]
+  recorded: dict[str, dict[str, Any]]
+  report: dict[str, Any]
+
+
+def _timer(seconds: dict[str, float]):
+  def timed(name, fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    jax.block_until_ready(jax.tree.leaves(out))
+    seconds[name] = round(time.perf_counter() - t0, 3)
+    return out
+  return timed
+
+
+def prepare(model: nn.Module, variables: PyTree, batches: Sequence[Any],
+            options: PTQOptions = PTQOptions()) -> Prepared:
+  """Steps 1-3 (folding, equalization, quantizers) and the recorded inputs."""
+  batches = _check_batches(batches)
+  first = batches[0]["image"] if isinstance(batches[0], dict) else batches[0]
+  report: dict[str, Any] = {"options": dataclasses.asdict(options), "seconds": {}}
+  timed = _timer(report["seconds"])
+  bn_stats = None
+  if options.fold_bn:
+    bn_stats = folding.bn_output_stats(variables)
+    variables = timed("fold_bn", folding.fold_batch_norms, model, variables)
+  pairs = eq_lib.equalization_pairs(model) if options.cle else ()
+  if options.cle:
+    eq = timed("cle", eq_lib.cross_layer_equalization, variables, pairs,
+               relu6=options.relu6, bn_stats=bn_stats)
+    variables, bn_stats = eq.variables, eq.bn_stats
+    report["cle_passes"] = int(eq.passes)
+    if options.high_bias_absorption:
+      eq = timed("high_bias_absorption", eq_lib.absorb_high_bias, variables, pairs,
+                 bn_stats, relu6=options.relu6, spatial=False)
+      variables, bn_stats = eq.variables, eq.bn_stats
+  qmodel = quantized_model(model, options)
+  variables = _with_quant_params(qmodel, variables, first)
+  recorded = timed("record_inputs", record_layer_inputs, qmodel, variables, batches)
+  return Prepared(qmodel, variables, bn_stats, tuple(pairs), batches, recorded, report)
+
+
+def quantize(key: PRNGKey, prepared: Prepared, policy: Policy,
+             options: PTQOptions = PTQOptions()) -> PTQResult:
+  """Steps 4-7 for one policy on a `prepare`d model."""
+  report = {**prepared.report, "seconds": dict(prepared.report["seconds"])}
+  timed = _timer(report["seconds"])
+  qmodel, variables, batches = prepared.model, prepared.variables, prepared.batches
+  variables = timed("weight_range", calibrate, qmodel, variables, batches, policy,
+                    weights=True, activations=False, recorded=prepared.recorded)
+  if options.adaround:
+    result = timed("adaround", adaround_lib.adaround_model, key, qmodel, variables,
+                   batches, policy, range_method=options.weight_range,
+                   iters=options.adaround_iters)
+    report["adaround_layer_seconds"] = result.seconds
+    variables = folding.copy_tree(result.variables)
+    for name, rng in result.ranges.items():
+      layer = folding.get_path(variables["params"], tuple(name.split("/")))
+      layer["weight_quant"] = {"lo": jnp.asarray(rng["lo"], jnp.float32),
+                               "hi": jnp.asarray(rng["hi"], jnp.float32)}
+  elif options.bias_correction == "empirical":
+    variables = timed("bias_correction", bc_lib.empirical_bias_correction, qmodel,
+                      variables, batches, policy)
+  elif options.bias_correction == "analytic":
+    if prepared.bn_stats is None:
+      raise ValueError("bias_correction is 'analytic' with fold_bn False; allowed: "
+                       "analytic correction on folded BatchNorms")
+    variables = timed("bias_correction", bc_lib.analytic_bias_correction, qmodel,
+                      variables, policy,
+                      prepared.pairs or eq_lib.equalization_pairs(qmodel),
+                      prepared.bn_stats)
+  variables = timed("act_range", calibrate, qmodel, variables, batches, policy,
+                    weights=False, activations=True, recorded=prepared.recorded)
+  report["total_seconds"] = round(sum(report["seconds"].values()), 3)
+  return PTQResult(qmodel, variables, report)
+
+
 def ptq(key: PRNGKey, model: nn.Module, variables: PyTree, batches: Sequence[Any],
         policy: Policy, options: PTQOptions = PTQOptions()) -> PTQResult:
   """Post-training quantization of a trained model under `policy`.
@@ -160,58 +244,38 @@ def ptq(key: PRNGKey, model: nn.Module, variables: PyTree, batches: Sequence[Any
     ValueError: no batches, non-finite images or activations, or a policy
       that does not fit the model.
   """
-  batches = _check_batches(batches)
-  first = batches[0]["image"] if isinstance(batches[0], dict) else batches[0]
-  report: dict[str, Any] = {"options": dataclasses.asdict(options), "seconds": {}}
-  seconds = report["seconds"]
+  return quantize(key, prepare(model, variables, batches, options), policy, options)
 
-  def timed(name, fn, *args, **kwargs):
+
+class PTQScorer:
+  """Scores bit policies by PTQ accuracy: a search's fast accuracy signal.
+
+  Folding, equalization and the recording of the calibration activations do
+  not depend on the policy and run once; each call sets the ranges (and bias
+  correction or AdaRound, as `options` say) for its policy and evaluates on
+  `split` (a held-out split, never the test split) with one compiled eval
+  step for every policy::
+
+      scorer = PTQScorer(model, variables, batches, splits.val)
+      top1 = scorer(policy)["top1"]
+  """
+
+  def __init__(self, model: nn.Module, variables: PyTree, batches: Sequence[Any],
+               split: Any, *, options: PTQOptions = PTQOptions(adaround=False),
+               eval_batch_size: int = 500, key: PRNGKey | None = None):
+    from haqjax.train.trainer import Evaluator  # pylint: disable=g-import-not-at-top
+    self.options = options
+    self.prepared = prepare(model, variables, batches, options)
+    self._split = split
+    self._key = jax.random.key(0) if key is None else key
+    self._calls = 0
+    self._evaluate = Evaluator(self.prepared.model, None, eval_batch_size)
+
+  def __call__(self, policy: Policy) -> dict[str, float]:
+    """`{"top1", "top5", "loss", "seconds"}` of `policy` after PTQ."""
     t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    jax.block_until_ready(jax.tree.leaves(out))
-    seconds[name] = round(time.perf_counter() - t0, 3)
-    return out
-
-  bn_stats = None
-  if options.fold_bn:
-    bn_stats = folding.bn_output_stats(variables)
-    variables = timed("fold_bn", folding.fold_batch_norms, model, variables)
-  pairs = eq_lib.equalization_pairs(model) if options.cle else ()
-  if options.cle:
-    eq = timed("cle", eq_lib.cross_layer_equalization, variables, pairs,
-               relu6=options.relu6, bn_stats=bn_stats)
-    variables, bn_stats = eq.variables, eq.bn_stats
-    report["cle_passes"] = int(eq.passes)
-    if options.high_bias_absorption:
-      eq = timed("high_bias_absorption", eq_lib.absorb_high_bias, variables, pairs,
-                 bn_stats, relu6=options.relu6, spatial=False)
-      variables, bn_stats = eq.variables, eq.bn_stats
-
-  qmodel = quantized_model(model, options)
-  variables = _with_quant_params(qmodel, variables, first)
-  variables = timed("weight_range", calibrate, qmodel, variables, batches, policy,
-                    weights=True, activations=False)
-  if options.adaround:
-    result = timed("adaround", adaround_lib.adaround_model, key, qmodel, variables,
-                   batches, policy, range_method=options.weight_range,
-                   iters=options.adaround_iters)
-    report["adaround_layer_seconds"] = result.seconds
-    variables = folding.copy_tree(result.variables)
-    for name, rng in result.ranges.items():
-      layer = folding.get_path(variables["params"], tuple(name.split("/")))
-      layer["weight_quant"] = {"lo": jnp.asarray(rng["lo"], jnp.float32),
-                               "hi": jnp.asarray(rng["hi"], jnp.float32)}
-  elif options.bias_correction == "empirical":
-    variables = timed("bias_correction", bc_lib.empirical_bias_correction, qmodel,
-                      variables, batches, policy)
-  elif options.bias_correction == "analytic":
-    if bn_stats is None:
-      raise ValueError("bias_correction is 'analytic' with fold_bn False; allowed: "
-                       "analytic correction on folded BatchNorms")
-    variables = timed("bias_correction", bc_lib.analytic_bias_correction, qmodel,
-                      variables, policy, pairs or eq_lib.equalization_pairs(model),
-                      bn_stats)
-  variables = timed("act_range", calibrate, qmodel, variables, batches, policy,
-                    weights=False, activations=True)
-  report["total_seconds"] = round(sum(seconds.values()), 3)
-  return PTQResult(qmodel, variables, report)
+    key = jax.random.fold_in(self._key, self._calls)
+    self._calls += 1
+    result = quantize(key, self.prepared, policy, self.options)
+    metrics = self._evaluate(result.variables, self._split, policy)
+    return {**metrics, "seconds": time.perf_counter() - t0}
