@@ -44,6 +44,7 @@ def main(argv: list[str]) -> None:
   if unknown:
     raise ValueError(f"--only has {unknown[0]!r}; allowed: {', '.join(SWEEP)}")
   cli.enable_compilation_cache("")
+  cli.quiet_libraries()
   from experiments import recipes  # pylint: disable=g-import-not-at-top
   from haqjax import io as haq_io  # pylint: disable=g-import-not-at-top
   from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
