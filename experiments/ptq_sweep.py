@@ -58,6 +58,13 @@ ROWS = {
     "mixed_full": ("mixed", _FULL),
     "w8a8_cle_relu6_as_relu": ("w8a8", dict(_NEAREST, cle=True, relu6="relu")),
     "w8a8_cle_skip_relu6": ("w8a8", dict(_NEAREST, cle=True)),
+    "w6a8_nearest_minmax": ("w6a8", _NEAREST),
+    "w6a8_cle_relu6_as_relu": ("w6a8", dict(_NEAREST, cle=True, relu6="relu")),
+    "w6a8_cle_relu6_as_relu+bc": ("w6a8", dict(_NEAREST, cle=True, relu6="relu",
+                                                bias_correction="empirical")),
+    "w4a8_+mse+cle_relu6_as_relu": ("w4a8", dict(_NEAREST, weight_range="mse",
+                                                 act_range="mse", cle=True,
+                                                 high_bias_absorption=True, relu6="relu")),
 }
 
 
