@@ -10,39 +10,15 @@ from haqjax.models import mobilenet
 from haqjax.nn import layer_table
 from haqjax.ptq import equalization as cle
 from haqjax.ptq import folding
+from ptq_testing import fit_bn_stats
+from ptq_testing import random_variables as _random_variables
 
 
 def random_variables(model, shape, seed=0):
-  """Variables drawn with numpy; BN gammas spread over ~e^(+-2) per channel."""
-  rng = np.random.default_rng(seed)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))
-
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if "kernel" in name:
-      return jnp.asarray(rng.normal(0, np.sqrt(2 / np.prod(leaf.shape[:-1])),
-                                    leaf.shape), jnp.float32)
-    c = leaf.shape[0]
-    value = {"scale": np.exp(rng.normal(-0.5, 1.0, c)), "bias": rng.normal(0.5, 1.0, c),
-             "mean": rng.normal(0, 0.3, c), "var": rng.uniform(0.5, 2.0, c)
-             }.get(name.split("'")[-2], np.zeros(c))
-    return jnp.asarray(value, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, abstract)
-
-
-def fit_bn_stats(model, variables, x):
-  """Running statistics equal to the batch statistics of `x` (one train step).
-
-  A train-mode call moves each running average by `(1 - momentum)` towards
-  the batch statistics; solving for those gives BNs whose outputs on `x` are
-  exactly `N(beta, gamma^2)` per channel, as after training.
-  """
-  _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
-  m = models.cnn.BN_MOMENTUM
-  stats = jax.tree.map(lambda new, old: (new - m * old) / (1 - m),
-                       updates["batch_stats"], variables["batch_stats"])
-  return {**variables, "batch_stats": stats}
+  """BN gammas spread over ~e^(+-2) per channel, betas around 0.5."""
+  return _random_variables(model, shape, lambda rng, c: {
+      "scale": np.exp(rng.normal(-0.5, 1.0, c)), "bias": rng.normal(0.5, 1.0, c),
+      "mean": rng.normal(0, 0.3, c), "var": rng.uniform(0.5, 2.0, c)}, seed)
 
 
 def log_spread(variables, pairs):

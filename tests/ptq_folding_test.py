@@ -10,29 +10,15 @@ from haqjax.models.cnn import BN_EPSILON
 from haqjax.nn import layer_table
 from haqjax.policy import Policy
 from haqjax.ptq import folding
+from ptq_testing import random_variables as _random_variables
 
 
 def random_variables(model, shape, seed=0):
-  """Variables of `model` drawn with numpy (He-normal kernels, random BNs).
-
-  Faster than `model.init` on a CPU (no per-layer compilation). BN gammas have
-  both signs; running statistics are far from (0, 1).
-  """
-  rng = np.random.default_rng(seed)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))
-
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if "kernel" in name:
-      return jnp.asarray(rng.normal(0, np.sqrt(2 / np.prod(leaf.shape[:-1])),
-                                    leaf.shape), jnp.float32)
-    c = leaf.shape[0]
-    value = {"scale": rng.uniform(0.5, 1.5, c) * rng.choice([-1, 1], c, p=[.1, .9]),
-             "bias": rng.normal(0, 0.5, c), "mean": rng.normal(0, 0.3, c),
-             "var": rng.uniform(0.5, 2.0, c)}.get(name.split("'")[-2], np.zeros(c))
-    return jnp.asarray(value, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, abstract)
+  """BN gammas of both signs; running statistics far from (0, 1)."""
+  return _random_variables(model, shape, lambda rng, c: {
+      "scale": rng.uniform(0.5, 1.5, c) * rng.choice([-1, 1], c, p=[.1, .9]),
+      "bias": rng.normal(0, 0.5, c), "mean": rng.normal(0, 0.3, c),
+      "var": rng.uniform(0.5, 2.0, c)}, seed)
 
 
 def _model(name):
