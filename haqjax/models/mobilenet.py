@@ -122,22 +122,26 @@ class InvertedResidual(nn.Module):
     strides: stride of the depthwise conv.
     expansion: the expansion factor t (hidden = round(in * t)).
     dtype: computation dtype.
+    clip_relu: ReLU6 (True, MobileNetV2) or plain ReLU (False, the form
+      data-free quantization equalizes).
   """
   features: int
   strides: int
   expansion: int
   dtype: Any = jnp.float32
+  clip_relu: bool = True
 
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None, train: bool) -> Array:
     kw = dict(train=train, dtype=self.dtype)
     in_ch = x.shape[-1]
     hidden = int(round(in_ch * self.expansion))
+    act = relu6 if self.clip_relu else nn.relu
     y = x
     if self.expansion != 1:
-      y = conv_bn(y, policy, "expand", hidden, 1, act=relu6, **kw)
+      y = conv_bn(y, policy, "expand", hidden, 1, act=act, **kw)
     y = conv_bn(y, policy, "depthwise", hidden, 3, self.strides,
-                depthwise=True, act=relu6, **kw)
+                depthwise=True, act=act, **kw)
     y = conv_bn(y, policy, "project", self.features, 1, act=None, **kw)
     if self.strides == 1 and in_ch == self.features:
       y = y + x
@@ -156,6 +160,10 @@ class MobileNetV2(nn.Module):
     dropout_rate: dropout before the classifier (torchvision uses 0.2). When
       non-zero, training needs a 'dropout' rng (`rngs={'dropout': key}`).
     dtype: computation dtype; parameters stay float32, logits are float32.
+    clip_relu: ReLU6 everywhere (True) or plain ReLU (False): data-free
+      quantization (Nagel et al. 2019) replaces ReLU6 by ReLU so that
+      cross-layer equalization is exact; `haqjax.ptq` does so with
+      `relu6='relu'`.
   """
   num_classes: int = 1000
   width_mult: float = 1.0
@@ -163,6 +171,7 @@ class MobileNetV2(nn.Module):
   stage_strides: Sequence[int] = tuple(s for _, _, _, s in V2_STAGES)
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  clip_relu: bool = True
   quant_scheme: Any = None  # a haqjax.quant.QuantScheme; None: defaults
 
   @nn.compact
@@ -173,16 +182,17 @@ class MobileNetV2(nn.Module):
                        f"allowed: {len(V2_STAGES)}, one per stage")
     kw = dict(train=train, dtype=self.dtype)
     x = conv_bn(x, policy, "stem", make_divisible(32 * self.width_mult), 3,
-                self.stem_strides, act=relu6, **kw)
+                self.stem_strides, act=relu6 if self.clip_relu else nn.relu, **kw)
     i = 1
     for (t, c, n, _), s in zip(V2_STAGES, self.stage_strides):
       out = make_divisible(c * self.width_mult)
       for b in range(n):
-        x = InvertedResidual(out, s if b == 0 else 1, t, self.dtype,
+        x = InvertedResidual(out, s if b == 0 else 1, t, self.dtype, self.clip_relu,
                              name=f"block{i}")(x, policy, train)
         i += 1
     last = make_divisible(1280 * max(1.0, self.width_mult))
-    x = conv_bn(x, policy, "head", last, 1, act=relu6, **kw)
+    x = conv_bn(x, policy, "head", last, 1, act=relu6 if self.clip_relu else nn.relu,
+                **kw)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = QDense(self.num_classes, dtype=self.dtype, name="classifier")(x, policy)

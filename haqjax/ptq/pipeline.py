@@ -58,12 +58,19 @@ class PTQOptions:
   Attributes:
     fold_bn: fold BatchNorm into the preceding conv/dense.
     cle: cross-layer equalization (needs `fold_bn`).
-    relu6: 'skip' (ReLU6 pairs are not equalized) or 'relu' (equalize them as
-      ReLU, as DFQ does; changes the floating-point function of a ReLU6 model).
+    relu6: 'skip' (ReLU6 pairs are not equalized) or 'relu' (as DFQ: ReLU6
+      is replaced by ReLU in the quantized model, for models with a
+      `clip_relu` switch such as MobileNetV2, and the pairs are equalized
+      exactly; this changes the floating-point function slightly).
     high_bias_absorption: absorb high biases into the next layer (with `cle`).
     weight_range: 'minmax' or 'mse' per-channel weight ranges.
     adaround: learned rounding of the weights.
     adaround_iters: AdaRound iterations per layer.
+    adaround_sequential: each layer's AdaRound input comes from the network
+      with the preceding layers already rounded (the paper's asymmetric
+      reconstruction; it corrects accumulated error, which deep networks
+      need: W4A8 MobileNetV2 on Fashion-MNIST 74.5% vs 34.1% without); else
+      the floating-point input.
     bias_correction: 'none', 'empirical' or 'analytic' (nearest rounding only).
     act_range: activation range method, one of
       `haqjax.quant.calibration.METHODS`.
@@ -75,6 +82,7 @@ class PTQOptions:
   weight_range: str = "mse"
   adaround: bool = True
   adaround_iters: int = adaround_lib.DEFAULT_ITERS
+  adaround_sequential: bool = True
   bias_correction: str = "empirical"
   act_range: str = "mse"
 
@@ -181,6 +189,8 @@ def prepare(model: nn.Module, variables: PyTree, batches: Sequence[Any],
       eq = timed("high_bias_absorption", eq_lib.absorb_high_bias, variables, pairs,
                  bn_stats, relu6=options.relu6, spatial=False)
       variables, bn_stats = eq.variables, eq.bn_stats
+  if options.cle and options.relu6 == "relu" and getattr(model, "clip_relu", False):
+    model = model.clone(clip_relu=False)
   qmodel = quantized_model(model, options)
   variables = _with_quant_params(qmodel, variables, first)
   recorded = timed("record_inputs", record_layer_inputs, qmodel, variables, batches)
@@ -198,7 +208,7 @@ def quantize(key: PRNGKey, prepared: Prepared, policy: Policy,
   if options.adaround:
     result = timed("adaround", adaround_lib.adaround_model, key, qmodel, variables,
                    batches, policy, range_method=options.weight_range,
-                   iters=options.adaround_iters)
+                   iters=options.adaround_iters, sequential=options.adaround_sequential)
     report["adaround_layer_seconds"] = result.seconds
     variables = folding.copy_tree(result.variables)
     for name, rng in result.ranges.items():
