@@ -64,3 +64,12 @@ def test_calibration_errors(digits):
   bad = images[0].at[0, 0, 0, 0].set(jnp.nan)
   with pytest.raises(ValueError, match="input of layer 'stem' has non-finite"):
     calibrate(model, variables, [bad], policy)
+
+
+def test_record_only_one_layer(digits):
+  model, variables, _, images = digits
+  found = record_layer_inputs(model, variables, list(images), only="conv1")
+  assert list(found) == ["conv1"]
+  assert found["conv1"]["inputs"].shape == (18, 8, 8, 16)
+  with pytest.raises(ValueError, match="layer 'nope' is not a quantizable layer"):
+    record_layer_inputs(model, variables, list(images), only="nope")

@@ -26,8 +26,12 @@ from haqjax.typing import Array, PyTree
 
 
 def record_layer_inputs(model: nn.Module, variables: PyTree,
-                        batches: Iterable[Array]) -> dict[str, dict[str, Any]]:
+                        batches: Iterable[Array], only: str | None = None
+                        ) -> dict[str, dict[str, Any]]:
   """Floating-point inputs and quantizers of each quantizable layer.
+
+  `only` names one layer whose inputs are kept (the others' are skipped,
+  which saves their transfer to host memory); all layers otherwise.
 
   Returns:
     `{layer name: {"inputs": [N, ...] numpy array over all batches (masked
@@ -42,11 +46,18 @@ def record_layer_inputs(model: nn.Module, variables: PyTree,
     if not found:  # Names, paths and quantizers, from one small eager call.
       _describe(model, variables, images[:1], found)
     keep = slice(None) if mask is None else np.asarray(mask, bool)
-    for entry, x in zip(found.values(), apply(variables, images)):
-      entry["inputs"].append(np.asarray(x)[keep])
+    for (name, entry), x in zip(found.items(), apply(variables, images)):
+      if only is None or name == only:
+        entry["inputs"].append(np.asarray(x)[keep])
   if not found:
     raise ValueError("calibration batches are empty; allowed: at least one batch")
-  for entry in found.values():
+  if only is not None and only not in found:
+    raise ValueError(f"layer {only!r} is not a quantizable layer of the model; "
+                     f"allowed: {', '.join(found)}")
+  for name, entry in list(found.items()):
+    if only is not None and name != only:
+      del found[name]
+      continue
     entry["inputs"] = np.concatenate(entry["inputs"], axis=0)
   return found
 

@@ -688,7 +688,7 @@ def adaround_model(key: PRNGKey, model: nn.Module, variables: PyTree,
     layer_params = _get(params, entry["path"])
     inputs = entry["inputs"]
     if sequential and ranges:  # inputs through the already-rounded layers
-      inputs = record_layer_inputs(model, new_vars, images)[name]["inputs"]
+      inputs = record_layer_inputs(model, new_vars, images, only=name)[name]["inputs"]
     t0 = time.perf_counter()
     rounded, info = adaround_layer(
         keys[i], layer_params["kernel"], inputs, w_bits, layer=geometries[name],
