@@ -22,6 +22,8 @@ import numpy as np
 from haqjax.nn.layers import _QuantizedLayer
 from haqjax.nn.layers import layer_name
 from haqjax.policy import Policy
+from haqjax.treeutil import copy_tree
+from haqjax.treeutil import get_path
 from haqjax.typing import Array, PyTree
 
 
@@ -89,12 +91,6 @@ def _capture(model: nn.Module, variables: PyTree, images: Array) -> list[Array]:
   return captured
 
 
-def _get(tree: PyTree, path: tuple[str, ...]) -> PyTree:
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
 def calibrate(model: nn.Module, variables: PyTree, batches: Iterable[Array],
               policy: Policy, *, weights: bool = True, activations: bool = True,
               recorded: dict[str, dict[str, Any]] | None = None) -> PyTree:
@@ -120,11 +116,11 @@ def calibrate(model: nn.Module, variables: PyTree, batches: Iterable[Array],
   """
   if recorded is None:
     recorded = record_layer_inputs(model, variables, batches)
-  params = _thaw(variables["params"])
+  params = copy_tree(variables["params"])
   for name, entry in recorded.items():
     w_bits, a_bits = policy.bits_for(name)
     wq, aq = entry["quantizers"]
-    layer = _get(params, entry["path"])
+    layer = get_path(params, entry["path"])
     x = entry["inputs"]
     if not np.all(np.isfinite(x)):
       raise ValueError(f"calibration: the input of layer {name!r} has non-finite values "
@@ -135,9 +131,3 @@ def calibrate(model: nn.Module, variables: PyTree, batches: Iterable[Array],
       layer["weight_quant"] = wq.calibrate(layer["weight_quant"], layer["kernel"], w_bits)
   return {**variables, "params": params}
 
-
-def _thaw(tree: PyTree) -> PyTree:
-  """Nested plain dicts (copied), so layers can be updated in place."""
-  if isinstance(tree, dict) or hasattr(tree, "items"):
-    return {k: _thaw(v) for k, v in tree.items()}
-  return tree

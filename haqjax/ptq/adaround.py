@@ -90,6 +90,8 @@ from haqjax.nn.layers import layer_name
 from haqjax.policy import FLOAT_BITS
 from haqjax.policy import Policy
 from haqjax.quant import affine
+from haqjax.treeutil import copy_tree
+from haqjax.treeutil import get_path
 from haqjax.quant import calibration
 from haqjax.quant.affine import AffineSpec
 from haqjax.typing import Array, ArrayLike, PRNGKey, PyTree
@@ -600,18 +602,6 @@ def layer_geometries(model: nn.Module, variables: PyTree, image: ArrayLike
   return found
 
 
-def _get(tree: PyTree, path: Sequence[str]) -> PyTree:
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _thaw(tree: PyTree) -> PyTree:
-  if hasattr(tree, "items"):
-    return {k: _thaw(v) for k, v in tree.items()}
-  return tree
-
-
 def adaround_model(key: PRNGKey, model: nn.Module, variables: PyTree,
                    batches: Iterable[Any], policy: Policy, *,
                    sequential: bool = False, **options: Any) -> AdaRoundResult:
@@ -673,7 +663,7 @@ def adaround_model(key: PRNGKey, model: nn.Module, variables: PyTree,
     raise ValueError("calibration batches are empty; allowed: at least one batch")
   recorded = record_layer_inputs(model, variables, images)
   geometries = layer_geometries(model, variables, images[0])
-  params = _thaw(variables["params"])
+  params = copy_tree(variables["params"])
   new_vars = {**variables, "params": params}
   ranges: dict[str, dict[str, Array]] = {}
   infos: dict[str, AdaRoundInfo] = {}
@@ -685,7 +675,7 @@ def adaround_model(key: PRNGKey, model: nn.Module, variables: PyTree,
     if w_bits >= FLOAT_BITS or w_bits <= 1:
       continue
     entry = recorded[name]
-    layer_params = _get(params, entry["path"])
+    layer_params = get_path(params, entry["path"])
     inputs = entry["inputs"]
     if sequential and ranges:  # inputs through the already-rounded layers
       inputs = record_layer_inputs(model, new_vars, images, only=name)[name]["inputs"]

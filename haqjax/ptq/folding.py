@@ -47,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from haqjax.models.cnn import BN_EPSILON
+from haqjax.treeutil import copy_tree
+from haqjax.treeutil import get_path
 from haqjax.typing import Array, ArrayLike, PyTree
 
 BN_SUFFIX = "_bn"
@@ -127,20 +129,6 @@ def _fold(kernel, bn_params, bn_stats, eps, bias, xp=np):
   mul = gamma / xp.sqrt(var + eps)  # [out]
   b = -mean if bias is None else xp.asarray(bias) - mean
   return kernel * mul, beta + b * mul
-
-
-def get_path(tree: PyTree, path: tuple[str, ...]) -> PyTree:
-  """The subtree of nested dicts at `path`."""
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def copy_tree(tree: PyTree) -> PyTree:
-  """Nested plain dicts copied (leaves shared), safe to update in place."""
-  if isinstance(tree, Mapping):
-    return {k: copy_tree(v) for k, v in tree.items()}
-  return tree
 
 
 def bn_pairs(variables: PyTree) -> tuple[BNPair, ...]:
