@@ -109,12 +109,16 @@ def test_budgets(layers):
   size = hardware.Budget(metric="size", value=0.25, reference="fp32")
   w32 = hardware.uniform_cost(t, layers, 32, 32, "size")
   assert size.resolve(t, layers) == pytest.approx(0.25 * w32)
+  w4a4 = hardware.Budget(metric="latency", value=1.0, reference="w4a4")
+  assert w4a4.resolve(t, layers) == pytest.approx(
+      hardware.uniform_cost(t, layers, 4, 4, "latency"))
   ab = hardware.Budget(metric="energy", value=1e-3, kind="absolute")
   assert ab.resolve(t, layers) == 1e-3 and bool(ab.fits(5e-4))
   for kwargs, msg in [(dict(metric="speed"), "Budget.metric is 'speed'"),
                       (dict(value=-1.0), "Budget.value is -1.0"),
                       (dict(kind="relative"), "Budget.kind is 'relative'"),
-                      (dict(reference="w4a4"), "Budget.reference is 'w4a4'")]:
+                      (dict(reference="w9a4"), "Budget.reference is 'w9a4'"),
+                      (dict(reference="int8"), "Budget.reference is 'int8'")]:
     with pytest.raises(ValueError, match=msg):
       hardware.Budget(**kwargs)
 

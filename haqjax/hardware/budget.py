@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax.numpy as jnp
 
@@ -27,6 +28,18 @@ from haqjax.typing import Array, ArrayLike
 
 KINDS = ("ratio", "absolute")
 REFERENCES = ("w8a8", "fp32")
+_UNIFORM = re.compile(r"^w([1-8])a([1-8])$")
+
+
+def reference_bits(reference: str) -> tuple[int, int]:
+  """(w, a) bits of a reference network: 'fp32', 'w8a8' or any 'wXaY'."""
+  if reference == "fp32":
+    return FLOAT_BITS, FLOAT_BITS
+  m = _UNIFORM.match(reference)
+  if not m:
+    raise ValueError(f"Budget.reference is {reference!r}; allowed: fp32 or a "
+                     "uniform network wXaY with X, Y in 1..8 (e.g. w8a8, w4a4)")
+  return int(m.group(1)), int(m.group(2))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,7 +51,8 @@ class Budget:
     value: the limit: a fraction of the reference (kind 'ratio') or an amount
       in the metric's unit (kind 'absolute': s, cycles, J, bytes, bit-ops).
     kind: 'ratio' or 'absolute'.
-    reference: network a ratio refers to: 'w8a8' or 'fp32'.
+    reference: network a ratio refers to: 'fp32' or uniform 'wXaY' ('w8a8'
+      in HAQ; 'w4a4' with value 1 asks for "no more than uniform W4A4").
   """
   metric: str = "latency"
   value: float = 0.5
@@ -51,12 +65,12 @@ class Budget:
                        f"{', '.join(base.METRICS)}")
     base.check_positive(self, "value")
     base.check_choice(self, "kind", KINDS)
-    base.check_choice(self, "reference", REFERENCES)
+    reference_bits(self.reference)
 
   def reference_cost(self, target: base.Target, layers: Layers) -> float:
     """The network cost the ratio refers to."""
-    bits = 8 if self.reference == "w8a8" else FLOAT_BITS
-    return cost_lib.uniform_cost(target, layers, bits, bits, self.metric)
+    w, a = reference_bits(self.reference)
+    return cost_lib.uniform_cost(target, layers, w, a, self.metric)
 
   def resolve(self, target: base.Target, layers: Layers) -> float:
     """The absolute limit, in the metric's unit."""

@@ -281,6 +281,10 @@ class PTQScorer:
     self._calls = 0
     self._evaluate = Evaluator(self.prepared.model, None, eval_batch_size)
 
+  def trace_counts(self) -> dict[str, int]:
+    """How often the eval step was traced (1 for every policy)."""
+    return {"eval": self._evaluate.traces}
+
   def __call__(self, policy: Policy) -> dict[str, float]:
     """`{"top1", "top5", "loss", "seconds"}` of `policy` after PTQ."""
     t0 = time.perf_counter()

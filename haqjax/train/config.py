@@ -15,7 +15,7 @@ from typing import Any
 
 from haqjax import io as haq_io
 
-MODES = ("train", "qat", "ptq")
+MODES = ("train", "qat", "ptq", "rl")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16")
@@ -29,7 +29,10 @@ class Config:
   Attributes:
     mode: 'train' for floating-point training, 'qat' for quantization-aware
       training (fine-tuning) under `policy`, 'ptq' for post-training
-      quantization of the `init_from` model under `policy`.
+      quantization of the `init_from` model under `policy`, 'rl' for the HAQ
+      job: FP32 model (trained here, or `init_from`), RL bit search under a
+      hardware budget (`haqjax.search.SearchConfig`), fine-tune of the best
+      policy, test and report.
     dataset: digits, fashion_mnist, cifar10 or imagenet2012.
     data_dir: where prepared datasets live (None: $HAQJAX_DATA_DIR or
       ~/.cache/haqjax/datasets).
@@ -49,6 +52,10 @@ class Config:
     first_layer_w8: HAQ's convention: the first layer at 8-bit weights with
       its input (the image) in floating point, whatever the policy says.
     last_layer_w8a8: HAQ's option: the last layer (classifier) at W8A8.
+    fold_bn: QAT: quantize the BN-folded weights `W * gamma / sqrt(var +
+      eps)`, as an integer deployment stores them (simulated BN folding,
+      Krishnamoorthi 2018; see `haqjax.models.cnn`). Same variables as
+      without it, so FP32 checkpoints initialise it.
     calibration_batches: training batches that calibrate the quantizers
       (LSQ steps, PACT clips, k-means codebooks, static ranges) before QAT.
     calibration_size: training images that calibrate PTQ.
@@ -95,6 +102,7 @@ class Config:
   act_quantizer: str = "minmax"
   first_layer_w8: bool = False
   last_layer_w8a8: bool = False
+  fold_bn: bool = False
   calibration_batches: int = 4
   calibration_size: int = 1024
   ptq_cle: bool = True

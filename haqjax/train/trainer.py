@@ -74,6 +74,7 @@ def build_model(config: Config, num_classes: int):
     kwargs["quant_scheme"] = quant.QuantScheme(
         weight=quant.weight_quantizer(config.weight_quantizer),
         act=quant.act_quantizer(config.act_quantizer))
+    kwargs["fold_bn"] = config.fold_bn
   return haq_models.create(config.model, num_classes=num_classes, **kwargs)
 
 
@@ -97,6 +98,18 @@ def _check_workdir(config: Config, workdir: str) -> None:
 def _init_from(config: Config, state: steps.TrainState, tx) -> steps.TrainState:
   """Takes params and batch_stats from another run; a fresh optimizer state."""
   variables = ckpt_lib.restore_variables(config.init_from)
+  return merge_variables(state, variables, tx, source=f"init_from={config.init_from!r}",
+                         model=config.model)
+
+
+def merge_variables(state: steps.TrainState, variables: dict[str, Any], tx, *,
+                    source: str, model: str) -> steps.TrainState:
+  """`state` with `variables`' params and batch_stats and a fresh optimizer.
+
+  Quantizer parameters missing from `variables` (an FP32 model entering QAT)
+  keep their values in `state`; anything else missing or mis-shaped is a
+  one-line `ValueError` naming `source`.
+  """
   merged = {}
   for field in ("params", "batch_stats"):
     want = jax.tree_util.tree_flatten_with_path(getattr(state, field))
@@ -109,16 +122,16 @@ def _init_from(config: Config, state: steps.TrainState, tx) -> steps.TrainState:
       new_quant = any(getattr(p, "key", None) in _QUANT_PARAMS for p in path)
       value = got.pop(name, None)
       if value is None and not new_quant:
-        raise ValueError(f"init_from={config.init_from!r}: its {field} do not fit "
-                         f"model {config.model!r} (missing {name})")
+        raise ValueError(f"{source}: its {field} do not fit "
+                         f"model {model!r} (missing {name})")
       if value is not None and np.shape(value) != np.shape(init_value):
-        raise ValueError(f"init_from={config.init_from!r}: its {field} do not fit "
-                         f"model {config.model!r} (shape of {name})")
+        raise ValueError(f"{source}: its {field} do not fit "
+                         f"model {model!r} (shape of {name})")
       leaves.append(init_value if value is None else jnp.asarray(value))
     extra = [k for k in got if not any(q in k for q in _QUANT_PARAMS)]
     if extra:
-      raise ValueError(f"init_from={config.init_from!r}: its {field} do not fit model "
-                       f"{config.model!r} (unexpected {extra[0]})")
+      raise ValueError(f"{source}: its {field} do not fit model "
+                       f"{model!r} (unexpected {extra[0]})")
     merged[field] = jax.tree_util.tree_unflatten(want[1], leaves)
   return state.replace(params=merged["params"], batch_stats=merged["batch_stats"],
                        opt_state=tx.init(merged["params"]))
@@ -139,7 +152,13 @@ class Evaluator:
   """Compiled-once evaluation over a split (padded last batch, masked)."""
 
   def __init__(self, model, sharding, batch_size: int):
-    self._step = jax.jit(functools.partial(steps.eval_step, model))
+    self.traces = 0  # How often the step was traced (1 for every policy).
+
+    def step(variables, batch, policy):
+      self.traces += 1
+      return steps.eval_step(model, variables, batch, policy)
+
+    self._step = jax.jit(step)
     self._sharding = sharding
     self._batch_size = batch_size
 

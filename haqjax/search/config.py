@@ -1,0 +1,163 @@
+"""Search settings: the budget, the bit range, the episode scoring, the agent.
+
+One frozen dataclass, validated on creation; the launcher defines one absl
+flag per field (beside the training `Config`'s), and a search saves it as
+`search_config.json` in its workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from haqjax import io as haq_io
+from haqjax.hardware import Budget
+from haqjax.search.rl.config import DDPGConfig
+
+SCORERS = ("qat", "ptq")
+QUANTIZATIONS = ("linear", "kmeans")
+
+# Fields that may differ between a search and its resumption.
+RESUMABLE_CHANGES = frozenset({"search_episodes"})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SearchConfig:
+  """What a bit-width search looks for and how.
+
+  Attributes:
+    target: hardware target of `haqjax.hardware.get_target` ('bismo-edge',
+      'bismo-cloud', 'bitfusion', 'systolic', 'table:PATH.npy').
+    budget_metric: latency, cycles, energy, dram, size or bitops.
+    budget: the limit: a fraction of `budget_reference` (ratio) or an amount in
+      the metric's unit (absolute).
+    budget_kind: 'ratio' or 'absolute'.
+    budget_reference: network a ratio refers to: 'w8a8' (HAQ), 'fp32' or any
+      uniform 'wXaY' (budget 1 with w4a4: "no more than uniform W4A4").
+    min_bits: lowest bit-width the search may choose.
+    max_bits: highest bit-width the search may choose.
+    quantization: 'linear' (weight and activation bits per layer) or 'kmeans'
+      (weight bits only, k-means codebooks, float activations).
+    search_episodes: episodes of the RL search (HAQ: 600).
+    search_scorer: how an episode's policy is scored: 'qat' (a short
+      fine-tune from the FP32 weights, then top-1 on the held-out split) or
+      'ptq' (post-training quantization, then top-1 on the held-out split).
+    search_finetune_steps: fine-tuning steps per episode ('qat' scorer).
+    search_finetune_lr: constant SGD learning rate of those steps.
+    search_val_size: held-out examples that score a policy (0: the whole
+      validation split).
+    finetune_epochs: the final fine-tune of the best policy, in epochs.
+    finetune_learning_rate: its peak learning rate (cosine schedule).
+    warmup_episodes: episodes of random actions before the agent learns.
+    hidden: the agent's hidden layer widths, comma-separated.
+    actor_lr: the actor's Adam learning rate.
+    critic_lr: the critic's Adam learning rate.
+    tau: soft target update rate.
+    discount: discount of the critic's bootstrapped target.
+    ddpg_batch_size: transitions per agent update.
+    replay_episodes: replay capacity in episodes.
+    init_delta: exploration sigma at the end of the warm-up.
+    delta_decay: per-episode decay of the exploration sigma.
+    baseline_alpha: rate of the moving-average reward baseline.
+  """
+  target: str = "bismo-edge"
+  budget_metric: str = "latency"
+  budget: float = 0.5
+  budget_kind: str = "ratio"
+  budget_reference: str = "w8a8"
+  min_bits: int = 2
+  max_bits: int = 8
+  quantization: str = "linear"
+  search_episodes: int = 600
+  search_scorer: str = "qat"
+  search_finetune_steps: int = 20
+  search_finetune_lr: float = 0.01
+  search_val_size: int = 0
+  finetune_epochs: float = 2.0
+  finetune_learning_rate: float = 0.01
+  warmup_episodes: int = 20
+  hidden: str = "300,300"
+  actor_lr: float = 1e-4
+  critic_lr: float = 1e-3
+  tau: float = 0.01
+  discount: float = 1.0
+  ddpg_batch_size: int = 64
+  replay_episodes: int = 128
+  init_delta: float = 0.5
+  delta_decay: float = 0.99
+  baseline_alpha: float = 0.5
+
+  def __post_init__(self):
+    from haqjax.search import env  # pylint: disable=g-import-not-at-top
+    from haqjax.hardware import targets  # pylint: disable=g-import-not-at-top
+    if not self.target.startswith("table:") and self.target not in targets.PRESETS:
+      raise ValueError(f"target={self.target!r} is not allowed; allowed: "
+                       f"{', '.join(targets.TARGETS)}")
+    self.budget_spec()
+    env.check_bit_range(self.min_bits, self.max_bits)
+    if self.quantization not in QUANTIZATIONS:
+      raise ValueError(f"quantization={self.quantization!r} is not allowed; allowed: "
+                       f"{', '.join(QUANTIZATIONS)}")
+    if self.search_scorer not in SCORERS:
+      raise ValueError(f"search_scorer={self.search_scorer!r} is not allowed; "
+                       f"allowed: {', '.join(SCORERS)}")
+    for field in ("search_episodes", "finetune_epochs", "finetune_learning_rate",
+                  "search_finetune_lr"):
+      if not getattr(self, field) > 0:
+        raise ValueError(f"{field}={getattr(self, field)!r}; allowed: > 0")
+    for field in ("search_finetune_steps", "search_val_size"):
+      if getattr(self, field) < 0:
+        raise ValueError(f"{field}={getattr(self, field)!r}; allowed: >= 0")
+    self.ddpg()
+
+  def budget_spec(self) -> Budget:
+    try:
+      return Budget(metric=self.budget_metric, value=self.budget, kind=self.budget_kind,
+                    reference=self.budget_reference)
+    except ValueError as e:
+      msg = str(e)
+      for old, new in (("Budget.metric", "budget_metric"), ("Budget.value", "budget"),
+                       ("Budget.kind", "budget_kind"),
+                       ("Budget.reference", "budget_reference")):
+        msg = msg.replace(old, new)
+      raise ValueError(msg) from None
+
+  def ddpg(self) -> DDPGConfig:
+    try:
+      hidden = tuple(int(h) for h in self.hidden.split(","))
+    except ValueError:
+      raise ValueError(f"hidden={self.hidden!r}; allowed: comma-separated positive "
+                       "widths, e.g. 300,300") from None
+    try:
+      return DDPGConfig(
+          hidden=hidden, actor_lr=self.actor_lr, critic_lr=self.critic_lr, tau=self.tau,
+          discount=self.discount, batch_size=self.ddpg_batch_size,
+          replay_episodes=self.replay_episodes, warmup_episodes=self.warmup_episodes,
+          init_delta=self.init_delta, delta_decay=self.delta_decay,
+          baseline_alpha=self.baseline_alpha)
+    except ValueError as e:
+      raise ValueError(str(e).replace("batch_size=", "ddpg_batch_size=")) from None
+
+  def replace(self, **changes: Any) -> SearchConfig:
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> SearchConfig:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f"search config has unknown fields {unknown}")
+    return cls(**d)
+
+  def save(self, path: str | os.PathLike) -> None:
+    haq_io.write_json(path, self.to_dict())
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> SearchConfig:
+    with open(path) as f:
+      return cls.from_dict(json.load(f))

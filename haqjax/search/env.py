@@ -1,0 +1,202 @@
+"""The quantization environment: layer-by-layer episodes, actions to bits, budgets.
+
+An episode walks the model's layer table. In 'linear' mode (uniform affine
+quantization) it decides each layer's weight bits, then its activation bits:
+`2 L` steps. In 'kmeans' mode it decides weight bits only (`L` steps) and the
+activations stay in floating point, as in HAQ's model-size experiments.
+
+Each step's observation has the columns of `COLUMNS`: the layer index, its
+input and output channels, stride, kernel size, whether it is depthwise, its
+parameter count, its input feature-map size, whether the step decides weights
+(1) or activations (0), and the previous action. Every column is min-max
+normalised over the episode's steps (a constant column becomes 0).
+
+Two quirks of the original HAQ code are fixed here: its observations kept the
+previous episode's last actions (the embedding was written in place and never
+reset), and the first step's weight/activation flag did not match the step.
+Here each episode starts from the same observations with a previous action of
+0, and every step's flag is the role it decides.
+
+After an episode the policy is brought within the budget as HAQ does: sweep
+the layers from last to first, lowering a layer's activation bits by one, then
+its weight bits by one, checking the cost after each change, until the policy
+fits. Layers fixed by convention (first layer W8 on a float input; last layer
+W8A8) are never lowered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from haqjax import hardware
+from haqjax.nn import LayerTable
+from haqjax.policy import FLOAT_BITS
+from haqjax.policy import Policy
+
+MODES = ("linear", "kmeans")
+COLUMNS = ("layer", "in_channels", "out_channels", "stride", "kernel", "depthwise",
+           "params", "in_size", "is_weight", "prev_action")
+PREV_ACTION_COLUMN = COLUMNS.index("prev_action")
+# Bit-widths of the cost tensor: 1..8, then 32 (floating point).
+_TENSOR_BITS = (1, 2, 3, 4, 5, 6, 7, 8, FLOAT_BITS)
+
+
+def check_bit_range(min_bits: int, max_bits: int) -> None:
+  """One-line errors for a bad bit range."""
+  for name, b in (("min_bits", min_bits), ("max_bits", max_bits)):
+    if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= b <= 8:
+      raise ValueError(f"{name}={b!r}; allowed: an integer in 1..8")
+  if min_bits > max_bits:
+    raise ValueError(f"min_bits={min_bits} is larger than max_bits={max_bits}; "
+                     "allowed: min_bits <= max_bits")
+
+
+def action_to_bits(action, min_bits: int, max_bits: int) -> np.ndarray:
+  """HAQ's mapping of actions in [0, 1] to bits in `[min_bits, max_bits]`.
+
+  `bits = round((max - min + 1) * a + min - 0.5)`, clipped to the range, so the
+  unit interval is split into `max - min + 1` equal parts.
+  """
+  a = np.asarray(action, np.float64)
+  bits = np.round((max_bits - min_bits + 1) * a + min_bits - 0.5)
+  return np.clip(bits, min_bits, max_bits).astype(np.int64)
+
+
+def observations(table: LayerTable, mode: str = "linear") -> np.ndarray:
+  """The episode's normalised observations `[T, len(COLUMNS)]` (float32).
+
+  The previous-action column is 0 here; the agent writes it while it acts.
+  """
+  if mode not in MODES:
+    raise ValueError(f"quantization={mode!r}; allowed: {', '.join(MODES)}")
+  rows = []
+  for i in range(len(table)):
+    base = [i, table.in_channels[i], table.out_channels[i], table.stride[i],
+            table.kernel_h[i], float(table.kinds[i] == "depthwise"), table.params[i],
+            table.in_h[i] * table.in_w[i]]
+    roles = (1.0, 0.0) if mode == "linear" else (1.0,)
+    for is_weight in roles:
+      rows.append(base + [is_weight, 0.0])
+  x = np.asarray(rows, np.float64)
+  lo, hi = x.min(axis=0), x.max(axis=0)
+  span = np.where(hi > lo, hi - lo, 1.0)
+  x = (x - lo) / span
+  x[:, PREV_ACTION_COLUMN] = 0.0
+  return x.astype(np.float32)
+
+
+def actions_to_policy(actions, names: Sequence[str], *, mode: str, min_bits: int,
+                      max_bits: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per-step actions `[T]` -> `(w_bits [L], a_bits [L])` before any budget wall."""
+  bits = action_to_bits(np.reshape(actions, -1), min_bits, max_bits)
+  n = len(names)
+  if mode == "linear":
+    if bits.size != 2 * n:
+      raise ValueError(f"{bits.size} actions for {n} layers; linear mode takes {2 * n}")
+    return bits[0::2].copy(), bits[1::2].copy()
+  if bits.size != n:
+    raise ValueError(f"{bits.size} actions for {n} layers; kmeans mode takes {n}")
+  return bits.copy(), np.full(n, FLOAT_BITS, np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fixed:
+  """Per-layer bits that no action or budget wall changes (-1: free)."""
+  w: np.ndarray
+  a: np.ndarray
+
+  @classmethod
+  def create(cls, n: int, *, mode: str, first_layer_w8: bool = False,
+             last_layer_w8a8: bool = False) -> Fixed:
+    w = np.full(n, -1, np.int64)
+    a = np.full(n, FLOAT_BITS if mode == "kmeans" else -1, np.int64)
+    if first_layer_w8:
+      w[0], a[0] = 8, FLOAT_BITS
+    if last_layer_w8a8:
+      w[-1] = 8
+      a[-1] = 8 if mode == "linear" else FLOAT_BITS
+    return cls(w=w, a=a)
+
+  def apply(self, w: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.where(self.w >= 0, self.w, w), np.where(self.a >= 0, self.a, a)
+
+
+class BudgetWall:
+  """Costs of policies from a per-layer table, and HAQ's budget enforcement.
+
+  A network's cost is the sum of its layers' costs, so the `[L, 9, 9]` cost
+  tensor over bits 1..8 and 32 (computed once by the hardware model) gives
+  every policy's cost exactly, and each one-bit change updates it in O(1).
+  """
+
+  def __init__(self, target: hardware.Target, layers: hardware.Layers,
+               budget: hardware.Budget, *, min_bits: int, max_bits: int, fixed: Fixed):
+    check_bit_range(min_bits, max_bits)
+    self.target, self.layers, self.budget = target, layers, budget
+    self.min_bits, self.max_bits, self.fixed = min_bits, max_bits, fixed
+    self.tensor = np.asarray(hardware.cost_tensor(
+        target, layers, np.asarray(_TENSOR_BITS, np.float32), budget.metric), np.float64)
+    self.reference = budget.reference_cost(target, layers)
+    self.limit = budget.resolve(target, layers)
+    low_w, low_a = fixed.apply(np.full(len(layers), min_bits), np.full(len(layers), min_bits))
+    self.min_cost = self.cost(low_w, low_a)
+    if self.min_cost > self.limit * (1 + 1e-9):
+      unit = hardware.base.UNITS[budget.metric]
+      raise ValueError(
+          f"budget {budget} ({self.limit:.4g} {unit}) is below the lowest cost "
+          f"reachable with bits >= {min_bits}: {self.min_cost:.4g} {unit} = "
+          f"{self.min_cost / self.reference:.4g} x {budget.reference}; allowed: a "
+          f"budget of at least that (or a lower --min_bits)")
+
+  @staticmethod
+  def _index(bits: np.ndarray) -> np.ndarray:
+    bits = np.asarray(bits, np.int64)
+    return np.where(bits == FLOAT_BITS, len(_TENSOR_BITS) - 1, bits - 1)
+
+  def layer_costs(self, w, a) -> np.ndarray:
+    rows = np.arange(self.tensor.shape[0])
+    return self.tensor[rows, self._index(w), self._index(a)]
+
+  def cost(self, w, a) -> float:
+    """The network cost of bits `w`, `a` `[L]` in the budget's unit."""
+    return float(self.layer_costs(w, a).sum())
+
+  def fits(self, w, a) -> bool:
+    return self.cost(w, a) <= self.limit * (1 + 1e-9)
+
+  def enforce(self, w, a) -> tuple[np.ndarray, np.ndarray]:
+    """Lowers bits (last layer first; activations, then weights) until it fits."""
+    w, a = self.fixed.apply(np.array(w, np.int64), np.array(a, np.int64))
+    limit = self.limit * (1 + 1e-9)
+    costs = self.layer_costs(w, a)
+    total = costs.sum()
+    while total > limit:
+      changed = False
+      for i in reversed(range(len(w))):
+        for bits, fixed in ((a, self.fixed.a), (w, self.fixed.w)):
+          if fixed[i] < 0 and bits[i] > self.min_bits:
+            bits[i] -= 1
+            changed = True
+            new = self.tensor[i, self._index(w[i]), self._index(a[i])]
+            total += new - costs[i]
+            costs[i] = new
+            if total <= limit:
+              break
+        if total <= limit:
+          break
+      if not changed:  # Unreachable: the constructor checked the minimum.
+        raise ValueError(f"budget {self.budget} cannot be met")
+    return w, a
+
+  def describe(self, w, a) -> dict[str, float]:
+    """Cost, limit and ratios of a policy (JSON-ready)."""
+    c = self.cost(w, a)
+    return {"cost": c, "limit": self.limit, "ratio": c / self.reference,
+            "budget_ratio": c / self.limit}
+
+
+def make_policy(names: Sequence[str], w, a) -> Policy:
+  return Policy.create(names, np.asarray(w), np.asarray(a))

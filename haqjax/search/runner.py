@@ -1,0 +1,260 @@
+"""`search_and_evaluate(config, search, workdir)`: the launcher's `rl` mode.
+
+The whole HAQ job, each stage resumable (a rerun with the same workdir picks
+up where the last one stopped and never redoes a finished stage):
+
+  fp32/          FP32 training (skipped when `config.init_from` names a run)
+  search/        the RL search: checkpoints/, episodes.jsonl, TensorBoard
+  policy.json    the best policy, with its cost, budget and accuracies
+  finetune/      QAT of the best policy from the FP32 weights
+  plots/         bits.png (per-layer bits) and search.png (reward, cost)
+  results.json   every stage's figures, written last
+  report.md      a readable summary with the command that reproduces the run
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from typing import Any
+
+from haqjax import data as haq_data
+from haqjax import hardware
+from haqjax import io as haq_io
+from haqjax.nn import layer_table
+from haqjax.policy import save_policy
+from haqjax.search import env as env_lib
+from haqjax.search import scoring
+from haqjax.search.config import RESUMABLE_CHANGES
+from haqjax.search.config import SearchConfig
+from haqjax.search.rl import search as rl_search
+from haqjax.train import checkpoint as ckpt_lib
+from haqjax.train import trainer
+from haqjax.train.config import Config
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _check_search_workdir(search: SearchConfig, workdir: str) -> None:
+  saved = _read_json(os.path.join(workdir, "search_config.json"))
+  if saved is None:
+    return
+  for key, value in search.to_dict().items():
+    if key not in RESUMABLE_CHANGES and saved.get(key) != value:
+      raise ValueError(f"workdir {workdir!r} holds a search with {key}={saved.get(key)!r}, "
+                       f"not {value!r}; use another --workdir to keep both")
+
+
+def _stage(config: Config, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) a training stage; a finished one is read back."""
+  done = _read_json(os.path.join(workdir, "results.json"))
+  if done is not None:
+    return done
+  return trainer.train_and_evaluate(config, workdir)
+
+
+def build_problem(config: Config, search: SearchConfig, table, fp32_top1: float,
+                  ) -> rl_search.Problem:
+  """The search space and budget of a config (validated before any training)."""
+  target = hardware.get_target(search.target)
+  layers = hardware.from_layer_table(table)
+  fixed = env_lib.Fixed.create(len(table), mode=search.quantization,
+                               first_layer_w8=config.first_layer_w8,
+                               last_layer_w8a8=config.last_layer_w8a8)
+  wall = env_lib.BudgetWall(target, layers, search.budget_spec(),
+                            min_bits=search.min_bits, max_bits=search.max_bits,
+                            fixed=fixed)
+  return rl_search.Problem(
+      names=table.names, observations=env_lib.observations(table, search.quantization),
+      mode=search.quantization, min_bits=search.min_bits, max_bits=search.max_bits,
+      wall=wall, fp32_top1=fp32_top1, episodes=search.search_episodes,
+      ddpg=search.ddpg(), seed=config.seed)
+
+
+def _search_config(config: Config, search: SearchConfig, **changes: Any) -> Config:
+  """The QAT config of the search's scoring and of the final fine-tune."""
+  weight = "kmeans" if search.quantization == "kmeans" else config.weight_quantizer
+  return config.replace(mode="qat", weight_quantizer=weight, **changes)
+
+
+def make_scorer(config: Config, search: SearchConfig, splits, fp32_dir: str):
+  """The episode scorer the config asks for."""
+  variables = ckpt_lib.restore_variables(fp32_dir)
+  val = scoring.subset(splits.val, search.search_val_size)
+  if search.search_scorer == "ptq":
+    from haqjax.ptq import pipeline  # pylint: disable=g-import-not-at-top
+    from haqjax.ptq import runner as ptq_runner  # pylint: disable=g-import-not-at-top
+    ptq_config = config.replace(mode="ptq", policy="w8a8", init_from=fp32_dir)
+    model = trainer.build_model(ptq_config, splits.spec.num_classes)
+    batches = ptq_runner.calibration_batches(splits, ptq_config)
+    return pipeline.PTQScorer(model, variables, batches, val,
+                              options=ptq_runner.options_from_config(ptq_config),
+                              eval_batch_size=config.eval_batch_size)
+  qat = _search_config(config, search, policy="w8a8")
+  model = trainer.build_model(qat, splits.spec.num_classes)
+  return scoring.QATScorer(
+      model, variables, splits.train, val, num_steps=search.search_finetune_steps,
+      batch_size=config.batch_size, learning_rate=search.search_finetune_lr,
+      momentum=config.momentum, weight_decay=config.weight_decay,
+      eval_batch_size=config.eval_batch_size, seed=config.seed,
+      calibration_batches=config.calibration_batches, model_name=config.model)
+
+
+def search_and_evaluate(config: Config, search: SearchConfig, workdir: str,
+                        command: str | None = None) -> dict[str, Any]:
+  """FP32 model -> RL search -> fine-tune of the best policy -> test -> report.
+
+  Args:
+    config: training settings (mode 'rl'); `epochs`, `learning_rate`, ...
+      train the FP32 model unless `init_from` names a finished FP32 run.
+    search: the budget, the search and the final fine-tune.
+    workdir: where everything goes; a rerun resumes.
+    command: the command line to print in the report (default: sys.argv).
+
+  Returns:
+    The figures written to `results.json`.
+  """
+  workdir = os.path.abspath(workdir)
+  trainer._check_workdir(config, workdir)  # pylint: disable=protected-access
+  _check_search_workdir(search, workdir)
+  t_start = time.perf_counter()
+  splits = haq_data.load(config.dataset, data_dir=config.data_dir,
+                         manual_dir=config.manual_dir, val_size=config.val_size,
+                         split_seed=config.split_seed)
+  if not len(splits.val):
+    raise ValueError("val_size=0: the search scores policies on a held-out split "
+                     "carved from train; allowed: val_size > 0")
+  model = trainer.build_model(config.replace(mode="train"), splits.spec.num_classes)
+  table = layer_table(model, (1, *splits.spec.image_shape))
+  problem = build_problem(config, search, table, 0.0)  # Checks the budget first.
+  os.makedirs(workdir, exist_ok=True)
+  config.save(os.path.join(workdir, "config.json"))
+  search.save(os.path.join(workdir, "search_config.json"))
+  haq_io.write_json(os.path.join(workdir, "layers.json"), table.rows())
+
+  timings = {}
+  t0 = time.perf_counter()
+  if config.init_from:
+    fp32_dir = config.init_from
+    fp32 = _read_json(os.path.join(fp32_dir, "results.json")) or {}
+  else:
+    fp32_dir = os.path.join(workdir, "fp32")
+    fp32 = _stage(config.replace(mode="train", policy=None), fp32_dir)
+  timings["fp32_seconds"] = time.perf_counter() - t0
+  fp32_val = fp32.get("val_top1")
+  scorer = make_scorer(config, search, splits, fp32_dir)
+  if fp32_val is None or search.search_val_size:
+    fp32_val = _fp32_top1(config, splits, search, fp32_dir)
+  problem = build_problem(config, search, table, float(fp32_val))
+
+  t0 = time.perf_counter()
+  show = config.progress if config.progress is not None else os.isatty(2)
+  result = rl_search.run(problem, scorer, os.path.join(workdir, "search"),
+                         progress=show, tensorboard=config.tensorboard)
+  timings["search_seconds"] = time.perf_counter() - t0
+  wall = problem.wall
+  cost = wall.describe(result.policy.w_bits, result.policy.a_bits)
+  budget = search.budget_spec()
+  policy_path = os.path.join(workdir, "policy.json")
+  save_policy(policy_path, result.policy, model=config.model, target=search.target,
+              budget={"metric": budget.metric, "value": budget.value,
+                      "kind": budget.kind, "reference": budget.reference,
+                      "limit": wall.limit, "unit": hardware.base.UNITS[budget.metric]},
+              cost=cost["cost"], cost_ratio=cost["ratio"],
+              search={"episode": result.best["episode"], "reward": result.best["reward"],
+                      "val_top1": result.best["top1"], "fp32_val_top1": fp32_val})
+
+  t0 = time.perf_counter()
+  finetune_config = _search_config(
+      config, search, policy=policy_path, init_from=fp32_dir, epochs=search.finetune_epochs,
+      learning_rate=search.finetune_learning_rate, warmup_epochs=0.0)
+  finetuned = _stage(finetune_config, os.path.join(workdir, "finetune"))
+  timings["finetune_seconds"] = time.perf_counter() - t0
+
+  episodes = result.records
+  results = {
+      "mode": "rl", "model": config.model, "dataset": config.dataset,
+      "target": search.target, "budget": str(budget), "limit": wall.limit,
+      "unit": hardware.base.UNITS[budget.metric],
+      "cost": cost["cost"], "cost_ratio": cost["ratio"],
+      "fits": bool(wall.fits(result.policy.w_bits, result.policy.a_bits)),
+      "policy": result.policy.to_dict()["layers"],
+      "fp32_test_top1": fp32.get("test_top1"), "fp32_val_top1": fp32_val,
+      "search_val_top1": result.best["top1"], "best_reward": result.best["reward"],
+      "best_episode": result.best["episode"], "episodes": len(episodes),
+      "episodes_per_minute": (60.0 * len(episodes) / sum(r["seconds"] for r in episodes)),
+      "test_top1": finetuned["test_top1"], "test_top5": finetuned["test_top5"],
+      "val_top1": finetuned.get("val_top1"),
+      "trace_counts": result.trace_counts,
+      **timings, "total_seconds": time.perf_counter() - t_start,
+  }
+  write_outputs(workdir, results, table, result, problem, search,
+                command or " ".join(shlex.quote(a) for a in sys.argv))
+  return results
+
+
+def _fp32_top1(config: Config, splits, search: SearchConfig, fp32_dir: str) -> float:
+  variables = ckpt_lib.restore_variables(fp32_dir)
+  model = trainer.build_model(config.replace(mode="train"), splits.spec.num_classes)
+  evaluate = trainer.Evaluator(model, None, config.eval_batch_size)
+  return evaluate(variables, scoring.subset(splits.val, search.search_val_size),
+                  None)["top1"]
+
+
+def write_outputs(workdir: str, results: dict[str, Any], table, result, problem,
+                  search: SearchConfig, command: str) -> None:
+  """Plots, results.json and report.md."""
+  from haqjax import report  # pylint: disable=g-import-not-at-top
+  plots = os.path.join(workdir, "plots")
+  os.makedirs(plots, exist_ok=True)
+  unit = hardware.base.UNITS[search.budget_metric]
+  report.plot_policy_bits(os.path.join(plots, "bits.png"), table.rows(),
+                          result.policy.to_dict(),
+                          title=f"HAQ policy: {results['model']}, {results['budget']}")
+  report.plot_search_progress(
+      os.path.join(plots, "search.png"), result.records,
+      budget={"metric": search.budget_metric, "unit": unit,
+              "limit": problem.wall.limit, "label": results["budget"]},
+      title=f"HAQ search on {search.target}")
+  haq_io.write_json(os.path.join(workdir, "results.json"), results)
+  rows = "\n".join(
+      f"| {i} | {l['name']} | {k} | {l['w_bits']} | "
+      f"{'float' if l['a_bits'] == 32 else l['a_bits']} |"
+      for i, (l, k) in enumerate(zip(results["policy"], table.kinds)))
+  text = f"""# HAQ search: {results['model']} on {results['dataset']}
+
+Reproduce: `{command}`
+
+| | |
+|---|---|
+| target | {search.target} |
+| budget | {results['budget']} = {results['limit']:.4g} {unit} |
+| policy cost | {results['cost']:.4g} {unit} ({results['cost_ratio']:.3f} x {search.budget_reference}) |
+| FP32 test top-1 | {_pct(results['fp32_test_top1'])} |
+| search: best validation top-1 | {results['search_val_top1']:.2f}% (episode {results['best_episode']} of {results['episodes']}) |
+| after fine-tune: test top-1 | {results['test_top1']:.2f}% |
+| episodes per minute | {results['episodes_per_minute']:.1f} |
+| time: FP32 / search / fine-tune | {results['fp32_seconds']:.0f} s / {results['search_seconds']:.0f} s / {results['finetune_seconds']:.0f} s |
+
+![per-layer bits](plots/bits.png)
+
+![search progress](plots/search.png)
+
+| # | layer | kind | weight bits | activation bits |
+|---|---|---|---|---|
+{rows}
+"""
+  with haq_io.atomic_open(os.path.join(workdir, "report.md")) as f:
+    f.write(text)
+
+
+def _pct(value) -> str:
+  return "n/a" if value is None else f"{value:.2f}%"

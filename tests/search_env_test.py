@@ -1,0 +1,135 @@
+"""Tests of the search environment: observations, actions to bits, the budget wall."""
+
+import numpy as np
+import pytest
+
+from haqjax import hardware
+from haqjax import models
+from haqjax.nn import layer_table
+from haqjax.search import env
+
+
+@pytest.fixture(scope="module")
+def table():
+  return layer_table(models.create("quickstart_cnn", num_classes=10), (1, 28, 28, 1))
+
+
+@pytest.fixture(scope="module")
+def layers(table):
+  return hardware.from_layer_table(table)
+
+
+def test_action_to_bits_splits_the_interval_evenly():
+  a = np.linspace(0, 1, 7001)
+  bits = env.action_to_bits(a, 2, 8)
+  assert bits.min() == 2 and bits.max() == 8
+  counts = np.bincount(bits)[2:]
+  assert counts.max() - counts.min() <= 2  # 7 equal parts of [0, 1].
+  np.testing.assert_array_equal(env.action_to_bits([0.0, 0.5, 1.0], 2, 8), [2, 5, 8])
+  np.testing.assert_array_equal(env.action_to_bits([0.0, 1.0], 4, 4), [4, 4])
+
+
+@pytest.mark.parametrize("lo, hi, msg", [(5, 3, "min_bits=5 is larger than max_bits=3"),
+                                         (0, 8, "min_bits=0"), (2, 9, "max_bits=9")])
+def test_bad_bit_range(lo, hi, msg):
+  with pytest.raises(ValueError, match=msg):
+    env.check_bit_range(lo, hi)
+
+
+def test_observations(table):
+  obs = env.observations(table, "linear")
+  assert obs.shape == (2 * len(table), len(env.COLUMNS))
+  assert obs.min() >= 0.0 and obs.max() <= 1.0
+  col = env.COLUMNS.index
+  # Weight step then activation step for each layer; the flag matches the role.
+  np.testing.assert_array_equal(obs[0::2, col("is_weight")], 1.0)
+  np.testing.assert_array_equal(obs[1::2, col("is_weight")], 0.0)
+  np.testing.assert_array_equal(obs[:, col("prev_action")], 0.0)
+  np.testing.assert_allclose(obs[0::2, col("layer")], np.linspace(0, 1, len(table)))
+  big = int(np.argmax(table.params))
+  assert obs[2 * big, col("params")] == 1.0
+  km = env.observations(table, "kmeans")
+  assert km.shape == (len(table), len(env.COLUMNS))
+  with pytest.raises(ValueError, match="quantization='int'"):
+    env.observations(table, "int")
+
+
+def test_actions_to_policy(table):
+  n = len(table)
+  actions = np.linspace(0, 1, 2 * n)
+  w, a = env.actions_to_policy(actions, table.names, mode="linear", min_bits=2, max_bits=8)
+  np.testing.assert_array_equal(w, env.action_to_bits(actions[0::2], 2, 8))
+  np.testing.assert_array_equal(a, env.action_to_bits(actions[1::2], 2, 8))
+  w, a = env.actions_to_policy(actions[:n], table.names, mode="kmeans", min_bits=2,
+                               max_bits=8)
+  np.testing.assert_array_equal(a, 32)
+
+
+def _reference_enforce(target, layers, limit, w, a, min_bits, fixed_w, fixed_a):
+  """HAQ's wall, written directly on the hardware model's policy cost."""
+  w, a = np.array(w), np.array(a)
+  cost = lambda: float(hardware.policy_cost(target, layers, w, a, "latency"))
+  while cost() > limit * (1 + 1e-9):
+    for i in reversed(range(len(w))):
+      if not fixed_a[i] and a[i] > min_bits:
+        a[i] -= 1
+        if cost() <= limit * (1 + 1e-9):
+          return w, a
+      if not fixed_w[i] and w[i] > min_bits:
+        w[i] -= 1
+        if cost() <= limit * (1 + 1e-9):
+          return w, a
+  return w, a
+
+
+@pytest.mark.parametrize("first, last", [(False, False), (True, True)])
+def test_enforce_matches_haq_wall(table, layers, first, last):
+  target = hardware.get_target("bismo-edge")
+  fixed = env.Fixed.create(len(table), mode="linear", first_layer_w8=first,
+                           last_layer_w8a8=last)
+  wall = env.BudgetWall(target, layers, hardware.Budget(metric="latency", value=0.6),
+                        min_bits=2, max_bits=8, fixed=fixed)
+  rng = np.random.RandomState(0)
+  for _ in range(10):
+    w, a = rng.randint(2, 9, len(table)), rng.randint(2, 9, len(table))
+    got_w, got_a = wall.enforce(w, a)
+    fw, fa = fixed.apply(w, a)
+    want_w, want_a = _reference_enforce(target, layers, wall.limit, fw, fa, 2,
+                                        fixed.w >= 0, fixed.a >= 0)
+    np.testing.assert_array_equal(got_w, want_w)
+    np.testing.assert_array_equal(got_a, want_a)
+    assert wall.fits(got_w, got_a)
+    np.testing.assert_allclose(
+        wall.cost(got_w, got_a),
+        float(hardware.policy_cost(target, layers, got_w, got_a, "latency")), rtol=1e-5)
+    if first:
+      assert got_w[0] == 8 and got_a[0] == 32
+    if last:
+      assert got_w[-1] == 8 and got_a[-1] == 8
+  # A policy within the budget is left alone.
+  w = np.full(len(table), 2)
+  np.testing.assert_array_equal(wall.enforce(w, w)[0], fixed.apply(w, w)[0])
+
+
+def test_infeasible_budget_names_the_minimum(table, layers):
+  target = hardware.get_target("bismo-edge")
+  fixed = env.Fixed.create(len(table), mode="linear")
+  low = hardware.uniform_cost(target, layers, 2, 2, "latency")
+  w8a8 = hardware.uniform_cost(target, layers, 8, 8, "latency")
+  with pytest.raises(ValueError, match=r"below the lowest cost reachable with bits >= 2"
+                     ) as e:
+    env.BudgetWall(target, layers, hardware.Budget(metric="latency", value=0.01),
+                   min_bits=2, max_bits=8, fixed=fixed)
+  assert f"{low / w8a8:.4g} x w8a8" in str(e.value)
+  assert "\n" not in str(e.value)
+
+
+def test_size_budget_in_kmeans_mode(table, layers):
+  target = hardware.get_target("bismo-edge")
+  fixed = env.Fixed.create(len(table), mode="kmeans")
+  wall = env.BudgetWall(target, layers,
+                        hardware.Budget(metric="size", value=0.1, reference="fp32"),
+                        min_bits=2, max_bits=8, fixed=fixed)
+  w, a = wall.enforce(np.full(len(table), 8), np.full(len(table), 8))
+  np.testing.assert_array_equal(a, 32)
+  assert wall.fits(w, a) and w.min() >= 2
