@@ -4,9 +4,12 @@ r"""Benchmarks: programs that print and write JSON, not timed tests.
   python -m experiments.bench quant [--out=bench_quant.json]
   python -m experiments.bench hardware [--out=bench_hardware.json]
   python -m experiments.bench ptq [--init_from=FP32_WORKDIR] [--out=bench_ptq.json]
+  python -m experiments.bench search-rl [--init_from=FP32_WORKDIR] [--episodes=12] \
+      [--out=bench_search-rl.json]
 
-`quant`, `hardware` and `ptq` are described in `experiments/bench_quant.py`,
-`experiments/bench_hardware.py` and `experiments/bench_ptq.py`.
+`quant`, `hardware`, `ptq` and `search-rl` are described in
+`experiments/bench_quant.py`, `experiments/bench_hardware.py`,
+`experiments/bench_ptq.py` and `experiments/bench_search.py`.
 
 `train` measures, on this machine:
   * training-step throughput (images/s) and time to first step (compile) of
@@ -36,13 +39,16 @@ _EPOCHS = flags.DEFINE_float("epochs", None, "Override the quickstart recipe's e
 _SKIP_ACCURACY = flags.DEFINE_bool("skip_accuracy", False,
                                    "Only measure throughput, not the quickstart run.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared datasets folder.")
-_INIT_FROM = flags.DEFINE_string("init_from", None,
-                                 "ptq: the FP32 quickstart workdir (default: train one).")
+_INIT_FROM = flags.DEFINE_string("init_from", None, "ptq, search-rl: the FP32 "
+                                 "quickstart workdir (default: train one).")
+_EPISODES = flags.DEFINE_integer("episodes", 12, "search-rl: episodes of the timed search.")
 _CACHE = flags.DEFINE_string("compilation_cache", "",
                              "JAX persistent compilation cache ('' disables, so "
                              "time to first step includes compilation).")
 
-BENCHMARKS = ("train", "quant", "hardware", "ptq")
+BENCHMARKS = ("train", "quant", "hardware", "ptq", "search-rl")
+# Benchmark name -> module, where they differ.
+_MODULES = {"search-rl": "experiments.bench_search"}
 
 
 def _throughput(model_name: str, input_shape, num_classes: int, batch_size: int,
@@ -121,9 +127,11 @@ def main(argv: list[str]) -> None:
   if name == "train":
     result = bench_train()
   else:
-    module = importlib.import_module(f"experiments.bench_{name}")
+    module = importlib.import_module(_MODULES.get(name, f"experiments.bench_{name}"))
     kwargs = ({"init_from": _INIT_FROM.value, "data_dir": _DATA_DIR.value}
-              if name == "ptq" else {})
+              if name in ("ptq", "search-rl") else {})
+    if name == "search-rl":
+      kwargs["episodes"] = _EPISODES.value
     result = {"benchmark": name, "machine": platform.platform(),
               "cpu_count": os.cpu_count(), **module.run(**kwargs)}
   out = _OUT.value or f"bench_{name}.json"

@@ -152,6 +152,25 @@ def test_cli_systolic_topology(tmp_path, capsys):
   assert out[-1].startswith("total,1440,260,")
 
 
+def test_cli_reads_a_policy_file(tmp_path, capsys):
+  from haqjax.policy import Policy  # pylint: disable=g-import-not-at-top
+  from haqjax.policy import save_policy  # pylint: disable=g-import-not-at-top
+  layers = hardware.from_model("quickstart_cnn", num_classes=10)
+  w = np.array([8, 4, 3, 2, 5, 6, 8])
+  a = np.array([32, 4, 4, 3, 2, 8, 8])
+  path = tmp_path / "policy.json"
+  save_policy(path, Policy.create(layers.names, w, a), model="quickstart_cnn",
+              num_classes=10, input_shape=[28, 28, 1])
+  assert cli.main(["--target=bismo-edge", f"--policy={path}"]) == 0
+  out = capsys.readouterr().out.strip().splitlines()
+  t = hardware.get_target("bismo-edge")
+  cycles = np.asarray(hardware.layer_costs(t, layers, w, a)["cycles"])
+  assert [int(r.split(",")[2]) for r in out[1:-1]] == [int(round(c)) for c in cycles]
+  # A policy of another model is refused, naming the mismatch.
+  assert cli.main(["--target=bismo-edge", f"--policy={path}", "--model=resnet20"]) == 2
+  assert "layers" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["--target=foo", "--model=quickstart_cnn"], "target is 'foo'"),
     (["--topology=/no/such.csv"], "does not exist"),
@@ -161,6 +180,7 @@ def test_cli_systolic_topology(tmp_path, capsys):
     (["--model=nope"], "model is 'nope'"),
     (["--model=quickstart_cnn", "--batch=0"], "--batch is 0"),
     (["--bogus"], "unrecognized arguments"),
+    (["--policy=/no/such.json"], "--policy file '/no/such.json' does not exist"),
 ])
 def test_cli_errors(argv, msg, capsys):
   assert cli.main(argv) == 2

@@ -4,9 +4,12 @@ r"""Per-layer hardware costs of a network, as CSV.
       --topology=FILE.csv --w_bits=8 --a_bits=8
   python -m haqjax.hardware --target=bismo-cloud --model=mobilenetv2 \
       --input_size=224 --num_classes=100 --w_bits=4 --a_bits=4
+  python -m haqjax.hardware --target=bismo-edge --policy=WORKDIR/policy.json
 
 The network is a SCALE-Sim v2 topology CSV (`--topology`) or a model of
-`haqjax.models` (`--model`). Prints one row per layer,
+`haqjax.models` (`--model`). The bits are uniform (`--w_bits`, `--a_bits`) or
+a per-layer policy JSON (`--policy`, e.g. a search's `policy.json`, whose
+model, classes and input size are taken from the file unless given). Prints one row per layer,
 `layer,macs,cycles,utilization,dram_bytes,energy_pj`, then a `total` row;
 a cost the target does not model is left empty. Mistakes print one line to
 stderr and exit with status 2.
@@ -47,8 +50,33 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--num_classes", type=int, default=1000, help="model classifier outputs")
   p.add_argument("--w_bits", type=int, default=8, help="weight bits of every layer (1..8, 32)")
   p.add_argument("--a_bits", type=int, default=8, help="activation bits of every layer (1..8, 32)")
+  p.add_argument("--policy", help="per-layer bits: a policy JSON file (replaces "
+                 "--w_bits/--a_bits)")
   p.add_argument("--batch", type=int, help="batch size (default: the target preset's)")
   return p
+
+
+def _read_policy(args: argparse.Namespace) -> dict | None:
+  """The policy file's JSON; fills --model/--num_classes/--input_size from it."""
+  if args.policy is None:
+    return None
+  import json  # pylint: disable=g-import-not-at-top
+  try:
+    with open(args.policy) as f:
+      d = json.load(f)
+  except FileNotFoundError:
+    raise ValueError(f"--policy file {args.policy!r} does not exist") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--policy file {args.policy!r} is not valid JSON: {e}") from None
+  if not isinstance(d, dict):
+    raise ValueError(f"--policy file {args.policy!r}: expected a policy object")
+  if args.model is None and args.topology is None and d.get("model"):
+    args.model = d["model"]
+    if d.get("num_classes"):
+      args.num_classes = int(d["num_classes"])
+    if d.get("input_shape") and args.input_size is None:
+      args.input_size = int(d["input_shape"][0])
+  return d
 
 
 def _bits(name: str, v: int) -> int:
@@ -100,12 +128,13 @@ def build(args: argparse.Namespace):
   return target, layers
 
 
-def rows(target, layers, w_bits: int, a_bits: int) -> list[list[str]]:
-  """The CSV rows (header, layers, total)."""
+def rows(target, layers, w_bits, a_bits) -> list[list[str]]:
+  """The CSV rows (header, layers, total); bits are scalars or `[L]` arrays."""
   from haqjax.hardware import cost  # pylint: disable=g-import-not-at-top
   n = len(layers)
-  c = cost.layer_costs(target, layers, np.full(n, float(w_bits)),
-                       np.full(n, float(a_bits)))
+  w = np.broadcast_to(np.asarray(w_bits, np.float32), (n,))
+  a = np.broadcast_to(np.asarray(a_bits, np.float32), (n,))
+  c = cost.layer_costs(target, layers, w, a)
   c = {k: np.asarray(v, np.float64) for k, v in c.items()}
   macs = np.asarray(layers.macs, np.float64)
   cols = {
@@ -136,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     w = _bits("w_bits", args.w_bits)
     a = _bits("a_bits", args.a_bits)
+    policy = _read_policy(args)
     target, layers = build(args)
+    if policy is not None:
+      from haqjax.policy import Policy  # pylint: disable=g-import-not-at-top
+      p = Policy.from_dict(policy, layers.names, source=f"--policy {args.policy}")
+      w, a = np.asarray(p.w_bits), np.asarray(p.a_bits)
     table = rows(target, layers, w, a)
   except ValueError as e:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -55,6 +55,8 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "resnet_small": resnet_small,
 }
 MODELS = tuple(_FACTORIES)
+# Options every model takes, beside its factory's.
+_COMMON_OPTIONS = ("quant_scheme", "fold_bn", "freeze_bn_stats")
 
 # The input each model is designed for, (height, width, channels). The
 # networks are fully convolutional, so other sizes run too; resnet_small and
@@ -81,7 +83,9 @@ def create(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
     **kwargs: the model's options (e.g. width_mult, depth, dtype); see its
       factory function (`mobilenet_v2`, `resnet_small`, ...). Every model
       also takes `quant_scheme` (a `haqjax.quant.QuantScheme`: the weight and
-      activation quantizers of each layer).
+      activation quantizers of each layer), `fold_bn` (QAT on BN-folded
+      kernels) and `freeze_bn_stats` (train with the running BN
+      statistics); see `haqjax.models.cnn`.
 
   Returns:
     The (unbound) flax module.
@@ -94,11 +98,14 @@ def create(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
     raise ValueError(f"model {name!r} is unknown; allowed: {', '.join(MODELS)}")
   check_positive("num_classes", num_classes, integer=True)
   factory = _FACTORIES[name]
-  quant_scheme = kwargs.pop("quant_scheme", None)
+  common = {k: kwargs.pop(k) for k in _COMMON_OPTIONS if k in kwargs}
+  for field in ("fold_bn", "freeze_bn_stats"):
+    if not isinstance(common.get(field, False), bool):
+      raise ValueError(f"{field} is {common[field]!r}; allowed: True or False")
   accepted = set(inspect.signature(factory).parameters) - {"num_classes"}
   unknown = sorted(set(kwargs) - accepted)
   if unknown:
     raise ValueError(f"model {name!r} does not take {', '.join(unknown)}; "
                      f"allowed: {', '.join(sorted(accepted))}")
   model = factory(num_classes=num_classes, **kwargs)
-  return model if quant_scheme is None else model.clone(quant_scheme=quant_scheme)
+  return model.clone(**common) if common else model

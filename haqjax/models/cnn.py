@@ -6,6 +6,22 @@ BatchNorm in the `batch_stats` collection. The QConv is named `name` and its
 BatchNorm `name + "_bn"`, inside the caller's scope, so a block named
 `block3` gives the policy layer `block3/expand`.
 
+Every zoo model has two BN options, read by `conv_bn` from the model (the
+nearest enclosing module that sets them), which change neither the variables
+nor the layer table:
+
+* `fold_bn`: simulated BN folding for QAT (Jacob et al. 2018, section 3.2;
+  Krishnamoorthi 2018, section 3.2.2). The weight quantizer sees the folded
+  kernel `W * gamma / sqrt(var + eps)` with the running statistics, the one
+  `haqjax.ptq.folding.fold_batch_norms` stores and an integer accelerator
+  runs; in training the output is corrected to the batch statistics (see
+  `haqjax.nn.layers.QConv`). Eval output equals `fold_batch_norms` followed
+  by the plain quantized model. Training costs one more (float) convolution
+  per layer.
+* `freeze_bn_stats`: training uses and keeps the running statistics (no
+  batch statistics, no updates), Krishnamoorthi's switch late in QAT.
+  Changing it retraces once: `model.clone(freeze_bn_stats=True)`.
+
 The small CNNs:
 
 * `DigitsCNN`: 8x8x1 scikit-learn digits, 3 quantizable layers; ~98% test
@@ -24,8 +40,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from haqjax.nn.layers import FoldedBatchNorm
 from haqjax.nn.layers import QConv
 from haqjax.nn.layers import QDense
+from haqjax.nn.layers import inherited
 from haqjax.policy import Policy
 from haqjax.typing import Array
 
@@ -51,7 +69,10 @@ def conv_bn(x: Array, policy: Policy | None, name: str, features: int,
 
   Must be called inside a `@nn.compact` method. Padding is symmetric
   (`kernel_size // 2` each side, as PyTorch), so a stride-2 layer maps 224 to
-  112 and 7 to 4.
+  112 and 7 to 4. When the enclosing model sets `fold_bn`, the QConv folds
+  the BN into its quantized kernel and returns the BN's output (same
+  variables); when it sets `freeze_bn_stats`, training uses the running
+  statistics and leaves them unchanged.
 
   Args:
     x: NHWC input.
@@ -61,7 +82,8 @@ def conv_bn(x: Array, policy: Policy | None, name: str, features: int,
     features: output channels (equal to the input channels when depthwise).
     kernel_size: square kernel size.
     strides: stride in both spatial dimensions.
-    train: use batch statistics and update the running averages.
+    train: use batch statistics and update the running averages (unless
+      the model sets `freeze_bn_stats`).
     depthwise: one group per input channel.
     act: activation after BN; None for a linear output.
     dtype: computation dtype.
@@ -70,12 +92,18 @@ def conv_bn(x: Array, policy: Policy | None, name: str, features: int,
     The NHWC output.
   """
   pad = kernel_size // 2
-  x = QConv(features, (kernel_size, kernel_size), strides,
-            ((pad, pad), (pad, pad)),
-            feature_group_count=x.shape[-1] if depthwise else 1,
-            dtype=dtype, name=name)(x, policy)
-  x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                   epsilon=BN_EPSILON, dtype=dtype, name=f"{name}_bn")(x)
+  conv = QConv(features, (kernel_size, kernel_size), strides,
+               ((pad, pad), (pad, pad)),
+               feature_group_count=x.shape[-1] if depthwise else 1,
+               dtype=dtype, name=name)
+  batch_stats = train and not inherited(conv, "freeze_bn_stats")
+  if inherited(conv, "fold_bn"):
+    bn = FoldedBatchNorm(features, BN_MOMENTUM, BN_EPSILON, name=f"{name}_bn")
+    x = conv(x, policy, bn=bn, train=batch_stats)
+  else:
+    x = nn.BatchNorm(use_running_average=not batch_stats, momentum=BN_MOMENTUM,
+                     epsilon=BN_EPSILON, dtype=dtype, name=f"{name}_bn")(
+                         conv(x, policy))
   return x if act is None else act(x)
 
 
@@ -91,6 +119,8 @@ class DigitsCNN(nn.Module):
   width: int = 16
   dtype: Any = jnp.float32
   quant_scheme: Any = None  # a haqjax.quant.QuantScheme; None: defaults
+  fold_bn: bool = False  # QAT: quantize BN-folded kernels (see conv_bn)
+  freeze_bn_stats: bool = False  # train with the running BN statistics
 
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None = None,
@@ -144,6 +174,8 @@ class QuickstartCNN(nn.Module):
   width_mult: float = 1.0
   dtype: Any = jnp.float32
   quant_scheme: Any = None  # a haqjax.quant.QuantScheme; None: defaults
+  fold_bn: bool = False  # QAT: quantize BN-folded kernels (see conv_bn)
+  freeze_bn_stats: bool = False  # train with the running BN statistics
 
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None = None,

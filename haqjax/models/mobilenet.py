@@ -83,6 +83,8 @@ class MobileNetV1(nn.Module):
   width_mult: float = 1.0
   dtype: Any = jnp.float32
   quant_scheme: Any = None  # a haqjax.quant.QuantScheme; None: defaults
+  fold_bn: bool = False  # QAT: quantize BN-folded kernels (see conv_bn)
+  freeze_bn_stats: bool = False  # train with the running BN statistics
 
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None = None,
@@ -173,6 +175,8 @@ class MobileNetV2(nn.Module):
   dtype: Any = jnp.float32
   clip_relu: bool = True
   quant_scheme: Any = None  # a haqjax.quant.QuantScheme; None: defaults
+  fold_bn: bool = False  # QAT: quantize BN-folded kernels (see conv_bn)
+  freeze_bn_stats: bool = False  # train with the running BN statistics
 
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None = None,

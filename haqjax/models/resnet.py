@@ -131,6 +131,8 @@ class ResNet(nn.Module):
   width: int = 64
   dtype: Any = jnp.float32
   quant_scheme: Any = None  # a haqjax.quant.QuantScheme; None: defaults
+  fold_bn: bool = False  # QAT: quantize BN-folded kernels (see conv_bn)
+  freeze_bn_stats: bool = False  # train with the running BN statistics
 
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None = None,
@@ -161,6 +163,8 @@ class CifarResNet(nn.Module):
   widths: Sequence[int] = (16, 32, 64)
   dtype: Any = jnp.float32
   quant_scheme: Any = None  # a haqjax.quant.QuantScheme; None: defaults
+  fold_bn: bool = False  # QAT: quantize BN-folded kernels (see conv_bn)
+  freeze_bn_stats: bool = False  # train with the running BN statistics
 
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None = None,

@@ -69,12 +69,29 @@ def _describe(model: nn.Module, variables: PyTree, images: Array,
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
     if isinstance(module, _QuantizedLayer) and context.method_name == "__call__":
-      found[layer_name(module)] = {"inputs": [], "path": tuple(module.scope.path),
-                                   "quantizers": module.quantizers()}
+      bn = kwargs.get("bn")
+      found[layer_name(module)] = {
+          "inputs": [], "path": tuple(module.scope.path),
+          "quantizers": module.quantizers(),
+          # A folded-BN layer quantizes its kernel with the BN merged in.
+          "bn": None if bn is None else (tuple(bn.scope.path), bn.epsilon)}
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(interceptor):
     model.apply(variables, images, train=False)
+
+
+def _quantized_kernel(variables: PyTree, layer: dict[str, Any],
+                      entry: dict[str, Any]) -> Array:
+  """The kernel the weight quantizer sees: BN-folded for a folded-BN layer."""
+  if entry.get("bn") is None:
+    return layer["kernel"]
+  from haqjax.ptq import folding  # pylint: disable=g-import-not-at-top
+  path, eps = entry["bn"]
+  kernel, _ = folding.folded_kernel_and_bias(
+      layer["kernel"], get_path(variables["params"], path),
+      get_path(variables["batch_stats"], path), eps)
+  return kernel
 
 
 def _capture(model: nn.Module, variables: PyTree, images: Array) -> list[Array]:
@@ -128,6 +145,8 @@ def calibrate(model: nn.Module, variables: PyTree, batches: Iterable[Array],
     if activations and "act_quant" in layer:
       layer["act_quant"] = aq.calibrate(layer["act_quant"], jnp.asarray(x), a_bits)
     if weights and "weight_quant" in layer:
-      layer["weight_quant"] = wq.calibrate(layer["weight_quant"], layer["kernel"], w_bits)
+      layer["weight_quant"] = wq.calibrate(layer["weight_quant"],
+                                           _quantized_kernel(variables, layer, entry),
+                                           w_bits)
   return {**variables, "params": params}
 

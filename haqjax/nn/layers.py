@@ -11,8 +11,23 @@ enclosing module that has one (the model), else min-max STE fake-quant. So a
 model takes any quantizer per role and per layer without changing its code.
 Quantizers that round stochastically draw from the `quant` RNG stream.
 
+A `QConv` called with `bn=` (a `FoldedBatchNorm`, the variables of the
+BatchNorm that follows it) quantizes the BN-folded kernel
+`W * gamma / sqrt(var + eps)`, as an integer deployment stores it, and
+returns the BN's output: simulated BN folding for QAT (Jacob et al. 2018,
+section 3.2), with Krishnamoorthi's (2018, section 3.2.2) batch-statistics
+correction in training. `haqjax.models.conv_bn` does this for models with
+`fold_bn=True`.
+
 Shapes: convolution kernels are `[kh, kw, in/groups, out]`, dense kernels
 `[in, out]`, activations NHWC.
+
+References:
+  Jacob et al. Quantization and Training of Neural Networks for Efficient
+  Integer-Arithmetic-Only Inference. CVPR 2018.
+  https://arxiv.org/abs/1712.05877
+  Krishnamoorthi. Quantizing deep convolutional networks for efficient
+  inference: A whitepaper. 2018. https://arxiv.org/abs/1806.08342
 """
 
 from __future__ import annotations
@@ -40,15 +55,24 @@ def layer_name(module: nn.Module) -> str:
   return "/".join(module.scope.path)
 
 
-def _scheme(module: nn.Module):
-  """The `quant_scheme` of the nearest enclosing module that sets one."""
+def inherited(module: nn.Module, field: str) -> Any:
+  """`field` of the nearest enclosing module that sets it (not None), else None.
+
+  How model-wide options (`quant_scheme`, `fold_bn`, `freeze_bn_stats`) reach
+  layers without being passed through every block.
+  """
   parent = module.parent
   while isinstance(parent, nn.Module):
-    scheme = getattr(parent, "quant_scheme", None)
-    if scheme is not None:
-      return scheme
+    value = getattr(parent, field, None)
+    if value is not None:
+      return value
     parent = parent.parent
   return None
+
+
+def _scheme(module: nn.Module):
+  """The `quant_scheme` of the nearest enclosing module that sets one."""
+  return inherited(module, "quant_scheme")
 
 
 class _QuantizedLayer(nn.Module):
@@ -83,6 +107,56 @@ class _QuantizedLayer(nn.Module):
     return aq(a_params, x, a_bits, a_key), wq(w_params, kernel, w_bits, w_key)
 
 
+class FoldedBatchNorm(nn.Module):
+  """The variables of a BatchNorm that the preceding `QConv` folds in.
+
+  Holds what `nn.BatchNorm` holds, under the same names, shapes, dtypes and
+  initial values (params `scale`, `bias`; batch_stats `mean`, `var`), so
+  checkpoints move freely between a model with folded and one with plain
+  BatchNorms. The `QConv` it is passed to reads and updates it.
+
+  Attributes:
+    features: channels.
+    momentum: decay of the running averages, as `nn.BatchNorm`'s.
+    epsilon: added to the variance, as `nn.BatchNorm`'s.
+  """
+  features: int
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+
+  def setup(self):
+    shape = (self.features,)
+    self.scale = self.param("scale", nn.initializers.ones, shape, jnp.float32)
+    self.bias = self.param("bias", nn.initializers.zeros, shape, jnp.float32)
+    self.mean = self.variable("batch_stats", "mean", jnp.zeros, shape, jnp.float32)
+    self.var = self.variable("batch_stats", "var", jnp.ones, shape, jnp.float32)
+
+  def params_and_stats(self) -> tuple[dict[str, Array], dict[str, Array]]:
+    """`({"scale", "bias"}, {"mean", "var"})`, the running statistics, `[C]` each."""
+    return ({"scale": self.scale, "bias": self.bias},
+            {"mean": self.mean.value, "var": self.var.value})
+
+  def update(self, mean: Array, var: Array) -> None:
+    """Moves the running averages towards batch statistics, as `nn.BatchNorm`."""
+    if not self.is_initializing():
+      m = self.momentum
+      self.mean.value = m * self.mean.value + (1 - m) * mean
+      self.var.value = m * self.var.value + (1 - m) * var
+
+
+def _batch_moments(z: Array) -> tuple[Array, Array]:
+  """Per-channel mean and (biased) variance of NHWC `z`, as `nn.BatchNorm`.
+
+  In at least float32, with the variance as `E[z^2] - E[z]^2` clipped at 0
+  (flax's `use_fast_variance`), so running statistics update exactly as in
+  the unfolded model.
+  """
+  z = z.astype(jnp.promote_types(z.dtype, jnp.float32))
+  axes = tuple(range(z.ndim - 1))
+  mean = jnp.mean(z, axis=axes)
+  return mean, jnp.maximum(0.0, jnp.mean(jnp.square(z), axis=axes) - jnp.square(mean))
+
+
 class QConv(_QuantizedLayer):
   """2-D convolution with per-call weight/activation bits.
 
@@ -111,7 +185,35 @@ class QConv(_QuantizedLayer):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, policy: Policy | None = None) -> Array:
+  def __call__(self, x: Array, policy: Policy | None = None,
+               bn: FoldedBatchNorm | None = None, train: bool = False) -> Array:
+    """The convolution of `x`, or with `bn` its BN-folded form.
+
+    With `bn`, the kernel that is quantized is the folded
+    `W * gamma / sqrt(var + eps)` with the running statistics (what
+    `haqjax.ptq.folding.fold_batch_norms` stores), and the output is the
+    BN's. In eval (`train=False`) that is `conv(x, Q(W_fold)) + b_fold`,
+    exactly the deployed integer layer. In training the BN normalises with
+    the batch statistics: a float pass `z = conv(x, W)` gives `mu_B` and
+    `sigma_B` (and updates the running averages), and the quantized output
+    is corrected to them, `conv(x, Q(W_fold)) * sigma / sigma_B +
+    beta - gamma * mu_B / sigma_B` (Krishnamoorthi 2018, section 3.2.2).
+    Gradients flow through the batch statistics as in BatchNorm, so without
+    quantization this is BatchNorm training exactly. This form rather than
+    Jacob et al.'s (fold with the batch statistics) because the quantized
+    weights are then the deployed ones, not ones that jitter with each
+    batch's statistics, and eval uses the statistics training saw.
+
+    Args:
+      x: NHWC input.
+      policy: the bit policy, or None for floating point.
+      bn: the following BatchNorm's variables, to fold in; None: no BN.
+      train: with `bn`: normalise with batch statistics and update the
+        running ones (False: fold with the running statistics only).
+
+    Returns:
+      The NHWC output.
+    """
     in_ch = x.shape[-1]
     groups = self.feature_group_count
     if in_ch % groups or self.features % groups:
@@ -120,18 +222,46 @@ class QConv(_QuantizedLayer):
     kh, kw = self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (kh, kw, in_ch // groups,
                                                      self.features))
+    if bn is not None:
+      return self._folded(x, kernel, policy, bn, train)
     x, kernel = self._quantize(x, kernel, policy)
+    y = self._conv(x, kernel)
+    if self.use_bias:
+      y = y + self.param("bias", self.bias_init, (self.features,)).astype(self.dtype)
+    return y
+
+  def _conv(self, x: Array, kernel: Array) -> Array:
     strides = ((self.strides,) * 2 if isinstance(self.strides, int)
                else tuple(self.strides))
     padding = self.padding if isinstance(self.padding, str) else tuple(
         tuple(p) for p in self.padding)
-    y = jax.lax.conv_general_dilated(
+    return jax.lax.conv_general_dilated(
         x.astype(self.dtype), kernel.astype(self.dtype), window_strides=strides,
         padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups)
-    if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,)).astype(self.dtype)
-    return y
+        feature_group_count=self.feature_group_count)
+
+  def _folded(self, x: Array, kernel: Array, policy: Policy | None,
+              bn: FoldedBatchNorm, train: bool) -> Array:
+    # haqjax.ptq.folding imports the models, which import this module.
+    from haqjax.ptq.folding import folded_kernel_and_bias  # pylint: disable=g-import-not-at-top
+    bias = (self.param("bias", self.bias_init, (self.features,))
+            if self.use_bias else None)
+    bn_params, running = bn.params_and_stats()  # [out] each
+    eps = bn.epsilon
+    w_fold, b_fold = folded_kernel_and_bias(kernel, bn_params, running, eps, bias)
+    x, w_q = self._quantize(x, w_fold, policy)
+    y = self._conv(x, w_q)
+    if not train:
+      return y + b_fold.astype(self.dtype)
+    z = self._conv(x, kernel)  # The float pass that gives the batch statistics.
+    if bias is not None:
+      z = z + bias.astype(self.dtype)
+    mean, var = _batch_moments(z)  # [out] each
+    bn.update(mean, var)
+    _, b_batch = folded_kernel_and_bias(kernel, bn_params, {"mean": mean, "var": var},
+                                        eps, bias)
+    correction = jnp.sqrt(running["var"] + eps) * jax.lax.rsqrt(var + eps)  # sigma / sigma_B
+    return y * correction.astype(self.dtype) + b_batch.astype(self.dtype)
 
 
 class QDense(_QuantizedLayer):

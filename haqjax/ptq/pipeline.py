@@ -25,6 +25,7 @@ signal inside a search.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -278,7 +279,6 @@ class PTQScorer:
     self.prepared = prepare(model, variables, batches, options)
     self._split = split
     self._key = jax.random.key(0) if key is None else key
-    self._calls = 0
     self._evaluate = Evaluator(self.prepared.model, None, eval_batch_size)
 
   def trace_counts(self) -> dict[str, int]:
@@ -288,8 +288,10 @@ class PTQScorer:
   def __call__(self, policy: Policy) -> dict[str, float]:
     """`{"top1", "top5", "loss", "seconds"}` of `policy` after PTQ."""
     t0 = time.perf_counter()
-    key = jax.random.fold_in(self._key, self._calls)
-    self._calls += 1
+    # The key depends on the policy only, so a resumed search scores as before.
+    digest = hashlib.sha256(np.asarray(policy.w_bits, np.int32).tobytes()
+                            + np.asarray(policy.a_bits, np.int32).tobytes()).digest()
+    key = jax.random.fold_in(self._key, int.from_bytes(digest[:4], "little") >> 1)
     result = quantize(key, self.prepared, policy, self.options)
     metrics = self._evaluate(result.variables, self._split, policy)
     return {**metrics, "seconds": time.perf_counter() - t0}

@@ -65,7 +65,8 @@ def build_problem(config: Config, search: SearchConfig, table, fp32_top1: float,
                   ) -> rl_search.Problem:
   """The search space and budget of a config (validated before any training)."""
   target = hardware.get_target(search.target)
-  layers = hardware.from_layer_table(table)
+  # Costs at the target's batch size (HAQ: 1 on the edge, 16 in the cloud).
+  layers = hardware.from_layer_table(table, batch=int(getattr(target, "batch", 1)))
   fixed = env_lib.Fixed.create(len(table), mode=search.quantization,
                                first_layer_w8=config.first_layer_w8,
                                last_layer_w8a8=config.last_layer_w8a8)
@@ -77,6 +78,17 @@ def build_problem(config: Config, search: SearchConfig, table, fp32_top1: float,
       mode=search.quantization, min_bits=search.min_bits, max_bits=search.max_bits,
       wall=wall, fp32_top1=fp32_top1, episodes=search.search_episodes,
       ddpg=search.ddpg(), seed=config.seed)
+
+
+def _check_scoring(config: Config, search: SearchConfig, splits) -> None:
+  """The scorer's checks that need no weights, before any training."""
+  if search.search_scorer != "qat":
+    return
+  available = haq_data.num_batches(splits.train, config.batch_size, drop_remainder=True)
+  if search.search_finetune_steps > available:
+    raise ValueError(f"search_finetune_steps={search.search_finetune_steps} needs "
+                     f"{search.search_finetune_steps} batches of {config.batch_size}; "
+                     f"the training split has {available}")
 
 
 def _search_config(config: Config, search: SearchConfig, **changes: Any) -> Config:
@@ -135,6 +147,7 @@ def search_and_evaluate(config: Config, search: SearchConfig, workdir: str,
   model = trainer.build_model(config.replace(mode="train"), splits.spec.num_classes)
   table = layer_table(model, (1, *splits.spec.image_shape))
   problem = build_problem(config, search, table, 0.0)  # Checks the budget first.
+  _check_scoring(config, search, splits)
   os.makedirs(workdir, exist_ok=True)
   config.save(os.path.join(workdir, "config.json"))
   search.save(os.path.join(workdir, "search_config.json"))
@@ -164,7 +177,9 @@ def search_and_evaluate(config: Config, search: SearchConfig, workdir: str,
   cost = wall.describe(result.policy.w_bits, result.policy.a_bits)
   budget = search.budget_spec()
   policy_path = os.path.join(workdir, "policy.json")
-  save_policy(policy_path, result.policy, model=config.model, target=search.target,
+  save_policy(policy_path, result.policy, model=config.model,
+              num_classes=splits.spec.num_classes,
+              input_shape=list(splits.spec.image_shape), target=search.target,
               budget={"metric": budget.metric, "value": budget.value,
                       "kind": budget.kind, "reference": budget.reference,
                       "limit": wall.limit, "unit": hardware.base.UNITS[budget.metric]},

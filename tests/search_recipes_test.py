@@ -1,0 +1,56 @@
+"""Every checked-in search recipe parses into a valid Config and SearchConfig."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = ("quickstart_rl", "imagenet_mobilenet_v2_haq_latency",
+           "imagenet_mobilenet_v2_haq_energy", "imagenet_mobilenet_v1_haq_edge",
+           "imagenet_resnet50_haq_kmeans")
+
+_SCRIPT = """
+import json, sys
+from absl import flags
+from experiments import cli, imagenet
+from haqjax.search.config import SearchConfig
+flags.FLAGS(["prog", "--flagfile=" + sys.argv[1], "--workdir=/nonexistent"])
+config = imagenet.config_from_flags()
+search = SearchConfig(**cli.values_of(imagenet._SEARCH_FLAGS))
+print(json.dumps({"mode": config.mode, "model": config.model, **search.to_dict(),
+                  "first": config.first_layer_w8, "last": config.last_layer_w8a8}))
+"""
+
+
+@pytest.fixture(scope="module")
+def parsed():
+  out = {}
+  for name in RECIPES:
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, f"experiments/flags/{name}.flags"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json  # pylint: disable=g-import-not-at-top
+    out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+  return out
+
+
+def test_recipes_are_haq_setups(parsed):
+  for r in parsed.values():
+    assert r["mode"] == "rl"
+  q = parsed["quickstart_rl"]
+  assert (q["model"], q["target"], q["budget_reference"], q["budget"]) == (
+      "quickstart_cnn", "bismo-edge", "w4a4", 1.0)
+  assert q["search_episodes"] >= 100
+  lat = parsed["imagenet_mobilenet_v2_haq_latency"]
+  assert (lat["model"], lat["target"], lat["budget_metric"], lat["budget"]) == (
+      "mobilenet_v2", "bismo-cloud", "latency", 0.6)
+  assert lat["first"] and lat["last"]
+  energy = parsed["imagenet_mobilenet_v2_haq_energy"]
+  assert (energy["target"], energy["budget_metric"]) == ("bitfusion", "energy")
+  edge = parsed["imagenet_mobilenet_v1_haq_edge"]
+  assert (edge["model"], edge["target"]) == ("mobilenet_v1", "bismo-edge")
+  km = parsed["imagenet_resnet50_haq_kmeans"]
+  assert (km["model"], km["quantization"], km["budget_metric"], km["budget"],
+          km["budget_reference"]) == ("resnet50", "kmeans", "size", 0.1, "fp32")

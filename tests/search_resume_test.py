@@ -1,0 +1,148 @@
+"""A HAQ search killed at any point resumes: nothing lost, the same best policy.
+
+The launcher runs in real subprocesses on the digits dataset with a tiny
+search. Run A goes uninterrupted; run B, the same command with another
+workdir, is SIGKILLed (its whole process group) twice at random points and
+rerun to completion. B must keep every episode it had finished when killed,
+redo none of them, and end with A's episodes, best episode and policy.
+
+The runs share a persistent compilation cache, so only the first one pays for
+compilation; the module takes about 1.5 minutes on a 2-core CPU.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPISODES = 16
+
+
+def _command(*args):
+  return [sys.executable, "-m", "experiments.imagenet", *args]
+
+
+def _env():
+  return {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
+def _launch(args, timeout=300):
+  proc = subprocess.run(_command(*args), cwd=ROOT, env=_env(), capture_output=True,
+                        text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def _lines(path):
+  """The complete (newline-terminated) lines of a file, parsed."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    text = f.read()
+  return [json.loads(l) for l in text.split("\n")[:-1]]
+
+
+def _without_seconds(records):
+  return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+@pytest.fixture(scope="module")
+def base_args(tmp_path_factory):
+  """Digits flags, a prepared dataset and a short FP32 run to search from."""
+  tmp = tmp_path_factory.mktemp("resume")
+  common = ["--flagfile=experiments/flags/digits.flags", f"--data_dir={tmp / 'data'}",
+            f"--compilation_cache={tmp / 'jit'}", "--noprogress", "--notensorboard"]
+  _launch([*common, f"--workdir={tmp / 'fp32'}", "--epochs=2"])
+  return [*common, "--mode=rl", f"--init_from={tmp / 'fp32'}",
+          f"--search_episodes={EPISODES}", "--warmup_episodes=4",
+          "--search_finetune_steps=3", "--hidden=32,32", "--ddpg_batch_size=16",
+          "--budget=0.5", "--finetune_epochs=0.25"], tmp
+
+
+@pytest.fixture(scope="module")
+def run_a(base_args):
+  args, tmp = base_args
+  workdir = tmp / "a"
+  _launch([*args, f"--workdir={workdir}"])
+  return workdir
+
+
+def _kill_after(args, episodes_path, lines, delay):
+  """Starts the command, SIGKILLs its process group `delay` s after `lines` episodes.
+
+  Returns the complete episode records in the file at the moment of the kill.
+  """
+  proc = subprocess.Popen(_command(*args), cwd=ROOT, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          start_new_session=True)
+  try:
+    deadline = time.monotonic() + 240
+    while len(_lines(episodes_path)) < lines:
+      if proc.poll() is not None:
+        pytest.fail(f"the search exited ({proc.returncode}) before {lines} episodes: "
+                    f"{proc.stderr.read().decode()[-3000:]}")
+      if time.monotonic() > deadline:
+        pytest.fail(f"no {lines} episodes within 240 s")
+      time.sleep(0.02)
+    time.sleep(delay)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    seen = _lines(episodes_path)  # Nothing writes any more.
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+    proc.stderr.close()
+  assert proc.returncode == -signal.SIGKILL
+  return seen
+
+
+def test_uninterrupted_run(run_a):
+  records = _lines(run_a / "search" / "episodes.jsonl")
+  assert [r["episode"] for r in records] == list(range(EPISODES))
+  assert (run_a / "results.json").exists()
+
+
+def test_killed_twice_at_random_points_resumes_to_the_same_policy(base_args, run_a):
+  args, tmp = base_args
+  workdir = tmp / "b"
+  args = [*args, f"--workdir={workdir}"]
+  episodes_path = workdir / "search" / "episodes.jsonl"
+  seed = random.randrange(2**32)
+  rng = random.Random(seed)
+  why = f"(random seed {seed})"
+
+  first = rng.randint(3, 6)
+  seen = _kill_after(args, episodes_path, first, rng.uniform(0.0, 0.3))
+  assert len(seen) >= first, why
+  assert not (workdir / "results.json").exists(), why
+  second = len(seen) + rng.randint(2, 4)
+  seen2 = _kill_after(args, episodes_path, second, rng.uniform(0.0, 0.3))
+  # Killed, rerun and killed again: every episode finished before the first kill
+  # is still there, unchanged (same `seconds`: it was restored, not replayed).
+  assert seen2[:len(seen)] == seen, why
+  assert len(seen2) >= second and len(seen2) < EPISODES, why
+
+  _launch(args)
+  records = _lines(episodes_path)
+  assert [r["episode"] for r in records] == list(range(EPISODES)), why
+  assert records[:len(seen2)] == seen2, why
+  reference = _lines(run_a / "search" / "episodes.jsonl")
+  assert _without_seconds(records) == _without_seconds(reference), why
+
+  policy_a = json.loads((run_a / "policy.json").read_text())
+  policy_b = json.loads((workdir / "policy.json").read_text())
+  assert policy_b["layers"] == policy_a["layers"], why
+  assert policy_b["search"] == policy_a["search"], why
+  assert policy_b["cost"] == policy_a["cost"], why
+  results_a = json.loads((run_a / "results.json").read_text())
+  results_b = json.loads((workdir / "results.json").read_text())
+  for key in ("best_episode", "best_reward", "search_val_top1", "episodes", "policy",
+              "test_top1"):
+    assert results_b[key] == results_a[key], (key, why)

@@ -1,0 +1,176 @@
+"""The launcher's `rl` mode as a user runs it: bad input, and a small real search."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from haqjax import hardware
+from haqjax import models
+from haqjax.nn import layer_table
+from haqjax.policy import load_policy
+from haqjax.search import env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPISODES = 6
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def launch(*args, timeout=300):
+  env_vars = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "experiments.imagenet", *args], cwd=ROOT,
+                        env=env_vars, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, *fragments):
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1, proc.stderr[-2000:]
+  assert lines[0].startswith("error: ")
+  assert "Traceback" not in proc.stderr
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def digits_table():
+  return layer_table(models.create("digits_cnn", num_classes=10), (1, 8, 8, 1))
+
+
+def _digits(data_dir, workdir):
+  return ["--flagfile=experiments/flags/digits.flags", f"--data_dir={data_dir}",
+          f"--workdir={workdir}", "--compilation_cache=", "--noprogress", "--mode=rl"]
+
+
+def _lowest_ratio(table) -> float:
+  """digits_cnn's cheapest bismo-edge latency at 2 bits, as a multiple of W8A8."""
+  wall = env.BudgetWall(
+      hardware.get_target("bismo-edge"), hardware.from_layer_table(table),
+      hardware.Budget(metric="latency", value=1.0, reference="w8a8"), min_bits=2,
+      max_bits=8, fixed=env.Fixed.create(len(table), mode="linear"))
+  return wall.min_cost / wall.reference
+
+
+def test_budget_below_minimum_names_the_lowest_ratio(data_dir, digits_table, tmp_path):
+  proc = launch(*_digits(data_dir, tmp_path / "run"), "--budget=0.01")
+  assert_one_line_error(proc, "0.01 x w8a8", "lowest cost reachable with bits >= 2",
+                        f"= {_lowest_ratio(digits_table):.4g} x w8a8", "--min_bits")
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    ("--min_bits=5 --max_bits=3", ("min_bits=5 is larger than max_bits=3",)),
+    ("--target=tpu9", ("target='tpu9'", "bismo-edge")),
+    ("--budget_reference=int8", ("budget_reference", "'int8'", "w8a8")),
+    ("--search_scorer=foo", ("search_scorer='foo'", "qat, ptq")),
+    ("--hidden=a,b", ("hidden='a,b'", "300,300")),
+    ("--search_finetune_steps=1000", ("search_finetune_steps=1000", "the training split has")),
+])
+def test_bad_search_flags_fail_before_training(data_dir, tmp_path, flags, fragments):
+  # No --init_from: a check made after the FP32 stage would leave fp32/ behind.
+  proc = launch(*_digits(data_dir, tmp_path / "run"), *flags.split())
+  assert_one_line_error(proc, *fragments)
+  assert not (tmp_path / "run").exists(), os.listdir(tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def search_run(data_dir, tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("runner")
+  fp32 = tmp / "fp32"
+  proc = launch("--flagfile=experiments/flags/digits.flags", f"--data_dir={data_dir}",
+                f"--workdir={fp32}", "--compilation_cache=", "--noprogress", "--epochs=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  workdir = tmp / "search"
+  proc = launch(*_digits(data_dir, workdir), f"--init_from={fp32}",
+                f"--search_episodes={EPISODES}", "--warmup_episodes=3",
+                "--search_finetune_steps=3", "--hidden=32,32", "--ddpg_batch_size=16",
+                "--budget=0.5", "--finetune_epochs=0.25", "--notensorboard")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+def test_search_summary_line(search_run):
+  _, proc = search_run
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert summary["mode"] == "rl" and summary["steps"] == EPISODES
+  assert 0 <= summary["test_top1"] <= 100
+
+
+def test_policy_json(search_run, digits_table):
+  workdir, _ = search_run
+  policy = load_policy(workdir / "policy.json", digits_table.names)
+  d = json.loads((workdir / "policy.json").read_text())
+  assert d["model"] == "digits_cnn" and d["target"] == "bismo-edge"
+  budget = d["budget"]
+  assert (budget["metric"], budget["value"], budget["kind"], budget["reference"],
+          budget["unit"]) == ("latency", 0.5, "ratio", "w8a8", "s")
+  assert d["cost"] <= budget["limit"] * (1 + 1e-9)
+  assert d["cost_ratio"] <= 0.5 + 1e-9
+  # The stored cost is the hardware model's cost of the stored bits.
+  cost = hardware.policy_cost(hardware.get_target("bismo-edge"),
+                              hardware.from_layer_table(digits_table),
+                              np.asarray(policy.w_bits), np.asarray(policy.a_bits))
+  np.testing.assert_allclose(d["cost"], float(cost), rtol=1e-5)
+  search = d["search"]
+  assert 0 <= search["episode"] < EPISODES
+  assert 0 <= search["val_top1"] <= 100 and 0 <= search["fp32_val_top1"] <= 100
+  np.testing.assert_allclose(search["reward"],
+                             0.1 * (search["val_top1"] - search["fp32_val_top1"]))
+  assert all(2 <= l["w_bits"] <= 8 and 2 <= l["a_bits"] <= 8 for l in d["layers"])
+
+
+def test_results_json(search_run):
+  workdir, _ = search_run
+  r = json.loads((workdir / "results.json").read_text())
+  policy = json.loads((workdir / "policy.json").read_text())
+  assert (r["mode"], r["model"], r["dataset"], r["target"]) == (
+      "rl", "digits_cnn", "digits", "bismo-edge")
+  assert r["fits"] is True and r["cost"] <= r["limit"] * (1 + 1e-9)
+  assert r["cost"] == policy["cost"] and r["policy"] == policy["layers"]
+  assert r["episodes"] == EPISODES and r["episodes_per_minute"] > 0
+  assert r["best_episode"] == policy["search"]["episode"]
+  assert r["best_reward"] == policy["search"]["reward"]
+  assert r["search_val_top1"] == policy["search"]["val_top1"]
+  assert r["trace_counts"] == {"train": 1, "eval": 1}
+  for key in ("test_top1", "test_top5", "val_top1", "fp32_test_top1", "fp32_val_top1"):
+    assert 0 <= r[key] <= 100, key
+  for key in ("fp32_seconds", "search_seconds", "finetune_seconds", "total_seconds"):
+    assert r[key] >= 0, key
+  assert (workdir / "finetune" / "results.json").exists()
+  assert not (workdir / "fp32").exists()  # --init_from named the FP32 run.
+
+
+def test_episode_records(search_run):
+  workdir, _ = search_run
+  lines = (workdir / "search" / "episodes.jsonl").read_text().splitlines()
+  records = [json.loads(l) for l in lines]
+  assert [r["episode"] for r in records] == list(range(EPISODES))
+  assert [r["warmup"] for r in records] == [True] * 3 + [False] * (EPISODES - 3)
+  for r in records:
+    assert r["cost"] <= r["limit"] * (1 + 1e-9)
+    assert r["seconds"] > 0 and 0 <= r["top1"] <= 100
+  best = max(records, key=lambda r: r["reward"])
+  assert records[-1]["best_reward"] == best["reward"]
+
+
+def test_report_and_plots(search_run):
+  workdir, _ = search_run
+  report = (workdir / "report.md").read_text()
+  assert "Reproduce: `python -m experiments.imagenet" in report
+  assert f"--workdir={workdir}" in report and "--mode=rl" in report
+  assert "plots/bits.png" in report and "plots/search.png" in report
+  for name in ("bits.png", "search.png"):
+    path = workdir / "plots" / name
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, name
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    with Image.open(path) as image:
+      image.verify()
+      assert image.size[0] > 100 and image.size[1] > 100
