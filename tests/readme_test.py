@@ -17,7 +17,7 @@ def test_readme_has_two_commands_and_ci_runs_the_test_one():
   commands = _readme_commands()
   assert len(commands) == 2
   main_job, tests = commands
-  assert "python -m experiments.imagenet --flagfile=experiments/flags/quickstart.flags" in main_job
+  assert "python -m experiments.imagenet --flagfile=experiments/flags/quickstart_rl.flags" in main_job
   assert "pytest" in tests
   with open(os.path.join(ROOT, ".ci", "run")) as f:
     ci_lines = [line.strip() for line in f]
@@ -26,6 +26,6 @@ def test_readme_has_two_commands_and_ci_runs_the_test_one():
 
 def test_readme_recipes_exist():
   flags_dir = os.path.join(ROOT, "experiments", "flags")
-  for recipe in ("quickstart", "quickstart_qat", "digits", "cifar10_resnet20",
+  for recipe in ("quickstart", "quickstart_rl", "quickstart_qat", "digits", "cifar10_resnet20",
                  "imagenet_mobilenet_v2", "imagenet_resnet50"):
     assert os.path.exists(os.path.join(flags_dir, f"{recipe}.flags")), recipe
