@@ -8,8 +8,9 @@ same module runs ImageNet, CIFAR-10, Fashion-MNIST and digits. A rerun with
 the same --workdir resumes. Modes: `train` (floating point), `qat`
 (fine-tuning under --policy=wXaY or a policy JSON, usually --init_from the
 FP32 run's workdir), `ptq` (post-training quantization of --init_from under
---policy on --calibration_size training images) and `rl` (the HAQ job: FP32
-model, DDPG bit search under --target/--budget_*, fine-tune, test, report).
+--policy on --calibration_size training images), `rl` (the HAQ job: FP32
+model, DDPG bit search under --target/--budget_*, fine-tune, test, report)
+and `gumbel` (the same job with the differentiable search, --gumbel_* flags).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from absl import flags
 
 from experiments import cli
 from haqjax.search.config import SearchConfig
+from haqjax.search.gumbel.config import GumbelConfig
 from haqjax.train.config import Config
 
 _CONFIG_FLAGS = cli.define_flags_from(Config)
 _SEARCH_FLAGS = cli.define_flags_from(SearchConfig)
+_GUMBEL_FLAGS = cli.define_flags_from(GumbelConfig)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes everything; "
                                "rerun with the same workdir to resume.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() "
@@ -50,7 +53,10 @@ def main(argv: list[str]) -> None:
   if not _WORKDIR.value:
     raise ValueError("--workdir is required: the folder the run writes to")
   config = config_from_flags()
-  search = SearchConfig(**cli.values_of(_SEARCH_FLAGS)) if config.mode == "rl" else None
+  searching = config.mode in ("rl", "gumbel")
+  search = SearchConfig(**cli.values_of(_SEARCH_FLAGS)) if searching else None
+  gumbel = (GumbelConfig(**cli.values_of(_GUMBEL_FLAGS)) if config.mode == "gumbel"
+            else None)
   if _MULTIHOST.value:
     from haqjax import parallel  # pylint: disable=g-import-not-at-top
     parallel.initialize_multihost()
@@ -65,6 +71,12 @@ def main(argv: list[str]) -> None:
                         *(shlex.quote(a) for a in sys.argv[1:])])
     results = runner.search_and_evaluate(config, search, _WORKDIR.value, command)
     results["steps"] = results["episodes"]
+  elif config.mode == "gumbel":
+    from haqjax.search.gumbel import runner  # pylint: disable=g-import-not-at-top
+    command = " ".join(["python -m experiments.imagenet",
+                        *(shlex.quote(a) for a in sys.argv[1:])])
+    results = runner.search_and_evaluate(config, search, gumbel, _WORKDIR.value, command)
+    results["steps"] = results["search_steps"]
   else:
     from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
     results = trainer.train_and_evaluate(config, _WORKDIR.value)

@@ -150,6 +150,101 @@ class Policy:
       raise ValueError(f"{source}: {e}") from None
 
 
+@flax.struct.dataclass
+class SoftPolicy:
+  """Per-layer distributions over candidate bit-widths: a relaxed `Policy`.
+
+  What a differentiable bit search (DNAS, EdMIPS) passes to the model in
+  place of a `Policy`: layer `l` quantizes its kernel to the mixture
+  `sum_k w_probs[l, k] * Q(W, w_bits[l, k])` and its input to
+  `sum_k a_probs[l, k] * Q(x, a_bits[l, k])`, then runs one convolution on
+  the mixed tensors (EdMIPS's "composite" form, so a step costs one
+  convolution per layer however many candidates there are). At one-hot
+  probabilities this is the `Policy` of the chosen bits.
+
+  Candidates are per layer (`[L, K]`) so that layers fixed by convention (the
+  first layer's float input, `FLOAT_BITS`, which no candidate set holds) are
+  rows of one repeated bit-width. All four fields are array leaves: one
+  compiled step serves every distribution and candidate set of a shape.
+
+  Example::
+
+      soft = SoftPolicy.create(table.names, w_probs, a_probs, bits=(2, 4, 8))
+      logits = model.apply(variables, images, policy=soft)
+
+  Attributes:
+    w_probs: `[L, K]` weight bit-width probabilities (rows sum to 1).
+    a_probs: `[L, K]` input-activation bit-width probabilities.
+    w_bits: `[L, K]` int32 candidate weight bit-widths per layer.
+    a_bits: `[L, K]` int32 candidate activation bit-widths per layer.
+    names: layer names in layer-table order (static).
+
+  References:
+    Wu et al. Mixed Precision Quantization of ConvNets via Differentiable
+    Neural Architecture Search. 2018. https://arxiv.org/abs/1812.00090
+    Cai & Vasconcelos. Rethinking Differentiable Search for Mixed-Precision
+    Neural Networks. CVPR 2020. https://arxiv.org/abs/2004.05795
+  """
+  w_probs: Array
+  a_probs: Array
+  w_bits: Array
+  a_bits: Array
+  names: tuple[str, ...] = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, names: Sequence[str], w_probs: ArrayLike, a_probs: ArrayLike,
+             bits: ArrayLike, a_bits: ArrayLike | None = None) -> SoftPolicy:
+    """A soft policy over candidates `bits` (`[K]` or per layer `[L, K]`).
+
+    `a_bits` defaults to `bits`. Probabilities are not renormalised.
+    """
+    names = tuple(names)
+    shape = (len(names), np.shape(bits)[-1])
+    w_bits = np.broadcast_to(np.asarray(bits, np.int64), shape)
+    a_bits = np.broadcast_to(np.asarray(bits if a_bits is None else a_bits, np.int64),
+                             shape)
+    for field, v in (("w_bits", w_bits), ("a_bits", a_bits)):
+      for row in v.T:
+        _check_bits(field, row, names)
+    for field, p in (("w_probs", w_probs), ("a_probs", a_probs)):
+      if np.shape(p) != shape:
+        raise ValueError(f"{field} has shape {np.shape(p)}; allowed: {shape} "
+                         "(layers, candidates)")
+    return cls(w_probs=jnp.asarray(w_probs, jnp.float32),
+               a_probs=jnp.asarray(a_probs, jnp.float32),
+               w_bits=jnp.asarray(w_bits, jnp.int32), a_bits=jnp.asarray(a_bits, jnp.int32),
+               names=names)
+
+  @classmethod
+  def from_policy(cls, policy: Policy, bits: ArrayLike) -> SoftPolicy:
+    """The one-hot soft policy equal to `policy`, over candidates `bits` `[K]`.
+
+    A layer whose bits are not among the candidates (e.g. a float input) gets
+    a row of its own bits.
+    """
+    bits = np.asarray(bits, np.int64)  # [K]
+    rows = {}
+    for field in ("w_bits", "a_bits"):
+      b = np.asarray(getattr(policy, field), np.int64)[:, None]  # [L, 1]
+      hit = bits[None, :] == b  # [L, K]
+      first = np.argmax(hit, axis=-1)
+      probs = np.eye(bits.size)[np.where(hit.any(-1), first, 0)]
+      rows[field] = (np.where(hit.any(-1, keepdims=True), bits[None, :], b), probs)
+    return cls.create(policy.names, rows["w_bits"][1], rows["a_bits"][1],
+                      rows["w_bits"][0], rows["a_bits"][0])
+
+  def __len__(self) -> int:
+    return len(self.names)
+
+  def candidates_for(self, name: str) -> tuple[Array, Array, Array, Array]:
+    """`(w_bits, w_probs, a_bits, a_probs)` of layer `name`, `[K]` each."""
+    try:
+      i = self.names.index(name)
+    except ValueError:
+      raise ValueError(f"layer {name!r} is not in the soft policy") from None
+    return self.w_bits[i], self.w_probs[i], self.a_bits[i], self.a_probs[i]
+
+
 def load_policy(path: str | os.PathLike, names: Sequence[str] | None = None) -> Policy:
   """Loads a policy JSON file, validated against the model's layer names."""
   try:

@@ -1,7 +1,10 @@
 """Quantizable layers: convolution (incl. depthwise/grouped) and dense.
 
 Each layer takes the policy at call time, `layer(x, policy)`, and looks up its
-own bits by its module path. `policy=None` runs in floating point. The input
+own bits by its module path. `policy=None` runs in floating point. A
+`SoftPolicy` (a differentiable bit search's relaxed policy) quantizes each
+tensor to the probability-weighted mixture of its candidate bit-widths and
+runs one convolution on the mixtures (EdMIPS). The input
 activation is quantized to `a_bits` and the kernel to `w_bits` before the
 matmul/convolution, as in HAQ.
 
@@ -28,6 +31,8 @@ References:
   https://arxiv.org/abs/1712.05877
   Krishnamoorthi. Quantizing deep convolutional networks for efficient
   inference: A whitepaper. 2018. https://arxiv.org/abs/1806.08342
+  Cai & Vasconcelos. Rethinking Differentiable Search for Mixed-Precision
+  Neural Networks. CVPR 2020. https://arxiv.org/abs/2004.05795
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from haqjax.policy import Policy
+from haqjax.policy import SoftPolicy
 from haqjax.quant.base import Quantizer
 from haqjax.quant.uniform import MinMaxActivation
 from haqjax.quant.uniform import MinMaxWeight
@@ -91,7 +97,7 @@ class _QuantizedLayer(nn.Module):
             DEFAULT_ACT_QUANTIZER if aq is None else aq)
 
   def _quantize(self, x: Array, kernel: Array,
-                policy: Policy | None) -> tuple[Array, Array]:
+                policy: Policy | SoftPolicy | None) -> tuple[Array, Array]:
     wq, aq = self.quantizers()
     w_params = wq.init(kernel)
     if w_params:
@@ -101,10 +107,30 @@ class _QuantizedLayer(nn.Module):
       a_params = self.param("act_quant", lambda _: a_params)
     if policy is None:
       return x, kernel
-    w_bits, a_bits = policy.bits_for(layer_name(self))
     a_key = self.make_rng("quant") if aq.needs_key else None
     w_key = self.make_rng("quant") if wq.needs_key else None
+    if isinstance(policy, SoftPolicy):
+      w_bits, w_probs, a_bits, a_probs = policy.candidates_for(layer_name(self))
+      return (_mix(aq, a_params, x, a_bits, a_probs, a_key),
+              _mix(wq, w_params, kernel, w_bits, w_probs, w_key))
+    w_bits, a_bits = policy.bits_for(layer_name(self))
     return aq(a_params, x, a_bits, a_key), wq(w_params, kernel, w_bits, w_key)
+
+
+def _mix(quantizer: Quantizer, params: Any, x: Array, bits: Array, probs: Array,
+         key: Array | None) -> Array:
+  """`sum_k probs[k] * Q(x, bits[k])`: EdMIPS's composite tensor, shape of `x`.
+
+  The K fake-quantized copies are elementwise work; the layer then runs one
+  convolution on the mixture instead of one per candidate (Cai & Vasconcelos
+  2020, sec. 3.3). Stochastic rounding draws an independent key per candidate.
+  """
+  if key is None:
+    qs = jax.vmap(lambda b: quantizer(params, x, b, None))(bits)  # [K, *x.shape]
+  else:
+    keys = jax.random.split(key, bits.shape[0])
+    qs = jax.vmap(lambda b, k: quantizer(params, x, b, k))(bits, keys)
+  return jnp.tensordot(probs.astype(qs.dtype), qs, axes=1)
 
 
 class FoldedBatchNorm(nn.Module):
@@ -185,7 +211,7 @@ class QConv(_QuantizedLayer):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, policy: Policy | None = None,
+  def __call__(self, x: Array, policy: Policy | SoftPolicy | None = None,
                bn: FoldedBatchNorm | None = None, train: bool = False) -> Array:
     """The convolution of `x`, or with `bn` its BN-folded form.
 
@@ -240,7 +266,7 @@ class QConv(_QuantizedLayer):
         padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=self.feature_group_count)
 
-  def _folded(self, x: Array, kernel: Array, policy: Policy | None,
+  def _folded(self, x: Array, kernel: Array, policy: Policy | SoftPolicy | None,
               bn: FoldedBatchNorm, train: bool) -> Array:
     # haqjax.ptq.folding imports the models, which import this module.
     from haqjax.ptq.folding import folded_kernel_and_bias  # pylint: disable=g-import-not-at-top
@@ -275,7 +301,7 @@ class QDense(_QuantizedLayer):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, policy: Policy | None = None) -> Array:
+  def __call__(self, x: Array, policy: Policy | SoftPolicy | None = None) -> Array:
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
     x, kernel = self._quantize(x, kernel, policy)
     y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))

@@ -1,5 +1,10 @@
 """`search_and_evaluate(config, search, workdir)`: the launcher's `rl` mode.
 
+Its stages are shared pieces (`prepare`, `save_search_policy`, `finetune`,
+`common_results`, `write_report`) that every search job uses; the
+differentiable search (`haqjax.search.gumbel.runner`, mode `gumbel`) swaps
+only the search stage and its plots.
+
 The whole HAQ job, each stage resumable (a rerun with the same workdir picks
 up where the last one stopped and never redoes a finished stage):
 
@@ -14,17 +19,20 @@ up where the last one stopped and never redoes a finished stage):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
 import sys
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from haqjax import data as haq_data
 from haqjax import hardware
 from haqjax import io as haq_io
 from haqjax.nn import layer_table
+from haqjax.policy import Policy
 from haqjax.policy import save_policy
 from haqjax.search import env as env_lib
 from haqjax.search import scoring
@@ -43,14 +51,19 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
-def _check_search_workdir(search: SearchConfig, workdir: str) -> None:
-  saved = _read_json(os.path.join(workdir, "search_config.json"))
+def _check_saved(saved_config, filename: str, resumable: frozenset, workdir: str) -> None:
+  """Refuses a workdir whose saved `filename` holds other (non-resumable) values."""
+  saved = _read_json(os.path.join(workdir, filename))
   if saved is None:
     return
-  for key, value in search.to_dict().items():
-    if key not in RESUMABLE_CHANGES and saved.get(key) != value:
+  for key, value in saved_config.to_dict().items():
+    if key not in resumable and saved.get(key) != value:
       raise ValueError(f"workdir {workdir!r} holds a search with {key}={saved.get(key)!r}, "
                        f"not {value!r}; use another --workdir to keep both")
+
+
+def _check_search_workdir(search: SearchConfig, workdir: str) -> None:
+  _check_saved(search, "search_config.json", RESUMABLE_CHANGES, workdir)
 
 
 def _stage(config: Config, workdir: str) -> dict[str, Any]:
@@ -61,23 +74,27 @@ def _stage(config: Config, workdir: str) -> dict[str, Any]:
   return trainer.train_and_evaluate(config, workdir)
 
 
-def build_problem(config: Config, search: SearchConfig, table, fp32_top1: float,
-                  ) -> rl_search.Problem:
-  """The search space and budget of a config (validated before any training)."""
+def build_wall(config: Config, search: SearchConfig, table) -> env_lib.BudgetWall:
+  """Costs, budget and fixed layers of a config (validated before any training)."""
   target = hardware.get_target(search.target)
   # Costs at the target's batch size (HAQ: 1 on the edge, 16 in the cloud).
   layers = hardware.from_layer_table(table, batch=int(getattr(target, "batch", 1)))
   fixed = env_lib.Fixed.create(len(table), mode=search.quantization,
                                first_layer_w8=config.first_layer_w8,
                                last_layer_w8a8=config.last_layer_w8a8)
-  wall = env_lib.BudgetWall(target, layers, search.budget_spec(),
+  return env_lib.BudgetWall(target, layers, search.budget_spec(),
                             min_bits=search.min_bits, max_bits=search.max_bits,
                             fixed=fixed)
+
+
+def build_problem(config: Config, search: SearchConfig, table, fp32_top1: float,
+                  ) -> rl_search.Problem:
+  """The RL search space and budget of a config (validated before any training)."""
   return rl_search.Problem(
       names=table.names, observations=env_lib.observations(table, search.quantization),
       mode=search.quantization, min_bits=search.min_bits, max_bits=search.max_bits,
-      wall=wall, fp32_top1=fp32_top1, episodes=search.search_episodes,
-      ddpg=search.ddpg(), seed=config.seed)
+      wall=build_wall(config, search, table), fp32_top1=fp32_top1,
+      episodes=search.search_episodes, ddpg=search.ddpg(), seed=config.seed)
 
 
 def _check_scoring(config: Config, search: SearchConfig, splits) -> None:
@@ -120,6 +137,138 @@ def make_scorer(config: Config, search: SearchConfig, splits, fp32_dir: str):
       calibration_batches=config.calibration_batches, model_name=config.model)
 
 
+@dataclasses.dataclass
+class Setup:
+  """What every search job shares once its FP32 stage is done.
+
+  Attributes:
+    workdir: the job's folder (absolute).
+    splits: the dataset.
+    table: the model's layer table.
+    wall: costs, budget and fixed layers.
+    fp32_dir: the FP32 run (`init_from`, or `fp32/` in the workdir).
+    fp32: its results (empty when `init_from` has none).
+    timings: seconds per stage so far (`fp32_seconds`, ...).
+    t_start: `time.perf_counter()` at the job's start.
+  """
+  workdir: str
+  splits: Any
+  table: Any
+  wall: env_lib.BudgetWall
+  fp32_dir: str
+  fp32: dict[str, Any]
+  timings: dict[str, float]
+  t_start: float
+
+
+def prepare(config: Config, search: SearchConfig, workdir: str, *,
+            extra: Sequence[tuple[str, Any, frozenset]] = (),
+            check: Callable[[Any, Any, env_lib.BudgetWall], None] | None = None,
+            ) -> Setup:
+  """Checks everything, saves the configs, then runs (or reads) the FP32 stage.
+
+  Args:
+    config: training settings.
+    search: budget, bit range and fine-tune settings.
+    workdir: the job's folder; a rerun resumes.
+    extra: `(filename, config, resumable fields)` of further configs to save
+      beside `search_config.json` (and check on resume).
+    check: `check(splits, table, wall)`, the search's own checks; runs before
+      anything is written.
+  """
+  workdir = os.path.abspath(workdir)
+  trainer._check_workdir(config, workdir)  # pylint: disable=protected-access
+  _check_search_workdir(search, workdir)
+  for filename, saved_config, resumable in extra:
+    _check_saved(saved_config, filename, resumable, workdir)
+  t_start = time.perf_counter()
+  splits = haq_data.load(config.dataset, data_dir=config.data_dir,
+                         manual_dir=config.manual_dir, val_size=config.val_size,
+                         split_seed=config.split_seed)
+  if not len(splits.val):
+    raise ValueError("val_size=0: the search scores policies on a held-out split "
+                     "carved from train; allowed: val_size > 0")
+  model = trainer.build_model(config.replace(mode="train"), splits.spec.num_classes)
+  table = layer_table(model, (1, *splits.spec.image_shape))
+  wall = build_wall(config, search, table)  # Checks the budget first.
+  if check is not None:
+    check(splits, table, wall)
+  os.makedirs(workdir, exist_ok=True)
+  config.save(os.path.join(workdir, "config.json"))
+  search.save(os.path.join(workdir, "search_config.json"))
+  for filename, saved_config, _ in extra:
+    saved_config.save(os.path.join(workdir, filename))
+  haq_io.write_json(os.path.join(workdir, "layers.json"), table.rows())
+
+  t0 = time.perf_counter()
+  if config.init_from:
+    fp32_dir = config.init_from
+    fp32 = _read_json(os.path.join(fp32_dir, "results.json")) or {}
+  else:
+    fp32_dir = os.path.join(workdir, "fp32")
+    fp32 = _stage(config.replace(mode="train", policy=None), fp32_dir)
+  return Setup(workdir=workdir, splits=splits, table=table, wall=wall,
+               fp32_dir=fp32_dir, fp32=fp32,
+               timings={"fp32_seconds": time.perf_counter() - t0}, t_start=t_start)
+
+
+def fp32_val_top1(config: Config, search: SearchConfig, setup: Setup) -> float:
+  """The FP32 model's top-1 on the search's held-out split."""
+  fp32_val = setup.fp32.get("val_top1")
+  if fp32_val is None or search.search_val_size:
+    fp32_val = _fp32_top1(config, setup.splits, search, setup.fp32_dir)
+  return float(fp32_val)
+
+
+def save_search_policy(config: Config, search: SearchConfig, setup: Setup,
+                       policy: Policy, meta: dict[str, Any]) -> tuple[str, dict[str, float]]:
+  """Writes `policy.json` (bits, cost, budget, `meta` as "search"); returns its path and cost."""
+  wall = setup.wall
+  cost = wall.describe(policy.w_bits, policy.a_bits)
+  budget = search.budget_spec()
+  path = os.path.join(setup.workdir, "policy.json")
+  save_policy(path, policy, model=config.model,
+              num_classes=setup.splits.spec.num_classes,
+              input_shape=list(setup.splits.spec.image_shape), target=search.target,
+              budget={"metric": budget.metric, "value": budget.value,
+                      "kind": budget.kind, "reference": budget.reference,
+                      "limit": wall.limit, "unit": hardware.base.UNITS[budget.metric]},
+              cost=cost["cost"], cost_ratio=cost["ratio"], search=meta)
+  return path, cost
+
+
+def finetune(config: Config, search: SearchConfig, setup: Setup,
+             policy_path: str) -> dict[str, Any]:
+  """The final QAT of the policy from the FP32 weights, then test (resumable)."""
+  t0 = time.perf_counter()
+  finetune_config = _search_config(
+      config, search, policy=policy_path, init_from=setup.fp32_dir,
+      epochs=search.finetune_epochs, learning_rate=search.finetune_learning_rate,
+      warmup_epochs=0.0)
+  finetuned = _stage(finetune_config, os.path.join(setup.workdir, "finetune"))
+  setup.timings["finetune_seconds"] = time.perf_counter() - t0
+  return finetuned
+
+
+def common_results(mode: str, config: Config, search: SearchConfig, setup: Setup,
+                   policy: Policy, cost: dict[str, float], fp32_val: float,
+                   finetuned: dict[str, Any]) -> dict[str, Any]:
+  """The results every search job reports (its own keys go beside them)."""
+  wall = setup.wall
+  budget = search.budget_spec()
+  return {
+      "mode": mode, "model": config.model, "dataset": config.dataset,
+      "target": search.target, "budget": str(budget), "limit": wall.limit,
+      "unit": hardware.base.UNITS[budget.metric],
+      "cost": cost["cost"], "cost_ratio": cost["ratio"],
+      "fits": bool(wall.fits(policy.w_bits, policy.a_bits)),
+      "policy": policy.to_dict()["layers"],
+      "fp32_test_top1": setup.fp32.get("test_top1"), "fp32_val_top1": fp32_val,
+      "test_top1": finetuned["test_top1"], "test_top5": finetuned["test_top5"],
+      "val_top1": finetuned.get("val_top1"),
+  }
+
+
 def search_and_evaluate(config: Config, search: SearchConfig, workdir: str,
                         command: str | None = None) -> dict[str, Any]:
   """FP32 model -> RL search -> fine-tune of the best policy -> test -> report.
@@ -134,84 +283,34 @@ def search_and_evaluate(config: Config, search: SearchConfig, workdir: str,
   Returns:
     The figures written to `results.json`.
   """
-  workdir = os.path.abspath(workdir)
-  trainer._check_workdir(config, workdir)  # pylint: disable=protected-access
-  _check_search_workdir(search, workdir)
-  t_start = time.perf_counter()
-  splits = haq_data.load(config.dataset, data_dir=config.data_dir,
-                         manual_dir=config.manual_dir, val_size=config.val_size,
-                         split_seed=config.split_seed)
-  if not len(splits.val):
-    raise ValueError("val_size=0: the search scores policies on a held-out split "
-                     "carved from train; allowed: val_size > 0")
-  model = trainer.build_model(config.replace(mode="train"), splits.spec.num_classes)
-  table = layer_table(model, (1, *splits.spec.image_shape))
-  problem = build_problem(config, search, table, 0.0)  # Checks the budget first.
-  _check_scoring(config, search, splits)
-  os.makedirs(workdir, exist_ok=True)
-  config.save(os.path.join(workdir, "config.json"))
-  search.save(os.path.join(workdir, "search_config.json"))
-  haq_io.write_json(os.path.join(workdir, "layers.json"), table.rows())
-
-  timings = {}
-  t0 = time.perf_counter()
-  if config.init_from:
-    fp32_dir = config.init_from
-    fp32 = _read_json(os.path.join(fp32_dir, "results.json")) or {}
-  else:
-    fp32_dir = os.path.join(workdir, "fp32")
-    fp32 = _stage(config.replace(mode="train", policy=None), fp32_dir)
-  timings["fp32_seconds"] = time.perf_counter() - t0
-  fp32_val = fp32.get("val_top1")
-  scorer = make_scorer(config, search, splits, fp32_dir)
-  if fp32_val is None or search.search_val_size:
-    fp32_val = _fp32_top1(config, splits, search, fp32_dir)
-  problem = build_problem(config, search, table, float(fp32_val))
+  setup = prepare(config, search, workdir,
+                  check=lambda splits, table, wall: _check_scoring(config, search, splits))
+  scorer = make_scorer(config, search, setup.splits, setup.fp32_dir)
+  fp32_val = fp32_val_top1(config, search, setup)
+  problem = build_problem(config, search, setup.table, fp32_val)
 
   t0 = time.perf_counter()
   show = config.progress if config.progress is not None else os.isatty(2)
-  result = rl_search.run(problem, scorer, os.path.join(workdir, "search"),
+  result = rl_search.run(problem, scorer, os.path.join(setup.workdir, "search"),
                          progress=show, tensorboard=config.tensorboard)
-  timings["search_seconds"] = time.perf_counter() - t0
-  wall = problem.wall
-  cost = wall.describe(result.policy.w_bits, result.policy.a_bits)
-  budget = search.budget_spec()
-  policy_path = os.path.join(workdir, "policy.json")
-  save_policy(policy_path, result.policy, model=config.model,
-              num_classes=splits.spec.num_classes,
-              input_shape=list(splits.spec.image_shape), target=search.target,
-              budget={"metric": budget.metric, "value": budget.value,
-                      "kind": budget.kind, "reference": budget.reference,
-                      "limit": wall.limit, "unit": hardware.base.UNITS[budget.metric]},
-              cost=cost["cost"], cost_ratio=cost["ratio"],
-              search={"episode": result.best["episode"], "reward": result.best["reward"],
-                      "val_top1": result.best["top1"], "fp32_val_top1": fp32_val})
-
-  t0 = time.perf_counter()
-  finetune_config = _search_config(
-      config, search, policy=policy_path, init_from=fp32_dir, epochs=search.finetune_epochs,
-      learning_rate=search.finetune_learning_rate, warmup_epochs=0.0)
-  finetuned = _stage(finetune_config, os.path.join(workdir, "finetune"))
-  timings["finetune_seconds"] = time.perf_counter() - t0
+  setup.timings["search_seconds"] = time.perf_counter() - t0
+  policy_path, cost = save_search_policy(
+      config, search, setup, result.policy,
+      {"episode": result.best["episode"], "reward": result.best["reward"],
+       "val_top1": result.best["top1"], "fp32_val_top1": fp32_val})
+  finetuned = finetune(config, search, setup, policy_path)
 
   episodes = result.records
   results = {
-      "mode": "rl", "model": config.model, "dataset": config.dataset,
-      "target": search.target, "budget": str(budget), "limit": wall.limit,
-      "unit": hardware.base.UNITS[budget.metric],
-      "cost": cost["cost"], "cost_ratio": cost["ratio"],
-      "fits": bool(wall.fits(result.policy.w_bits, result.policy.a_bits)),
-      "policy": result.policy.to_dict()["layers"],
-      "fp32_test_top1": fp32.get("test_top1"), "fp32_val_top1": fp32_val,
+      **common_results("rl", config, search, setup, result.policy, cost, fp32_val,
+                       finetuned),
       "search_val_top1": result.best["top1"], "best_reward": result.best["reward"],
       "best_episode": result.best["episode"], "episodes": len(episodes),
       "episodes_per_minute": (60.0 * len(episodes) / sum(r["seconds"] for r in episodes)),
-      "test_top1": finetuned["test_top1"], "test_top5": finetuned["test_top5"],
-      "val_top1": finetuned.get("val_top1"),
       "trace_counts": result.trace_counts,
-      **timings, "total_seconds": time.perf_counter() - t_start,
+      **setup.timings, "total_seconds": time.perf_counter() - setup.t_start,
   }
-  write_outputs(workdir, results, table, result, problem, search,
+  write_outputs(setup.workdir, results, setup.table, result, problem, search,
                 command or " ".join(shlex.quote(a) for a in sys.argv))
   return results
 
@@ -224,27 +323,52 @@ def _fp32_top1(config: Config, splits, search: SearchConfig, fp32_dir: str) -> f
                   None)["top1"]
 
 
-def write_outputs(workdir: str, results: dict[str, Any], table, result, problem,
-                  search: SearchConfig, command: str) -> None:
-  """Plots, results.json and report.md."""
+def plot_policy(workdir: str, results: dict[str, Any], table, policy: Policy,
+                title: str) -> None:
+  """plots/bits.png: the policy's bits per layer."""
   from haqjax import report  # pylint: disable=g-import-not-at-top
   plots = os.path.join(workdir, "plots")
   os.makedirs(plots, exist_ok=True)
-  unit = hardware.base.UNITS[search.budget_metric]
   report.plot_policy_bits(os.path.join(plots, "bits.png"), table.rows(),
-                          result.policy.to_dict(),
-                          title=f"HAQ policy: {results['model']}, {results['budget']}")
+                          policy.to_dict(), title=f"{title}: {results['model']}, "
+                          f"{results['budget']}")
+
+
+def write_outputs(workdir: str, results: dict[str, Any], table, result, problem,
+                  search: SearchConfig, command: str) -> None:
+  """The RL search's plots, results.json and report.md."""
+  from haqjax import report  # pylint: disable=g-import-not-at-top
+  unit = hardware.base.UNITS[search.budget_metric]
+  plot_policy(workdir, results, table, result.policy, "HAQ policy")
   report.plot_search_progress(
-      os.path.join(plots, "search.png"), result.records,
+      os.path.join(workdir, "plots", "search.png"), result.records,
       budget={"metric": search.budget_metric, "unit": unit,
               "limit": problem.wall.limit, "label": results["budget"]},
       title=f"HAQ search on {search.target}")
+  write_report(
+      workdir, results, table, search, command, heading="HAQ search",
+      rows=[("search: best validation top-1",
+             f"{results['search_val_top1']:.2f}% (episode {results['best_episode']} "
+             f"of {results['episodes']})"),
+            ("after fine-tune: test top-1", f"{results['test_top1']:.2f}%"),
+            ("episodes per minute", f"{results['episodes_per_minute']:.1f}")],
+      figures=[("per-layer bits", "plots/bits.png"),
+               ("search progress", "plots/search.png")])
+
+
+def write_report(workdir: str, results: dict[str, Any], table, search: SearchConfig,
+                 command: str, *, heading: str, rows: Sequence[tuple[str, str]],
+                 figures: Sequence[tuple[str, str]]) -> None:
+  """results.json and report.md: the shared rows, the search's `rows` and `figures`."""
   haq_io.write_json(os.path.join(workdir, "results.json"), results)
-  rows = "\n".join(
+  unit = hardware.base.UNITS[search.budget_metric]
+  layers = "\n".join(
       f"| {i} | {l['name']} | {k} | {l['w_bits']} | "
       f"{'float' if l['a_bits'] == 32 else l['a_bits']} |"
       for i, (l, k) in enumerate(zip(results["policy"], table.kinds)))
-  text = f"""# HAQ search: {results['model']} on {results['dataset']}
+  own = "\n".join(f"| {name} | {value} |" for name, value in rows)
+  images = "\n\n".join(f"![{caption}]({path})" for caption, path in figures)
+  text = f"""# {heading}: {results['model']} on {results['dataset']}
 
 Reproduce: `{command}`
 
@@ -254,18 +378,14 @@ Reproduce: `{command}`
 | budget | {results['budget']} = {results['limit']:.4g} {unit} |
 | policy cost | {results['cost']:.4g} {unit} ({results['cost_ratio']:.3f} x {search.budget_reference}) |
 | FP32 test top-1 | {_pct(results['fp32_test_top1'])} |
-| search: best validation top-1 | {results['search_val_top1']:.2f}% (episode {results['best_episode']} of {results['episodes']}) |
-| after fine-tune: test top-1 | {results['test_top1']:.2f}% |
-| episodes per minute | {results['episodes_per_minute']:.1f} |
+{own}
 | time: FP32 / search / fine-tune | {results['fp32_seconds']:.0f} s / {results['search_seconds']:.0f} s / {results['finetune_seconds']:.0f} s |
 
-![per-layer bits](plots/bits.png)
-
-![search progress](plots/search.png)
+{images}
 
 | # | layer | kind | weight bits | activation bits |
 |---|---|---|---|---|
-{rows}
+{layers}
 """
   with haq_io.atomic_open(os.path.join(workdir, "report.md")) as f:
     f.write(text)

@@ -15,7 +15,7 @@ from typing import Any
 
 from haqjax import io as haq_io
 
-MODES = ("train", "qat", "ptq", "rl")
+MODES = ("train", "qat", "ptq", "rl", "gumbel")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16")
@@ -32,7 +32,8 @@ class Config:
       quantization of the `init_from` model under `policy`, 'rl' for the HAQ
       job: FP32 model (trained here, or `init_from`), RL bit search under a
       hardware budget (`haqjax.search.SearchConfig`), fine-tune of the best
-      policy, test and report.
+      policy, test and report; 'gumbel' for the same job with the
+      differentiable search (`haqjax.search.gumbel`) in place of the RL one.
     dataset: digits, fashion_mnist, cifar10 or imagenet2012.
     data_dir: where prepared datasets live (None: $HAQJAX_DATA_DIR or
       ~/.cache/haqjax/datasets).

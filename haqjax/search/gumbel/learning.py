@@ -1,0 +1,316 @@
+"""The differentiable bit search's pure `init` and `train_step` (DNAS / EdMIPS).
+
+Each quantizable layer `l` has architecture logits over K candidate
+bit-widths for its weights and for its input activations, `[L, K]` each. A
+training step relaxes them (`relax.py`), runs the model under the resulting
+`SoftPolicy` (every layer quantizes to the mixture of its candidates and runs
+one convolution) and minimises
+
+    task loss + penalty(E[cost] / limit),
+
+where `E[cost] = expected_from_tensor(T, softmax(w_logits), softmax(a_logits))`
+contracts the `[L, K, K]` cost tensor `T` of the candidates (the budget
+wall's, so the same hardware model as the RL search) with the categorical
+distributions: the expected cost of the discrete policy the logits sample,
+exact at one-hot. The penalty is a hinge `lambda * max(0, r - 1)` or the
+Lagrangian term `mu * (r - 1)` with `mu` updated by projected dual ascent,
+`mu <- max(0, mu + dual_lr * (r - 1))`, so that the expected cost settles at
+the budget.
+
+Weights and logits have their own optimizers, joined by
+`optax.multi_transform`: SGD with Nesterov momentum and L2 on kernels for the
+weights, Adam for the logits. Both learning rates are applied outside the
+transforms, from `HParams`, so they too are arrays. The logits do not move
+during the warm-up (`step < warmup_steps`) or once frozen
+(`step >= freeze_step`); their Adam state is then left as it was.
+
+Everything a sweep varies (penalty weight, budget limit, temperatures,
+learning rates, schedule points) is in `HParams`, a NamedTuple of arrays
+passed to every step, and the key is in the state; nothing swept is baked into
+the compiled step. A batch of searches is therefore::
+
+    hp = jax.tree.map(lambda *x: jnp.stack(x), hp_a, hp_b)
+    keys = jax.random.split(key, 2)
+    states = jax.vmap(search.init, in_axes=(0, 0, None))(keys, hp, variables)
+    states, metrics = jax.jit(jax.vmap(search.train_step, in_axes=(0, None, 0)))(
+        states, batch, hp)
+
+What is static is the model, the candidate bit-widths, the cost tensor, the
+relaxation ('gumbel', 'hard', 'softmax') and the penalty form.
+
+References:
+  Wu et al. Mixed Precision Quantization of ConvNets via Differentiable
+  Neural Architecture Search. 2018. https://arxiv.org/abs/1812.00090
+  Cai & Vasconcelos. Rethinking Differentiable Search for Mixed-Precision
+  Neural Networks. CVPR 2020. https://arxiv.org/abs/2004.05795
+  Boyd & Vandenberghe. Convex Optimization, ch. 5 (duality). 2004.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from haqjax.hardware.cost import expected_from_tensor
+from haqjax.policy import Policy
+from haqjax.policy import SoftPolicy
+from haqjax.search.gumbel import relax as relax_lib
+from haqjax.search.gumbel.config import PENALTIES
+from haqjax.train import steps
+from haqjax.typing import Array, ArrayLike, PRNGKey, PyTree
+
+
+class HParams(NamedTuple):
+  """The swept hyper-parameters of a search: float32 arrays, `[]` each.
+
+  Attributes:
+    lam: the hinge's weight, or the Lagrange multiplier's initial value.
+    limit: the budget, in the cost tensor's unit.
+    tau0: initial temperature.
+    tau_min: final temperature.
+    anneal_steps: steps over which the temperature decays (after warm-up).
+    dual_lr: dual ascent step of the multiplier.
+    arch_lr: Adam learning rate of the logits.
+    weight_lr: SGD learning rate of the weights.
+    warmup_steps: the logits train from this step on.
+    freeze_step: the logits are frozen from this step on.
+  """
+  lam: Array
+  limit: Array
+  tau0: Array
+  tau_min: Array
+  anneal_steps: Array
+  dual_lr: Array
+  arch_lr: Array
+  weight_lr: Array
+  warmup_steps: Array
+  freeze_step: Array
+
+  @classmethod
+  def create(cls, **values: ArrayLike) -> HParams:
+    """All fields as float32 arrays (missing ones raise a TypeError)."""
+    return cls(**{k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
+
+
+class GumbelState(NamedTuple):
+  """Everything a search step changes; checkpointed as is.
+
+  Attributes:
+    step: steps done, int32 `[]`.
+    params: the model's parameters.
+    batch_stats: its BatchNorm statistics.
+    logits: `{"w": [L, K], "a": [L, K]}` architecture logits.
+    opt_state: `optax.multi_transform` state over `{"model", "arch"}`.
+    multiplier: the Lagrange multiplier `[]` (the hinge keeps `lam` here).
+    key: the search's key; step `t` uses `fold_in(key, t)`, never the key.
+  """
+  step: Array
+  params: PyTree
+  batch_stats: PyTree
+  logits: dict[str, Array]
+  opt_state: PyTree
+  multiplier: Array
+  key: Array
+
+
+def candidate_rows(bits: Sequence[int], fixed_w: np.ndarray, fixed_a: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Per-layer candidates `[L, K]`: `bits`, or a fixed layer's bits repeated."""
+  b = np.asarray(bits, np.int64)[None, :]
+  rows = [np.where(f[:, None] >= 0, f[:, None], b) for f in (fixed_w, fixed_a)]
+  return rows[0], rows[1]
+
+
+def candidate_tensor(layer_cost, w_bits: np.ndarray, a_bits: np.ndarray) -> np.ndarray:
+  """`T[l, i, j]` = layer `l`'s cost at `(w_bits[l, i], a_bits[l, j])`, `[L, K, K]`.
+
+  `layer_cost(w, a)` gives per-layer costs `[L]` of per-layer bits `[L]`
+  (e.g. `BudgetWall.layer_costs`).
+  """
+  k = w_bits.shape[1]
+  return np.stack([np.stack([layer_cost(w_bits[:, i], a_bits[:, j]) for j in range(k)],
+                            axis=-1) for i in range(k)], axis=-2)
+
+
+class GumbelSearch:
+  """The static half of the search: model, candidates, costs, optimizers.
+
+  Example::
+
+      search = GumbelSearch(model, names, w_bits, a_bits, tensor, fixed)
+      state = search.init(jax.random.key(0), hp, fp32_variables)
+      state, metrics = jax.jit(search.train_step)(state, batch, hp)
+      w, a = search.derive(state.logits)
+
+  Args:
+    model: the flax model; called as `model.apply(v, x, policy=, train=)`.
+    names: its quantizable layers, table order (`L`).
+    w_bits, a_bits: `[L, K]` candidate bit-widths per layer.
+    tensor: `[L, K, K]` costs of the candidates (`candidate_tensor`).
+    fixed: `[L]` bool, layers whose bits no search changes (their rows
+      are one bit-width repeated; their probabilities are one-hot).
+    relaxation: 'gumbel', 'hard' or 'softmax'.
+    penalty: 'lagrange' or 'hinge'.
+    momentum: the weights' SGD momentum (Nesterov when > 0).
+    weight_decay: L2 on kernels.
+    label_smoothing: of the task loss.
+  """
+
+  def __init__(self, model: nn.Module, names: Sequence[str], w_bits: ArrayLike,
+               a_bits: ArrayLike, tensor: ArrayLike, fixed: ArrayLike, *,
+               relaxation: str = "gumbel", penalty: str = "lagrange",
+               momentum: float = 0.9, weight_decay: float = 0.0,
+               label_smoothing: float = 0.0):
+    relax_lib.check_relaxation(relaxation)
+    if penalty not in PENALTIES:
+      raise ValueError(f"gumbel_penalty={penalty!r} is not allowed; allowed: "
+                       f"{', '.join(PENALTIES)}")
+    self.model = model
+    self.names = tuple(names)
+    self.w_bits = np.asarray(w_bits, np.int64)  # [L, K]
+    self.a_bits = np.asarray(a_bits, np.int64)  # [L, K]
+    self.tensor = np.asarray(tensor, np.float32)  # [L, K, K]
+    self.fixed = np.asarray(fixed, bool)  # [L]
+    n, k = self.w_bits.shape
+    if (len(self.names) != n or self.a_bits.shape != (n, k)
+        or self.tensor.shape != (n, k, k) or self.fixed.shape != (n,)):
+      raise ValueError(f"shapes do not fit {len(self.names)} layers: w_bits "
+                       f"{self.w_bits.shape}, a_bits {self.a_bits.shape}, tensor "
+                       f"{self.tensor.shape}, fixed {self.fixed.shape}")
+    self.relaxation, self.penalty = relaxation, penalty
+    self.label_smoothing = label_smoothing
+    # Weights: SGD (Nesterov) with L2 on kernels; logits: Adam. Learning
+    # rates are applied in the step, from HParams.
+    weights = optax.chain(
+        optax.add_decayed_weights(
+            weight_decay, mask=lambda p: steps._decay_mask(p)),  # pylint: disable=protected-access
+        optax.trace(decay=momentum, nesterov=momentum > 0))
+    self.tx = optax.multi_transform({"model": weights, "arch": optax.scale_by_adam()},
+                                    {"model": "model", "arch": "arch"})
+
+  # ----------------------------------------------------------------- pieces
+
+  def probabilities(self, logits: dict[str, Array]) -> tuple[Array, Array]:
+    """`softmax` of the logits, fixed layers one-hot: `([L, K], [L, K])`."""
+    return self._pin(jax.nn.softmax(logits["w"])), self._pin(jax.nn.softmax(logits["a"]))
+
+  def _pin(self, probs: Array) -> Array:
+    onehot = jax.nn.one_hot(0, probs.shape[-1], dtype=probs.dtype)
+    return jnp.where(self.fixed[:, None], onehot, probs)
+
+  def soft_policy(self, w_probs: Array, a_probs: Array) -> SoftPolicy:
+    return SoftPolicy(w_probs=w_probs, a_probs=a_probs,
+                      w_bits=jnp.asarray(self.w_bits, jnp.int32),
+                      a_bits=jnp.asarray(self.a_bits, jnp.int32), names=self.names)
+
+  def expected_cost(self, logits: dict[str, Array]) -> Array:
+    """The expected cost of the sampled discrete policy, `[]` (exact at one-hot)."""
+    w, a = self.probabilities(logits)
+    return expected_from_tensor(self.tensor, w, a)
+
+  def derive(self, logits: dict[str, Array]) -> tuple[np.ndarray, np.ndarray]:
+    """The argmax policy's bits `([L], [L])` (before any budget enforcement)."""
+    rows = np.arange(len(self.names))
+    w = self.w_bits[rows, np.asarray(jnp.argmax(logits["w"], -1))]
+    a = self.a_bits[rows, np.asarray(jnp.argmax(logits["a"], -1))]
+    return w, a
+
+  def policy(self, logits: dict[str, Array]) -> Policy:
+    return Policy.create(self.names, *self.derive(logits))
+
+  # ------------------------------------------------------------ init / step
+
+  def init(self, key: PRNGKey, hparams: HParams, variables: PyTree) -> GumbelState:
+    """The search's start: `variables`' weights, uniform logits, `mu = lam`.
+
+    Args:
+      key: the search's key (stored; every step folds its index in).
+      hparams: the swept hyper-parameters.
+      variables: `{"params", "batch_stats"}` to start from (the FP32 model).
+
+    Returns:
+      The initial state.
+    """
+    n, k = self.w_bits.shape
+    logits = {"w": jnp.zeros((n, k), jnp.float32), "a": jnp.zeros((n, k), jnp.float32)}
+    params = variables["params"]
+    return GumbelState(
+        step=jnp.zeros((), jnp.int32), params=params,
+        batch_stats=variables.get("batch_stats", {}), logits=logits,
+        opt_state=self.tx.init({"model": params, "arch": logits}),
+        multiplier=jnp.asarray(hparams.lam, jnp.float32), key=key)
+
+  def loss(self, trainable: dict[str, PyTree], state: GumbelState,
+           batch: dict[str, Array], hparams: HParams, key: PRNGKey
+           ) -> tuple[Array, tuple[Any, ...]]:
+    """The search objective of one batch, and `(metrics, batch_stats)`."""
+    k_w, k_a, k_q = jax.random.split(key, 3)
+    logits = trainable["arch"]
+    tau = relax_lib.temperature(state.step, hparams.tau0, hparams.tau_min,
+                                hparams.warmup_steps, hparams.anneal_steps)
+    w_mix = self._pin(relax_lib.relax(k_w, logits["w"], tau, self.relaxation))
+    a_mix = self._pin(relax_lib.relax(k_a, logits["a"], tau, self.relaxation))
+    out, updates = self.model.apply(
+        {"params": trainable["model"], "batch_stats": state.batch_stats},
+        batch["image"], policy=self.soft_policy(w_mix, a_mix), train=True,
+        mutable=["batch_stats"], rngs={"quant": k_q})
+    labels = batch["label"]
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, out.shape[-1]),
+                                  self.label_smoothing)
+    task = jnp.mean(optax.softmax_cross_entropy(out.astype(jnp.float32), targets))
+    cost = self.expected_cost(logits)
+    excess = cost / hparams.limit - 1.0
+    if self.penalty == "hinge":
+      penalty = hparams.lam * jax.nn.relu(excess)
+    else:
+      penalty = jax.lax.stop_gradient(state.multiplier) * excess
+    metrics = {"task_loss": task, "penalty": penalty, "expected_cost": cost,
+               "cost_ratio": cost / hparams.limit, "tau": tau,
+               "top1": jnp.mean((jnp.argmax(out, -1) == labels).astype(jnp.float32))}
+    return task + penalty, (metrics, updates.get("batch_stats", {}))
+
+  def train_step(self, state: GumbelState, batch: dict[str, Array],
+                 hparams: HParams) -> tuple[GumbelState, dict[str, Array]]:
+    """One step on weights and (outside warm-up and freeze) logits.
+
+    Args:
+      state: the search state.
+      batch: `{"image": [B, ...], "label": [B]}`.
+      hparams: the swept hyper-parameters (arrays: any values, one trace).
+
+    Returns:
+      The new state and scalar metrics: loss, task_loss, penalty,
+      expected_cost, cost_ratio (to the limit), tau, top1, multiplier,
+      arch_on.
+    """
+    key = jax.random.fold_in(state.key, state.step)
+    trainable = {"model": state.params, "arch": state.logits}
+    (loss, (metrics, batch_stats)), grads = jax.value_and_grad(
+        self.loss, has_aux=True)(trainable, state, batch, hparams, key)
+    step = state.step.astype(jnp.float32)
+    arch_on = (step >= hparams.warmup_steps) & (step < hparams.freeze_step)
+    updates, opt_state = self.tx.update(grads, state.opt_state, trainable)
+    params = jax.tree.map(lambda p, u: p - hparams.weight_lr * u, state.params,
+                          updates["model"])
+    logits = jax.tree.map(lambda p, u: jnp.where(arch_on, p - hparams.arch_lr * u, p),
+                          state.logits, updates["arch"])
+    arch_state = jax.tree.map(lambda new, old: jnp.where(arch_on, new, old),
+                              opt_state.inner_states["arch"],
+                              state.opt_state.inner_states["arch"])
+    opt_state = opt_state._replace(
+        inner_states={**opt_state.inner_states, "arch": arch_state})
+    multiplier = state.multiplier
+    if self.penalty == "lagrange":
+      ascent = jnp.maximum(0.0, multiplier + hparams.dual_lr * (metrics["cost_ratio"] - 1))
+      multiplier = jnp.where(arch_on, ascent, multiplier)
+    metrics = {**metrics, "loss": loss, "multiplier": multiplier,
+               "arch_on": arch_on.astype(jnp.float32)}
+    return GumbelState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                       logits=logits, opt_state=opt_state, multiplier=multiplier,
+                       key=state.key), metrics

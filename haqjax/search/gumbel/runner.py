@@ -1,0 +1,228 @@
+"""`search_and_evaluate(config, search, gumbel, workdir)`: the launcher's `gumbel` mode.
+
+The RL job's stages (`haqjax.search.runner`) with the differentiable search
+in place of the DDPG agent; each stage resumable:
+
+  fp32/          FP32 training (skipped when `config.init_from` names a run)
+  search/        the search: checkpoints/, epochs.jsonl, steps.jsonl,
+                 metrics.jsonl, TensorBoard
+  policy.json    the argmax policy of the final logits, brought within the
+                 budget by the budget wall, with its cost and accuracies
+  finetune/      QAT of that policy from the FP32 weights, then test
+  plots/         bits.png, search.png (per epoch: val top-1 and cost),
+                 w_probs.png and a_probs.png (bit probabilities per layer)
+  results.json   every stage's figures, written last
+  report.md      a readable summary with the command that reproduces the run
+
+The search starts from the FP32 weights and trains them together with the
+logits (`learning.py`), so it needs no per-policy fine-tunes: its cost is a
+few epochs of QAT with K fake-quantizers per tensor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import shlex
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from haqjax import data as haq_data
+from haqjax import hardware
+from haqjax.nn import calibrate as calibrate_lib
+from haqjax.policy import Policy
+from haqjax.search import env as env_lib
+from haqjax.search import runner
+from haqjax.search import scoring
+from haqjax.search.config import SearchConfig
+from haqjax.search.gumbel import search as search_lib
+from haqjax.search.gumbel.config import RESUMABLE_CHANGES
+from haqjax.search.gumbel.config import GumbelConfig
+from haqjax.search.gumbel.learning import GumbelSearch
+from haqjax.search.gumbel.learning import HParams
+from haqjax.search.gumbel.learning import candidate_rows
+from haqjax.search.gumbel.learning import candidate_tensor
+from haqjax.train import checkpoint as ckpt_lib
+from haqjax.train import steps
+from haqjax.train import trainer
+from haqjax.train.config import Config
+
+
+def _check(config: Config, search: SearchConfig, gumbel: GumbelConfig, splits) -> None:
+  """The search's own checks, before any training."""
+  if search.quantization != "linear":
+    raise ValueError(f"quantization={search.quantization!r}: mode 'gumbel' mixes "
+                     "uniform quantizers of weights and activations; allowed: linear")
+  bits = gumbel.bits()
+  outside = [b for b in bits if not search.min_bits <= b <= search.max_bits]
+  if outside:
+    raise ValueError(f"gumbel_bits={gumbel.gumbel_bits!r} has {outside[0]}, outside "
+                     f"min_bits..max_bits = {search.min_bits}..{search.max_bits}; "
+                     "allowed: candidates within that range")
+  if not haq_data.num_batches(splits.train, config.batch_size, drop_remainder=True):
+    raise ValueError(f"batch_size={config.batch_size} is larger than the training "
+                     f"split ({len(splits.train)} examples)")
+
+
+def schedule(gumbel: GumbelConfig, steps_per_epoch: int) -> dict[str, int]:
+  """Step counts of the search: total, warm-up, freeze point."""
+  total = max(1, math.ceil(gumbel.gumbel_epochs * steps_per_epoch))
+  warmup = min(int(round(gumbel.gumbel_warmup_epochs * steps_per_epoch)), total - 1)
+  freeze = (int(round(gumbel.gumbel_freeze_at * steps_per_epoch))
+            if gumbel.gumbel_freeze_at > 0 else total + 1)
+  return {"total": total, "warmup": warmup, "freeze": freeze}
+
+
+def make_hparams(gumbel: GumbelConfig, limit: float, steps_per_epoch: int) -> HParams:
+  """The config's hyper-parameters as the arrays the step takes."""
+  s = schedule(gumbel, steps_per_epoch)
+  return HParams.create(
+      lam=gumbel.gumbel_lambda, limit=limit, tau0=gumbel.gumbel_tau0,
+      tau_min=gumbel.gumbel_tau_min, anneal_steps=max(1, s["total"] - s["warmup"]),
+      dual_lr=gumbel.gumbel_dual_lr, arch_lr=gumbel.gumbel_arch_lr,
+      weight_lr=gumbel.gumbel_weight_lr, warmup_steps=s["warmup"],
+      freeze_step=s["freeze"])
+
+
+def build_search(config: Config, gumbel: GumbelConfig, model, names,
+                 wall: env_lib.BudgetWall) -> GumbelSearch:
+  """The static search of a config: candidates, their costs, the optimizers."""
+  w_rows, a_rows = candidate_rows(gumbel.bits(), wall.fixed.w, wall.fixed.a)
+  tensor = candidate_tensor(wall.layer_costs, w_rows, a_rows)
+  fixed = (wall.fixed.w >= 0) | (wall.fixed.a >= 0)
+  return GumbelSearch(model, names, w_rows, a_rows, tensor, fixed,
+                      relaxation=gumbel.gumbel_relaxation, penalty=gumbel.gumbel_penalty,
+                      momentum=config.momentum, weight_decay=config.weight_decay,
+                      label_smoothing=config.label_smoothing)
+
+
+def _start_variables(config: Config, model, splits, fp32_dir: str, policy: Policy):
+  """The FP32 weights, with quantizer parameters initialised and calibrated."""
+  input_shape = (1, *splits.spec.image_shape)
+  tx = optax.identity()
+  state = steps.init_state(jax.random.PRNGKey(config.seed), model, tx, input_shape)
+  state = trainer.merge_variables(state, ckpt_lib.restore_variables(fp32_dir), tx,
+                                  source=f"the FP32 model in {fp32_dir!r}",
+                                  model=config.model)
+  variables = state.variables()
+  if scoring._has_quant_params(state.params):  # pylint: disable=protected-access
+    batches = itertools.islice(haq_data.batches(
+        splits.train, batch_size=config.batch_size, seed=config.seed, epoch=0,
+        shuffle=True, drop_remainder=False), config.calibration_batches)
+    variables = calibrate_lib.calibrate(model, variables, batches, policy)
+  return variables
+
+
+def search_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConfig,
+                        workdir: str, command: str | None = None) -> dict[str, Any]:
+  """FP32 model -> differentiable search -> fine-tune -> test -> report.
+
+  Args:
+    config: training settings (mode 'gumbel'): the FP32 stage, batch size,
+      momentum, weight decay and quantizers of the search.
+    search: target, budget, bit range and the final fine-tune.
+    gumbel: the differentiable search.
+    workdir: where everything goes; a rerun resumes.
+    command: the command line to print in the report (default: sys.argv).
+
+  Returns:
+    The figures written to `results.json`.
+  """
+  setup = runner.prepare(
+      config, search, workdir, extra=[("gumbel_config.json", gumbel, RESUMABLE_CHANGES)],
+      check=lambda splits, table, wall: _check(config, search, gumbel, splits))
+  splits, wall = setup.splits, setup.wall
+  fp32_val = runner.fp32_val_top1(config, search, setup)
+  model = trainer.build_model(runner._search_config(config, search, policy="w8a8"),  # pylint: disable=protected-access
+                              splits.spec.num_classes)
+  gsearch = build_search(config, gumbel, model, setup.table.names, wall)
+  steps_per_epoch = haq_data.num_batches(splits.train, config.batch_size,
+                                         drop_remainder=True)
+  hparams = make_hparams(gumbel, wall.limit, steps_per_epoch)
+  plan = schedule(gumbel, steps_per_epoch)
+  top = max(gumbel.bits())
+  start_policy = Policy.create(setup.table.names, *wall.fixed.apply(
+      np.full(len(setup.table), top), np.full(len(setup.table), top)))
+
+  t0 = time.perf_counter()
+  variables = _start_variables(config, model, splits, setup.fp32_dir, start_policy)
+  state = gsearch.init(jax.random.PRNGKey(config.seed), hparams, variables)
+  show = config.progress if config.progress is not None else os.isatty(2)
+  result = search_lib.run(
+      gsearch, hparams, state, train=splits.train,
+      val=scoring.subset(splits.val, search.search_val_size), wall=wall,
+      directory=os.path.join(setup.workdir, "search"), batch_size=config.batch_size,
+      total_steps=plan["total"], seed=config.seed, eval_batch_size=config.eval_batch_size,
+      fp32_top1=fp32_val, log_every=config.log_every_steps, progress=show,
+      tensorboard=config.tensorboard)
+  setup.timings["search_seconds"] = time.perf_counter() - t0
+  last = result.epochs[-1]
+  policy_path, cost = runner.save_search_policy(
+      config, search, setup, result.policy,
+      {"algorithm": "gumbel", "relaxation": gumbel.gumbel_relaxation,
+       "epoch": last["epoch"], "step": last["step"], "val_top1": last["val_top1"],
+       "fp32_val_top1": fp32_val, "argmax_w_bits": last["argmax_w_bits"],
+       "argmax_a_bits": last["argmax_a_bits"],
+       "argmax_cost_ratio": last["argmax_cost_ratio"], "enforced": last["enforced"]})
+  finetuned = runner.finetune(config, search, setup, policy_path)
+  search_seconds = sum(r["seconds"] for r in result.epochs)
+  results = {
+      **runner.common_results("gumbel", config, search, setup, result.policy, cost,
+                              fp32_val, finetuned),
+      "search_val_top1": last["val_top1"], "argmax_cost_ratio": last["argmax_cost_ratio"],
+      "expected_cost": last["expected_cost"], "enforced": last["enforced"],
+      "search_steps": plan["total"], "search_epochs": len(result.epochs),
+      "steps_per_second": plan["total"] / search_seconds if search_seconds > 0 else None,
+      "trace_counts": result.trace_counts,
+      **setup.timings, "total_seconds": time.perf_counter() - setup.t_start,
+  }
+  write_outputs(setup.workdir, results, setup.table, result, wall, search, gumbel,
+                command or " ".join(shlex.quote(a) for a in sys.argv))
+  return results
+
+
+def write_outputs(workdir: str, results: dict[str, Any], table, result,
+                  wall: env_lib.BudgetWall, search: SearchConfig, gumbel: GumbelConfig,
+                  command: str) -> None:
+  """Plots, results.json and report.md."""
+  from haqjax import report  # pylint: disable=g-import-not-at-top
+  plots = os.path.join(workdir, "plots")
+  runner.plot_policy(workdir, results, table, result.policy, "Gumbel search policy")
+  unit = hardware.base.UNITS[search.budget_metric]
+  fig = report.search_progress_figure(
+      [{**r, "episode": r["epoch"]} for r in result.epochs],
+      budget={"metric": search.budget_metric, "unit": unit, "limit": wall.limit,
+              "label": results["budget"]},
+      title=f"Gumbel search on {search.target}: derived policy per epoch")
+  fig.axes[-1].set_xlabel("epoch")
+  fig.savefig(os.path.join(plots, "search.png"), dpi=120)
+  bits = list(gumbel.bits())
+  for role, key, fixed in (("weight", "w_probs", wall.fixed.w),
+                           ("activation", "a_probs", wall.fixed.a)):
+    free = np.flatnonzero(fixed < 0)
+    if not free.size:
+      continue
+    history = [(r["step"], np.asarray(r[key])[free]) for r in result.steps]
+    report.plot_bit_probabilities(
+        os.path.join(plots, f"{key}.png"), history,
+        names=[table.names[i] for i in free], bits=bits, role=role,
+        title=f"{role.capitalize()} bit-width probabilities ({gumbel.gumbel_relaxation})")
+  runner.write_report(
+      workdir, results, table, search, command, heading="Gumbel bit search",
+      rows=[("search", f"{gumbel.gumbel_relaxation} relaxation, "
+                       f"{results['search_steps']} steps, {gumbel.gumbel_penalty} penalty"),
+            ("argmax policy cost",
+             f"{results['argmax_cost_ratio']:.3f} x {search.budget_reference}"
+             f"{' (lowered to the budget)' if results['enforced'] else ''}"),
+            ("search: validation top-1", f"{results['search_val_top1']:.2f}%"),
+            ("after fine-tune: test top-1", f"{results['test_top1']:.2f}%")],
+      figures=[("per-layer bits", "plots/bits.png"),
+               ("search progress", "plots/search.png"),
+               ("weight bit probabilities", "plots/w_probs.png"),
+               ("activation bit probabilities", "plots/a_probs.png")])

@@ -1,0 +1,146 @@
+"""The launcher's `gumbel` mode as a user runs it: bad input, a small real search."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from haqjax import hardware
+from haqjax import models
+from haqjax.nn import layer_table
+from haqjax.policy import load_policy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def launch(*args, timeout=300):
+  env_vars = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "experiments.imagenet", *args], cwd=ROOT,
+                        env=env_vars, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, *fragments):
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1, proc.stderr[-2000:]
+  assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+  return tmp_path_factory.mktemp("gumbel")
+
+
+def _digits(tmp, workdir):
+  return ["--flagfile=experiments/flags/digits.flags", f"--data_dir={tmp / 'data'}",
+          f"--workdir={workdir}", f"--compilation_cache={tmp / 'jit'}", "--noprogress",
+          "--mode=gumbel"]
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    ("--gumbel_relaxation=gauss", ("gumbel_relaxation='gauss'", "gumbel, hard, softmax")),
+    ("--gumbel_bits=", ("gumbel_bits=''", "bit-widths in 1..8")),
+    ("--gumbel_tau0=0", ("gumbel_tau0=0.0", "> 0")),
+    ("--gumbel_tau_min=-1", ("gumbel_tau_min=-1.0", "> 0")),
+    ("--gumbel_bits=2,4,8 --max_bits=6", ("gumbel_bits='2,4,8' has 8", "2..6")),
+])
+def test_bad_flags_fail_with_one_line(tmp, flags, fragments):
+  workdir = tmp / f"bad{abs(hash(flags))}"
+  proc = launch(*_digits(tmp, workdir), *flags.split())
+  assert_one_line_error(proc, *fragments)
+  assert not workdir.exists()
+
+
+@pytest.fixture(scope="module")
+def run(tmp):
+  fp32 = tmp / "fp32"
+  proc = launch("--flagfile=experiments/flags/digits.flags", f"--data_dir={tmp / 'data'}",
+                f"--workdir={fp32}", f"--compilation_cache={tmp / 'jit'}", "--noprogress",
+                "--epochs=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  workdir = tmp / "search"
+  args = [*_digits(tmp, workdir), f"--init_from={fp32}", "--budget=0.85",
+          "--gumbel_epochs=2", "--gumbel_warmup_epochs=0.5", "--finetune_epochs=0.25",
+          "--log_every_steps=5", "--first_layer_w8"]
+  proc = launch(*args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc, args
+
+
+def test_policy_within_budget(run):
+  workdir, proc, _ = run
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert summary["mode"] == "gumbel" and summary["steps"] > 0
+  table = layer_table(models.create("digits_cnn", num_classes=10), (1, 8, 8, 1))
+  policy = load_policy(workdir / "policy.json", table.names)
+  d = json.loads((workdir / "policy.json").read_text())
+  assert d["cost"] <= d["budget"]["limit"] * (1 + 1e-9) and d["cost_ratio"] <= 0.85 + 1e-9
+  cost = hardware.policy_cost(hardware.get_target("bismo-edge"),
+                              hardware.from_layer_table(table),
+                              np.asarray(policy.w_bits), np.asarray(policy.a_bits))
+  np.testing.assert_allclose(d["cost"], float(cost), rtol=1e-5)
+  assert d["search"]["algorithm"] == "gumbel"
+  assert (d["layers"][0]["w_bits"], d["layers"][0]["a_bits"]) == (8, 32)
+
+
+def test_results_records_and_plots(run):
+  workdir, _, _ = run
+  r = json.loads((workdir / "results.json").read_text())
+  assert (r["mode"], r["model"], r["fits"]) == ("gumbel", "digits_cnn", True)
+  assert r["trace_counts"] == {"train": 1, "eval": 1}
+  assert 0 <= r["test_top1"] <= 100 and r["search_epochs"] == 2
+  epochs = [json.loads(l) for l in (workdir / "search" / "epochs.jsonl").read_text().splitlines()]
+  assert [e["epoch"] for e in epochs] == [0, 1]
+  steps = [json.loads(l) for l in (workdir / "search" / "steps.jsonl").read_text().splitlines()]
+  assert steps and all(np.allclose(np.sum(s["w_probs"], -1), 1) for s in steps)
+  for name in ("bits.png", "search.png", "w_probs.png", "a_probs.png"):
+    assert (workdir / "plots" / name).read_bytes()[:8] == PNG_SIGNATURE, name
+  report = (workdir / "report.md").read_text()
+  assert "--mode=gumbel" in report and "plots/w_probs.png" in report
+
+
+def test_rerun_resumes_without_redoing(run):
+  workdir, _, args = run
+  before = (workdir / "search" / "epochs.jsonl").read_text()
+  results = json.loads((workdir / "results.json").read_text())
+  proc = launch(*args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (workdir / "search" / "epochs.jsonl").read_text() == before
+  again = json.loads((workdir / "results.json").read_text())
+  assert again["policy"] == results["policy"] and again["test_top1"] == results["test_top1"]
+
+
+_PARSE = """
+import json, sys
+from absl import flags
+from experiments import cli, imagenet
+from haqjax.search.config import SearchConfig
+from haqjax.search.gumbel.config import GumbelConfig
+flags.FLAGS(["prog", "--flagfile=" + sys.argv[1], "--workdir=/nonexistent"])
+config = imagenet.config_from_flags()
+search = SearchConfig(**cli.values_of(imagenet._SEARCH_FLAGS))
+gumbel = GumbelConfig(**cli.values_of(imagenet._GUMBEL_FLAGS))
+print(json.dumps({"mode": config.mode, "model": config.model, **search.to_dict(),
+                  **gumbel.to_dict()}))
+"""
+
+
+def test_quickstart_recipe_matches_the_rl_one():
+  out = {}
+  for name in ("quickstart_gumbel", "quickstart_rl"):
+    proc = subprocess.run([sys.executable, "-c", _PARSE, f"experiments/flags/{name}.flags"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+  g, r = out["quickstart_gumbel"], out["quickstart_rl"]
+  assert g["mode"] == "gumbel" and g["gumbel_bits"] == "2,3,4,5,6,8"
+  for key in ("model", "target", "budget_metric", "budget", "budget_kind",
+              "budget_reference", "min_bits", "max_bits", "finetune_epochs",
+              "finetune_learning_rate"):
+    assert g[key] == r[key], key
