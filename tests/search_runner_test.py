@@ -174,3 +174,39 @@ def test_report_and_plots(search_run):
     with Image.open(path) as image:
       image.verify()
       assert image.size[0] > 100 and image.size[1] > 100
+
+
+def test_finetune_of_another_policy_is_refused(tmp_path, digits_table):
+  from haqjax.policy import Policy  # pylint: disable=g-import-not-at-top
+  from haqjax.policy import save_policy  # pylint: disable=g-import-not-at-top
+  from haqjax.search import runner  # pylint: disable=g-import-not-at-top
+  names = digits_table.names
+  finetune = tmp_path / "finetune"
+  finetune.mkdir()
+  save_policy(finetune / "policy.json", Policy.uniform(names, 4, 4))
+  same, other = tmp_path / "same.json", tmp_path / "other.json"
+  save_policy(same, Policy.uniform(names, 4, 4), cost=1.0)
+  save_policy(other, Policy.uniform(names, 3, 4))
+  runner._check_finetuned_policy(str(finetune), str(same))  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="holds the fine-tune of another policy"):
+    runner._check_finetuned_policy(str(finetune), str(other))  # pylint: disable=protected-access
+  runner._check_finetuned_policy(str(tmp_path / "none"), str(other))  # pylint: disable=protected-access
+
+
+def test_kmeans_search_under_a_size_budget(search_run, data_dir, tmp_path):
+  workdir, _ = search_run
+  fp32 = workdir.parent / "fp32"
+  out = tmp_path / "kmeans"
+  proc = launch(*_digits(data_dir, out), f"--init_from={fp32}", "--quantization=kmeans",
+                "--budget_metric=size", "--budget=0.15", "--budget_reference=fp32",
+                "--search_episodes=4", "--warmup_episodes=2", "--search_finetune_steps=2",
+                "--hidden=32,32", "--ddpg_batch_size=16", "--finetune_epochs=0.25",
+                "--notensorboard")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((out / "results.json").read_text())
+  assert results["fits"] and results["cost_ratio"] <= 0.15 + 1e-9
+  # Weights only: activations stay in floating point.
+  assert all(l["a_bits"] == 32 for l in results["policy"])
+  assert all(2 <= l["w_bits"] <= 8 for l in results["policy"])
+  finetune_config = json.loads((out / "finetune" / "config.json").read_text())
+  assert finetune_config["weight_quantizer"] == "kmeans"

@@ -215,7 +215,8 @@ def prepare(config: Config, search: SearchConfig, workdir: str, *,
 def fp32_val_top1(config: Config, search: SearchConfig, setup: Setup) -> float:
   """The FP32 model's top-1 on the search's held-out split."""
   fp32_val = setup.fp32.get("val_top1")
-  if fp32_val is None or search.search_val_size:
+  # A run named by init_from may have used another validation split.
+  if fp32_val is None or search.search_val_size or config.init_from:
     fp32_val = _fp32_top1(config, setup.splits, search, setup.fp32_dir)
   return float(fp32_val)
 
@@ -245,9 +246,25 @@ def finetune(config: Config, search: SearchConfig, setup: Setup,
       config, search, policy=policy_path, init_from=setup.fp32_dir,
       epochs=search.finetune_epochs, learning_rate=search.finetune_learning_rate,
       warmup_epochs=0.0)
-  finetuned = _stage(finetune_config, os.path.join(setup.workdir, "finetune"))
+  directory = os.path.join(setup.workdir, "finetune")
+  _check_finetuned_policy(directory, policy_path)
+  finetuned = _stage(finetune_config, directory)
   setup.timings["finetune_seconds"] = time.perf_counter() - t0
   return finetuned
+
+
+def _check_finetuned_policy(directory: str, policy_path: str) -> None:
+  """Refuses a fine-tune folder that holds another policy (a search extended
+  with more episodes after its fine-tune finished found a new best one)."""
+  done = _read_json(os.path.join(directory, "policy.json"))
+  if done is None:
+    return
+  bits = lambda d: [(l["w_bits"], l["a_bits"]) for l in d["layers"]]
+  if bits(done) != bits(_read_json(policy_path)):
+    raise ValueError(
+        f"{directory} holds the fine-tune of another policy than {policy_path} "
+        "(the search found a new best one); move that folder away to fine-tune "
+        "the new policy")
 
 
 def common_results(mode: str, config: Config, search: SearchConfig, setup: Setup,
