@@ -2,28 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from launcher_testing import launch
+from launcher_testing import assert_one_line_error
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def launch(*args, cwd=ROOT, module="experiments.imagenet", timeout=300):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(proc, *fragments):
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  lines = [l for l in proc.stderr.splitlines() if l.strip()]
-  assert len(lines) == 1, proc.stderr[-2000:]
-  assert lines[0].startswith("error: ")
-  assert "Traceback" not in proc.stderr
-  for fragment in fragments:
-    assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture

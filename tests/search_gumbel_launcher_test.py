@@ -12,24 +12,11 @@ from haqjax import hardware
 from haqjax import models
 from haqjax.nn import layer_table
 from haqjax.policy import load_policy
+from launcher_testing import launch
+from launcher_testing import assert_one_line_error
+from launcher_testing import PNG_SIGNATURE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def launch(*args, timeout=300):
-  env_vars = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-m", "experiments.imagenet", *args], cwd=ROOT,
-                        env=env_vars, capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(proc, *fragments):
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  lines = [l for l in proc.stderr.splitlines() if l.strip()]
-  assert len(lines) == 1, proc.stderr[-2000:]
-  assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
-  for fragment in fragments:
-    assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
