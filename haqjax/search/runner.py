@@ -14,7 +14,8 @@ up where the last one stopped and never redoes a finished stage):
   finetune/      QAT of the best policy from the FP32 weights
   plots/         bits.png (per-layer bits) and search.png (reward, cost)
   results.json   every stage's figures, written last
-  report.md      a readable summary with the command that reproduces the run
+  report.md      a readable summary with the command that reproduces the run,
+                 and report.html, the same as one self-contained page
 """
 
 from __future__ import annotations
@@ -353,7 +354,7 @@ def plot_policy(workdir: str, results: dict[str, Any], table, policy: Policy,
 
 def write_outputs(workdir: str, results: dict[str, Any], table, result, problem,
                   search: SearchConfig, command: str) -> None:
-  """The RL search's plots, results.json and report.md."""
+  """The RL search's plots, results.json, report.md and report.html."""
   from haqjax import report  # pylint: disable=g-import-not-at-top
   unit = hardware.base.UNITS[search.budget_metric]
   plot_policy(workdir, results, table, result.policy, "HAQ policy")
@@ -362,51 +363,11 @@ def write_outputs(workdir: str, results: dict[str, Any], table, result, problem,
       budget={"metric": search.budget_metric, "unit": unit,
               "limit": problem.wall.limit, "label": results["budget"]},
       title=f"HAQ search on {search.target}")
-  write_report(
-      workdir, results, table, search, command, heading="HAQ search",
-      rows=[("search: best validation top-1",
-             f"{results['search_val_top1']:.2f}% (episode {results['best_episode']} "
-             f"of {results['episodes']})"),
-            ("after fine-tune: test top-1", f"{results['test_top1']:.2f}%"),
-            ("episodes per minute", f"{results['episodes_per_minute']:.1f}")],
-      figures=[("per-layer bits", "plots/bits.png"),
-               ("search progress", "plots/search.png")])
+  write_report(workdir, results, command)
 
 
-def write_report(workdir: str, results: dict[str, Any], table, search: SearchConfig,
-                 command: str, *, heading: str, rows: Sequence[tuple[str, str]],
-                 figures: Sequence[tuple[str, str]]) -> None:
-  """results.json and report.md: the shared rows, the search's `rows` and `figures`."""
-  haq_io.write_json(os.path.join(workdir, "results.json"), results)
-  unit = hardware.base.UNITS[search.budget_metric]
-  layers = "\n".join(
-      f"| {i} | {l['name']} | {k} | {l['w_bits']} | "
-      f"{'float' if l['a_bits'] == 32 else l['a_bits']} |"
-      for i, (l, k) in enumerate(zip(results["policy"], table.kinds)))
-  own = "\n".join(f"| {name} | {value} |" for name, value in rows)
-  images = "\n\n".join(f"![{caption}]({path})" for caption, path in figures)
-  text = f"""# {heading}: {results['model']} on {results['dataset']}
-
-Reproduce: `{command}`
-
-| | |
-|---|---|
-| target | {search.target} |
-| budget | {results['budget']} = {results['limit']:.4g} {unit} |
-| policy cost | {results['cost']:.4g} {unit} ({results['cost_ratio']:.3f} x {search.budget_reference}) |
-| FP32 test top-1 | {_pct(results['fp32_test_top1'])} |
-{own}
-| time: FP32 / search / fine-tune | {results['fp32_seconds']:.0f} s / {results['search_seconds']:.0f} s / {results['finetune_seconds']:.0f} s |
-
-{images}
-
-| # | layer | kind | weight bits | activation bits |
-|---|---|---|---|---|
-{layers}
-"""
-  with haq_io.atomic_open(os.path.join(workdir, "report.md")) as f:
-    f.write(text)
-
-
-def _pct(value) -> str:
-  return "n/a" if value is None else f"{value:.2f}%"
+def write_report(workdir: str, results: dict[str, Any], command: str) -> None:
+  """results.json (with the command line), then report.md and report.html."""
+  from haqjax.report import run_report  # pylint: disable=g-import-not-at-top
+  haq_io.write_json(os.path.join(workdir, "results.json"), {**results, "command": command})
+  run_report.write_report(workdir)

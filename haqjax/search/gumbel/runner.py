@@ -12,7 +12,8 @@ in place of the DDPG agent; each stage resumable:
   plots/         bits.png, search.png (per epoch: val top-1 and cost),
                  w_probs.png and a_probs.png (bit probabilities per layer)
   results.json   every stage's figures, written last
-  report.md      a readable summary with the command that reproduces the run
+  report.md      a readable summary with the command that reproduces the run,
+                 and report.html, the same as one self-contained page
 
 The search starts from the FP32 weights and trains them together with the
 logits (`learning.py`), so it needs no per-policy fine-tunes: its cost is a
@@ -190,7 +191,7 @@ def search_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConf
 def write_outputs(workdir: str, results: dict[str, Any], table, result,
                   wall: env_lib.BudgetWall, search: SearchConfig, gumbel: GumbelConfig,
                   command: str) -> None:
-  """Plots, results.json and report.md."""
+  """Plots, results.json, report.md and report.html."""
   from haqjax import report  # pylint: disable=g-import-not-at-top
   plots = os.path.join(workdir, "plots")
   runner.plot_policy(workdir, results, table, result.policy, "Gumbel search policy")
@@ -213,16 +214,4 @@ def write_outputs(workdir: str, results: dict[str, Any], table, result,
         os.path.join(plots, f"{key}.png"), history,
         names=[table.names[i] for i in free], bits=bits, role=role,
         title=f"{role.capitalize()} bit-width probabilities ({gumbel.gumbel_relaxation})")
-  runner.write_report(
-      workdir, results, table, search, command, heading="Gumbel bit search",
-      rows=[("search", f"{gumbel.gumbel_relaxation} relaxation, "
-                       f"{results['search_steps']} steps, {gumbel.gumbel_penalty} penalty"),
-            ("argmax policy cost",
-             f"{results['argmax_cost_ratio']:.3f} x {search.budget_reference}"
-             f"{' (lowered to the budget)' if results['enforced'] else ''}"),
-            ("search: validation top-1", f"{results['search_val_top1']:.2f}%"),
-            ("after fine-tune: test top-1", f"{results['test_top1']:.2f}%")],
-      figures=[("per-layer bits", "plots/bits.png"),
-               ("search progress", "plots/search.png"),
-               ("weight bit probabilities", "plots/w_probs.png"),
-               ("activation bit probabilities", "plots/a_probs.png")])
+  runner.write_report(workdir, results, command)

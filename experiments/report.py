@@ -1,0 +1,153 @@
+r"""Compares finished search runs side by side.
+
+  python -m experiments.report /tmp/haqjax/quickstart_rl /tmp/haqjax/quickstart_gumbel \
+      --out=/tmp/haqjax/compare
+
+Prints one markdown table (per run: mode, model, target, budget, cost, cost
+ratio, FP32 / search / test top-1, search time, episodes or steps) and the
+per-layer bits of every run side by side. With --out it also writes
+compare.md, compare.html (self-contained), compare.csv and, when all runs
+share a target and a budget metric, pareto.png (test top-1 against cost).
+A folder that is not a finished search run prints one line and exits with
+status 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+
+from absl import flags
+
+from experiments import cli
+from haqjax import io as haq_io
+from haqjax.report import plots
+from haqjax.report import run_report
+
+_OUT = flags.DEFINE_string("out", None, "Folder for compare.md, compare.html, "
+                           "compare.csv and pareto.png (default: print only).")
+
+COLUMNS = ("run", "mode", "model", "dataset", "target", "budget", "cost", "unit",
+           "cost_ratio", "cost_to_budget", "fp32_test_top1", "search_val_top1",
+           "test_top1", "search_seconds", "episodes_or_steps")
+
+
+def _names(runs: list[run_report.Run]) -> list[str]:
+  """Short unique names: the folder's basename, or more of its path on a clash."""
+  parts = [r.workdir.rstrip(os.sep).split(os.sep) for r in runs]
+  depth = 1
+  while True:
+    names = [os.sep.join(p[-depth:]) for p in parts]
+    if len(set(names)) == len(names) or depth >= max(len(p) for p in parts):
+      return names
+    depth += 1
+
+
+def summary_rows(runs: list[run_report.Run]) -> list[dict]:
+  """One dict of `COLUMNS` per run."""
+  rows = []
+  for name, run in zip(_names(runs), runs):
+    r = run.results
+    rows.append({
+        "run": name, "mode": r["mode"], "model": r["model"], "dataset": r["dataset"],
+        "target": r["target"], "budget": r["budget"], "cost": r["cost"],
+        "unit": r["unit"], "cost_ratio": r["cost_ratio"],
+        "cost_to_budget": r["cost"] / r["limit"],
+        "fp32_test_top1": r.get("fp32_test_top1"),
+        "search_val_top1": r.get("search_val_top1"), "test_top1": r.get("test_top1"),
+        "search_seconds": r.get("search_seconds"),
+        "episodes_or_steps": r.get("episodes", r.get("search_steps")),
+    })
+  return rows
+
+
+def _fmt(key: str, value) -> str:
+  if value is None:
+    return "n/a"
+  if key.endswith("top1"):
+    return f"{value:.2f}%"
+  if key in ("cost_ratio", "cost_to_budget"):
+    return f"{value:.3f}"
+  if key == "cost":
+    return f"{value:.4g}"
+  if key == "search_seconds":
+    return f"{value:.0f} s"
+  return str(value)
+
+
+def bits_rows(runs: list[run_report.Run]) -> tuple[list[str], list[list[str]]]:
+  """Per-layer 'w/a' bits of every run, one row per layer name (forward order)."""
+  names: list[str] = []
+  for run in runs:
+    names += [l["name"] for l in run.policy["layers"] if l["name"] not in names]
+  by_run = [{l["name"]: l for l in run.policy["layers"]} for run in runs]
+  rows = []
+  for i, name in enumerate(names):
+    cells = []
+    for layers in by_run:
+      l = layers.get(name)
+      cells.append("" if l is None else
+                   f"{l['w_bits']}/{'f' if l['a_bits'] == run_report.FLOAT_BITS else l['a_bits']}")
+    rows.append([str(i), name, *cells])
+  return ["#", "layer", *_names(runs)], rows
+
+
+def pareto_points(runs: list[run_report.Run]) -> list[dict] | None:
+  """Points of `plot_pareto` when the runs share a target and metric, else None."""
+  keys = {(r.results["target"], r.search["budget_metric"], r.results["unit"]) for r in runs}
+  if len(keys) != 1 or any(r.results.get("test_top1") is None for r in runs):
+    return None
+  # One group per run: the legend names the runs.
+  return [{"label": name, "group": f"{name} ({r.results['mode']})",
+           "cost": r.results["cost"], "top1": r.results["test_top1"]}
+          for name, r in zip(_names(runs), runs)]
+
+
+def compare(workdirs: list[str], out: str | None) -> str:
+  """The comparison as markdown; writes the files under `out` when given."""
+  runs = [run_report.load_run(w) for w in workdirs]
+  rows = summary_rows(runs)
+  table = [[_fmt(k, row[k]) for k in COLUMNS] for row in rows]
+  bits_head, bits = bits_rows(runs)
+  points = pareto_points(runs)
+  doc = [("h", 1, f"Comparison of {len(runs)} search runs"),
+         ("table", COLUMNS, table),
+         ("p", "cost_ratio is cost / the budget's reference network; "
+               "cost_to_budget is cost / the budget's limit."),
+         ("h", 2, "Per-layer bits (weights/activations, f: float)"),
+         ("table", bits_head, bits)]
+  if points is None:
+    doc.append(("p", "No Pareto plot: the runs differ in target or budget metric."))
+  elif out:
+    r = runs[0]
+    plots.plot_pareto(
+        os.path.join(out, "pareto.png"), points, metric=r.search["budget_metric"],
+        unit=r.results["unit"], title=f"Test top-1 vs {r.search['budget_metric']} "
+        f"on {r.results['target']}")
+    doc += [("h", 2, "Accuracy vs cost"), ("figure", "accuracy vs cost", "pareto.png")]
+  markdown = run_report.to_markdown(doc)
+  if out:
+    with haq_io.atomic_open(os.path.join(out, "compare.md")) as f:
+      f.write(markdown)
+    with haq_io.atomic_open(os.path.join(out, "compare.html")) as f:
+      f.write(run_report.to_html(doc, out))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    with haq_io.atomic_open(os.path.join(out, "compare.csv")) as f:
+      f.write(text.getvalue())
+  return markdown
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) < 2:
+    raise ValueError("no runs given; usage: python -m experiments.report WORKDIR "
+                     "[WORKDIR...] [--out=DIR]")
+  print(compare(argv[1:], _OUT.value), end="", file=sys.stdout, flush=True)
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,396 @@
+"""The report of one search run: `report.md` and a self-contained `report.html`.
+
+`write_report(workdir)` reads only what a finished search job left in its
+workdir (config.json, search_config.json, gumbel_config.json, layers.json,
+policy.json, results.json, plots/*.png), so it can be rerun on any old run::
+
+    from haqjax.report import write_report
+    write_report("/tmp/haqjax/quickstart_rl")   # report.md, report.html
+
+Both files carry the same content, built once as a list of blocks and then
+rendered twice: the command that reproduces the run, the budget, accuracy and
+cost at each stage (FP32, search, after fine-tune), timings, the plots, the
+policy with every layer's cost under the search's hardware model, and the
+config (the fields that differ from the defaults, then all of it). The HTML
+page embeds its plots as base64 data URIs and its CSS inline, so it is one
+file that opens anywhere, offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import json
+import os
+import re
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from haqjax import io as haq_io
+
+# Files every finished search job writes (results.json last).
+RUN_FILES = ("config.json", "search_config.json", "layers.json", "policy.json",
+             "results.json")
+FLOAT_BITS = 32
+_HEADINGS = {"rl": "HAQ search", "gumbel": "Gumbel bit search"}
+# Plots in the order a reader wants them, with captions; other PNGs follow.
+_FIGURES = {"bits.png": "per-layer bits", "search.png": "search progress",
+            "w_probs.png": "weight bit probabilities",
+            "a_probs.png": "activation bit probabilities"}
+
+
+class Run(NamedTuple):
+  """Everything a finished search job saved (plain JSON data)."""
+  workdir: str
+  config: dict[str, Any]
+  search: dict[str, Any]
+  gumbel: dict[str, Any] | None
+  layers: list[dict[str, Any]]
+  policy: dict[str, Any]
+  results: dict[str, Any]
+
+
+def _read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_run(workdir: str | os.PathLike) -> Run:
+  """Reads a finished search run.
+
+  Raises:
+    ValueError: if `workdir` is not a folder holding a finished 'rl' or
+      'gumbel' run (one of `RUN_FILES` is missing or unreadable).
+  """
+  workdir = os.path.abspath(os.fspath(workdir))
+  if not os.path.isdir(workdir):
+    raise ValueError(f"{workdir} is not a folder; expected the workdir of a finished search")
+  missing = [f for f in RUN_FILES if not os.path.exists(os.path.join(workdir, f))]
+  if missing:
+    raise ValueError(f"{workdir} is not a finished search run: it has no {missing[0]} "
+                     "(a search job writes results.json last)")
+  try:
+    data = {f: _read_json(os.path.join(workdir, f)) for f in RUN_FILES}
+    gumbel_path = os.path.join(workdir, "gumbel_config.json")
+    gumbel = _read_json(gumbel_path) if os.path.exists(gumbel_path) else None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{workdir} holds an unreadable JSON file: {e}") from None
+  results = data["results.json"]
+  if results.get("mode") not in _HEADINGS:
+    raise ValueError(f"{workdir}/results.json has mode={results.get('mode')!r}; "
+                     f"allowed: {', '.join(_HEADINGS)} (a search run)")
+  return Run(workdir, data["config.json"], data["search_config.json"], gumbel,
+             data["layers.json"], data["policy.json"], results)
+
+
+# ------------------------------------------------------------------ content
+
+
+def command_of(run: Run) -> tuple[str, bool]:
+  """The command that reproduces `run`, and whether it is the one that ran.
+
+  Searches store the command line in results.json; older runs have it in
+  report.md. Failing both, it is rebuilt from the saved configs (every field
+  that differs from its default, as a flag).
+  """
+  if run.results.get("command"):
+    return run.results["command"], True
+  md = os.path.join(run.workdir, "report.md")
+  if os.path.exists(md):
+    with open(md) as f:
+      m = re.search(r"^Reproduce: `(.+)`$", f.read(), flags=re.M)
+    if m:
+      return m.group(1), True
+  flags = [f"--{k}={_flag_value(v)}" for _, k, v, _ in config_changes(run)
+           if v is not None and k not in ("mode", "progress")]
+  return " ".join(["python -m experiments.imagenet", f"--mode={run.results['mode']}",
+                   *flags, f"--workdir={run.workdir}"]), False
+
+
+def _flag_value(v: Any) -> str:
+  return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _config_classes():
+  from haqjax.search.config import SearchConfig  # pylint: disable=g-import-not-at-top
+  from haqjax.search.gumbel.config import GumbelConfig  # pylint: disable=g-import-not-at-top
+  from haqjax.train.config import Config  # pylint: disable=g-import-not-at-top
+  return (("config", Config), ("search", SearchConfig), ("gumbel", GumbelConfig))
+
+
+def config_changes(run: Run) -> list[tuple[str, str, Any, Any]]:
+  """`(section, field, value, default)` of every saved field off its default."""
+  out = []
+  for section, cls in _config_classes():
+    saved = getattr(run, section)
+    if saved is None:
+      continue
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING}
+    for key, value in saved.items():
+      default = defaults.get(key, "(none)")
+      if isinstance(value, list):
+        value = tuple(value)
+      if value != default:
+        out.append((section, key, value, default))
+  return out
+
+
+def table_from_rows(rows: Sequence[dict[str, Any]]):
+  """The `haqjax.nn.LayerTable` of a run's layers.json rows."""
+  from haqjax.nn.table import COLUMNS, LayerTable  # pylint: disable=g-import-not-at-top
+  return LayerTable(names=tuple(l["name"] for l in rows), kinds=tuple(l["kind"] for l in rows),
+                    **{c: np.asarray([l[c] for l in rows], np.int64) for c in COLUMNS})
+
+
+def layer_costs(run: Run) -> np.ndarray:
+  """Each layer's cost `[L]` under the run's budget metric, as the search saw it.
+
+  Rebuilds the search's budget wall (target, layer shapes at the target's
+  batch, fixed layers), so the costs sum to the run's `cost`.
+  """
+  from haqjax.search import runner  # pylint: disable=g-import-not-at-top
+  (_, config_cls), (_, search_cls), _ = _config_classes()
+  wall = runner.build_wall(config_cls.from_dict(run.config),
+                           search_cls.from_dict(run.search), table_from_rows(run.layers))
+  w = np.asarray([l["w_bits"] for l in run.policy["layers"]])
+  a = np.asarray([l["a_bits"] for l in run.policy["layers"]])
+  return wall.layer_costs(w, a)
+
+
+def _bits(b: int) -> str:
+  return "float" if b == FLOAT_BITS else str(b)
+
+
+def _pct(value) -> str:
+  return "n/a" if value is None else f"{value:.2f}%"
+
+
+def _seconds(value) -> str:
+  return "n/a" if value is None else f"{value:.0f} s"
+
+
+def figures(workdir: str) -> list[tuple[str, str]]:
+  """`(caption, path relative to workdir)` of the run's plots that exist."""
+  plots = os.path.join(workdir, "plots")
+  names = sorted(os.listdir(plots)) if os.path.isdir(plots) else []
+  names = [n for n in _FIGURES if n in names] + [
+      n for n in names if n.endswith(".png") and n not in _FIGURES]
+  return [(_FIGURES.get(n, n[:-4].replace("_", " ")), f"plots/{n}") for n in names]
+
+
+def _search_rows(run: Run) -> list[tuple[str, str]]:
+  r = run.results
+  if r["mode"] == "rl":
+    return [("search", f"DDPG agent, {r['episodes']} episodes, best at episode "
+                       f"{r['best_episode']} (reward {r['best_reward']:.3f}), "
+                       f"{r['episodes_per_minute']:.1f} episodes per minute")]
+  g = run.gumbel or {}
+  rate = r.get("steps_per_second")
+  return [("search", f"{g.get('gumbel_relaxation', '?')} relaxation, {r['search_steps']} "
+                     f"steps ({r['search_epochs']} epochs), {g.get('gumbel_penalty', '?')} "
+                     f"penalty" + (f", {rate:.2f} steps/s" if rate else "")),
+          ("argmax policy cost", f"{r['argmax_cost_ratio']:.3f} x "
+                                 f"{run.search['budget_reference']}"
+                                 f"{' (lowered to the budget)' if r['enforced'] else ''}")]
+
+
+def blocks(run: Run) -> list[tuple]:
+  """The report as renderer-neutral blocks (see `to_markdown`, `to_html`)."""
+  r, unit = run.results, run.results["unit"]
+  command, ran = command_of(run)
+  reference = run.search["budget_reference"]
+  to_budget = r["cost"] / r["limit"]
+  out: list[tuple] = [
+      ("h", 1, f"{_HEADINGS[r['mode']]}: {r['model']} on {r['dataset']}"),
+      ("command", "Reproduce" if ran else "Reproduce (rebuilt from the saved configs)",
+       command),
+      ("kv", [("target", r["target"]),
+              ("budget", f"{r['budget']} = {r['limit']:.4g} {unit}"),
+              ("policy cost", f"{r['cost']:.4g} {unit} ({r['cost_ratio']:.3f} x {reference})"),
+              ("FP32 test top-1", _pct(r.get("fp32_test_top1"))),
+              *_search_rows(run),
+              ("after fine-tune: test top-1", _pct(r.get("test_top1"))),
+              ("time: FP32 / search / fine-tune",
+               f"{_seconds(r.get('fp32_seconds'))} / {_seconds(r.get('search_seconds'))} "
+               f"/ {_seconds(r.get('finetune_seconds'))}")]),
+      ("h", 2, "Accuracy and cost"),
+      ("table", ("stage", "split", "top-1", f"cost ({unit})", "cost / budget"),
+       [("FP32", "test / val",
+         f"{_pct(r.get('fp32_test_top1'))} / {_pct(r.get('fp32_val_top1'))}", "", ""),
+        ("search (policy found)", "val", _pct(r.get("search_val_top1")),
+         f"{r['cost']:.4g}", f"{to_budget:.3f}"),
+        ("after fine-tune", "test / val",
+         f"{_pct(r.get('test_top1'))} / {_pct(r.get('val_top1'))} "
+         f"(top-5 {_pct(r.get('test_top5'))})", f"{r['cost']:.4g}", f"{to_budget:.3f}")]),
+      ("p", f"Budget: {run.search['budget_metric']} on {r['target']}, "
+            f"{run.search['budget']:g} ({run.search['budget_kind']}) x {reference} = "
+            f"{r['limit']:.4g} {unit}; the policy {'fits' if r['fits'] else 'does NOT fit'} "
+            f"({to_budget:.1%} of the budget, {r['cost_ratio']:.3f} x {reference})."),
+      ("h", 2, "Timings"),
+      ("table", ("stage", "seconds"),
+       [(k.replace("_seconds", ""), f"{r[k]:.1f}") for k in
+        ("fp32_seconds", "search_seconds", "finetune_seconds", "total_seconds") if k in r]),
+      ("h", 2, "Plots"),
+      *[("figure", caption, path) for caption, path in figures(run.workdir)],
+      ("h", 2, "Policy"),
+  ]
+  try:
+    costs = layer_costs(run)
+  except (ValueError, KeyError, TypeError, OSError) as e:
+    costs = None
+    out.append(("p", f"Per-layer costs are unavailable: {e}"))
+  kinds = {l["name"]: l for l in run.layers}
+  rows = []
+  for i, l in enumerate(run.policy["layers"]):
+    shape = kinds.get(l["name"], {})
+    row = [str(i), l["name"], shape.get("kind", "?"), f"{shape.get('macs', 0):,}",
+           f"{shape.get('params', 0):,}", _bits(l["w_bits"]), _bits(l["a_bits"])]
+    if costs is not None:
+      row += [f"{costs[i]:.4g}", f"{costs[i] / costs.sum():.1%}"]
+    rows.append(tuple(row))
+  head = ["#", "layer", "kind", "MACs", "params", "weight bits", "activation bits"]
+  if costs is not None:
+    head += [f"{run.search['budget_metric']} ({unit})", "share"]
+    rows.append(("", "total", "", f"{sum(l['macs'] for l in run.layers):,}",
+                 f"{sum(l['params'] for l in run.layers):,}", "", "",
+                 f"{costs.sum():.4g}", "100.0%"))
+  out.append(("table", tuple(head), rows))
+  out += [
+      ("h", 2, "Config"),
+      ("table", ("config", "field", "value", "default"),
+       [(s, k, json.dumps(v) if not isinstance(v, str) else v,
+         json.dumps(d) if not isinstance(d, str) else d)
+        for s, k, v, d in config_changes(run)]),
+      ("details", "full config (config.json, search_config.json"
+                  + (", gumbel_config.json)" if run.gumbel else ")"),
+       json.dumps({"config": run.config, "search": run.search,
+                   **({"gumbel": run.gumbel} if run.gumbel else {})}, indent=2)),
+  ]
+  return out
+
+
+# ---------------------------------------------------------------- renderers
+
+
+def _md_cell(text: Any) -> str:
+  return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  lines = ["| " + " | ".join(_md_cell(h) for h in head) + " |",
+           "|" + "---|" * len(head)]
+  lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def to_markdown(doc: Sequence[tuple]) -> str:
+  """Markdown of blocks; figures are links relative to the workdir."""
+  parts = []
+  for kind, *args in doc:
+    if kind == "h":
+      parts.append("#" * args[0] + " " + args[1])
+    elif kind == "p":
+      parts.append(args[0])
+    elif kind == "command":
+      parts.append(f"{args[0]}: `{args[1]}`")
+    elif kind == "kv":
+      parts.append(markdown_table(("", ""), args[0]))
+    elif kind == "table":
+      parts.append(markdown_table(*args))
+    elif kind == "figure":
+      parts.append(f"![{args[0]}]({args[1]})")
+    elif kind == "details":
+      parts.append(f"<details><summary>{html.escape(args[0])}</summary>\n\n"
+                   f"```json\n{args[1]}\n```\n\n</details>")
+  return "\n\n".join(parts) + "\n"
+
+
+_CSS = """
+body{font-family:DejaVu Sans,Helvetica,Arial,sans-serif;font-size:14px;color:#222;
+max-width:1000px;margin:2em auto;padding:0 1em;line-height:1.4}
+h1{font-size:1.6em;border-bottom:2px solid #444}h2{font-size:1.25em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0}
+th,td{border:1px solid #bbb;padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#eee}tr:nth-child(even) td{background:#f8f8f8}
+pre{background:#f4f4f4;border:1px solid #ddd;padding:.6em;white-space:pre-wrap;
+word-break:break-all;font-size:12px}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #ddd}
+figcaption{font-size:.9em;color:#555}
+@page{size:A4;margin:12mm}
+"""
+
+
+def data_uri(path: str) -> str:
+  """A PNG file as a `data:image/png;base64,...` URI."""
+  with open(path, "rb") as f:
+    return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+
+
+def html_table(head: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> str:
+  e = lambda x: html.escape(str(x))
+  top = ("<tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>") if head else ""
+  body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
+  return f"<table>{top}{body}</table>"
+
+
+def html_page(title: str, body: str) -> str:
+  """A complete HTML document with the inline stylesheet."""
+  return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+          f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n"
+          f"<body>\n{body}\n</body></html>\n")
+
+
+def to_html(doc: Sequence[tuple], workdir: str) -> str:
+  """One self-contained HTML page of blocks: images inline, no external links."""
+  e = html.escape
+  parts, title = [], "haqjax report"
+  for kind, *args in doc:
+    if kind == "h":
+      title = args[1] if args[0] == 1 else title
+      parts.append(f"<h{args[0]}>{e(args[1])}</h{args[0]}>")
+    elif kind == "p":
+      parts.append(f"<p>{e(args[0])}</p>")
+    elif kind == "command":
+      parts.append(f"<p>{e(args[0])}:</p><pre><code>{e(args[1])}</code></pre>")
+    elif kind == "kv":
+      parts.append(html_table(None, [(f"{k}", v) for k, v in args[0]]))
+    elif kind == "table":
+      parts.append(html_table(*args))
+    elif kind == "figure":
+      parts.append(f"<figure><img alt=\"{e(args[0])}\" "
+                   f"src=\"{data_uri(os.path.join(workdir, args[1]))}\">"
+                   f"<figcaption>{e(args[0])} ({e(args[1])})</figcaption></figure>")
+    elif kind == "details":
+      parts.append(f"<details><summary>{e(args[0])}</summary>"
+                   f"<pre><code>{e(args[1])}</code></pre></details>")
+  return html_page(title, "\n".join(parts))
+
+
+def write_report(workdir: str | os.PathLike, *, command: str | None = None
+                 ) -> tuple[str, str]:
+  """Writes `report.md` and `report.html` of a finished search run, atomically.
+
+  Args:
+    workdir: the run's folder (see `load_run`).
+    command: the command line that ran it (default: results.json's
+      "command", the last report.md's, or one rebuilt from the configs).
+
+  Returns:
+    The paths of report.md and report.html.
+
+  Raises:
+    ValueError: if `workdir` is not a finished search run.
+  """
+  run = load_run(workdir)
+  if command:
+    run = run._replace(results={**run.results, "command": command})
+  doc = blocks(run)
+  paths = (os.path.join(run.workdir, "report.md"), os.path.join(run.workdir, "report.html"))
+  for path, text in zip(paths, (to_markdown(doc), to_html(doc, run.workdir))):
+    with haq_io.atomic_open(path) as f:
+      f.write(text)
+  return paths

@@ -1,0 +1,84 @@
+"""Every notebook in experiments/notebooks/ runs top to bottom, and is stored stripped.
+
+Notebooks read HAQJAX_NOTEBOOK_SMALL=1 and then use small settings (a small
+model, few steps), so each runs in CI time on the CPU. The kernel is this
+interpreter, registered in a temporary folder: nothing is downloaded.
+"""
+
+import base64
+import glob
+import io
+import os
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK_DIR = os.path.join(ROOT, "experiments", "notebooks")
+NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
+
+
+def test_the_notebooks_are_found():
+  assert "hardware.ipynb" in [os.path.basename(p) for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_is_stored_without_outputs(path):
+  nb = nbformat.read(path, as_version=4)
+  nbformat.validate(nb)
+  for i, cell in enumerate(nb.cells):
+    if cell.cell_type == "code":
+      assert cell.outputs == [], f"cell {i} has outputs; strip them before committing"
+      assert cell.execution_count is None, f"cell {i} has an execution count"
+
+
+@pytest.fixture(scope="module")
+def kernel_env(tmp_path_factory):
+  """A 'python3' kernel spec for this interpreter, and the small settings."""
+  from ipykernel import kernelspec  # pylint: disable=g-import-not-at-top
+  prefix = tmp_path_factory.mktemp("jupyter")
+  kernelspec.install(kernel_name="python3", prefix=str(prefix))
+  env = {"JUPYTER_PATH": os.path.join(prefix, "share", "jupyter"),
+         "HAQJAX_NOTEBOOK_SMALL": "1", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+  return env
+
+
+def _png_sizes(nb):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  sizes = []
+  for cell in nb.cells:
+    for out in cell.get("outputs", []):
+      data = out.get("data", {})
+      if "image/png" in data:
+        with Image.open(io.BytesIO(base64.b64decode(data["image/png"]))) as im:
+          im.load()
+          sizes.append(im.size)
+  return sizes
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_runs_without_error(path, kernel_env, monkeypatch):
+  for key, value in kernel_env.items():
+    monkeypatch.setenv(key, value)
+  nb = nbformat.read(path, as_version=4)
+  client = nbclient.NotebookClient(
+      nb, timeout=600, kernel_name="python3",
+      resources={"metadata": {"path": os.path.dirname(path)}})
+  client.execute()  # Raises CellExecutionError on the first failing cell.
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  assert code and all(c.execution_count is not None for c in code)
+  errors = [o for c in code for o in c.outputs if o.output_type == "error"]
+  assert not errors, errors
+  # Every figure a notebook draws is a real picture, not an empty canvas.
+  for size in _png_sizes(nb):
+    assert size[0] >= 300 and size[1] >= 200, size
+  if os.path.basename(path) == "hardware.ipynb":
+    # Per-layer costs, policies, the roofline; HAQ's table when it is there.
+    assert len(_png_sizes(nb)) >= 3
+    text = "".join(o.get("text", "") for c in code for o in c.outputs)
+    for target in ("bismo-edge", "bismo-cloud", "bitfusion", "systolic"):
+      assert target in text
+    assert "x W8A8" in text and "model quickstart_cnn;" in text

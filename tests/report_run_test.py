@@ -1,0 +1,361 @@
+"""The run report (haqjax/report/run_report.py) and `python -m experiments.report`.
+
+The runs are made here from the library's own pieces (configs, layer table,
+budget wall, plots) without any training, so the tests are quick; the
+launcher tests check that real searches write the same report.
+"""
+
+import base64
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from haqjax import hardware
+from haqjax import io as haq_io
+from haqjax import models
+from haqjax.nn import layer_table
+from haqjax.policy import Policy
+from haqjax.policy import save_policy
+from haqjax.report import plots
+from haqjax.report import run_report
+from haqjax.search import runner
+from haqjax.search.config import SearchConfig
+from haqjax.search.gumbel.config import GumbelConfig
+from haqjax.train.config import Config
+from launcher_testing import ROOT
+from launcher_testing import assert_one_line_error
+from launcher_testing import launch
+
+DPI = 60
+COMMAND = "python -m experiments.imagenet --flagfile=experiments/flags/digits.flags --mode={mode}"
+A4_PX = (794, 1123)  # A4 at 96 dpi: 210 x 297 mm.
+
+
+def _table():
+  return layer_table(models.create("digits_cnn", num_classes=10), (1, 8, 8, 1))
+
+
+def make_run(workdir, mode="rl", target="bismo-edge", budget=0.6, command=True):
+  """A finished search run's files, as the runners write them."""
+  table = _table()
+  config = Config(mode=mode, dataset="digits", model="digits_cnn", epochs=3.0)
+  search = SearchConfig(target=target, budget=budget, search_episodes=6,
+                        warmup_episodes=3)
+  gumbel = GumbelConfig(gumbel_epochs=1.0) if mode == "gumbel" else None
+  wall = runner.build_wall(config, search, table)
+  w, a = wall.enforce(np.full(len(table), 8), np.full(len(table), 8))
+  policy = Policy.create(table.names, w, a)
+  cost = wall.describe(w, a)
+  os.makedirs(workdir / "plots")
+  config.save(workdir / "config.json")
+  search.save(workdir / "search_config.json")
+  if gumbel:
+    gumbel.save(workdir / "gumbel_config.json")
+  haq_io.write_json(workdir / "layers.json", table.rows())
+  unit = hardware.base.UNITS[search.budget_metric]
+  save_policy(workdir / "policy.json", policy, model="digits_cnn", target=target,
+              cost=cost["cost"], cost_ratio=cost["ratio"])
+  results = {
+      "mode": mode, "model": "digits_cnn", "dataset": "digits", "target": target,
+      "budget": str(search.budget_spec()), "limit": wall.limit, "unit": unit,
+      "cost": cost["cost"], "cost_ratio": cost["ratio"], "fits": True,
+      "policy": policy.to_dict()["layers"], "fp32_test_top1": 97.5,
+      "fp32_val_top1": 97.0, "test_top1": 96.25, "test_top5": 99.9, "val_top1": 96.0,
+      "search_val_top1": 95.5, "fp32_seconds": 12.0, "search_seconds": 34.0,
+      "finetune_seconds": 5.0, "total_seconds": 52.0}
+  if mode == "rl":
+    results.update(best_reward=-0.15, best_episode=4, episodes=6, episodes_per_minute=10.6)
+  else:
+    results.update(argmax_cost_ratio=cost["ratio"], expected_cost=cost["cost"],
+                   enforced=False, search_steps=40, search_epochs=1, steps_per_second=3.0)
+  if command:
+    results["command"] = COMMAND.format(mode=mode)
+  haq_io.write_json(workdir / "results.json", results)
+  plots.plot_policy_bits(workdir / "plots" / "bits.png", table.rows(), policy, dpi=DPI)
+  episodes = [{"episode": e, "reward": -0.1 * (6 - e), "cost": cost["cost"] * (0.9 + 0.02 * e),
+               "warmup": e < 3} for e in range(6)]
+  plots.plot_search_progress(workdir / "plots" / "search.png", episodes,
+                             budget={"metric": "latency", "unit": unit, "limit": wall.limit},
+                             dpi=DPI)
+  if gumbel:
+    bits = list(gumbel.bits())
+    rng = np.random.default_rng(0)
+    history = [(s, rng.dirichlet(np.ones(len(bits)), size=len(table))) for s in (0, 20, 40)]
+    plots.plot_bit_probabilities(workdir / "plots" / "w_probs.png", history,
+                                 names=list(table.names), bits=bits, dpi=DPI)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def rl_run(tmp_path_factory):
+  workdir = make_run(tmp_path_factory.mktemp("rl") / "run")
+  run_report.write_report(workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def gumbel_run(tmp_path_factory):
+  workdir = make_run(tmp_path_factory.mktemp("gumbel") / "run", mode="gumbel")
+  run_report.write_report(workdir)
+  return workdir
+
+
+def _pngs(workdir):
+  return sorted(p for p in os.listdir(workdir / "plots") if p.endswith(".png"))
+
+
+# ------------------------------------------------------------------ report.md
+
+
+def test_markdown_summary_costs_and_command(rl_run):
+  text = (rl_run / "report.md").read_text()
+  assert text.startswith("# HAQ search: digits_cnn on digits\n")
+  assert f"Reproduce: `{COMMAND.format(mode='rl')}`" in text
+  results = json.loads((rl_run / "results.json").read_text())
+  assert f"| budget | latency <= 0.6 x w8a8 = {results['limit']:.4g} s |" in text
+  assert f"| after fine-tune | test / val | 96.25% / 96.00% (top-5 99.90%)" in text
+  assert f"{results['cost'] / results['limit']:.3f}" in text
+  assert "| search | 34.0 |" in text and "best at episode 4" in text
+  for caption, path in (("per-layer bits", "plots/bits.png"),
+                        ("search progress", "plots/search.png")):
+    assert f"![{caption}]({path})" in text
+
+
+def test_markdown_policy_rows_and_per_layer_cost(rl_run):
+  text = (rl_run / "report.md").read_text()
+  run = run_report.load_run(rl_run)
+  table = _table()
+  costs = run_report.layer_costs(run)
+  # The hardware model's per-layer costs, summing to the network cost the search saved.
+  target = hardware.get_target("bismo-edge")
+  w = [l["w_bits"] for l in run.policy["layers"]]
+  a = [l["a_bits"] for l in run.policy["layers"]]
+  want = hardware.layer_costs(target, hardware.from_layer_table(table), w, a)["latency_s"]
+  np.testing.assert_allclose(costs, np.asarray(want), rtol=1e-6)
+  np.testing.assert_allclose(costs.sum(), run.results["cost"], rtol=1e-6)
+  assert "| # | layer | kind | MACs | params | weight bits | activation bits | latency (s) | share |" in text
+  for i, name in enumerate(table.names):
+    row = (f"| {i} | {name} | {table.kinds[i]} | {int(table.macs[i]):,} | "
+           f"{int(table.params[i]):,} | {w[i]} | {a[i]} | {costs[i]:.4g} | "
+           f"{costs[i] / costs.sum():.1%} |")
+    assert row in text, row
+  assert f"| total |  | {int(table.macs.sum()):,} |" in text
+
+
+def test_config_diff_lists_only_changed_fields(rl_run):
+  text = (rl_run / "report.md").read_text()
+  diff = text.split("## Config", 1)[1].split("<details>", 1)[0]
+  assert "| config | mode | rl | train |" in diff
+  assert "| config | epochs | 3.0 |" in diff and "| search | budget | 0.6 | 0.5 |" in diff
+  assert "| search | search_episodes | 6 | 600 |" in diff
+  assert "batch_size" not in diff and "| target |" not in diff  # Defaults.
+  full = text.split("```json\n", 1)[1].split("\n```", 1)[0]
+  saved = json.loads(full)
+  assert saved["config"] == json.loads((rl_run / "config.json").read_text())
+  assert saved["search"] == json.loads((rl_run / "search_config.json").read_text())
+
+
+def test_gumbel_report_rows_and_probability_plots(gumbel_run):
+  text = (gumbel_run / "report.md").read_text()
+  assert text.startswith("# Gumbel bit search: digits_cnn on digits\n")
+  assert "--mode=gumbel" in text
+  assert "| search | gumbel relaxation, 40 steps (1 epochs), lagrange penalty, 3.00 steps/s |" in text
+  assert "![weight bit probabilities](plots/w_probs.png)" in text
+  assert "plots/a_probs.png" not in text  # Only plots that exist.
+  assert "| gumbel | gumbel_epochs | 1.0 | 2.0 |" in text
+  assert '"gumbel": {' in text
+
+
+def test_rebuilt_command_parses_to_the_saved_configs(tmp_path):
+  workdir = make_run(tmp_path / "old", command=False)
+  run_report.write_report(workdir)
+  text = (workdir / "report.md").read_text()
+  m = re.search(r"^Reproduce \(rebuilt from the saved configs\): `(.+)`$", text, flags=re.M)
+  assert m, text[:500]
+  command = m.group(1)
+  assert command.startswith("python -m experiments.imagenet --mode=rl ")
+  assert command.endswith(f"--workdir={workdir}")
+  parse = ("import json, sys\nfrom absl import flags\nfrom experiments import cli, imagenet\n"
+           "flags.FLAGS(['prog', *sys.argv[1:]])\n"
+           "print(json.dumps({'config': imagenet.config_from_flags().to_dict(), "
+           "'search': cli.values_of(imagenet._SEARCH_FLAGS)}))")
+  proc = subprocess.run([sys.executable, "-c", parse, *command.split()[3:]], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  parsed = json.loads(proc.stdout)
+  saved = json.loads((workdir / "config.json").read_text())
+  assert {k: v for k, v in parsed["config"].items() if k != "progress"} == {
+      k: v for k, v in saved.items() if k != "progress"}
+  assert parsed["search"] == json.loads((workdir / "search_config.json").read_text())
+  # A second report keeps the command the first one printed.
+  run_report.write_report(workdir)
+  assert f": `{command}`" in (workdir / "report.md").read_text()
+
+
+def test_runner_writes_results_with_command_then_both_reports(tmp_path):
+  workdir = make_run(tmp_path / "run", command=False)
+  results = json.loads((workdir / "results.json").read_text())
+  runner.write_report(str(workdir), results, "python -m experiments.imagenet --mode=rl --x=1")
+  saved = json.loads((workdir / "results.json").read_text())
+  assert saved == {**results, "command": "python -m experiments.imagenet --mode=rl --x=1"}
+  assert "Reproduce: `python -m experiments.imagenet --mode=rl --x=1`" in (
+      workdir / "report.md").read_text()
+  assert (workdir / "report.html").stat().st_size > 10_000
+  assert not [f for f in os.listdir(workdir) if f.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("remove, message", [
+    ("results.json", "has no results.json"),
+    ("layers.json", "has no layers.json"),
+])
+def test_load_run_rejects_unfinished_runs(tmp_path, remove, message):
+  workdir = make_run(tmp_path / "run")
+  os.remove(workdir / remove)
+  with pytest.raises(ValueError, match=message):
+    run_report.write_report(workdir)
+  assert not (workdir / "report.md").exists()
+
+
+def test_load_run_rejects_non_search_runs(tmp_path):
+  workdir = make_run(tmp_path / "run")
+  results = json.loads((workdir / "results.json").read_text())
+  haq_io.write_json(workdir / "results.json", {**results, "mode": "qat"})
+  with pytest.raises(ValueError, match="mode='qat'"):
+    run_report.load_run(workdir)
+  with pytest.raises(ValueError, match="is not a folder"):
+    run_report.load_run(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------- report.html
+
+
+def test_html_is_self_contained(gumbel_run):
+  page = (gumbel_run / "report.html").read_text()
+  assert page.startswith("<!DOCTYPE html>") and "<style>" in page
+  assert not re.search(r"(?:https?:)?//[\w.-]+\.\w", page)  # No external resource.
+  sources = re.findall(r'src="([^"]*)"', page)
+  assert re.findall(r"<link|@import|url\(", page) == []
+  names = _pngs(gumbel_run)
+  assert len(sources) == len(names) == 3
+  for src, name in zip(sources, ["bits.png", "search.png", "w_probs.png"]):
+    assert src.startswith("data:image/png;base64,")
+    assert base64.b64decode(src.split(",", 1)[1]) == (gumbel_run / "plots" / name).read_bytes()
+  assert "<details><summary>full config" in page
+  assert "--mode=gumbel" in page and "<td>gumbel_epochs</td>" in page
+
+
+def render_html(path, scale=96 / 72):
+  """HTML -> PDF (WeasyPrint, offline) -> one PIL image per page (PDFium)."""
+  weasyprint = pytest.importorskip("weasyprint")
+  import pypdfium2  # pylint: disable=g-import-not-at-top
+  pdf = weasyprint.HTML(filename=str(path)).write_pdf()
+  doc = pypdfium2.PdfDocument(pdf)
+  pages = [doc[i] for i in range(len(doc))]
+  images = [p.render(scale=scale).to_pil() for p in pages]
+  texts = [p.get_textpage().get_text_range() for p in pages]
+  drawn = sum(1 for p in pages for o in p.get_objects()
+              if o.type == pypdfium2.raw.FPDF_PAGEOBJ_IMAGE)
+  return images, "\n".join(texts), drawn
+
+
+@pytest.mark.parametrize("mode", ["rl", "gumbel"])
+def test_html_renders_as_a_person_sees_it(rl_run, gumbel_run, tmp_path, mode):
+  workdir = rl_run if mode == "rl" else gumbel_run
+  images, text, drawn = render_html(workdir / "report.html")
+  assert 2 <= len(images) <= 12
+  assert drawn == len(_pngs(workdir))  # Every plot is drawn on a page.
+  for i, image in enumerate(images):
+    path = tmp_path / f"page{i}.png"
+    image.save(path)
+    with Image.open(path) as png:
+      assert png.format == "PNG" and png.size == A4_PX, png.size
+      gray = np.asarray(png.convert("L"))
+    ink = (gray < 200).mean()
+    assert 0.005 < ink < 0.6, (i, ink)
+  flat = " ".join(text.split())
+  heading = "HAQ search" if mode == "rl" else "Gumbel bit search"
+  assert f"{heading}: digits_cnn on digits" in flat
+  assert "Accuracy and cost" in flat and "96.25%" in flat
+  assert "experiments.imagenet" in flat and f"--mode={mode}" in flat.replace(" ", "")
+
+
+def test_every_plot_is_a_png_of_its_figure_size(gumbel_run):
+  run = run_report.load_run(gumbel_run)
+  table = _table()
+  figs = {"bits.png": plots.policy_bits_figure(table.rows(), run.policy, dpi=DPI)}
+  for name in _pngs(gumbel_run):
+    with Image.open(gumbel_run / "plots" / name) as im:
+      assert im.format == "PNG"
+      rgb = np.asarray(im.convert("RGB")).reshape(-1, 3)
+      size = im.size
+    assert size[0] >= 200 and size[1] >= 150, (name, size)
+    if name in figs:
+      assert np.allclose(size, np.round(figs[name].get_size_inches() * DPI), atol=1), name
+    assert len(np.unique(rgb, axis=0)) > 20, name
+    assert 0.02 < np.any(rgb < 250, axis=1).mean() < 0.95, name
+
+
+# ---------------------------------------------------------- experiments.report
+
+
+def test_compare_two_runs_writes_tables_csv_and_pareto(rl_run, gumbel_run, tmp_path):
+  out = tmp_path / "cmp"
+  proc = launch(str(rl_run.parent), str(gumbel_run.parent), f"--out={out}",
+                module="experiments.report", timeout=180)
+  # Folders without results.json fail: the runs are the `run` subfolders.
+  assert_one_line_error(proc, "is not a finished search run", "has no config.json")
+  proc = launch(str(rl_run), str(gumbel_run), f"--out={out}",
+                module="experiments.report", timeout=180)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  names = [f"{p.parent.name}/run" for p in (rl_run, gumbel_run)]
+  with open(out / "compare.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["run"] for r in rows] == names and [r["mode"] for r in rows] == ["rl", "gumbel"]
+  for row, workdir in zip(rows, (rl_run, gumbel_run)):
+    results = json.loads((workdir / "results.json").read_text())
+    assert float(row["cost"]) == pytest.approx(results["cost"])
+    assert float(row["cost_ratio"]) == pytest.approx(results["cost_ratio"])
+    assert float(row["cost_to_budget"]) == pytest.approx(results["cost"] / results["limit"])
+    assert float(row["test_top1"]) == results["test_top1"]
+  assert [r["episodes_or_steps"] for r in rows] == ["6", "40"]
+  markdown = (out / "compare.md").read_text()
+  assert proc.stdout == markdown
+  policy = json.loads((rl_run / "policy.json").read_text())["layers"]
+  first = f"| 0 | {policy[0]['name']} | {policy[0]['w_bits']}/{policy[0]['a_bits']} |"
+  assert first in markdown
+  assert "![accuracy vs cost](pareto.png)" in markdown
+  html = (out / "compare.html").read_text()
+  assert html.count('src="data:image/png;base64,') == 1 and "http" not in html
+  images, text, drawn = render_html(out / "compare.html")
+  assert drawn == 1 and all(im.size == A4_PX for im in images)
+  assert "Comparison of 2 search runs" in " ".join(text.split())
+  with Image.open(out / "pareto.png") as im:
+    fig = plots.pareto_figure([{"cost": 1.0, "top1": 1.0, "group": "g"}])
+    assert im.size == tuple(np.round(fig.get_size_inches() * 120).astype(int))
+
+
+def test_compare_runs_on_different_targets_has_no_pareto(rl_run, tmp_path):
+  other = make_run(tmp_path / "bitfusion", target="bitfusion", budget=1.0)
+  out = tmp_path / "cmp"
+  proc = launch(str(rl_run), str(other), f"--out={out}", module="experiments.report",
+                timeout=180)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "No Pareto plot: the runs differ in target" in proc.stdout
+  assert sorted(os.listdir(out)) == ["compare.csv", "compare.html", "compare.md"]
+
+
+@pytest.mark.parametrize("args, fragments", [
+    ((), ("no runs given", "WORKDIR")),
+    (("/nonexistent/run",), ("/nonexistent/run is not a folder",)),
+])
+def test_compare_bad_input_is_one_line(args, fragments):
+  proc = launch(*args, module="experiments.report", timeout=120)
+  assert_one_line_error(proc, *fragments)
