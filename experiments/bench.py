@@ -6,10 +6,14 @@ r"""Benchmarks: programs that print and write JSON, not timed tests.
   python -m experiments.bench ptq [--init_from=FP32_WORKDIR] [--out=bench_ptq.json]
   python -m experiments.bench search-rl [--init_from=FP32_WORKDIR] [--episodes=12] \
       [--out=bench_search-rl.json]
+  python -m experiments.bench search-gumbel [--init_from=FP32_WORKDIR] \
+      [--rl_workdir=RL_WORKDIR] [--gumbel_recipes=quickstart_sweep] [--sweep_members=8] \
+      [--sweep_steps=40] [--out=bench_search-gumbel.json]
 
-`quant`, `hardware`, `ptq` and `search-rl` are described in
+`quant`, `hardware`, `ptq`, `search-rl` and `search-gumbel` are described in
 `experiments/bench_quant.py`, `experiments/bench_hardware.py`,
-`experiments/bench_ptq.py` and `experiments/bench_search.py`.
+`experiments/bench_ptq.py`, `experiments/bench_search.py` and
+`experiments/bench_gumbel.py`.
 
 `train` measures, on this machine:
   * training-step throughput (images/s) and time to first step (compile) of
@@ -42,13 +46,25 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared datasets folder.")
 _INIT_FROM = flags.DEFINE_string("init_from", None, "ptq, search-rl: the FP32 "
                                  "quickstart workdir (default: train one).")
 _EPISODES = flags.DEFINE_integer("episodes", 12, "search-rl: episodes of the timed search.")
+_RL_WORKDIR = flags.DEFINE_string("rl_workdir", None, "search-gumbel: a finished RL "
+                                  "job at the same budget (default: bench search-rl's "
+                                  "projection).")
+_GUMBEL_RECIPES = flags.DEFINE_list("gumbel_recipes", ["quickstart_sweep"],
+                                    "search-gumbel: recipes whose search is timed.")
+_SWEEP_MEMBERS = flags.DEFINE_integer("sweep_members", 8, "search-gumbel: K of the "
+                                      "vmapped sweep.")
+_SWEEP_STEPS = flags.DEFINE_integer("sweep_steps", 40, "search-gumbel: steps of each "
+                                    "search of the sweep comparison.")
+_MAX_SEARCH = flags.DEFINE_float("max_search_seconds", 240.0, "search-gumbel: project "
+                                 "a recipe's search instead of running it above this.")
 _CACHE = flags.DEFINE_string("compilation_cache", "",
                              "JAX persistent compilation cache ('' disables, so "
                              "time to first step includes compilation).")
 
-BENCHMARKS = ("train", "quant", "hardware", "ptq", "search-rl")
+BENCHMARKS = ("train", "quant", "hardware", "ptq", "search-rl", "search-gumbel")
 # Benchmark name -> module, where they differ.
-_MODULES = {"search-rl": "experiments.bench_search"}
+_MODULES = {"search-rl": "experiments.bench_search",
+            "search-gumbel": "experiments.bench_gumbel"}
 
 
 def _throughput(model_name: str, input_shape, num_classes: int, batch_size: int,
@@ -129,9 +145,13 @@ def main(argv: list[str]) -> None:
   else:
     module = importlib.import_module(_MODULES.get(name, f"experiments.bench_{name}"))
     kwargs = ({"init_from": _INIT_FROM.value, "data_dir": _DATA_DIR.value}
-              if name in ("ptq", "search-rl") else {})
+              if name in ("ptq", "search-rl", "search-gumbel") else {})
     if name == "search-rl":
       kwargs["episodes"] = _EPISODES.value
+    if name == "search-gumbel":
+      kwargs.update(rl_workdir=_RL_WORKDIR.value, recipes_=tuple(_GUMBEL_RECIPES.value),
+                    members=_SWEEP_MEMBERS.value, sweep_steps=_SWEEP_STEPS.value,
+                    max_search_seconds=_MAX_SEARCH.value)
     result = {"benchmark": name, "machine": platform.platform(),
               "cpu_count": os.cpu_count(), **module.run(**kwargs)}
   out = _OUT.value or f"bench_{name}.json"
