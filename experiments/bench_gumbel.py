@@ -46,27 +46,11 @@ SWEEP_BUDGETS = (0.7, 0.83, 0.92, 1.0, 1.12, 1.233, 1.38, 1.523)
 
 def gumbel_recipe(name: str, **overrides: Any):
   """`(Config, SearchConfig, GumbelConfig)` of a `gumbel` recipe."""
-  from experiments import bench_search  # pylint: disable=g-import-not-at-top
   from experiments import recipes  # pylint: disable=g-import-not-at-top
   from haqjax.search.config import SearchConfig  # pylint: disable=g-import-not-at-top
   from haqjax.search.gumbel.config import GumbelConfig  # pylint: disable=g-import-not-at-top
   from haqjax.train.config import Config  # pylint: disable=g-import-not-at-top
-  classes = (Config, SearchConfig, GumbelConfig)
-  groups = tuple({f.name: f for f in dataclasses.fields(c)} for c in classes)
-  values: tuple[dict[str, Any], ...] = ({}, {}, {})
-  for key, text in bench_search._read_flags(recipes.recipe_path(name)).items():  # pylint: disable=protected-access
-    negated = key.startswith("no") and text is None
-    for fields, out in zip(groups, values):
-      field = fields.get(key[2:] if negated and key[2:] in fields else key)
-      if field is not None:
-        out[field.name] = (False if negated else
-                           recipes._convert(field, text))  # pylint: disable=protected-access
-        break
-    else:
-      raise ValueError(f"recipe {name!r}: --{key} is not a config flag")
-  for key, value in overrides.items():
-    values[next(i for i, g in enumerate(groups) if key in g)][key] = value
-  return tuple(c(**v) for c, v in zip(classes, values))
+  return recipes.read_configs(name, (Config, SearchConfig, GumbelConfig), **overrides)
 
 
 @dataclasses.dataclass

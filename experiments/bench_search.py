@@ -36,46 +36,12 @@ RECIPE = "quickstart_rl"
 TARGET_SECONDS = 600.0
 
 
-def _read_flags(path: str) -> dict[str, str | None]:
-  """`--name=value` lines of a flag file, following --flagfile (absl order)."""
-  from experiments import recipes  # pylint: disable=g-import-not-at-top
-  repo = os.path.dirname(os.path.dirname(recipes.FLAGS_DIR))
-  values: dict[str, str | None] = {}
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if not line or line.startswith(("#", "//")):
-        continue
-      key, sep, text = line.lstrip("-").partition("=")
-      if key == "flagfile":
-        nested = text if os.path.isabs(text) else os.path.join(repo, text)
-        values.update(_read_flags(nested))
-      else:
-        values[key] = text if sep else None
-  return values
-
-
 def rl_recipe(name: str = RECIPE, **overrides: Any):
   """`(Config, SearchConfig)` of an `rl` recipe; overrides go to either."""
   from experiments import recipes  # pylint: disable=g-import-not-at-top
   from haqjax.search.config import SearchConfig  # pylint: disable=g-import-not-at-top
   from haqjax.train.config import Config  # pylint: disable=g-import-not-at-top
-  groups = ({f.name: f for f in dataclasses.fields(Config)},
-            {f.name: f for f in dataclasses.fields(SearchConfig)})
-  values: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
-  for key, text in _read_flags(recipes.recipe_path(name)).items():
-    negated = key.startswith("no") and text is None
-    for fields, out in zip(groups, values):
-      field = fields.get(key[2:] if negated and key[2:] in fields else key)
-      if field is not None:
-        out[field.name] = (False if negated else
-                           recipes._convert(field, text))  # pylint: disable=protected-access
-        break
-    else:
-      raise ValueError(f"recipe {name!r}: --{key} is not a config flag")
-  for key, value in overrides.items():
-    values[0 if key in groups[0] else 1][key] = value
-  return Config(**values[0]), SearchConfig(**values[1])
+  return recipes.read_configs(name, (Config, SearchConfig), **overrides)
 
 
 def _median_ms(fn, calls: int) -> float:

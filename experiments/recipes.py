@@ -64,4 +64,49 @@ def load_recipe(name: str, **overrides: Any) -> Config:
   return Config(**{**read_recipe(name), **overrides})
 
 
-__all__ = ["load_recipe", "read_recipe", "recipe_path", "FLAGS_DIR"]
+def read_flags(path: str) -> dict[str, str | None]:
+  """`--name=value` lines of a flag file, following --flagfile (absl order)."""
+  repo = os.path.dirname(os.path.dirname(FLAGS_DIR))
+  values: dict[str, str | None] = {}
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line or line.startswith(("#", "//")):
+        continue
+      key, sep, text = line.lstrip("-").partition("=")
+      if key == "flagfile":
+        nested = text if os.path.isabs(text) else os.path.join(repo, text)
+        values.update(read_flags(nested))
+      else:
+        values[key] = text if sep else None
+  return values
+
+
+def read_configs(name: str, classes: tuple[type, ...], **overrides: Any) -> tuple:
+  """One config per dataclass in `classes` from recipe `name` (nested flagfiles
+  followed); each flag and override goes to the first class with that field.
+
+  Example: `Config, SearchConfig = read_configs("quickstart_rl", (Config, SearchConfig))`.
+  """
+  groups = tuple({f.name: f for f in dataclasses.fields(c)} for c in classes)
+  values: tuple[dict[str, Any], ...] = tuple({} for _ in classes)
+  for key, text in read_flags(recipe_path(name)).items():
+    negated = key.startswith("no") and text is None
+    for fields, out in zip(groups, values):
+      field = fields.get(key[2:] if negated and key[2:] in fields else key)
+      if field is not None:
+        out[field.name] = False if negated else _convert(field, text)
+        break
+    else:
+      raise ValueError(f"recipe {name!r}: --{key} is not a config flag")
+  for key, value in overrides.items():
+    owner = next((i for i, g in enumerate(groups) if key in g), None)
+    if owner is None:
+      raise ValueError(f"{key}={value!r} is not a field of "
+                       f"{', '.join(c.__name__ for c in classes)}")
+    values[owner][key] = value
+  return tuple(c(**v) for c, v in zip(classes, values))
+
+
+__all__ = ["load_recipe", "read_configs", "read_flags", "read_recipe", "recipe_path",
+           "FLAGS_DIR"]

@@ -54,3 +54,21 @@ def test_recipes_are_haq_setups(parsed):
   km = parsed["imagenet_resnet50_haq_kmeans"]
   assert (km["model"], km["quantization"], km["budget_metric"], km["budget"],
           km["budget_reference"]) == ("resnet50", "kmeans", "size", 0.1, "fp32")
+
+
+def test_read_configs_follows_nested_flagfiles_like_absl(parsed):
+  from experiments import recipes  # pylint: disable=g-import-not-at-top
+  from haqjax.search.config import SearchConfig  # pylint: disable=g-import-not-at-top
+  from haqjax.train.config import Config  # pylint: disable=g-import-not-at-top
+  for name in RECIPES:
+    config, search = recipes.read_configs(name, (Config, SearchConfig))
+    want = parsed[name]
+    assert (config.mode, config.model) == (want["mode"], want["model"])
+    assert (config.first_layer_w8, config.last_layer_w8a8) == (want["first"], want["last"])
+    for key, value in search.to_dict().items():
+      assert want[key] == value, (name, key)
+  config, search = recipes.read_configs("quickstart_rl", (Config, SearchConfig),
+                                        epochs=1.0, search_episodes=7)
+  assert config.epochs == 1.0 and search.search_episodes == 7
+  with pytest.raises(ValueError, match="bogus=1 is not a field"):
+    recipes.read_configs("quickstart_rl", (Config, SearchConfig), bogus=1)
