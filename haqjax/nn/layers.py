@@ -44,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from haqjax.nn import batching
 from haqjax.policy import Policy
 from haqjax.policy import SoftPolicy
 from haqjax.quant.base import Quantizer
@@ -261,10 +262,9 @@ class QConv(_QuantizedLayer):
                else tuple(self.strides))
     padding = self.padding if isinstance(self.padding, str) else tuple(
         tuple(p) for p in self.padding)
-    return jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), window_strides=strides,
-        padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=self.feature_group_count)
+    return batching.conv(x.astype(self.dtype), kernel.astype(self.dtype),
+                         window_strides=strides, padding=padding,
+                         feature_group_count=self.feature_group_count)
 
   def _folded(self, x: Array, kernel: Array, policy: Policy | SoftPolicy | None,
               bn: FoldedBatchNorm, train: bool) -> Array:
