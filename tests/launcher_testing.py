@@ -1,18 +1,66 @@
 """Shared helpers of the tests that run the launcher as a user does."""
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def _env():
+  return {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
 def launch(*args, cwd=ROOT, module="experiments.imagenet", timeout=300):
   """Runs `python -m module args...` on the CPU; returns the CompletedProcess."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=_env(),
                         capture_output=True, text=True, timeout=timeout)
+
+
+def jsonl_lines(path):
+  """The complete (newline-terminated) lines of a JSON-lines file, parsed."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    text = f.read()
+  return [json.loads(l) for l in text.split("\n")[:-1]]
+
+
+def kill_after(args, path, lines, delay, module="experiments.imagenet", timeout=240):
+  """Runs `python -m module args...`; SIGKILLs it `delay` s after `path` has `lines` lines.
+
+  The whole process group is killed. Returns the complete records in `path`
+  at the moment of the kill.
+  """
+  proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          start_new_session=True)
+  try:
+    deadline = time.monotonic() + timeout
+    while len(jsonl_lines(path)) < lines:
+      if proc.poll() is not None:
+        pytest.fail(f"the run exited ({proc.returncode}) before {lines} lines in {path}: "
+                    f"{proc.stderr.read().decode()[-3000:]}")
+      if time.monotonic() > deadline:
+        pytest.fail(f"no {lines} lines in {path} within {timeout} s")
+      time.sleep(0.02)
+    time.sleep(delay)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    seen = jsonl_lines(path)  # Nothing writes any more.
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+    proc.stderr.close()
+  assert proc.returncode == -signal.SIGKILL
+  return seen
 
 
 def assert_one_line_error(proc, *fragments):

@@ -11,41 +11,21 @@ compilation; the module takes about 1.5 minutes on a 2-core CPU.
 """
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from launcher_testing import jsonl_lines
+from launcher_testing import kill_after
+from launcher_testing import launch
+
 EPISODES = 16
 
 
-def _command(*args):
-  return [sys.executable, "-m", "experiments.imagenet", *args]
-
-
-def _env():
-  return {**os.environ, "JAX_PLATFORMS": "cpu"}
-
-
 def _launch(args, timeout=300):
-  proc = subprocess.run(_command(*args), cwd=ROOT, env=_env(), capture_output=True,
-                        text=True, timeout=timeout)
+  proc = launch(*args, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
-
-
-def _lines(path):
-  """The complete (newline-terminated) lines of a file, parsed."""
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    text = f.read()
-  return [json.loads(l) for l in text.split("\n")[:-1]]
 
 
 def _without_seconds(records):
@@ -73,38 +53,8 @@ def run_a(base_args):
   return workdir
 
 
-def _kill_after(args, episodes_path, lines, delay):
-  """Starts the command, SIGKILLs its process group `delay` s after `lines` episodes.
-
-  Returns the complete episode records in the file at the moment of the kill.
-  """
-  proc = subprocess.Popen(_command(*args), cwd=ROOT, env=_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          start_new_session=True)
-  try:
-    deadline = time.monotonic() + 240
-    while len(_lines(episodes_path)) < lines:
-      if proc.poll() is not None:
-        pytest.fail(f"the search exited ({proc.returncode}) before {lines} episodes: "
-                    f"{proc.stderr.read().decode()[-3000:]}")
-      if time.monotonic() > deadline:
-        pytest.fail(f"no {lines} episodes within 240 s")
-      time.sleep(0.02)
-    time.sleep(delay)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    seen = _lines(episodes_path)  # Nothing writes any more.
-  finally:
-    if proc.poll() is None:
-      os.killpg(proc.pid, signal.SIGKILL)
-      proc.wait()
-    proc.stderr.close()
-  assert proc.returncode == -signal.SIGKILL
-  return seen
-
-
 def test_uninterrupted_run(run_a):
-  records = _lines(run_a / "search" / "episodes.jsonl")
+  records = jsonl_lines(run_a / "search" / "episodes.jsonl")
   assert [r["episode"] for r in records] == list(range(EPISODES))
   assert (run_a / "results.json").exists()
 
@@ -119,21 +69,21 @@ def test_killed_twice_at_random_points_resumes_to_the_same_policy(base_args, run
   why = f"(random seed {seed})"
 
   first = rng.randint(3, 6)
-  seen = _kill_after(args, episodes_path, first, rng.uniform(0.0, 0.3))
+  seen = kill_after(args, episodes_path, first, rng.uniform(0.0, 0.3))
   assert len(seen) >= first, why
   assert not (workdir / "results.json").exists(), why
   second = len(seen) + rng.randint(2, 4)
-  seen2 = _kill_after(args, episodes_path, second, rng.uniform(0.0, 0.3))
+  seen2 = kill_after(args, episodes_path, second, rng.uniform(0.0, 0.3))
   # Killed, rerun and killed again: every episode finished before the first kill
   # is still there, unchanged (same `seconds`: it was restored, not replayed).
   assert seen2[:len(seen)] == seen, why
   assert len(seen2) >= second and len(seen2) < EPISODES, why
 
   _launch(args)
-  records = _lines(episodes_path)
+  records = jsonl_lines(episodes_path)
   assert [r["episode"] for r in records] == list(range(EPISODES)), why
   assert records[:len(seen2)] == seen2, why
-  reference = _lines(run_a / "search" / "episodes.jsonl")
+  reference = jsonl_lines(run_a / "search" / "episodes.jsonl")
   assert _without_seconds(records) == _without_seconds(reference), why
 
   policy_a = json.loads((run_a / "policy.json").read_text())

@@ -19,25 +19,18 @@ every `log_every` steps), both rewritten from the checkpoint on resume, and
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import time
 from typing import Any
 
 import jax
 import numpy as np
-import tqdm
 
 from haqjax import data as haq_data
-from haqjax import io as haq_io
-from haqjax import parallel
 from haqjax.policy import Policy
 from haqjax.search import env as env_lib
+from haqjax.search.gumbel import loop
 from haqjax.search.gumbel.learning import GumbelSearch
 from haqjax.search.gumbel.learning import GumbelState
 from haqjax.search.gumbel.learning import HParams
-from haqjax.train import checkpoint as ckpt_lib
-from haqjax.train import writers
 from haqjax.train.trainer import Evaluator
 
 REWARD_SCALE = 0.1  # As the RL search: 0.1 * (top-1 - FP32 top-1), percent points.
@@ -61,12 +54,6 @@ class Result:
   steps: list[dict[str, Any]]
   seconds: float
   trace_counts: dict[str, int]
-
-
-def _jsonl(path: str, records) -> None:
-  with haq_io.atomic_open(path) as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
 
 
 def _floats(x) -> list:
@@ -100,90 +87,34 @@ def run(search: GumbelSearch, hparams: HParams, state: GumbelState, *,
   Returns:
     The derived policy and the records.
   """
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
-  mesh = parallel.data_mesh()
-  parallel.check_batch_size("batch_size", batch_size, mesh)
-  sharding = parallel.batch_sharding(mesh)
-  steps_per_epoch = haq_data.num_batches(train, batch_size, drop_remainder=True)
-  if steps_per_epoch == 0:
-    raise ValueError(f"batch_size={batch_size} is larger than the training split "
-                     f"({len(train)} examples)")
-  leaves, treedef = jax.tree.flatten(state)
-  checkpointer = ckpt_lib.Checkpointer(directory, max_to_keep=2)
-  epochs: list[dict[str, Any]] = []
-  step_records: list[dict[str, Any]] = []
-  if checkpointer.latest_step() is not None:
-    restored, meta = checkpointer.restore({"leaves": leaves})
-    state = jax.tree.unflatten(treedef, list(restored["leaves"]))
-    epochs, step_records = list(meta["epochs"]), list(meta["steps"])
-  state = parallel.replicate(state, mesh)
-  _jsonl(os.path.join(directory, "epochs.jsonl"), epochs)
-  _jsonl(os.path.join(directory, "steps.jsonl"), step_records)
-  writer = writers.create_writer(directory, tensorboard=tensorboard)
+  evaluate = Evaluator(search.model, loop.batch_sharding(batch_size), eval_batch_size)
 
-  traces = {"train": 0}
+  def log(fetched, state):
+    means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    w_probs, a_probs = jax.device_get(search.probabilities(state.logits))
+    record = {**means, "w_probs": _floats(w_probs), "a_probs": _floats(a_probs)}
+    postfix = {"cost": f"{means['cost_ratio']:.3f}x", "tau": f"{means['tau']:.2f}",
+               "top1": f"{100 * means['top1']:.1f}"}
+    return record, {f"search/{k}": v for k, v in means.items()}, postfix
 
-  def train_step(state, batch, hparams):
-    traces["train"] += 1
-    return search.train_step(state, batch, hparams)
+  def end_epoch(host_state, epoch, step, seconds):
+    record = _epoch_record(search, wall, evaluate, host_state, val, epoch, step, fp32_top1)
+    record["seconds"] = seconds
+    return record, {"search/epoch": epoch + 1, "search/val_top1": record["val_top1"],
+                    "search/policy_cost": record["cost"],
+                    "search/policy_cost_ratio": record["cost_ratio"],
+                    "search/argmax_cost_ratio": record["argmax_cost_ratio"]}
 
-  train_step = jax.jit(train_step, donate_argnums=0)
-  evaluate = Evaluator(search.model, sharding, eval_batch_size)
-  step = int(state.step)
-  bar = tqdm.tqdm(total=total_steps, initial=step, disable=not progress,
-                  desc="gumbel search", unit="step", dynamic_ncols=True)
-  running, t_start, t_epoch = [], time.perf_counter(), time.perf_counter()
-  try:
-    while step < total_steps:
-      epoch, skip = divmod(step, steps_per_epoch)
-      for batch in haq_data.batches(train, batch_size=batch_size, seed=seed, epoch=epoch,
-                                    shuffle=True, drop_remainder=True, sharding=sharding,
-                                    start=skip):
-        state, metrics = train_step(state, batch, hparams)
-        running.append(metrics)
-        step += 1
-        bar.update(1)
-        if step % log_every == 0 or step == total_steps:
-          fetched = jax.device_get(running)
-          means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-          w_probs, a_probs = jax.device_get(search.probabilities(state.logits))
-          step_records.append({"step": step, **means, "w_probs": _floats(w_probs),
-                               "a_probs": _floats(a_probs)})
-          with open(os.path.join(directory, "steps.jsonl"), "a") as f:
-            f.write(json.dumps(step_records[-1]) + "\n")
-          writer.write_scalars(step, {f"search/{k}": v for k, v in means.items()})
-          bar.set_postfix(cost=f"{means['cost_ratio']:.3f}x", tau=f"{means['tau']:.2f}",
-                          top1=f"{100 * means['top1']:.1f}")
-          running = []
-        if step == total_steps:
-          break
-      record = _epoch_record(search, wall, evaluate, state, val, epoch, step, fp32_top1)
-      record["seconds"] = time.perf_counter() - t_epoch
-      t_epoch = time.perf_counter()
-      epochs.append(record)
-      checkpointer.save(step, {"leaves": jax.tree.leaves(state)},
-                        {"epochs": epochs, "steps": step_records})
-      checkpointer.wait()
-      with open(os.path.join(directory, "epochs.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-      writer.write_scalars(step, {
-          "search/epoch": epoch + 1, "search/val_top1": record["val_top1"],
-          "search/policy_cost": record["cost"],
-          "search/policy_cost_ratio": record["cost_ratio"],
-          "search/argmax_cost_ratio": record["argmax_cost_ratio"]})
-      writer.flush()
-  finally:
-    bar.close()
-    writer.close()
-    checkpointer.close()
-  if not epochs:
-    raise ValueError("gumbel_epochs gives 0 steps; allowed: at least one step")
-  last = epochs[-1]
+  outcome = loop.train(
+      search.train_step, state, hparams, train_split=train, directory=directory,
+      batch_size=batch_size, total_steps=total_steps, seed=seed, log_every=log_every,
+      log=log, end_epoch=end_epoch, epoch_lines=list, progress=progress,
+      tensorboard=tensorboard, desc="gumbel search")
+  last = outcome.epochs[-1]
   return Result(policy=Policy.create(search.names, last["w_bits"], last["a_bits"]),
-                argmax=(last["argmax_w_bits"], last["argmax_a_bits"]), epochs=epochs,
-                steps=step_records, seconds=time.perf_counter() - t_start,
-                trace_counts={**traces, "eval": evaluate.traces})
+                argmax=(last["argmax_w_bits"], last["argmax_a_bits"]),
+                epochs=outcome.epochs, steps=outcome.steps, seconds=outcome.seconds,
+                trace_counts={"train": outcome.traces, "eval": evaluate.traces})
 
 
 def _epoch_record(search: GumbelSearch, wall: env_lib.BudgetWall, evaluate: Evaluator,

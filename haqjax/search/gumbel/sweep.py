@@ -33,28 +33,23 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
 from haqjax import data as haq_data
 from haqjax import io as haq_io
-from haqjax import parallel
 from haqjax.policy import Policy
 from haqjax.search import env as env_lib
+from haqjax.search.gumbel import loop
 from haqjax.search.gumbel import search as search_lib
 from haqjax.search.gumbel.learning import GumbelSearch
 from haqjax.search.gumbel.learning import GumbelState
 from haqjax.search.gumbel.learning import HParams
-from haqjax.train import checkpoint as ckpt_lib
-from haqjax.train import writers
 from haqjax.train.trainer import Evaluator
 from haqjax.typing import PyTree
 
@@ -107,7 +102,7 @@ class SweepSpec:
     if self.combine == "zip":
       lengths = {len(v) for _, v in self.axes if len(v) > 1}
       if len(lengths) > 1:
-        raise ValueError(f"sweep_combine='zip' needs axes of one length (or 1); got "
+        raise ValueError("sweep_combine='zip' needs axes of one length (or 1); got "
                          + ", ".join(f"sweep.{n}: {len(v)}" for n, v in self.axes))
     if len(self.members()) > MAX_MEMBERS:
       raise ValueError(f"the sweep has {len(self.members())} members; allowed: at most "
@@ -182,12 +177,6 @@ class SweepResult:
   trace_counts: dict[str, int]
 
 
-def _jsonl(path: str, records) -> None:
-  with haq_io.atomic_open(path) as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-
-
 def run(search: GumbelSearch, hparams: HParams, state: GumbelState, *,
         train: haq_data.Split, val: haq_data.Split, walls: Sequence[env_lib.BudgetWall],
         directory: str, batch_size: int, total_steps: int, seed: int = 0,
@@ -224,92 +213,38 @@ def run(search: GumbelSearch, hparams: HParams, state: GumbelState, *,
   k = int(np.shape(hparams.lam)[0])
   if len(walls) != k:
     raise ValueError(f"{len(walls)} budget walls for {k} sweep members")
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
-  mesh = parallel.data_mesh()
-  parallel.check_batch_size("batch_size", batch_size, mesh)
-  sharding = parallel.batch_sharding(mesh)
-  steps_per_epoch = haq_data.num_batches(train, batch_size, drop_remainder=True)
-  if steps_per_epoch == 0:
-    raise ValueError(f"batch_size={batch_size} is larger than the training split "
-                     f"({len(train)} examples)")
-  leaves, treedef = jax.tree.flatten(state)
-  checkpointer = ckpt_lib.Checkpointer(directory, max_to_keep=2)
-  epochs: list[list[dict[str, Any]]] = [[] for _ in range(k)]
-  step_records: list[dict[str, Any]] = []
-  if checkpointer.latest_step() is not None:
-    restored, meta = checkpointer.restore({"leaves": leaves})
-    state = jax.tree.unflatten(treedef, list(restored["leaves"]))
-    epochs, step_records = [list(e) for e in meta["epochs"]], list(meta["steps"])
-  state = parallel.replicate(state, mesh)
-  _jsonl(os.path.join(directory, "epochs.jsonl"),
-         [{"member": i, **r} for i, member_epochs in enumerate(epochs)
-          for r in member_epochs])
-  _jsonl(os.path.join(directory, "steps.jsonl"), step_records)
-  writer = writers.create_writer(directory, tensorboard=tensorboard)
+  evaluate = Evaluator(search.model, loop.batch_sharding(batch_size), eval_batch_size)
 
-  traces = {"train": 0}
+  def log(fetched, state):
+    del state
+    means = {name: np.mean([m[name] for m in fetched], axis=0)  # [K]
+             for name in fetched[0]}
+    scalars = {f"sweep/{name}/{i}": float(means[name][i])
+               for name in ("loss", "cost_ratio", "top1") for i in range(k)}
+    return ({name: np.round(v, 6).tolist() for name, v in means.items()}, scalars,
+            {"cost": " ".join(f"{c:.2f}" for c in means["cost_ratio"])})
 
-  def train_step(state, batch, hparams):
-    traces["train"] += 1
-    return jax.vmap(search.train_step, in_axes=(0, None, 0))(state, batch, hparams)
+  def end_epoch(host_state, epoch, step, seconds):
+    records = []
+    for i in range(k):
+      record = search_lib._epoch_record(  # pylint: disable=protected-access
+          search, walls[i], evaluate, member(host_state, i), val, epoch, step, fp32_top1)
+      record["seconds"] = seconds
+      records.append(record)
+    return records, {f"sweep/val_top1/{i}": r["val_top1"] for i, r in enumerate(records)}
 
-  train_step = jax.jit(train_step, donate_argnums=0)
-  evaluate = Evaluator(search.model, sharding, eval_batch_size)
-  step = int(np.asarray(state.step)[0])
-  bar = tqdm.tqdm(total=total_steps, initial=step, disable=not progress,
-                  desc=f"gumbel sweep (K={k})", unit="step", dynamic_ncols=True)
-  running, t_start, t_epoch = [], time.perf_counter(), time.perf_counter()
-  try:
-    while step < total_steps:
-      epoch, skip = divmod(step, steps_per_epoch)
-      for batch in haq_data.batches(train, batch_size=batch_size, seed=seed, epoch=epoch,
-                                    shuffle=True, drop_remainder=True, sharding=sharding,
-                                    start=skip):
-        state, metrics = train_step(state, batch, hparams)
-        running.append(metrics)
-        step += 1
-        bar.update(1)
-        if step % log_every == 0 or step == total_steps:
-          fetched = jax.device_get(running)
-          means = {name: np.mean([m[name] for m in fetched], axis=0)  # [K]
-                   for name in fetched[0]}
-          step_records.append({"step": step, **{name: np.round(v, 6).tolist()
-                                                for name, v in means.items()}})
-          with open(os.path.join(directory, "steps.jsonl"), "a") as f:
-            f.write(json.dumps(step_records[-1]) + "\n")
-          writer.write_scalars(step, {f"sweep/{name}/{i}": float(means[name][i])
-                                      for name in ("loss", "cost_ratio", "top1")
-                                      for i in range(k)})
-          bar.set_postfix(cost=" ".join(f"{c:.2f}" for c in means["cost_ratio"]))
-          running = []
-        if step == total_steps:
-          break
-      seconds = time.perf_counter() - t_epoch
-      host = jax.device_get(state)
-      for i in range(k):
-        record = search_lib._epoch_record(  # pylint: disable=protected-access
-            search, walls[i], evaluate, member(host, i), val, epoch, step, fp32_top1)
-        record["seconds"] = seconds
-        epochs[i].append(record)
-      t_epoch = time.perf_counter()
-      checkpointer.save(step, {"leaves": jax.tree.leaves(state)},
-                        {"epochs": epochs, "steps": step_records})
-      checkpointer.wait()
-      with open(os.path.join(directory, "epochs.jsonl"), "a") as f:
-        for i in range(k):
-          f.write(json.dumps({"member": i, **epochs[i][-1]}) + "\n")
-      writer.write_scalars(step, {f"sweep/val_top1/{i}": epochs[i][-1]["val_top1"]
-                                  for i in range(k)})
-      writer.flush()
-  finally:
-    bar.close()
-    writer.close()
-    checkpointer.close()
-  if not epochs[0]:
-    raise ValueError("gumbel_epochs gives 0 steps; allowed: at least one step")
+  def epoch_lines(entries):
+    return [{"member": i, **r} for records in entries for i, r in enumerate(records)]
+
+  outcome = loop.train(
+      jax.vmap(search.train_step, in_axes=(0, None, 0)), state, hparams,
+      train_split=train, directory=directory, batch_size=batch_size,
+      total_steps=total_steps, seed=seed, log_every=log_every, log=log,
+      end_epoch=end_epoch, epoch_lines=epoch_lines, progress=progress,
+      tensorboard=tensorboard, desc=f"gumbel sweep (K={k})")
+  epochs = [[records[i] for records in outcome.epochs] for i in range(k)]  # [K][epochs]
   policies = [Policy.create(search.names, e[-1]["w_bits"], e[-1]["a_bits"])
               for e in epochs]
-  return SweepResult(policies=policies, epochs=epochs, steps=step_records,
-                     seconds=time.perf_counter() - t_start,
-                     trace_counts={**traces, "eval": evaluate.traces})
+  return SweepResult(policies=policies, epochs=epochs, steps=outcome.steps,
+                     seconds=outcome.seconds,
+                     trace_counts={"train": outcome.traces, "eval": evaluate.traces})
