@@ -125,13 +125,20 @@ def _mix(quantizer: Quantizer, params: Any, x: Array, bits: Array, probs: Array,
   The K fake-quantized copies are elementwise work; the layer then runs one
   convolution on the mixture instead of one per candidate (Cai & Vasconcelos
   2020, sec. 3.3). Stochastic rounding draws an independent key per candidate.
+
+  The sum is written out over the K candidates (K is static: the candidate
+  list's length) so that XLA fuses the K quantizations and the weighted sum,
+  forward and backward, into single elementwise passes. A `vmap` over the
+  candidates followed by a `tensordot` materialises the `[K, *x.shape]`
+  stack instead, and made a quickstart search step (K = 6) 1.8x slower on CPU.
   """
-  if key is None:
-    qs = jax.vmap(lambda b: quantizer(params, x, b, None))(bits)  # [K, *x.shape]
-  else:
-    keys = jax.random.split(key, bits.shape[0])
-    qs = jax.vmap(lambda b, k: quantizer(params, x, b, k))(bits, keys)
-  return jnp.tensordot(probs.astype(qs.dtype), qs, axes=1)
+  k = bits.shape[0]
+  keys = [None] * k if key is None else list(jax.random.split(key, k))
+  probs = probs.astype(x.dtype)
+  mixed = probs[0] * quantizer(params, x, bits[0], keys[0])
+  for i in range(1, k):
+    mixed = mixed + probs[i] * quantizer(params, x, bits[i], keys[i])
+  return mixed
 
 
 class FoldedBatchNorm(nn.Module):
