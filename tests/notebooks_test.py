@@ -9,6 +9,7 @@ import base64
 import glob
 import io
 import os
+import re
 
 import pytest
 
@@ -21,7 +22,9 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
 
 
 def test_the_notebooks_are_found():
-  assert "hardware.ipynb" in [os.path.basename(p) for p in NOTEBOOKS]
+  names = [os.path.basename(p) for p in NOTEBOOKS]
+  for name in ("hardware.ipynb", "quickstart.ipynb", "sweeps.ipynb"):
+    assert name in names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
@@ -82,3 +85,23 @@ def test_notebook_runs_without_error(path, kernel_env, monkeypatch):
     for target in ("bismo-edge", "bismo-cloud", "bitfusion", "systolic"):
       assert target in text
     assert "x W8A8" in text and "model quickstart_cnn;" in text
+  if os.path.basename(path) == "sweeps.ipynb":
+    # The Pareto plot, the members' bits, the search progress.
+    assert len(_png_sizes(nb)) >= 3
+    text = "".join(o.get("text", "") for c in code for o in c.outputs)
+    html = "".join(o.get("data", {}).get("text/html", "") for c in code for o in c.outputs)
+    assert "<table>" in html and "uniform W4A4" in html
+    # One compiled step for all members; the stack is the members' own values.
+    assert re.search(r"stacked train step traced 1 time\(s\) for 3 members", text), text
+    assert "member k of the stack is member k's own HParams: True" in text
+    # The per-member table: one row per member, each within its budget.
+    head = next(l for l in text.splitlines() if l.startswith("| member |"))
+    columns = [c.strip() for c in head.strip("|").split("|")]
+    members = [[c.strip() for c in l.strip("|").split("|")]
+               for l in text.splitlines() if re.match(r"^\| \d+ \|", l)]
+    assert [m[0] for m in members] == ["0", "1", "2"], text
+    for m in members:
+      assert m[columns.index("fits")] == "yes", m
+      assert m[columns.index("test top-1")].endswith("%"), m
+      assert re.fullmatch(r"\d(-\d)+", m[columns.index("W bits")]), m
+    assert "python -m experiments.sweep --flagfile=experiments/flags/quickstart_sweep.flags" in text
