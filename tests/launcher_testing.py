@@ -23,6 +23,33 @@ def launch(*args, cwd=ROOT, module="experiments.imagenet", timeout=300):
                         capture_output=True, text=True, timeout=timeout)
 
 
+def launch_ok(*args, module="experiments.imagenet", timeout=300):
+  """`launch`, asserting exit 0 (stderr's tail in the message)."""
+  proc = launch(*args, module=module, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def digits_fp32(tmp_path_factory, name):
+  """Digits flags for a test module that searches, and its folder.
+
+  Makes a folder `name` with the prepared data and a compilation cache that
+  the module's runs share, trains a 2-epoch FP32 model in its `fp32`, and
+  returns `(flags, folder)`: the flags every later run shares, with
+  `--init_from` that model (without `--mode` and `--workdir`).
+  """
+  tmp = tmp_path_factory.mktemp(name)
+  flags = ["--flagfile=experiments/flags/digits.flags", f"--data_dir={tmp / 'data'}",
+           f"--compilation_cache={tmp / 'jit'}", "--noprogress", "--notensorboard"]
+  launch_ok(*flags, f"--workdir={tmp / 'fp32'}", "--epochs=2")
+  return [*flags, f"--init_from={tmp / 'fp32'}"], tmp
+
+
+def without_seconds(records):
+  """Records without their wall-time field, for comparing runs."""
+  return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
 def jsonl_lines(path):
   """The complete (newline-terminated) lines of a JSON-lines file, parsed."""
   if not os.path.exists(path):

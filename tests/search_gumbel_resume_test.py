@@ -16,9 +16,11 @@ import random
 
 import pytest
 
+from launcher_testing import digits_fp32
 from launcher_testing import jsonl_lines
 from launcher_testing import kill_after
-from launcher_testing import launch
+from launcher_testing import launch_ok
+from launcher_testing import without_seconds
 
 EPOCHS = 4
 
@@ -29,24 +31,10 @@ CASES = {
 }
 
 
-def _run(module, args, timeout=300):
-  proc = launch(*args, module=module, timeout=timeout)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
-
-
-def _without_seconds(records):
-  return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
-
-
 @pytest.fixture(scope="module")
 def common(tmp_path_factory):
-  """Digits flags, a prepared dataset and a short FP32 run to search from."""
-  tmp = tmp_path_factory.mktemp("gumbel_resume")
-  flags = ["--flagfile=experiments/flags/digits.flags", f"--data_dir={tmp / 'data'}",
-           f"--compilation_cache={tmp / 'jit'}", "--noprogress", "--notensorboard"]
-  _run("experiments.imagenet", [*flags, f"--workdir={tmp / 'fp32'}", "--epochs=2"])
-  return [*flags, "--mode=gumbel", f"--init_from={tmp / 'fp32'}",
+  flags, tmp = digits_fp32(tmp_path_factory, "gumbel_resume")
+  return [*flags, "--mode=gumbel",
           f"--gumbel_epochs={EPOCHS}", "--gumbel_warmup_epochs=0.5",
           "--finetune_epochs=0.25", "--log_every_steps=7"], tmp
 
@@ -69,7 +57,7 @@ def test_killed_twice_resumes_to_the_uninterrupted_run(common, case):
   args, tmp = common
   args = [*args, *extra]
   run_a = tmp / f"{case}_a"
-  _run(module, [*args, f"--workdir={run_a}"])
+  launch_ok(*args, f"--workdir={run_a}", module=module)
   reference = jsonl_lines(run_a / "search" / "epochs.jsonl")
   assert len(reference) == EPOCHS * per_epoch
 
@@ -88,8 +76,8 @@ def test_killed_twice_resumes_to_the_uninterrupted_run(common, case):
     # (the same `seconds`: restored, not replayed).
     assert seen2[:len(seen)] == seen, why
     seen = seen2
-  _run(module, args)
+  launch_ok(*args, module=module)
   records = jsonl_lines(epochs_path)
   assert records[:len(seen)] == seen, why
-  assert _without_seconds(records) == _without_seconds(reference), why
+  assert without_seconds(records) == without_seconds(reference), why
   assert _outputs(module, workdir) == _outputs(module, run_a), why

@@ -15,31 +15,19 @@ import random
 
 import pytest
 
+from launcher_testing import digits_fp32
 from launcher_testing import jsonl_lines
 from launcher_testing import kill_after
-from launcher_testing import launch
+from launcher_testing import launch_ok
+from launcher_testing import without_seconds
 
 EPISODES = 16
 
 
-def _launch(args, timeout=300):
-  proc = launch(*args, timeout=timeout)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
-
-
-def _without_seconds(records):
-  return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
-
-
 @pytest.fixture(scope="module")
 def base_args(tmp_path_factory):
-  """Digits flags, a prepared dataset and a short FP32 run to search from."""
-  tmp = tmp_path_factory.mktemp("resume")
-  common = ["--flagfile=experiments/flags/digits.flags", f"--data_dir={tmp / 'data'}",
-            f"--compilation_cache={tmp / 'jit'}", "--noprogress", "--notensorboard"]
-  _launch([*common, f"--workdir={tmp / 'fp32'}", "--epochs=2"])
-  return [*common, "--mode=rl", f"--init_from={tmp / 'fp32'}",
+  common, tmp = digits_fp32(tmp_path_factory, "resume")
+  return [*common, "--mode=rl",
           f"--search_episodes={EPISODES}", "--warmup_episodes=4",
           "--search_finetune_steps=3", "--hidden=32,32", "--ddpg_batch_size=16",
           "--budget=0.5", "--finetune_epochs=0.25"], tmp
@@ -49,7 +37,7 @@ def base_args(tmp_path_factory):
 def run_a(base_args):
   args, tmp = base_args
   workdir = tmp / "a"
-  _launch([*args, f"--workdir={workdir}"])
+  launch_ok(*args, f"--workdir={workdir}")
   return workdir
 
 
@@ -79,12 +67,12 @@ def test_killed_twice_at_random_points_resumes_to_the_same_policy(base_args, run
   assert seen2[:len(seen)] == seen, why
   assert len(seen2) >= second and len(seen2) < EPISODES, why
 
-  _launch(args)
+  launch_ok(*args)
   records = jsonl_lines(episodes_path)
   assert [r["episode"] for r in records] == list(range(EPISODES)), why
   assert records[:len(seen2)] == seen2, why
   reference = jsonl_lines(run_a / "search" / "episodes.jsonl")
-  assert _without_seconds(records) == _without_seconds(reference), why
+  assert without_seconds(records) == without_seconds(reference), why
 
   policy_a = json.loads((run_a / "policy.json").read_text())
   policy_b = json.loads((workdir / "policy.json").read_text())
