@@ -68,6 +68,7 @@ class _Problem:
 
 
 def _problem(name: str, init_from: str, data_dir: str | None) -> _Problem:
+  from experiments import bench_search  # pylint: disable=g-import-not-at-top
   from haqjax import data as haq_data  # pylint: disable=g-import-not-at-top
   from haqjax.nn import layer_table  # pylint: disable=g-import-not-at-top
   from haqjax.search import runner  # pylint: disable=g-import-not-at-top
@@ -82,13 +83,7 @@ def _problem(name: str, init_from: str, data_dir: str | None) -> _Problem:
   wall = runner.build_wall(config, search, table)
   model = trainer.build_model(runner._search_config(config, search, policy="w8a8"),  # pylint: disable=protected-access
                               splits.spec.num_classes)
-  fp32 = os.path.join(init_from, "results.json")
-  fp32_val = None
-  if os.path.exists(fp32) and not search.search_val_size:
-    with open(fp32) as f:
-      fp32_val = json.load(f).get("val_top1")
-  if fp32_val is None:
-    fp32_val = runner._fp32_top1(config, splits, search, init_from)  # pylint: disable=protected-access
+  fp32_val = bench_search.fp32_val_top1(config, search, splits, init_from)
   return _Problem(config, search, gumbel, splits, table, wall, model, init_from,
                   float(fp32_val),
                   haq_data.num_batches(splits.train, config.batch_size, drop_remainder=True))

@@ -44,6 +44,22 @@ def rl_recipe(name: str = RECIPE, **overrides: Any):
   return recipes.read_configs(name, (Config, SearchConfig), **overrides)
 
 
+def fp32_val_top1(config, search, splits, fp32_dir: str) -> float:
+  """The FP32 run's top-1 on the search's held-out split.
+
+  Its recorded `val_top1` when the search scores on the whole validation
+  split, else measured on the subset.
+  """
+  from haqjax.search import runner  # pylint: disable=g-import-not-at-top
+  path = os.path.join(fp32_dir, "results.json")
+  if os.path.exists(path) and not search.search_val_size:
+    with open(path) as f:
+      value = json.load(f).get("val_top1")
+    if value is not None:
+      return value
+  return runner._fp32_top1(config, splits, search, fp32_dir)  # pylint: disable=protected-access
+
+
 def _median_ms(fn, calls: int) -> float:
   import jax  # pylint: disable=g-import-not-at-top
   times = []
@@ -239,7 +255,6 @@ def run(init_from: str | None = None, data_dir: str | None = None,
   from haqjax import data as haq_data  # pylint: disable=g-import-not-at-top
   from haqjax.nn import layer_table  # pylint: disable=g-import-not-at-top
   from haqjax.search import env as env_lib  # pylint: disable=g-import-not-at-top
-  from haqjax.search import runner  # pylint: disable=g-import-not-at-top
   from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
 
   if episodes < 2:
@@ -260,14 +275,7 @@ def run(init_from: str | None = None, data_dir: str | None = None,
     table = layer_table(model, (1, *splits.spec.image_shape))
     observations = env_lib.observations(table, search.quantization)
     agent = bench_agent(search.ddpg(), observations.shape[1], observations.shape[0])
-    results_path = os.path.join(init_from, "results.json")
-    fp32_val = None
-    if os.path.exists(results_path) and not search.search_val_size:
-      with open(results_path) as f:
-        fp32_val = json.load(f).get("val_top1")
-    if fp32_val is None:
-      fp32_val = runner._fp32_top1(  # pylint: disable=protected-access
-          config, splits, search, init_from)
+    fp32_val = fp32_val_top1(config, search, splits, init_from)
     measured = bench_search(config, search, splits, init_from, float(fp32_val), table,
                             episodes, os.path.join(tmp, "search"))
   parts = measured["median_seconds_by_part"]
