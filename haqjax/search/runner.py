@@ -178,7 +178,7 @@ def prepare(config: Config, search: SearchConfig, workdir: str, *,
       anything is written.
   """
   workdir = os.path.abspath(workdir)
-  trainer._check_workdir(config, workdir)  # pylint: disable=protected-access
+  trainer.check_workdir(config, workdir)
   _check_search_workdir(search, workdir)
   for filename, saved_config, resumable in extra:
     _check_saved(saved_config, filename, resumable, workdir)

@@ -33,7 +33,7 @@ from haqjax.typing import PyTree
 SCORERS = ("qat", "ptq")
 
 
-def _has_quant_params(params: PyTree) -> bool:
+def has_quant_params(params: PyTree) -> bool:
   paths = jax.tree_util.tree_flatten_with_path(params)[0]
   return any(getattr(p, "key", None) in ("weight_quant", "act_quant")
              for path, _ in paths for p in path)
@@ -75,7 +75,7 @@ class QATScorer:
     state = merge_variables(state, variables, tx, source="the FP32 model",
                             model=model_name)
     self._tx = tx
-    self._needs_calibration = _has_quant_params(state.params)
+    self._needs_calibration = has_quant_params(state.params)
     self._initial = parallel.replicate(state, mesh)
     available = haq_data.num_batches(train, batch_size, drop_remainder=True)
     if num_steps > available:

@@ -34,7 +34,7 @@ class TrainState:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def _decay_mask(params: PyTree) -> PyTree:
+def decay_mask(params: PyTree) -> PyTree:
   """Weight decay on kernels only (not biases, BN scales or quantizer params)."""
   return jax.tree_util.tree_map_with_path(
       lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
@@ -45,11 +45,11 @@ def make_optimizer(*, name: str, learning_rate: optax.ScalarOrSchedule,
   """SGD with Nesterov momentum and L2 on kernels, or AdamW."""
   if name == "sgd":
     return optax.chain(
-        optax.add_decayed_weights(weight_decay, mask=_decay_mask),
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
         optax.sgd(learning_rate, momentum=momentum or None, nesterov=momentum > 0))
   if name == "adamw":
     return optax.adamw(learning_rate, b1=momentum, weight_decay=weight_decay,
-                       mask=_decay_mask)
+                       mask=decay_mask)
   raise ValueError(f"optimizer={name!r} is not allowed; allowed: sgd, adamw")
 
 

@@ -2,7 +2,7 @@
 
 The workdir holds everything a run writes:
 
-  config.json        the config (a rerun must match it, see `_check_workdir`)
+  config.json        the config (a rerun must match it, see `check_workdir`)
   layers.json        the model's layer table
   policy.json        the policy (QAT)
   metrics.jsonl      training/eval scalars (JSON lines), tensorboard/ beside it
@@ -78,7 +78,7 @@ def build_model(config: Config, num_classes: int):
   return haq_models.create(config.model, num_classes=num_classes, **kwargs)
 
 
-def _check_workdir(config: Config, workdir: str) -> None:
+def check_workdir(config: Config, workdir: str) -> None:
   """Refuses to resume a workdir that holds a different run."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
@@ -194,7 +194,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
                      "(haqjax.ptq.runner.ptq_and_evaluate runs 'ptq')")
   workdir = os.path.abspath(workdir)
   primary = jax.process_index() == 0
-  _check_workdir(config, workdir)
+  check_workdir(config, workdir)
 
   splits = haq_data.load(config.dataset, data_dir=config.data_dir,
                          manual_dir=config.manual_dir, val_size=config.val_size,

@@ -189,7 +189,7 @@ class GumbelSearch:
     # rates are applied in the step, from HParams.
     weights = optax.chain(
         optax.add_decayed_weights(
-            weight_decay, mask=lambda p: steps._decay_mask(p)),  # pylint: disable=protected-access
+            weight_decay, mask=steps.decay_mask),
         optax.trace(decay=momentum, nesterov=momentum > 0))
     self.tx = optax.multi_transform({"model": weights, "arch": optax.scale_by_adam()},
                                     {"model": "model", "arch": "arch"})

@@ -112,7 +112,7 @@ def _start_variables(config: Config, model, splits, fp32_dir: str, policy: Polic
                                   source=f"the FP32 model in {fp32_dir!r}",
                                   model=config.model)
   variables = state.variables()
-  if scoring._has_quant_params(state.params):  # pylint: disable=protected-access
+  if scoring.has_quant_params(state.params):
     batches = itertools.islice(haq_data.batches(
         splits.train, batch_size=config.batch_size, seed=config.seed, epoch=0,
         shuffle=True, drop_remainder=False), config.calibration_batches)

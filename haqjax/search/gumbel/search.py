@@ -98,7 +98,7 @@ def run(search: GumbelSearch, hparams: HParams, state: GumbelState, *,
     return record, {f"search/{k}": v for k, v in means.items()}, postfix
 
   def end_epoch(host_state, epoch, step, seconds):
-    record = _epoch_record(search, wall, evaluate, host_state, val, epoch, step, fp32_top1)
+    record = epoch_record(search, wall, evaluate, host_state, val, epoch, step, fp32_top1)
     record["seconds"] = seconds
     return record, {"search/epoch": epoch + 1, "search/val_top1": record["val_top1"],
                     "search/policy_cost": record["cost"],
@@ -117,7 +117,7 @@ def run(search: GumbelSearch, hparams: HParams, state: GumbelState, *,
                 trace_counts={"train": outcome.traces, "eval": evaluate.traces})
 
 
-def _epoch_record(search: GumbelSearch, wall: env_lib.BudgetWall, evaluate: Evaluator,
+def epoch_record(search: GumbelSearch, wall: env_lib.BudgetWall, evaluate: Evaluator,
                   state: GumbelState, val: haq_data.Split, epoch: int, step: int,
                   fp32_top1: float) -> dict[str, Any]:
   """The derived policy of `state`, within the budget, scored on `val`."""

@@ -227,7 +227,7 @@ def run(search: GumbelSearch, hparams: HParams, state: GumbelState, *,
   def end_epoch(host_state, epoch, step, seconds):
     records = []
     for i in range(k):
-      record = search_lib._epoch_record(  # pylint: disable=protected-access
+      record = search_lib.epoch_record(
           search, walls[i], evaluate, member(host_state, i), val, epoch, step, fp32_top1)
       record["seconds"] = seconds
       records.append(record)
