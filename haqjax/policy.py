@@ -32,12 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from haqjax import io as haq_io
+from haqjax.bitwidths import FLOAT_BITS
 from haqjax.typing import Array, ArrayLike
 
 FORMAT = "haqjax.policy/1"
 MIN_BITS = 1
 MAX_BITS = 8
-FLOAT_BITS = 32
 
 
 def _check_bits(field: str, values: np.ndarray, names: Sequence[str]) -> None:

@@ -20,9 +20,9 @@ import re
 
 import jax.numpy as jnp
 
+from haqjax.bitwidths import FLOAT_BITS
 from haqjax.hardware import base
 from haqjax.hardware import cost as cost_lib
-from haqjax.hardware.layers import FLOAT_BITS
 from haqjax.hardware.layers import Layers
 from haqjax.typing import Array, ArrayLike
 

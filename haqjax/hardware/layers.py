@@ -32,9 +32,6 @@ import numpy as np
 from haqjax.nn.table import LayerTable
 from haqjax.typing import Array
 
-# Bit-widths at or above this are floating point (haqjax.policy.FLOAT_BITS).
-FLOAT_BITS = 32
-
 
 @flax.struct.dataclass
 class Layers:

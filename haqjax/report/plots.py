@@ -38,8 +38,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from haqjax import io as haq_io
+from haqjax.bitwidths import FLOAT_BITS
 
-FLOAT_BITS = 32  # Same meaning as haqjax.policy.FLOAT_BITS (not imported: no JAX).
 KINDS = ("conv", "depthwise", "dense")
 
 # Colour and hatch per layer kind (colour-blind-safe "tab" hues).

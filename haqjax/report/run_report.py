@@ -30,11 +30,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from haqjax import io as haq_io
+from haqjax.bitwidths import FLOAT_BITS
 
 # Files every finished search job writes (results.json last).
 RUN_FILES = ("config.json", "search_config.json", "layers.json", "policy.json",
              "results.json")
-FLOAT_BITS = 32
 _HEADINGS = {"rl": "HAQ search", "gumbel": "Gumbel bit search"}
 # Plots in the order a reader wants them, with captions; other PNGs follow.
 _FIGURES = {"bits.png": "per-layer bits", "search.png": "search progress",
