@@ -34,13 +34,13 @@ from haqjax.hardware.energy import HOROWITZ_45NM
 from haqjax.hardware.energy import EnergyTable
 from haqjax.hardware.layers import Layers
 from haqjax.hardware.layers import effective_bits
-from haqjax.hardware.layers import from_layer_table
-from haqjax.hardware.layers import from_model
 from haqjax.hardware.layers import make_layers
 from haqjax.hardware.metrics import bitops
 from haqjax.hardware.metrics import roofline_s
 from haqjax.hardware.metrics import size_bits
 from haqjax.hardware.metrics import size_bytes
+from haqjax.hardware.model_layers import from_layer_table
+from haqjax.hardware.model_layers import from_model
 from haqjax.hardware.systolic import SYSTOLIC
 from haqjax.hardware.systolic import Systolic
 from haqjax.hardware.systolic import fold_cycles

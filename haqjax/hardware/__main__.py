@@ -95,7 +95,7 @@ def _array(text: str) -> tuple[int, int]:
 def build(args: argparse.Namespace):
   """(target, layers) from parsed flags."""
   from haqjax.hardware import base  # pylint: disable=g-import-not-at-top
-  from haqjax.hardware import layers as layers_lib  # pylint: disable=g-import-not-at-top
+  from haqjax.hardware import model_layers  # pylint: disable=g-import-not-at-top
   from haqjax.hardware import targets  # pylint: disable=g-import-not-at-top
   from haqjax.hardware import topology  # pylint: disable=g-import-not-at-top
 
@@ -123,8 +123,8 @@ def build(args: argparse.Namespace):
   else:
     if args.num_classes < 1:
       raise ValueError(f"--num_classes is {args.num_classes}; allowed: a positive integer")
-    layers = layers_lib.from_model(args.model, input_size=args.input_size,
-                                   num_classes=args.num_classes, batch=batch)
+    layers = model_layers.from_model(args.model, input_size=args.input_size,
+                                     num_classes=args.num_classes, batch=batch)
   return target, layers
 
 

@@ -1,4 +1,4 @@
-"""The GEMM view of a layer table, as arrays that hardware models read.
+"""The GEMM view of a network, as shape arrays that hardware models read.
 
 Every accelerator model in `haqjax.hardware` sees a layer as one or more
 independent matrix products (GEMMs): a convolution with `G` groups is `G`
@@ -14,10 +14,13 @@ as float32 arrays (one entry per layer) so that they are pytree leaves: a cost
 function compiled for one network serves any other network with the same
 number of layers, and bits stay traced data.
 
-Example::
+The cost models depend on these arrays only; `haqjax.hardware.model_layers`
+builds them from a `haqjax.nn.LayerTable` or a model, `topology` from a
+SCALE-Sim file. Example::
 
-    table = haqjax.nn.layer_table(model, (1, 224, 224, 3))
-    layers = haqjax.hardware.from_layer_table(table, batch=16)
+    layers = make_layers(names=["conv"], in_channels=[3], out_channels=[8],
+                         kernel_h=[3], kernel_w=[3], groups=[1], in_h=[32],
+                         in_w=[32], out_h=[30], out_w=[30], batch=16)
     layers.m  # [L] output pixels times batch
 """
 
@@ -29,7 +32,6 @@ import flax.struct
 import jax.numpy as jnp
 import numpy as np
 
-from haqjax.nn.table import LayerTable
 from haqjax.typing import Array
 
 
@@ -142,33 +144,6 @@ def make_layers(*, names: Sequence[str], in_channels, out_channels, kernel_h,
       biases=f32(biases), macs=f32(g * m * n * k),
       depthwise=f32(np.asarray(depthwise, np.float64)), first=f32(first),
       batch=f32(np.full(len(names), batch)), names=names)
-
-
-def from_layer_table(table: LayerTable, batch: int = 1) -> Layers:
-  """The GEMM view of a `haqjax.nn.LayerTable` at batch size `batch`."""
-  return make_layers(
-      names=table.names, in_channels=table.in_channels,
-      out_channels=table.out_channels, kernel_h=table.kernel_h,
-      kernel_w=table.kernel_w, groups=table.groups, in_h=table.in_h,
-      in_w=table.in_w, out_h=table.out_h, out_w=table.out_w, batch=batch,
-      depthwise=table.is_depthwise, biases=table.params - table.weight_count)
-
-
-def from_model(name: str, *, input_size: int | None = None,
-               num_classes: int = 1000, batch: int = 1) -> Layers:
-  """The GEMM view of a model of `haqjax.models` (e.g. 'mobilenet_v2')."""
-  from haqjax import models  # pylint: disable=g-import-not-at-top
-  from haqjax.nn.table import layer_table  # pylint: disable=g-import-not-at-top
-  key = name.replace("mobilenetv", "mobilenet_v")
-  if key not in models.MODELS:
-    raise ValueError(f"model is {name!r}; allowed: {', '.join(models.MODELS)}")
-  h, w, c = models.INPUT_SHAPES[key]
-  if input_size is not None:
-    if input_size < 1:
-      raise ValueError(f"input_size is {input_size}; allowed: a positive integer")
-    h = w = input_size
-  model = models.create(key, num_classes=num_classes)
-  return from_layer_table(layer_table(model, (1, h, w, c)), batch=batch)
 
 
 def effective_bits(bits: Array, max_bits: int = 8) -> Array:
