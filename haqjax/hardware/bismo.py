@@ -142,8 +142,9 @@ BISMO_EDGE = Bismo(name="bismo-edge")
 # the mean absolute % error over all 53x8x8 entries plus the worst network-level
 # error at uniform W4A4..W8A8. Measured: 8.9% mean absolute error, Spearman
 # 0.994, network error -0.8% (W4A4) to -2.3% (W8A8); the classifier layer is
-# the worst fit (73%, its weight stream is slower in the table than modelled).
-# tests/hardware_bismo_test.py re-checks these numbers against the table.
+# the worst fit (73.5%, its weight stream is slower in the table than modelled).
+# tests/hardware_accelerators_test.py re-checks these numbers against the table
+# (test_bismo_cloud_documented_fit) and that the preset is a minimum of the fit.
 # The clock (200 MHz) is an assumption; the table is in cycles.
 BISMO_CLOUD = Bismo(
     name="bismo-cloud", dm=8, dn=32, dk=256, clock_hz=200e6, batch=16,

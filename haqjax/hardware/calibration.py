@@ -72,6 +72,17 @@ def table_errors(predicted: Any, table: Any,
   }
 
 
+def fit_score(errors: dict[str, Any]) -> float:
+  """`fit_bismo`'s objective (lower is better) from `table_errors`' output.
+
+  The mean absolute % error over all entries plus the worst network-level %
+  error at the uniform policies: the first weighs every entry of the table, the
+  second the network sums that a budget constrains.
+  """
+  return errors["mean_abs_pct_error"] + max(
+      abs(v) for v in errors["network_pct_error"].values())
+
+
 def bismo_tensor(target: bismo_lib.Bismo, layers: Layers) -> np.ndarray:
   """BISMO cycles `[L, 8, 8]` for bits 1..8 (no jit; used by the fit)."""
   b = jnp.arange(1.0, 9.0)
@@ -89,8 +100,7 @@ def fit_bismo(layers: Layers, table: Any, *,
   """Grid search of BISMO parameters against a HAQ table.
 
   The activation port is searched at `Dk / 2`, `Dk` and `2 Dk` bits. The
-  objective is the mean absolute % error over all entries plus the worst
-  network-level % error at the uniform policies.
+  objective is `fit_score`.
 
   Args:
     layers: the table's network at the table's batch size.
@@ -109,8 +119,7 @@ def fit_bismo(layers: Layers, table: Any, *,
                           act_fetch_bits=float(act), weight_fetch_bits=wp,
                           result_bits=rp, overhead_cycles=oh)
       err = table_errors(bismo_tensor(t, layers), table)
-      score = err["mean_abs_pct_error"] + max(
-          abs(v) for v in err["network_pct_error"].values())
+      score = fit_score(err)
       if best is None or score < best[0]:
         best = (score, t, err)
   return best[1], best[2]
