@@ -5,6 +5,7 @@ budget wall, plots) without any training, so the tests are quick; the
 launcher tests check that real searches write the same report.
 """
 
+import ast
 import base64
 import csv
 import json
@@ -25,7 +26,7 @@ from haqjax.policy import Policy
 from haqjax.policy import save_policy
 from haqjax.report import plots
 from haqjax.report import run_report
-from haqjax.search import runner
+from haqjax.jobs import stages
 from haqjax.search.config import SearchConfig
 from haqjax.search.gumbel.config import GumbelConfig
 from haqjax.train.config import Config
@@ -49,7 +50,7 @@ def make_run(workdir, mode="rl", target="bismo-edge", budget=0.6, command=True):
   search = SearchConfig(target=target, budget=budget, search_episodes=6,
                         warmup_episodes=3)
   gumbel = GumbelConfig(gumbel_epochs=1.0) if mode == "gumbel" else None
-  wall = runner.build_wall(config, search, table)
+  wall = stages.build_wall(config, search, table)
   w, a = wall.enforce(np.full(len(table), 8), np.full(len(table), 8))
   policy = Policy.create(table.names, w, a)
   cost = wall.describe(w, a)
@@ -66,6 +67,7 @@ def make_run(workdir, mode="rl", target="bismo-edge", budget=0.6, command=True):
       "mode": mode, "model": "digits_cnn", "dataset": "digits", "target": target,
       "budget": str(search.budget_spec()), "limit": wall.limit, "unit": unit,
       "cost": cost["cost"], "cost_ratio": cost["ratio"], "fits": True,
+      "layer_costs": [float(c) for c in wall.layer_costs(w, a)],
       "policy": policy.to_dict()["layers"], "fp32_test_top1": 97.5,
       "fp32_val_top1": 97.0, "test_top1": 96.25, "test_top5": 99.9, "val_top1": 96.0,
       "search_val_top1": 95.5, "fp32_seconds": 12.0, "search_seconds": 34.0,
@@ -149,6 +151,69 @@ def test_markdown_policy_rows_and_per_layer_cost(rl_run):
   assert f"| total |  | {int(table.macs.sum()):,} |" in text
 
 
+def _policy_table(text):
+  return text.split("## Policy", 1)[1].split("## Config", 1)[0]
+
+
+def test_run_without_layer_costs_has_no_cost_column(tmp_path):
+  # Runs from before results.json held layer_costs still get a report.
+  workdir = make_run(tmp_path / "old")
+  results = json.loads((workdir / "results.json").read_text())
+  del results["layer_costs"]
+  haq_io.write_json(workdir / "results.json", results)
+  assert run_report.layer_costs(run_report.load_run(workdir)) is None
+  run_report.write_report(workdir)
+  policy = _policy_table((workdir / "report.md").read_text())
+  assert "Per-layer costs are not in results.json" in policy
+  assert "| # | layer | kind | MACs | params | weight bits | activation bits |\n" in policy
+  assert "latency (s)" not in policy and "share" not in policy and "total" not in policy
+  names = [l["name"] for l in json.loads((workdir / "layers.json").read_text())]
+  assert all(f"| {i} | {name} |" in policy for i, name in enumerate(names))
+  assert "<th>weight bits</th><th>activation bits</th></tr>" in (
+      workdir / "report.html").read_text()
+
+
+@pytest.mark.parametrize("saved, message", [
+    ([1.0, 2.0, 3.0, 4.0], "expected a list of 3 numbers"),
+    ("1.0", "expected a list of 3 numbers"),
+    ([1.0, None, 2.0], "expected a list of 3 numbers"),
+    ([1.0, float("nan"), 2.0], "holds nan; expected finite numbers"),
+])
+def test_malformed_layer_costs_are_reported_not_raised(tmp_path, saved, message):
+  workdir = make_run(tmp_path / "run")
+  results = json.loads((workdir / "results.json").read_text())
+  assert len(results["layer_costs"]) == 3  # digits_cnn's layers.
+  haq_io.write_json(workdir / "results.json", {**results, "layer_costs": saved})
+  with pytest.raises(ValueError, match=message):
+    run_report.layer_costs(run_report.load_run(workdir))
+  run_report.write_report(workdir)
+  policy = _policy_table((workdir / "report.md").read_text())
+  assert "Per-layer costs are unavailable: results.json layer_costs" in policy
+  assert "latency (s)" not in policy
+
+
+def test_report_reads_saved_data_only():
+  # The report is built from a run's files: it imports no search job or stage
+  # (only the config dataclasses, for their defaults).
+  allowed = ("haqjax.io", "haqjax.bitwidths", "haqjax.report", "haqjax.nn.table",
+             "haqjax.search.config", "haqjax.search.gumbel.config", "haqjax.train.config")
+  folder = os.path.join(ROOT, "haqjax", "report")
+  for dirpath, _, files in os.walk(folder):
+    for name in (f for f in files if f.endswith(".py")):
+      with open(os.path.join(dirpath, name)) as f:
+        tree = ast.parse(f.read())
+      for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+          modules = [node.module] if node.module != "haqjax" else [
+              f"haqjax.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+          modules = [a.name for a in node.names]
+        else:
+          continue
+        for m in (m for m in modules if m.split(".")[0] in ("haqjax", "experiments")):
+          assert any(m == a or m.startswith(a + ".") for a in allowed), (name, m)
+
+
 def test_config_diff_lists_only_changed_fields(rl_run):
   text = (rl_run / "report.md").read_text()
   diff = text.split("## Config", 1)[1].split("<details>", 1)[0]
@@ -182,10 +247,10 @@ def test_rebuilt_command_parses_to_the_saved_configs(tmp_path):
   command = m.group(1)
   assert command.startswith("python -m experiments.imagenet --mode=rl ")
   assert command.endswith(f"--workdir={workdir}")
-  parse = ("import json, sys\nfrom absl import flags\nfrom experiments import cli, imagenet\n"
+  parse = ("import json, sys\nfrom absl import flags\nfrom experiments import job_flags\n"
            "flags.FLAGS(['prog', *sys.argv[1:]])\n"
-           "print(json.dumps({'config': imagenet.config_from_flags().to_dict(), "
-           "'search': cli.values_of(imagenet._SEARCH_FLAGS)}))")
+           "print(json.dumps({'config': job_flags.config_from_flags().to_dict(), "
+           "'search': job_flags.search_from_flags().to_dict()}))")
   proc = subprocess.run([sys.executable, "-c", parse, *command.split()[3:]], cwd=ROOT,
                         capture_output=True, text=True, timeout=120,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -203,7 +268,7 @@ def test_rebuilt_command_parses_to_the_saved_configs(tmp_path):
 def test_runner_writes_results_with_command_then_both_reports(tmp_path):
   workdir = make_run(tmp_path / "run", command=False)
   results = json.loads((workdir / "results.json").read_text())
-  runner.write_report(str(workdir), results, "python -m experiments.imagenet --mode=rl --x=1")
+  stages.write_report(str(workdir), results, "python -m experiments.imagenet --mode=rl --x=1")
   saved = json.loads((workdir / "results.json").read_text())
   assert saved == {**results, "command": "python -m experiments.imagenet --mode=rl --x=1"}
   assert "Reproduce: `python -m experiments.imagenet --mode=rl --x=1`" in (

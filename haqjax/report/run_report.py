@@ -11,7 +11,8 @@ Both files carry the same content, built once as a list of blocks and then
 rendered twice: the command that reproduces the run, the budget, accuracy and
 cost at each stage (FP32, search, after fine-tune), timings, the plots, the
 policy with every layer's cost under the search's hardware model, and the
-config (the fields that differ from the defaults, then all of it). The HTML
+config (the fields that differ from the defaults, then all of it). Nothing is
+recomputed: per-layer costs are the `layer_costs` the search saved. The HTML
 page embeds its plots as base64 data URIs and its CSS inline, so it is one
 file that opens anywhere, offline.
 """
@@ -146,19 +147,29 @@ def table_from_rows(rows: Sequence[dict[str, Any]]):
                     **{c: np.asarray([l[c] for l in rows], np.int64) for c in COLUMNS})
 
 
-def layer_costs(run: Run) -> np.ndarray:
-  """Each layer's cost `[L]` under the run's budget metric, as the search saw it.
+def layer_costs(run: Run) -> np.ndarray | None:
+  """Each layer's cost `[L]` under the run's budget metric, as the search saved it.
 
-  Rebuilds the search's budget wall (target, layer shapes at the target's
-  batch, fixed layers), so the costs sum to the run's `cost`.
+  Search jobs write `layer_costs` into results.json: one float per layer in
+  layer-table order, in the budget metric's unit, summing to `cost`. A run
+  from before they were saved has none: `None`.
+
+  Raises:
+    ValueError: if `layer_costs` is not one finite number per policy layer.
   """
-  from haqjax.search import runner  # pylint: disable=g-import-not-at-top
-  (_, config_cls), (_, search_cls), _ = _config_classes()
-  wall = runner.build_wall(config_cls.from_dict(run.config),
-                           search_cls.from_dict(run.search), table_from_rows(run.layers))
-  w = np.asarray([l["w_bits"] for l in run.policy["layers"]])
-  a = np.asarray([l["a_bits"] for l in run.policy["layers"]])
-  return wall.layer_costs(w, a)
+  saved = run.results.get("layer_costs")
+  if saved is None:
+    return None
+  n = len(run.policy["layers"])
+  if not isinstance(saved, list) or len(saved) != n or not all(
+      isinstance(c, (int, float)) and not isinstance(c, bool) for c in saved):
+    raise ValueError(f"results.json layer_costs is {saved!r:.80}; expected a list of "
+                     f"{n} numbers (one per layer)")
+  costs = np.asarray(saved, np.float64)
+  if not np.isfinite(costs).all():
+    raise ValueError(f"results.json layer_costs holds {costs[~np.isfinite(costs)][0]}; "
+                     "expected finite numbers")
+  return costs
 
 
 def _bits(b: int) -> str:
@@ -240,9 +251,13 @@ def blocks(run: Run) -> list[tuple]:
   ]
   try:
     costs = layer_costs(run)
-  except (ValueError, KeyError, TypeError, OSError) as e:
+  except ValueError as e:
     costs = None
     out.append(("p", f"Per-layer costs are unavailable: {e}"))
+  else:
+    if costs is None:
+      out.append(("p", "Per-layer costs are not in results.json (the run predates "
+                       "them); the policy is shown without them."))
   kinds = {l["name"]: l for l in run.layers}
   rows = []
   for i, l in enumerate(run.policy["layers"]):
