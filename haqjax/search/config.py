@@ -8,11 +8,8 @@ flag per field (beside the training `Config`'s), and a search saves it as
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from typing import Any
 
-from haqjax import io as haq_io
+from haqjax.configs import JsonConfig
 from haqjax.hardware import Budget
 from haqjax.search.rl.config import DDPGConfig
 
@@ -24,7 +21,7 @@ RESUMABLE_CHANGES = frozenset({"search_episodes"})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SearchConfig:
+class SearchConfig(JsonConfig):
   """What a bit-width search looks for and how.
 
   Attributes:
@@ -62,6 +59,8 @@ class SearchConfig:
     delta_decay: per-episode decay of the exploration sigma.
     baseline_alpha: rate of the moving-average reward baseline.
   """
+  config_name = "search config"
+
   target: str = "bismo-edge"
   budget_metric: str = "latency"
   budget: float = 0.5
@@ -139,25 +138,3 @@ class SearchConfig:
           baseline_alpha=self.baseline_alpha)
     except ValueError as e:
       raise ValueError(str(e).replace("batch_size=", "ddpg_batch_size=")) from None
-
-  def replace(self, **changes: Any) -> SearchConfig:
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> SearchConfig:
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-      raise ValueError(f"search config has unknown fields {unknown}")
-    return cls(**d)
-
-  def save(self, path: str | os.PathLike) -> None:
-    haq_io.write_json(path, self.to_dict())
-
-  @classmethod
-  def load(cls, path: str | os.PathLike) -> SearchConfig:
-    with open(path) as f:
-      return cls.from_dict(json.load(f))

@@ -8,12 +8,10 @@ beside the results of each run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-from typing import Any
 
-from haqjax import io as haq_io
+from haqjax.configs import JsonConfig
 
 MODES = ("train", "qat", "ptq", "rl", "gumbel")
 OPTIMIZERS = ("sgd", "adamw")
@@ -23,7 +21,7 @@ _UNIFORM_POLICY = re.compile(r"^w(\d+)a(\d+)$", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Config:
+class Config(JsonConfig):
   """What `train_and_evaluate` runs.
 
   Attributes:
@@ -192,25 +190,3 @@ class Config:
         raise ValueError(f"policy={self.policy!r}: {name} bits {b} is outside 1..8 "
                          "(or 32 for floating point)")
     return w, a
-
-  def replace(self, **changes: Any) -> Config:
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> Config:
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-      raise ValueError(f"config has unknown fields {unknown}; allowed: {sorted(fields)}")
-    return cls(**d)
-
-  def save(self, path: str | os.PathLike) -> None:
-    haq_io.write_json(path, self.to_dict())
-
-  @classmethod
-  def load(cls, path: str | os.PathLike) -> Config:
-    with open(path) as f:
-      return cls.from_dict(json.load(f))

@@ -9,11 +9,8 @@ flag per field, all prefixed `gumbel_`, and a search saves it as
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from typing import Any
 
-from haqjax import io as haq_io
+from haqjax.configs import JsonConfig
 from haqjax.search.gumbel.relax import RELAXATIONS
 
 PENALTIES = ("lagrange", "hinge")
@@ -23,7 +20,7 @@ RESUMABLE_CHANGES = frozenset()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class GumbelConfig:
+class GumbelConfig(JsonConfig):
   """How the differentiable (DNAS / EdMIPS) bit search runs.
 
   Attributes:
@@ -48,6 +45,8 @@ class GumbelConfig:
     gumbel_arch_lr: Adam learning rate of the architecture logits.
     gumbel_weight_lr: constant SGD (Nesterov) learning rate of the weights.
   """
+  config_name = "gumbel config"
+
   gumbel_bits: str = "2,3,4,5,6,8"
   gumbel_relaxation: str = "gumbel"
   gumbel_epochs: float = 2.0
@@ -96,25 +95,3 @@ class GumbelConfig:
     if not all(1 <= b <= 8 for b in bits) or len(set(bits)) != len(bits):
       raise ValueError(f"gumbel_bits={self.gumbel_bits!r}; {allowed}")
     return tuple(sorted(bits))
-
-  def replace(self, **changes: Any) -> GumbelConfig:
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> GumbelConfig:
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-      raise ValueError(f"gumbel config has unknown fields {unknown}")
-    return cls(**d)
-
-  def save(self, path: str | os.PathLike) -> None:
-    haq_io.write_json(path, self.to_dict())
-
-  @classmethod
-  def load(cls, path: str | os.PathLike) -> GumbelConfig:
-    with open(path) as f:
-      return cls.from_dict(json.load(f))
