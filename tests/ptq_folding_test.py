@@ -1,4 +1,4 @@
-"""BatchNorm folding: same logits, identity BNs, the QAT fold function."""
+"""BatchNorm folding of variables: same logits, identity BNs, BN statistics."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from haqjax import models
-from haqjax.models.cnn import BN_EPSILON
 from haqjax.nn import layer_table
+from haqjax.nn.bn_folding import BN_EPSILON
 from haqjax.policy import Policy
 from haqjax.ptq import folding
 from ptq_testing import random_variables as _random_variables
@@ -66,28 +66,11 @@ def test_weight_quantizer_sees_the_folded_kernel():
   assert float(jnp.abs(q - ref).max()) < 0.05 * float(jnp.abs(ref).max())
 
 
-def test_folded_kernel_and_bias_is_differentiable_and_uses_own_bias():
-  kernel = jax.random.normal(jax.random.key(0), (3, 3, 4, 5))
-  bn = {"scale": jnp.arange(1.0, 6.0), "bias": jnp.ones(5)}
-  stats = {"mean": jnp.full(5, 0.5), "var": jnp.full(5, 4.0)}
-  w, b = folding.folded_kernel_and_bias(kernel, bn, stats, eps=0.0 + 1e-5,
-                                        bias=jnp.full(5, 2.0))
-  mul = bn["scale"] / jnp.sqrt(4.0 + 1e-5)
-  np.testing.assert_allclose(w, kernel * mul, rtol=1e-6)
-  np.testing.assert_allclose(b, 1.0 + 1.5 * mul, rtol=1e-6)
-  grad = jax.grad(lambda g: folding.folded_kernel_and_bias(
-      kernel, {"scale": g, "bias": bn["bias"]}, stats)[0].sum())(bn["scale"])
-  assert grad.shape == (5,) and bool(jnp.all(grad != 0))
-
-
 def test_identity_variance_and_errors():
   v = folding.identity_variance(BN_EPSILON)
   assert float(jax.lax.rsqrt(v + BN_EPSILON)) == 1.0
   with pytest.raises(ValueError, match="eps is 0"):
     folding.identity_variance(0)
-  with pytest.raises(ValueError, match="BN mean has shape"):
-    folding.folded_kernel_and_bias(jnp.ones((1, 1, 2, 3)), {},
-                                   {"mean": jnp.zeros(2), "var": jnp.ones(3)})
   with pytest.raises(ValueError, match="no 'batch_stats' collection"):
     folding.fold_batch_norms(None, {"params": {}})
   model, shape = _model("quickstart_cnn")

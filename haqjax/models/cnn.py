@@ -40,6 +40,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from haqjax.nn.bn_folding import BN_EPSILON
 from haqjax.nn.layers import FoldedBatchNorm
 from haqjax.nn.layers import QConv
 from haqjax.nn.layers import QDense
@@ -48,7 +49,6 @@ from haqjax.policy import Policy
 from haqjax.typing import Array
 
 BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
 
 
 def check_positive(field: str, value: Any, integer: bool = False) -> None:

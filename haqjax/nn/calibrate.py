@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from haqjax.nn.layers import _QuantizedLayer
+from haqjax.nn.bn_folding import folded_kernel_and_bias
+from haqjax.nn.layers import QuantizedLayer
 from haqjax.nn.layers import layer_name
 from haqjax.policy import Policy
 from haqjax.treeutil import copy_tree
@@ -68,7 +69,7 @@ def _describe(model: nn.Module, variables: PyTree, images: Array,
               found: dict[str, dict[str, Any]]) -> None:
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if isinstance(module, _QuantizedLayer) and context.method_name == "__call__":
+    if isinstance(module, QuantizedLayer) and context.method_name == "__call__":
       bn = kwargs.get("bn")
       found[layer_name(module)] = {
           "inputs": [], "path": tuple(module.scope.path),
@@ -86,9 +87,8 @@ def _quantized_kernel(variables: PyTree, layer: dict[str, Any],
   """The kernel the weight quantizer sees: BN-folded for a folded-BN layer."""
   if entry.get("bn") is None:
     return layer["kernel"]
-  from haqjax.ptq import folding  # pylint: disable=g-import-not-at-top
   path, eps = entry["bn"]
-  kernel, _ = folding.folded_kernel_and_bias(
+  kernel, _ = folded_kernel_and_bias(
       layer["kernel"], get_path(variables["params"], path),
       get_path(variables["batch_stats"], path), eps)
   return kernel
@@ -99,7 +99,7 @@ def _capture(model: nn.Module, variables: PyTree, images: Array) -> list[Array]:
   captured: list[Array] = []
 
   def interceptor(next_fun, args, kwargs, context):
-    if isinstance(context.module, _QuantizedLayer) and context.method_name == "__call__":
+    if isinstance(context.module, QuantizedLayer) and context.method_name == "__call__":
       captured.append(args[0])
     return next_fun(*args, **kwargs)
 

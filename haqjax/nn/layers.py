@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from haqjax.nn import batching
+from haqjax.nn.bn_folding import folded_kernel_and_bias
 from haqjax.policy import Policy
 from haqjax.policy import SoftPolicy
 from haqjax.quant.base import Quantizer
@@ -83,8 +84,13 @@ def _scheme(module: nn.Module):
   return inherited(module, "quant_scheme")
 
 
-class _QuantizedLayer(nn.Module):
-  """Shared quantization of (input, kernel) for haqjax layers."""
+class QuantizedLayer(nn.Module):
+  """Base of the haqjax layers: quantization of (input, kernel) by the policy.
+
+  Subclasses (`QConv`, `QDense`) declare `weight_quantizer` and
+  `act_quantizer`; calibration (`haqjax.nn.calibrate`) finds the quantizable
+  layers of a model as instances of this class.
+  """
 
   def quantizers(self) -> tuple[Quantizer, Quantizer]:
     """This layer's `(weight_quantizer, act_quantizer)`."""
@@ -205,7 +211,7 @@ def _batch_moments(z: Array) -> tuple[Array, Array]:
   return mean, jnp.maximum(0.0, jnp.mean(jnp.square(z), axis=axes) - jnp.square(mean))
 
 
-class QConv(_QuantizedLayer):
+class QConv(QuantizedLayer):
   """2-D convolution with per-call weight/activation bits.
 
   Attributes:
@@ -289,8 +295,6 @@ class QConv(_QuantizedLayer):
 
   def _folded(self, x: Array, kernel: Array, policy: Policy | SoftPolicy | None,
               bn: FoldedBatchNorm, train: bool) -> Array:
-    # haqjax.ptq.folding imports the models, which import this module.
-    from haqjax.ptq.folding import folded_kernel_and_bias  # pylint: disable=g-import-not-at-top
     bias = (self.param("bias", self.bias_init, (self.features,))
             if self.use_bias else None)
     bn_params, running = bn.params_and_stats()  # [out] each
@@ -311,7 +315,7 @@ class QConv(_QuantizedLayer):
     return y * correction.astype(self.dtype) + b_batch.astype(self.dtype)
 
 
-class QDense(_QuantizedLayer):
+class QDense(QuantizedLayer):
   """Dense layer over the last axis with per-call weight/activation bits."""
   features: int
   use_bias: bool = True

@@ -16,10 +16,10 @@ becomes the identity plus the folded bias (mean 0, scale 1 and a variance
 `haqjax.models.cnn`): a layer `X` (a dict with a `kernel`) and a sibling
 `X_bn` in the same scope, with `mean`/`var` in `batch_stats`.
 
-For QAT with folded BN, `folded_kernel_and_bias` is the pure function a
-training step calls on the live parameters and the running statistics (or
-the batch statistics), so the quantizer acts on the folded kernel while the
-gradient still reaches `gamma` and `beta` (Krishnamoorthi 2018, section 3.2).
+The array maths, `folded_kernel_and_bias` (the pure function a QAT step
+with folded BN calls on the live parameters, Krishnamoorthi 2018, section
+3.2), and `BN_EPSILON` live in `haqjax.nn.bn_folding`, below the layers that
+fold on every call; this module applies them to a model's variables.
 
 Folding stales calibrated weight-quantizer parameters (LSQ steps, static
 ranges, codebooks): run `haqjax.nn.calibrate.calibrate` after folding.
@@ -46,10 +46,12 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from haqjax.models.cnn import BN_EPSILON
+from haqjax.nn.bn_folding import BN_EPSILON
+from haqjax.nn.bn_folding import check_eps
+from haqjax.nn.bn_folding import folded_kernel_and_bias
 from haqjax.treeutil import copy_tree
 from haqjax.treeutil import get_path
-from haqjax.typing import Array, ArrayLike, PyTree
+from haqjax.typing import Array, PyTree
 
 BN_SUFFIX = "_bn"
 
@@ -67,14 +69,9 @@ class BNPair(NamedTuple):
   bn_path: tuple[str, ...]
 
 
-def _check_eps(eps: float) -> None:
-  if not (isinstance(eps, (int, float)) and 0 < eps < 1):
-    raise ValueError(f"eps is {eps!r}; allowed: a number in (0, 1)")
-
-
 def identity_variance(eps: float = BN_EPSILON, dtype: Any = jnp.float32) -> Array:
   """A variance `v` with `v + eps == 1` exactly in `dtype`, so `rsqrt(v + eps)` is 1."""
-  _check_eps(eps)
+  check_eps(eps)
   dtype = np.dtype(dtype)
   v = dtype.type(1) - dtype.type(eps)
   while dtype.type(v + dtype.type(eps)) > 1:
@@ -82,53 +79,6 @@ def identity_variance(eps: float = BN_EPSILON, dtype: Any = jnp.float32) -> Arra
   while dtype.type(v + dtype.type(eps)) < 1:
     v = np.nextafter(v, dtype.type(2))
   return jnp.asarray(v, dtype)
-
-
-def folded_kernel_and_bias(kernel: ArrayLike, bn_params: Mapping[str, ArrayLike],
-                           bn_stats: Mapping[str, ArrayLike],
-                           eps: float = BN_EPSILON,
-                           bias: ArrayLike | None = None) -> tuple[Array, Array]:
-  """The kernel and bias of a layer with its following BatchNorm merged in.
-
-  Pure and differentiable, so a QAT step can fold on every call::
-
-      w, b = folded_kernel_and_bias(p["conv1"]["kernel"], p["conv1_bn"],
-                                    stats["conv1_bn"])
-      y = conv(x, quantize(w)) + b
-
-  Args:
-    kernel: `[..., out]` kernel (conv `[kh, kw, in/groups, out]`, dense
-      `[in, out]`).
-    bn_params: the BN's parameters, `{"scale": [out], "bias": [out]}`
-      (either may be missing: scale 1, bias 0).
-    bn_stats: `{"mean": [out], "var": [out]}` (running or batch statistics).
-    eps: the BN's epsilon.
-    bias: the layer's own bias `[out]`, if it has one.
-
-  Returns:
-    `(kernel * gamma / sqrt(var + eps), beta + (bias - mean) * gamma /
-    sqrt(var + eps))`, the kernel shaped as `kernel`.
-
-  Raises:
-    ValueError: if a BN array does not have one entry per output channel.
-  """
-  _check_eps(eps)
-  return _fold(jnp.asarray(kernel), bn_params, bn_stats, eps, bias, jnp)
-
-
-def _fold(kernel, bn_params, bn_stats, eps, bias, xp=np):
-  """`folded_kernel_and_bias` in the array module `xp` (numpy or jax.numpy)."""
-  out = kernel.shape[-1]
-  mean, var = xp.asarray(bn_stats["mean"]), xp.asarray(bn_stats["var"])
-  gamma = xp.asarray(bn_params.get("scale", xp.ones(out, kernel.dtype)))
-  beta = xp.asarray(bn_params.get("bias", xp.zeros(out, kernel.dtype)))
-  for field, v in (("mean", mean), ("var", var), ("scale", gamma), ("bias", beta)):
-    if v.shape != (out,):
-      raise ValueError(f"BN {field} has shape {v.shape}; allowed: ({out},), one "
-                       "entry per output channel of the kernel")
-  mul = gamma / xp.sqrt(var + eps)  # [out]
-  b = -mean if bias is None else xp.asarray(bias) - mean
-  return kernel * mul, beta + b * mul
 
 
 def bn_pairs(variables: PyTree) -> tuple[BNPair, ...]:
@@ -187,7 +137,7 @@ def fold_batch_norms(model: Any, variables: PyTree, *,
       the `(model, variables)` signature of the PTQ passes.
     variables: `{"params": ..., "batch_stats": ...}` with trained BNs; not
       modified.
-    eps: the models' BN epsilon (`haqjax.models.cnn.BN_EPSILON`).
+    eps: the models' BN epsilon (`haqjax.nn.bn_folding.BN_EPSILON`).
 
   Returns:
     New variables of the same tree structure: each paired kernel is folded,
@@ -198,7 +148,7 @@ def fold_batch_norms(model: Any, variables: PyTree, *,
     ValueError: missing collections, a bad `eps` or mis-shaped BN arrays.
   """
   del model
-  _check_eps(eps)
+  check_eps(eps)
   pairs = bn_pairs(variables)
   params = copy_tree(variables["params"])
   stats = copy_tree(variables["batch_stats"])
@@ -215,9 +165,9 @@ def fold_batch_norms(model: Any, variables: PyTree, *,
     as64 = lambda t: {k: np.asarray(v, np.float64) for k, v in t.items()
                       if k in ("scale", "bias", "mean", "var")}
     own = layer.get("bias")
-    kernel, bias = _fold(np.asarray(layer["kernel"], np.float64), as64(bn),
-                         as64(bn_stats), eps,
-                         None if own is None else np.asarray(own, np.float64))
+    kernel, bias = folded_kernel_and_bias(
+        np.asarray(layer["kernel"], np.float64), as64(bn), as64(bn_stats), eps,
+        None if own is None else np.asarray(own, np.float64), xp=np)
     layer["kernel"] = jnp.asarray(kernel, jnp.asarray(layer["kernel"]).dtype)
     if own is not None:  # The layer's own bias moved into the BN's.
       layer["bias"] = jnp.zeros_like(own)
