@@ -1,4 +1,4 @@
-"""Tests of the search plots (haqjax/report/plots.py)."""
+"""Tests of the search plots (haqjax/report/plots/: bits, progress, pareto, canvas)."""
 
 import os
 import subprocess
