@@ -50,12 +50,12 @@ from haqjax.quant.calibration import mse_range
 from haqjax.quant.calibration import percentile_range
 from haqjax.quant.fp8 import FP8
 from haqjax.quant.fp8 import fp8_fake_cast
-from haqjax.quant.codebook import KMeansResult
 from haqjax.quant.codebook import KMeansWeight
-from haqjax.quant.codebook import assign
 from haqjax.quant.codebook import centroid_grads
-from haqjax.quant.codebook import kmeans
 from haqjax.quant.codebook import kmeans_size_bits
+from haqjax.quant.kmeans1d import KMeansResult
+from haqjax.quant.kmeans1d import assign
+from haqjax.quant.kmeans1d import kmeans
 from haqjax.quant.lowbit import BinaryWeight
 from haqjax.quant.lowbit import TernaryWeight
 from haqjax.quant.lowbit import binarize
