@@ -195,8 +195,9 @@ def test_malformed_layer_costs_are_reported_not_raised(tmp_path, saved, message)
 def test_report_reads_saved_data_only():
   # The report is built from a run's files: it imports no search job or stage
   # (only the config dataclasses, for their defaults).
-  allowed = ("haqjax.io", "haqjax.bitwidths", "haqjax.report", "haqjax.nn.table",
-             "haqjax.search.config", "haqjax.search.gumbel.config", "haqjax.train.config")
+  allowed = ("haqjax.io", "haqjax.bitwidths", "haqjax.configs", "haqjax.report",
+             "haqjax.nn.table", "haqjax.search.config", "haqjax.search.gumbel.config",
+             "haqjax.train.config")
   folder = os.path.join(ROOT, "haqjax", "report")
   for dirpath, _, files in os.walk(folder):
     for name in (f for f in files if f.endswith(".py")):
