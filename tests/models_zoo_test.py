@@ -1,6 +1,7 @@
 """Tests of the model zoo's architectures, all traced without running:
 published sizes, HAQ's layer order, output shapes, policy plumbing, registry."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from haqjax import models
+from haqjax import quant
 from haqjax.nn import QConv
 from haqjax.nn import QDense
 from haqjax.nn import layer_name
@@ -199,6 +201,41 @@ def test_registry_builds_every_model():
   assert isinstance(models.create("resnet50", num_classes=10), models.ResNet)
   assert isinstance(models.create("resnet_small", num_classes=10, depth=14),
                     models.CifarResNet)
+
+
+# Each model's own fields, in constructor order; the ZooModel fields follow.
+OWN_FIELDS = {
+    models.DigitsCNN: ("num_classes", "width"),
+    models.QuickstartCNN: ("num_classes", "width_mult"),
+    models.MobileNetV1: ("num_classes", "width_mult"),
+    models.MobileNetV2: ("num_classes", "width_mult", "stem_strides", "stage_strides",
+                         "dropout_rate", "clip_relu"),
+    models.ResNet: ("stage_sizes", "block", "num_classes", "width"),
+    models.CifarResNet: ("stage_sizes", "num_classes", "widths"),
+}
+ZOO_FIELDS = ("dtype", "quant_scheme", "fold_bn", "freeze_bn_stats")
+
+
+@pytest.mark.parametrize("cls", list(OWN_FIELDS), ids=lambda c: c.__name__)
+def test_models_take_their_own_fields_then_the_zoo_fields(cls):
+  assert issubclass(cls, models.ZooModel)
+  fields = [f for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+  own = tuple(f.name for f in fields if not f.kw_only)
+  assert own == OWN_FIELDS[cls]
+  assert {f.name for f in fields if f.kw_only} == set(ZOO_FIELDS)
+
+
+def test_every_model_takes_the_zoo_fields():
+  scheme = quant.QuantScheme(weight=quant.LSQ(), act=quant.PACT())
+  options = dict(quant_scheme=scheme, fold_bn=True, freeze_bn_stats=True)
+  for name in models.MODELS:
+    model = models.create(name, num_classes=10, dtype=jnp.bfloat16, **options)
+    assert isinstance(model, models.ZooModel)
+    assert model.dtype == jnp.bfloat16
+    assert {k: getattr(model, k) for k in options} == options
+    plain = models.create(name, num_classes=10)
+    assert (plain.dtype, plain.quant_scheme, plain.fold_bn,
+            plain.freeze_bn_stats) == (jnp.float32, None, False, False)
 
 
 @pytest.mark.parametrize("name, kwargs, message", [

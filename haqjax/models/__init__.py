@@ -4,7 +4,9 @@ depthwise conv and dense layer takes its own bits from the policy.
 Every model is a flax linen module called as `model.apply(variables, x,
 policy=None, train=False)` on NHWC float images; it returns float32 logits.
 BatchNorm statistics live in the `batch_stats` collection (pass
-`mutable=["batch_stats"]` when `train=True`). Layer names (module paths such
+`mutable=["batch_stats"]` when `train=True`). Every model subclasses
+`ZooModel`, which declares the fields they share (`dtype`, `quant_scheme`,
+`fold_bn`, `freeze_bn_stats`). Layer names (module paths such
 as `block3/expand` or `layer2_0/downsample`) are the policy's names::
 
     model = haqjax.models.create("mobilenet_v2", num_classes=1000, width_mult=0.5)
@@ -21,6 +23,8 @@ from typing import Any
 
 import flax.linen as nn
 
+from haqjax.models.base import MODEL_OPTIONS
+from haqjax.models.base import ZooModel
 from haqjax.models.cnn import DigitsCNN
 from haqjax.models.cnn import QuickstartCNN
 from haqjax.models.cnn import check_positive
@@ -55,8 +59,6 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "resnet_small": resnet_small,
 }
 MODELS = tuple(_FACTORIES)
-# Options every model takes, beside its factory's.
-_COMMON_OPTIONS = ("quant_scheme", "fold_bn", "freeze_bn_stats")
 
 # The input each model is designed for, (height, width, channels). The
 # networks are fully convolutional, so other sizes run too; resnet_small and
@@ -85,7 +87,7 @@ def create(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
       also takes `quant_scheme` (a `haqjax.quant.QuantScheme`: the weight and
       activation quantizers of each layer), `fold_bn` (QAT on BN-folded
       kernels) and `freeze_bn_stats` (train with the running BN
-      statistics); see `haqjax.models.cnn`.
+      statistics), the keyword-only fields of `ZooModel`.
 
   Returns:
     The (unbound) flax module.
@@ -98,7 +100,7 @@ def create(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
     raise ValueError(f"model {name!r} is unknown; allowed: {', '.join(MODELS)}")
   check_positive("num_classes", num_classes, integer=True)
   factory = _FACTORIES[name]
-  common = {k: kwargs.pop(k) for k in _COMMON_OPTIONS if k in kwargs}
+  common = {k: kwargs.pop(k) for k in MODEL_OPTIONS if k in kwargs}
   for field in ("fold_bn", "freeze_bn_stats"):
     if not isinstance(common.get(field, False), bool):
       raise ValueError(f"{field} is {common[field]!r}; allowed: True or False")

@@ -6,9 +6,9 @@ BatchNorm in the `batch_stats` collection. The QConv is named `name` and its
 BatchNorm `name + "_bn"`, inside the caller's scope, so a block named
 `block3` gives the policy layer `block3/expand`.
 
-Every zoo model has two BN options, read by `conv_bn` from the model (the
-nearest enclosing module that sets them), which change neither the variables
-nor the layer table:
+Every zoo model has two BN options (fields of `haqjax.models.base.ZooModel`),
+read by `conv_bn` from the model (the nearest enclosing module that sets
+them), which change neither the variables nor the layer table:
 
 * `fold_bn`: simulated BN folding for QAT (Jacob et al. 2018, section 3.2;
   Krishnamoorthi 2018, section 3.2.2). The weight quantizer sees the folded
@@ -40,6 +40,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from haqjax.models.base import ZooModel
 from haqjax.nn.bn_folding import BN_EPSILON
 from haqjax.nn.layers import FoldedBatchNorm
 from haqjax.nn.layers import QConv
@@ -107,20 +108,15 @@ def conv_bn(x: Array, policy: Policy | None, name: str, features: int,
   return x if act is None else act(x)
 
 
-class DigitsCNN(nn.Module):
+class DigitsCNN(ZooModel):
   """A 3-layer CNN for 8x8x1 digits: conv 1->16, conv 16->32 /2, GAP, dense.
 
   Attributes:
     num_classes: classifier outputs.
     width: channels of the first conv (the second has twice as many).
-    dtype: computation dtype; parameters stay float32, logits are float32.
   """
   num_classes: int = 10
   width: int = 16
-  dtype: Any = jnp.float32
-  quant_scheme: Any = None  # a haqjax.quant.QuantScheme; None: defaults
-  fold_bn: bool = False  # QAT: quantize BN-folded kernels (see conv_bn)
-  freeze_bn_stats: bool = False  # train with the running BN statistics
 
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None = None,
@@ -145,7 +141,7 @@ QUICKSTART_LAYERS = (
 )
 
 
-class QuickstartCNN(nn.Module):
+class QuickstartCNN(ZooModel):
   """The quickstart CNN for 28x28x1 Fashion-MNIST (7 quantizable layers).
 
   Conv-BN-ReLU layers of different shapes (3x3 and 1x1, stride 1 and 2, 16 to
@@ -168,14 +164,9 @@ class QuickstartCNN(nn.Module):
   Attributes:
     num_classes: classifier outputs.
     width_mult: multiplies every layer's channels (rounded, at least 1).
-    dtype: computation dtype; parameters stay float32, logits are float32.
   """
   num_classes: int = 10
   width_mult: float = 1.0
-  dtype: Any = jnp.float32
-  quant_scheme: Any = None  # a haqjax.quant.QuantScheme; None: defaults
-  fold_bn: bool = False  # QAT: quantize BN-folded kernels (see conv_bn)
-  freeze_bn_stats: bool = False  # train with the running BN statistics
 
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None = None,
@@ -197,4 +188,4 @@ def quickstart_cnn(num_classes: int = 10, width_mult: float = 1.0,
                    dtype: Any = jnp.float32) -> QuickstartCNN:
   """The 7-layer quickstart CNN for 28x28x1 Fashion-MNIST."""
   check_positive("width_mult", width_mult)
-  return QuickstartCNN(num_classes, width_mult, dtype)
+  return QuickstartCNN(num_classes, width_mult, dtype=dtype)

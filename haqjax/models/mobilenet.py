@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from haqjax.models.base import ZooModel
 from haqjax.models.cnn import check_positive
 from haqjax.models.cnn import conv_bn
 from haqjax.nn.layers import QDense
@@ -71,20 +72,15 @@ def relu6(x: Array) -> Array:
   return jnp.minimum(jax.nn.relu(x), 6.0)
 
 
-class MobileNetV1(nn.Module):
+class MobileNetV1(ZooModel):
   """MobileNetV1: a 3x3/2 conv, 13 depthwise-separable blocks, GAP, classifier.
 
   Attributes:
     num_classes: classifier outputs.
     width_mult: the width multiplier alpha (channels x alpha, rounded to 8).
-    dtype: computation dtype; parameters stay float32, logits are float32.
   """
   num_classes: int = 1000
   width_mult: float = 1.0
-  dtype: Any = jnp.float32
-  quant_scheme: Any = None  # a haqjax.quant.QuantScheme; None: defaults
-  fold_bn: bool = False  # QAT: quantize BN-folded kernels (see conv_bn)
-  freeze_bn_stats: bool = False  # train with the running BN statistics
 
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None = None,
@@ -150,7 +146,7 @@ class InvertedResidual(nn.Module):
     return y
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(ZooModel):
   """MobileNetV2: a 3x3 conv, 17 inverted residuals, a 1x1 head, GAP, classifier.
 
   Attributes:
@@ -161,7 +157,6 @@ class MobileNetV2(nn.Module):
     stage_strides: stride of the first block of each of the seven stages.
     dropout_rate: dropout before the classifier (torchvision uses 0.2). When
       non-zero, training needs a 'dropout' rng (`rngs={'dropout': key}`).
-    dtype: computation dtype; parameters stay float32, logits are float32.
     clip_relu: ReLU6 everywhere (True) or plain ReLU (False): data-free
       quantization (Nagel et al. 2019) replaces ReLU6 by ReLU so that
       cross-layer equalization is exact; `haqjax.ptq` does so with
@@ -172,11 +167,7 @@ class MobileNetV2(nn.Module):
   stem_strides: int = 2
   stage_strides: Sequence[int] = tuple(s for _, _, _, s in V2_STAGES)
   dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
   clip_relu: bool = True
-  quant_scheme: Any = None  # a haqjax.quant.QuantScheme; None: defaults
-  fold_bn: bool = False  # QAT: quantize BN-folded kernels (see conv_bn)
-  freeze_bn_stats: bool = False  # train with the running BN statistics
 
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None = None,
@@ -207,7 +198,7 @@ def mobilenet_v1(num_classes: int = 1000, width_mult: float = 1.0,
                  dtype: Any = jnp.float32) -> MobileNetV1:
   """MobileNetV1 for 224x224 images (4,231,976 parameters at width 1)."""
   check_positive("width_mult", width_mult)
-  return MobileNetV1(num_classes, width_mult, dtype)
+  return MobileNetV1(num_classes, width_mult, dtype=dtype)
 
 
 def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0,

@@ -36,6 +36,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from haqjax.models.base import ZooModel
 from haqjax.models.cnn import conv_bn
 from haqjax.nn.layers import QDense
 from haqjax.policy import Policy
@@ -115,7 +116,7 @@ def _check_block(block: str) -> None:
     raise ValueError(f"block is {block!r}; allowed: {', '.join(_BLOCKS)}")
 
 
-class ResNet(nn.Module):
+class ResNet(ZooModel):
   """ImageNet ResNet: 7x7/2 stem, 3x3/2 max pool, four stages, GAP, fc.
 
   Attributes:
@@ -123,16 +124,11 @@ class ResNet(nn.Module):
     block: 'basic' or 'bottleneck'.
     num_classes: classifier outputs.
     width: channels of the first stage (doubled per stage).
-    dtype: computation dtype; parameters stay float32, logits are float32.
   """
   stage_sizes: Sequence[int]
   block: str = "basic"
   num_classes: int = 1000
   width: int = 64
-  dtype: Any = jnp.float32
-  quant_scheme: Any = None  # a haqjax.quant.QuantScheme; None: defaults
-  fold_bn: bool = False  # QAT: quantize BN-folded kernels (see conv_bn)
-  freeze_bn_stats: bool = False  # train with the running BN statistics
 
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None = None,
@@ -149,22 +145,17 @@ class ResNet(nn.Module):
     return x.astype(jnp.float32)
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(ZooModel):
   """CIFAR ResNet (6n+2 layers): 3x3/1 stem, three stages, GAP, fc.
 
   Attributes:
     stage_sizes: basic blocks per stage; (3, 3, 3) is ResNet-20.
     num_classes: classifier outputs.
     widths: channels per stage.
-    dtype: computation dtype; parameters stay float32, logits are float32.
   """
   stage_sizes: Sequence[int] = (3, 3, 3)
   num_classes: int = 10
   widths: Sequence[int] = (16, 32, 64)
-  dtype: Any = jnp.float32
-  quant_scheme: Any = None  # a haqjax.quant.QuantScheme; None: defaults
-  fold_bn: bool = False  # QAT: quantize BN-folded kernels (see conv_bn)
-  freeze_bn_stats: bool = False  # train with the running BN statistics
 
   @nn.compact
   def __call__(self, x: Array, policy: Policy | None = None,
@@ -190,7 +181,7 @@ def resnet50(num_classes: int = 1000, dtype: Any = jnp.float32) -> ResNet:
 
 def resnet20(num_classes: int = 10, dtype: Any = jnp.float32) -> CifarResNet:
   """ResNet-20 for 32x32x3 CIFAR images (272,474 parameters at 10 classes)."""
-  return CifarResNet((3, 3, 3), num_classes, (16, 32, 64), dtype)
+  return CifarResNet((3, 3, 3), num_classes, (16, 32, 64), dtype=dtype)
 
 
 def resnet_small(num_classes: int = 10, depth: int = 20, width_mult: float = 1.0,
@@ -217,4 +208,4 @@ def resnet_small(num_classes: int = 10, depth: int = 20, width_mult: float = 1.0
     raise ValueError(f"width_mult is {width_mult!r}; allowed: a positive number")
   n = (depth - 2) // 6
   widths = tuple(max(1, round(w * width_mult)) for w in (16, 32, 64))
-  return CifarResNet((n, n, n), num_classes, widths, dtype)
+  return CifarResNet((n, n, n), num_classes, widths, dtype=dtype)
