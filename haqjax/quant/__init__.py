@@ -44,10 +44,10 @@ from haqjax.quant.calibration import RangeCalibrator
 from haqjax.quant.calibration import calibrate_range
 from haqjax.quant.calibration import ema_calibrator
 from haqjax.quant.calibration import ema_range
-from haqjax.quant.calibration import kl_range
 from haqjax.quant.calibration import minmax_range
 from haqjax.quant.calibration import mse_range
 from haqjax.quant.calibration import percentile_range
+from haqjax.quant.kl import kl_range
 from haqjax.quant.fp8 import FP8
 from haqjax.quant.fp8 import fp8_fake_cast
 from haqjax.quant.codebook import KMeansWeight

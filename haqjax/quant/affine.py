@@ -162,6 +162,34 @@ def compute_range(x: Array, spec: AffineSpec) -> tuple[Array, Array]:
   return minmax(xg, reduce_axes(x.ndim, spec))
 
 
+def grouped_view(x: ArrayLike, spec: AffineSpec) -> tuple[Array, tuple[int, ...]]:
+  """The grouped view of `x` as float32, and the axes reduced to one range.
+
+  Reducing the view over the axes with `keepdims=True` gives ranges shaped
+  like those of `compute_range`: what every calibration method does.
+  """
+  x = jnp.asarray(x)
+  return to_groups(x.astype(jnp.float32), spec), reduce_axes(x.ndim, spec)
+
+
+def nan_where_non_finite(lo: Array, hi: Array, xg: Array, axes: tuple[int, ...]
+                         ) -> tuple[Array, Array]:
+  """`(lo, hi)`, NaN for every range whose elements of `xg` are not all finite.
+
+  Args:
+    lo, hi: ranges with the kept dims of `xg` reduced over `axes`.
+    xg: the grouped view the ranges were computed from.
+    axes: the reduced axes (`grouped_view`).
+
+  Returns:
+    `(lo, hi)` with both ends NaN where a range holds NaN or +-Inf, so that a
+    calibration method never clips a non-finite value away silently.
+  """
+  finite = jnp.all(jnp.isfinite(xg), axis=axes, keepdims=True)
+  nan = jnp.float32(jnp.nan)
+  return jnp.where(finite, lo, nan), jnp.where(finite, hi, nan)
+
+
 def minmax(x: Array, axes: Sequence[int]) -> tuple[Array, Array]:
   """`(min, max)` over `axes` with kept dims, in one pass over `x`.
 

@@ -14,7 +14,7 @@ axes) and per-group ranges all work, and the result feeds
   the min-max range (Banner et al. 2019; Nagel et al. 2021);
 * `kl_range`: the threshold minimising the KL divergence between the
   clipped and the quantized histograms of |x| (Migacz 2017), which HAQ uses
-  for tensors below 5 bits.
+  for tensors below 5 bits (`haqjax.quant.kl`, re-exported here).
 
 `bits` is a traced int32 scalar throughout: nothing branches on it and no
 shape depends on it, so one compiled function serves 1..8 bits and
@@ -42,37 +42,18 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from haqjax.policy import FLOAT_BITS
 from haqjax.quant import affine
 from haqjax.quant.affine import AffineSpec
+from haqjax.quant.kl import kl_range
 from haqjax.typing import Array, ArrayLike
 
 METHODS = ("minmax", "ema", "percentile", "mse", "kl")
-
-# Most quantization levels `kl_range` merges histogram bins into: 2^8, the
-# unsigned 8-bit grid. The segment sums have this fixed size for every bits.
-KL_MAX_LEVELS = 256
-
-
-def _poison(lo: Array, hi: Array, xg: Array, axes: tuple[int, ...]
-            ) -> tuple[Array, Array]:
-  """NaN for every range whose elements are not all finite."""
-  finite = jnp.all(jnp.isfinite(xg), axis=axes, keepdims=True)
-  nan = jnp.float32(jnp.nan)
-  return jnp.where(finite, lo, nan), jnp.where(finite, hi, nan)
-
-
-def _grouped(x: ArrayLike, spec: AffineSpec) -> tuple[Array, tuple[int, ...]]:
-  """The grouped view of `x` (float32) and the axes reduced to one range."""
-  x = jnp.asarray(x)
-  return affine.to_groups(x.astype(jnp.float32), spec), affine.reduce_axes(x.ndim, spec)
 
 
 def minmax_range(x: ArrayLike, spec: AffineSpec = AffineSpec()) -> tuple[Array, Array]:
@@ -95,10 +76,10 @@ def minmax_range(x: ArrayLike, spec: AffineSpec = AffineSpec()) -> tuple[Array, 
     >>> lo.ravel().tolist(), hi.ravel().tolist()
     ([-2.0, 0.5], [1.0, 3.0])
   """
-  xg, axes = _grouped(x, spec)
+  xg, axes = affine.grouped_view(x, spec)
   lo = jnp.min(xg, axis=axes, keepdims=True)
   hi = jnp.max(xg, axis=axes, keepdims=True)
-  return _poison(lo, hi, xg, axes)
+  return affine.nan_where_non_finite(lo, hi, xg, axes)
 
 
 class EmaRangeState(NamedTuple):
@@ -246,7 +227,7 @@ def percentile_range(x: ArrayLike, spec: AffineSpec = AffineSpec(),
   """
   if isinstance(percentile, (int, float)) and not 0.0 < percentile <= 100.0:
     raise ValueError(f"percentile is {percentile!r}; allowed: a number in (0, 100]")
-  xg, axes = _grouped(x, spec)
+  xg, axes = affine.grouped_view(x, spec)
   p = jnp.asarray(percentile, jnp.float32)
 
   def pct(v, q):
@@ -259,7 +240,7 @@ def percentile_range(x: ArrayLike, spec: AffineSpec = AffineSpec(),
     lo, hi = pct(xg, 100.0 - p), pct(xg, p)
   else:
     lo, hi = jnp.min(xg, axis=axes, keepdims=True), pct(xg, p)
-  return _poison(lo, hi, xg, axes)
+  return affine.nan_where_non_finite(lo, hi, xg, axes)
 
 
 def _eval_spec(spec: AffineSpec) -> AffineSpec:
@@ -320,7 +301,7 @@ def mse_range(x: ArrayLike, bits: ArrayLike, spec: AffineSpec = AffineSpec(), *,
     raise ValueError(f"chunk_size is {chunk_size!r}; allowed: a positive integer or None")
   x = jnp.asarray(x)
   xf = x.astype(jnp.float32)
-  xg, axes = _grouped(x, spec)
+  xg, axes = affine.grouped_view(x, spec)
   lo, hi = jnp.min(xg, axis=axes, keepdims=True), jnp.max(xg, axis=axes, keepdims=True)
   eval_spec = _eval_spec(spec)
   # Descending, so that argmin's first-index tie-break prefers larger clips.
@@ -336,148 +317,12 @@ def mse_range(x: ArrayLike, bits: ArrayLike, spec: AffineSpec = AffineSpec(), *,
     errors = jax.vmap(error)(fractions)  # [n, *kept]
   else:
     errors = jax.lax.map(error, fractions, batch_size=chunk_size)
-  # A NaN error (non-finite x) must not win; `_poison` marks those ranges.
+  # A NaN error (non-finite x) must not win; `nan_where_non_finite` marks those
+  # ranges.
   errors = jnp.where(jnp.isnan(errors), jnp.inf, errors)
   best = jnp.argmin(errors, axis=0)  # kept dims
   f = fractions[best]
-  return _poison(f * lo, f * hi, xg, axes)
-
-
-def _kl_levels(bits: ArrayLike, signed: bool) -> Array:
-  """Number of quantization levels covering [0, threshold] (int32, traced)."""
-  bits = jnp.asarray(bits, jnp.int32)
-  levels = affine.pow2(bits - 1) if signed else affine.pow2(bits)
-  return jnp.minimum(levels, KL_MAX_LEVELS).astype(jnp.int32)
-
-
-def _kl_divergences(hist: Array, levels: Array) -> Array:
-  """KL(P || Q) for every number of kept bins i = 1..num_bins (`[num_bins]`).
-
-  Candidates with `i < levels`, or whose Q misses part of P (infinite KL),
-  come out as +Inf.
-  """
-  num_bins = hist.shape[0]
-  j = jnp.arange(num_bins, dtype=jnp.int32)  # bin index
-  cum = jnp.cumsum(hist)
-  total = cum[-1]
-
-  def kl(i):  # i: number of kept bins, an int32 scalar
-    keep = j < i
-    kept = jnp.where(keep, hist, 0.0)  # [B]
-    # Reference P: the first i bins, the outliers folded into the last one.
-    p = kept + jnp.where(j == i - 1, total - cum[i - 1], 0.0)
-    # Q: the i kept bins merged into `levels` chunks of i // levels bins (the
-    # last chunk takes the remainder), each chunk's mass spread evenly over
-    # the bins of the chunk where P is non-zero.
-    width = jnp.maximum(i // levels, 1)
-    seg = jnp.where(keep, jnp.minimum(j // width, levels - 1), 0)  # [B]
-    nonzero = p > 0
-    chunk_mass = jax.ops.segment_sum(kept, seg, KL_MAX_LEVELS)
-    chunk_bins = jax.ops.segment_sum(nonzero.astype(jnp.float32), seg, KL_MAX_LEVELS)
-    q = jnp.where(nonzero, chunk_mass[seg] / jnp.maximum(chunk_bins[seg], 1.0), 0.0)
-    p = p / jnp.sum(p)
-    q = q / jnp.sum(q)
-    terms = jnp.where(nonzero, p * (jnp.log(p) - jnp.log(q)), 0.0)
-    return jnp.sum(terms)
-
-  i = jnp.arange(1, num_bins + 1, dtype=jnp.int32)
-  kls = jax.vmap(kl)(i)
-  return jnp.where((i < levels) | jnp.isnan(kls), jnp.inf, kls)
-
-
-def _kl_threshold(v: Array, bits: Array, signed: bool, num_bins: int) -> Array:
-  """The KL threshold on |v| of one range (`v` one-dimensional)."""
-  a = jnp.abs(v)
-  amax = jnp.max(a)
-  safe = jnp.where(amax > 0, amax, 1.0)
-  # Bin of each value: floor(a * num_bins / amax), amax in the last bin.
-  inv_width = jnp.float32(num_bins) / safe
-  idx = jnp.clip(jnp.floor(a * inv_width).astype(jnp.int32), 0, num_bins - 1)
-  hist = jax.ops.segment_sum(jnp.ones_like(a), idx, num_bins)  # [B]
-  kls = _kl_divergences(hist, _kl_levels(bits, signed))
-  kept_bins = jnp.argmin(kls) + 1  # first minimum: the smallest threshold
-  threshold = kept_bins.astype(jnp.float32) * (amax / num_bins)
-  return jnp.where(jnp.asarray(bits) >= FLOAT_BITS, amax, threshold)
-
-
-def kl_range(x: ArrayLike, bits: ArrayLike, spec: AffineSpec = AffineSpec(), *,
-             num_bins: int = 2048) -> tuple[Array, Array]:
-  """The KL-divergence (entropy) threshold of TensorRT, used by HAQ below 5 bits.
-
-  For each range, with a histogram of |x| in `num_bins` equal bins over
-  `[0, max|x|]` and `L` levels, every number of kept bins `i` in
-  `L..num_bins` is scored:
-
-  * P: the first `i` bins, with the count of all later bins (the outliers)
-    added to bin `i - 1`;
-  * Q: the first `i` bins of the histogram (without the outliers) merged into
-    `L` chunks of `i // L` bins, the last chunk taking the remainder; each
-    chunk's count is spread evenly over its bins where P is non-zero, and Q
-    is 0 where P is;
-  * the score is KL(P || Q) of the normalised P and Q; a candidate where Q is
-    0 but P is not scores +Inf (no smoothing).
-
-  The threshold is the upper edge `i * max|x| / num_bins` of the last kept
-  bin for the least score (first on ties), so `i = num_bins` is the absmax;
-  Migacz's slides write `(i + 0.5)` bin widths. At `FLOAT_BITS` the threshold
-  is the absmax.
-
-  Levels: `L = 2^(bits - 1)` for a signed spec (TensorRT's 128 at 8 bits, and
-  HAQ's `n` for weights and activations alike) and `L = 2^bits` for an
-  unsigned spec (every code of the unsigned grid lies in [0, t]); to
-  reproduce HAQ's activation thresholds pass a signed spec. `L` is traced
-  and merging is integer arithmetic with segment sums of a fixed
-  `KL_MAX_LEVELS` (256) segments, so bits above 8 are scored with 256 levels.
-
-  The range is the data's `[min(x), max(x)]` clipped to `[-t, t]`: `(-t, t)`
-  for data on both sides reaching past `t`, `(min(x), t)` for non-negative
-  data (as in `percentile_range`), and no wasted grid for an asymmetric
-  spec on one-sided data. Per-tensor is the usual use; per-channel and
-  per-group ranges are computed one range at a time (`lax.map`), each costing
-  `O(num_bins^2)` (about 0.1 s on a CPU at 2048 bins, whatever the size of
-  the range).
-
-  This is Migacz's algorithm; HAQ's released code scores a variant of it
-  (interpolated cumulative histograms over sqrt(size) bins).
-
-  Args:
-    x: the tensor.
-    bits: bit-width, a traced int32 scalar.
-    spec: grid kind (signed) and granularity.
-    num_bins: histogram bins (static), at least `KL_MAX_LEVELS`.
-
-  Returns:
-    `(lo, hi)`, kept dims of `affine.compute_range`.
-
-  Raises:
-    ValueError: `num_bins` not an integer >= 256.
-
-  Example:
-    >>> import jax
-    >>> from haqjax.quant import calibration
-    >>> x = jax.random.laplace(jax.random.key(0), (10_000,))
-    >>> lo, hi = calibration.kl_range(x, 4)
-    >>> bool(hi[0] < jax.numpy.abs(x).max())
-    True
-
-  References:
-    Migacz, "8-bit Inference with TensorRT", GPU Technology Conference 2017.
-    Wang et al., "HAQ: Hardware-Aware Automated Quantization with Mixed
-    Precision", CVPR 2019.
-  """
-  if not isinstance(num_bins, int) or num_bins < KL_MAX_LEVELS:
-    raise ValueError(f"num_bins is {num_bins!r}; allowed: an integer >= {KL_MAX_LEVELS}")
-  xg, axes = _grouped(x, spec)
-  bits = jnp.asarray(bits, jnp.int32)
-  keep = [a for a in range(xg.ndim) if a not in axes]
-  kept_shape = tuple(1 if a in axes else xg.shape[a] for a in range(xg.ndim))
-  size = math.prod(xg.shape[a] for a in axes)
-  rows = jnp.transpose(xg, keep + list(axes)).reshape(-1, size)  # [R, N]
-  t = jax.lax.map(lambda v: _kl_threshold(v, bits, spec.signed, num_bins), rows)
-  t = t.reshape(kept_shape)
-  lo = jnp.maximum(jnp.min(xg, axis=axes, keepdims=True), -t)
-  hi = jnp.minimum(jnp.max(xg, axis=axes, keepdims=True), t)
-  return _poison(lo, hi, xg, axes)
+  return affine.nan_where_non_finite(f * lo, f * hi, xg, axes)
 
 
 def calibrate_range(x: ArrayLike, bits: ArrayLike, spec: AffineSpec = AffineSpec(),
