@@ -34,6 +34,10 @@ import jax.numpy as jnp
 from haqjax.policy import FLOAT_BITS
 from haqjax.typing import Array, ArrayLike, PRNGKey, PyTree
 
+# The `sign` field of quantizers whose grid may be signed or unsigned: 'auto'
+# decides from the data (unsigned when nothing is negative), the others fix it.
+SIGNS = ("auto", "signed", "unsigned")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Quantizer(abc.ABC):

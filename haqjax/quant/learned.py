@@ -36,13 +36,13 @@ import jax
 import jax.numpy as jnp
 
 from haqjax.quant import affine
+from haqjax.quant.base import SIGNS
 from haqjax.quant.base import Quantizer
 from haqjax.quant.base import passthrough
 from haqjax.quant.estimators import ste
 from haqjax.typing import Array, ArrayLike, PRNGKey, PyTree
 
 _MIN_STEP = 1e-8
-SIGNS = ("auto", "signed", "unsigned")
 
 
 def grad_scale(x: Array, scale: ArrayLike) -> Array:

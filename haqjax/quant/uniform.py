@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from haqjax.quant import affine
+from haqjax.quant.base import SIGNS
 from haqjax.quant.base import Quantizer
 from haqjax.quant.base import passthrough
 from haqjax.quant.estimators import clipped_ste
@@ -26,7 +27,6 @@ from haqjax.quant.estimators import ste
 from haqjax.typing import Array, ArrayLike, PRNGKey, PyTree
 
 ESTIMATORS = ("plain", "clipped")
-SIGNS = ("auto", "signed", "unsigned")
 
 
 def _check(field: str, value, allowed: tuple[str, ...]) -> None:
