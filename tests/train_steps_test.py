@@ -55,3 +55,44 @@ def test_qat_and_eval_steps_trace_once_across_100_policies(scheme):
     assert np.isfinite(float(out["loss"]))
   assert traces == {"train": 1, "eval": 1}
   assert len(losses) > 50  # The policies really differ.
+
+
+def _stochastic_model():
+  """digits_cnn whose weights and activations round stochastically."""
+  return models.create("digits_cnn", num_classes=10, quant_scheme=quant.QuantScheme(
+      weight=quant.MinMaxWeight(spec=quant.AffineSpec(channel_axis=-1,
+                                                      rounding="stochastic")),
+      act=quant.MinMaxActivation(rounding="stochastic")))
+
+
+def test_stochastic_rounding_trains_with_a_new_key_each_step():
+  model = _stochastic_model()
+  tx = steps.make_optimizer(name="sgd", learning_rate=0.01, momentum=0.9, weight_decay=0.0)
+  state = steps.init_state(jax.random.key(0), model, tx, (1, 8, 8, 1))
+  policy = Policy.uniform(layer_table(model, (1, 8, 8, 1)).names, 2, 2)
+  batch = {"image": jax.random.uniform(jax.random.key(1), (16, 8, 8, 1)),
+           "label": jnp.arange(16) % 10}
+  train_step = jax.jit(functools.partial(steps.train_step, model, tx,
+                                         key=jax.random.key(7)))
+
+  def loss_at(step):  # The same parameters, only the step count differs.
+    return float(train_step(state.replace(step=jnp.int32(step)), batch, policy)[1]["loss"])
+
+  assert loss_at(0) == loss_at(0)  # One key per step: a step is reproducible.
+  assert len({loss_at(0), loss_at(1), loss_at(2)}) == 3  # Each step its own key.
+  new_state, metrics = train_step(state, batch, policy)
+  assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+
+def test_stochastic_rounding_evaluates_deterministically():
+  model = _stochastic_model()
+  tx = steps.make_optimizer(name="sgd", learning_rate=0.01, momentum=0.9, weight_decay=0.0)
+  variables = steps.init_state(jax.random.key(0), model, tx, (1, 8, 8, 1)).variables()
+  policy = Policy.uniform(layer_table(model, (1, 8, 8, 1)).names, 2, 2)
+  batch = {"image": jax.random.uniform(jax.random.key(1), (16, 8, 8, 1)),
+           "label": jnp.arange(16) % 10}
+  eval_step = jax.jit(functools.partial(steps.eval_step, model))
+  first = float(eval_step(variables, batch, policy, 0)["loss"])
+  assert np.isfinite(first)
+  assert float(eval_step(variables, batch, policy, 0)["loss"]) == first
+  assert float(eval_step(variables, batch, policy, 1)["loss"]) != first  # Per-batch noise.

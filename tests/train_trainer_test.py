@@ -6,11 +6,13 @@ import os
 import pytest
 
 from haqjax import data as haq_data
+from haqjax import quant
 from haqjax.policy import Policy
 from haqjax.policy import save_policy
 from haqjax.train import Checkpointer
 from haqjax.train import Config
 from haqjax.train import train_and_evaluate
+from haqjax.train import trainer
 
 
 def _config(tmp_root, **changes):
@@ -127,3 +129,23 @@ def test_init_from_wrong_model_is_rejected(tmp_path, fp32_run):
   other = config.replace(model="quickstart_cnn", dataset="digits")
   with pytest.raises(ValueError, match="init_from=.*do not fit model"):
     train_and_evaluate(other.replace(init_from=fp32_dir), str(tmp_path / "y"))
+
+
+def test_qat_with_stochastic_rounding(tmp_path, fp32_run, monkeypatch):
+  config, fp32_dir, _ = fp32_run
+  real_build = trainer.build_model
+
+  def stochastic_model(config, num_classes):  # No flag selects stochastic rounding.
+    model = real_build(config, num_classes)
+    return model.clone(quant_scheme=quant.QuantScheme(
+        weight=quant.MinMaxWeight(spec=quant.AffineSpec(channel_axis=-1,
+                                                        rounding="stochastic")),
+        act=quant.MinMaxActivation(rounding="stochastic")))
+
+  monkeypatch.setattr(trainer, "build_model", stochastic_model)
+  qat = config.replace(mode="qat", policy="w4a4", init_from=fp32_dir, epochs=1,
+                       learning_rate=0.005)
+  first = train_and_evaluate(qat, str(tmp_path / "a"))
+  assert first["test_top1"] > 50.0, first
+  again = train_and_evaluate(qat, str(tmp_path / "b"))  # Keys depend on seed and step.
+  assert again["test_loss"] == first["test_loss"]

@@ -3,6 +3,12 @@
 The policy is an argument of every step, so one compiled step serves every
 bit policy (QAT fine-tunes inside a search call the same compiled function for
 each candidate policy).
+
+Quantizers that round stochastically draw from the model's `quant` RNG
+stream. A training step given a base `key` feeds that stream with
+`fold_in(key, state.step)`, so no two steps share a key and a resumed run
+draws what an uninterrupted one would. Evaluation feeds it from the fixed
+`EVAL_SEED` (folded with the batch index), so it stays deterministic.
 """
 
 from __future__ import annotations
@@ -16,10 +22,16 @@ import jax.numpy as jnp
 import optax
 
 from haqjax.policy import Policy
-from haqjax.typing import Array, PRNGKey, PyTree
+from haqjax.typing import Array
+from haqjax.typing import ArrayLike
+from haqjax.typing import PRNGKey
+from haqjax.typing import PyTree
 
 Batch = dict[str, Array]
 Metrics = dict[str, Array]
+
+# Seed of the `quant` stream in evaluation: the same noise for every call.
+EVAL_SEED = 0
 
 
 @flax.struct.dataclass
@@ -90,14 +102,30 @@ def _loss(logits: Array, labels: Array, label_smoothing: float) -> Array:
 
 
 def train_step(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
-               batch: Batch, policy: Policy | None, *,
-               label_smoothing: float = 0.0) -> tuple[TrainState, Metrics]:
-  """One SGD step on `batch` under `policy` (None: floating point)."""
+               batch: Batch, policy: Policy | None, *, label_smoothing: float = 0.0,
+               key: PRNGKey | None = None) -> tuple[TrainState, Metrics]:
+  """One SGD step on `batch` under `policy` (None: floating point).
+
+  Args:
+    model: the model; `train=True` in this step.
+    tx: the optimizer.
+    state: parameters, BN statistics, optimizer state and step count.
+    batch: `{"image": [B, H, W, C], "label": [B]}`.
+    policy: the bit policy (None: floating point).
+    label_smoothing: label smoothing of the cross-entropy.
+    key: base key of the `quant` RNG stream (stochastic rounding); this step
+      draws from `fold_in(key, state.step)`. None: no `quant` stream, which
+      only quantizers that round deterministically allow.
+
+  Returns:
+    The next state and this step's loss, top-1 and gradient norm.
+  """
+  rngs = None if key is None else {"quant": jax.random.fold_in(key, state.step)}
 
   def loss_fn(params):
     logits, updates = model.apply(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"],
-        policy=policy, train=True, mutable=["batch_stats"])
+        policy=policy, train=True, mutable=["batch_stats"], rngs=rngs)
     loss = jnp.mean(_loss(logits, batch["label"], label_smoothing))
     return loss, (logits, updates.get("batch_stats", {}))
 
@@ -115,9 +143,16 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, state: TrainS
 
 
 def eval_step(model: nn.Module, variables: dict[str, PyTree], batch: Batch,
-              policy: Policy | None) -> Metrics:
-  """Sums over the real (mask 1) examples of `batch`: loss, top-1, top-5, count."""
-  logits = model.apply(variables, batch["image"], policy=policy, train=False)
+              policy: Policy | None, index: ArrayLike = 0) -> Metrics:
+  """Sums over the real (mask 1) examples of `batch`: loss, top-1, top-5, count.
+
+  Stochastic rounding draws from `fold_in(key(EVAL_SEED), index)`: `index`
+  (the batch's position in the split) gives each batch its own noise, and
+  the same batch the same noise in every evaluation.
+  """
+  key = jax.random.fold_in(jax.random.key(EVAL_SEED), index)
+  logits = model.apply(variables, batch["image"], policy=policy, train=False,
+                       rngs={"quant": key})
   mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
   return {
       "loss": jnp.sum(_loss(logits, batch["label"], 0.0) * mask),

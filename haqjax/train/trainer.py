@@ -44,6 +44,7 @@ from haqjax.train import writers
 from haqjax.train.config import Config
 
 _QUANT_PARAMS = ("weight_quant", "act_quant")
+_QUANT_STREAM = 1  # Folded into the seed's key for the `quant` RNG stream.
 
 # Fields that may differ between a run and its resumption.
 _RESUMABLE_CHANGES = frozenset({
@@ -154,9 +155,9 @@ class Evaluator:
   def __init__(self, model, sharding, batch_size: int):
     self.traces = 0  # How often the step was traced (1 for every policy).
 
-    def step(variables, batch, policy):
+    def step(variables, batch, policy, index):
       self.traces += 1
-      return steps.eval_step(model, variables, batch, policy)
+      return steps.eval_step(model, variables, batch, policy, index)
 
     self._step = jax.jit(step)
     self._sharding = sharding
@@ -164,10 +165,10 @@ class Evaluator:
 
   def __call__(self, variables, split, policy) -> dict[str, float]:
     sums = None
-    for batch in haq_data.batches(split, batch_size=self._batch_size, seed=0, epoch=0,
-                                  shuffle=False, drop_remainder=False,
-                                  sharding=self._sharding):
-      out = self._step(variables, batch, policy)
+    for index, batch in enumerate(haq_data.batches(
+        split, batch_size=self._batch_size, seed=0, epoch=0, shuffle=False,
+        drop_remainder=False, sharding=self._sharding)):
+      out = self._step(variables, batch, policy, index)
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     if sums is None:
       return {}
@@ -224,6 +225,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
 
   key = jax.random.key(config.seed)
   state = steps.init_state(key, model, tx, input_shape)
+  # Base key of the `quant` stream (stochastic rounding), apart from init's.
+  quant_key = jax.random.fold_in(key, _QUANT_STREAM)
   if config.init_from:
     state = _init_from(config, state, tx)
 
@@ -244,7 +247,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
 
   train_step = jax.jit(
       functools.partial(steps.train_step, model, tx,
-                        label_smoothing=config.label_smoothing),
+                        label_smoothing=config.label_smoothing, key=quant_key),
       donate_argnums=0)
   evaluate = Evaluator(model, data_sharding, config.eval_batch_size)
 
