@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 from launcher_testing import launch
@@ -69,6 +70,27 @@ def test_digits_run_then_flag_override_and_corrupt_checkpoint(tmp_path, digits_a
   proc = launch(*digits_args, "--epochs=2")
   assert_one_line_error(proc, "checkpoint", "cannot be read")
   assert (run / "results.json").read_text() == results
+
+
+def test_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, digits_args):
+  # The warm-up ramps the learning rate to 200 over 20 epochs: the first epochs
+  # (lr <= 20, lr * weight_decay <= 2) are stable, then SGD with momentum
+  # 0.9 grows the weights geometrically once lr * weight_decay > 2 * 1.9.
+  proc = launch(*digits_args, "--epochs=20", "--warmup_epochs=20", "--schedule=constant",
+                "--learning_rate=200", "--weight_decay=0.1", "--log_every_steps=5")
+  assert_one_line_error(proc, "training diverged", "is kept")
+  line = proc.stderr.strip()
+  m = re.search(r"at step (\d+)\b.*the last good checkpoint (\S+) is kept$", line)
+  assert m, line
+  step, kept = int(m.group(1)), m.group(2)
+  checkpoints = tmp_path / "run" / "checkpoints"
+  saved = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+  assert kept == str(checkpoints / str(saved[-1])) and saved[-1] < step, (line, saved)
+  from haqjax.train import Checkpointer  # pylint: disable=g-import-not-at-top
+  from haqjax.train import divergence  # pylint: disable=g-import-not-at-top
+  state, _ = Checkpointer(tmp_path / "run", create=False).restore()
+  assert bool(divergence.all_finite(state))  # Never overwritten by a NaN state.
+  assert not (tmp_path / "run" / "results.json").exists()
 
 
 def test_bench_rejects_unknown_benchmark():

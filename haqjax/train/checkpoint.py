@@ -39,6 +39,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def path(self, step: int) -> str:
+    """The folder of the checkpoint of `step`."""
+    return os.path.join(self.directory, str(step))
+
   def save(self, step: int, state: PyTree, metadata: dict[str, Any]) -> None:
     """Saves asynchronously; `wait()` or the next save makes it durable."""
     self._manager.save(step, args=ocp.args.Composite(

@@ -39,6 +39,7 @@ from haqjax.policy import Policy
 from haqjax.policy import load_policy
 from haqjax.policy import save_policy
 from haqjax.train import checkpoint as ckpt_lib
+from haqjax.train import divergence
 from haqjax.train import steps
 from haqjax.train import writers
 from haqjax.train.config import Config
@@ -149,6 +150,17 @@ def _calibrate(config: Config, model, state: steps.TrainState, splits, policy,
   return state.replace(params=variables["params"], opt_state=tx.init(variables["params"]))
 
 
+def _check_finite(running: list[dict[str, Any]], state: steps.TrainState, step: int,
+                  last_checkpoint: str | None) -> None:
+  """Before a checkpoint: the metrics not yet logged and `state` are finite.
+
+  Raises:
+    divergence.Diverged: naming the step and `last_checkpoint`.
+  """
+  divergence.check_metrics(jax.device_get(running), step, last_checkpoint)
+  divergence.check_state_finite(state, step, last_checkpoint)
+
+
 class Evaluator:
   """Compiled-once evaluation over a split (padded last batch, masked)."""
 
@@ -237,6 +249,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     state = _calibrate(config, model, state, splits, policy, tx)
   state = parallel.replicate(state, mesh)
   start_step = int(state.step)
+  last_checkpoint = checkpointer.path(start_step) if start_step else None
 
   if primary:
     config.save(os.path.join(workdir, "config.json"))
@@ -275,6 +288,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
           first_step_seconds = loop_start - t0
         if step % config.log_every_steps == 0 or step == total_steps:
           fetched = jax.device_get(running)  # One transfer for the whole window.
+          divergence.check_metrics(fetched, step, last_checkpoint)
           means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
           means["lr"] = float(schedule(step - 1))
           writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
@@ -283,7 +297,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         if step == total_steps or step % steps_per_epoch == 0:
           break  # The epoch-end checkpoint below covers this step.
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+          _check_finite(running, state, step, last_checkpoint)
           checkpointer.save(step, state, {"epoch": epoch})
+          last_checkpoint = checkpointer.path(step)
+      _check_finite(running, state, step, last_checkpoint)
       t_eval = time.perf_counter()
       if len(splits.val):
         val = evaluate(state.variables(), splits.val, policy)
@@ -291,8 +308,12 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       writer.write_scalars(step, {"epoch": step / steps_per_epoch})
       writer.flush()
       checkpointer.save(step, state, {"epoch": epoch})
+      last_checkpoint = checkpointer.path(step)
       eval_seconds += time.perf_counter() - t_eval
     jax.block_until_ready(state)
+  except divergence.Diverged:
+    writer.close()  # What was logged before the divergence stays.
+    raise
   finally:
     bar.close()
     checkpointer.wait()
