@@ -1,7 +1,8 @@
 """Quantizers by name, for configs and command-line flags.
 
 Weight quantizers: 'minmax' (symmetric per-channel, plain STE), 'mse'
-(per-channel range calibrated to the least squared error, then fixed), 'lsq'
+(per-channel range calibrated to the least squared error, then fixed; it
+clips, so the clipped STE gives clipped weights no gradient), 'lsq'
 (per-channel learned step), 'kmeans' (codebook of 2^b centroids, HAQ's size
 mode), 'binary' (XNOR-Net), 'ternary' (TWN), 'fp8_e4m3', 'fp8_e5m2'.
 
@@ -53,7 +54,7 @@ _PER_CHANNEL = affine.AffineSpec(channel_axis=-1)
 _WEIGHT: dict[str, Callable[[], Quantizer]] = {
     "minmax": MinMaxWeight,
     "mse": lambda: StaticRange(spec=_PER_CHANNEL, sign="signed", method="mse",
-                               estimator="plain"),
+                               estimator="clipped"),
     "lsq": lambda: LSQ(sign="signed", channel_axis=-1),
     "kmeans": _kmeans,
     "binary": _binary,

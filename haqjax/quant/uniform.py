@@ -95,7 +95,9 @@ class MinMaxActivation(Quantizer):
 
   Attributes:
     sign: 'auto' (unsigned when the tensor has no negative value, as HAQ
-      does after ReLU), 'signed' or 'unsigned' (negatives clip to 0).
+      does after ReLU), 'signed' or 'unsigned' (negatives clip to 0 and, by
+      the clipped STE, get no gradient). Nothing else is clipped (the range
+      is the batch's min/max), so the other cases use the plain STE.
     symmetric: symmetric grid (zero point 0); otherwise asymmetric.
     rounding: see `AffineSpec`.
   """
@@ -126,8 +128,10 @@ class MinMaxActivation(Quantizer):
     if self.sign == "signed":
       q = signed_q
     elif self.sign == "unsigned":
-      q = unsigned_q
-    else:
+      # Negative values clip to 0 and do not move with `x`: no gradient.
+      clipped = clipped_ste(x, unsigned_q, jnp.zeros_like(hi), hi)
+      return passthrough(x, clipped, bits)
+    else:  # unsigned only when nothing is negative: nothing is clipped
       q = jnp.where(lo < 0, signed_q, unsigned_q)
     return passthrough(x, ste(x, q), bits)
 
