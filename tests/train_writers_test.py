@@ -29,3 +29,11 @@ def test_jsonl_appends_and_skips_torn_line(tmp_path):
   w.write_scalars(3, {"a": 3})
   w.close()
   assert [r["step"] for r in writers.read_jsonl(path)] == [1, 3]
+
+
+def test_jsonl_record_is_in_the_file_before_flush(tmp_path):
+  path = tmp_path / "m.jsonl"
+  w = writers.JsonlWriter(path)
+  w.write_scalars(4, {"a": 0.5})
+  assert [(r["step"], r["a"]) for r in writers.read_jsonl(path)] == [(4, 0.5)]
+  w.close()

@@ -6,7 +6,6 @@ on the other processes.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -14,6 +13,9 @@ from typing import Any, Protocol
 
 import jax
 import numpy as np
+
+from haqjax import io as haq_io
+from haqjax.io import read_jsonl  # noqa: F401  Re-exported: readers of metrics files.
 
 Scalars = Mapping[str, Any]
 
@@ -36,30 +38,28 @@ def _to_float(value: Any) -> float:
 
 
 class JsonlWriter:
-  """Appends one JSON object per `write_scalars` call: {"step", "time", ...}."""
+  """Appends one JSON object per `write_scalars` call: {"step", "time", ...}.
+
+  Each call appends its line at once (`haqjax.io.append_jsonl`), so a
+  process that dies loses none; a line torn by a crash stays on its own line
+  and later records stay whole.
+  """
 
   def __init__(self, path: str | os.PathLike):
-    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-    self._file = open(path, "a+")
-    # A line torn by a crash stays on its own line; later records stay whole.
-    if self._file.tell() > 0:
-      self._file.seek(self._file.tell() - 1)
-      if self._file.read(1) != "\n":
-        self._file.write("\n")
+    self._path = os.fspath(path)
+    haq_io.append_jsonl(self._path, [])  # Creates it; ends a torn last line.
 
   def write_scalars(self, step: int, scalars: Scalars) -> None:
     record = {"step": int(step), "time": round(time.time(), 3)}
     record.update({k: _to_float(v) for k, v in scalars.items()})
-    self._file.write(json.dumps(record) + "\n")
+    haq_io.append_jsonl(self._path, [record])
 
   def flush(self) -> None:
-    self._file.flush()
-    os.fsync(self._file.fileno())
+    with open(self._path, "ab") as f:
+      os.fsync(f.fileno())
 
   def close(self) -> None:
-    if not self._file.closed:
-      self.flush()
-      self._file.close()
+    self.flush()
 
 
 class TensorBoardWriter:
@@ -97,18 +97,6 @@ class MultiWriter:
   def close(self) -> None:
     for w in self._writers:
       w.close()
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Reads back a JSON-lines metrics file (a torn last line is skipped)."""
-  records = []
-  with open(path) as f:
-    for line in f:
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return records
 
 
 def create_writer(workdir: str | os.PathLike, *, tensorboard: bool = True,
