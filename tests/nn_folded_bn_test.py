@@ -227,6 +227,12 @@ def test_calibration_sets_weight_quantizers_on_the_folded_kernel():
   want = wq.calibrate(variables["params"][name]["weight_quant"], kernel, 4)
   plain = wq.calibrate(variables["params"][name]["weight_quant"],
                        variables["params"][name]["kernel"], 4)
-  jax.tree.map(np.testing.assert_allclose, layer["weight_quant"], want)
+  # Calibration runs compiled, where XLA may fold and sum the mean |w| in
+  # another order: reordering a sum of n non-negative float32 terms moves it by
+  # at most (n - 1) * 2^-24 relative, and the fold and step round a few more
+  # times, each by at most 2^-24.
+  n = int(np.prod(kernel.shape[:-1]))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=(n + 8) * 2.0 ** -24),
+               layer["weight_quant"], want)
   assert not all(np.allclose(a, b) for a, b in zip(
       jax.tree.leaves(want), jax.tree.leaves(plain)))

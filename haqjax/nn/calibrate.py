@@ -7,11 +7,21 @@ on the layer's kernel and the activation quantizer on the recorded inputs of
 all batches (concatenated along the batch axis). This sets LSQ's initial step,
 PACT's clip, k-means codebooks and static activation ranges before QAT or for
 post-training quantization.
+
+Both steps are compiled once per model and input shapes: a `Calibrator`
+holds a model's two jitted functions, the recording of the layer inputs and
+the quantizers' calibrations, which take the policy as data, so a search
+that calibrates every episode's policy traces each of them once.
+`calibrator(model)` returns the same `Calibrator` for equal models, and its
+`trace_counts()` counts the traces. A quantizer whose `calibrate` branches in
+Python on the data cannot be traced (`StaticRange(sign='auto')` picks its
+grid from the data's sign); it is calibrated outside `jit`, op by op.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -27,6 +37,217 @@ from haqjax.treeutil import copy_tree
 from haqjax.treeutil import get_path
 from haqjax.typing import Array, PyTree
 
+# The quantizer parameters of each layer role, in the order calibrated.
+_ROLES = ("act_quant", "weight_quant")
+# What tracing a quantizer's `calibrate` raises when it needs concrete data.
+_UNTRACEABLE = (jax.errors.ConcretizationTypeError,
+                jax.errors.TracerArrayConversionError,
+                jax.errors.TracerIntegerConversionError)
+# Models whose Calibrator `calibrator` keeps (each holds compiled functions).
+CACHED_MODELS = 8
+
+
+class Calibrator:
+  """The compiled-once calibration of one model's quantizers.
+
+  Example::
+
+      cal = calibrator(model)
+      recorded = cal.record(variables, batches)
+      for policy in policies:
+        calibrated = cal(variables, None, policy, recorded=recorded)
+      assert cal.trace_counts() == {"record": 1, "calibrate": 1}
+
+  Attributes:
+    model: the model (with its `quant_scheme`).
+  """
+
+  def __init__(self, model: nn.Module):
+    self.model = model
+    # name -> {"path", "quantizers", "bn"} of each quantizable layer, in call
+    # order; set when the recording is traced.
+    self._layers: dict[str, dict[str, Any]] = {}
+    self._traceable: dict[tuple[str, str], bool] = {}
+    self._traces = {"record": 0, "calibrate": 0}
+    self._capture = jax.jit(self._capture_inputs)
+    self._calibrate = jax.jit(self._calibrate_roles, static_argnames="roles")
+
+  def trace_counts(self) -> dict[str, int]:
+    """How often the recording and the calibration were traced.
+
+    One each for any number of calls and policies on inputs of one shape
+    (the calibration once more for each other choice of roles, e.g. weights
+    only).
+    """
+    return dict(self._traces)
+
+  def record(self, variables: PyTree, batches: Iterable[Any],
+             only: str | None = None) -> dict[str, dict[str, Any]]:
+    """Floating-point inputs and quantizers of each quantizable layer.
+
+    Args:
+      variables: the model's variables.
+      batches: dicts with "image" and optionally "mask", or image arrays.
+      only: the one layer whose inputs are kept (the others' are not moved
+        to host memory); None: all layers.
+
+    Returns:
+      `{layer name: {"inputs": [N, ...] numpy array over all batches (masked
+      padding rows dropped), "path": module path, "quantizers": (weight,
+      act), "bn": (BN path, epsilon) of a folded BN, else None}}` in call
+      order.
+
+    Raises:
+      ValueError: no batches, or `only` is not a quantizable layer.
+    """
+    found: dict[str, dict[str, Any]] | None = None
+    for batch in batches:
+      images = batch["image"] if isinstance(batch, dict) else batch
+      mask = batch.get("mask") if isinstance(batch, dict) else None
+      inputs = self._capture(variables, images)  # {name: [B, ...]}
+      if found is None:
+        found = {name: {**info, "inputs": []} for name, info in self._layers.items()}
+      keep = slice(None) if mask is None else np.asarray(mask, bool)
+      for name, entry in found.items():
+        if only is None or name == only:
+          entry["inputs"].append(np.asarray(inputs[name])[keep])
+    if found is None:
+      raise ValueError("calibration batches are empty; allowed: at least one batch")
+    if only is not None and only not in found:
+      raise ValueError(f"layer {only!r} is not a quantizable layer of the model; "
+                       f"allowed: {', '.join(found)}")
+    if only is not None:
+      found = {only: found[only]}
+    for entry in found.values():
+      entry["inputs"] = np.concatenate(entry["inputs"], axis=0)
+    return found
+
+  def __call__(self, variables: PyTree, batches: Iterable[Any] | None,
+               policy: Policy, *, weights: bool = True, activations: bool = True,
+               recorded: dict[str, dict[str, Any]] | None = None) -> PyTree:
+    """`calibrate` for this model; see there."""
+    if recorded is None:
+      recorded = self.record(variables, batches)
+    for name, entry in recorded.items():
+      self._layers.setdefault(name, {k: entry[k] for k in ("path", "quantizers", "bn")})
+    params = copy_tree(variables["params"])
+    traced, eager = [], []
+    for name, entry in recorded.items():
+      policy.index(name)  # A layer the policy lacks is an error, as in the model.
+      if not np.all(np.isfinite(entry["inputs"])):
+        raise ValueError(f"calibration: the input of layer {name!r} has non-finite "
+                         "values (NaN or Inf); allowed: finite activations")
+      layer = get_path(params, entry["path"])
+      for role, wanted in zip(_ROLES, (activations, weights)):
+        if wanted and role in layer:
+          traceable = self._is_traceable(variables, entry["inputs"], policy, name, role)
+          (traced if traceable else eager).append((name, role))
+    inputs = {name: recorded[name]["inputs"] for name, role in traced
+              if role == "act_quant"}
+    out, finite = (self._calibrate(variables, inputs, policy, roles=tuple(traced))
+                   if traced else ({}, {}))
+    for name, role in eager:
+      x = jnp.asarray(recorded[name]["inputs"])
+      out.setdefault(name, {})[role], finite[name, role] = self._calibrate_role(
+          variables, x, policy, name, role)
+    for (name, role), ok in finite.items():
+      if not bool(ok):
+        raise ValueError(f"calibration: the kernel of layer {name!r} has non-finite "
+                         "values (NaN or Inf); allowed: finite weights")
+    for name, new in out.items():
+      get_path(params, recorded[name]["path"]).update(new)
+    return {**variables, "params": params}
+
+  def _capture_inputs(self, variables: PyTree, images: Array) -> dict[str, Array]:
+    """The input of every quantizable layer (traced; describes the layers)."""
+    self._traces["record"] += 1
+    layers: dict[str, dict[str, Any]] = {}
+    captured: dict[str, Array] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+      module = context.module
+      if isinstance(module, QuantizedLayer) and context.method_name == "__call__":
+        bn = kwargs.get("bn")
+        name = layer_name(module)
+        layers[name] = {
+            "path": tuple(module.scope.path), "quantizers": module.quantizers(),
+            # A folded-BN layer quantizes its kernel with the BN merged in.
+            "bn": None if bn is None else (tuple(bn.scope.path), bn.epsilon)}
+        captured.setdefault(name, args[0])
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+      self.model.apply(variables, images, train=False)
+    self._layers = layers
+    return captured
+
+  def _calibrate_roles(self, variables: PyTree, inputs: dict[str, Array],
+                       policy: Policy, roles: tuple[tuple[str, str], ...]
+                       ) -> tuple[dict[str, dict[str, PyTree]], dict[Any, Array]]:
+    """New parameters of each `(name, role)` in `roles`, and kernel finiteness."""
+    self._traces["calibrate"] += 1
+    out: dict[str, dict[str, PyTree]] = {}
+    finite: dict[Any, Array] = {}
+    for name, role in roles:
+      out.setdefault(name, {})[role], finite[name, role] = self._calibrate_role(
+          variables, inputs.get(name), policy, name, role)
+    return out, finite
+
+  def _calibrate_role(self, variables: PyTree, x: Array | None, policy: Policy,
+                      name: str, role: str) -> tuple[PyTree, Array]:
+    """`(parameters, finite)`: one quantizer calibrated (traceable)."""
+    info = self._layers[name]
+    weight_quantizer, act_quantizer = info["quantizers"]
+    w_bits, a_bits = policy.bits_for(name)
+    layer = get_path(variables["params"], info["path"])
+    if role == "act_quant":  # `x` was checked on the host.
+      return act_quantizer.calibrate(layer[role], x, a_bits), jnp.bool_(True)
+    kernel = self._quantized_kernel(variables, layer, info)
+    return (weight_quantizer.calibrate(layer[role], kernel, w_bits),
+            jnp.all(jnp.isfinite(kernel)))
+
+  @staticmethod
+  def _quantized_kernel(variables: PyTree, layer: dict[str, Any],
+                        info: dict[str, Any]) -> Array:
+    """The kernel the weight quantizer sees: BN-folded for a folded-BN layer."""
+    if info["bn"] is None:
+      return layer["kernel"]
+    path, eps = info["bn"]
+    kernel, _ = folded_kernel_and_bias(
+        layer["kernel"], get_path(variables["params"], path),
+        get_path(variables["batch_stats"], path), eps)
+    return kernel
+
+  def _is_traceable(self, variables: PyTree, x: Any, policy: Policy, name: str,
+                    role: str) -> bool:
+    """Whether the `role` quantizer of layer `name` calibrates under `jit`."""
+    if (name, role) not in self._traceable:
+      try:
+        jax.eval_shape(functools.partial(self._calibrate_role, name=name, role=role),
+                       variables, x, policy)
+        self._traceable[name, role] = True
+      except _UNTRACEABLE:
+        self._traceable[name, role] = False
+    return self._traceable[name, role]
+
+
+@functools.lru_cache(maxsize=CACHED_MODELS)
+def _shared_calibrator(model: nn.Module) -> Calibrator:
+  return Calibrator(model)
+
+
+def calibrator(model: nn.Module) -> Calibrator:
+  """The `Calibrator` of `model`, the same for equal models.
+
+  A model that cannot be hashed (e.g. a quantizer holding arrays) gets a new
+  one, compiled anew.
+  """
+  try:
+    hash(model)
+  except TypeError:
+    return Calibrator(model)
+  return _shared_calibrator(model)
+
 
 def record_layer_inputs(model: nn.Module, variables: PyTree,
                         batches: Iterable[Array], only: str | None = None
@@ -34,84 +255,24 @@ def record_layer_inputs(model: nn.Module, variables: PyTree,
   """Floating-point inputs and quantizers of each quantizable layer.
 
   `only` names one layer whose inputs are kept (the others' are skipped,
-  which saves their transfer to host memory); all layers otherwise.
+  which saves their transfer to host memory); all layers otherwise. See
+  `Calibrator.record`.
 
   Returns:
     `{layer name: {"inputs": [N, ...] numpy array over all batches (masked
     padding rows dropped), "path": module path, "quantizers": (weight, act)}}`
     in call order.
   """
-  found: dict[str, dict[str, Any]] = {}
-  apply = jax.jit(lambda v, x: _capture(model, v, x))
-  for batch in batches:
-    images = batch["image"] if isinstance(batch, dict) else batch
-    mask = batch.get("mask") if isinstance(batch, dict) else None
-    if not found:  # Names, paths and quantizers, from one small eager call.
-      _describe(model, variables, images[:1], found)
-    keep = slice(None) if mask is None else np.asarray(mask, bool)
-    for (name, entry), x in zip(found.items(), apply(variables, images)):
-      if only is None or name == only:
-        entry["inputs"].append(np.asarray(x)[keep])
-  if not found:
-    raise ValueError("calibration batches are empty; allowed: at least one batch")
-  if only is not None and only not in found:
-    raise ValueError(f"layer {only!r} is not a quantizable layer of the model; "
-                     f"allowed: {', '.join(found)}")
-  for name, entry in list(found.items()):
-    if only is not None and name != only:
-      del found[name]
-      continue
-    entry["inputs"] = np.concatenate(entry["inputs"], axis=0)
-  return found
-
-
-def _describe(model: nn.Module, variables: PyTree, images: Array,
-              found: dict[str, dict[str, Any]]) -> None:
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if isinstance(module, QuantizedLayer) and context.method_name == "__call__":
-      bn = kwargs.get("bn")
-      found[layer_name(module)] = {
-          "inputs": [], "path": tuple(module.scope.path),
-          "quantizers": module.quantizers(),
-          # A folded-BN layer quantizes its kernel with the BN merged in.
-          "bn": None if bn is None else (tuple(bn.scope.path), bn.epsilon)}
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(interceptor):
-    model.apply(variables, images, train=False)
-
-
-def _quantized_kernel(variables: PyTree, layer: dict[str, Any],
-                      entry: dict[str, Any]) -> Array:
-  """The kernel the weight quantizer sees: BN-folded for a folded-BN layer."""
-  if entry.get("bn") is None:
-    return layer["kernel"]
-  path, eps = entry["bn"]
-  kernel, _ = folded_kernel_and_bias(
-      layer["kernel"], get_path(variables["params"], path),
-      get_path(variables["batch_stats"], path), eps)
-  return kernel
-
-
-def _capture(model: nn.Module, variables: PyTree, images: Array) -> list[Array]:
-  """The inputs of every quantizable layer, in call order (traceable)."""
-  captured: list[Array] = []
-
-  def interceptor(next_fun, args, kwargs, context):
-    if isinstance(context.module, QuantizedLayer) and context.method_name == "__call__":
-      captured.append(args[0])
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(interceptor):
-    model.apply(variables, images, train=False)
-  return captured
+  return calibrator(model).record(variables, batches, only)
 
 
 def calibrate(model: nn.Module, variables: PyTree, batches: Iterable[Array],
               policy: Policy, *, weights: bool = True, activations: bool = True,
               recorded: dict[str, dict[str, Any]] | None = None) -> PyTree:
   """Variables with every layer's quantizer parameters set from data.
+
+  Compiled once per model and input shapes, for every policy (see
+  `calibrator`).
 
   Args:
     model: the model (with its `quant_scheme`).
@@ -129,24 +290,8 @@ def calibrate(model: nn.Module, variables: PyTree, batches: Iterable[Array],
     New variables; layers whose quantizers have no parameters are unchanged.
 
   Raises:
-    ValueError: no batches, or non-finite activations (naming the layer).
+    ValueError: no batches, non-finite activations or kernels (naming the
+      layer), or a policy without one of the model's layers.
   """
-  if recorded is None:
-    recorded = record_layer_inputs(model, variables, batches)
-  params = copy_tree(variables["params"])
-  for name, entry in recorded.items():
-    w_bits, a_bits = policy.bits_for(name)
-    wq, aq = entry["quantizers"]
-    layer = get_path(params, entry["path"])
-    x = entry["inputs"]
-    if not np.all(np.isfinite(x)):
-      raise ValueError(f"calibration: the input of layer {name!r} has non-finite values "
-                       "(NaN or Inf); allowed: finite activations")
-    if activations and "act_quant" in layer:
-      layer["act_quant"] = aq.calibrate(layer["act_quant"], jnp.asarray(x), a_bits)
-    if weights and "weight_quant" in layer:
-      layer["weight_quant"] = wq.calibrate(layer["weight_quant"],
-                                           _quantized_kernel(variables, layer, entry),
-                                           w_bits)
-  return {**variables, "params": params}
-
+  return calibrator(model)(variables, batches, policy, weights=weights,
+                           activations=activations, recorded=recorded)
