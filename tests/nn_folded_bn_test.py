@@ -185,7 +185,12 @@ def test_qat_steps_reduce_the_loss_and_trace_once_across_policies():
     state, metrics = train_step(state, batch, w4a4)
     losses.append(float(metrics["loss"]))
   assert np.all(np.isfinite(losses))
-  assert losses[-1] < 0.6 * losses[0], losses  # 2.35 -> 1.15
+  # A prediction that ignores the image has a cross-entropy of at least the
+  # entropy of the label frequencies (its minimum, reached by predicting the
+  # frequencies): a loss below it means the QAT steps learned from the images.
+  freq = np.bincount(np.asarray(batch["label"])) / len(batch["label"])
+  label_entropy = float(-np.sum(freq * np.log(freq)))
+  assert losses[-1] < label_entropy, (label_entropy, losses)
   rng = np.random.default_rng(0)
   for _ in range(5):
     policy = Policy.create(names, rng.integers(1, 9, len(names)),
