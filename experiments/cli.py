@@ -58,30 +58,45 @@ def _base_type(tp: Any) -> type:
 
 
 def define_flags_from(cls: type, *, skip: Sequence[str] = ()) -> list[str]:
-  """Defines one absl flag per dataclass field (same name, default and help)."""
-  helps = _field_help(cls)
+  """Defines one absl flag per leaf field of a config dataclass.
+
+  Same name (a nested config's fields by `haqjax.configs.flag_fields`),
+  default and help (from the owning class's `Attributes:` docstring); tuple
+  fields are comma-separated strings. Returns the flag names.
+  """
+  from haqjax import configs  # pylint: disable=g-import-not-at-top
   names = []
-  for field in dataclasses.fields(cls):
-    if field.name in skip:
+  for name, (path, tp, default) in configs.flag_fields(cls).items():
+    if name in skip:
       continue
-    default = field.default
-    help_text = helps.get(field.name, field.name)
-    tp = _base_type(field.type)
+    owner = cls
+    for part in path[:-1]:
+      owner = configs.field_type(owner, part)
+    help_text = _field_help(owner).get(path[-1], name)
+    tp = _base_type(tp)
     if tp is bool:
-      flags.DEFINE_bool(field.name, default, help_text)
+      flags.DEFINE_bool(name, default, help_text)
     elif tp is int:
-      flags.DEFINE_integer(field.name, default, help_text)
+      flags.DEFINE_integer(name, default, help_text)
     elif tp is float:
-      flags.DEFINE_float(field.name, default, help_text)
+      flags.DEFINE_float(name, default, help_text)
+    elif configs.is_tuple_type(tp):
+      flags.DEFINE_string(name, ",".join(map(str, default)), help_text)
     else:
-      flags.DEFINE_string(field.name, default, help_text)
-    names.append(field.name)
+      flags.DEFINE_string(name, default, help_text)
+    names.append(name)
   return names
 
 
 def values_of(names: Sequence[str]) -> dict[str, Any]:
   """The parsed values of flags `names`."""
   return {n: flags.FLAGS[n].value for n in names}
+
+
+def config_from_flags(cls: type, names: Sequence[str]) -> Any:
+  """The config `cls` that flags `names` (from `define_flags_from`) give."""
+  from haqjax import configs  # pylint: disable=g-import-not-at-top
+  return configs.from_flags(cls, values_of(names))
 
 
 def parse_flags(argv: list[str]) -> list[str]:

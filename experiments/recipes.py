@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
 from typing import Any
 
 from haqjax.train.config import Config
@@ -82,20 +84,43 @@ def read_flags(path: str) -> dict[str, str | None]:
   return values
 
 
+def _convert_flag(name: str, tp: Any, text: str | None) -> Any:
+  """A recipe's `--name=text` as the value of a field of (resolved) type `tp`."""
+  from haqjax import configs  # pylint: disable=g-import-not-at-top
+  args = [a for a in typing.get_args(tp) if a is not type(None)]
+  if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+    tp = args[0]
+  if tp is bool:
+    return True if text is None else text.lower() in ("1", "true", "yes")
+  if text is None:
+    raise ValueError(f"flag --{name} needs a value")
+  if tp is int:
+    return int(text)
+  if tp is float:
+    value = float(text)
+    return int(value) if name == "val_size" and value >= 1 else value
+  if configs.is_tuple_type(tp):
+    return configs.parse_tuple(name, tp, text)
+  return text
+
+
 def read_configs(name: str, classes: tuple[type, ...], **overrides: Any) -> tuple:
   """One config per dataclass in `classes` from recipe `name` (nested flagfiles
-  followed); each flag and override goes to the first class with that field.
+  followed); each flag and override goes to the first class with that flag
+  (a nested config's fields are flags of their own, as the launcher defines
+  them: `haqjax.configs.flag_fields`).
 
   Example: `Config, SearchConfig = read_configs("quickstart_rl", (Config, SearchConfig))`.
   """
-  groups = tuple({f.name: f for f in dataclasses.fields(c)} for c in classes)
+  from haqjax import configs  # pylint: disable=g-import-not-at-top
+  groups = tuple(configs.flag_fields(c) for c in classes)
   values: tuple[dict[str, Any], ...] = tuple({} for _ in classes)
   for key, text in read_flags(recipe_path(name)).items():
     negated = key.startswith("no") and text is None
     for fields, out in zip(groups, values):
-      field = fields.get(key[2:] if negated and key[2:] in fields else key)
-      if field is not None:
-        out[field.name] = False if negated else _convert(field, text)
+      flag = key[2:] if negated and key[2:] in fields else key
+      if flag in fields:
+        out[flag] = False if negated else _convert_flag(flag, fields[flag][1], text)
         break
     else:
       raise ValueError(f"recipe {name!r}: --{key} is not a config flag")
@@ -105,7 +130,7 @@ def read_configs(name: str, classes: tuple[type, ...], **overrides: Any) -> tupl
       raise ValueError(f"{key}={value!r} is not a field of "
                        f"{', '.join(c.__name__ for c in classes)}")
     values[owner][key] = value
-  return tuple(c(**v) for c, v in zip(classes, values))
+  return tuple(configs.from_flags(c, v) for c, v in zip(classes, values))
 
 
 __all__ = ["load_recipe", "read_configs", "read_flags", "read_recipe", "recipe_path",

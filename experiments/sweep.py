@@ -1,4 +1,4 @@
-r"""K differentiable bit searches as one vmapped job, their fine-tunes and a Pareto plot.
+"""K differentiable bit searches as one vmapped job, their fine-tunes and a Pareto plot.
 
   python -m experiments.sweep --flagfile=experiments/flags/quickstart_sweep.flags \
       --init_from=/tmp/haqjax/quickstart/fp32 --workdir=/tmp/haqjax/quickstart_sweep \
@@ -31,29 +31,19 @@ the RL job's fine-tune stage, one member after another. Outputs in --workdir:
   report.md            the table
 
 A rerun with the same --workdir resumes: the search from its last epoch end,
-then every unfinished fine-tune.
+then every unfinished fine-tune. The job itself is
+`haqjax.jobs.sweep.sweep_and_evaluate`, which notebooks and tests call too.
 """
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import json
-import os
-import re
-import shlex
 import sys
-import time
-from typing import Any
 
 from absl import flags
 
 from experiments import cli
-from experiments import imagenet
-from haqjax.search.config import SearchConfig
+from experiments import job_flags
 from haqjax.search.gumbel import sweep as sweep_lib
-from haqjax.search.gumbel.config import GumbelConfig
-from haqjax.train.config import Config
 
 _AXES = {name: flags.DEFINE_list(f"sweep.{name}", None,
                                  f"Swept values of {field} (comma-separated).")
@@ -74,348 +64,26 @@ _RL_WORKDIR = flags.DEFINE_string("rl_workdir", None, "A finished `rl` job whose
 _GUMBEL_WORKDIR = flags.DEFINE_string("gumbel_workdir", None, "A finished `gumbel` "
                                       "job whose results.json goes on the Pareto plot.")
 
-_UNIFORM = re.compile(r"^w([1-8])a([1-8])$")
-
-
-# ------------------------------------------------------------------ members
-
-
-def member_configs(config: Config, search: SearchConfig, gumbel: GumbelConfig,
-                   values: dict[str, float]) -> tuple[int, SearchConfig, GumbelConfig]:
-  """`(seed, search, gumbel)` of one member: the base configs with its values."""
-  label = member_label(values)
-  changes = {sweep_lib.AXES[a]: v for a, v in values.items()
-             if sweep_lib.AXES[a].startswith("gumbel_")}
-  try:
-    member_gumbel = gumbel.replace(**changes)
-    member_search = search.replace(budget=values["budget"]) if "budget" in values \
-        else search
-    member_search.budget_spec()
-  except ValueError as e:
-    raise ValueError(f"sweep member {label}: {e}") from None
-  return int(values.get("seed", config.seed)), member_search, member_gumbel
-
-
-def member_label(values: dict[str, float]) -> str:
-  return ",".join(f"{a}={v:g}" for a, v in values.items())
-
-
-def _uniform_bits(name: str) -> tuple[int, int]:
-  m = _UNIFORM.match(name)
-  if not m:
-    raise ValueError(f"uniform policy {name!r}; allowed: wXaY with X, Y in 1..8, "
-                     "e.g. w4a4")
-  return int(m.group(1)), int(m.group(2))
-
-
-def _read_json(path: str, flag: str) -> dict[str, Any]:
-  if not os.path.exists(path):
-    raise ValueError(f"{flag}={path!r} does not exist")
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{flag}={path!r} is not JSON: {e}") from None
-
-
-def _uniform_cost(wall, name: str) -> float:
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  w, a = _uniform_bits(name)
-  n = len(wall.fixed.w)
-  return wall.cost(*wall.fixed.apply(np.full(n, w), np.full(n, a)))
-
-
-def read_uniform_results(path: str, wall) -> list[dict[str, Any]]:
-  """Uniform points `{label, group, cost, top1}` of a `--uniform_results` file."""
-  points = []
-  for name, value in _read_json(path, "--uniform_results").items():
-    _uniform_bits(name)
-    top1 = value.get("test_top1") if isinstance(value, dict) else value
-    if not isinstance(top1, (int, float)):
-      raise ValueError(f"--uniform_results={path!r}: {name} has no test_top1 number")
-    cost = value.get("cost") if isinstance(value, dict) else None
-    points.append({"label": name, "group": "uniform", "top1": float(top1),
-                   "cost": float(cost) if cost is not None else _uniform_cost(wall, name),
-                   "source": path})
-  return points
-
-
-def _job_point(workdir: str, flag: str, group: str) -> dict[str, Any]:
-  r = _read_json(os.path.join(workdir, "results.json"), flag)
-  for key in ("cost", "cost_ratio", "test_top1"):
-    if key not in r:
-      raise ValueError(f"{flag}={workdir!r}: its results.json has no {key!r}; allowed: "
-                       "the workdir of a finished rl or gumbel job")
-  return {"label": group.upper() if group == "rl" else group, "group": group,
-          "cost": r["cost"], "top1": r["test_top1"], "cost_ratio": r["cost_ratio"],
-          "search_seconds": r.get("search_seconds"), "budget": r.get("budget"),
-          "source": workdir}
-
-
-# -------------------------------------------------------------------- sweep
-
-
-def sweep_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConfig,
-                       spec: sweep_lib.SweepSpec, workdir: str, *, finetune: bool = True,
-                       uniform_results: str | None = None,
-                       uniform_policies: tuple[str, ...] = (),
-                       rl_workdir: str | None = None, gumbel_workdir: str | None = None,
-                       command: str | None = None) -> dict[str, Any]:
-  """FP32 model -> K vmapped searches -> K fine-tunes -> table and Pareto plot.
-
-  Args:
-    config: training settings (mode 'gumbel'), as `experiments.imagenet`.
-    search: target, base budget, bit range and the fine-tune.
-    gumbel: the base differentiable search.
-    spec: the swept axes.
-    workdir: where everything goes; a rerun resumes.
-    finetune: fine-tune and test each member's policy.
-    uniform_results: a JSON file of uniform points for the plot.
-    uniform_policies: uniform policies to fine-tune here for the plot.
-    rl_workdir, gumbel_workdir: finished search jobs to put on the plot.
-    command: the command line to print in the report.
-
-  Returns:
-    The figures written to `results.json`.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from haqjax import data as haq_data  # pylint: disable=g-import-not-at-top
-  from haqjax import hardware  # pylint: disable=g-import-not-at-top
-  from haqjax import io as haq_io  # pylint: disable=g-import-not-at-top
-  from haqjax import report  # pylint: disable=g-import-not-at-top
-  from haqjax.search import runner  # pylint: disable=g-import-not-at-top
-  from haqjax.search import scoring  # pylint: disable=g-import-not-at-top
-  from haqjax.search.gumbel import runner as gumbel_runner  # pylint: disable=g-import-not-at-top
-  from haqjax.search.gumbel.config import RESUMABLE_CHANGES  # pylint: disable=g-import-not-at-top
-  from haqjax.policy import Policy  # pylint: disable=g-import-not-at-top
-  from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
-
-  if config.mode != "gumbel":
-    raise ValueError(f"mode={config.mode!r}; a sweep runs differentiable searches, "
-                     "allowed: gumbel")
-  values = spec.members()
-  members = [member_configs(config, search, gumbel, v) for v in values]
-  for name in uniform_policies:
-    _uniform_bits(name)
-  walls = []
-
-  def check(splits, table, wall):
-    gumbel_runner._check(config, search, gumbel, splits)  # pylint: disable=protected-access
-    for v, (_, s, _) in zip(values, members):
-      try:
-        walls.append(runner.build_wall(config, s, table))
-      except ValueError as e:
-        raise ValueError(f"sweep member {member_label(v)}: {e}") from None
-    if uniform_results:
-      read_uniform_results(uniform_results, wall)
-    for flag, path in (("--rl_workdir", rl_workdir), ("--gumbel_workdir", gumbel_workdir)):
-      if path:
-        _job_point(path, flag, "check")
-
-  setup = runner.prepare(
-      config, search, workdir,
-      extra=[("gumbel_config.json", gumbel, RESUMABLE_CHANGES),
-             ("sweep.json", spec, frozenset())],
-      check=check)
-  splits, wall = setup.splits, setup.wall
-  fp32_val = runner.fp32_val_top1(config, search, setup)
-  model = trainer.build_model(runner._search_config(config, search, policy="w8a8"),  # pylint: disable=protected-access
-                              splits.spec.num_classes)
-  gsearch = gumbel_runner.build_search(config, gumbel, model, setup.table.names, wall)
-  steps_per_epoch = haq_data.num_batches(splits.train, config.batch_size,
-                                         drop_remainder=True)
-  plan = gumbel_runner.schedule(gumbel, steps_per_epoch)
-  hparams = sweep_lib.stack([
-      gumbel_runner.make_hparams(g, w.limit, steps_per_epoch)
-      for (_, _, g), w in zip(members, walls)])
-  keys = jax.numpy.stack([jax.random.PRNGKey(seed) for seed, _, _ in members])
-  top = max(gumbel.bits())
-  start_policy = Policy.create(setup.table.names, *wall.fixed.apply(
-      np.full(len(setup.table), top), np.full(len(setup.table), top)))
-
-  t0 = time.perf_counter()
-  variables = gumbel_runner._start_variables(  # pylint: disable=protected-access
-      config, model, splits, setup.fp32_dir, start_policy)
-  state = sweep_lib.init(gsearch, keys, hparams, variables)
-  show = config.progress if config.progress is not None else os.isatty(2)
-  result = sweep_lib.run(
-      gsearch, hparams, state, train=splits.train,
-      val=scoring.subset(splits.val, search.search_val_size), walls=walls,
-      directory=os.path.join(setup.workdir, "search"), batch_size=config.batch_size,
-      total_steps=plan["total"], seed=config.seed, eval_batch_size=config.eval_batch_size,
-      fp32_top1=fp32_val, log_every=config.log_every_steps, progress=show,
-      tensorboard=config.tensorboard)
-  search_seconds = time.perf_counter() - t0
-  print(f"sweep search: {len(members)} members x {plan['total']} steps in "
-        f"{search_seconds:.0f} s", file=sys.stderr, flush=True)
-
-  rows = []
-  for i, (v, (seed, s, g), w) in enumerate(zip(values, members, walls)):
-    last = result.epochs[i][-1]
-    msetup = dataclasses.replace(setup, workdir=os.path.join(setup.workdir, "members",
-                                                             f"m{i:02d}"),
-                                 wall=w, timings={})
-    os.makedirs(msetup.workdir, exist_ok=True)
-    policy_path, cost = runner.save_search_policy(
-        config, s, msetup, result.policies[i],
-        {"algorithm": "gumbel-sweep", "member": i, "values": v, "seed": seed,
-         "relaxation": g.gumbel_relaxation, "epoch": last["epoch"], "step": last["step"],
-         "val_top1": last["val_top1"], "fp32_val_top1": fp32_val,
-         "argmax_w_bits": last["argmax_w_bits"], "argmax_a_bits": last["argmax_a_bits"],
-         "argmax_cost_ratio": last["argmax_cost_ratio"], "enforced": last["enforced"]})
-    row = {"member": i, "label": member_label(v), **v,
-           "budget_ratio": s.budget, "limit": w.limit, "cost": cost["cost"],
-           "cost_ratio": cost["ratio"], "fits": bool(cost["cost"] <= w.limit * (1 + 1e-9)),
-           "argmax_cost_ratio": last["argmax_cost_ratio"], "enforced": last["enforced"],
-           "search_val_top1": last["val_top1"], "test_top1": None, "val_top1": None,
-           "finetune_seconds": None,
-           "w_bits": "-".join(map(str, last["w_bits"])),
-           "a_bits": "-".join(map(str, last["a_bits"]))}
-    if finetune:
-      print(f"fine-tune member {i} ({row['label']}): {row['cost_ratio']:.3f} x "
-            f"{search.budget_reference}", file=sys.stderr, flush=True)
-      done = runner.finetune(config, s, msetup, policy_path)
-      row.update(test_top1=done["test_top1"], val_top1=done.get("val_top1"),
-                 finetune_seconds=msetup.timings["finetune_seconds"])
-    rows.append(row)
-
-  uniform = read_uniform_results(uniform_results, wall) if uniform_results else []
-  for name in uniform_policies:
-    usetup = dataclasses.replace(setup, workdir=os.path.join(setup.workdir, "uniform",
-                                                             name), timings={})
-    os.makedirs(usetup.workdir, exist_ok=True)
-    n = len(setup.table)
-    w_bits, a_bits = _uniform_bits(name)
-    upolicy = Policy.create(setup.table.names, *wall.fixed.apply(np.full(n, w_bits),
-                                                                 np.full(n, a_bits)))
-    upath, _ = runner.save_search_policy(config, search, usetup, upolicy,
-                                         {"algorithm": "uniform", "policy": name})
-    print(f"fine-tune uniform {name}", file=sys.stderr, flush=True)
-    done = runner.finetune(config, search, usetup, upath)
-    uniform = [p for p in uniform if p["label"] != name]
-    uniform.append({"label": name, "group": "uniform", "top1": done["test_top1"],
-                    "cost": _uniform_cost(wall, name), "source": usetup.workdir})
-  uniform.sort(key=lambda p: p["cost"])
-  others = [_job_point(p, f, g) for p, f, g in ((rl_workdir, "--rl_workdir", "rl"),
-                                                 (gumbel_workdir, "--gumbel_workdir",
-                                                  "gumbel")) if p]
-
-  accuracy = "test_top1" if finetune else "search_val_top1"
-  points = [{"label": r["label"], "group": "sweep", "cost": r["cost"],
-             "top1": r[accuracy]} for r in rows]
-  front = report.pareto_front(points)
-  comparison = []
-  for u in uniform:
-    best = _best_within(points, u["cost"])
-    comparison.append({"uniform": u["label"], "cost": u["cost"], "uniform_top1": u["top1"],
-                       **best, "delta": None if best["best_member_top1"] is None
-                       else best["best_member_top1"] - u["top1"]})
-  unit = hardware.base.UNITS[search.budget_metric]
-  os.makedirs(os.path.join(setup.workdir, "plots"), exist_ok=True)
-  report.plot_pareto(
-      os.path.join(setup.workdir, "plots", "pareto.png"), uniform + others + points,
-      metric=search.budget_metric, unit=unit,
-      title=(f"{config.model} on {config.dataset}, {search.target}: "
-             f"{len(rows)}-member Gumbel sweep"
-             + ("" if finetune else " (members: search val top-1, not fine-tuned)")))
-  _write_table(setup.workdir, rows)
-  results = {
-      "mode": "gumbel-sweep", "model": config.model, "dataset": config.dataset,
-      "target": search.target, "metric": search.budget_metric, "unit": unit,
-      "budget_reference": search.budget_reference, "reference": wall.reference,
-      "sweep": spec.to_dict(), "members": len(rows), "finetuned": finetune,
-      "accuracy": accuracy, "fp32_test_top1": setup.fp32.get("test_top1"),
-      "fp32_val_top1": fp32_val, "search_steps": plan["total"],
-      "search_seconds": search_seconds, "trace_counts": result.trace_counts,
-      "rows": rows, "uniform": uniform, "others": others,
-      "front": [p["label"] for p in front], "uniform_comparison": comparison,
-      "finetune_seconds": sum(r["finetune_seconds"] or 0.0 for r in rows),
-      "total_seconds": time.perf_counter() - setup.t_start,
-  }
-  haq_io.write_json(os.path.join(setup.workdir, "results.json"), results)
-  text = markdown_table(results)
-  with haq_io.atomic_open(os.path.join(setup.workdir, "report.md")) as f:
-    f.write(f"# Gumbel sweep: {config.model} on {config.dataset}\n\n"
-            f"Reproduce: `{command or ' '.join(shlex.quote(a) for a in sys.argv)}`\n\n"
-            f"{text}\n![Pareto](plots/pareto.png)\n")
-  return results
-
-
-def _best_within(points, cost: float) -> dict[str, Any]:
-  """The best member at or below `cost` (1e-9 relative slack)."""
-  within = [p for p in points if p["cost"] <= cost * (1 + 1e-9)]
-  if not within:
-    return {"best_member": None, "best_member_top1": None, "member_cost": None}
-  best = max(within, key=lambda p: p["top1"])
-  return {"best_member": best["label"], "best_member_top1": best["top1"],
-          "member_cost": best["cost"]}
-
-
-def _write_table(workdir: str, rows: list[dict[str, Any]]) -> None:
-  from haqjax import io as haq_io  # pylint: disable=g-import-not-at-top
-  with haq_io.atomic_open(os.path.join(workdir, "sweep.jsonl")) as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
-  columns = list(dict.fromkeys(k for r in rows for k in r))
-  with haq_io.atomic_open(os.path.join(workdir, "sweep.csv")) as f:
-    out = csv.DictWriter(f, fieldnames=columns)
-    out.writeheader()
-    out.writerows(rows)
-
-
-def _pct(x) -> str:
-  return "-" if x is None else f"{x:.2f}"
-
-
-def markdown_table(results: dict[str, Any]) -> str:
-  """The members, then the uniform comparison, as markdown."""
-  scale = 1e6 if results["unit"] == "s" else 1.0
-  unit = "us" if results["unit"] == "s" else results["unit"]
-  ref = results["budget_reference"]
-  lines = [f"| member | values | budget (x {ref}) | cost ({unit}) | cost (x {ref}) | "
-           f"search val top-1 | test top-1 | W bits | A bits |",
-           "|---|---|---|---|---|---|---|---|---|"]
-  for r in results["rows"]:
-    lines.append(f"| {r['member']} | {r['label']} | {r['budget_ratio']:g} | "
-                 f"{r['cost'] * scale:.2f} | {r['cost_ratio']:.3f} | "
-                 f"{_pct(r['search_val_top1'])} | {_pct(r['test_top1'])} | "
-                 f"{r['w_bits']} | {r['a_bits']} |")
-  if results["uniform_comparison"]:
-    lines += ["", f"| uniform | cost ({unit}) | uniform top-1 | best member at <= cost | "
-              "its top-1 |", "|---|---|---|---|---|"]
-    for c in results["uniform_comparison"]:
-      lines.append(f"| {c['uniform']} | {c['cost'] * scale:.2f} | "
-                   f"{_pct(c['uniform_top1'])} | {c['best_member'] or '-'} | "
-                   f"{_pct(c['best_member_top1'])} |")
-  for o in results["others"]:
-    lines.append(f"\n{o['label']}: {_pct(o['top1'])} at {o['cost'] * scale:.2f} {unit}"
-                 f" ({o['source']})")
-  return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------- main
-
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}; flags are --name=value")
-  if not imagenet._WORKDIR.value:  # pylint: disable=protected-access
-    raise ValueError("--workdir is required: the folder the sweep writes to")
+  workdir = job_flags.workdir()
   spec = sweep_lib.SweepSpec.parse({n: f.value for n, f in _AXES.items()},
                                    combine=_COMBINE.value)
-  config = imagenet.config_from_flags()
-  search = SearchConfig(**cli.values_of(imagenet._SEARCH_FLAGS))  # pylint: disable=protected-access
-  gumbel = GumbelConfig(**cli.values_of(imagenet._GUMBEL_FLAGS))  # pylint: disable=protected-access
-  cli.enable_compilation_cache(imagenet._CACHE.value)  # pylint: disable=protected-access
+  config = job_flags.config_from_flags()
+  search = job_flags.search_from_flags()
+  gumbel = job_flags.gumbel_from_flags()
+  cli.enable_compilation_cache(job_flags.CACHE.value)
   cli.quiet_libraries()
-  command = " ".join(["python -m experiments.sweep", *(shlex.quote(a) for a in sys.argv[1:])])
-  results = sweep_and_evaluate(
-      config, search, gumbel, spec, imagenet._WORKDIR.value,  # pylint: disable=protected-access
-      finetune=_FINETUNE.value, uniform_results=_UNIFORM_RESULTS.value,
+  from haqjax.jobs import sweep as sweep_job  # pylint: disable=g-import-not-at-top
+  results = sweep_job.sweep_and_evaluate(
+      config, search, gumbel, spec, workdir, finetune=_FINETUNE.value,
+      uniform_results=_UNIFORM_RESULTS.value,
       uniform_policies=tuple(_UNIFORM_POLICIES.value), rl_workdir=_RL_WORKDIR.value,
-      gumbel_workdir=_GUMBEL_WORKDIR.value, command=command)
-  print(markdown_table(results), flush=True)
+      gumbel_workdir=_GUMBEL_WORKDIR.value,
+      command=job_flags.command_line("experiments.sweep", sys.argv))
+  print(sweep_job.markdown_table(results), flush=True)
 
 
 if __name__ == "__main__":

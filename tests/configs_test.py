@@ -5,9 +5,11 @@ import json
 
 import pytest
 
+from haqjax import configs
 from haqjax.configs import JsonConfig
 from haqjax.search.config import SearchConfig
 from haqjax.search.gumbel.config import GumbelConfig
+from haqjax.search.rl import DDPGConfig
 from haqjax.train.config import Config
 
 
@@ -29,14 +31,14 @@ class _Outer(JsonConfig):
 
 @pytest.mark.parametrize("config", [
     Config(mode="qat", policy="w4a4", val_size=0.1, epochs=1.5),
-    SearchConfig(budget=0.3, hidden="64,64"),
+    SearchConfig(budget=0.3, ddpg=DDPGConfig(hidden=(64, 64))),
     GumbelConfig(gumbel_bits="2,4,8", gumbel_relaxation="softmax"),
 ], ids=["Config", "SearchConfig", "GumbelConfig"])
 def test_round_trip_through_a_file(tmp_path, config):
   path = tmp_path / "c.json"
   config.save(path)
   assert type(config).load(path) == config
-  assert json.loads(path.read_text()) == config.to_dict()
+  assert json.loads(path.read_text()) == json.loads(json.dumps(config.to_dict()))
   assert config.replace() == config
   assert type(config).from_dict({}) == type(config)()  # Missing keys: defaults.
 
@@ -82,3 +84,22 @@ def test_unknown_field_of_a_nested_config_names_its_place():
 def test_loaded_values_are_validated():
   with pytest.raises(ValueError, match="batch_size=-1 must be > 0"):
     Config.from_dict({"batch_size": -1})
+
+
+def test_nested_config_fields_are_flags_of_their_own():
+  fields = configs.flag_fields(SearchConfig)
+  assert fields["ddpg_batch_size"][0] == ("ddpg", "batch_size")
+  assert fields["warmup_episodes"][0] == ("ddpg", "warmup_episodes")
+  assert "ddpg" not in fields and "batch_size" not in fields
+  config = configs.from_flags(SearchConfig, {"budget": 0.3, "hidden": "64,64",
+                                             "ddpg_batch_size": 16})
+  assert config == SearchConfig(budget=0.3, ddpg=DDPGConfig(hidden=(64, 64), batch_size=16))
+  flat = configs.flatten(SearchConfig, config.to_dict())
+  assert flat["hidden"] == (64, 64) and flat["ddpg_batch_size"] == 16
+  assert configs.from_flags(SearchConfig, flat) == config
+  # A dict saved before the agent's settings nested reads the same.
+  assert configs.flatten(SearchConfig, {"warmup_episodes": 3}) == {"warmup_episodes": 3}
+  with pytest.raises(ValueError, match="hidden='a,b'"):
+    configs.from_flags(SearchConfig, {"hidden": "a,b"})
+  with pytest.raises(ValueError, match="no flags \\['batch_size'\\]"):
+    configs.from_flags(SearchConfig, {"batch_size": 16})

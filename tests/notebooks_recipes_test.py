@@ -14,7 +14,6 @@ must exist, and its budgets are the recipe's documented sweep.
 """
 
 import ast
-import dataclasses
 import json
 import os
 import re
@@ -22,6 +21,7 @@ import re
 import pytest
 
 from experiments import recipes
+from haqjax import configs
 from haqjax.search.config import SearchConfig
 from haqjax.search.gumbel import sweep as sweep_lib
 from haqjax.search.gumbel.config import GumbelConfig
@@ -30,7 +30,7 @@ from haqjax.train.config import Config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(ROOT, "experiments", "notebooks")
 CLASSES = (Config, SearchConfig, GumbelConfig)
-FIELDS = tuple(frozenset(f.name for f in dataclasses.fields(c)) for c in CLASSES)
+FIELDS = tuple(frozenset(configs.flag_fields(c)) for c in CLASSES)
 
 
 def _literal(node: ast.AST, names: dict):
@@ -69,10 +69,10 @@ def notebook_literals(name: str) -> dict:
 
 
 def _recipe_values(recipe: str) -> dict:
-  """Every field of the recipe's (Config, SearchConfig, GumbelConfig)."""
+  """Every flag's value in the recipe's (Config, SearchConfig, GumbelConfig)."""
   out = {}
   for config in recipes.read_configs(recipe, CLASSES):
-    out.update({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    out.update(configs.flatten(type(config), config.to_dict()))
   return out
 
 

@@ -28,6 +28,7 @@ from haqjax.report import plots
 from haqjax.report import run_report
 from haqjax.jobs import stages
 from haqjax.search.config import SearchConfig
+from haqjax.search.rl import DDPGConfig
 from haqjax.search.gumbel.config import GumbelConfig
 from haqjax.train.config import Config
 from launcher_testing import ROOT
@@ -48,7 +49,7 @@ def make_run(workdir, mode="rl", target="bismo-edge", budget=0.6, command=True):
   table = _table()
   config = Config(mode=mode, dataset="digits", model="digits_cnn", epochs=3.0)
   search = SearchConfig(target=target, budget=budget, search_episodes=6,
-                        warmup_episodes=3)
+                        ddpg=DDPGConfig(warmup_episodes=3))
   gumbel = GumbelConfig(gumbel_epochs=1.0) if mode == "gumbel" else None
   wall = stages.build_wall(config, search, table)
   w, a = wall.enforce(np.full(len(table), 8), np.full(len(table), 8))

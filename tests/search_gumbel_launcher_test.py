@@ -106,13 +106,11 @@ def test_rerun_resumes_without_redoing(run):
 _PARSE = """
 import json, sys
 from absl import flags
-from experiments import cli, imagenet
-from haqjax.search.config import SearchConfig
-from haqjax.search.gumbel.config import GumbelConfig
+from experiments import job_flags
 flags.FLAGS(["prog", "--flagfile=" + sys.argv[1], "--workdir=/nonexistent"])
-config = imagenet.config_from_flags()
-search = SearchConfig(**cli.values_of(imagenet._SEARCH_FLAGS))
-gumbel = GumbelConfig(**cli.values_of(imagenet._GUMBEL_FLAGS))
+config = job_flags.config_from_flags()
+search = job_flags.search_from_flags()
+gumbel = job_flags.gumbel_from_flags()
 print(json.dumps({"mode": config.mode, "model": config.model, **search.to_dict(),
                   **gumbel.to_dict()}))
 """

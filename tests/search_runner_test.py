@@ -162,7 +162,7 @@ def test_report_and_plots(search_run):
 def test_finetune_of_another_policy_is_refused(tmp_path, digits_table):
   from haqjax.policy import Policy  # pylint: disable=g-import-not-at-top
   from haqjax.policy import save_policy  # pylint: disable=g-import-not-at-top
-  from haqjax.search import runner  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
   names = digits_table.names
   finetune = tmp_path / "finetune"
   finetune.mkdir()
@@ -170,10 +170,10 @@ def test_finetune_of_another_policy_is_refused(tmp_path, digits_table):
   same, other = tmp_path / "same.json", tmp_path / "other.json"
   save_policy(same, Policy.uniform(names, 4, 4), cost=1.0)
   save_policy(other, Policy.uniform(names, 3, 4))
-  runner._check_finetuned_policy(str(finetune), str(same))  # pylint: disable=protected-access
+  stages.check_finetuned_policy(str(finetune), str(same))
   with pytest.raises(ValueError, match="holds the fine-tune of another policy"):
-    runner._check_finetuned_policy(str(finetune), str(other))  # pylint: disable=protected-access
-  runner._check_finetuned_policy(str(tmp_path / "none"), str(other))  # pylint: disable=protected-access
+    stages.check_finetuned_policy(str(finetune), str(other))
+  stages.check_finetuned_policy(str(tmp_path / "none"), str(other))
 
 
 def test_kmeans_search_under_a_size_budget(search_run, data_dir, tmp_path):

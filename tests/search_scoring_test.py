@@ -8,7 +8,7 @@ from haqjax import data as haq_data
 from haqjax.nn import layer_table
 from haqjax.policy import Policy
 from haqjax.search import scoring
-from haqjax.search import runner
+from haqjax.jobs import rl as rl_job
 from haqjax.search.config import SearchConfig
 from haqjax.train import checkpoint as ckpt_lib
 from haqjax.train import trainer
@@ -41,7 +41,7 @@ def _policies(names):
 def qat_scorer(setup):
   config, splits, fp32_dir, _ = setup
   search = SearchConfig(search_finetune_steps=4, search_val_size=150)
-  scorer = runner.make_scorer(config, search, splits, fp32_dir)
+  scorer = rl_job.make_scorer(config, search, splits, fp32_dir)
   assert isinstance(scorer, scoring.QATScorer)
   return scorer
 
@@ -86,7 +86,7 @@ def test_qat_scorer_restarts_from_fp32_each_call(qat_scorer, qat_scores, setup):
 
 def test_qat_scorer_without_steps_only_evaluates(setup):
   config, splits, fp32_dir, names = setup
-  scorer = runner.make_scorer(config, SearchConfig(search_finetune_steps=0,
+  scorer = rl_job.make_scorer(config, SearchConfig(search_finetune_steps=0,
                                                    search_val_size=150),
                               splits, fp32_dir)
   s = scorer(Policy.uniform(names, 8, 8))
@@ -118,7 +118,7 @@ def test_ptq_scorer_through_make_scorer(setup):
   config, splits, fp32_dir, names = setup
   config = config.replace(ptq_adaround=False, calibration_size=256)
   search = SearchConfig(search_scorer="ptq", search_val_size=150)
-  scorer = runner.make_scorer(config, search, splits, fp32_dir)
+  scorer = rl_job.make_scorer(config, search, splits, fp32_dir)
   assert isinstance(scorer, pipeline.PTQScorer)
   policies = _policies(names)
   scores = {name: scorer(p) for name, p in policies.items()}

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from haqjax import configs
 from haqjax import io as haq_io
 from haqjax.bitwidths import FLOAT_BITS
 
@@ -112,6 +113,8 @@ def command_of(run: Run) -> tuple[str, bool]:
 
 
 def _flag_value(v: Any) -> str:
+  if isinstance(v, (tuple, list)):
+    return ",".join(map(str, v))
   return str(v).lower() if isinstance(v, bool) else str(v)
 
 
@@ -129,9 +132,10 @@ def config_changes(run: Run) -> list[tuple[str, str, Any, Any]]:
     saved = getattr(run, section)
     if saved is None:
       continue
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)
-                if f.default is not dataclasses.MISSING}
-    for key, value in saved.items():
+    # Flag by flag: a nested config's fields are flags of their own.
+    defaults = {flag: default for flag, (_, _, default) in configs.flag_fields(cls).items()
+                if default is not dataclasses.MISSING}
+    for key, value in configs.flatten(cls, saved).items():
       default = defaults.get(key, "(none)")
       if isinstance(value, list):
         value = tuple(value)

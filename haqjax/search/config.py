@@ -47,17 +47,9 @@ class SearchConfig(JsonConfig):
       validation split).
     finetune_epochs: the final fine-tune of the best policy, in epochs.
     finetune_learning_rate: its peak learning rate (cosine schedule).
-    warmup_episodes: episodes of random actions before the agent learns.
-    hidden: the agent's hidden layer widths, comma-separated.
-    actor_lr: the actor's Adam learning rate.
-    critic_lr: the critic's Adam learning rate.
-    tau: soft target update rate.
-    discount: discount of the critic's bootstrapped target.
-    ddpg_batch_size: transitions per agent update.
-    replay_episodes: replay capacity in episodes.
-    init_delta: exploration sigma at the end of the warm-up.
-    delta_decay: per-episode decay of the exploration sigma.
-    baseline_alpha: rate of the moving-average reward baseline.
+    ddpg: HAQ's DDPG agent (`haqjax.search.rl.DDPGConfig`); its fields are
+      flags of their own (`--warmup_episodes`, `--hidden=300,300`,
+      `--actor_lr`, `--ddpg_batch_size`, ...).
   """
   config_name = "search config"
 
@@ -76,17 +68,7 @@ class SearchConfig(JsonConfig):
   search_val_size: int = 0
   finetune_epochs: float = 2.0
   finetune_learning_rate: float = 0.01
-  warmup_episodes: int = 20
-  hidden: str = "300,300"
-  actor_lr: float = 1e-4
-  critic_lr: float = 1e-3
-  tau: float = 0.01
-  discount: float = 1.0
-  ddpg_batch_size: int = 64
-  replay_episodes: int = 128
-  init_delta: float = 0.5
-  delta_decay: float = 0.99
-  baseline_alpha: float = 0.5
+  ddpg: DDPGConfig = dataclasses.field(default_factory=DDPGConfig)
 
   def __post_init__(self):
     from haqjax.search import env  # pylint: disable=g-import-not-at-top
@@ -109,7 +91,6 @@ class SearchConfig(JsonConfig):
     for field in ("search_finetune_steps", "search_val_size"):
       if getattr(self, field) < 0:
         raise ValueError(f"{field}={getattr(self, field)!r}; allowed: >= 0")
-    self.ddpg()
 
   def budget_spec(self) -> Budget:
     try:
@@ -122,19 +103,3 @@ class SearchConfig(JsonConfig):
                        ("Budget.reference", "budget_reference")):
         msg = msg.replace(old, new)
       raise ValueError(msg) from None
-
-  def ddpg(self) -> DDPGConfig:
-    try:
-      hidden = tuple(int(h) for h in self.hidden.split(","))
-    except ValueError:
-      raise ValueError(f"hidden={self.hidden!r}; allowed: comma-separated positive "
-                       "widths, e.g. 300,300") from None
-    try:
-      return DDPGConfig(
-          hidden=hidden, actor_lr=self.actor_lr, critic_lr=self.critic_lr, tau=self.tau,
-          discount=self.discount, batch_size=self.ddpg_batch_size,
-          replay_episodes=self.replay_episodes, warmup_episodes=self.warmup_episodes,
-          init_delta=self.init_delta, delta_decay=self.delta_decay,
-          baseline_alpha=self.baseline_alpha)
-    except ValueError as e:
-      raise ValueError(str(e).replace("batch_size=", "ddpg_batch_size=")) from None

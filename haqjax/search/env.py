@@ -34,7 +34,6 @@ import numpy as np
 from haqjax import hardware
 from haqjax.nn import LayerTable
 from haqjax.policy import FLOAT_BITS
-from haqjax.policy import Policy
 
 MODES = ("linear", "kmeans")
 COLUMNS = ("layer", "in_channels", "out_channels", "stride", "kernel", "depthwise",
@@ -197,6 +196,3 @@ class BudgetWall:
     return {"cost": c, "limit": self.limit, "ratio": c / self.reference,
             "budget_ratio": c / self.limit}
 
-
-def make_policy(names: Sequence[str], w, a) -> Policy:
-  return Policy.create(names, np.asarray(w), np.asarray(a))

@@ -31,6 +31,14 @@ from haqjax.train.trainer import merge_variables
 from haqjax.typing import PyTree
 
 SCORERS = ("qat", "ptq")
+# HAQ's reward: 0.1 * (top-1 - FP32 top-1), top-1 in percent points; both
+# searches report it, so their records compare.
+REWARD_SCALE = 0.1
+
+
+def reward(top1: float, fp32_top1: float) -> float:
+  """HAQ's reward of a policy scoring `top1` against the FP32 model's `fp32_top1`."""
+  return REWARD_SCALE * (float(top1) - float(fp32_top1))
 
 
 def has_quant_params(params: PyTree) -> bool:

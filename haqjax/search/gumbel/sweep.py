@@ -2,7 +2,7 @@
 
 A sweep is a list of members, each a set of values of the swept axes
 (`AXES`: penalty weight, budget ratio, seed, temperatures, learning rates,
-schedule points). Every swept value is an array of `learning.HParams` or the
+schedule points). Every swept value is an array of `supernet.HParams` or the
 search key, so K members share one compiled step::
 
     step = jax.jit(jax.vmap(search.train_step, in_axes=(0, None, 0)))
@@ -12,7 +12,7 @@ with parameters, BatchNorm statistics, logits, optimizer states, multipliers
 and keys stacked along a leading `[K]` axis, and one batch shared by all
 members (the data order is the base config's `seed`; a swept seed changes the
 member's search key: its Gumbel noise and stochastic rounding). Member `k`
-therefore takes exactly the steps a standalone search (`search.run`) with its
+therefore takes exactly the steps a standalone search (`single.run`) with its
 hyper-parameters and key takes on the same data.
 
 `SweepSpec` expands the axes into members, as their cartesian product
@@ -45,11 +45,11 @@ from haqjax import data as haq_data
 from haqjax import io as haq_io
 from haqjax.policy import Policy
 from haqjax.search import env as env_lib
-from haqjax.search.gumbel import loop
-from haqjax.search.gumbel import search as search_lib
-from haqjax.search.gumbel.learning import GumbelSearch
-from haqjax.search.gumbel.learning import GumbelState
-from haqjax.search.gumbel.learning import HParams
+from haqjax.search.gumbel import step_loop
+from haqjax.search.gumbel import single
+from haqjax.search.gumbel.supernet import GumbelSearch
+from haqjax.search.gumbel.supernet import GumbelState
+from haqjax.search.gumbel.supernet import HParams
 from haqjax.train.trainer import Evaluator
 from haqjax.typing import PyTree
 
@@ -164,7 +164,7 @@ class SweepResult:
   Attributes:
     policies: per member, the argmax policy of its final logits, within its
       budget.
-    epochs: per member, one record per epoch (as `search.run` writes).
+    epochs: per member, one record per epoch (as `single.run` writes).
     steps: one record per logging interval, each metric a `[K]` list.
     seconds: wall time of this call's training and scoring.
     trace_counts: how often the stacked train step and the eval step were
@@ -210,10 +210,10 @@ def run(search: GumbelSearch, hparams: HParams, state: GumbelState, *,
     ValueError: if `walls` does not have one wall per member, or the
       training split has no full batch.
   """
-  k = int(np.shape(hparams.lam)[0])
+  k = int(np.shape(hparams.limit)[0])
   if len(walls) != k:
     raise ValueError(f"{len(walls)} budget walls for {k} sweep members")
-  evaluate = Evaluator(search.model, loop.batch_sharding(batch_size), eval_batch_size)
+  evaluate = Evaluator(search.model, step_loop.batch_sharding(batch_size), eval_batch_size)
 
   def log(fetched, state):
     del state
@@ -227,7 +227,7 @@ def run(search: GumbelSearch, hparams: HParams, state: GumbelState, *,
   def end_epoch(host_state, epoch, step, seconds):
     records = []
     for i in range(k):
-      record = search_lib.epoch_record(
+      record = single.epoch_record(
           search, walls[i], evaluate, member(host_state, i), val, epoch, step, fp32_top1)
       record["seconds"] = seconds
       records.append(record)
@@ -236,7 +236,7 @@ def run(search: GumbelSearch, hparams: HParams, state: GumbelState, *,
   def epoch_lines(entries):
     return [{"member": i, **r} for records in entries for i, r in enumerate(records)]
 
-  outcome = loop.train(
+  outcome = step_loop.train(
       jax.vmap(search.train_step, in_axes=(0, None, 0)), state, hparams,
       train_split=train, directory=directory, batch_size=batch_size,
       total_steps=total_steps, seed=seed, log_every=log_every, log=log,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
+
+from haqjax.configs import JsonConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DDPGConfig:
+class DDPGConfig(JsonConfig):
   """The HAQ agent's settings (Wang et al. 2019, `lib/rl/ddpg.py` defaults).
 
   Attributes:
@@ -27,6 +30,11 @@ class DDPGConfig:
       the critic target (HAQ's `moving_alpha`).
     init_w: the output layers are initialised uniformly in `[-init_w, init_w]`.
   """
+  config_name = "DDPG config"
+  # Launcher flags of fields whose own name would be ambiguous beside the
+  # training config's (`haqjax.configs.flag_fields`).
+  flag_names: ClassVar[dict[str, str]] = {"batch_size": "ddpg_batch_size"}
+
   hidden: tuple[int, ...] = (300, 300)
   actor_lr: float = 1e-4
   critic_lr: float = 1e-3
@@ -57,6 +65,7 @@ class DDPGConfig:
       raise ValueError(f"discount={self.discount!r}; allowed: [0, 1]")
     for field in ("batch_size", "replay_episodes"):
       if getattr(self, field) < 1:
-        raise ValueError(f"{field}={getattr(self, field)!r}; allowed: >= 1")
+        flag = self.flag_names.get(field, field)
+        raise ValueError(f"{flag}={getattr(self, field)!r}; allowed: >= 1")
     if self.warmup_episodes < 0:
       raise ValueError(f"warmup_episodes={self.warmup_episodes!r}; allowed: >= 0")

@@ -32,12 +32,12 @@ import tqdm
 from haqjax import io as haq_io
 from haqjax.policy import Policy
 from haqjax.search import env as env_lib
+from haqjax.search import scoring
 from haqjax.search.rl import learning
 from haqjax.search.rl.config import DDPGConfig
 from haqjax.train import checkpoint as ckpt_lib
 from haqjax.train import writers
 
-REWARD_SCALE = 0.1  # HAQ: reward = 0.1 * (top-1 - FP32 top-1), in percent points.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +129,7 @@ def run(problem: Problem, scorer: Callable[[Policy], dict[str, float]], director
       w, a = wall.enforce(w, a)
       policy = Policy.create(problem.names, w, a)
       metrics = scorer(policy)
-      reward = REWARD_SCALE * (float(metrics["top1"]) - problem.fp32_top1)
+      reward = scoring.reward(metrics["top1"], problem.fp32_top1)
       transitions = learning.episode_transitions(obs, actions, reward)
       state, agent_metrics = agent.observe(state, transitions, not warmup)
       cost = wall.describe(w, a)

@@ -41,10 +41,11 @@ def _search(setup, **kwargs):
 
 
 def _hp(**changes):
-  values = dict(lam=1.0, limit=1e-4, tau0=5.0, tau_min=0.5, anneal_steps=100.0,
+  values = dict(limit=1e-4, tau0=5.0, tau_min=0.5, anneal_steps=100.0,
                 dual_lr=0.1, arch_lr=0.05, weight_lr=0.01, warmup_steps=0.0,
                 freeze_step=1e9)
-  values.update(changes)
+  lam = changes.pop("lam", 1.0)  # The penalty's weight, whichever its form.
+  values.update(changes, hinge_weight=lam, multiplier_init=lam)
   return HParams.create(**values)
 
 
@@ -101,7 +102,38 @@ def test_penalty_lowers_the_expected_cost(setup):
     state, m = step(state, batch, hp)
     ratios.append(float(m["cost_ratio"]))
   assert ratios[-1] < ratios[0]
-  assert float(state.multiplier) == 10.0  # The hinge keeps lambda.
+  assert float(state.multiplier) == 10.0  # The hinge leaves the multiplier alone.
+
+
+@pytest.mark.parametrize("relaxation", ["softmax", "gumbel", "hard"])
+def test_penalty_prices_the_mixture_the_network_runs(setup, relaxation):
+  """Task loss and penalty see one distribution: the step's mixing weights."""
+  _, variables, table, _, _, wall, (_, _, tensor, _), batch = setup
+  search = _search(setup, relaxation=relaxation)
+  hp = _hp(limit=wall.limit, tau0=0.25, tau_min=0.25)  # tau far from 1.
+  state = search.init(jax.random.PRNGKey(0), hp, variables)
+  rng = np.random.default_rng(1)
+  logits = {r: jnp.asarray(rng.normal(0, 2, (len(table), len(BITS))), jnp.float32)
+            for r in ("w", "a")}
+  state = state._replace(logits=logits)
+  key = jax.random.PRNGKey(7)
+  trainable = {"model": state.params, "arch": logits}
+  _, (metrics, _) = search.loss(trainable, state, batch, hp, key)
+  # The mixing weights the loss draws (same key split as the step's).
+  k_w, k_a, _ = jax.random.split(key, 3)
+  from haqjax.search.gumbel import relax  # pylint: disable=g-import-not-at-top
+  w_mix = search._pin(relax.relax(k_w, logits["w"], 0.25, relaxation))  # pylint: disable=protected-access
+  a_mix = search._pin(relax.relax(k_a, logits["a"], 0.25, relaxation))  # pylint: disable=protected-access
+  want = float(hardware.expected_from_tensor(tensor, w_mix, a_mix))
+  np.testing.assert_allclose(float(metrics["expected_cost"]), want, rtol=1e-5)
+  # At tau = 0.25 the untempered softmax prices another network.
+  untempered = float(search.expected_cost(logits))
+  assert abs(untempered - want) > 1e-3 * want
+  if relaxation == "hard":  # One-hot mixtures: the cost of a discrete policy.
+    w = np.asarray(search.w_bits)[np.arange(len(table)), np.argmax(w_mix, -1)]
+    a = np.asarray(search.a_bits)[np.arange(len(table)), np.argmax(a_mix, -1)]
+    np.testing.assert_allclose(float(metrics["expected_cost"]), wall.cost(w, a),
+                               rtol=1e-5)
 
 
 def test_warmup_and_freeze_keep_the_logits(setup):

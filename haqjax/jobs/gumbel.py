@@ -1,7 +1,7 @@
-"""`search_and_evaluate(config, search, gumbel, workdir)`: the launcher's `gumbel` mode.
+"""`search_and_evaluate(config, search, gumbel, workdir)`: launcher mode `gumbel`.
 
-The RL job's stages (`haqjax.search.runner`) with the differentiable search
-in place of the DDPG agent; each stage resumable:
+The shared stages (`haqjax.jobs.stages`) around the differentiable search
+(`haqjax.search.gumbel`) in place of the DDPG agent; each stage resumable:
 
   fp32/          FP32 training (skipped when `config.init_from` names a run)
   search/        the search: checkpoints/, epochs.jsonl, steps.jsonl,
@@ -16,13 +16,12 @@ in place of the DDPG agent; each stage resumable:
                  and report.html, the same as one self-contained page
 
 The search starts from the FP32 weights and trains them together with the
-logits (`learning.py`), so it needs no per-policy fine-tunes: its cost is a
+logits (`haqjax.search.gumbel.supernet`), so it needs no per-policy fine-tunes: its cost is a
 few epochs of QAT with K fake-quantizers per tensor.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import shlex
@@ -32,30 +31,27 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 
 from haqjax import data as haq_data
 from haqjax import hardware
-from haqjax.nn import calibrate as calibrate_lib
+from haqjax import report
+from haqjax.jobs import stages
 from haqjax.policy import Policy
 from haqjax.search import env as env_lib
-from haqjax.search import runner
 from haqjax.search import scoring
 from haqjax.search.config import SearchConfig
-from haqjax.search.gumbel import search as search_lib
+from haqjax.search.gumbel import single
 from haqjax.search.gumbel.config import RESUMABLE_CHANGES
 from haqjax.search.gumbel.config import GumbelConfig
-from haqjax.search.gumbel.learning import GumbelSearch
-from haqjax.search.gumbel.learning import HParams
-from haqjax.search.gumbel.learning import candidate_rows
-from haqjax.search.gumbel.learning import candidate_tensor
-from haqjax.train import checkpoint as ckpt_lib
-from haqjax.train import steps
+from haqjax.search.gumbel.supernet import GumbelSearch
+from haqjax.search.gumbel.supernet import HParams
+from haqjax.search.gumbel.supernet import candidate_rows
+from haqjax.search.gumbel.supernet import candidate_tensor
 from haqjax.train import trainer
 from haqjax.train.config import Config
 
 
-def _check(config: Config, search: SearchConfig, gumbel: GumbelConfig, splits) -> None:
+def check(config: Config, search: SearchConfig, gumbel: GumbelConfig, splits) -> None:
   """The search's own checks, before any training."""
   if search.quantization != "linear":
     raise ValueError(f"quantization={search.quantization!r}: mode 'gumbel' mixes "
@@ -84,8 +80,9 @@ def make_hparams(gumbel: GumbelConfig, limit: float, steps_per_epoch: int) -> HP
   """The config's hyper-parameters as the arrays the step takes."""
   s = schedule(gumbel, steps_per_epoch)
   return HParams.create(
-      lam=gumbel.gumbel_lambda, limit=limit, tau0=gumbel.gumbel_tau0,
-      tau_min=gumbel.gumbel_tau_min, anneal_steps=max(1, s["total"] - s["warmup"]),
+      # gumbel_lambda is the weight of whichever penalty form is used.
+      hinge_weight=gumbel.gumbel_lambda, multiplier_init=gumbel.gumbel_lambda,
+      limit=limit, tau0=gumbel.gumbel_tau0, tau_min=gumbel.gumbel_tau_min, anneal_steps=max(1, s["total"] - s["warmup"]),
       dual_lr=gumbel.gumbel_dual_lr, arch_lr=gumbel.gumbel_arch_lr,
       weight_lr=gumbel.gumbel_weight_lr, warmup_steps=s["warmup"],
       freeze_step=s["freeze"])
@@ -103,23 +100,6 @@ def build_search(config: Config, gumbel: GumbelConfig, model, names,
                       label_smoothing=config.label_smoothing)
 
 
-def _start_variables(config: Config, model, splits, fp32_dir: str, policy: Policy):
-  """The FP32 weights, with quantizer parameters initialised and calibrated."""
-  input_shape = (1, *splits.spec.image_shape)
-  tx = optax.identity()
-  state = steps.init_state(jax.random.PRNGKey(config.seed), model, tx, input_shape)
-  state = trainer.merge_variables(state, ckpt_lib.restore_variables(fp32_dir), tx,
-                                  source=f"the FP32 model in {fp32_dir!r}",
-                                  model=config.model)
-  variables = state.variables()
-  if scoring.has_quant_params(state.params):
-    batches = itertools.islice(haq_data.batches(
-        splits.train, batch_size=config.batch_size, seed=config.seed, epoch=0,
-        shuffle=True, drop_remainder=False), config.calibration_batches)
-    variables = calibrate_lib.calibrate(model, variables, batches, policy)
-  return variables
-
-
 def search_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConfig,
                         workdir: str, command: str | None = None) -> dict[str, Any]:
   """FP32 model -> differentiable search -> fine-tune -> test -> report.
@@ -135,12 +115,12 @@ def search_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConf
   Returns:
     The figures written to `results.json`.
   """
-  setup = runner.prepare(
+  setup = stages.prepare(
       config, search, workdir, extra=[("gumbel_config.json", gumbel, RESUMABLE_CHANGES)],
-      check=lambda splits, table, wall: _check(config, search, gumbel, splits))
+      check=lambda splits, table, wall: check(config, search, gumbel, splits))
   splits, wall = setup.splits, setup.wall
-  fp32_val = runner.fp32_val_top1(config, search, setup)
-  model = trainer.build_model(runner._search_config(config, search, policy="w8a8"),  # pylint: disable=protected-access
+  fp32_val = stages.fp32_val_top1(config, search, setup)
+  model = trainer.build_model(stages.qat_config(config, search, policy="w8a8"),
                               splits.spec.num_classes)
   gsearch = build_search(config, gumbel, model, setup.table.names, wall)
   steps_per_epoch = haq_data.num_batches(splits.train, config.batch_size,
@@ -152,10 +132,10 @@ def search_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConf
       np.full(len(setup.table), top), np.full(len(setup.table), top)))
 
   t0 = time.perf_counter()
-  variables = _start_variables(config, model, splits, setup.fp32_dir, start_policy)
+  variables = stages.start_variables(config, model, splits, setup.fp32_dir, start_policy)
   state = gsearch.init(jax.random.PRNGKey(config.seed), hparams, variables)
   show = config.progress if config.progress is not None else os.isatty(2)
-  result = search_lib.run(
+  result = single.run(
       gsearch, hparams, state, train=splits.train,
       val=scoring.subset(splits.val, search.search_val_size), wall=wall,
       directory=os.path.join(setup.workdir, "search"), batch_size=config.batch_size,
@@ -164,17 +144,17 @@ def search_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConf
       tensorboard=config.tensorboard)
   setup.timings["search_seconds"] = time.perf_counter() - t0
   last = result.epochs[-1]
-  policy_path, cost = runner.save_search_policy(
+  policy_path, cost = stages.save_search_policy(
       config, search, setup, result.policy,
       {"algorithm": "gumbel", "relaxation": gumbel.gumbel_relaxation,
        "epoch": last["epoch"], "step": last["step"], "val_top1": last["val_top1"],
        "fp32_val_top1": fp32_val, "argmax_w_bits": last["argmax_w_bits"],
        "argmax_a_bits": last["argmax_a_bits"],
        "argmax_cost_ratio": last["argmax_cost_ratio"], "enforced": last["enforced"]})
-  finetuned = runner.finetune(config, search, setup, policy_path)
+  finetuned = stages.finetune(config, search, setup, policy_path)
   search_seconds = sum(r["seconds"] for r in result.epochs)
   results = {
-      **runner.common_results("gumbel", config, search, setup, result.policy, cost,
+      **stages.common_results("gumbel", config, search, setup, result.policy, cost,
                               fp32_val, finetuned),
       "search_val_top1": last["val_top1"], "argmax_cost_ratio": last["argmax_cost_ratio"],
       "expected_cost": last["expected_cost"], "enforced": last["enforced"],
@@ -192,9 +172,8 @@ def write_outputs(workdir: str, results: dict[str, Any], table, result,
                   wall: env_lib.BudgetWall, search: SearchConfig, gumbel: GumbelConfig,
                   command: str) -> None:
   """Plots, results.json, report.md and report.html."""
-  from haqjax import report  # pylint: disable=g-import-not-at-top
   plots = os.path.join(workdir, "plots")
-  runner.plot_policy(workdir, results, table, result.policy, "Gumbel search policy")
+  stages.plot_policy(workdir, results, table, result.policy, "Gumbel search policy")
   unit = hardware.base.UNITS[search.budget_metric]
   fig = report.search_progress_figure(
       [{**r, "episode": r["epoch"]} for r in result.epochs],
@@ -214,4 +193,4 @@ def write_outputs(workdir: str, results: dict[str, Any], table, result,
         os.path.join(plots, f"{key}.png"), history,
         names=[table.names[i] for i in free], bits=bits, role=role,
         title=f"{role.capitalize()} bit-width probabilities ({gumbel.gumbel_relaxation})")
-  runner.write_report(workdir, results, command)
+  stages.write_report(workdir, results, command)

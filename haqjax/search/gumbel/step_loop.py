@@ -11,7 +11,7 @@ beside all records, synchronously. On a rerun in the same directory it
 restores the last checkpoint and rewrites `epochs.jsonl` and `steps.jsonl`
 to exactly the checkpointed records, so no line from after it survives.
 
-The search (`search.run`) and the sweep (`sweep.run`) differ only in the
+One search (`single.run`) and the sweep (`sweep.run`) differ only in the
 step (plain or vmapped over members) and in what they record.
 """
 

@@ -1,7 +1,7 @@
-"""The differentiable search loop: steps, epochs, checkpoints, logs.
+"""One differentiable search, run and checkpointed (a sweep runs K: `sweep.py`).
 
 `run(search, hparams, state, ...)` trains weights and architecture logits
-(`learning.GumbelSearch.train_step`, jitted once) over the training split
+(`supernet.GumbelSearch.train_step`, jitted once, in `step_loop.train`) over the training split
 for `total_steps` steps. At every epoch's end it derives the argmax policy,
 brings it within the budget with the budget wall (`BudgetWall.enforce`, as
 the RL search does), scores it on the held-out split, and checkpoints the
@@ -27,13 +27,12 @@ import numpy as np
 from haqjax import data as haq_data
 from haqjax.policy import Policy
 from haqjax.search import env as env_lib
-from haqjax.search.gumbel import loop
-from haqjax.search.gumbel.learning import GumbelSearch
-from haqjax.search.gumbel.learning import GumbelState
-from haqjax.search.gumbel.learning import HParams
+from haqjax.search import scoring
+from haqjax.search.gumbel import step_loop
+from haqjax.search.gumbel.supernet import GumbelSearch
+from haqjax.search.gumbel.supernet import GumbelState
+from haqjax.search.gumbel.supernet import HParams
 from haqjax.train.trainer import Evaluator
-
-REWARD_SCALE = 0.1  # As the RL search: 0.1 * (top-1 - FP32 top-1), percent points.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +86,7 @@ def run(search: GumbelSearch, hparams: HParams, state: GumbelState, *,
   Returns:
     The derived policy and the records.
   """
-  evaluate = Evaluator(search.model, loop.batch_sharding(batch_size), eval_batch_size)
+  evaluate = Evaluator(search.model, step_loop.batch_sharding(batch_size), eval_batch_size)
 
   def log(fetched, state):
     means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
@@ -105,7 +104,7 @@ def run(search: GumbelSearch, hparams: HParams, state: GumbelState, *,
                     "search/policy_cost_ratio": record["cost_ratio"],
                     "search/argmax_cost_ratio": record["argmax_cost_ratio"]}
 
-  outcome = loop.train(
+  outcome = step_loop.train(
       search.train_step, state, hparams, train_split=train, directory=directory,
       batch_size=batch_size, total_steps=total_steps, seed=seed, log_every=log_every,
       log=log, end_epoch=end_epoch, epoch_lines=list, progress=progress,
@@ -132,7 +131,7 @@ def epoch_record(search: GumbelSearch, wall: env_lib.BudgetWall, evaluate: Evalu
   w_probs, a_probs = jax.device_get(search.probabilities(state.logits))
   return {
       "epoch": epoch, "step": step, "val_top1": metrics["top1"],
-      "reward": REWARD_SCALE * (metrics["top1"] - fp32_top1),
+      "reward": scoring.reward(metrics["top1"], fp32_top1),
       "cost": cost["cost"], "cost_ratio": cost["ratio"], "limit": cost["limit"],
       "argmax_cost": argmax_cost["cost"], "argmax_cost_ratio": argmax_cost["ratio"],
       "expected_cost": float(search.expected_cost(state.logits)),

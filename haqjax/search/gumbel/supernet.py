@@ -8,14 +8,17 @@ one convolution) and minimises
 
     task loss + penalty(E[cost] / limit),
 
-where `E[cost] = expected_from_tensor(T, softmax(w_logits), softmax(a_logits))`
-contracts the `[L, K, K]` cost tensor `T` of the candidates (the budget
-wall's, so the same hardware model as the RL search) with the categorical
-distributions: the expected cost of the discrete policy the logits sample,
-exact at one-hot. The penalty is a hinge `lambda * max(0, r - 1)` or the
-Lagrangian term `mu * (r - 1)` with `mu` updated by projected dual ascent,
-`mu <- max(0, mu + dual_lr * (r - 1))`, so that the expected cost settles at
-the budget.
+where `E[cost] = expected_from_tensor(T, w_mix, a_mix)` contracts the
+`[L, K, K]` cost tensor `T` of the candidates (the budget wall's, so the same
+hardware model as the RL search) with the very mixing weights the network is
+run with this step: `softmax(logits / tau)` for the 'softmax' relaxation, the
+Gumbel-softmax sample for 'gumbel', its straight-through one-hot for 'hard'.
+The penalty therefore prices the network that the task loss trains (one
+distribution for both terms), and it is the exact cost of a discrete policy
+whenever the mixture is one-hot. The penalty is a hinge
+`hinge_weight * max(0, r - 1)` or the Lagrangian term `mu * (r - 1)`, `mu`
+starting at `multiplier_init` and updated by projected dual ascent,
+`mu <- max(0, mu + dual_lr * (r - 1))`, so that the cost settles at the budget.
 
 Weights and logits have their own optimizers, joined by
 `optax.multi_transform`: SGD with Nesterov momentum and L2 on kernels for the
@@ -70,7 +73,9 @@ class HParams(NamedTuple):
   """The swept hyper-parameters of a search: float32 arrays, `[]` each.
 
   Attributes:
-    lam: the hinge's weight, or the Lagrange multiplier's initial value.
+    hinge_weight: the hinge penalty's weight (penalty 'hinge').
+    multiplier_init: the Lagrange multiplier's initial value (penalty
+      'lagrange').
     limit: the budget, in the cost tensor's unit.
     tau0: initial temperature.
     tau_min: final temperature.
@@ -81,7 +86,8 @@ class HParams(NamedTuple):
     warmup_steps: the logits train from this step on.
     freeze_step: the logits are frozen from this step on.
   """
-  lam: Array
+  hinge_weight: Array
+  multiplier_init: Array
   limit: Array
   tau0: Array
   tau_min: Array
@@ -107,7 +113,7 @@ class GumbelState(NamedTuple):
     batch_stats: its BatchNorm statistics.
     logits: `{"w": [L, K], "a": [L, K]}` architecture logits.
     opt_state: `optax.multi_transform` state over `{"model", "arch"}`.
-    multiplier: the Lagrange multiplier `[]` (the hinge keeps `lam` here).
+    multiplier: the Lagrange multiplier `[]` (unused by the hinge).
     key: the search's key; step `t` uses `fold_in(key, t)`, never the key.
   """
   step: Array
@@ -227,7 +233,7 @@ class GumbelSearch:
   # ------------------------------------------------------------ init / step
 
   def init(self, key: PRNGKey, hparams: HParams, variables: PyTree) -> GumbelState:
-    """The search's start: `variables`' weights, uniform logits, `mu = lam`.
+    """The search's start: `variables`' weights, uniform logits, `mu = multiplier_init`.
 
     Args:
       key: the search's key (stored; every step folds its index in).
@@ -244,7 +250,7 @@ class GumbelSearch:
         step=jnp.zeros((), jnp.int32), params=params,
         batch_stats=variables.get("batch_stats", {}), logits=logits,
         opt_state=self.tx.init({"model": params, "arch": logits}),
-        multiplier=jnp.asarray(hparams.lam, jnp.float32), key=key)
+        multiplier=jnp.asarray(hparams.multiplier_init, jnp.float32), key=key)
 
   def loss(self, trainable: dict[str, PyTree], state: GumbelState,
            batch: dict[str, Array], hparams: HParams, key: PRNGKey
@@ -264,10 +270,11 @@ class GumbelSearch:
     targets = optax.smooth_labels(jax.nn.one_hot(labels, out.shape[-1]),
                                   self.label_smoothing)
     task = jnp.mean(optax.softmax_cross_entropy(out.astype(jnp.float32), targets))
-    cost = self.expected_cost(logits)
+    # The cost of the mixture the network ran with (see the module docstring).
+    cost = expected_from_tensor(self.tensor, w_mix, a_mix)
     excess = cost / hparams.limit - 1.0
     if self.penalty == "hinge":
-      penalty = hparams.lam * jax.nn.relu(excess)
+      penalty = hparams.hinge_weight * jax.nn.relu(excess)
     else:
       penalty = jax.lax.stop_gradient(state.multiplier) * excess
     metrics = {"task_loss": task, "penalty": penalty, "expected_cost": cost,

@@ -1,0 +1,60 @@
+"""The flags of a haqjax job, shared by the launchers that run one.
+
+`experiments.imagenet` (every mode) and `experiments.sweep` (K vmapped
+Gumbel searches) read the same configs from the same flags: one flag per
+field of `Config`, `SearchConfig` and `GumbelConfig`, plus `--workdir`,
+`--multihost` and `--compilation_cache`.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from experiments import cli
+from haqjax.search.config import SearchConfig
+from haqjax.search.gumbel.config import GumbelConfig
+from haqjax.train.config import Config
+
+CONFIG_FLAGS = cli.define_flags_from(Config)
+SEARCH_FLAGS = cli.define_flags_from(SearchConfig)
+GUMBEL_FLAGS = cli.define_flags_from(GumbelConfig)
+WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes everything; "
+                              "rerun with the same workdir to resume.")
+MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() "
+                              "first (multi-host TPU/GPU jobs).")
+CACHE = flags.DEFINE_string("compilation_cache", "~/.cache/haqjax/jit",
+                            "JAX persistent compilation cache folder ('' disables).")
+
+
+def config_from_flags() -> Config:
+  """The training config the flags give."""
+  values = cli.values_of(CONFIG_FLAGS)
+  if values["val_size"] >= 1:
+    if values["val_size"] != int(values["val_size"]):
+      raise ValueError(f"val_size={values['val_size']} must be a whole count or a "
+                       "fraction in [0, 1)")
+    values["val_size"] = int(values["val_size"])
+  return Config(**values)
+
+
+def search_from_flags() -> SearchConfig:
+  """The search config the flags give."""
+  return cli.config_from_flags(SearchConfig, SEARCH_FLAGS)
+
+
+def gumbel_from_flags() -> GumbelConfig:
+  """The differentiable search's config the flags give."""
+  return cli.config_from_flags(GumbelConfig, GUMBEL_FLAGS)
+
+
+def workdir() -> str:
+  """`--workdir`, which every job needs."""
+  if not WORKDIR.value:
+    raise ValueError("--workdir is required: the folder the run writes to")
+  return WORKDIR.value
+
+
+def command_line(module: str, argv: list[str]) -> str:
+  """The command that reproduces this run, for reports."""
+  import shlex  # pylint: disable=g-import-not-at-top
+  return " ".join([f"python -m {module}", *(shlex.quote(a) for a in argv[1:])])
