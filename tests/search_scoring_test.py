@@ -103,6 +103,22 @@ def _direct_scorer(setup, num_steps):
                            learning_rate=0.01)
 
 
+def test_qat_scorer_calibrates_once_for_every_policy(setup):
+  """LSQ weights are calibrated per policy; the calibration compiles once."""
+  config, splits, fp32_dir, names = setup
+  model = trainer.build_model(config.replace(mode="qat", policy="w8a8",
+                                             weight_quantizer="lsq", act_quantizer="lsq"),
+                              splits.spec.num_classes)
+  scorer = scoring.QATScorer(model, ckpt_lib.restore_variables(fp32_dir), splits.train,
+                             scoring.subset(splits.val, 100), num_steps=1,
+                             batch_size=config.batch_size, learning_rate=0.01)
+  policies = _policies(names)
+  scores = {name: scorer(p) for name, p in policies.items()}
+  assert scores["w2a2"]["loss"] != scores["w8a8"]["loss"]
+  assert scorer.trace_counts() == {"train": 1, "eval": 1, "calibration_record": 1,
+                                   "calibration_calibrate": 1}
+
+
 @pytest.mark.parametrize("num_steps, msg", [
     (1000, r"^search_finetune_steps=1000 needs 1000 batches of 64; the training split "
            r"has \d+$"),

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.stats import norm
 
-from haqjax.models.cnn import BN_EPSILON
+from haqjax.nn.bn_folding import BN_EPSILON
 from haqjax.nn.layers import DEFAULT_WEIGHT_QUANTIZER
 from haqjax.nn.layers import QConv
 from haqjax.nn.layers import QDense

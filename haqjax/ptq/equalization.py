@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from haqjax import models
-from haqjax.models.cnn import BN_EPSILON
+from haqjax.nn.bn_folding import BN_EPSILON
 from haqjax.ptq.folding import BN_SUFFIX
 from haqjax.ptq.folding import BNPair
 from haqjax.ptq.folding import copy_tree

@@ -104,8 +104,17 @@ class QATScorer:
     self._evaluate = Evaluator(model, self._sharding, eval_batch_size)
 
   def trace_counts(self) -> dict[str, int]:
-    """How often the fine-tune and eval steps were traced (1 each, any policies)."""
-    return {"train": self._train_traces, "eval": self._evaluate.traces}
+    """How often the compiled steps were traced (1 each, any policies).
+
+    The fine-tune and eval steps, and, for quantizers with parameters (LSQ,
+    PACT, k-means, static ranges), the calibration's recording and fit
+    (`calibration_record`, `calibration_calibrate`; shared by equal models).
+    """
+    counts = {"train": self._train_traces, "eval": self._evaluate.traces}
+    if self._needs_calibration:
+      counts.update({f"calibration_{k}": v for k, v in
+                     calibrate_lib.calibrator(self.model).trace_counts().items()})
+    return counts
 
   def __call__(self, policy: Policy) -> dict[str, float]:
     """`{"top1", "top5", "loss", "seconds"}` of `policy` on the held-out split."""
