@@ -8,9 +8,12 @@ Measures, on this machine (JAX on its default backend):
     fixed calibrated range) as a fraction of the bandwidth of a jitted
     `x * 1.0001` (target >= 0.5x), and against
     `torch.fake_quantize_per_tensor_affine` on CPU when torch is installed
-    (target >= 1x);
+    (target >= 1x); bandwidths at the median call time, each time's min and
+    max beside it;
   * k-means on 1M weights, 16 clusters, equal iterations, against
-    scikit-learn's KMeans (target >= 10x faster, inertia <= 1.01x);
+    scikit-learn's KMeans (target >= 10x faster, inertia <= 1.01x; see
+    `quant_codebook`: the speed-up is the sorted 1-D algorithm's as well as
+    the compiler's);
   * traces of a QAT step and an eval step across 100 random policies
     (must be 1 each).
 """
@@ -24,17 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.bench import timing
+
 SIZES = (1 << 20, 1 << 24)
-
-
-def _best_seconds(fn, repeats: int) -> float:
-  fn()
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t0)
-  return best
 
 
 def _fake_quant_throughput(n: int) -> dict:
@@ -47,16 +42,19 @@ def _fake_quant_throughput(n: int) -> dict:
   dynamic = jax.jit(lambda x, b: affine.fake_quant(x, b, spec))
   static = jax.jit(lambda x, b, lo, hi: affine.fake_quant(x, b, spec, lo=lo, hi=hi))
   repeats = 20 if n <= SIZES[0] else 5
-  t_ref = _best_seconds(lambda: scale_only(x).block_until_ready(), repeats)
-  t_dyn = _best_seconds(lambda: dynamic(x, bits).block_until_ready(), repeats)
-  t_sta = _best_seconds(lambda: static(x, bits, lo, hi).block_until_ready(), repeats)
+  times = {"x_times_1.0001": timing.time_call(lambda: scale_only(x), repeats),
+           "fake_quant_minmax": timing.time_call(lambda: dynamic(x, bits), repeats),
+           "fake_quant_static_range": timing.time_call(lambda: static(x, bits, lo, hi),
+                                                       repeats)}
+  t_ref, t_dyn, t_sta = (times[k].median for k in times)
   gbps = lambda t: 2 * 4 * n / t / 1e9  # One read and one write per element.
   out = {"elements": n,
          "x_times_1.0001_gbps": round(gbps(t_ref), 2),
          "fake_quant_minmax_gbps": round(gbps(t_dyn), 2),
          "fake_quant_static_range_gbps": round(gbps(t_sta), 2),
          "minmax_vs_scale_bandwidth": round(t_ref / t_dyn, 3),
-         "static_vs_scale_bandwidth": round(t_ref / t_sta, 3)}
+         "static_vs_scale_bandwidth": round(t_ref / t_sta, 3),
+         "times_ms": {k: t.to_dict("ms", 4) for k, t in times.items()}}
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -76,8 +74,10 @@ def _fake_quant_throughput(n: int) -> dict:
     return torch.fake_quantize_per_tensor_affine(xt, scale_t, int(round(-lo_t / scale_t)),
                                                  0, 15)
 
-  t_torch = _best_seconds(torch_fq, repeats)
-  t_torch_mm = _best_seconds(torch_fq_minmax, repeats)
+  times_torch = {"torch_fake_quant": timing.time_call(torch_fq, repeats),
+                 "torch_minmax_fake_quant": timing.time_call(torch_fq_minmax, repeats)}
+  t_torch, t_torch_mm = (times_torch[k].median for k in times_torch)
+  out["times_ms"].update({k: t.to_dict("ms", 4) for k, t in times_torch.items()})
   np.testing.assert_allclose(np.asarray(static(x, bits, lo, hi)), torch_fq().numpy(),
                              atol=float(scale) * 1.001)
   out.update({"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -141,8 +141,8 @@ def run() -> dict:
                f"{r['static_vs_torch']:.2f}x, min-max/torch min-max "
                f"{r['minmax_vs_torch_minmax']:.2f}x)")
     print(line, flush=True)
-  from experiments import bench_quant_codebook  # pylint: disable=g-import-not-at-top
-  result["kmeans"] = bench_quant_codebook.run()
+  from experiments.bench import quant_codebook  # pylint: disable=g-import-not-at-top
+  result["kmeans"] = quant_codebook.run()
   result["trace_counts"] = _trace_counts()
   for name, r in result["trace_counts"].items():
     print(f"traces across {r['policies']} policies ({name}): train step "

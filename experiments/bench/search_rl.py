@@ -9,7 +9,8 @@ epochs in a temporary folder) and measures, with the settings of
 
   * the agent (300-300 actor and critic): one jitted `update_step` on 64
     transitions and one `observe` of a whole episode (store each transition,
-    one update after each), median over many calls after compilation;
+    one update after each), median (with min and max) over many calls after
+    compilation (`timing.time_call`);
   * the real search (`haqjax.search.rl.run` with the QAT scorer) over
     `--episodes` episodes, half warm-up and half learning, each split into
     agent rollout, scoring, agent observe and the rest (budget wall, records,
@@ -31,6 +32,8 @@ import tempfile
 import time
 from typing import Any
 from unittest import mock
+
+from experiments.bench import timing
 
 RECIPE = "quickstart_rl"
 TARGET_SECONDS = 600.0
@@ -60,18 +63,8 @@ def fp32_val_top1(config, search, splits, fp32_dir: str) -> float:
   return runner._fp32_top1(config, splits, search, fp32_dir)  # pylint: disable=protected-access
 
 
-def _median_ms(fn, calls: int) -> float:
-  import jax  # pylint: disable=g-import-not-at-top
-  times = []
-  for _ in range(calls):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return 1000 * statistics.median(times)
-
-
 def bench_agent(ddpg_config, state_dim: int, steps: int, batch_size: int = 64) -> dict:
-  """Compile and median times of the agent's jitted steps."""
+  """First-call (compile) and median, min and max times of the agent's jitted steps."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from haqjax.search.rl import learning  # pylint: disable=g-import-not-at-top
@@ -94,12 +87,8 @@ def bench_agent(ddpg_config, state_dim: int, steps: int, batch_size: int = 64) -
       ("rollout", lambda s: agent.rollout(s, embedding, 5), 100),
       ("observe", lambda s: agent.observe(
           s, learning.episode_transitions(embedding, embedding[:, :1], -1.0), True), 50)):
-    t0 = time.perf_counter()
-    jax.block_until_ready(call(state))
-    first = time.perf_counter() - t0
-    out[name] = {"first_call_seconds": round(first, 3),
-                 "median_ms": round(_median_ms(lambda: call(state), calls), 3),
-                 "calls": calls}
+    t = timing.time_call(lambda: call(state), repeats=calls)  # pylint: disable=cell-var-from-loop
+    out[name] = {**t.to_dict("ms", 3), "calls": calls}
   out["observe"]["updates"] = steps
   return out
 
@@ -227,8 +216,8 @@ def _print(agent: dict, search: dict, projection: dict) -> None:
                                  f"{agent['observe']['updates']} updates"),
                      ("rollout", f"{agent['steps_per_episode']} steps")):
     r = agent[name]
-    print(f"  {name:<12} {what:<30} {r['median_ms']:>8.2f} ms   "
-          f"(first call {r['first_call_seconds']:.2f} s)")
+    print(f"  {name:<12} {what:<30} {r['median_ms']:>8.2f} ms (min {r['min_ms']:.2f}, "
+          f"max {r['max_ms']:.2f}; first call {r['first_call_seconds']:.2f} s)")
   print(f"Search: {search['episodes']} episodes ({search['warmup_episodes']} warm-up), QAT "
         f"scorer with {search['finetune_steps']} steps, {search['val_examples']} val images")
   print(f"  {'median s':<10}{'period':>9}{'rollout':>9}{'scoring':>9}{'observe':>9}"

@@ -1,40 +1,31 @@
 r"""Hardware cost-model benchmark: speed of the cost functions, BISMO fit.
 
-  python -m experiments.bench_hardware [OUT.json]
+  python -m experiments.bench hardware [--out=bench_hardware.json]
 
-Measures, on this machine (JAX on its default backend):
-  * the [53, 8, 8] MobileNetV2 cost tensor of each target, after compile;
-  * layer-configuration evaluations per second (policies x layers / s) of
-    `batched_policy_cost` on 10,000 MobileNetV2 policies in one vmapped call;
+Measures, on this machine (JAX on its default backend), as median times with
+their min and max, compilation apart:
+  * the [53, 8, 8] MobileNetV2 cost tensor of each target;
+  * layer-configuration evaluations per second (policies x layers / s, at the
+    median time) of `batched_policy_cost` on 10,000 MobileNetV2 policies in
+    one vmapped call;
   * `bismo-cloud` against HAQ's shipped table (../shared/data/haq): mean
     absolute % error, Spearman, network-level error at uniform W4A4..W8A8.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import time
 
 import jax
 import numpy as np
 
-HAQ_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+from experiments.bench import timing
+
+HAQ_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
                          "shared", "data", "haq",
                          "qmobilenetv2_imagenet100_batch16_latency_table.npy")
 TARGETS = ("bismo-edge", "bismo-cloud", "bitfusion", "systolic")
 POLICIES = 10_000
-
-
-def _best_time(fn, repeats: int = 20) -> float:
-  jax.block_until_ready(fn())
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - t0)
-  return best
 
 
 def run() -> dict:
@@ -43,7 +34,7 @@ def run() -> dict:
   from haqjax.hardware import calibration  # pylint: disable=g-import-not-at-top
 
   result = {"backend": jax.default_backend(), "tensor_ms": {},
-            "evals_per_s": {}, "policies": POLICIES}
+            "evals_per_s": {}, "policies": POLICIES, "times_ms": {}}
   rng = np.random.default_rng(0)
   names = {n: n for n in TARGETS}
   if os.path.exists(HAQ_TABLE):
@@ -54,13 +45,16 @@ def run() -> dict:
                                  batch=target.batch)
     n = len(layers)
     tensor = lambda: hardware.cost_tensor(target, layers, metric="latency")  # pylint: disable=cell-var-from-loop
-    result["tensor_ms"][name] = 1e3 * _best_time(tensor)
+    t = timing.time_call(tensor, repeats=20)
+    result["tensor_ms"][name] = t.median_ms
     w = rng.integers(1, 9, size=(POLICIES, n)).astype(np.float32)
     a = rng.integers(1, 9, size=(POLICIES, n)).astype(np.float32)
     w, a = jax.device_put(w), jax.device_put(a)
     batched = lambda: hardware.batched_policy_cost(target, layers, w, a)  # pylint: disable=cell-var-from-loop
-    seconds = _best_time(batched, repeats=5)
-    result["evals_per_s"][name] = POLICIES * n / seconds
+    t_batched = timing.time_call(batched, repeats=5)
+    result["evals_per_s"][name] = POLICIES * n / t_batched.median
+    result["times_ms"][name] = {"cost_tensor": t.to_dict("ms", 4),
+                                "batched_policy_cost": t_batched.to_dict("ms", 3)}
   if os.path.exists(HAQ_TABLE):
     layers = hardware.from_model("mobilenet_v2", num_classes=100, batch=16)
     pred = hardware.cost_tensor(hardware.BISMO_CLOUD, layers, metric="cycles")
@@ -68,9 +62,11 @@ def run() -> dict:
     err["per_layer_mean_abs_pct_error"] = [round(e, 2) for e in err["per_layer_mean_abs_pct_error"]]
     result["bismo_cloud_vs_haq_table"] = err
   print(f"backend: {result['backend']}; MobileNetV2 (53 layers), {POLICIES} policies")
-  print(f"{'target':<12} {'[53,8,8] ms':>12} {'layer-evals/s':>14}")
+  print(f"{'target':<12} {'[53,8,8] ms':>11} {'(min-max)':<15} {'layer-evals/s':>14}")
   for name in names:
-    print(f"{name:<12} {result['tensor_ms'][name]:>12.3f} "
+    t = result["times_ms"][name]["cost_tensor"]
+    spread = f"({t['min_ms']:.3f}-{t['max_ms']:.3f})"
+    print(f"{name:<12} {t['median_ms']:>11.3f} {spread:<15} "
           f"{result['evals_per_s'][name]:>14.3g}")
   if "bismo_cloud_vs_haq_table" in result:
     e = result["bismo_cloud_vs_haq_table"]
@@ -79,10 +75,3 @@ def run() -> dict:
           f"Spearman {e['spearman']:.4f}, network {net}")
   return result
 
-
-if __name__ == "__main__":
-  out = sys.argv[1] if len(sys.argv) > 1 else "bench_hardware.json"
-  res = run()
-  with open(out, "w", encoding="utf-8") as f:
-    json.dump(res, f, indent=2)
-  print(f"wrote {out}")

@@ -7,7 +7,8 @@ r"""Differentiable search benchmark: step costs, search time vs RL, vmapped swee
 Restores the FP32 quickstart model of `--init_from` (or trains one for 2
 epochs in a temporary folder) and measures on this machine:
 
-  * steps (median ms after compilation, batch 128): the search's mixed step
+  * steps (median ms after compilation, with min and max, batch 128;
+    `timing.time_call`): the search's mixed step
     (K = 6 candidates per tensor, quickstart_gumbel.flags), the same with 3
     candidates, a plain W4A4 QAT step, an FP32 step, and the K-member
     vmapped mixed step (per member);
@@ -33,10 +34,11 @@ import dataclasses
 import functools
 import json
 import os
-import statistics
 import tempfile
 import time
 from typing import Any
+
+from experiments.bench import timing
 
 TARGET_RL_FRACTION = 0.2
 TARGET_SWEEP_RATIO = 0.7
@@ -68,7 +70,7 @@ class _Problem:
 
 
 def _problem(name: str, init_from: str, data_dir: str | None) -> _Problem:
-  from experiments import bench_search  # pylint: disable=g-import-not-at-top
+  from experiments.bench import search_rl  # pylint: disable=g-import-not-at-top
   from haqjax import data as haq_data  # pylint: disable=g-import-not-at-top
   from haqjax.nn import layer_table  # pylint: disable=g-import-not-at-top
   from haqjax.search import runner  # pylint: disable=g-import-not-at-top
@@ -83,7 +85,7 @@ def _problem(name: str, init_from: str, data_dir: str | None) -> _Problem:
   wall = runner.build_wall(config, search, table)
   model = trainer.build_model(runner._search_config(config, search, policy="w8a8"),  # pylint: disable=protected-access
                               splits.spec.num_classes)
-  fp32_val = bench_search.fp32_val_top1(config, search, splits, init_from)
+  fp32_val = search_rl.fp32_val_top1(config, search, splits, init_from)
   return _Problem(config, search, gumbel, splits, table, wall, model, init_from,
                   float(fp32_val),
                   haq_data.num_batches(splits.train, config.batch_size, drop_remainder=True))
@@ -105,15 +107,12 @@ def _start(p: _Problem, gumbel=None):
   return gsearch, variables
 
 
-def _median_ms(fn, calls: int) -> float:
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(calls):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return round(1000 * statistics.median(times), 1)
+def _time_ms(out: dict[str, Any], key: str, fn, calls: int) -> float:
+  """Sets `out[key]` to `fn`'s median ms after compile, its [min, max] in `out["min_max_ms"]`."""
+  t = timing.time_call(fn, repeats=calls)
+  out[key] = round(t.median_ms, 1)
+  out.setdefault("min_max_ms", {})[key] = [round(t.min_ms, 1), round(t.max_ms, 1)]
+  return out[key]
 
 
 def bench_steps(p: _Problem, members: int) -> dict[str, Any]:
@@ -134,8 +133,8 @@ def bench_steps(p: _Problem, members: int) -> dict[str, Any]:
     hp = gumbel_runner.make_hparams(gumbel, p.wall.limit, p.steps_per_epoch)
     state = gsearch.init(jax.random.PRNGKey(0), hp, variables)
     step = jax.jit(gsearch.train_step)
-    out[f"mixed_k{len(gumbel.bits())}_ms"] = _median_ms(
-        lambda: step(state, batch, hp)[1]["loss"], 15)
+    _time_ms(out, f"mixed_k{len(gumbel.bits())}_ms",
+             lambda: step(state, batch, hp)[1]["loss"], 15)
   gsearch, variables = _start(p)
   hps = sweep_lib.stack([gumbel_runner.make_hparams(p.gumbel, b * p.wall.reference,
                                                     p.steps_per_epoch)
@@ -143,8 +142,8 @@ def bench_steps(p: _Problem, members: int) -> dict[str, Any]:
   states = sweep_lib.init(gsearch, jax.random.split(jax.random.PRNGKey(0), members),
                           hps, variables)
   vstep = jax.jit(jax.vmap(gsearch.train_step, in_axes=(0, None, 0)))
-  vmapped = _median_ms(lambda: vstep(states, batch, hps)[1]["loss"], 3)
-  out[f"vmapped_x{members}_ms"] = vmapped
+  vmapped = _time_ms(out, f"vmapped_x{members}_ms",
+                     lambda: vstep(states, batch, hps)[1]["loss"], 3)
   out["vmapped_per_member_ms"] = round(vmapped / members, 1)
   tx = steps_lib.make_optimizer(name="sgd", learning_rate=0.01, momentum=0.9,
                                 weight_decay=5e-4)
@@ -153,8 +152,8 @@ def bench_steps(p: _Problem, members: int) -> dict[str, Any]:
   n = len(p.table)
   w4a4 = Policy.create(p.table.names, np.full(n, 4), np.full(n, 4))
   step = jax.jit(functools.partial(steps_lib.train_step, p.model, tx))
-  out["qat_w4a4_ms"] = _median_ms(lambda: step(state, batch, w4a4)[1], 15)
-  out["fp32_ms"] = _median_ms(lambda: step(state, batch, None)[1], 15)
+  _time_ms(out, "qat_w4a4_ms", lambda: step(state, batch, w4a4)[1], 15)
+  _time_ms(out, "fp32_ms", lambda: step(state, batch, None)[1], 15)
   return out
 
 
@@ -165,7 +164,7 @@ def _run_search(p: _Problem, gumbel, total_steps: int, directory: str, budget: f
   from haqjax.search import runner  # pylint: disable=g-import-not-at-top
   from haqjax.search import scoring  # pylint: disable=g-import-not-at-top
   from haqjax.search.gumbel import runner as gumbel_runner  # pylint: disable=g-import-not-at-top
-  from haqjax.search.gumbel import search as search_lib  # pylint: disable=g-import-not-at-top
+  from haqjax.search.gumbel import single as search_lib  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   wall = runner.build_wall(p.config, p.search.replace(budget=budget), p.table)
   gsearch, variables = _start(p, gumbel)
@@ -292,8 +291,8 @@ def run(init_from: str | None = None, data_dir: str | None = None,
       with open(os.path.join(rl_workdir, "results.json")) as f:
         rl = {"seconds": json.load(f)["search_seconds"], "source": rl_workdir}
     else:
-      from experiments import bench_search  # pylint: disable=g-import-not-at-top
-      projected = bench_search.run(init_from=init_from, data_dir=data_dir)["projection"]
+      from experiments.bench import search_rl  # pylint: disable=g-import-not-at-top
+      projected = search_rl.run(init_from=init_from, data_dir=data_dir)["projection"]
       rl = {"seconds": projected["seconds"], "source": "bench search-rl projection"}
     p = _problem("quickstart_gumbel", init_from, data_dir)
     steps = bench_steps(p, members)
