@@ -1,5 +1,7 @@
 """Tests of the search environment: observations, actions to bits, the budget wall."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -133,3 +135,41 @@ def test_size_budget_in_kmeans_mode(table, layers):
   w, a = wall.enforce(np.full(len(table), 8), np.full(len(table), 8))
   np.testing.assert_array_equal(a, 32)
   assert wall.fits(w, a) and w.min() >= 2
+
+
+@functools.lru_cache(maxsize=None)
+def _zoo_layers(model: str, batch: int) -> hardware.Layers:
+  size = None if models.INPUT_SHAPES[model][0] <= 32 else 32
+  return hardware.from_model(model, input_size=size, num_classes=10, batch=batch)
+
+
+@pytest.mark.parametrize("model", models.MODELS)
+@pytest.mark.parametrize("name", tuple(hardware.PRESETS))
+def test_uniform_policy_meets_a_wall_of_itself(name, model):
+  # Uniform wXaX fits a 1.0 x wXaX wall and is left alone; at 0.999x the wall
+  # either refuses the budget (nothing cheaper is reachable) or lowers bits.
+  target = hardware.get_target(name)
+  layers = _zoo_layers(model, target.batch)
+  n = len(layers)
+  fixed = env.Fixed.create(n, mode="linear")
+  for metric in ("latency", "energy", "size"):
+    if metric not in hardware.available_metrics(target, layers):
+      continue
+    for bits in (2, 4, 8):
+      w = a = np.full(n, bits)
+      ref = f"w{bits}a{bits}"
+      wall = env.BudgetWall(target, layers,
+                            hardware.Budget(metric=metric, value=1.0, reference=ref),
+                            min_bits=1, max_bits=8, fixed=fixed)
+      assert wall.fits(w, a) and wall.cost(w, a) == wall.limit, (metric, ref)
+      np.testing.assert_array_equal(np.stack(wall.enforce(w, a)), np.stack([w, a]))
+      try:
+        tight = env.BudgetWall(target, layers,
+                               hardware.Budget(metric=metric, value=0.999, reference=ref),
+                               min_bits=1, max_bits=8, fixed=fixed)
+      except ValueError as e:
+        assert "below the lowest cost reachable" in str(e), (metric, ref)
+        continue
+      assert not tight.fits(w, a), (metric, ref)
+      low_w, low_a = tight.enforce(w, a)
+      assert tight.fits(low_w, low_a) and (low_w + low_a).sum() < 2 * bits * n

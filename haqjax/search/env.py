@@ -40,7 +40,7 @@ COLUMNS = ("layer", "in_channels", "out_channels", "stride", "kernel", "depthwis
            "params", "in_size", "is_weight", "prev_action")
 PREV_ACTION_COLUMN = COLUMNS.index("prev_action")
 # Bit-widths of the cost tensor: 1..8, then 32 (floating point).
-_TENSOR_BITS = (1, 2, 3, 4, 5, 6, 7, 8, FLOAT_BITS)
+_TENSOR_BITS = hardware.budget.TABLE_BITS
 
 
 def check_bit_range(min_bits: int, max_bits: int) -> None:
@@ -129,6 +129,9 @@ class BudgetWall:
   A network's cost is the sum of its layers' costs, so the `[L, 9, 9]` cost
   tensor over bits 1..8 and 32 (computed once by the hardware model) gives
   every policy's cost exactly, and each one-bit change updates it in O(1).
+  The limit is summed from the same float64 tensor (`Budget.reference_in`), so
+  a uniform policy meets a 1.0x budget of itself exactly; comparisons allow
+  the relative slack `hardware.budget.RTOL`.
   """
 
   def __init__(self, target: hardware.Target, layers: hardware.Layers,
@@ -136,13 +139,12 @@ class BudgetWall:
     check_bit_range(min_bits, max_bits)
     self.target, self.layers, self.budget = target, layers, budget
     self.min_bits, self.max_bits, self.fixed = min_bits, max_bits, fixed
-    self.tensor = np.asarray(hardware.cost_tensor(
-        target, layers, np.asarray(_TENSOR_BITS, np.float32), budget.metric), np.float64)
-    self.reference = budget.reference_cost(target, layers)
-    self.limit = budget.resolve(target, layers)
+    self.tensor = budget.table(target, layers)  # [L, 9, 9] float64
+    self.reference = budget.reference_in(self.tensor)
+    self.limit = budget.limit_from(self.reference)
     low_w, low_a = fixed.apply(np.full(len(layers), min_bits), np.full(len(layers), min_bits))
     self.min_cost = self.cost(low_w, low_a)
-    if self.min_cost > self.limit * (1 + 1e-9):
+    if not hardware.budget.within(self.min_cost, self.limit):
       unit = hardware.base.UNITS[budget.metric]
       raise ValueError(
           f"budget {budget} ({self.limit:.4g} {unit}) is below the lowest cost "
@@ -164,12 +166,12 @@ class BudgetWall:
     return float(self.layer_costs(w, a).sum())
 
   def fits(self, w, a) -> bool:
-    return self.cost(w, a) <= self.limit * (1 + 1e-9)
+    return bool(hardware.budget.within(self.cost(w, a), self.limit))
 
   def enforce(self, w, a) -> tuple[np.ndarray, np.ndarray]:
     """Lowers bits (last layer first; activations, then weights) until it fits."""
     w, a = self.fixed.apply(np.array(w, np.int64), np.array(a, np.int64))
-    limit = self.limit * (1 + 1e-9)
+    limit = self.limit * (1 + hardware.budget.RTOL)
     costs = self.layer_costs(w, a)
     total = costs.sum()
     while total > limit:
@@ -193,6 +195,7 @@ class BudgetWall:
   def describe(self, w, a) -> dict[str, float]:
     """Cost, limit and ratios of a policy (JSON-ready)."""
     c = self.cost(w, a)
-    return {"cost": c, "limit": self.limit, "ratio": c / self.reference,
+    ratio = c / self.reference if self.reference > 0 else float("nan")
+    return {"cost": c, "limit": self.limit, "ratio": ratio,
             "budget_ratio": c / self.limit}
 
