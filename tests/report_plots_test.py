@@ -178,10 +178,13 @@ def test_search_progress_rejects_missing_key():
     ("s", [2.0], 1.0, "s"),
     ("s", [3e-6], 1e6, "\u00b5s"),
     ("J", [0.5], 1e3, "mJ"),
-    ("B", [3.2e6], 1e-6, "MB"),
-    ("bitops", [5e9], 1e-9, "Gbitops"),
-    ("bitops", [500.0], 1.0, "bitops"),
+    ("bytes", [3.2e6], 2.0 ** -20, "MiB"),
+    ("bytes", [2048.0, 10.0], 2.0 ** -10, "KiB"),
+    ("bit-ops", [5e9], 1e-9, "GBitOps"),
+    ("bitops", [500.0], 1.0, "BitOps"),
+    ("cycles", [3136.0], 1e-3, "kcycles"),
     ("s", [], 1.0, "s"),
+    ("s", [None, float("nan"), 0.0], 1.0, "s"),
 ])
 def test_unit_scale(unit, values, factor, label):
   assert plots.unit_scale(unit, values) == (factor, label)
@@ -291,6 +294,55 @@ def test_pareto_png_labels_and_front(tmp_path):
   np.testing.assert_allclose(front.get_ydata(), [84, 88, 88])
   path = plots.plot_pareto(tmp_path / "f.png", points, dpi=DPI)
   _check_png(path, fig)
+
+
+def test_versus_uniform_png_reference_delta_and_units(tmp_path):
+  found = {"label": "HAQ (RL)", "cost": 7.07e-05, "top1": 91.10}
+  reference = {"label": "w4a4", "cost": 7.35e-05, "top1": 90.97}
+  uniform = [{"label": "w4a4", "cost": 1.0, "top1": 0.0},  # The reference wins its label.
+             {"label": "w3a3", "cost": 6.10e-05, "top1": 88.16},
+             {"label": "w8a8", "cost": 1.20e-04, "top1": 91.60}]
+  fig = plots.versus_uniform_figure(found, reference, uniform, metric="latency",
+                                    unit="s", limit=7.35e-05, dpi=DPI)
+  ax = fig.axes[0]
+  assert ax.get_xlabel() == "latency (\u00b5s)"
+  assert ax.get_ylabel() == "test top-1 (%)"
+  assert set(_legend_texts(fig)) == {"uniform", "w4a4 (budget reference)", "HAQ (RL)",
+                                     "budget"}
+  (line,) = [l for l in ax.get_lines() if l.get_label() == "uniform"]
+  np.testing.assert_allclose(line.get_xdata(), [61.0, 73.5, 120.0])  # In cost order, in µs.
+  np.testing.assert_allclose(line.get_ydata(), [88.16, 90.97, 91.60])
+  texts = {t.get_text() for t in ax.texts}
+  assert {"w3a3", "w4a4", "w8a8", "+0.13 pt at 0.962x the cost"} <= texts
+  path = plots.plot_versus_uniform(tmp_path / "u.png", found, reference, uniform,
+                                   limit=7.35e-05, dpi=DPI)
+  _check_png(path, fig)
+
+
+def test_versus_uniform_without_a_reference_has_no_delta():
+  fig = plots.versus_uniform_figure({"label": "Gumbel", "cost": 2048.0, "top1": 70.0}, None,
+                                    [{"label": "w4a4", "cost": 4096.0, "top1": 69.0}],
+                                    metric="size", unit="bytes", dpi=DPI)
+  ax = fig.axes[0]
+  assert ax.get_xlabel() == "size (KiB)"
+  assert not any("pt at" in t.get_text() for t in ax.texts)
+  assert "budget" not in _legend_texts(fig)
+  with pytest.raises(ValueError, match=r"points\[1\].top1 is nan"):
+    plots.versus_uniform_figure({"cost": 1.0, "top1": 1.0},
+                                {"cost": 1.0, "top1": float("nan")}, dpi=DPI)
+
+
+def test_policy_bits_reference_lines():
+  layers = _layers(6)
+  fig = plots.policy_bits_figure(layers, _policy(layers), dpi=DPI,
+                                 reference={"label": "uniform W4A4", "w_bits": 4,
+                                            "a_bits": 3})
+  ax = fig.axes[0]
+  dashed = [l for l in ax.get_lines() if l.get_linestyle() == "--"]
+  assert sorted(float(l.get_ydata()[0]) for l in dashed) == [-3.0, 4.0]
+  assert "uniform W4A4: W4 / A3" in _legend_texts(fig)
+  plain = plots.policy_bits_figure(layers, _policy(layers), dpi=DPI)
+  assert not [l for l in plain.axes[0].get_lines() if l.get_linestyle() == "--"]
 
 
 # ----------------------------------------------------------- atomic write

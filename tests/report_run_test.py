@@ -21,11 +21,13 @@ from PIL import Image
 from haqjax import hardware
 from haqjax import io as haq_io
 from haqjax import models
+from haqjax import units
 from haqjax.nn import layer_table
 from haqjax.policy import Policy
 from haqjax.policy import save_policy
 from haqjax.report import plots
 from haqjax.report import run_report
+from haqjax.report import versus_uniform
 from haqjax.jobs import stages
 from haqjax.search.config import SearchConfig
 from haqjax.search.rl import DDPGConfig
@@ -44,8 +46,16 @@ def _table():
   return layer_table(models.create("digits_cnn", num_classes=10), (1, 8, 8, 1))
 
 
-def make_run(workdir, mode="rl", target="bismo-edge", budget=0.6, command=True):
-  """A finished search run's files, as the runners write them."""
+UNIFORM_TOP1, UNIFORM_VAL = 95.0, 94.5  # The uniform reference's fine-tune, made up.
+
+
+def make_run(workdir, mode="rl", target="bismo-edge", budget=0.6, command=True,
+             uniform=False, points=()):
+  """A finished search run's files, as the runners write them.
+
+  `uniform`: with the budget reference (W8A8) fine-tuned beside the policy;
+  `points`: `--uniform_results` points.
+  """
   table = _table()
   config = Config(mode=mode, dataset="digits", model="digits_cnn", epochs=3.0)
   search = SearchConfig(target=target, budget=budget, search_episodes=6,
@@ -78,10 +88,33 @@ def make_run(workdir, mode="rl", target="bismo-edge", budget=0.6, command=True):
   else:
     results.update(argmax_cost_ratio=cost["ratio"], expected_cost=cost["cost"],
                    enforced=False, search_steps=40, search_epochs=1, steps_per_second=3.0)
+  ref_w, ref_a = np.full(len(table), 8), np.full(len(table), 8)
+  reference = {
+      "name": "w8a8", "cost": wall.cost(ref_w, ref_a),
+      "cost_ratio": wall.describe(ref_w, ref_a)["ratio"], "fits": False,
+      "layer_costs": [float(c) for c in wall.layer_costs(ref_w, ref_a)],
+      "policy": Policy.create(table.names, ref_w, ref_a).to_dict()["layers"],
+      "test_top1": UNIFORM_TOP1, "test_top5": 99.0, "val_top1": UNIFORM_VAL,
+      "finetune_seconds": 4.0, "directory": "uniform_reference"} if uniform else None
+  results.update(
+      budget_reference="w8a8", uniform_reference=reference,
+      delta_test_top1_vs_uniform=96.25 - UNIFORM_TOP1 if uniform else None,
+      delta_cost_vs_uniform=cost["cost"] - reference["cost"] if uniform else None,
+      uniform_points=[{"label": l, "group": "uniform", "cost": c, "top1": t, "source": "u.json"}
+                      for l, c, t in points])
+  if uniform:
+    results["uniform_reference_seconds"] = 4.0
   if command:
     results["command"] = COMMAND.format(mode=mode)
   haq_io.write_json(workdir / "results.json", results)
-  plots.plot_policy_bits(workdir / "plots" / "bits.png", table.rows(), policy, dpi=DPI)
+  plots.plot_policy_bits(workdir / "plots" / "bits.png", table.rows(), policy, dpi=DPI,
+                         reference={"label": "uniform W8A8", "w_bits": 8, "a_bits": 8})
+  if uniform:
+    plots.plot_versus_uniform(
+        workdir / "plots" / "uniform.png", {"label": "HAQ", "cost": cost["cost"],
+                                            "top1": 96.25},
+        {"label": "w8a8", "cost": reference["cost"], "top1": UNIFORM_TOP1},
+        [{"label": l, "cost": c, "top1": t} for l, c, t in points], dpi=DPI)
   episodes = [{"episode": e, "reward": -0.1 * (6 - e), "cost": cost["cost"] * (0.9 + 0.02 * e),
                "warmup": e < 3} for e in range(6)]
   plots.plot_search_progress(workdir / "plots" / "search.png", episodes,
@@ -98,7 +131,7 @@ def make_run(workdir, mode="rl", target="bismo-edge", budget=0.6, command=True):
 
 @pytest.fixture(scope="module")
 def rl_run(tmp_path_factory):
-  workdir = make_run(tmp_path_factory.mktemp("rl") / "run")
+  workdir = make_run(tmp_path_factory.mktemp("rl") / "run", uniform=True)
   run_report.write_report(workdir)
   return workdir
 
@@ -122,7 +155,11 @@ def test_markdown_summary_costs_and_command(rl_run):
   assert text.startswith("# HAQ search: digits_cnn on digits\n")
   assert f"Reproduce: `{COMMAND.format(mode='rl')}`" in text
   results = json.loads((rl_run / "results.json").read_text())
-  assert f"| budget | latency <= 0.6 x w8a8 = {results['limit']:.4g} s |" in text
+  m = re.search(r"\| budget \| latency <= 0\.6 x w8a8 = ([0-9.]+) (ns|\u00b5s|ms|s) \|", text)
+  assert m, text[:1500]
+  value = float(m.group(1)) * {"ns": 1e-9, "\u00b5s": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)]
+  assert 1 <= float(m.group(1)) < 1000  # The prefix that reads 1..999.
+  assert value == pytest.approx(results["limit"], rel=5e-3)  # Three significant digits.
   assert f"| after fine-tune | test / val | 96.25% / 96.00% (top-5 99.90%)" in text
   assert f"{results['cost'] / results['limit']:.3f}" in text
   assert "| search | 34.0 |" in text and "best at episode 4" in text
@@ -143,12 +180,20 @@ def test_markdown_policy_rows_and_per_layer_cost(rl_run):
   want = hardware.layer_costs(target, hardware.from_layer_table(table), w, a)["latency_s"]
   np.testing.assert_allclose(costs, np.asarray(want), rtol=1e-6)
   np.testing.assert_allclose(costs.sum(), run.results["cost"], rtol=1e-6)
-  assert "| # | layer | kind | MACs | params | weight bits | activation bits | latency (s) | share |" in text
+  # One prefix for the column (the total's, which reads as 1..999), 3 digits.
+  m = re.search(r"\| # \| layer \| kind \| MACs \| params \| weight bits \| "
+                r"activation bits \| latency \((ns|\u00b5s|ms|s)\) \| share \|", text)
+  assert m, text
+  scale = {"ns": 1e9, "\u00b5s": 1e6, "ms": 1e3, "s": 1.0}[m.group(1)]
+  assert 1 <= costs.sum() * scale < 1000
+  policy = _policy_table(text)
   for i, name in enumerate(table.names):
-    row = (f"| {i} | {name} | {table.kinds[i]} | {int(table.macs[i]):,} | "
-           f"{int(table.params[i]):,} | {w[i]} | {a[i]} | {costs[i]:.4g} | "
-           f"{costs[i] / costs.sum():.1%} |")
-    assert row in text, row
+    prefix = (f"| {i} | {name} | {table.kinds[i]} | {int(table.macs[i]):,} | "
+              f"{int(table.params[i]):,} | {w[i]} | {a[i]} | ")
+    row = next(l for l in policy.splitlines() if l.startswith(prefix))
+    cell, share = row[len(prefix):].strip(" |").split(" | ")
+    assert float(cell) == pytest.approx(costs[i] * scale, rel=5e-3, abs=5e-4), row
+    assert share == f"{costs[i] / costs.sum():.1%}"
   assert f"| total |  | {int(table.macs.sum()):,} |" in text
 
 
@@ -167,7 +212,7 @@ def test_run_without_layer_costs_has_no_cost_column(tmp_path):
   policy = _policy_table((workdir / "report.md").read_text())
   assert "Per-layer costs are not in results.json" in policy
   assert "| # | layer | kind | MACs | params | weight bits | activation bits |\n" in policy
-  assert "latency (s)" not in policy and "share" not in policy and "total" not in policy
+  assert "latency (" not in policy and "share" not in policy and "total" not in policy
   names = [l["name"] for l in json.loads((workdir / "layers.json").read_text())]
   assert all(f"| {i} | {name} |" in policy for i, name in enumerate(names))
   assert "<th>weight bits</th><th>activation bits</th></tr>" in (
@@ -190,13 +235,106 @@ def test_malformed_layer_costs_are_reported_not_raised(tmp_path, saved, message)
   run_report.write_report(workdir)
   policy = _policy_table((workdir / "report.md").read_text())
   assert "Per-layer costs are unavailable: results.json layer_costs" in policy
-  assert "latency (s)" not in policy
+  assert "latency (" not in policy
+
+
+# ------------------------------------------------------- found policy vs uniform
+
+
+def _section(text, heading):
+  return text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+
+
+def test_found_policy_beside_its_uniform_reference(rl_run):
+  text = (rl_run / "report.md").read_text()
+  r = json.loads((rl_run / "results.json").read_text())
+  ref = r["uniform_reference"]
+  assert r["delta_test_top1_vs_uniform"] == pytest.approx(1.25)
+  section = _section(text, "Found policy vs uniform w8a8")
+  label, (found, uniform) = units.format_costs([r["cost"], ref["cost"]], "s")
+  factor = {"ns": 1e9, "\u00b5s": 1e6, "ms": 1e3}[label]
+  assert (ref["cost"] - r["cost"]) * factor > 0.1  # The policy is cheaper: a visible gap.
+  found_bits = [(l["w_bits"], l["a_bits"]) for l in r["policy"]]
+  w = " ".join(str(b[0]) for b in found_bits)
+  a = " ".join("f" if b[1] == 32 else str(b[1]) for b in found_bits)
+  assert (f"| policy | weight bits | activation bits | cost ({label}) | cost (x w8a8) | "
+          "test top-1 | val top-1 |") in section
+  assert (f"| HAQ (RL) | {w} | {a} | {found} | {r['cost_ratio']:.3f} | 96.25% | "
+          "96.00% |") in section
+  assert (f"| uniform w8a8 | 8 8 8 | 8 8 8 | {uniform} | 1.000 | 95.00% | 94.50% |"
+          in section)
+  delta = units.format_number((r["cost"] - ref["cost"]) * factor)
+  assert delta.startswith("-")
+  assert (f"| found - uniform |  |  | {delta} | {r['cost_ratio'] - 1:+.3f} | +1.25 points | "
+          "+1.50 points |") in section
+  ratio = r["cost"] / ref["cost"]
+  assert (f"The found policy is better than uniform w8a8 on the test split (+1.25 points) "
+          f"at {ratio:.3f}x its cost ({units.format_cost(r['cost'], 's')} against "
+          f"{units.format_cost(ref['cost'], 's')}, "
+          f"{units.format_delta(r['cost'] - ref['cost'], 's')})") in section
+  assert (f"| uniform w8a8: test top-1 | 95.00% at {units.format_cost(ref['cost'], 's')}; "
+          f"the found policy +1.25 points at {ratio:.3f}x its cost |") in text
+  assert "| time: FP32 / search / fine-tune / uniform reference | 12 s / 34 s / 5 s / 4 s |" \
+      in text
+  assert "| uniform reference | 4.0 |" in _section(text, "Timings")
+  assert "![test top-1 vs cost: found policy and uniform](plots/uniform.png)" in text
+  # The figure comes right after the bits plot.
+  assert text.index("plots/bits.png") < text.index("plots/uniform.png") < text.index(
+      "plots/search.png")
+
+
+def test_uniform_results_points_and_a_worse_policy(tmp_path):
+  workdir = make_run(tmp_path / "run", uniform=True,
+                     points=[("w2a2", 3.0e-6, 90.0), ("w4a4", 5.5e-6, 97.5)])
+  results = json.loads((workdir / "results.json").read_text())
+  haq_io.write_json(workdir / "results.json",
+                    {**results, "test_top1": 94.5, "delta_test_top1_vs_uniform": -0.5})
+  run_report.write_report(workdir)
+  section = _section((workdir / "report.md").read_text(), "Found policy vs uniform w8a8")
+  assert "The found policy is worse than uniform w8a8 on the test split (-0.50 points)" \
+      in section
+  assert "| uniform (--uniform_results) | cost (\u00b5s) | test top-1 | found - it |" in section
+  assert "| w2a2 | 3.00 | 90.00% | +4.50 points |" in section
+  assert "| w4a4 | 5.50 | 97.50% | -3.00 points |" in section
+
+
+def test_skipped_reference_is_named_and_fp32_budgets_have_no_section(tmp_path):
+  workdir = make_run(tmp_path / "skipped")
+  run_report.write_report(workdir)
+  section = _section((workdir / "report.md").read_text(), "Found policy vs uniform w8a8")
+  assert "Uniform w8a8, the budget's reference, was not fine-tuned " \
+         "(--nofinetune_uniform_reference)" in section
+  assert "| found - uniform |" not in section
+  # A run from before these keys, or a budget of fp32, has no such section.
+  results = json.loads((workdir / "results.json").read_text())
+  for key in ("uniform_reference", "delta_test_top1_vs_uniform", "uniform_points"):
+    del results[key]
+  haq_io.write_json(workdir / "results.json", results)
+  run_report.write_report(workdir)
+  assert "vs uniform" not in (workdir / "report.md").read_text()
+
+
+def test_summary_lines_read_in_readable_units():
+  results = {"mode": "rl", "unit": "s", "budget_reference": "w4a4", "cost": 7.07e-05,
+             "cost_ratio": 0.962, "test_top1": 91.1,
+             "uniform_reference": {"name": "w4a4", "cost": 7.35e-05, "cost_ratio": 1.0,
+                                   "test_top1": 90.97},
+             "delta_test_top1_vs_uniform": 91.1 - 90.97}
+  assert versus_uniform.summary_lines(results) == [
+      "HAQ (RL): 70.7 \u00b5s (0.962 x w4a4), test top-1 91.10%",
+      "uniform w4a4: 73.5 \u00b5s (1.000 x w4a4), test top-1 90.97%; "
+      "found - uniform: +0.13 points"]
+  energy = {"mode": "gumbel", "unit": "J", "budget_reference": "w8a8", "cost": 0.0123,
+            "cost_ratio": 0.5, "test_top1": 70.0, "uniform_reference": None}
+  assert versus_uniform.summary_lines(energy) == [
+      "Gumbel search: 12.3 mJ (0.500 x w8a8), test top-1 70.00%"]
 
 
 def test_report_reads_saved_data_only():
   # The report is built from a run's files: it imports no search job or stage
   # (only the config dataclasses, for their defaults).
-  allowed = ("haqjax.io", "haqjax.bitwidths", "haqjax.configs", "haqjax.report",
+  allowed = ("haqjax.io", "haqjax.bitwidths", "haqjax.units", "haqjax.configs",
+             "haqjax.report",
              "haqjax.nn.table", "haqjax.search.config", "haqjax.search.gumbel.config",
              "haqjax.train.config")
   folder = os.path.join(ROOT, "haqjax", "report")
@@ -393,8 +531,24 @@ def test_compare_two_runs_writes_tables_csv_and_pareto(rl_run, gumbel_run, tmp_p
     assert float(row["cost_to_budget"]) == pytest.approx(results["cost"] / results["limit"])
     assert float(row["test_top1"]) == results["test_top1"]
   assert [r["episodes_or_steps"] for r in rows] == ["6", "40"]
+  # The rl run has its uniform reference; the gumbel one none.
+  ref = json.loads((rl_run / "results.json").read_text())["uniform_reference"]
+  assert (rows[0]["uniform_reference"], float(rows[0]["uniform_cost"]),
+          float(rows[0]["uniform_test_top1"]), float(rows[0]["delta_vs_uniform"])) == (
+              "w8a8", pytest.approx(ref["cost"]), 95.0, pytest.approx(1.25))
+  assert [rows[1][k] for k in ("uniform_reference", "uniform_test_top1",
+                               "delta_vs_uniform")] == ["", "", ""]
   markdown = (out / "compare.md").read_text()
   assert proc.stdout == markdown
+  assert "| uniform_reference | uniform_cost | uniform_test_top1 | delta_vs_uniform |" \
+      in markdown
+  for workdir, tail in ((rl_run, f"| 96.25% | w8a8 | {units.format_cost(ref['cost'], 's')} "
+                                 "| 95.00% | +1.25 points |"),
+                        (gumbel_run, "| 96.25% | n/a | n/a | n/a | n/a |")):
+    cost = json.loads((workdir / "results.json").read_text())["cost"]
+    line = next(l for l in markdown.splitlines() if l.startswith(f"| {workdir.parent.name}/"))
+    assert f"| {units.format_cost(cost, 's')} |" in line and tail in line, line
+    assert "| s |" not in line  # The unit is in the cost cells.
   policy = json.loads((rl_run / "policy.json").read_text())["layers"]
   first = f"| 0 | {policy[0]['name']} | {policy[0]['w_bits']}/{policy[0]['a_bits']} |"
   assert first in markdown

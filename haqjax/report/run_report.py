@@ -8,20 +8,21 @@ policy.json, results.json, plots/*.png), so it can be rerun on any old run::
     write_report("/tmp/haqjax/quickstart_rl")   # report.md, report.html
 
 Both files carry the same content, built once as a list of blocks and then
-rendered twice: the command that reproduces the run, the budget, accuracy and
-cost at each stage (FP32, search, after fine-tune), timings, the plots, the
-policy with every layer's cost under the search's hardware model, and the
-config (the fields that differ from the defaults, then all of it). Nothing is
-recomputed: per-layer costs are the `layer_costs` the search saved. The HTML
-page embeds its plots as base64 data URIs and its CSS inline, so it is one
-file that opens anywhere, offline.
+rendered twice (`haqjax.report.render`): the command that reproduces the run,
+the budget, accuracy and cost at each stage (FP32, search, after fine-tune),
+the found policy beside the uniform policy its budget refers to
+(`haqjax.report.versus_uniform`), timings, the plots, the policy with every
+layer's cost under the search's hardware model, and the config (the fields
+that differ from the defaults, then all of it). Nothing is recomputed:
+per-layer costs are the `layer_costs` the search saved. Costs read in the
+units of `haqjax.units` (73.4 µs, 1.25 mJ, 12.0 KiB); results.json keeps
+the SI values. The HTML page embeds its plots as base64 data URIs and its
+CSS inline, so it is one file that opens anywhere, offline.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import html
 import json
 import os
 import re
@@ -32,16 +33,29 @@ import numpy as np
 
 from haqjax import configs
 from haqjax import io as haq_io
+from haqjax import units
 from haqjax.bitwidths import FLOAT_BITS
+from haqjax.report import versus_uniform
+from haqjax.report.render import html_table  # Re-exported: notebooks use it.
+from haqjax.report.render import markdown_table  # Re-exported: notebooks use it.
+from haqjax.report.render import to_html
+from haqjax.report.render import to_markdown
 
 # Files every finished search job writes (results.json last).
 RUN_FILES = ("config.json", "search_config.json", "layers.json", "policy.json",
              "results.json")
 _HEADINGS = {"rl": "HAQ search", "gumbel": "Gumbel bit search"}
 # Plots in the order a reader wants them, with captions; other PNGs follow.
-_FIGURES = {"bits.png": "per-layer bits", "search.png": "search progress",
+_FIGURES = {"bits.png": "per-layer bits",
+            "uniform.png": "test top-1 vs cost: found policy and uniform",
+            "search.png": "search progress",
             "w_probs.png": "weight bit probabilities",
             "a_probs.png": "activation bit probabilities"}
+
+
+# Timed stages (results.json keys) and how the summary names them.
+_STAGES = {"fp32_seconds": "FP32", "search_seconds": "search",
+           "finetune_seconds": "fine-tune", "uniform_reference_seconds": "uniform reference"}
 
 
 class Run(NamedTuple):
@@ -180,8 +194,7 @@ def _bits(b: int) -> str:
   return "float" if b == FLOAT_BITS else str(b)
 
 
-def _pct(value) -> str:
-  return "n/a" if value is None else f"{value:.2f}%"
+_pct = versus_uniform.pct
 
 
 def _seconds(value) -> str:
@@ -214,41 +227,46 @@ def _search_rows(run: Run) -> list[tuple[str, str]]:
 
 
 def blocks(run: Run) -> list[tuple]:
-  """The report as renderer-neutral blocks (see `to_markdown`, `to_html`)."""
+  """The report as renderer-neutral blocks (see `haqjax.report.render`)."""
   r, unit = run.results, run.results["unit"]
   command, ran = command_of(run)
   reference = run.search["budget_reference"]
   to_budget = r["cost"] / r["limit"]
+  cost = lambda value: units.format_cost(value, unit)
+  label, (found_cost,) = units.format_costs([r["cost"]], unit)
+  versus = versus_uniform.summary_row(r)
+  timed = [k for k in _STAGES if k in r]
   out: list[tuple] = [
       ("h", 1, f"{_HEADINGS[r['mode']]}: {r['model']} on {r['dataset']}"),
       ("command", "Reproduce" if ran else "Reproduce (rebuilt from the saved configs)",
        command),
       ("kv", [("target", r["target"]),
-              ("budget", f"{r['budget']} = {r['limit']:.4g} {unit}"),
-              ("policy cost", f"{r['cost']:.4g} {unit} ({r['cost_ratio']:.3f} x {reference})"),
+              ("budget", f"{r['budget']} = {cost(r['limit'])}"),
+              ("policy cost", f"{cost(r['cost'])} ({r['cost_ratio']:.3f} x {reference})"),
               ("FP32 test top-1", _pct(r.get("fp32_test_top1"))),
               *_search_rows(run),
               ("after fine-tune: test top-1", _pct(r.get("test_top1"))),
-              ("time: FP32 / search / fine-tune",
-               f"{_seconds(r.get('fp32_seconds'))} / {_seconds(r.get('search_seconds'))} "
-               f"/ {_seconds(r.get('finetune_seconds'))}")]),
+              *([versus] if versus else []),
+              ("time: " + " / ".join(_STAGES[k] for k in timed),
+               " / ".join(_seconds(r.get(k)) for k in timed))]),
       ("h", 2, "Accuracy and cost"),
-      ("table", ("stage", "split", "top-1", f"cost ({unit})", "cost / budget"),
+      ("table", ("stage", "split", "top-1", f"cost ({label})", "cost / budget"),
        [("FP32", "test / val",
          f"{_pct(r.get('fp32_test_top1'))} / {_pct(r.get('fp32_val_top1'))}", "", ""),
         ("search (policy found)", "val", _pct(r.get("search_val_top1")),
-         f"{r['cost']:.4g}", f"{to_budget:.3f}"),
+         found_cost, f"{to_budget:.3f}"),
         ("after fine-tune", "test / val",
          f"{_pct(r.get('test_top1'))} / {_pct(r.get('val_top1'))} "
-         f"(top-5 {_pct(r.get('test_top5'))})", f"{r['cost']:.4g}", f"{to_budget:.3f}")]),
+         f"(top-5 {_pct(r.get('test_top5'))})", found_cost, f"{to_budget:.3f}")]),
       ("p", f"Budget: {run.search['budget_metric']} on {r['target']}, "
             f"{run.search['budget']:g} ({run.search['budget_kind']}) x {reference} = "
-            f"{r['limit']:.4g} {unit}; the policy {'fits' if r['fits'] else 'does NOT fit'} "
+            f"{cost(r['limit'])}; the policy {'fits' if r['fits'] else 'does NOT fit'} "
             f"({to_budget:.1%} of the budget, {r['cost_ratio']:.3f} x {reference})."),
+      *versus_uniform.blocks(r, run.search, run.policy["layers"]),
       ("h", 2, "Timings"),
       ("table", ("stage", "seconds"),
-       [(k.replace("_seconds", ""), f"{r[k]:.1f}") for k in
-        ("fp32_seconds", "search_seconds", "finetune_seconds", "total_seconds") if k in r]),
+       [(k.replace("_seconds", "").replace("_", " "), f"{r[k]:.1f}") for k in
+        (*timed, "total_seconds") if k in r]),
       ("h", 2, "Plots"),
       *[("figure", caption, path) for caption, path in figures(run.workdir)],
       ("h", 2, "Policy"),
@@ -263,20 +281,23 @@ def blocks(run: Run) -> list[tuple]:
       out.append(("p", "Per-layer costs are not in results.json (the run predates "
                        "them); the policy is shown without them."))
   kinds = {l["name"]: l for l in run.layers}
+  if costs is not None:
+    # One prefix for the column, the total's: each layer reads as its share of it.
+    factor, cost_label = units.scale(unit, [costs.sum()])
   rows = []
   for i, l in enumerate(run.policy["layers"]):
     shape = kinds.get(l["name"], {})
     row = [str(i), l["name"], shape.get("kind", "?"), f"{shape.get('macs', 0):,}",
            f"{shape.get('params', 0):,}", _bits(l["w_bits"]), _bits(l["a_bits"])]
     if costs is not None:
-      row += [f"{costs[i]:.4g}", f"{costs[i] / costs.sum():.1%}"]
+      row += [units.format_number(costs[i] * factor), f"{costs[i] / costs.sum():.1%}"]
     rows.append(tuple(row))
   head = ["#", "layer", "kind", "MACs", "params", "weight bits", "activation bits"]
   if costs is not None:
-    head += [f"{run.search['budget_metric']} ({unit})", "share"]
+    head += [f"{run.search['budget_metric']} ({cost_label})", "share"]
     rows.append(("", "total", "", f"{sum(l['macs'] for l in run.layers):,}",
                  f"{sum(l['params'] for l in run.layers):,}", "", "",
-                 f"{costs.sum():.4g}", "100.0%"))
+                 units.format_number(costs.sum() * factor), "100.0%"))
   out.append(("table", tuple(head), rows))
   out += [
       ("h", 2, "Config"),
@@ -290,103 +311,6 @@ def blocks(run: Run) -> list[tuple]:
                    **({"gumbel": run.gumbel} if run.gumbel else {})}, indent=2)),
   ]
   return out
-
-
-# ---------------------------------------------------------------- renderers
-
-
-def _md_cell(text: Any) -> str:
-  return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  lines = ["| " + " | ".join(_md_cell(h) for h in head) + " |",
-           "|" + "---|" * len(head)]
-  lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-  return "\n".join(lines)
-
-
-def to_markdown(doc: Sequence[tuple]) -> str:
-  """Markdown of blocks; figures are links relative to the workdir."""
-  parts = []
-  for kind, *args in doc:
-    if kind == "h":
-      parts.append("#" * args[0] + " " + args[1])
-    elif kind == "p":
-      parts.append(args[0])
-    elif kind == "command":
-      parts.append(f"{args[0]}: `{args[1]}`")
-    elif kind == "kv":
-      parts.append(markdown_table(("", ""), args[0]))
-    elif kind == "table":
-      parts.append(markdown_table(*args))
-    elif kind == "figure":
-      parts.append(f"![{args[0]}]({args[1]})")
-    elif kind == "details":
-      parts.append(f"<details><summary>{html.escape(args[0])}</summary>\n\n"
-                   f"```json\n{args[1]}\n```\n\n</details>")
-  return "\n\n".join(parts) + "\n"
-
-
-_CSS = """
-body{font-family:DejaVu Sans,Helvetica,Arial,sans-serif;font-size:14px;color:#222;
-max-width:1000px;margin:2em auto;padding:0 1em;line-height:1.4}
-h1{font-size:1.6em;border-bottom:2px solid #444}h2{font-size:1.25em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0}
-th,td{border:1px solid #bbb;padding:3px 8px;text-align:left;vertical-align:top}
-th{background:#eee}tr:nth-child(even) td{background:#f8f8f8}
-pre{background:#f4f4f4;border:1px solid #ddd;padding:.6em;white-space:pre-wrap;
-word-break:break-all;font-size:12px}
-figure{margin:1em 0}figure img{max-width:100%;border:1px solid #ddd}
-figcaption{font-size:.9em;color:#555}
-@page{size:A4;margin:12mm}
-"""
-
-
-def data_uri(path: str) -> str:
-  """A PNG file as a `data:image/png;base64,...` URI."""
-  with open(path, "rb") as f:
-    return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
-
-
-def html_table(head: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> str:
-  e = lambda x: html.escape(str(x))
-  top = ("<tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>") if head else ""
-  body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
-  return f"<table>{top}{body}</table>"
-
-
-def html_page(title: str, body: str) -> str:
-  """A complete HTML document with the inline stylesheet."""
-  return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-          f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n"
-          f"<body>\n{body}\n</body></html>\n")
-
-
-def to_html(doc: Sequence[tuple], workdir: str) -> str:
-  """One self-contained HTML page of blocks: images inline, no external links."""
-  e = html.escape
-  parts, title = [], "haqjax report"
-  for kind, *args in doc:
-    if kind == "h":
-      title = args[1] if args[0] == 1 else title
-      parts.append(f"<h{args[0]}>{e(args[1])}</h{args[0]}>")
-    elif kind == "p":
-      parts.append(f"<p>{e(args[0])}</p>")
-    elif kind == "command":
-      parts.append(f"<p>{e(args[0])}:</p><pre><code>{e(args[1])}</code></pre>")
-    elif kind == "kv":
-      parts.append(html_table(None, [(f"{k}", v) for k, v in args[0]]))
-    elif kind == "table":
-      parts.append(html_table(*args))
-    elif kind == "figure":
-      parts.append(f"<figure><img alt=\"{e(args[0])}\" "
-                   f"src=\"{data_uri(os.path.join(workdir, args[1]))}\">"
-                   f"<figcaption>{e(args[0])} ({e(args[1])})</figcaption></figure>")
-    elif kind == "details":
-      parts.append(f"<details><summary>{e(args[0])}</summary>"
-                   f"<pre><code>{e(args[1])}</code></pre></details>")
-  return html_page(title, "\n".join(parts))
 
 
 def write_report(workdir: str | os.PathLike, *, command: str | None = None

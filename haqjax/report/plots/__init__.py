@@ -9,7 +9,8 @@ inside the axes or outside them below, never over the title.
 
   bits      a policy's per-layer bits (HAQ Fig. 3/5), bit probabilities
   progress  reward, accuracy and cost per search episode
-  pareto    test top-1 against hardware cost, the Pareto front
+  pareto    test top-1 against hardware cost, the Pareto front, one run
+            against uniform
   canvas    the Agg canvas, atomic PNG writes and unit prefixes they share
 
     plot_policy_bits("policy.png", json.load(open("layers.json")),
@@ -25,5 +26,7 @@ from haqjax.report.plots.canvas import unit_scale
 from haqjax.report.plots.pareto import pareto_figure
 from haqjax.report.plots.pareto import pareto_front
 from haqjax.report.plots.pareto import plot_pareto
+from haqjax.report.plots.pareto import plot_versus_uniform
+from haqjax.report.plots.pareto import versus_uniform_figure
 from haqjax.report.plots.progress import plot_search_progress
 from haqjax.report.plots.progress import search_progress_figure

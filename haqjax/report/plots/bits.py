@@ -61,7 +61,9 @@ def _policy_layers(policy: Any) -> list[dict[str, Any]]:
 
 
 def policy_bits_figure(layers: Sequence[Mapping[str, Any]], policy: Any, *,
-                       title: str | None = None, dpi: float = 120) -> Figure:
+                       title: str | None = None,
+                       reference: Mapping[str, Any] | None = None,
+                       dpi: float = 120) -> Figure:
   """Per-layer weight (up) and activation (down) bit-widths, HAQ Fig. 3/5 style.
 
   Args:
@@ -69,6 +71,8 @@ def policy_bits_figure(layers: Sequence[Mapping[str, Any]], policy: Any, *,
     policy: the policy's dict form or a `haqjax.policy.Policy`.
     title: figure title (`fig.get_suptitle()`); the default names the layer
       count and the unweighted mean of the quantized bit-widths.
+    reference: a uniform policy to compare with, {"label", "w_bits",
+      "a_bits"}: dashed lines at +w_bits and -a_bits.
     dpi: dots per inch of the figure.
 
   Returns:
@@ -119,7 +123,12 @@ def policy_bits_figure(layers: Sequence[Mapping[str, Any]], policy: Any, *,
               markersize=6, markerfacecolor="white", markeredgecolor="black")
   ax.axhline(0, color="black", linewidth=0.8)
 
-  finite = np.concatenate([w[w_fix], a[a_fix], [1]])
+  ref_bits = [] if reference is None else [int(reference["w_bits"]),
+                                             int(reference["a_bits"])]
+  if reference is not None:
+    for y in (ref_bits[0], -ref_bits[1]):
+      ax.axhline(y, color="black", linestyle="--", linewidth=1.1, zorder=4)
+  finite = np.concatenate([w[w_fix], a[a_fix], [1], ref_bits])
   top = float(finite.max()) + 0.6
   ax.set_ylim(-top, top)
   ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
@@ -147,6 +156,10 @@ def policy_bits_figure(layers: Sequence[Mapping[str, Any]], policy: Any, *,
       mpatches.Patch(facecolor=mcolors.to_rgba("0.45", 0.35), edgecolor="0.45",
                      hatch="////", label="activation bits (down)"),
   ]
+  if reference is not None:
+    handles.append(Line2D([], [], color="black", linestyle="--", linewidth=1.1,
+                          label=f"{reference.get('label', 'uniform')}: "
+                                f"W{ref_bits[0]} / A{ref_bits[1]}"))
   if (~w_fix).any() or (~a_fix).any():
     handles.append(Line2D([], [], linestyle="none", marker="D", markersize=6,
                           markerfacecolor="white", markeredgecolor="black",
@@ -164,10 +177,11 @@ def policy_bits_figure(layers: Sequence[Mapping[str, Any]], policy: Any, *,
 
 def plot_policy_bits(path: str | os.PathLike, layers: Sequence[Mapping[str, Any]],
                      policy: Any, *, title: str | None = None,
+                     reference: Mapping[str, Any] | None = None,
                      dpi: float = 120) -> str:
   """Writes `policy_bits_figure(...)` as a PNG at `path`; returns the path."""
-  return write_png(policy_bits_figure(layers, policy, title=title, dpi=dpi),
-                    path, dpi)
+  fig = policy_bits_figure(layers, policy, title=title, reference=reference, dpi=dpi)
+  return write_png(fig, path, dpi)
 
 
 def bit_probabilities_figure(history: Sequence[tuple[int, Any]], *,

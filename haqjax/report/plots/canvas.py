@@ -18,12 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from haqjax import io as haq_io
-
-# Unit prefixes: (factor, prefix). Small-value prefixes only for units where
-# they are customary (seconds, joules, watts); large ones for counts and bytes.
-_SMALL_PREFIXES = ((1e3, "m"), (1e6, "\u00b5"), (1e9, "n"))
-_LARGE_PREFIXES = ((1e-3, "k"), (1e-6, "M"), (1e-9, "G"), (1e-12, "T"))
-_SMALL_UNITS = ("s", "J", "W")
+from haqjax import units
 
 
 def write_png(fig: Figure, path: str | os.PathLike, dpi: float) -> str:
@@ -44,30 +39,19 @@ def new_figure(width: float, height: float, dpi: float) -> Figure:
 def unit_scale(unit: str, values: Sequence[float]) -> tuple[float, str]:
   """Chooses a prefixed unit so that the largest |value| reads as 1..999.
 
-  Seconds, joules and watts are scaled down (0.004 s -> 4 ms); other units are
-  scaled up when large (3.2e6 B -> 3.2 MB, 5e9 bitops -> 5 Gbitops).
+  The axes of every plot use the prefixes of reports and summaries
+  (`haqjax.units.scale`): seconds, joules and watts are scaled down
+  (0.004 s -> 4 ms), bytes up in binary steps (3.2e6 bytes -> 3.05 MiB),
+  bit-ops and cycles up in decimal ones (5e9 bit-ops -> 5 GBitOps).
 
   Args:
-    unit: the unit of `values`, e.g. "s", "J", "B", "bitops".
-    values: the numbers to be shown (non-finite ones are ignored).
+    unit: the unit of `values`, e.g. "s", "J", "bytes", "bit-ops".
+    values: the numbers to be shown (None and non-finite ones are ignored).
 
   Returns:
     `(factor, label)`: multiply values by `factor` to express them in `label`.
   """
-  v = np.abs(np.asarray([x for x in values if x is not None], dtype=float))
-  v = v[np.isfinite(v) & (v > 0)]
-  if not v.size:
-    return 1.0, unit
-  top = float(v.max())
-  if unit in _SMALL_UNITS and top < 1.0:
-    for factor, prefix in _SMALL_PREFIXES:
-      if top * factor >= 1.0 or prefix == _SMALL_PREFIXES[-1][1]:
-        return factor, prefix + unit
-  if unit not in _SMALL_UNITS and top >= 1e3:
-    for factor, prefix in reversed(_LARGE_PREFIXES):
-      if top * factor >= 1.0:
-        return factor, prefix + unit
-  return 1.0, unit
+  return units.scale(unit, values)
 
 
 def short_name(name: str, width: int = 24) -> str:

@@ -1,8 +1,10 @@
-"""Accuracy against hardware cost: the Pareto front and its figure.
+"""Accuracy against hardware cost: the Pareto front, and one run against uniform.
 
 Uniform-precision points are a joined, labelled reference curve; every other
 point (RL, Gumbel, sweep members) enters the mixed-precision Pareto front,
-drawn as the best top-1 reachable at each cost.
+drawn as the best top-1 reachable at each cost. `versus_uniform_figure` is
+the small plot of one search's report: its policy beside the uniform policy
+its budget refers to (and any other uniform points), the difference marked.
 """
 
 from __future__ import annotations
@@ -137,4 +139,89 @@ def plot_pareto(path: str | os.PathLike, points: Sequence[Mapping[str, Any]], *,
                 dpi: float = 120) -> str:
   """Writes `pareto_figure(...)` as a PNG at `path`; returns the path."""
   fig = pareto_figure(points, metric=metric, unit=unit, title=title, dpi=dpi)
+  return write_png(fig, path, dpi)
+
+
+def versus_uniform_figure(found: Mapping[str, Any], reference: Mapping[str, Any] | None,
+                          uniform: Sequence[Mapping[str, Any]] = (), *,
+                          metric: str = "latency", unit: str = "s",
+                          limit: float | None = None, title: str | None = None,
+                          dpi: float = 120) -> Figure:
+  """Test top-1 against cost: a search's policy, its uniform reference, other uniforms.
+
+  Uniform points (the reference and `uniform`, one per label, the reference
+  winning) are joined in cost order and labelled; the reference is ringed,
+  and an arrow from it to the found policy is labelled with the difference
+  in points and the cost ratio.
+
+  Args:
+    found: {"label", "cost" (in `unit`), "top1" (%)} of the search's policy.
+    reference: the same for the uniform policy its budget refers to, or None.
+    uniform: more uniform points {"label", "cost", "top1"}.
+    metric: name of the cost metric.
+    unit: unit of the costs (SI: "s", "J", "bytes", ...).
+    limit: the budget, drawn as a vertical dotted line.
+    title: figure title.
+    dpi: dots per inch of the figure.
+
+  Returns:
+    The figure, one axes.
+
+  Raises:
+    ValueError: if a point lacks a finite "cost" or "top1".
+  """
+  _check_points([found, *([reference] if reference else []), *uniform])
+  by_label = {p.get("label"): p for p in uniform}
+  if reference is not None:
+    by_label[reference.get("label")] = reference
+  line = sorted(by_label.values(), key=lambda p: p["cost"])
+  costs = [found["cost"], *(p["cost"] for p in line)] + ([limit] if limit else [])
+  factor, unit_label = unit_scale(unit, costs)
+  fig = new_figure(6.0, 4.2, dpi)
+  ax = fig.add_subplot()
+  if line:
+    ax.plot([p["cost"] * factor for p in line], [p["top1"] for p in line],
+            linestyle="-", linewidth=1.0, label="uniform", zorder=3,
+            **_GROUP_STYLE["uniform"])
+    for p in line:
+      ax.annotate(str(p.get("label", "")), (p["cost"] * factor, p["top1"]),
+                  xytext=(5, -11), textcoords="offset points", fontsize=8)
+  if reference is not None:
+    ax.plot([reference["cost"] * factor], [reference["top1"]], linestyle="none",
+            marker="o", markersize=13, markerfacecolor="none", markeredgecolor="black",
+            markeredgewidth=1.2, label=f"{reference.get('label', 'uniform')} "
+            "(budget reference)", zorder=4)
+  ax.plot([found["cost"] * factor], [found["top1"]], linestyle="none", marker="D",
+          markersize=8, color=_GROUP_STYLE["rl"]["color"],
+          label=str(found.get("label", "found policy")), zorder=5)
+  if reference is not None:
+    delta = found["top1"] - reference["top1"]
+    ratio = found["cost"] / reference["cost"] if reference["cost"] else math.nan
+    ax.annotate("", xy=(found["cost"] * factor, found["top1"]),
+                xytext=(reference["cost"] * factor, reference["top1"]),
+                arrowprops=dict(arrowstyle="->", color="0.35", linewidth=1.0))
+    ax.annotate(f"{delta:+.2f} pt at {ratio:.3f}x the cost",
+                (found["cost"] * factor, found["top1"]), xytext=(6, 6),
+                textcoords="offset points", fontsize=8, color="0.2")
+  if limit:
+    ax.axvline(limit * factor, color="#d62728", linestyle=":", linewidth=1.2,
+               label="budget")
+  ax.margins(x=0.15, y=0.2)
+  ax.set_xlabel(f"{metric} ({unit_label})")
+  ax.set_ylabel("test top-1 (%)")
+  ax.grid(linewidth=0.4, alpha=0.5)
+  ax.legend(loc="best", fontsize=8)
+  fig.suptitle(title or f"Test top-1 vs {metric}: found policy and uniform")
+  return fig
+
+
+def plot_versus_uniform(path: str | os.PathLike, found: Mapping[str, Any],
+                        reference: Mapping[str, Any] | None,
+                        uniform: Sequence[Mapping[str, Any]] = (), *,
+                        metric: str = "latency", unit: str = "s",
+                        limit: float | None = None, title: str | None = None,
+                        dpi: float = 120) -> str:
+  """Writes `versus_uniform_figure(...)` as a PNG at `path`; returns the path."""
+  fig = versus_uniform_figure(found, reference, uniform, metric=metric, unit=unit,
+                              limit=limit, title=title, dpi=dpi)
   return write_png(fig, path, dpi)

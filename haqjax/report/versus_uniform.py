@@ -1,0 +1,144 @@
+"""The report's answer to "is the found policy better than uniform?".
+
+A search job whose budget is a ratio of a uniform wXaY fine-tunes that
+uniform policy with the same recipe (`haqjax.jobs.uniform`) and saves its
+figures in results.json:
+
+  uniform_reference            {name, cost, cost_ratio, test_top1, val_top1,
+                                layer_costs, policy, ...}, or None
+  delta_test_top1_vs_uniform   found minus uniform test top-1, in points
+  delta_cost_vs_uniform        found minus uniform cost, the metric's SI unit
+  uniform_points               `--uniform_results` points {label, cost, top1}
+
+This module turns them into the report's blocks (a side-by-side table, the
+difference in points and cost) and the command line's summary, from the
+saved data only. Costs read in the units of `haqjax.units`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from haqjax import units
+from haqjax.bitwidths import FLOAT_BITS
+
+UNIFORM = re.compile(r"^w([1-8])a([1-8])$")
+_LABELS = {"rl": "HAQ (RL)", "gumbel": "Gumbel search"}
+
+
+def pct(value: float | None) -> str:
+  """A top-1 in percent: "91.10%" ("n/a" for None)."""
+  return units.NOT_AVAILABLE if value is None else f"{value:.2f}%"
+
+
+def points(value: float | None) -> str:
+  """A signed difference of top-1s: "+0.13 points"."""
+  return units.NOT_AVAILABLE if value is None else f"{value:+.2f} points"
+
+
+def bits_text(layers: Sequence[dict[str, Any]], key: str) -> str:
+  """Per-layer bits as "8 4 4 f" (f: float)."""
+  return " ".join("f" if l[key] == FLOAT_BITS else str(l[key]) for l in layers)
+
+
+def found_label(results: dict[str, Any]) -> str:
+  """How reports name a run's policy: "HAQ (RL)", "Gumbel search"."""
+  return _LABELS.get(results.get("mode"), str(results.get("mode")))
+
+
+def is_uniform_ratio(search: dict[str, Any]) -> bool:
+  """Whether a saved search config's budget is a ratio of a uniform wXaY."""
+  return (search.get("budget_kind") == "ratio"
+          and bool(UNIFORM.match(str(search.get("budget_reference", "")))))
+
+
+def summary_row(results: dict[str, Any]) -> tuple[str, str] | None:
+  """The report's one-line answer, for its summary table (None without a reference)."""
+  ref = results.get("uniform_reference")
+  if not ref:
+    return None
+  unit = results["unit"]
+  ratio = results["cost"] / ref["cost"] if ref["cost"] else float("nan")
+  return (f"uniform {ref['name']}: test top-1",
+          f"{pct(ref.get('test_top1'))} at {units.format_cost(ref['cost'], unit)}; the "
+          f"found policy {points(results.get('delta_test_top1_vs_uniform'))} at "
+          f"{ratio:.3f}x its cost")
+
+
+def blocks(results: dict[str, Any], search: dict[str, Any],
+           found_layers: Sequence[dict[str, Any]]) -> list[tuple]:
+  """The "found policy vs uniform" section (empty when there is nothing to compare).
+
+  Args:
+    results: the run's results.json.
+    search: its search_config.json.
+    found_layers: its policy's layers ({name, w_bits, a_bits}).
+  """
+  ref = results.get("uniform_reference")
+  others = results.get("uniform_points") or []
+  budget_ref = search.get("budget_reference")
+  if not ref and not others:
+    if is_uniform_ratio(search) and "uniform_reference" in results:
+      return [("h", 2, f"Found policy vs uniform {budget_ref}"),
+              ("p", f"Uniform {budget_ref}, the budget's reference, was not fine-tuned "
+                    "(--nofinetune_uniform_reference); rerun the command without it to "
+                    "compare.")]
+    return []
+  unit = results["unit"]
+  out: list[tuple] = [("h", 2, f"Found policy vs uniform {ref['name'] if ref else ''}"
+                               .rstrip())]
+  if ref:
+    label, cells = units.format_costs([results["cost"], ref["cost"]], unit)
+    delta_cost = results["cost"] - ref["cost"]
+    factor, _ = units.scale(unit, [results["cost"], ref["cost"]])
+    delta_val = (None if results.get("val_top1") is None or ref.get("val_top1") is None
+                 else results["val_top1"] - ref["val_top1"])
+    ratio = results["cost"] / ref["cost"] if ref["cost"] else float("nan")
+    out.append(("table", ("policy", "weight bits", "activation bits", f"cost ({label})",
+                          f"cost (x {budget_ref})", "test top-1", "val top-1"),
+                [(found_label(results), bits_text(found_layers, "w_bits"),
+                  bits_text(found_layers, "a_bits"), cells[0],
+                  f"{results['cost_ratio']:.3f}", pct(results.get("test_top1")),
+                  pct(results.get("val_top1"))),
+                 (f"uniform {ref['name']}", bits_text(ref["policy"], "w_bits"),
+                  bits_text(ref["policy"], "a_bits"), cells[1], f"{ref['cost_ratio']:.3f}",
+                  pct(ref.get("test_top1")), pct(ref.get("val_top1"))),
+                 ("found - uniform", "", "",
+                  ("+" if delta_cost >= 0 else "") + units.format_number(delta_cost * factor),
+                  f"{results['cost_ratio'] - ref['cost_ratio']:+.3f}",
+                  points(results.get("delta_test_top1_vs_uniform")), points(delta_val))]))
+    delta = results.get("delta_test_top1_vs_uniform")
+    verdict = ("better than" if delta > 0 else "worse than" if delta < 0
+               else "as good as") if delta is not None else "compared with"
+    out.append(("p", f"The found policy is {verdict} uniform {ref['name']} on the test "
+                     f"split ({points(delta)}) at {ratio:.3f}x its cost "
+                     f"({units.format_cost(results['cost'], unit)} against "
+                     f"{units.format_cost(ref['cost'], unit)}, "
+                     f"{units.format_delta(delta_cost, unit)}). Both were fine-tuned with "
+                     "the same recipe from the same FP32 weights; the uniform one in "
+                     f"{ref.get('directory', 'uniform_reference')}/."))
+  if others:
+    label, cells = units.format_costs([p["cost"] for p in others], unit)
+    out.append(("table", ("uniform (--uniform_results)", f"cost ({label})", "test top-1",
+                          "found - it"),
+                [(p["label"], c, pct(p["top1"]),
+                  points(None if results.get("test_top1") is None
+                         else results["test_top1"] - p["top1"]))
+                 for p, c in zip(others, cells)]))
+  return out
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+  """What a search job prints last: its policy and the uniform one, readable costs."""
+  unit, ref_name = results["unit"], results.get("budget_reference")
+  of = f" x {ref_name}" if ref_name else ""
+  lines = [f"{found_label(results)}: {units.format_cost(results['cost'], unit)} "
+           f"({results['cost_ratio']:.3f}{of}), test top-1 {pct(results.get('test_top1'))}"]
+  ref = results.get("uniform_reference")
+  if ref:
+    lines.append(f"uniform {ref['name']}: {units.format_cost(ref['cost'], unit)} "
+                 f"({ref['cost_ratio']:.3f}{of}), test top-1 {pct(ref.get('test_top1'))}; "
+                 f"found - uniform: {points(results.get('delta_test_top1_vs_uniform'))}")
+  return lines
