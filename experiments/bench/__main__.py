@@ -10,7 +10,7 @@ r"""Benchmarks: programs that print and write JSON, not timed tests.
       [--out=bench_search-rl.json]
   python -m experiments.bench search-gumbel [--init_from=FP32_WORKDIR] \
       [--rl_workdir=RL_WORKDIR] [--gumbel_recipes=quickstart_sweep] [--sweep_members=8] \
-      [--sweep_steps=40] [--out=bench_search-gumbel.json]
+      [--sweep_steps=40] [--sweep_repeats=3] [--out=bench_search-gumbel.json]
 
 Each benchmark is a module of this package (`train`, `quant`,
 `quant_codebook`, `hardware`, `ptq`, `search_rl`, `search_gumbel`) whose
@@ -50,6 +50,9 @@ _SWEEP_MEMBERS = flags.DEFINE_integer("sweep_members", 8, "search-gumbel: K of t
                                       "vmapped sweep.")
 _SWEEP_STEPS = flags.DEFINE_integer("sweep_steps", 40, "search-gumbel: steps of each "
                                     "search of the sweep comparison.")
+_SWEEP_REPEATS = flags.DEFINE_integer("sweep_repeats", 3, "search-gumbel: rounds of the "
+                                      "steady-state and repeats of the whole-run "
+                                      "comparison (order alternated).")
 _MAX_SEARCH = flags.DEFINE_float("max_search_seconds", 240.0, "search-gumbel: project "
                                  "a recipe's search instead of running it above this.")
 _CACHE = flags.DEFINE_string("compilation_cache", "",
@@ -77,7 +80,8 @@ def kwargs_for(name: str) -> dict:
     return {"init_from": _INIT_FROM.value, "data_dir": _DATA_DIR.value,
             "rl_workdir": _RL_WORKDIR.value, "recipes_": tuple(_GUMBEL_RECIPES.value),
             "members": _SWEEP_MEMBERS.value, "sweep_steps": _SWEEP_STEPS.value,
-            "max_search_seconds": _MAX_SEARCH.value}
+            "max_search_seconds": _MAX_SEARCH.value,
+            "sweep_repeats": _SWEEP_REPEATS.value}
   return {}
 
 

@@ -20,12 +20,23 @@ epochs in a temporary folder) and measures on this machine:
     search. Target: <= 1/5 of the RL time. A recipe's search is projected
     instead of run when its steps would take over --max_search_seconds;
   * (b) `--sweep_members` searches (budget ratios spread over W2A2..W6A6
-    costs) for `--sweep_steps` steps: one vmapped sweep
-    (`haqjax.search.gumbel.sweep.run`) against the same searches run one
-    after another (`search.run`, each compiling its own step, as separate
-    launcher runs would; here in one process, so without their start-up and
-    data loading). Target: sweep <= 0.7 x sequential. Both derive the same
-    policies (checked).
+    costs), a vmapped sweep (`haqjax.search.gumbel.sweep`) against the same
+    searches one by one (`haqjax.search.gumbel.single`), measured two ways
+    and never mixed:
+      - steady state: one mixed step against the K-member vmapped step, per
+        member, after compilation; the two alternate over
+        `--sweep_repeats` rounds (>= 3) and each round's median is a sample;
+      - whole runs of `--sweep_steps` steps: the K searches one after
+        another (each compiling its own step, as separate launcher runs would;
+        here in one process, so without their start-up and data loading)
+        against one sweep, order alternated over `--sweep_repeats` repeats,
+        JAX's caches cleared before each run so every run compiles afresh;
+      - compilation apart: the single and the vmapped step's
+        ahead-of-time lower-and-compile seconds.
+    Target: sweep <= 0.7 x sequential (whole runs). Both derive the same
+    policies (checked). On a CPU the vmapped step does no less work than the
+    K single steps (no batching of weights, which differ per member), so what
+    a sweep saves there is compilation and per-run overhead, not step time.
 """
 
 from __future__ import annotations
@@ -73,7 +84,7 @@ def _problem(name: str, init_from: str, data_dir: str | None) -> _Problem:
   from experiments.bench import search_rl  # pylint: disable=g-import-not-at-top
   from haqjax import data as haq_data  # pylint: disable=g-import-not-at-top
   from haqjax.nn import layer_table  # pylint: disable=g-import-not-at-top
-  from haqjax.search import runner  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
   from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
   config, search, gumbel = gumbel_recipe(name, data_dir=data_dir, progress=False,
                                          tensorboard=False, init_from=init_from)
@@ -82,8 +93,8 @@ def _problem(name: str, init_from: str, data_dir: str | None) -> _Problem:
   table = layer_table(trainer.build_model(config.replace(mode="train"),
                                           splits.spec.num_classes),
                       (1, *splits.spec.image_shape))
-  wall = runner.build_wall(config, search, table)
-  model = trainer.build_model(runner._search_config(config, search, policy="w8a8"),  # pylint: disable=protected-access
+  wall = stages.build_wall(config, search, table)
+  model = trainer.build_model(stages.qat_config(config, search, policy="w8a8"),
                               splits.spec.num_classes)
   fp32_val = search_rl.fp32_val_top1(config, search, splits, init_from)
   return _Problem(config, search, gumbel, splits, table, wall, model, init_from,
@@ -95,15 +106,14 @@ def _start(p: _Problem, gumbel=None):
   """`(search, variables)`: the static search and the calibrated FP32 start."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from haqjax.policy import Policy  # pylint: disable=g-import-not-at-top
-  from haqjax.search.gumbel import runner as gumbel_runner  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
   gumbel = gumbel or p.gumbel
-  gsearch = gumbel_runner.build_search(p.config, gumbel, p.model, p.table.names, p.wall)
+  gsearch = gumbel_job.build_search(p.config, gumbel, p.model, p.table.names, p.wall)
   top = max(gumbel.bits())
   n = len(p.table)
   policy = Policy.create(p.table.names, *p.wall.fixed.apply(np.full(n, top),
                                                              np.full(n, top)))
-  variables = gumbel_runner._start_variables(  # pylint: disable=protected-access
-      p.config, p.model, p.splits, p.fp32_dir, policy)
+  variables = stages.start_variables(p.config, p.model, p.splits, p.fp32_dir, policy)
   return gsearch, variables
 
 
@@ -115,14 +125,13 @@ def _time_ms(out: dict[str, Any], key: str, fn, calls: int) -> float:
   return out[key]
 
 
-def bench_steps(p: _Problem, members: int) -> dict[str, Any]:
-  """Median step times: mixed (6 and 3 candidates), QAT, FP32, vmapped mixed."""
+def bench_steps(p: _Problem) -> dict[str, Any]:
+  """Median step times: mixed (6 and 3 candidates), QAT, FP32."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from haqjax import data as haq_data  # pylint: disable=g-import-not-at-top
   from haqjax.policy import Policy  # pylint: disable=g-import-not-at-top
-  from haqjax.search.gumbel import runner as gumbel_runner  # pylint: disable=g-import-not-at-top
-  from haqjax.search.gumbel import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
   from haqjax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
   batch = next(haq_data.batches(p.splits.train, batch_size=p.config.batch_size, seed=0,
                                 epoch=0, shuffle=True, drop_remainder=True))
@@ -130,21 +139,11 @@ def bench_steps(p: _Problem, members: int) -> dict[str, Any]:
   for bits in (p.gumbel.gumbel_bits, "2,4,8"):
     gumbel = p.gumbel.replace(gumbel_bits=bits)
     gsearch, variables = _start(p, gumbel)
-    hp = gumbel_runner.make_hparams(gumbel, p.wall.limit, p.steps_per_epoch)
+    hp = gumbel_job.make_hparams(gumbel, p.wall.limit, p.steps_per_epoch)
     state = gsearch.init(jax.random.PRNGKey(0), hp, variables)
     step = jax.jit(gsearch.train_step)
     _time_ms(out, f"mixed_k{len(gumbel.bits())}_ms",
              lambda: step(state, batch, hp)[1]["loss"], 15)
-  gsearch, variables = _start(p)
-  hps = sweep_lib.stack([gumbel_runner.make_hparams(p.gumbel, b * p.wall.reference,
-                                                    p.steps_per_epoch)
-                         for b in (SWEEP_BUDGETS * members)[:members]])
-  states = sweep_lib.init(gsearch, jax.random.split(jax.random.PRNGKey(0), members),
-                          hps, variables)
-  vstep = jax.jit(jax.vmap(gsearch.train_step, in_axes=(0, None, 0)))
-  vmapped = _time_ms(out, f"vmapped_x{members}_ms",
-                     lambda: vstep(states, batch, hps)[1]["loss"], 3)
-  out["vmapped_per_member_ms"] = round(vmapped / members, 1)
   tx = steps_lib.make_optimizer(name="sgd", learning_rate=0.01, momentum=0.9,
                                 weight_decay=5e-4)
   state = steps_lib.init_state(jax.random.key(0), p.model, tx,
@@ -161,14 +160,14 @@ def _run_search(p: _Problem, gumbel, total_steps: int, directory: str, budget: f
                 ) -> tuple[float, Any]:
   """The search stage as the launcher runs it; `(seconds, Result)`."""
   import jax  # pylint: disable=g-import-not-at-top
-  from haqjax.search import runner  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
   from haqjax.search import scoring  # pylint: disable=g-import-not-at-top
-  from haqjax.search.gumbel import runner as gumbel_runner  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
   from haqjax.search.gumbel import single as search_lib  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
-  wall = runner.build_wall(p.config, p.search.replace(budget=budget), p.table)
+  wall = stages.build_wall(p.config, p.search.replace(budget=budget), p.table)
   gsearch, variables = _start(p, gumbel)
-  hp = gumbel_runner.make_hparams(gumbel, wall.limit, p.steps_per_epoch)
+  hp = gumbel_job.make_hparams(gumbel, wall.limit, p.steps_per_epoch)
   state = gsearch.init(jax.random.PRNGKey(p.config.seed), hp, variables)
   result = search_lib.run(
       gsearch, hp, state, train=p.splits.train,
@@ -182,11 +181,11 @@ def _run_search(p: _Problem, gumbel, total_steps: int, directory: str, budget: f
 def bench_recipes(names, init_from: str, data_dir: str | None, rl_seconds: float,
                   step_ms: float, max_seconds: float, tmp: str) -> list[dict[str, Any]]:
   """(a): each recipe's search stage, timed (or projected), against RL."""
-  from haqjax.search.gumbel import runner as gumbel_runner  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
   rows = []
   for name in names:
     p = _problem(name, init_from, data_dir)
-    plan = gumbel_runner.schedule(p.gumbel, p.steps_per_epoch)
+    plan = gumbel_job.schedule(p.gumbel, p.steps_per_epoch)
     row = {"recipe": f"experiments/flags/{name}.flags", "steps": plan["total"],
            "epochs": p.gumbel.gumbel_epochs}
     if plan["total"] * step_ms / 1000 > max_seconds:
@@ -206,52 +205,120 @@ def bench_recipes(names, init_from: str, data_dir: str | None, rl_seconds: float
   return rows
 
 
-def bench_sweep(p: _Problem, members: int, steps: int, tmp: str) -> dict[str, Any]:
-  """(b): one vmapped K-member sweep against the K searches one by one."""
+def _sweep_setup(p: _Problem, members: int):
+  """`(budgets, walls, search, variables, stacked hparams, keys)` of the K members."""
   import jax  # pylint: disable=g-import-not-at-top
-  from haqjax.search import runner  # pylint: disable=g-import-not-at-top
-  from haqjax.search import scoring  # pylint: disable=g-import-not-at-top
-  from haqjax.search.gumbel import runner as gumbel_runner  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
   from haqjax.search.gumbel import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
   budgets = (SWEEP_BUDGETS * members)[:members]
-  sequential, policies = [], []
-  for i, b in enumerate(budgets):
-    seconds, result = _run_search(p, p.gumbel, steps, os.path.join(tmp, f"seq{i}"), b)
-    sequential.append(seconds)
-    policies.append(result.policy.to_dict())
-  t0 = time.perf_counter()
-  walls = [runner.build_wall(p.config, p.search.replace(budget=b), p.table)
+  walls = [stages.build_wall(p.config, p.search.replace(budget=b), p.table)
            for b in budgets]
   gsearch, variables = _start(p)
-  hps = sweep_lib.stack([gumbel_runner.make_hparams(p.gumbel, w.limit, p.steps_per_epoch)
+  hps = sweep_lib.stack([gumbel_job.make_hparams(p.gumbel, w.limit, p.steps_per_epoch)
                          for w in walls])
+  # One key for all: each member then does exactly its standalone search's
+  # work (the sweep job itself gives members their own keys).
   keys = jax.numpy.stack([jax.random.PRNGKey(p.config.seed)] * members)
-  result = sweep_lib.run(
-      gsearch, hps, sweep_lib.init(gsearch, keys, hps, variables), train=p.splits.train,
-      val=scoring.subset(p.splits.val, p.search.search_val_size), walls=walls,
-      directory=os.path.join(tmp, "sweep"), batch_size=p.config.batch_size,
-      total_steps=steps, seed=p.config.seed, eval_batch_size=p.config.eval_batch_size,
-      fp32_top1=p.fp32_val, log_every=p.config.log_every_steps, tensorboard=False)
-  swept = time.perf_counter() - t0
-  same = [a.to_dict() == b for a, b in zip(result.policies, policies)]
+  return budgets, walls, gsearch, variables, hps, keys
+
+
+def bench_vmap(p: _Problem, members: int, rounds: int) -> dict[str, Any]:
+  """Steady state and compilation: one mixed step vs the K-member vmapped step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from haqjax import data as haq_data  # pylint: disable=g-import-not-at-top
+  from haqjax.search.gumbel import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  _, _, gsearch, variables, hps, keys = _sweep_setup(p, members)
+  batch = next(haq_data.batches(p.splits.train, batch_size=p.config.batch_size, seed=0,
+                                epoch=0, shuffle=True, drop_remainder=True))
+  states = sweep_lib.init(gsearch, keys, hps, variables)
+  state, hp = sweep_lib.member(states, 0), sweep_lib.member(hps, 0)
+  single = jax.jit(gsearch.train_step)
+  vmapped = jax.jit(jax.vmap(gsearch.train_step, in_axes=(0, None, 0)))
+  compile_s = {}
+  for name, fn, args in (("single", single, (state, batch, hp)),
+                         ("vmapped", vmapped, (states, batch, hps))):
+    t0 = time.perf_counter()
+    fn.lower(*args).compile()
+    compile_s[name] = round(time.perf_counter() - t0, 2)
+  calls = {"single": lambda: single(state, batch, hp)[1]["loss"],
+           "vmapped": lambda: vmapped(states, batch, hps)[1]["loss"]}
+  samples: dict[str, list[float]] = {"single": [], "vmapped": []}
+  for r in range(rounds):
+    for name in (("single", "vmapped") if r % 2 == 0 else ("vmapped", "single")):
+      samples[name].append(timing.time_call(calls[name], repeats=5).median)
+  single_t = timing.summarize(samples["single"])
+  per_member = timing.summarize([s / members for s in samples["vmapped"]])
+  return {"members": members, "rounds": rounds,
+          "single_step": single_t.to_dict("ms", 1),
+          "vmapped_step_per_member": per_member.to_dict("ms", 1),
+          "per_member_vs_single": round(per_member.median / single_t.median, 3),
+          "compile_seconds": compile_s}
+
+
+def bench_sweep(p: _Problem, members: int, steps: int, repeats: int, tmp: str
+                ) -> dict[str, Any]:
+  """(b) whole runs: the K searches one by one against one vmapped sweep."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from haqjax.search import scoring  # pylint: disable=g-import-not-at-top
+  from haqjax.search.gumbel import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  budgets = (SWEEP_BUDGETS * members)[:members]
+  val = scoring.subset(p.splits.val, p.search.search_val_size)
+
+  def sequential(tag):
+    jax.clear_caches()
+    t0, policies = time.perf_counter(), []
+    for i, b in enumerate(budgets):
+      _, result = _run_search(p, p.gumbel, steps, os.path.join(tmp, f"{tag}_seq{i}"), b)
+      policies.append(result.policy.to_dict())
+    return time.perf_counter() - t0, policies
+
+  def sweep(tag):
+    jax.clear_caches()
+    t0 = time.perf_counter()
+    _, walls, gsearch, variables, hps, keys = _sweep_setup(p, members)
+    result = sweep_lib.run(
+        gsearch, hps, sweep_lib.init(gsearch, keys, hps, variables),
+        train=p.splits.train, val=val, walls=walls,
+        directory=os.path.join(tmp, f"{tag}_sweep"), batch_size=p.config.batch_size,
+        total_steps=steps, seed=p.config.seed, eval_batch_size=p.config.eval_batch_size,
+        fp32_top1=p.fp32_val, log_every=p.config.log_every_steps, tensorboard=False)
+    return time.perf_counter() - t0, [q.to_dict() for q in result.policies], result
+
+  seq_s, sweep_s, same, order = [], [], True, []
+  for r in range(repeats):
+    first = "sequential" if r % 2 == 0 else "sweep"
+    order.append(first)
+    for which in ((first, "sweep" if first == "sequential" else "sequential")):
+      if which == "sequential":
+        seconds, seq_policies = sequential(f"r{r}")
+        seq_s.append(seconds)
+      else:
+        seconds, sweep_policies, result = sweep(f"r{r}")
+        sweep_s.append(seconds)
+    same = same and seq_policies == sweep_policies
+  seq_t, sweep_t = timing.summarize(seq_s), timing.summarize(sweep_s)
+  ratio = sweep_t.median / seq_t.median
   return {"members": members, "steps": steps, "budgets": list(budgets),
-          "sequential_seconds": round(sum(sequential), 1),
-          "sequential_per_run": [round(s, 1) for s in sequential],
-          "sweep_seconds": round(swept, 1),
-          "ratio": round(swept / sum(sequential), 3),
-          "target": f"sweep <= {TARGET_SWEEP_RATIO} x sequential",
-          "met": bool(swept <= TARGET_SWEEP_RATIO * sum(sequential)),
-          "same_policies": same, "trace_counts": result.trace_counts}
+          "repeats": repeats, "first_of_each_repeat": order,
+          "sequential": seq_t.to_dict("s", 1), "sweep": sweep_t.to_dict("s", 1),
+          "ratio": round(ratio, 3),
+          "target": f"sweep <= {TARGET_SWEEP_RATIO} x sequential (medians)",
+          "met": bool(ratio <= TARGET_SWEEP_RATIO), "same_policies": bool(same),
+          "trace_counts": result.trace_counts}
+
+
+def _range(t: dict[str, Any], unit: str) -> str:
+  return (f"{t[f'median_{unit}']:.1f} {unit} (min {t[f'min_{unit}']:.1f}, "
+          f"max {t[f'max_{unit}']:.1f}, n={t['repeats']})")
 
 
 def _print(result: dict[str, Any]) -> None:
   s = result["steps"]
-  k = result["sweep"]["members"]
   print(f"Steps (median ms, batch {s['batch_size']}, after compile):")
   for key, what in (("fp32_ms", "FP32 step"), ("qat_w4a4_ms", "QAT W4A4 step"),
                     ("mixed_k3_ms", "mixed step, 3 candidates"),
-                    ("mixed_k6_ms", "mixed step, 6 candidates (recipe)"),
-                    ("vmapped_per_member_ms", f"vmapped x{k} mixed step, per member")):
+                    ("mixed_k6_ms", "mixed step, 6 candidates (recipe)")):
     print(f"  {what:<40}{s[key]:>9.1f}")
   print(f"(a) search at the W4A4 budget vs RL ({result['rl']['seconds']:.0f} s, "
         f"{result['rl']['source']}); target <= {TARGET_RL_FRACTION:.0%} of RL:")
@@ -260,26 +327,37 @@ def _print(result: dict[str, Any]) -> None:
     mark = "" if r["measured"] else " (projected)"
     print(f"  {r['recipe']:<42}{r['steps']:>6}{r['seconds']:>9.1f}"
           f"{r['fraction_of_rl']:>7.3f}  {'yes' if r['met'] else 'NO'}{mark}")
+  v = result["vmap"]
+  k = v["members"]
+  print(f"(b) steady state, {v['rounds']} alternating rounds: one mixed step "
+        f"{_range(v['single_step'], 'ms')}; vmapped x{k}, per member "
+        f"{_range(v['vmapped_step_per_member'], 'ms')} = {v['per_member_vs_single']:.2f}x "
+        f"one step ({'vmap loses' if v['per_member_vs_single'] > 1 else 'vmap wins'} "
+        f"per step on {result['backend']})")
+  print(f"    compilation (lower + compile): one step {v['compile_seconds']['single']} s, "
+        f"vmapped x{k} {v['compile_seconds']['vmapped']} s")
   w = result["sweep"]
-  print(f"(b) {w['members']} searches x {w['steps']} steps: sequential "
-        f"{w['sequential_seconds']:.1f} s, vmapped sweep {w['sweep_seconds']:.1f} s = "
+  print(f"    whole runs, {w['members']} searches x {w['steps']} steps, {w['repeats']} "
+        f"repeats (order alternated, caches cleared): one by one "
+        f"{_range(w['sequential'], 's')}; vmapped sweep {_range(w['sweep'], 's')} = "
         f"{w['ratio']:.2f}x (target <= {TARGET_SWEEP_RATIO}: "
-        f"{'met' if w['met'] else 'NOT met'}); same policies: {all(w['same_policies'])}",
+        f"{'met' if w['met'] else 'NOT met'}); same policies: {w['same_policies']}",
         flush=True)
 
 
 def run(init_from: str | None = None, data_dir: str | None = None,
         rl_workdir: str | None = None, recipes_: tuple[str, ...] = ("quickstart_sweep",),
-        members: int = 8, sweep_steps: int = 40, max_search_seconds: float = 240.0
-        ) -> dict[str, Any]:
+        members: int = 8, sweep_steps: int = 40, max_search_seconds: float = 240.0,
+        sweep_repeats: int = 3) -> dict[str, Any]:
   """Runs the benchmark; prints a summary and returns a JSON-able dict."""
   import jax  # pylint: disable=g-import-not-at-top
   from experiments import cli  # pylint: disable=g-import-not-at-top
   from experiments import recipes  # pylint: disable=g-import-not-at-top
   from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
-  if members < 2 or sweep_steps < 1:
-    raise ValueError(f"sweep_members={members}, sweep_steps={sweep_steps}; allowed: "
-                     "members >= 2, steps >= 1")
+  if members < 2 or sweep_steps < 1 or sweep_repeats < timing.MIN_REPEATS:
+    raise ValueError(f"sweep_members={members}, sweep_steps={sweep_steps}, "
+                     f"sweep_repeats={sweep_repeats}; allowed: members >= 2, steps >= 1, "
+                     f"repeats >= {timing.MIN_REPEATS}")
   cli.quiet_libraries()
   with tempfile.TemporaryDirectory() as tmp:
     if not init_from:
@@ -295,15 +373,17 @@ def run(init_from: str | None = None, data_dir: str | None = None,
       projected = search_rl.run(init_from=init_from, data_dir=data_dir)["projection"]
       rl = {"seconds": projected["seconds"], "source": "bench search-rl projection"}
     p = _problem("quickstart_gumbel", init_from, data_dir)
-    steps = bench_steps(p, members)
+    steps = bench_steps(p)
     print(f"steps: {steps}", flush=True)
     rows = bench_recipes(recipes_, init_from, data_dir, rl["seconds"],
                          steps["mixed_k6_ms"], max_search_seconds, tmp)
-    sweep = bench_sweep(_problem(recipes_[0], init_from, data_dir), members,
-                        sweep_steps, tmp)
+    sweep_problem = _problem(recipes_[0], init_from, data_dir)
+    vmap = bench_vmap(sweep_problem, members, rounds=sweep_repeats)
+    print(f"vmap: {vmap}", flush=True)
+    sweep = bench_sweep(sweep_problem, members, sweep_steps, sweep_repeats, tmp)
   result = {"jax": jax.__version__, "backend": jax.default_backend(),
             "model": p.config.model, "dataset": p.config.dataset,
             "target": p.search.target, "budget": str(p.search.budget_spec()),
-            "rl": rl, "steps": steps, "recipes": rows, "sweep": sweep}
+            "rl": rl, "steps": steps, "recipes": rows, "vmap": vmap, "sweep": sweep}
   _print(result)
   return result

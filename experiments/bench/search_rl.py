@@ -53,14 +53,14 @@ def fp32_val_top1(config, search, splits, fp32_dir: str) -> float:
   Its recorded `val_top1` when the search scores on the whole validation
   split, else measured on the subset.
   """
-  from haqjax.search import runner  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
   path = os.path.join(fp32_dir, "results.json")
   if os.path.exists(path) and not search.search_val_size:
     with open(path) as f:
       value = json.load(f).get("val_top1")
     if value is not None:
       return value
-  return runner._fp32_top1(config, splits, search, fp32_dir)  # pylint: disable=protected-access
+  return stages.fp32_top1(config, splits, search, fp32_dir)
 
 
 def bench_agent(ddpg_config, state_dim: int, steps: int, batch_size: int = 64) -> dict:
@@ -151,16 +151,18 @@ def _median(xs):
 def bench_search(config, search, splits, fp32_dir: str, fp32_val: float, table,
                  episodes: int, workdir: str) -> dict:
   """The real search for `episodes` episodes, timed by part."""
-  from haqjax.search import runner  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import rl as rl_job  # pylint: disable=g-import-not-at-top
+  from haqjax.search import scoring  # pylint: disable=g-import-not-at-top
   from haqjax.search.rl import learning  # pylint: disable=g-import-not-at-top
   from haqjax.search.rl import search as rl_search  # pylint: disable=g-import-not-at-top
 
   warmup = max(1, episodes // 2)
-  run_search = search.replace(search_episodes=episodes, warmup_episodes=warmup)
+  run_search = search.replace(search_episodes=episodes,
+                              ddpg=search.ddpg.replace(warmup_episodes=warmup))
   t0 = time.perf_counter()
-  scorer = _TimedScorer(runner.make_scorer(config, run_search, splits, fp32_dir))
+  scorer = _TimedScorer(rl_job.make_scorer(config, run_search, splits, fp32_dir))
   scorer_seconds = time.perf_counter() - t0
-  problem = runner.build_problem(config, run_search, table, fp32_val)
+  problem = rl_job.build_problem(config, run_search, table, fp32_val)
   agent_class = _counting_agent_class()
   t0 = time.perf_counter()
   with mock.patch.object(learning, "DDPG", agent_class):
@@ -197,7 +199,7 @@ def bench_search(config, search, splits, fp32_dir: str, fp32_val: float, table,
   # pylint: enable=protected-access
   return {"episodes": episodes, "warmup_episodes": warmup,
           "finetune_steps": search.search_finetune_steps,
-          "val_examples": len(runner.scoring.subset(splits.val, search.search_val_size)),
+          "val_examples": len(scoring.subset(splits.val, search.search_val_size)),
           "scorer_build_seconds": round(scorer_seconds, 2),
           "search_seconds": round(search_seconds, 2),
           "episodes_per_minute": round(60 * episodes / search_seconds, 2),
@@ -263,12 +265,12 @@ def run(init_from: str | None = None, data_dir: str | None = None,
     model = trainer.build_model(config.replace(mode="train"), splits.spec.num_classes)
     table = layer_table(model, (1, *splits.spec.image_shape))
     observations = env_lib.observations(table, search.quantization)
-    agent = bench_agent(search.ddpg(), observations.shape[1], observations.shape[0])
+    agent = bench_agent(search.ddpg, observations.shape[1], observations.shape[0])
     fp32_val = fp32_val_top1(config, search, splits, init_from)
     measured = bench_search(config, search, splits, init_from, float(fp32_val), table,
                             episodes, os.path.join(tmp, "search"))
   parts = measured["median_seconds_by_part"]
-  n, w = search.search_episodes, min(search.warmup_episodes, search.search_episodes)
+  n, w = search.search_episodes, min(search.ddpg.warmup_episodes, search.search_episodes)
   seconds = (measured["scorer_build_seconds"] + parts["first"]["period"]
              + max(w - 1, 0) * parts["warmup"]["period"]
              + (n - max(w, 1)) * parts["learning"]["period"])
