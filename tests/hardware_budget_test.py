@@ -11,6 +11,9 @@ from haqjax.hardware import budget as budget_lib
 
 # Uniform references of the grid: every wXaX in 2..8 and floating point.
 REFERENCES = tuple(f"w{b}a{b}" for b in range(2, 9)) + ("fp32",)
+# Metrics of the grid (those a target models): HAQ's budgets. Every metric
+# goes through the same table and sum, so the others are left out for time.
+GRID_METRICS = ("latency", "energy", "size", "kmeans_size")
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,7 +29,8 @@ def test_uniform_policy_fits_a_budget_of_itself(name, model):
   target = hardware.get_target(name)
   layers = _layers(model, target.batch)
   n = len(layers)
-  for metric in hardware.available_metrics(target, layers):
+  available = hardware.available_metrics(target, layers)
+  for metric in (m for m in GRID_METRICS if m in available):
     table = hardware.Budget(metric=metric).table(target, layers)
     for ref in REFERENCES:
       w, a = budget_lib.reference_bits(ref)

@@ -89,6 +89,30 @@ def test_size_and_bitops(layers):
       float(hardware.policy_cost(hardware.BISMO_EDGE, layers, 8 + 0 * f, 8 + 0 * f, "cycles"))
 
 
+@pytest.mark.parametrize("model", ("quickstart_cnn", "resnet20", "mobilenet_v2_small"))
+def test_kmeans_size_counts_the_codebooks(model):
+  from haqjax import models  # pylint: disable=g-import-not-at-top
+  from haqjax.nn import layer_table  # pylint: disable=g-import-not-at-top
+  from haqjax.quant import kmeans_size_bits  # pylint: disable=g-import-not-at-top
+  table = layer_table(models.create(model, num_classes=10),
+                      (1, *models.INPUT_SHAPES[model]))
+  layers = hardware.from_layer_table(table)
+  rng = np.random.default_rng(3)
+  w = rng.choice([1, 2, 3, 4, 5, 6, 7, 8, 32], size=len(layers))
+  # Labels and a 2**w-entry float32 codebook per layer, 32-bit biases: bytes.
+  want = (sum(int(kmeans_size_bits(int(n), int(b))) for n, b in zip(table.weight_count, w))
+          + 32 * int((table.params - table.weight_count).sum())) / 8
+  plain = (int((table.weight_count * w).sum())
+           + 32 * int((table.params - table.weight_count).sum())) / 8
+  got = hardware.policy_cost(hardware.SYSTOLIC, layers, w, w, "kmeans_size")
+  assert float(got) == pytest.approx(want, rel=1e-6)
+  assert want - plain == sum(2 ** int(b) * 4 for b in w if b != 32)  # The codebooks.
+  budget = hardware.Budget(metric="kmeans_size", value=1.0, reference="w2a2")
+  assert budget.resolve(hardware.SYSTOLIC, layers) == pytest.approx(
+      (int(table.weight_count.sum()) * 2 + 4 * 32 * len(layers)
+       + 32 * int((table.params - table.weight_count).sum())) / 8, rel=1e-12)
+
+
 def test_missing_metric_and_bad_metric(layers):
   with pytest.raises(ValueError, match="does not model 'energy'"):
     hardware.policy_cost(hardware.BISMO_EDGE, layers, 8.0, 8.0, "energy")

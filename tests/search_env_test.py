@@ -137,6 +137,25 @@ def test_size_budget_in_kmeans_mode(table, layers):
   assert wall.fits(w, a) and w.min() >= 2
 
 
+def test_kmeans_size_budget_counts_the_codebooks(table, layers):
+  # At 0.2x the FP32 size, the policy the plain size budget keeps (7-bit
+  # labels from the first layers on) is over once its 2**w centroids count.
+  target = hardware.get_target("bismo-edge")
+  fixed = env.Fixed.create(len(table), mode="kmeans")
+  walls = {m: env.BudgetWall(target, layers,
+                             hardware.Budget(metric=m, value=0.2, reference="fp32"),
+                             min_bits=2, max_bits=8, fixed=fixed)
+           for m in ("size", "kmeans_size")}
+  assert walls["size"].limit == walls["kmeans_size"].limit  # FP32: no codebooks.
+  eight = np.full(len(table), 8)
+  w, a = walls["size"].enforce(eight, eight)
+  codebooks = sum(2.0 ** b * 32 / 8 for b in w)
+  assert walls["kmeans_size"].cost(w, a) == walls["size"].cost(w, a) + codebooks
+  assert not walls["kmeans_size"].fits(w, a)
+  km_w, km_a = walls["kmeans_size"].enforce(eight, eight)
+  assert walls["kmeans_size"].fits(km_w, km_a) and km_w.sum() < w.sum()
+
+
 @functools.lru_cache(maxsize=None)
 def _zoo_layers(model: str, batch: int) -> hardware.Layers:
   size = None if models.INPUT_SHAPES[model][0] <= 32 else 32

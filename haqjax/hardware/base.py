@@ -22,20 +22,24 @@ from haqjax.typing import Array, ArrayLike
 # Per-layer cost keys a target may return.
 COST_KEYS = ("cycles", "latency_s", "energy_j", "dram_bytes", "utilization")
 
-# Metric names that searches optimise, mapped to their cost key. 'size' and
-# 'bitops' do not depend on the target (see haqjax.hardware.metrics).
+# Metric names that searches optimise, mapped to their cost key. 'size',
+# 'kmeans_size' (k-means weights: labels plus codebooks) and 'bitops' do not
+# depend on the target (see haqjax.hardware.metrics).
 METRICS = {
     "latency": "latency_s",
     "cycles": "cycles",
     "energy": "energy_j",
     "dram": "dram_bytes",
     "size": "size_bytes",
+    "kmeans_size": "kmeans_size_bytes",
     "bitops": "bitops",
 }
+# Metrics that need no target model.
+TARGET_FREE = ("size", "kmeans_size", "bitops")
 
 # Units of each metric, for reports and budgets.
 UNITS = {"latency": "s", "cycles": "cycles", "energy": "J", "dram": "bytes",
-         "size": "bytes", "bitops": "bit-ops"}
+         "size": "bytes", "kmeans_size": "bytes", "bitops": "bit-ops"}
 
 
 class Target(Protocol):

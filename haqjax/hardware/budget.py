@@ -88,7 +88,10 @@ class Budget:
   """A limit on one metric.
 
   Attributes:
-    metric: one of 'latency', 'cycles', 'energy', 'dram', 'size', 'bitops'.
+    metric: a name of `hardware.base.METRICS`: 'latency', 'cycles',
+      'energy', 'dram', 'size', 'kmeans_size' (k-means weights: labels plus
+      a `2**w`-centroid codebook per layer, HAQ's model-size budget) or
+      'bitops'.
     value: the limit: a fraction of the reference (kind 'ratio') or an amount
       in the metric's unit (kind 'absolute': s, cycles, J, bytes, bit-ops).
     kind: 'ratio' or 'absolute'.

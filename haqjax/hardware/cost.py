@@ -15,7 +15,8 @@ compilation serves every policy of a network (bits are traced arrays):
     which is differentiable in the probabilities and exact at one-hot inputs.
 
 Metrics: 'latency' (s), 'cycles', 'energy' (J), 'dram' (bytes), 'size'
-(bytes) and 'bitops'; the last two need no target model.
+(bytes), 'kmeans_size' (bytes of k-means weights, codebooks included) and
+'bitops'; the last three need no target model.
 
 Example::
 
@@ -43,7 +44,7 @@ def available_metrics(target: base.Target, layers: Layers) -> tuple[str, ...]:
   """The metric names `target` can report."""
   keys = jax.eval_shape(lambda l: target.layer_cost(l, 8.0, 8.0), layers)
   return tuple(m for m, k in base.METRICS.items()
-               if k in keys or m in ("size", "bitops"))
+               if k in keys or m in base.TARGET_FREE)
 
 
 def _check_metric(metric: str) -> None:
@@ -53,8 +54,8 @@ def _check_metric(metric: str) -> None:
 
 def _layer_metric(target: base.Target, layers: Layers, w: Array, a: Array,
                   metric: str) -> Array:
-  if metric == "size":
-    return jnp.broadcast_to(metrics.size_bytes(layers, w),
+  if metric in ("size", "kmeans_size"):
+    return jnp.broadcast_to(metrics.size_bytes(layers, w, metric == "kmeans_size"),
                             jnp.broadcast_shapes(jnp.shape(w), jnp.shape(a),
                                                  layers.m.shape))
   if metric == "bitops":
@@ -70,11 +71,12 @@ def _layer_metric(target: base.Target, layers: Layers, w: Array, a: Array,
 @functools.partial(jax.jit, static_argnames=("target",))
 def layer_costs(target: base.Target, layers: Layers, w_bits: ArrayLike,
                 a_bits: ArrayLike) -> dict[str, Array]:
-  """All per-layer costs `[..., L]`, plus 'size_bytes' and 'bitops'."""
+  """All per-layer costs `[..., L]`, plus the target-free ones (sizes, bitops)."""
   w = jnp.asarray(w_bits, jnp.float32)
   a = jnp.asarray(a_bits, jnp.float32)
   out = dict(target.layer_cost(layers, w, a))
   out["size_bytes"] = _layer_metric(target, layers, w, a, "size")
+  out["kmeans_size_bytes"] = _layer_metric(target, layers, w, a, "kmeans_size")
   out["bitops"] = metrics.bitops(layers, w, a)
   return out
 

@@ -4,7 +4,8 @@ These need no accelerator model, so every target reports them:
 
   * size: `w` bits per weight plus 32-bit biases; a k-means (codebook)
     quantized layer also stores its `2**w` 32-bit centroids (Deep Compression,
-    as HAQ's model-size search does).
+    as HAQ's model-size search does: metric 'kmeans_size'), as
+    `haqjax.quant.kmeans_size_bits` counts them.
   * BitOps: `MACs * w * a`, the compute measure of mixed-precision papers.
     Floating point (32 bits) counts as 32.
   * roofline: `max(ops / peak ops per s, bytes / peak bytes per s)`.
@@ -20,8 +21,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from haqjax.hardware.layers import Layers
+from haqjax.quant.codebook import kmeans_size_bits
 from haqjax.typing import Array, ArrayLike
 
+# Bits of one stored centroid of a k-means codebook (a float32).
 CODEBOOK_BITS = 32
 
 
@@ -31,13 +34,16 @@ def size_bits(layers: Layers, w_bits: ArrayLike, kmeans: bool = False) -> Array:
   Args:
     layers: the network.
     w_bits: weight bits, broadcastable to `[..., L]` (32: float).
-    kmeans: add a `2**w`-entry 32-bit codebook per layer.
+    kmeans: store the weights as k-means labels of `w` bits plus a
+      `2**w`-entry codebook of `CODEBOOK_BITS` centroids per layer (none
+      at 32 bits: float weights), `kmeans_size_bits`.
   """
   w = jnp.asarray(w_bits, jnp.float32)
-  bits = layers.weights * w + layers.biases * 32.0
   if kmeans:
-    bits = bits + jnp.where(w < 32, 2.0 ** w * CODEBOOK_BITS, 0.0)
-  return bits
+    weights = kmeans_size_bits(layers.weights, w, CODEBOOK_BITS)
+  else:
+    weights = layers.weights * w
+  return weights + layers.biases * 32.0
 
 
 def size_bytes(layers: Layers, w_bits: ArrayLike, kmeans: bool = False) -> Array:
