@@ -170,10 +170,12 @@ def test_cli_systolic_topology(tmp_path, capsys):
                  f"--topology={path}", "--w_bits=8", "--a_bits=8"])
   out = capsys.readouterr().out.strip().splitlines()
   assert rc == 0
-  assert out[0] == "layer,macs,cycles,utilization,dram_bytes,energy_pj"
-  # ws: K=18, N=5, M=16 on 4x4: ceil(18/4)*ceil(5/4) folds of (16 + 2*4 + 4 - 2).
-  assert out[1].split(",")[:3] == ["C1", str(16 * 18 * 5), str(5 * 2 * 26)]
-  assert out[-1].startswith("total,1440,260,")
+  assert out[0] == ("layer,macs,cycles,compute_cycles,stall_cycles,utilization,dram_bytes,"
+                    "energy_pj,compute_energy_pj,sram_energy_pj,dram_energy_pj")
+  # ws: K=18, N=5, M=16 on 4x4: ceil(18/4)*ceil(5/4) folds of (16 + 2*4 + 4 - 2),
+  # no stall (its 242 DRAM bytes take under 8 cycles at 32 bytes per cycle).
+  assert out[1].split(",")[:5] == ["C1", str(16 * 18 * 5), str(5 * 2 * 26), "260", "0"]
+  assert out[-1].startswith("total,1440,260,260,0,")
 
 
 def test_cli_reads_a_policy_file(tmp_path, capsys):

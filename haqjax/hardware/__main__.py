@@ -10,9 +10,14 @@ The network is a SCALE-Sim v2 topology CSV (`--topology`) or a model of
 `haqjax.models` (`--model`). The bits are uniform (`--w_bits`, `--a_bits`) or
 a per-layer policy JSON (`--policy`, e.g. a search's `policy.json`, whose
 model, classes and input size are taken from the file unless given). Prints one row per layer,
-`layer,macs,cycles,utilization,dram_bytes,energy_pj`, then a `total` row;
-a cost the target does not model is left empty. Mistakes print one line to
-stderr and exit with status 2.
+`layer,macs,cycles,compute_cycles,stall_cycles,utilization,dram_bytes,energy_pj,
+compute_energy_pj,sram_energy_pj,dram_energy_pj` (`cycles` is the total:
+compute plus stall cycles; `energy_pj` the sum of its compute, on-chip SRAM
+and DRAM parts), then a `total` row; a cost the target does not model is left
+empty. Each column but `macs` and `utilization` is a budget metric of the
+search (`--budget_metric`: cycles, compute_cycles, stall_cycles, dram, energy,
+compute_energy, sram_energy, dram_energy). Mistakes print one line to stderr
+and exit with status 2.
 """
 
 from __future__ import annotations
@@ -23,7 +28,12 @@ import sys
 
 import numpy as np
 
-HEADER = ("layer", "macs", "cycles", "utilization", "dram_bytes", "energy_pj")
+HEADER = ("layer", "macs", "cycles", "compute_cycles", "stall_cycles", "utilization",
+          "dram_bytes", "energy_pj", "compute_energy_pj", "sram_energy_pj",
+          "dram_energy_pj")
+# Columns in picojoules and the cost keys (joules) they print.
+_PJ_COLUMNS = {"energy_pj": "energy_j", "compute_energy_pj": "compute_energy_j",
+               "sram_energy_pj": "sram_energy_j", "dram_energy_pj": "dram_energy_j"}
 
 # Fields that --array=RxC sets, per target type.
 _ARRAY_FIELDS = {"Systolic": ("rows", "cols"), "Bismo": ("dm", "dn"),
@@ -137,13 +147,12 @@ def rows(target, layers, w_bits, a_bits) -> list[list[str]]:
   c = cost.layer_costs(target, layers, w, a)
   c = {k: np.asarray(v, np.float64) for k, v in c.items()}
   macs = np.asarray(layers.macs, np.float64)
-  cols = {
-      "macs": macs,
-      "cycles": c.get("cycles"),
-      "utilization": c.get("utilization"),
-      "dram_bytes": c.get("dram_bytes"),
-      "energy_pj": c["energy_j"] * 1e12 if "energy_j" in c else None,
-  }
+  cols = {"macs": macs}
+  for key in HEADER[2:]:
+    if key in _PJ_COLUMNS:
+      cols[key] = c[_PJ_COLUMNS[key]] * 1e12 if _PJ_COLUMNS[key] in c else None
+    else:
+      cols[key] = c.get(key)
   total = {k: (None if v is None else v.sum()) for k, v in cols.items()}
   if cols["utilization"] is not None:
     total["utilization"] = (cols["utilization"] * cols["cycles"]).sum() / cols["cycles"].sum()

@@ -9,6 +9,12 @@ maps a `Layers` (arrays `[L]`) and bit arrays broadcastable to `[..., L]` to
 per-layer costs `[..., L]` under the keys of `COST_KEYS` it supports. Bits are
 traced data, so one compiled function serves every policy; the target itself
 is hashable and passed to `jax.jit` as a static argument.
+
+Cycles come split: `cycles = compute_cycles + stall_cycles`, the compute
+schedule's cycles and the cycles it waits on memory beyond them (0 for a
+target without a stall model). A target that models energy splits it the same
+way: `energy_j = compute_energy_j + sram_energy_j + dram_energy_j` (arithmetic,
+on-chip buffer accesses, off-chip traffic). Both hold up to float32 rounding.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from haqjax.hardware.layers import Layers
 from haqjax.typing import Array, ArrayLike
 
 # Per-layer cost keys a target may return.
-COST_KEYS = ("cycles", "latency_s", "energy_j", "dram_bytes", "utilization")
+COST_KEYS = ("cycles", "compute_cycles", "stall_cycles", "latency_s", "energy_j",
+             "compute_energy_j", "sram_energy_j", "dram_energy_j", "dram_bytes",
+             "utilization")
 
 # Metric names that searches optimise, mapped to their cost key. 'size',
 # 'kmeans_size' (k-means weights: labels plus codebooks) and 'bitops' do not
@@ -28,7 +36,12 @@ COST_KEYS = ("cycles", "latency_s", "energy_j", "dram_bytes", "utilization")
 METRICS = {
     "latency": "latency_s",
     "cycles": "cycles",
+    "compute_cycles": "compute_cycles",
+    "stall_cycles": "stall_cycles",
     "energy": "energy_j",
+    "compute_energy": "compute_energy_j",
+    "sram_energy": "sram_energy_j",
+    "dram_energy": "dram_energy_j",
     "dram": "dram_bytes",
     "size": "size_bytes",
     "kmeans_size": "kmeans_size_bytes",
@@ -38,7 +51,9 @@ METRICS = {
 TARGET_FREE = ("size", "kmeans_size", "bitops")
 
 # Units of each metric, for reports and budgets.
-UNITS = {"latency": "s", "cycles": "cycles", "energy": "J", "dram": "bytes",
+UNITS = {"latency": "s", "cycles": "cycles", "compute_cycles": "cycles",
+         "stall_cycles": "cycles", "energy": "J", "compute_energy": "J",
+         "sram_energy": "J", "dram_energy": "J", "dram": "bytes",
          "size": "bytes", "kmeans_size": "bytes", "bitops": "bit-ops"}
 
 

@@ -13,6 +13,11 @@ slowest stage plus a fixed overhead:
 
     cycles = max(execute, fetch_a * a, fetch_w * w, result) + overhead
 
+Its compute cycles are `execute + overhead` (the fixed overhead, instruction
+issue and pipeline fill, is part of the compute schedule, as SCALE-Sim counts
+fill and drain), its stall cycles the cycles the slowest stream takes beyond
+the execute stage. The model has no energy.
+
 Depthwise convolutions are `C` GEMMs of `[M, R*S] x [R*S, 1]`. With
 `pack_depthwise=True` the windows of `Dk / 2**ceil(log2(R*S))` channels share
 one `Dk`-bit row (each padded to a power of two, as a segmented popcount would
@@ -111,17 +116,19 @@ class Bismo:
 
   def layer_cost(self, layers: Layers, w_bits: ArrayLike,
                  a_bits: ArrayLike) -> dict[str, Array]:
-    """Per-layer cycles, latency, streamed bytes and array utilization."""
+    """Per-layer cycles (compute, stall), latency, streamed bytes, utilization."""
     s = self.stages(layers, w_bits, a_bits)
-    cycles = jnp.maximum(jnp.maximum(s["execute"], s["fetch_a"]),
-                         jnp.maximum(s["fetch_w"], s["result"]))
-    cycles = cycles + self.overhead_cycles
+    slowest = jnp.maximum(jnp.maximum(s["execute"], s["fetch_a"]),
+                          jnp.maximum(s["fetch_w"], s["result"]))
+    cycles = slowest + self.overhead_cycles
     streamed_bits = (s["fetch_a"] * self.act_fetch_bits
                      + s["fetch_w"] * self.weight_fetch_bits
                      + s["result"] * self.result_bits)
     useful = layers.macs * effective_bits(w_bits) * effective_bits(a_bits)
     return {
         "cycles": cycles,
+        "compute_cycles": s["execute"] + self.overhead_cycles,
+        "stall_cycles": slowest - s["execute"],
         "latency_s": cycles / self.clock_hz,
         "dram_bytes": streamed_bits / 8.0,
         "utilization": useful / (self.peak_binary_ops_per_cycle * cycles),

@@ -17,11 +17,12 @@ array idle, as it would on the real design.
 Off-chip traffic is proportional to the bits: weights at `w`, inputs at `a`
 (re-read once per weight tile when the weights exceed the weight buffer),
 outputs at `output_bits`. The interface moves `interface_bits` per cycle;
-a memory-bound layer stalls: `cycles = max(compute, traffic / interface)`.
-Energy is a core energy per active (compute) cycle, the on-chip buffer
-accesses of an active cycle (input buffer: N*8 bits, weight buffer: N*M*8
-bits, output buffer: M 32-bit partial sums read and written) at an SRAM
-energy per bit, and DRAM energy per bit.
+a memory-bound layer stalls: `cycles = max(compute, traffic / interface)`,
+its stall cycles being the transfer's cycles beyond compute. Energy is
+compute (a core energy per active cycle), SRAM (the on-chip buffer accesses of
+an active cycle, input buffer: N*8 bits, weight buffer: N*M*8 bits, output
+buffer: M 32-bit partial sums read and written, at an SRAM energy per bit) and
+DRAM (energy per bit).
 
 Floating-point bit-widths (32) run as 8 bits.
 
@@ -113,14 +114,19 @@ class BitFusion:
     cycles = jnp.maximum(compute, dram_bits / self.interface_bits)
     sram_bits_per_cycle = (self.rows * 8 + self.rows * self.cols * 8
                            + self.cols * 32 * 2)
-    energy_pj = (compute * (self.core_pj_per_cycle
-                            + sram_bits_per_cycle * self.sram_pj_per_bit)
-                 + dram_bits * self.dram_pj_per_bit)
+    sram_pj_per_cycle = sram_bits_per_cycle * self.sram_pj_per_bit
+    dram_pj = dram_bits * self.dram_pj_per_bit
+    energy_pj = compute * (self.core_pj_per_cycle + sram_pj_per_cycle) + dram_pj
     peak = self.rows * self.cols * fused_products(w, a)
     return {
         "cycles": cycles,
+        "compute_cycles": compute,
+        "stall_cycles": cycles - compute,
         "latency_s": cycles / self.clock_hz,
         "energy_j": energy_pj * 1e-12,
+        "compute_energy_j": compute * self.core_pj_per_cycle * 1e-12,
+        "sram_energy_j": compute * sram_pj_per_cycle * 1e-12,
+        "dram_energy_j": dram_pj * 1e-12,
         "dram_bytes": dram_bits / 8.0,
         "utilization": layers.macs / (peak * cycles),
     }

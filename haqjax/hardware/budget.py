@@ -88,12 +88,14 @@ class Budget:
   """A limit on one metric.
 
   Attributes:
-    metric: a name of `hardware.base.METRICS`: 'latency', 'cycles',
-      'energy', 'dram', 'size', 'kmeans_size' (k-means weights: labels plus
-      a `2**w`-centroid codebook per layer, HAQ's model-size budget) or
-      'bitops'.
+    metric: a name of `hardware.base.METRICS`: 'latency', 'cycles' (or its
+      parts 'compute_cycles', 'stall_cycles'), 'energy' (or its parts
+      'compute_energy', 'sram_energy', 'dram_energy'), 'dram', 'size',
+      'kmeans_size' (k-means weights: labels plus a `2**w`-centroid codebook
+      per layer, HAQ's model-size budget) or 'bitops'.
     value: the limit: a fraction of the reference (kind 'ratio') or an amount
-      in the metric's unit (kind 'absolute': s, cycles, J, bytes, bit-ops).
+      in the metric's unit (kind 'absolute': s, cycles, J, bytes, bit-ops;
+      `hardware.base.UNITS`).
     kind: 'ratio' or 'absolute'.
     reference: network a ratio refers to: 'fp32' or uniform 'wXaY' ('w8a8'
       in HAQ; 'w4a4' with value 1 asks for "no more than uniform W4A4").

@@ -14,9 +14,11 @@ compilation serves every policy of a network (bits are traced arrays):
     from `a_probs[l]` independently, `sum_l sum_ij T[l,i,j] p[l,i] q[l,j]`,
     which is differentiable in the probabilities and exact at one-hot inputs.
 
-Metrics: 'latency' (s), 'cycles', 'energy' (J), 'dram' (bytes), 'size'
-(bytes), 'kmeans_size' (bytes of k-means weights, codebooks included) and
-'bitops'; the last three need no target model.
+Metrics: 'latency' (s), 'cycles' and its parts 'compute_cycles' and
+'stall_cycles', 'energy' (J) and its parts 'compute_energy', 'sram_energy' and
+'dram_energy', 'dram' (bytes), 'size' (bytes), 'kmeans_size' (bytes of k-means
+weights, codebooks included) and 'bitops'; the last three need no target
+model.
 
 Example::
 

@@ -28,10 +28,11 @@ The serial/fused factor multiplies `T`, not the fill and drain.
 
 DRAM traffic: each operand is read once when it fits its SRAM, else once per
 fold of the other operand; outputs are written once at `output_bits`. The
-roofline bound is `max(compute cycles, DRAM bytes / bytes per cycle)`. Energy
-uses the 45 nm table of `haqjax.hardware.energy`: a MAC at the operand
-widths, SRAM reads of the operand matrices per fold as SCALE-Sim counts them,
-and DRAM bytes.
+roofline bound is `max(compute cycles, DRAM bytes / bytes per cycle)`: the
+stall cycles are what the DRAM transfer takes beyond the compute cycles.
+Energy uses the 45 nm table of `haqjax.hardware.energy`: compute (a MAC at
+the operand widths), SRAM (reads of the operand matrices per fold as
+SCALE-Sim counts them) and DRAM bytes.
 
 References:
   A. Samajdar et al., "A Systematic Methodology for Characterizing
@@ -166,14 +167,20 @@ class Systolic:
                                  + layers.k * layers.n * w * row_folds
                                  + layers.m * layers.n * 32.0)
     e = self.energy
-    energy_pj = (layers.macs * e.mac_pj(w, a)
-                 + sram_bits / 8.0 * e.sram_pj_per_byte
-                 + dram_bytes * e.dram_pj_per_byte)
+    compute_pj = layers.macs * e.mac_pj(w, a)
+    sram_pj = sram_bits / 8.0 * e.sram_pj_per_byte
+    dram_pj = dram_bytes * e.dram_pj_per_byte
+    energy_pj = compute_pj + sram_pj + dram_pj
     del folds
     return {
         "cycles": cycles,
+        "compute_cycles": compute,
+        "stall_cycles": cycles - compute,
         "latency_s": cycles / self.clock_hz,
         "energy_j": energy_pj * 1e-12,
+        "compute_energy_j": compute_pj * 1e-12,
+        "sram_energy_j": sram_pj * 1e-12,
+        "dram_energy_j": dram_pj * 1e-12,
         "dram_bytes": dram_bytes,
         "utilization": layers.macs * stream / (self.rows * self.cols * cycles),
     }

@@ -4,7 +4,9 @@ HAQ's latency/energy environments read a table `T[l, w-1, a-1]` of shape
 `[layers, 8, 8]` (bits 1..8) and sum the entries of a policy. `TableTarget`
 makes any such `.npy` file a target like the analytic ones: its values are
 reported as `cycles` (or, with `unit='energy_j'`, as joules), and latency is
-`cycles / clock_hz`.
+`cycles / clock_hz`. A table has no stall model and no energy split: its
+cycles are all compute cycles (`stall_cycles` is 0), and an energy table
+reports `energy_j` only.
 
 References:
   K. Wang, Z. Liu, Y. Lin, J. Lin, S. Han, "HAQ: Hardware-Aware Automated
@@ -90,4 +92,5 @@ class TableTarget:
     values = jnp.asarray(self.table, jnp.float32)[idx, w, a]
     if self.unit == "energy_j":
       return {"energy_j": values}
-    return {"cycles": values, "latency_s": values / self.clock_hz}
+    return {"cycles": values, "compute_cycles": values,
+            "stall_cycles": jnp.zeros_like(values), "latency_s": values / self.clock_hz}
