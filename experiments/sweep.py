@@ -52,10 +52,6 @@ _COMBINE = flags.DEFINE_string("sweep_combine", "product", "How the axes combine
                                "members: 'product' or 'zip'.")
 _FINETUNE = flags.DEFINE_bool("sweep_finetune", True, "Fine-tune and test every "
                               "member's policy (else the table has search accuracies).")
-_UNIFORM_RESULTS = flags.DEFINE_string(
-    "uniform_results", None, "JSON file of uniform points for the Pareto plot: "
-    '{"w4a4": 90.97, ...} or {"w4a4": {"test_top1": 90.97, "cost": ...}, ...}; '
-    "costs default to the budget wall's.")
 _UNIFORM_POLICIES = flags.DEFINE_list(
     "uniform_policies", [], "Uniform policies (wXaY) to fine-tune here with the "
     "members' recipe, for the Pareto plot.")
@@ -79,7 +75,7 @@ def main(argv: list[str]) -> None:
   from haqjax.jobs import sweep as sweep_job  # pylint: disable=g-import-not-at-top
   results = sweep_job.sweep_and_evaluate(
       config, search, gumbel, spec, workdir, finetune=_FINETUNE.value,
-      uniform_results=_UNIFORM_RESULTS.value,
+      uniform_results=search.uniform_results,
       uniform_policies=tuple(_UNIFORM_POLICIES.value), rl_workdir=_RL_WORKDIR.value,
       gumbel_workdir=_GUMBEL_WORKDIR.value,
       command=job_flags.command_line("experiments.sweep", sys.argv))

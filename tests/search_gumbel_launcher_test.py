@@ -92,15 +92,46 @@ def test_results_records_and_plots(run):
   assert "--mode=gumbel" in report and "plots/w_probs.png" in report
 
 
+def test_uniform_reference_has_the_fixed_first_layer(run):
+  workdir, proc, _ = run
+  r = json.loads((workdir / "results.json").read_text())
+  ref = r["uniform_reference"]
+  # --first_layer_w8 holds for the uniform W8A8 as for the search's policy:
+  # the first layer's input stays in floating point.
+  assert ref["name"] == "w8a8"
+  assert [(l["w_bits"], l["a_bits"]) for l in ref["policy"]] == [(8, 32), (8, 8), (8, 8)]
+  saved = json.loads((workdir / "uniform_reference" / "policy.json").read_text())
+  assert saved["layers"] == ref["policy"] and saved["search"]["algorithm"] == "uniform"
+  assert saved["cost"] == ref["cost"]
+  table = layer_table(models.create("digits_cnn", num_classes=10), (1, 8, 8, 1))
+  cost = hardware.policy_cost(hardware.get_target("bismo-edge"),
+                              hardware.from_layer_table(table), np.array([8, 8, 8]),
+                              np.array([32, 8, 8]))
+  np.testing.assert_allclose(ref["cost"], float(cost), rtol=1e-5)
+  assert r["delta_test_top1_vs_uniform"] == pytest.approx(r["test_top1"] - ref["test_top1"])
+  report = (workdir / "report.md").read_text()
+  assert "## Found policy vs uniform w8a8" in report
+  assert "| uniform w8a8 | 8 8 8 | f 8 8 | " in report
+  assert proc.stderr.strip().splitlines()[-1].startswith("uniform w8a8: ")
+
+
+def _mtimes(folder):
+  return {str(p.relative_to(folder)): p.stat().st_mtime_ns
+          for p in folder.rglob("*") if p.is_file()}
+
+
 def test_rerun_resumes_without_redoing(run):
   workdir, _, args = run
   before = (workdir / "search" / "epochs.jsonl").read_text()
+  uniform = _mtimes(workdir / "uniform_reference")
   results = json.loads((workdir / "results.json").read_text())
   proc = launch(*args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (workdir / "search" / "epochs.jsonl").read_text() == before
+  assert _mtimes(workdir / "uniform_reference") == uniform  # Read back, not retrained.
   again = json.loads((workdir / "results.json").read_text())
   assert again["policy"] == results["policy"] and again["test_top1"] == results["test_top1"]
+  assert again["uniform_reference"]["test_top1"] == results["uniform_reference"]["test_top1"]
 
 
 _PARSE = """

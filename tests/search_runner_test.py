@@ -64,6 +64,13 @@ def test_bad_search_flags_fail_before_training(data_dir, tmp_path, flags, fragme
   assert not (tmp_path / "run").exists(), os.listdir(tmp_path / "run")
 
 
+def _search_args(data_dir, workdir, fp32, *more):
+  return [*_digits(data_dir, workdir), f"--init_from={fp32}",
+          f"--search_episodes={EPISODES}", "--warmup_episodes=3",
+          "--search_finetune_steps=3", "--hidden=32,32", "--ddpg_batch_size=16",
+          "--budget=0.5", "--finetune_epochs=0.25", "--notensorboard", *more]
+
+
 @pytest.fixture(scope="module")
 def search_run(data_dir, tmp_path_factory):
   tmp = tmp_path_factory.mktemp("runner")
@@ -72,10 +79,7 @@ def search_run(data_dir, tmp_path_factory):
                 f"--workdir={fp32}", "--compilation_cache=", "--noprogress", "--epochs=2")
   assert proc.returncode == 0, proc.stderr[-3000:]
   workdir = tmp / "search"
-  proc = launch(*_digits(data_dir, workdir), f"--init_from={fp32}",
-                f"--search_episodes={EPISODES}", "--warmup_episodes=3",
-                "--search_finetune_steps=3", "--hidden=32,32", "--ddpg_batch_size=16",
-                "--budget=0.5", "--finetune_epochs=0.25", "--notensorboard")
+  proc = launch(*_search_args(data_dir, workdir, fp32))
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc
 
@@ -157,6 +161,102 @@ def test_report_and_plots(search_run):
     with Image.open(path) as image:
       image.verify()
       assert image.size[0] > 100 and image.size[1] > 100
+
+
+def _files_with_mtimes(folder):
+  return {str(p.relative_to(folder)): p.stat().st_mtime_ns
+          for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_uniform_reference_fine_tuned_with_the_same_recipe(search_run, digits_table):
+  workdir, proc = search_run
+  r = json.loads((workdir / "results.json").read_text())
+  ref = r["uniform_reference"]
+  # --budget=0.5 of the default reference, uniform W8A8 (no fixed layers here).
+  assert ref["name"] == "w8a8" and ref["directory"] == "uniform_reference"
+  assert [(l["w_bits"], l["a_bits"]) for l in ref["policy"]] == [(8, 8)] * len(digits_table)
+  cost = hardware.policy_cost(hardware.get_target("bismo-edge"),
+                              hardware.from_layer_table(digits_table),
+                              np.full(len(digits_table), 8), np.full(len(digits_table), 8))
+  np.testing.assert_allclose(ref["cost"], float(cost), rtol=1e-5)
+  np.testing.assert_allclose(sum(ref["layer_costs"]), ref["cost"], rtol=1e-9)
+  assert ref["cost_ratio"] == pytest.approx(1.0, rel=1e-9) and ref["fits"] is False
+  np.testing.assert_allclose(r["cost"] / ref["cost"], r["cost_ratio"], rtol=1e-9)
+  done = json.loads((workdir / "uniform_reference" / "finetune" / "results.json").read_text())
+  assert (ref["test_top1"], ref["val_top1"]) == (done["test_top1"], done["val_top1"])
+  assert r["delta_test_top1_vs_uniform"] == pytest.approx(r["test_top1"] - ref["test_top1"])
+  assert r["delta_cost_vs_uniform"] == pytest.approx(r["cost"] - ref["cost"])
+  assert r["uniform_points"] == [] and r["uniform_reference_seconds"] > 0
+  # The same recipe from the same FP32 weights: only the policy differs.
+  found = json.loads((workdir / "finetune" / "config.json").read_text())
+  uniform = json.loads((workdir / "uniform_reference" / "finetune" / "config.json").read_text())
+  assert found["policy"] == str(workdir / "policy.json")
+  assert uniform["policy"] == str(workdir / "uniform_reference" / "policy.json")
+  assert {k: v for k, v in found.items() if k != "policy"} == {
+      k: v for k, v in uniform.items() if k != "policy"}
+  assert found["init_from"] == str(workdir.parent / "fp32")
+  report = (workdir / "report.md").read_text()
+  assert "## Found policy vs uniform w8a8" in report
+  assert f"| uniform w8a8 | 8 8 8 | 8 8 8 | " in report
+  assert f"| found - uniform |  |  | -" in report  # Half the budget: cheaper.
+  assert "plots/uniform.png" in report
+  assert (workdir / "plots" / "uniform.png").read_bytes()[:8] == PNG_SIGNATURE
+  # The last lines on stderr: both policies, costs in readable units.
+  tail = proc.stderr.strip().splitlines()[-2:]
+  assert tail[0].startswith("HAQ (RL): ") and " \u00b5s (" in tail[0], tail
+  assert tail[1].startswith("uniform w8a8: ") and "found - uniform: " in tail[1], tail
+
+
+def test_rerun_reuses_the_uniform_reference(search_run, data_dir):
+  workdir, _ = search_run
+  folder = workdir / "uniform_reference"
+  before = _files_with_mtimes(folder)
+  assert {"policy.json", "finetune/results.json"} <= set(before)
+  assert len(before) > 4  # Checkpoints, metrics, configs too.
+  results = json.loads((workdir / "results.json").read_text())
+  fp32 = workdir.parent / "fp32"
+  # Reused as it is, even with the stage turned off.
+  for more in ((), ("--nofinetune_uniform_reference",)):
+    proc = launch(*_search_args(data_dir, workdir, fp32, *more))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fine-tune uniform" not in proc.stderr
+    assert _files_with_mtimes(folder) == before
+    again = json.loads((workdir / "results.json").read_text())
+    assert again["uniform_reference"]["test_top1"] == results["uniform_reference"]["test_top1"]
+    assert again["delta_test_top1_vs_uniform"] == results["delta_test_top1_vs_uniform"]
+
+
+def test_uniform_reference_skipped_by_flag_and_uniform_results_points(search_run, data_dir,
+                                                                      tmp_path):
+  workdir, _ = search_run
+  points = tmp_path / "uniform.json"
+  points.write_text(json.dumps({"w2a2": 40.0, "w4a4": {"test_top1": 80.0, "cost": 1e-5}}))
+  out = tmp_path / "skipped"
+  proc = launch(*_search_args(data_dir, out, workdir.parent / "fp32",
+                              "--nofinetune_uniform_reference",
+                              f"--uniform_results={points}"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not (out / "uniform_reference").exists()
+  r = json.loads((out / "results.json").read_text())
+  assert r["uniform_reference"] is None and r["delta_test_top1_vs_uniform"] is None
+  assert "uniform_reference_seconds" not in r
+  assert [(p["label"], p["top1"]) for p in r["uniform_points"]] == [("w2a2", 40.0),
+                                                                     ("w4a4", 80.0)]
+  assert r["uniform_points"][1]["cost"] == 1e-5
+  report = (out / "report.md").read_text()
+  assert "## Found policy vs uniform w8a8" in report
+  assert "Uniform w8a8, the budget's reference, was not fine-tuned" in report
+  assert "| uniform (--uniform_results) |" in report and "| w2a2 |" in report
+  assert (out / "plots" / "uniform.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_bad_uniform_results_fail_before_training(data_dir, tmp_path):
+  bad = tmp_path / "uniform.json"
+  bad.write_text(json.dumps({"int4": 90.0}))
+  proc = launch(*_digits(data_dir, tmp_path / "run"), "--search_finetune_steps=3",
+                f"--uniform_results={bad}")
+  assert_one_line_error(proc, "uniform policy 'int4'", "wXaY")
+  assert not (tmp_path / "run").exists()
 
 
 def test_finetune_of_another_policy_is_refused(tmp_path, digits_table):

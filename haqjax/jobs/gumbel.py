@@ -9,8 +9,13 @@ The shared stages (`haqjax.jobs.stages`) around the differentiable search
   policy.json    the argmax policy of the final logits, brought within the
                  budget by the budget wall, with its cost and accuracies
   finetune/      QAT of that policy from the FP32 weights, then test
+  uniform_reference/
+                 the same fine-tune of the uniform policy a ratio budget
+                 refers to (`haqjax.jobs.uniform`; --nofinetune_uniform_reference
+                 skips it)
   plots/         bits.png, search.png (per epoch: val top-1 and cost),
-                 w_probs.png and a_probs.png (bit probabilities per layer)
+                 w_probs.png and a_probs.png (bit probabilities per layer),
+                 uniform.png (test top-1 vs cost, found policy and uniform)
   results.json   every stage's figures, written last
   report.md      a readable summary with the command that reproduces the run,
                  and report.html, the same as one self-contained page
@@ -36,6 +41,7 @@ from haqjax import data as haq_data
 from haqjax import hardware
 from haqjax import report
 from haqjax.jobs import stages
+from haqjax.jobs import uniform
 from haqjax.policy import Policy
 from haqjax.search import env as env_lib
 from haqjax.search import scoring
@@ -104,6 +110,9 @@ def search_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConf
                         workdir: str, command: str | None = None) -> dict[str, Any]:
   """FP32 model -> differentiable search -> fine-tune -> test -> report.
 
+  With a ratio budget of a uniform wXaY, that uniform policy is fine-tuned and
+  tested too (`haqjax.jobs.uniform`) and the report compares the two.
+
   Args:
     config: training settings (mode 'gumbel'): the FP32 stage, batch size,
       momentum, weight decay and quantizers of the search.
@@ -115,9 +124,13 @@ def search_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConf
   Returns:
     The figures written to `results.json`.
   """
+  def check_all(splits, table, wall):
+    check(config, search, gumbel, splits)
+    uniform.check(search, wall)
+
   setup = stages.prepare(
       config, search, workdir, extra=[("gumbel_config.json", gumbel, RESUMABLE_CHANGES)],
-      check=lambda splits, table, wall: check(config, search, gumbel, splits))
+      check=check_all)
   splits, wall = setup.splits, setup.wall
   fp32_val = stages.fp32_val_top1(config, search, setup)
   model = trainer.build_model(stages.qat_config(config, search, policy="w8a8"),
@@ -152,10 +165,12 @@ def search_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConf
        "argmax_a_bits": last["argmax_a_bits"],
        "argmax_cost_ratio": last["argmax_cost_ratio"], "enforced": last["enforced"]})
   finetuned = stages.finetune(config, search, setup, policy_path)
+  versus = uniform.comparison(config, search, setup, finetuned, cost["cost"])
   search_seconds = sum(r["seconds"] for r in result.epochs)
   results = {
       **stages.common_results("gumbel", config, search, setup, result.policy, cost,
                               fp32_val, finetuned),
+      **versus,
       "search_val_top1": last["val_top1"], "argmax_cost_ratio": last["argmax_cost_ratio"],
       "expected_cost": last["expected_cost"], "enforced": last["enforced"],
       "search_steps": plan["total"], "search_epochs": len(result.epochs),
@@ -173,7 +188,9 @@ def write_outputs(workdir: str, results: dict[str, Any], table, result,
                   command: str) -> None:
   """Plots, results.json, report.md and report.html."""
   plots = os.path.join(workdir, "plots")
-  stages.plot_policy(workdir, results, table, result.policy, "Gumbel search policy")
+  stages.plot_policy(workdir, results, table, result.policy, "Gumbel search policy",
+                     reference=uniform.reference_bits(search))
+  uniform.plot_comparison(workdir, results, search, "Gumbel search")
   unit = hardware.base.UNITS[search.budget_metric]
   fig = report.search_progress_figure(
       [{**r, "episode": r["epoch"]} for r in result.epochs],

@@ -8,7 +8,12 @@ where the last one stopped and never redoes a finished stage):
   search/        the RL search: checkpoints/, episodes.jsonl, TensorBoard
   policy.json    the best policy, with its cost, budget and accuracies
   finetune/      QAT of the best policy from the FP32 weights
-  plots/         bits.png (per-layer bits) and search.png (reward, cost)
+  uniform_reference/
+                 the same fine-tune of the uniform policy a ratio budget
+                 refers to (`haqjax.jobs.uniform`; --nofinetune_uniform_reference
+                 skips it)
+  plots/         bits.png (per-layer bits), search.png (reward, cost) and
+                 uniform.png (test top-1 vs cost, found policy and uniform)
   results.json   every stage's figures, written last
   report.md      a readable summary with the command that reproduces the run,
                  and report.html, the same as one self-contained page
@@ -26,6 +31,7 @@ from haqjax import data as haq_data
 from haqjax import hardware
 from haqjax import report
 from haqjax.jobs import stages
+from haqjax.jobs import uniform
 from haqjax.ptq import pipeline
 from haqjax.ptq import runner as ptq_runner
 from haqjax.search import env as env_lib
@@ -83,6 +89,9 @@ def search_and_evaluate(config: Config, search: SearchConfig, workdir: str,
                         command: str | None = None) -> dict[str, Any]:
   """FP32 model -> RL search -> fine-tune of the best policy -> test -> report.
 
+  With a ratio budget of a uniform wXaY, that uniform policy is fine-tuned and
+  tested too (`haqjax.jobs.uniform`) and the report compares the two.
+
   Args:
     config: training settings (mode 'rl'); `epochs`, `learning_rate`, ...
       train the FP32 model unless `init_from` names a finished FP32 run.
@@ -93,9 +102,11 @@ def search_and_evaluate(config: Config, search: SearchConfig, workdir: str,
   Returns:
     The figures written to `results.json`.
   """
-  setup = stages.prepare(
-      config, search, workdir,
-      check=lambda splits, table, wall: check_scoring(config, search, splits))
+  def check(splits, table, wall):
+    check_scoring(config, search, splits)
+    uniform.check(search, wall)
+
+  setup = stages.prepare(config, search, workdir, check=check)
   scorer = make_scorer(config, search, setup.splits, setup.fp32_dir)
   fp32_val = stages.fp32_val_top1(config, search, setup)
   problem = build_problem(config, search, setup.table, fp32_val)
@@ -110,11 +121,13 @@ def search_and_evaluate(config: Config, search: SearchConfig, workdir: str,
       {"episode": result.best["episode"], "reward": result.best["reward"],
        "val_top1": result.best["top1"], "fp32_val_top1": fp32_val})
   finetuned = stages.finetune(config, search, setup, policy_path)
+  versus = uniform.comparison(config, search, setup, finetuned, cost["cost"])
 
   episodes = result.records
   results = {
       **stages.common_results("rl", config, search, setup, result.policy, cost,
                               fp32_val, finetuned),
+      **versus,
       "search_val_top1": result.best["top1"], "best_reward": result.best["reward"],
       "best_episode": result.best["episode"], "episodes": len(episodes),
       "episodes_per_minute": (60.0 * len(episodes) / sum(r["seconds"] for r in episodes)),
@@ -130,7 +143,9 @@ def write_outputs(workdir: str, results: dict[str, Any], table, result, problem,
                   search: SearchConfig, command: str) -> None:
   """The RL search's plots, results.json, report.md and report.html."""
   unit = hardware.base.UNITS[search.budget_metric]
-  stages.plot_policy(workdir, results, table, result.policy, "HAQ policy")
+  stages.plot_policy(workdir, results, table, result.policy, "HAQ policy",
+                     reference=uniform.reference_bits(search))
+  uniform.plot_comparison(workdir, results, search, "HAQ (RL)")
   report.plot_search_progress(
       os.path.join(workdir, "plots", "search.png"), result.records,
       budget={"metric": search.budget_metric, "unit": unit,

@@ -10,10 +10,12 @@ stage):
                       reads, `init_from`) the FP32 model into `fp32/`
   save_search_policy  `policy.json`: bits, cost, budget and the search's figures
   finetune            QAT of the policy from the FP32 weights, then test, in
-                      `finetune/`
+                      `finetune/` (also the uniform policies of
+                      `haqjax.jobs.uniform`, each in a folder of its own)
   common_results      the figures every job reports (per-layer costs included,
                       so reports read them instead of rebuilding the budget)
-  write_report        `results.json`, then `report.md` and `report.html`
+  write_report        `results.json`, then `report.md` and `report.html`,
+                      and the summary on stderr
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import dataclasses
 import itertools
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,6 +42,7 @@ from haqjax.nn import layer_table
 from haqjax.policy import Policy
 from haqjax.policy import save_policy
 from haqjax.report import run_report
+from haqjax.report import versus_uniform
 from haqjax.search import env as env_lib
 from haqjax.search import scoring
 from haqjax.search.config import RESUMABLE_CHANGES
@@ -238,7 +242,7 @@ def common_results(mode: str, config: Config, search: SearchConfig, setup: Setup
   return {
       "mode": mode, "model": config.model, "dataset": config.dataset,
       "target": search.target, "budget": str(budget), "limit": wall.limit,
-      "unit": hardware.base.UNITS[budget.metric],
+      "budget_reference": budget.reference, "unit": hardware.base.UNITS[budget.metric],
       "cost": cost["cost"], "cost_ratio": cost["ratio"],
       "fits": bool(wall.fits(policy.w_bits, policy.a_bits)),
       # Per layer, in the budget metric's unit, summing to `cost`.
@@ -283,16 +287,20 @@ def start_variables(config: Config, model, splits, fp32_dir: str, policy: Policy
 
 
 def plot_policy(workdir: str, results: dict[str, Any], table, policy: Policy,
-                title: str) -> None:
-  """plots/bits.png: the policy's bits per layer."""
+                title: str, reference: dict[str, Any] | None = None) -> None:
+  """plots/bits.png: the policy's bits per layer (`reference`: a uniform policy's
+  {label, w_bits, a_bits}, drawn as dashed lines)."""
   plots = os.path.join(workdir, "plots")
   os.makedirs(plots, exist_ok=True)
   report.plot_policy_bits(os.path.join(plots, "bits.png"), table.rows(),
                           policy.to_dict(), title=f"{title}: {results['model']}, "
-                          f"{results['budget']}")
+                          f"{results['budget']}", reference=reference)
 
 
 def write_report(workdir: str, results: dict[str, Any], command: str) -> None:
-  """results.json (with the command line), then report.md and report.html."""
+  """results.json (with the command line), then report.md and report.html; the
+  summary's lines (costs in readable units) go to stderr."""
   haq_io.write_json(os.path.join(workdir, "results.json"), {**results, "command": command})
   run_report.write_report(workdir)
+  for line in versus_uniform.summary_lines(results):
+    print(line, file=sys.stderr, flush=True)

@@ -45,7 +45,6 @@ import csv
 import dataclasses
 import json
 import os
-import re
 import shlex
 import sys
 import time
@@ -58,8 +57,10 @@ from haqjax import data as haq_data
 from haqjax import hardware
 from haqjax import io as haq_io
 from haqjax import report
+from haqjax import units
 from haqjax.jobs import gumbel as gumbel_job
 from haqjax.jobs import stages
+from haqjax.jobs import uniform as uniform_lib
 from haqjax.policy import Policy
 from haqjax.search import scoring
 from haqjax.search.config import SearchConfig
@@ -68,9 +69,6 @@ from haqjax.search.gumbel.config import RESUMABLE_CHANGES
 from haqjax.search.gumbel.config import GumbelConfig
 from haqjax.train import trainer
 from haqjax.train.config import Config
-
-UNIFORM = re.compile(r"^w([1-8])a([1-8])$")
-
 
 # ------------------------------------------------------------------ members
 
@@ -103,14 +101,6 @@ def member_label(values: dict[str, float]) -> str:
   return ",".join(f"{a}={v:g}" for a, v in values.items())
 
 
-def _uniform_bits(name: str) -> tuple[int, int]:
-  m = UNIFORM.match(name)
-  if not m:
-    raise ValueError(f"uniform policy {name!r}; allowed: wXaY with X, Y in 1..8, "
-                     "e.g. w4a4")
-  return int(m.group(1)), int(m.group(2))
-
-
 def _read_json(path: str, flag: str) -> dict[str, Any]:
   if not os.path.exists(path):
     raise ValueError(f"{flag}={path!r} does not exist")
@@ -119,27 +109,6 @@ def _read_json(path: str, flag: str) -> dict[str, Any]:
       return json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{flag}={path!r} is not JSON: {e}") from None
-
-
-def _uniform_cost(wall, name: str) -> float:
-  w, a = _uniform_bits(name)
-  n = len(wall.fixed.w)
-  return wall.cost(*wall.fixed.apply(np.full(n, w), np.full(n, a)))
-
-
-def read_uniform_results(path: str, wall) -> list[dict[str, Any]]:
-  """Uniform points `{label, group, cost, top1}` of a `--uniform_results` file."""
-  points = []
-  for name, value in _read_json(path, "--uniform_results").items():
-    _uniform_bits(name)
-    top1 = value.get("test_top1") if isinstance(value, dict) else value
-    if not isinstance(top1, (int, float)):
-      raise ValueError(f"--uniform_results={path!r}: {name} has no test_top1 number")
-    cost = value.get("cost") if isinstance(value, dict) else None
-    points.append({"label": name, "group": "uniform", "top1": float(top1),
-                   "cost": float(cost) if cost is not None else _uniform_cost(wall, name),
-                   "source": path})
-  return points
 
 
 def _job_point(workdir: str, flag: str, group: str) -> dict[str, Any]:
@@ -186,7 +155,7 @@ def sweep_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConfi
   values = spec.members()
   members = [member_configs(config, search, gumbel, v) for v in values]
   for name in uniform_policies:
-    _uniform_bits(name)
+    uniform_lib.bits_of(name)
   walls = []
 
   def check(splits, table, wall):
@@ -197,7 +166,7 @@ def sweep_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConfi
       except ValueError as e:
         raise ValueError(f"sweep member {member_label(v)}: {e}") from None
     if uniform_results:
-      read_uniform_results(uniform_results, wall)
+      uniform_lib.read_results(uniform_results, wall)
     for flag, path in (("--rl_workdir", rl_workdir), ("--gumbel_workdir", gumbel_workdir)):
       if path:
         _job_point(path, flag, "check")
@@ -268,22 +237,14 @@ def sweep_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConfi
                  finetune_seconds=msetup.timings["finetune_seconds"])
     rows.append(row)
 
-  uniform = read_uniform_results(uniform_results, wall) if uniform_results else []
+  uniform = uniform_lib.read_results(uniform_results, wall) if uniform_results else []
   for name in uniform_policies:
-    usetup = dataclasses.replace(setup, workdir=os.path.join(setup.workdir, "uniform",
-                                                             name), timings={})
-    os.makedirs(usetup.workdir, exist_ok=True)
-    n = len(setup.table)
-    w_bits, a_bits = _uniform_bits(name)
-    upolicy = Policy.create(setup.table.names, *wall.fixed.apply(np.full(n, w_bits),
-                                                                 np.full(n, a_bits)))
-    upath, _ = stages.save_search_policy(config, search, usetup, upolicy,
-                                         {"algorithm": "uniform", "policy": name})
     print(f"fine-tune uniform {name}", file=sys.stderr, flush=True)
-    done = stages.finetune(config, search, usetup, upath)
+    done = uniform_lib.finetune_uniform(config, search, setup, name,
+                                        os.path.join(setup.workdir, "uniform", name))
     uniform = [p for p in uniform if p["label"] != name]
     uniform.append({"label": name, "group": "uniform", "top1": done["test_top1"],
-                    "cost": _uniform_cost(wall, name), "source": usetup.workdir})
+                    "cost": done["cost"], "source": done["directory"]})
   uniform.sort(key=lambda p: p["cost"])
   others = [_job_point(p, f, g) for p, f, g in ((rl_workdir, "--rl_workdir", "rl"),
                                                  (gumbel_workdir, "--gumbel_workdir",
@@ -341,9 +302,7 @@ def _best_within(points, cost: float) -> dict[str, Any]:
 
 
 def _write_table(workdir: str, rows: list[dict[str, Any]]) -> None:
-  with haq_io.atomic_open(os.path.join(workdir, "sweep.jsonl")) as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
+  haq_io.write_jsonl(os.path.join(workdir, "sweep.jsonl"), rows)
   columns = list(dict.fromkeys(k for r in rows for k in r))
   with haq_io.atomic_open(os.path.join(workdir, "sweep.csv")) as f:
     out = csv.DictWriter(f, fieldnames=columns)
@@ -356,26 +315,30 @@ def _pct(x) -> str:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-  """The members, then the uniform comparison, as markdown."""
-  scale = 1e6 if results["unit"] == "s" else 1.0
-  unit = "us" if results["unit"] == "s" else results["unit"]
+  """The members, then the uniform comparison, as markdown (costs in readable units)."""
   ref = results["budget_reference"]
+  raw = results["unit"]
+  costs = [r["cost"] for r in results["rows"]]
+  costs += [c["cost"] for c in results["uniform_comparison"]]
+  costs += [o["cost"] for o in results["others"]]
+  factor, unit = units.scale(raw, costs)
+  cell = lambda c: units.format_number(c * factor)
   lines = [f"| member | values | budget (x {ref}) | cost ({unit}) | cost (x {ref}) | "
            f"search val top-1 | test top-1 | W bits | A bits |",
            "|---|---|---|---|---|---|---|---|---|"]
   for r in results["rows"]:
     lines.append(f"| {r['member']} | {r['label']} | {r['budget_ratio']:g} | "
-                 f"{r['cost'] * scale:.2f} | {r['cost_ratio']:.3f} | "
+                 f"{cell(r['cost'])} | {r['cost_ratio']:.3f} | "
                  f"{_pct(r['search_val_top1'])} | {_pct(r['test_top1'])} | "
                  f"{r['w_bits']} | {r['a_bits']} |")
   if results["uniform_comparison"]:
     lines += ["", f"| uniform | cost ({unit}) | uniform top-1 | best member at <= cost | "
               "its top-1 |", "|---|---|---|---|---|"]
     for c in results["uniform_comparison"]:
-      lines.append(f"| {c['uniform']} | {c['cost'] * scale:.2f} | "
+      lines.append(f"| {c['uniform']} | {cell(c['cost'])} | "
                    f"{_pct(c['uniform_top1'])} | {c['best_member'] or '-'} | "
                    f"{_pct(c['best_member_top1'])} |")
   for o in results["others"]:
-    lines.append(f"\n{o['label']}: {_pct(o['top1'])} at {o['cost'] * scale:.2f} {unit}"
+    lines.append(f"\n{o['label']}: {_pct(o['top1'])} at {units.format_cost(o['cost'], raw)}"
                  f" ({o['source']})")
   return "\n".join(lines) + "\n"

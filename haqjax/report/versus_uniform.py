@@ -79,16 +79,17 @@ def blocks(results: dict[str, Any], search: dict[str, Any],
   ref = results.get("uniform_reference")
   others = results.get("uniform_points") or []
   budget_ref = search.get("budget_reference")
-  if not ref and not others:
-    if is_uniform_ratio(search) and "uniform_reference" in results:
-      return [("h", 2, f"Found policy vs uniform {budget_ref}"),
-              ("p", f"Uniform {budget_ref}, the budget's reference, was not fine-tuned "
-                    "(--nofinetune_uniform_reference); rerun the command without it to "
-                    "compare.")]
+  # Runs from before these keys have none of them: no section, no note.
+  skipped = not ref and "uniform_reference" in results and is_uniform_ratio(search)
+  if not ref and not others and not skipped:
     return []
   unit = results["unit"]
-  out: list[tuple] = [("h", 2, f"Found policy vs uniform {ref['name'] if ref else ''}"
-                               .rstrip())]
+  name = ref["name"] if ref else budget_ref if skipped else ""
+  out: list[tuple] = [("h", 2, f"Found policy vs uniform {name}".rstrip())]
+  if skipped:
+    out.append(("p", f"Uniform {budget_ref}, the budget's reference, was not fine-tuned "
+                     "(--nofinetune_uniform_reference); rerun the command without it to "
+                     "compare."))
   if ref:
     label, cells = units.format_costs([results["cost"], ref["cost"]], unit)
     delta_cost = results["cost"] - ref["cost"]

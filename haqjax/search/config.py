@@ -17,7 +17,8 @@ SCORERS = ("qat", "ptq")
 QUANTIZATIONS = ("linear", "kmeans")
 
 # Fields that may differ between a search and its resumption.
-RESUMABLE_CHANGES = frozenset({"search_episodes"})
+RESUMABLE_CHANGES = frozenset({"search_episodes", "finetune_uniform_reference",
+                               "uniform_results"})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,6 +48,16 @@ class SearchConfig(JsonConfig):
       validation split).
     finetune_epochs: the final fine-tune of the best policy, in epochs.
     finetune_learning_rate: its peak learning rate (cosine schedule).
+    finetune_uniform_reference: (rl and gumbel jobs) when the budget is a
+      ratio of a uniform `budget_reference` (wXaY), also fine-tune and test
+      that uniform policy (fixed first/last layers applied as for the
+      search's) with the final fine-tune's recipe from the same FP32 weights,
+      in `uniform_reference/`, so the report compares the two; a finished one
+      is reused even when this is off.
+    uniform_results: a JSON file of uniform points for the report's accuracy
+      vs cost plot, `{"w4a4": 90.97, ...}` (test top-1; costs from the budget
+      wall) or `{"w4a4": {"test_top1": 90.97, "cost": 7.3e-05}, ...}` (cost in
+      the budget metric's SI unit); unset: none.
     ddpg: HAQ's DDPG agent (`haqjax.search.rl.DDPGConfig`); its fields are
       flags of their own (`--warmup_episodes`, `--hidden=300,300`,
       `--actor_lr`, `--ddpg_batch_size`, ...).
@@ -68,6 +79,8 @@ class SearchConfig(JsonConfig):
   search_val_size: int = 0
   finetune_epochs: float = 2.0
   finetune_learning_rate: float = 0.01
+  finetune_uniform_reference: bool = True
+  uniform_results: str | None = None
   ddpg: DDPGConfig = dataclasses.field(default_factory=DDPGConfig)
 
   def __post_init__(self):
