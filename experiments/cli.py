@@ -7,7 +7,6 @@ traceback.
 
 from __future__ import annotations
 
-import dataclasses
 import logging as pylogging
 import os
 import re

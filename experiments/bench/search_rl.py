@@ -177,12 +177,12 @@ def bench_search(config, search, splits, fp32_dir: str, fp32_val: float, table,
     # The episode's own parts, then what follows it until the next one starts
     # (checkpoint, episodes.jsonl, metrics); the first episode also compiles.
     rollout, observe = agent.seconds["rollout"][i], agent.seconds["observe"][i]
-    scoring = scorer.calls[i][1]
+    score_s = scorer.calls[i][1]
     period = ends[i] - starts[i]
     rows.append({"episode": i, "warmup": r["warmup"], "top1": r["top1"],
                  "reward": r["reward"], "seconds": r["seconds"], "period": period,
-                 "rollout": rollout, "scoring": scoring, "observe": observe,
-                 "rest": period - rollout - scoring - observe})
+                 "rollout": rollout, "scoring": score_s, "observe": observe,
+                 "rest": period - rollout - score_s - observe})
 
   def summary(selected):
     return {k: _median([row[k] for row in selected])

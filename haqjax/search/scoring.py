@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -17,9 +17,8 @@ step (plain or vmapped over members) and in what they record.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -33,6 +32,7 @@ from haqjax import data as haq_data
 from haqjax import io as haq_io
 from haqjax import parallel
 from haqjax.train import checkpoint as ckpt_lib
+from haqjax.train import divergence
 from haqjax.train import writers
 from haqjax.typing import PyTree
 
@@ -69,19 +69,6 @@ def batch_sharding(batch_size: int) -> NamedSharding:
   mesh = parallel.data_mesh()
   parallel.check_batch_size("batch_size", batch_size, mesh)
   return parallel.batch_sharding(mesh)
-
-
-def write_jsonl(path: str, records: Sequence[Record]) -> None:
-  """Replaces `path` with one JSON line per record, atomically."""
-  with haq_io.atomic_open(path) as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-
-
-def _append_jsonl(path: str, records: Sequence[Record]) -> None:
-  with open(path, "a") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
 
 
 def train(step_fn: Callable[..., tuple[PyTree, dict[str, Any]]], state: PyTree,
@@ -133,8 +120,10 @@ def train(step_fn: Callable[..., tuple[PyTree, dict[str, Any]]], state: PyTree,
     state = jax.tree.unflatten(treedef, list(restored["leaves"]))
     epochs, step_records = list(meta["epochs"]), list(meta["steps"])
   state = parallel.replicate(state, parallel.data_mesh())
-  write_jsonl(epochs_path, epoch_lines(epochs))
-  write_jsonl(steps_path, step_records)
+  haq_io.write_jsonl(epochs_path, epoch_lines(epochs))
+  haq_io.write_jsonl(steps_path, step_records)
+  last_checkpoint = (checkpointer.path(checkpointer.latest_step())
+                     if checkpointer.latest_step() is not None else None)
   writer = writers.create_writer(directory, tensorboard=tensorboard)
 
   traces = [0]
@@ -159,14 +148,19 @@ def train(step_fn: Callable[..., tuple[PyTree, dict[str, Any]]], state: PyTree,
         step += 1
         bar.update(1)
         if step % log_every == 0 or step == total_steps:
-          record, scalars, postfix = log(jax.device_get(running), state)
+          fetched = jax.device_get(running)
+          for i, m in enumerate(fetched):  # Losses `[]`, or `[K]` in a sweep.
+            divergence.check_finite(np.max(np.asarray(m["loss"])),
+                                    step - len(fetched) + 1 + i, last_checkpoint)
+          record, scalars, postfix = log(fetched, state)
           step_records.append({"step": step, **record})
-          _append_jsonl(steps_path, step_records[-1:])
+          haq_io.append_jsonl(steps_path, step_records[-1:])
           writer.write_scalars(step, scalars)
           bar.set_postfix(**postfix)
           running = []
         if step == total_steps:
           break
+      divergence.check_state_finite(state, step, last_checkpoint)
       entry, scalars = end_epoch(jax.device_get(state), epoch, step,
                                  time.perf_counter() - t_epoch)
       t_epoch = time.perf_counter()
@@ -174,7 +168,8 @@ def train(step_fn: Callable[..., tuple[PyTree, dict[str, Any]]], state: PyTree,
       checkpointer.save(step, {"leaves": jax.tree.leaves(state)},
                         {"epochs": epochs, "steps": step_records})
       checkpointer.wait()
-      _append_jsonl(epochs_path, epoch_lines([entry]))
+      last_checkpoint = checkpointer.path(step)
+      haq_io.append_jsonl(epochs_path, epoch_lines([entry]))
       writer.write_scalars(step, scalars)
       writer.flush()
   finally:

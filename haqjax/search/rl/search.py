@@ -17,11 +17,10 @@ and TensorBoard scalars.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -77,12 +76,6 @@ class Result:
   trace_counts: dict[str, int]
 
 
-def _jsonl(path: str, records: Sequence[dict[str, Any]]) -> None:
-  with haq_io.atomic_open(path) as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-
-
 def run(problem: Problem, scorer: Callable[[Policy], dict[str, float]], directory: str,
         *, progress: bool = False, tensorboard: bool = True) -> Result:
   """Runs (or resumes) the search; see the module docstring.
@@ -111,7 +104,7 @@ def run(problem: Problem, scorer: Callable[[Policy], dict[str, float]], director
     state = learning.AgentState(*restored["agent"])
     records, best = list(meta["records"]), dict(meta["best"])
   episodes_path = os.path.join(directory, "episodes.jsonl")
-  _jsonl(episodes_path, records)  # Exactly the checkpointed episodes.
+  haq_io.write_jsonl(episodes_path, records)  # Exactly the checkpointed episodes.
   writer = writers.create_writer(directory, tensorboard=tensorboard)
   start = len(records)
   bar = tqdm.tqdm(total=problem.episodes, initial=start, disable=not progress,
@@ -150,8 +143,7 @@ def run(problem: Problem, scorer: Callable[[Policy], dict[str, float]], director
       records.append(record)
       checkpointer.save(episode, {"agent": state}, {"records": records, "best": best})
       checkpointer.wait()
-      with open(episodes_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+      haq_io.append_jsonl(episodes_path, [record])
       writer.write_scalars(episode, {
           "search/reward": reward, "search/top1": record["top1"],
           "search/cost": record["cost"], "search/cost_ratio": record["cost_ratio"],
