@@ -58,6 +58,7 @@ from haqjax import hardware
 from haqjax import io as haq_io
 from haqjax import report
 from haqjax import units
+from haqjax.hardware import budget as budget_lib
 from haqjax.jobs import gumbel as gumbel_job
 from haqjax.jobs import stages
 from haqjax.jobs import uniform as uniform_lib
@@ -221,9 +222,11 @@ def sweep_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConfi
          "val_top1": last["val_top1"], "fp32_val_top1": fp32_val,
          "argmax_w_bits": last["argmax_w_bits"], "argmax_a_bits": last["argmax_a_bits"],
          "argmax_cost_ratio": last["argmax_cost_ratio"], "enforced": last["enforced"]})
+    member_policy = result.policies[i]
     row = {"member": i, "label": member_label(v), **v,
            "budget_ratio": s.budget, "limit": w.limit, "cost": cost["cost"],
-           "cost_ratio": cost["ratio"], "fits": bool(cost["cost"] <= w.limit * (1 + 1e-9)),
+           "cost_ratio": cost["ratio"],
+           "fits": bool(w.fits(member_policy.w_bits, member_policy.a_bits)),
            "argmax_cost_ratio": last["argmax_cost_ratio"], "enforced": last["enforced"],
            "search_val_top1": last["val_top1"], "test_top1": None, "val_top1": None,
            "finetune_seconds": None,
@@ -292,8 +295,8 @@ def sweep_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConfi
 
 
 def _best_within(points, cost: float) -> dict[str, Any]:
-  """The best member at or below `cost` (1e-9 relative slack)."""
-  within = [p for p in points if p["cost"] <= cost * (1 + 1e-9)]
+  """The best member at or below `cost` (the budgets' relative slack)."""
+  within = [p for p in points if budget_lib.within(p["cost"], cost)]
   if not within:
     return {"best_member": None, "best_member_top1": None, "member_cost": None}
   best = max(within, key=lambda p: p["top1"])

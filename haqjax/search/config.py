@@ -28,7 +28,10 @@ class SearchConfig(JsonConfig):
   Attributes:
     target: hardware target of `haqjax.hardware.get_target` ('bismo-edge',
       'bismo-cloud', 'bitfusion', 'systolic', 'table:PATH.npy').
-    budget_metric: latency, cycles, energy, dram, size or bitops.
+    budget_metric: latency, cycles (or its parts compute_cycles, stall_cycles),
+      energy (or its parts compute_energy, sram_energy, dram_energy), dram,
+      size, kmeans_size or bitops; with quantization 'kmeans', size means
+      kmeans_size (labels plus each layer's 2^b float32 centroids).
     budget: the limit: a fraction of `budget_reference` (ratio) or an amount in
       the metric's unit (absolute).
     budget_kind: 'ratio' or 'absolute'.
@@ -106,8 +109,11 @@ class SearchConfig(JsonConfig):
         raise ValueError(f"{field}={getattr(self, field)!r}; allowed: >= 0")
 
   def budget_spec(self) -> Budget:
+    """The budget; in k-means mode a size budget counts the codebooks (as HAQ)."""
+    metric = ("kmeans_size" if self.quantization == "kmeans" and self.budget_metric == "size"
+              else self.budget_metric)
     try:
-      return Budget(metric=self.budget_metric, value=self.budget, kind=self.budget_kind,
+      return Budget(metric=metric, value=self.budget, kind=self.budget_kind,
                     reference=self.budget_reference)
     except ValueError as e:
       msg = str(e)
