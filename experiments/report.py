@@ -76,7 +76,7 @@ def summary_rows(runs: list[run_report.Run]) -> list[dict]:
   return rows
 
 
-def _fmt(key: str, value, unit: str) -> str:
+def _fmt(key: str, value, unit: str, digits: int = 3) -> str:
   if value is None:
     return "n/a"
   if key.endswith("top1"):
@@ -86,7 +86,7 @@ def _fmt(key: str, value, unit: str) -> str:
   if key in ("cost_ratio", "cost_to_budget"):
     return f"{value:.3f}"
   if key in ("cost", "uniform_cost"):
-    return units.format_cost(value, unit)
+    return units.format_cost(value, unit, digits)
   if key == "search_seconds":
     return f"{value:.0f} s"
   return str(value)
@@ -140,7 +140,10 @@ def compare(workdirs: list[str], out: str | None) -> str:
   """The comparison as markdown; writes the files under `out` when given."""
   runs = [run_report.load_run(w) for w in workdirs]
   rows = summary_rows(runs)
-  table = [[_fmt(k, row[k], row["unit"]) for k in SHOWN] for row in rows]
+  # A run's cost and its uniform reference's with the digits that tell them apart.
+  table = [[_fmt(k, row[k], row["unit"],
+                 units.digits_apart([row["cost"], row["uniform_cost"]], row["unit"]))
+            for k in SHOWN] for row in rows]
   bits_head, bits = bits_rows(runs)
   points = pareto_points(runs)
   doc = [("h", 1, f"Comparison of {len(runs)} search runs"),

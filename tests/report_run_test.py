@@ -324,6 +324,10 @@ def test_summary_lines_read_in_readable_units():
       "HAQ (RL): 70.7 \u00b5s (0.962 x w4a4), test top-1 91.10%",
       "uniform w4a4: 73.5 \u00b5s (1.000 x w4a4), test top-1 90.97%; "
       "found - uniform: +0.13 points"]
+  close = {**results, "cost": 7.336e-05, "cost_ratio": 0.999,
+           "uniform_reference": {**results["uniform_reference"], "cost": 7.344e-05}}
+  assert [l.split(",")[0] for l in versus_uniform.summary_lines(close)] == [
+      "HAQ (RL): 73.36 \u00b5s (0.999 x w4a4)", "uniform w4a4: 73.44 \u00b5s (1.000 x w4a4)"]
   energy = {"mode": "gumbel", "unit": "J", "budget_reference": "w8a8", "cost": 0.0123,
             "cost_ratio": 0.5, "test_top1": 70.0, "uniform_reference": None}
   assert versus_uniform.summary_lines(energy) == [

@@ -63,3 +63,13 @@ def test_format_number(x, text):
 def test_unknown_unit_keeps_its_name_with_decimal_prefixes():
   assert units.format_cost(4.2e6, "widgets") == "4.20 Mwidgets"
   assert units.scale("widgets", [4.2]) == (1.0, "widgets")
+
+
+def test_digits_apart_tells_close_costs_apart():
+  # The quickstart's found policy and uniform W4A4: 0.1% apart.
+  costs = [7.336e-05, 7.344e-05]
+  assert units.digits_apart(costs, "s") == 4
+  assert [units.format_cost(c, "s", 4) for c in costs] == ["73.36 \u00b5s", "73.44 \u00b5s"]
+  assert units.digits_apart([7.07e-05, 7.35e-05], "s") == 3
+  assert units.digits_apart([7.3e-05, 7.3e-05], "s") == 3  # Equal values stay at 3.
+  assert units.digits_apart([1.0, 1.0 + 1e-12], "s") == 6  # At most `most`.

@@ -54,6 +54,11 @@ def is_uniform_ratio(search: dict[str, Any]) -> bool:
           and bool(UNIFORM.match(str(search.get("budget_reference", "")))))
 
 
+def _digits(results: dict[str, Any], ref: dict[str, Any]) -> int:
+  """Significant digits that tell the found and the uniform cost apart."""
+  return units.digits_apart([results["cost"], ref["cost"]], results["unit"])
+
+
 def summary_row(results: dict[str, Any]) -> tuple[str, str] | None:
   """The report's one-line answer, for its summary table (None without a reference)."""
   ref = results.get("uniform_reference")
@@ -61,8 +66,9 @@ def summary_row(results: dict[str, Any]) -> tuple[str, str] | None:
     return None
   unit = results["unit"]
   ratio = results["cost"] / ref["cost"] if ref["cost"] else float("nan")
+  digits = _digits(results, ref)
   return (f"uniform {ref['name']}: test top-1",
-          f"{pct(ref.get('test_top1'))} at {units.format_cost(ref['cost'], unit)}; the "
+          f"{pct(ref.get('test_top1'))} at {units.format_cost(ref['cost'], unit, digits)}; the "
           f"found policy {points(results.get('delta_test_top1_vs_uniform'))} at "
           f"{ratio:.3f}x its cost")
 
@@ -91,7 +97,8 @@ def blocks(results: dict[str, Any], search: dict[str, Any],
                      "(--nofinetune_uniform_reference); rerun the command without it to "
                      "compare."))
   if ref:
-    label, cells = units.format_costs([results["cost"], ref["cost"]], unit)
+    digits = _digits(results, ref)
+    label, cells = units.format_costs([results["cost"], ref["cost"]], unit, digits)
     delta_cost = results["cost"] - ref["cost"]
     factor, _ = units.scale(unit, [results["cost"], ref["cost"]])
     delta_val = (None if results.get("val_top1") is None or ref.get("val_top1") is None
@@ -115,8 +122,8 @@ def blocks(results: dict[str, Any], search: dict[str, Any],
                else "as good as") if delta is not None else "compared with"
     out.append(("p", f"The found policy is {verdict} uniform {ref['name']} on the test "
                      f"split ({points(delta)}) at {ratio:.3f}x its cost "
-                     f"({units.format_cost(results['cost'], unit)} against "
-                     f"{units.format_cost(ref['cost'], unit)}, "
+                     f"({units.format_cost(results['cost'], unit, digits)} against "
+                     f"{units.format_cost(ref['cost'], unit, digits)}, "
                      f"{units.format_delta(delta_cost, unit)}). Both were fine-tuned with "
                      "the same recipe from the same FP32 weights; the uniform one in "
                      f"{ref.get('directory', 'uniform_reference')}/."))
@@ -135,11 +142,13 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
   """What a search job prints last: its policy and the uniform one, readable costs."""
   unit, ref_name = results["unit"], results.get("budget_reference")
   of = f" x {ref_name}" if ref_name else ""
-  lines = [f"{found_label(results)}: {units.format_cost(results['cost'], unit)} "
-           f"({results['cost_ratio']:.3f}{of}), test top-1 {pct(results.get('test_top1'))}"]
   ref = results.get("uniform_reference")
+  digits = _digits(results, ref) if ref else 3
+  cost = lambda value: units.format_cost(value, unit, digits)
+  lines = [f"{found_label(results)}: {cost(results['cost'])} "
+           f"({results['cost_ratio']:.3f}{of}), test top-1 {pct(results.get('test_top1'))}"]
   if ref:
-    lines.append(f"uniform {ref['name']}: {units.format_cost(ref['cost'], unit)} "
-                 f"({ref['cost_ratio']:.3f}{of}), test top-1 {pct(ref.get('test_top1'))}; "
-                 f"found - uniform: {points(results.get('delta_test_top1_vs_uniform'))}")
+    lines.append(f"uniform {ref['name']}: {cost(ref['cost'])} ({ref['cost_ratio']:.3f}{of}), "
+                 f"test top-1 {pct(ref.get('test_top1'))}; found - uniform: "
+                 f"{points(results.get('delta_test_top1_vs_uniform'))}")
   return lines
