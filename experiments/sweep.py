@@ -1,4 +1,4 @@
-"""K differentiable bit searches as one vmapped job, their fine-tunes and a Pareto plot.
+r"""Launcher of K differentiable bit searches as one vmapped job (`haqjax.jobs.sweep`).
 
   python -m experiments.sweep --flagfile=experiments/flags/quickstart_sweep.flags \
       --init_from=/tmp/haqjax/quickstart/fp32 --workdir=/tmp/haqjax/quickstart_sweep \
@@ -8,31 +8,9 @@
       [--rl_workdir=/tmp/haqjax/quickstart_rl] [--gumbel_workdir=...]
 
 Every flag of `experiments.imagenet` (mode `gumbel`) applies; the flagfile is
-the base config and `--sweep.<axis>=v1,v2,...` the swept axes (absl accepts
-dotted flag names, so these are ordinary list flags). Axes: lambda
-(--gumbel_lambda), budget (--budget, as a ratio of --budget_reference), seed
-(the member's search key; the data order is --seed's for all), tau0, tau_min,
-dual_lr, arch_lr, weight_lr, warmup_epochs, freeze_at. Members are the
-cartesian product of the axes (first axis slowest), or with
---sweep_combine=zip the axes position by position (one length, or 1).
-
-The K searches train as one jit-compiled, vmapped step
-(`haqjax.search.gumbel.sweep`); each member's argmax policy is brought within
-its own budget, then (unless --nosweep_finetune) fine-tuned and tested with
-the RL job's fine-tune stage, one member after another. Outputs in --workdir:
-
-  search/              the stacked search: checkpoints/ (per epoch),
-                       epochs.jsonl (one line per member and epoch), steps.jsonl
-  members/mNN/         policy.json and finetune/ of member NN
-  uniform/wXaY/        fine-tunes of --uniform_policies (same recipe)
-  sweep.jsonl, .csv    one row per member: swept values, cost, accuracies
-  plots/pareto.png     test top-1 vs cost: members, uniform points, RL, Gumbel
-  results.json         everything above, written last
-  report.md            the table
-
-A rerun with the same --workdir resumes: the search from its last epoch end,
-then every unfinished fine-tune. The job itself is
-`haqjax.jobs.sweep.sweep_and_evaluate`, which notebooks and tests call too.
+the base config and `--sweep.<axis>=v1,v2,...` the swept axes. What the job
+runs, its axes, keys and outputs are described in `haqjax.jobs.sweep`, which
+notebooks and tests call too. A rerun with the same --workdir resumes.
 """
 
 from __future__ import annotations
