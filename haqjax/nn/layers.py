@@ -25,6 +25,13 @@ correction in training. `haqjax.models.conv_bn` does this for models with
 Shapes: convolution kernels are `[kh, kw, in/groups, out]`, dense kernels
 `[in, out]`, activations NHWC.
 
+A `QConv` picks its convolution by the backend at trace time: on CPU, where
+XLA's grouped and 1x1 convolution gradients are slow, a depthwise layer runs
+as shifted multiply-adds (`haqjax.nn.depthwise`) and a 1x1 layer as a matrix
+product (`haqjax.nn.pointwise`); every other case, and every layer on GPU
+and TPU, runs `haqjax.nn.batching.conv` (XLA's convolution, kept dense under
+a sweep's `vmap`). They agree to float32 summation order.
+
 References:
   Jacob et al. Quantization and Training of Neural Networks for Efficient
   Integer-Arithmetic-Only Inference. CVPR 2018.
@@ -46,6 +53,8 @@ import jax
 import jax.numpy as jnp
 
 from haqjax.nn import batching
+from haqjax.nn import depthwise
+from haqjax.nn import pointwise
 from haqjax.nn.bn_folding import folded_kernel_and_bias
 from haqjax.policy import Policy
 from haqjax.policy import SoftPolicy
@@ -285,12 +294,17 @@ class QConv(QuantizedLayer):
     return y
 
   def _conv(self, x: Array, kernel: Array) -> Array:
+    """`x` convolved with `kernel` by the fastest form here (see the module docstring)."""
     strides = ((self.strides,) * 2 if isinstance(self.strides, int)
                else tuple(self.strides))
     padding = self.padding if isinstance(self.padding, str) else tuple(
         tuple(p) for p in self.padding)
-    return batching.conv(x.astype(self.dtype), kernel.astype(self.dtype),
-                         window_strides=strides, padding=padding,
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if depthwise.uses_taps(x.shape, kernel.shape, self.feature_group_count):
+      return depthwise.depthwise_conv(x, kernel, window_strides=strides, padding=padding)
+    if pointwise.uses_matmul(kernel.shape, self.feature_group_count, padding):
+      return pointwise.pointwise_conv(x, kernel, window_strides=strides)
+    return batching.conv(x, kernel, window_strides=strides, padding=padding,
                          feature_group_count=self.feature_group_count)
 
   def _folded(self, x: Array, kernel: Array, policy: Policy | SoftPolicy | None,
