@@ -1,0 +1,276 @@
+"""HAWQ's layer sensitivities and the perturbation table `Omega[l, w, a]`.
+
+HAWQ-V2/V3 rank layers by the trace of the training loss's Hessian with
+respect to each layer's kernel, and score a bit-width by the second-order
+loss increase it causes, with the quantization noise taken as isotropic:
+
+    Omega_w[l, w] = Tr(H_w,l) / n_w,l * ||Q_w(W_l) - W_l||^2
+                  = Tr(H_w,l) * mse_w[l, w]
+
+(`mse` is the mean squared error per element, so `n` cancels). The traces
+come from Hutchinson's estimator (`haqjax.search.hawq.hutchinson`) on the
+FP32 model in eval mode (BatchNorm with its running statistics, as HAWQ's
+PyTorch code, `model.eval()`), over a few training batches.
+
+Activations. HAWQ-V3 scores weights only (its activations follow a fixed
+rule). Here a layer's activation bits are scored the same way, by the
+Hessian with respect to the layer's input: a zero perturbation `e_l` is
+added to every quantizable layer's input (`flax.linen.intercept_methods`),
+and its Hessian block traces come out of the same probes as the kernels'.
+With the loss a mean over the batch and BatchNorm in eval mode, that block
+is `1/B` times the per-example input Hessians, so
+
+    Omega_a[l, a] = Tr(H_e,l) / n_e,l * ||Q_a(X_l) - X_l||^2
+                  = Tr(H_e,l) * mse_a[l, a]
+
+is the same second-order estimate as the weight term, for the noise the
+activation quantizer adds to the batch's inputs `X_l` (`n_e,l` elements).
+Both terms are in units of the loss, so they add:
+`Omega[l, w, a] = Omega_w[l, w] + Omega_a[l, a]`. A gradient-squared
+(Fisher) proxy would have needed no second derivatives, but it is not the
+Hessian of a network off a minimum, and the exact input Hessian costs one
+more leaf per layer in each Hessian-vector product, which the forward pass
+computes anyway.
+
+The errors use each layer's own quantizers (`QuantizedLayer.quantizers()`),
+calibrated for each bit-width as QAT's calibration does: the weight
+quantizer on the kernel, the activation quantizer on the inputs of all the
+batches (a dynamic one, e.g. min-max, then takes each batch's own range).
+With `fold_bn` the deployed kernel is the BN-folded one; the error here is
+the raw kernel's, which the trace refers to.
+
+The table has the cost table's axes (`haqjax.hardware.budget.TABLE_BITS`:
+1..8 and 32; `budget.table_index`), `+inf` at bit-widths that were not
+candidates and 0 error at 32 bits (floating point).
+
+References:
+  Dong et al. HAWQ-V2: Hessian Aware trace-Weighted Quantization of Neural
+  Networks. NeurIPS 2020. https://arxiv.org/abs/1911.03852
+  Yao et al. HAWQ-V3: Dyadic Neural Network Quantization. ICML 2021.
+  https://arxiv.org/abs/2011.10680
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from haqjax.bitwidths import FLOAT_BITS
+from haqjax.hardware.budget import TABLE_BITS
+from haqjax.hardware.budget import table_index
+from haqjax.nn import calibrate as calibrate_lib
+from haqjax.nn.layers import QConv
+from haqjax.nn.layers import QuantizedLayer
+from haqjax.nn.layers import layer_name
+from haqjax.search.hawq import hutchinson
+from haqjax.treeutil import copy_tree
+from haqjax.treeutil import get_path
+from haqjax.typing import Array
+from haqjax.typing import PRNGKey
+from haqjax.typing import PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class Traces:
+  """Hessian traces of the loss per quantizable layer, in layer-table order.
+
+  Attributes:
+    names: layer names.
+    weight: `[L]` Tr(H) with respect to each layer's kernel.
+    activation: `[L]` Tr(H) with respect to a perturbation of each layer's
+      input (one batch: `[B, ...]`).
+    weight_count: `[L]` kernel elements.
+    activation_count: `[L]` input elements of one batch.
+    iterations: estimator iterations run.
+    probes: probes per batch in all (iterations x probes per iteration).
+    converged: whether the tolerance ended the estimate (not the cap).
+    seconds: wall time of the estimate, compilation included.
+  """
+  names: tuple[str, ...]
+  weight: np.ndarray
+  activation: np.ndarray
+  weight_count: np.ndarray
+  activation_count: np.ndarray
+  iterations: int
+  probes: int
+  converged: bool
+  seconds: float
+
+
+def _cross_entropy(logits: Array, labels: Array, label_smoothing: float) -> Array:
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
+
+
+def plain_convolutions(next_fun, args, kwargs, context):
+  """A `flax.linen.intercept_methods` interceptor: `QConv`s convolve with XLA's op.
+
+  `QConv` convolves through `jax.custom_vjp` functions (fast CPU gradients,
+  `haqjax.nn.batching`), which have no forward mode and no second
+  derivative. Under this interceptor its convolution step (the method
+  `_conv`, which receives the already quantized input and kernel) is
+  `jax.lax.conv_general_dilated` with the layer's own strides, padding and
+  groups: the same values to float32 summation order, differentiable to
+  any order in both modes.
+  """
+  module = context.module
+  if not (isinstance(module, QConv) and context.method_name == "_conv"):
+    return next_fun(*args, **kwargs)
+  x, kernel = args
+  strides = ((module.strides,) * 2 if isinstance(module.strides, int)
+             else tuple(module.strides))
+  padding = module.padding if isinstance(module.padding, str) else tuple(
+      tuple(p) for p in module.padding)
+  return jax.lax.conv_general_dilated(
+      x.astype(module.dtype), kernel.astype(module.dtype), window_strides=strides,
+      padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=module.feature_group_count)
+
+
+def layer_loss(model: nn.Module, variables: PyTree, paths: dict[str, tuple[str, ...]],
+               label_smoothing: float = 0.0):
+  """`loss(x, batch)`: the eval-mode loss with `x = {"kernel", "input"}` per layer.
+
+  `x["kernel"][name]` replaces layer `name`'s kernel and `x["input"][name]`
+  (shaped like its input) is added to its input; `paths` maps layer names to
+  module paths. Convolutions run as `plain_convolutions`, so the loss has a
+  forward-over-reverse Hessian-vector product.
+  """
+  def loss(x: PyTree, batch: PyTree) -> Array:
+    params = copy_tree(variables["params"])
+    for name, kernel in x["kernel"].items():
+      get_path(params, paths[name])["kernel"] = kernel
+
+    def perturb(next_fun, args, kwargs, context):
+      if isinstance(context.module, QuantizedLayer) and context.method_name == "__call__":
+        name = layer_name(context.module)
+        if name in x["input"]:
+          args = (args[0] + x["input"][name].astype(args[0].dtype), *args[1:])
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(perturb), nn.intercept_methods(plain_convolutions):
+      logits = model.apply({**variables, "params": params}, batch["image"], policy=None,
+                           train=False)
+    return _cross_entropy(logits, batch["label"], label_smoothing)
+  return loss
+
+
+def record(model: nn.Module, variables: PyTree, batches: Sequence[PyTree]
+           ) -> dict[str, dict[str, Any]]:
+  """Each quantizable layer's inputs, module path and quantizers (call order).
+
+  See `haqjax.nn.calibrate.record_layer_inputs`.
+  """
+  return calibrate_lib.record_layer_inputs(model, variables, batches)
+
+
+def hessian_traces(key: PRNGKey, model: nn.Module, variables: PyTree,
+                   batches: Sequence[PyTree], *, probes: int, tol: float,
+                   max_iterations: int, label_smoothing: float = 0.0,
+                   recorded: dict[str, dict[str, Any]] | None = None) -> Traces:
+  """Per-layer Hessian traces of the loss (kernels and inputs) on `batches`.
+
+  Args:
+    key: the estimator's key (`hutchinson.estimator` folds it per iteration).
+    model: the model; run in floating point (`policy=None`), eval mode.
+    variables: its variables (FP32 weights).
+    batches: training batches of one shape, `{"image", "label"}`.
+    probes: Rademacher probes per iteration and batch (vmapped together).
+    tol: relative change of every running mean that ends the estimate.
+    max_iterations: the cap on iterations.
+    label_smoothing: the training loss's label smoothing.
+    recorded: `record(model, variables, batches)` when at hand.
+
+  Returns:
+    The traces, in the model's call order (its layer table's).
+  """
+  if not max_iterations >= 1:
+    raise ValueError(f"max_iterations={max_iterations!r}; allowed: >= 1")
+  if not tol >= 0:
+    raise ValueError(f"tol={tol!r}; allowed: >= 0")
+  batches = list(batches)
+  recorded = record(model, variables, batches) if recorded is None else recorded
+  names = tuple(recorded)
+  paths = {name: recorded[name]["path"] for name in names}
+  size = int(np.shape(batches[0]["label"])[0])
+  x = {"kernel": {n: get_path(variables["params"], paths[n])["kernel"] for n in names},
+       "input": {n: jnp.zeros((size, *recorded[n]["inputs"].shape[1:]), jnp.float32)
+                 for n in names}}
+  stacked = hutchinson.stack_batches([{"image": b["image"], "label": b["label"]}
+                                      for b in batches])
+  estimate = hutchinson.estimator(layer_loss(model, variables, paths, label_smoothing),
+                                  probes=probes)
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(estimate(key, x, stacked, tol, max_iterations))
+  seconds = time.perf_counter() - t0
+  traces = jax.device_get(out.traces)
+  return Traces(
+      names=names,
+      weight=np.array([traces["kernel"][n] for n in names], np.float64),
+      activation=np.array([traces["input"][n] for n in names], np.float64),
+      weight_count=np.array([x["kernel"][n].size for n in names], np.int64),
+      activation_count=np.array([x["input"][n].size for n in names], np.int64),
+      iterations=int(out.iterations), probes=int(out.iterations) * probes,
+      converged=bool(out.converged), seconds=seconds)
+
+
+def _mse(quantizer, x: Array, bits: int, key: PRNGKey, parts: Sequence[Array]) -> float:
+  """Mean squared error of `quantizer` calibrated on `x` at `bits`, over `parts`."""
+  b = jnp.int32(bits)
+  params = quantizer.calibrate(quantizer.init(x), x, b)
+  keys = jax.random.split(key, len(parts))
+  errors = [jnp.mean(jnp.square(quantizer(params, p, b, k if quantizer.needs_key else None)
+                                - p)) for p, k in zip(parts, keys)]
+  return float(np.mean(jax.device_get(errors)))
+
+
+def quantization_mse(key: PRNGKey, variables: PyTree, recorded: dict[str, dict[str, Any]],
+                     *, num_batches: int, w_bits: Sequence[int], a_bits: Sequence[int]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """Per-element squared errors `(w [L, 9], a [L, 9])` over `TABLE_BITS`.
+
+  Args:
+    key: for quantizers that round stochastically.
+    variables: the model's variables (FP32 kernels).
+    recorded: `record(model, variables, batches)`.
+    num_batches: how many batches `recorded` concatenates (each batch's
+      activations are quantized on their own, as in training).
+    w_bits: weight bit-widths to evaluate (1..8); others are +inf, 32 is 0.
+    a_bits: activation bit-widths to evaluate.
+  """
+  out = {}
+  for role, bits in (("weight", w_bits), ("activation", a_bits)):
+    table = np.full((len(recorded), len(TABLE_BITS)), np.inf)
+    table[:, table_index(FLOAT_BITS)] = 0.0
+    for l, (name, entry) in enumerate(recorded.items()):
+      weight_q, act_q = entry["quantizers"]
+      if role == "weight":
+        quantizer = weight_q
+        x = get_path(variables["params"], entry["path"])["kernel"]
+        parts = [x]
+      else:
+        quantizer = act_q
+        x = jnp.asarray(entry["inputs"])
+        parts = jnp.array_split(x, num_batches)
+      for b in bits:
+        if b != FLOAT_BITS:
+          k = jax.random.fold_in(jax.random.fold_in(key, l), b)
+          table[l, table_index(b)] = _mse(quantizer, x, b, k, parts)
+    out[role] = table
+  return out["weight"], out["activation"]
+
+
+def perturbation_table(traces: Traces, w_mse: np.ndarray, a_mse: np.ndarray) -> np.ndarray:
+  """`Omega [L, 9, 9] = Tr(H_w) * mse_w[:, w] + Tr(H_e) * mse_a[:, a]` (+inf off candidates)."""
+  def term(trace, mse):  # [L], [L, 9] -> [L, 9]
+    return np.where(np.isfinite(mse), trace[:, None] * np.where(np.isfinite(mse), mse, 0),
+                    np.inf)
+  return term(traces.weight, w_mse)[:, :, None] + term(traces.activation, a_mse)[:, None, :]

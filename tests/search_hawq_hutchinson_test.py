@@ -1,0 +1,87 @@
+"""Hutchinson's trace estimator against exact Hessians of small losses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from haqjax.search.hawq import hutchinson
+
+
+def _loss(x, batch):
+  """A non-quadratic loss with cross terms between the leaves."""
+  h = jnp.tanh(batch["u"] @ x["a"])  # [B, 2]
+  z = h @ x["b"][:2] + jnp.sin(batch["u"] @ x["b"][1:]) * x["a"][0, 0]
+  return (jnp.mean(jnp.log1p(z ** 2)) + 0.1 * jnp.sum(x["a"] ** 4)
+          + 0.5 * jnp.mean(batch["u"] ** 2) * jnp.sum(x["b"] ** 2))
+
+
+def _problem():
+  k1, k2, k3 = jax.random.split(jax.random.key(7), 3)
+  x = {"a": jax.random.normal(k1, (3, 2)), "b": jax.random.normal(k2, (4,))}
+  batches = [{"u": jax.random.normal(k, (5, 3))} for k in jax.random.split(k3, 2)]
+  return x, batches
+
+
+def _exact(x, batches):
+  """Per leaf: the trace of the mean Hessian's block, and the estimator's
+  variance per probe (Rademacher, joint probes, independent per batch)."""
+  flat, unravel = ravel_pytree(x)
+  sizes = {"a": 6, "b": 4}  # ravel_pytree orders dict leaves by key.
+  slices = {"a": slice(0, 6), "b": slice(6, 10)}
+  hessians = [np.asarray(jax.hessian(lambda f: _loss(unravel(f), b))(flat), np.float64)
+              for b in batches]
+  n = len(batches)
+  traces, variances = {}, {}
+  for name, s in slices.items():
+    traces[name] = np.mean([np.trace(h[s, s]) for h in hessians])
+    var = 0.0
+    for h in hessians:
+      block = h[s, s]
+      rest = np.delete(h[s], np.arange(flat.size)[s], axis=1)
+      var += 2 * (np.sum(block ** 2) - np.sum(np.diag(block) ** 2)) + np.sum(rest ** 2)
+    variances[name] = var / n ** 2
+  assert sum(sizes.values()) == flat.size
+  return traces, variances
+
+
+def test_estimate_within_its_statistical_error():
+  x, batches = _problem()
+  exact, variances = _exact(x, batches)
+  probes, iterations = 64, 40
+  estimate = hutchinson.estimator(_loss, probes=probes)
+  out = estimate(jax.random.key(0), x, hutchinson.stack_batches(batches), 0.0, iterations)
+  assert int(out.iterations) == iterations and not bool(out.converged)
+  for name in ("a", "b"):
+    sigma = np.sqrt(variances[name] / (probes * iterations))
+    got = float(out.traces[name])
+    # 5 sigma: the mean of 2,560 independent samples per batch is close to normal.
+    assert abs(got - exact[name]) < 5 * sigma, (name, got, exact[name], sigma)
+    assert sigma < 0.05 * abs(exact[name])  # The test resolves the trace.
+
+
+def test_tolerance_stops_early_and_keys_are_reproducible():
+  x, batches = _problem()
+  stacked = hutchinson.stack_batches(batches)
+  estimate = hutchinson.estimator(_loss, probes=16)
+  loose = estimate(jax.random.key(1), x, stacked, 0.5, 200)
+  assert bool(loose.converged) and 2 <= int(loose.iterations) < 200
+  again = estimate(jax.random.key(1), x, stacked, 0.5, 200)
+  assert jax.tree.map(float, again.traces) == jax.tree.map(float, loose.traces)
+  other = estimate(jax.random.key(2), x, stacked, 0.5, 200)
+  assert jax.tree.map(float, other.traces) != jax.tree.map(float, loose.traces)
+
+
+def test_one_compilation_for_any_tolerance_and_cap():
+  x, batches = _problem()
+  stacked = hutchinson.stack_batches(batches)
+  estimate = hutchinson.estimator(_loss, probes=4)
+  for tol, cap in ((0.0, 3), (0.1, 5), (0.01, 7)):
+    estimate(jax.random.key(0), x, stacked, tol, cap)
+  assert estimate._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_bad_probe_count_is_one_line():
+  with pytest.raises(ValueError, match=r"probes=0; allowed: an integer >= 1"):
+    hutchinson.estimator(_loss, probes=0)

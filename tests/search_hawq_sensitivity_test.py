@@ -1,0 +1,151 @@
+"""HAWQ sensitivities: layer traces against exact Hessians, errors, the table."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from haqjax import models
+from haqjax.hardware.budget import TABLE_BITS
+from haqjax.hardware.budget import table_index
+from haqjax.nn import layer_table
+from haqjax.nn.layers import QDense
+from haqjax.search.hawq import sensitivity
+
+
+class Tiny(nn.Module):
+  """Two dense layers with a curved non-linearity between them."""
+
+  @nn.compact
+  def __call__(self, x, policy=None, train=False):
+    del train
+    h = jnp.sin(2.0 * QDense(4, name="fc1")(x, policy))
+    return QDense(3, name="fc2")(h, policy)
+
+
+def _tiny():
+  model = Tiny()
+  k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+  variables = model.init(k1, jnp.zeros((1, 3)))
+  batches = [{"image": jax.random.normal(k, (4, 3)),
+              "label": jax.random.randint(jax.random.fold_in(k, 1), (4,), 0, 3)}
+             for k in jax.random.split(k2, 2)]
+  return model, variables, batches
+
+
+def _exact(model, variables, batches):
+  """Exact block traces of the mean Hessian, and the joint-probe variance per
+  block and probe (independent probes per batch), per `(role, layer)`."""
+  recorded = sensitivity.record(model, variables, batches)
+  paths = {n: r["path"] for n, r in recorded.items()}
+  x = {"kernel": {n: variables["params"][n]["kernel"] for n in paths},
+       "input": {n: jnp.zeros((4, *recorded[n]["inputs"].shape[1:])) for n in paths}}
+  flat, unravel = ravel_pytree(x)
+  loss = sensitivity.layer_loss(model, variables, paths)
+  # Index ranges of each leaf in the flat vector (ravel_pytree's leaf order).
+  leaves, treedef = jax.tree.flatten(x)
+  offsets = np.cumsum([0] + [l.size for l in leaves])
+  slots = treedef.unflatten([slice(a, b) for a, b in zip(offsets[:-1], offsets[1:])])
+  hessians = [np.asarray(jax.hessian(lambda f: loss(unravel(f), b))(flat), np.float64)
+              for b in batches]
+  out = {}
+  for role in ("kernel", "input"):
+    for name in paths:
+      s = slots[role][name]
+      var, trace = 0.0, 0.0
+      for h in hessians:
+        block = h[s, s]
+        rest = np.delete(h[s], np.arange(flat.size)[s], axis=1)
+        trace += np.trace(block) / len(hessians)
+        var += (2 * (np.sum(block ** 2) - np.sum(np.diag(block) ** 2))
+                + np.sum(rest ** 2)) / len(hessians) ** 2
+      out[role, name] = trace, var
+  return out
+
+
+def test_layer_traces_match_the_exact_hessian():
+  model, variables, batches = _tiny()
+  exact = _exact(model, variables, batches)
+  probes, iterations = 64, 50
+  traces = sensitivity.hessian_traces(jax.random.key(0), model, variables, batches,
+                                      probes=probes, tol=0.0, max_iterations=iterations)
+  assert traces.names == ("fc1", "fc2")
+  assert traces.iterations == iterations and traces.probes == probes * iterations
+  np.testing.assert_array_equal(traces.weight_count, [12, 12])
+  np.testing.assert_array_equal(traces.activation_count, [12, 16])
+  for role, got in (("kernel", traces.weight), ("input", traces.activation)):
+    for i, name in enumerate(traces.names):
+      trace, var = exact[role, name]
+      sigma = np.sqrt(var / (probes * iterations))
+      assert abs(got[i] - trace) < 5 * sigma, (role, name, got[i], trace, sigma)
+      assert sigma < 0.1 * abs(trace)  # The comparison resolves each trace.
+
+
+def test_quantization_errors_and_table():
+  model, variables, batches = _tiny()
+  recorded = sensitivity.record(model, variables, batches)
+  w, a = sensitivity.quantization_mse(jax.random.key(0), variables, recorded,
+                                      num_batches=2, w_bits=(2, 4, 8), a_bits=(4, 8))
+  assert w.shape == a.shape == (2, len(TABLE_BITS))
+  i = lambda b: int(table_index(b))
+  for table, bits in ((w, (2, 4, 8)), (a, (4, 8))):
+    assert np.all(table[:, i(32)] == 0)
+    for b in TABLE_BITS:
+      if b not in bits and b != 32:
+        assert np.all(np.isinf(table[:, i(b)]))
+    finite = [table[:, i(b)] for b in bits]
+    assert all(np.all(f > 0) for f in finite)
+    assert all(np.all(lo > hi) for lo, hi in zip(finite, finite[1:]))  # More bits, less error.
+  # Min-max weights at 8 bits: a symmetric per-channel grid of step max|W| / 127,
+  # uniform rounding noise of variance step^2 / 12 at most.
+  kernel = np.asarray(variables["params"]["fc1"]["kernel"])
+  step = np.abs(kernel).max(axis=0) / 127
+  assert w[0, i(8)] <= np.mean(step ** 2) / 4
+  traces = sensitivity.Traces(names=("fc1", "fc2"), weight=np.array([2.0, 0.0]),
+                              activation=np.array([1.0, 3.0]), weight_count=np.ones(2),
+                              activation_count=np.ones(2), iterations=1, probes=1,
+                              converged=False, seconds=0.0)
+  omega = sensitivity.perturbation_table(traces, w, a)
+  assert omega.shape == (2, 9, 9)
+  assert omega[0, i(4), i(8)] == pytest.approx(2 * w[0, i(4)] + a[0, i(8)])
+  assert omega[1, i(2), i(4)] == pytest.approx(3 * a[1, i(4)])  # Zero trace: no inf * 0.
+  assert omega[1, i(32), i(32)] == 0
+  assert np.isinf(omega[0, i(3), i(8)]) and np.isinf(omega[1, i(8), i(2)])
+
+
+def test_model_traces_in_layer_table_order():
+  model = models.create("digits_cnn", num_classes=10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+  key = jax.random.key(1)
+  batches = [{"image": jax.random.normal(key, (16, 8, 8, 1)),
+              "label": jnp.arange(16) % 10}]
+  traces = sensitivity.hessian_traces(key, model, variables, batches, probes=2, tol=0.5,
+                                      max_iterations=20)
+  assert traces.names == layer_table(model, (1, 8, 8, 1)).names
+  assert np.all(np.isfinite(traces.weight)) and np.all(np.isfinite(traces.activation))
+  assert 2 <= traces.iterations <= 20
+  np.testing.assert_array_equal(traces.activation_count, [16 * 64, 16 * 64 * 16, 16 * 32])
+
+
+def test_bad_settings_are_one_line():
+  model, variables, batches = _tiny()
+  with pytest.raises(ValueError, match=r"max_iterations=0; allowed: >= 1"):
+    sensitivity.hessian_traces(jax.random.key(0), model, variables, batches, probes=1,
+                               tol=0.1, max_iterations=0)
+  with pytest.raises(ValueError, match=r"tol=-1.0; allowed: >= 0"):
+    sensitivity.hessian_traces(jax.random.key(0), model, variables, batches, probes=1,
+                               tol=-1.0, max_iterations=1)
+
+
+@pytest.mark.parametrize("name, shape", [("digits_cnn", (8, 8, 1)),
+                                         ("quickstart_cnn", (28, 28, 1))])
+def test_plain_convolutions_keep_the_outputs(name, shape):
+  model = models.create(name, num_classes=10)
+  x = jax.random.normal(jax.random.key(0), (3, *shape))
+  variables = model.init(jax.random.key(1), x)
+  want = model.apply(variables, x, train=False)
+  with nn.intercept_methods(sensitivity.plain_convolutions):
+    got = model.apply(variables, x, train=False)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
