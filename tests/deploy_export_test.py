@@ -1,5 +1,6 @@
 """Tests of the deployment exports: StableHLO, encodings.json and ONNX."""
 
+import json
 import os
 
 import jax
@@ -7,7 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from haqjax.deploy import encodings
+from haqjax.deploy import graph as g
+from haqjax.deploy import onnx_export
 from haqjax.deploy import stablehlo
+from haqjax.policy import Policy
 
 
 def _int8_conv(x, w, bias):
@@ -51,3 +56,370 @@ def test_stablehlo_symbolic_batch(tmp_path):
     np.testing.assert_array_equal(run(*args), _int8_conv(*args))
   with pytest.raises(ValueError, match="scalar"):
     stablehlo.export_function(lambda s: s, jnp.int32(1), symbolic_batch=True)
+
+
+# --- Hand-built graphs and a numpy evaluation of graph.py's semantics. ---
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _fixed_point(real):
+  """(multiplier, shift): real ~= multiplier * 2^(shift - 31), |m| in [2^30, 2^31)."""
+  real = np.asarray(real, np.float64)
+  f, e = np.frexp(real)
+  m = np.round(f * 2.0**31).astype(np.int64)
+  carry = np.abs(m) == 2**31
+  m, e = np.where(carry, m // 2, m), np.where(carry, e + 1, e)
+  return (np.where(real == 0, 0, m).astype(np.int32),
+          np.where(real == 0, 0, e).astype(np.int32))
+
+
+def _requantize_ref(v, m, shift, zp, lo, hi):
+  v = np.clip(v.astype(np.int64) << np.maximum(shift, 0), INT32_MIN, INT32_MAX)
+  prod = v * m.astype(np.int64)
+  prod = prod + np.where(prod >= 0, 1 << 30, 1 - (1 << 30))
+  r = np.sign(prod) * (np.abs(prod) >> 31)  # Truncated toward zero.
+  right = np.maximum(-shift, 0)
+  mask = (np.int64(1) << right) - 1
+  rem, threshold = r & mask, (mask >> 1) + (r < 0)
+  r = (r >> right) + (rem > threshold)
+  return np.clip(r + zp, lo, hi)
+
+
+def _windows(x, kh, kw, strides, padding, fill):
+  x = np.pad(x, ((0, 0), *padding, (0, 0)), constant_values=fill)
+  w = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))
+  return w[:, ::strides[0], ::strides[1]]  # [N, H', W', C, kh, kw]
+
+
+def evaluate(graph, images, given=None, rounding="fixed_point"):
+  """The graph on `images`, per graph.py's semantics: every tensor by name.
+
+  With `given` (tensor name -> integers), each node reads its inputs from
+  `given` rather than from its own results, so each op is checked alone.
+  rounding='float' requantizes as ONNX's QDQ form does: the real value
+  `(x - zx) * scale_x` divided by the output scale, rounded half to even.
+  """
+  env = {graph.input: np.asarray(images, np.float32)}
+  given = env if given is None else {**given, graph.input: env[graph.input]}
+  for node in graph.nodes:
+    a, enc, x = node.arrays, node.encoding, given[node.inputs[0]]
+    x_enc = graph.encoding(node.inputs[0])
+    zx = 0 if x_enc is None else x_enc.zero_point
+    if node.op == "quantize":
+      q = np.round(x.astype(np.float32) * a["inv_scale"]) + enc.zero_point
+      y = np.clip(q, a["lo"], a["hi"]).astype(np.int64)
+    elif node.op == "dequantize":
+      y = (x - zx).astype(np.float32) * x_enc.scale
+    elif node.op == "conv":
+      kh, kw, _, _ = a["weight"].shape
+      win = _windows(x.astype(np.int64) - zx, kh, kw, node.attrs["strides"],
+                     node.attrs["padding"], 0)
+      y = np.einsum("nhwcij,ijco->nhwo", win, a["weight"].astype(np.int64)) + a["bias"]
+    elif node.op == "dense":
+      y = (x.astype(np.int64) - zx) @ a["weight"].astype(np.int64) + a["bias"]
+    elif node.op == "requantize" and rounding == "float":
+      real = (x - zx).astype(np.float32) * x_enc.scale
+      y = np.clip(np.round(real / enc.scale) + enc.zero_point, a["lo"], a["hi"])
+    elif node.op == "requantize":
+      y = _requantize_ref(x - zx, a["multiplier"], a["shift"], enc.zero_point, a["lo"], a["hi"])
+    elif node.op == "add":
+      y = np.clip(x + given[node.inputs[1]], a["lo"], a["hi"])
+    elif node.op == "clamp":
+      y = np.clip(x, a["lo"], a["hi"])
+    elif node.op == "max_pool":
+      win = _windows(x, *node.attrs["window"], node.attrs["strides"], node.attrs["padding"],
+                     np.iinfo(np.int64).min)
+      y = win.max(axis=(-2, -1))
+    elif node.op == "mean":
+      y = (x - zx).sum(axis=(1, 2))
+    elif node.op == "reshape":
+      y = x.reshape(x.shape[0], *node.attrs["shape"])
+    elif node.op in ("float_conv", "float_dense"):
+      if node.op == "float_conv":
+        kh, kw, _, _ = a["kernel"].shape
+        win = _windows(x, kh, kw, node.attrs["strides"], node.attrs["padding"], 0)
+        y = np.einsum("nhwcij,ijco->nhwo", win, a["kernel"])
+      else:
+        y = x @ a["kernel"]
+      y = np.clip(y * a["mul"] + a["bias"], a["lo"], a["hi"]).astype(np.float32)
+    env[node.name] = y
+  return env
+
+
+def _codes_enc(bits, signed, scale, zero_point=0):
+  return g.Encoding(bits=bits, signed=signed, scale=np.float32(scale), zero_point=zero_point,
+                    dtype="int8" if signed else "uint8", symmetric=zero_point == 0)
+
+
+def _acc_enc(scale):
+  return g.Encoding(bits=32, signed=True, scale=np.asarray(scale, np.float32), zero_point=0,
+                    dtype="int32", axis=-1)
+
+
+def _wide_enc(scale):
+  return g.Encoding(bits=32, signed=True, scale=np.float32(scale), zero_point=0, dtype="int32")
+
+
+def _quantize(name, src, enc, lo=None, hi=None):
+  qmin, qmax = enc.qrange
+  return g.Node(name=name, op="quantize", inputs=(src,), encoding=enc, arrays={
+      "inv_scale": np.float32(1) / enc.scale,
+      "lo": np.int32(qmin if lo is None else lo), "hi": np.int32(qmax if hi is None else hi)})
+
+
+def _requantize(name, src, src_scale, enc, lo=None, hi=None):
+  qmin, qmax = enc.qrange
+  real = np.asarray(src_scale, np.float64) / np.float64(enc.scale)
+  m, shift = _fixed_point(real)
+  return g.Node(name=name, op="requantize", inputs=(src,), encoding=enc, arrays={
+      "multiplier": m, "shift": shift, "real_multiplier": real.astype(np.float32),
+      "lo": np.int32(qmin if lo is None else lo), "hi": np.int32(qmax if hi is None else hi)})
+
+
+def _layer(rng, name, src, x_scale, shape, w_bits, *, op="conv", strides=(1, 1),
+           padding=((1, 1), (1, 1)), bn_mul=None):
+  half = 1 << (w_bits - 1)
+  weight = rng.integers(-half, half, shape).astype(np.int8)
+  cout = shape[-1]
+  weight_scale = rng.uniform(0.01, 0.05, cout).astype(np.float32)
+  bn_mul = np.ones(cout, np.float32) if bn_mul is None else bn_mul
+  attrs = ({"strides": strides, "padding": padding, "groups": 1} if op == "conv" else {})
+  return g.Node(name=name, op=op, inputs=(src,), attrs=attrs, arrays={
+      "weight": weight, "weight_scale": weight_scale,
+      "bias": rng.integers(-300, 300, cout).astype(np.int32)},
+      encoding=_acc_enc(np.float32(x_scale) * weight_scale * bn_mul))
+
+
+def residual_graph(seed=0, a_bits=4):
+  """Conv-ReLU-pool, two branches added in int32, mean, dense: every integer op."""
+  rng = np.random.default_rng(seed)
+  nodes = []
+  x_enc = _codes_enc(8, False, 1 / 127, 128)  # Asymmetric input.
+  nodes.append(_quantize("c1:in", "image", x_enc))
+  bn_mul = np.ones(8, np.float32)
+  bn_mul[[2, 5]] = (-0.5, 1.7)  # A negative BatchNorm gamma.
+  nodes.append(_layer(rng, "c1", "c1:in", x_enc.scale, (3, 3, 3, 8), 4, bn_mul=bn_mul))
+  a_enc = _codes_enc(a_bits, False, 0.05)
+  nodes.append(_requantize("c2:in", "c1", nodes[-1].encoding.scale, a_enc, lo=0))
+  nodes.append(g.Node(name="pool", op="max_pool", inputs=("c2:in",), encoding=a_enc,
+                      attrs={"window": (2, 2), "strides": (2, 2),
+                             "padding": ((0, 0), (0, 0))}))
+  wide = _wide_enc(0.002)
+  cap = g.WIDE_CAPACITY
+  nodes.append(_layer(rng, "c2", "pool", a_enc.scale, (3, 3, 8, 6), 3, strides=(2, 2),
+                      padding=((0, 1), (1, 1))))
+  nodes.append(_requantize("c2:wide", "c2", nodes[-1].encoding.scale, wide, -cap, cap))
+  nodes.append(_layer(rng, "c3", "pool", a_enc.scale, (1, 1, 8, 6), 8, strides=(2, 2),
+                      padding=((0, 0), (0, 0))))
+  nodes.append(_requantize("c3:wide", "c3", nodes[-1].encoding.scale, wide, -cap, cap))
+  nodes.append(g.Node(name="add", op="add", inputs=("c2:wide", "c3:wide"), encoding=wide,
+                      arrays={"lo": np.int32(-cap), "hi": np.int32(cap)}))
+  nodes.append(g.Node(name="relu", op="clamp", inputs=("add",), encoding=wide,
+                      arrays={"lo": np.int32(0), "hi": np.int32(cap)}))
+  pooled = _wide_enc(wide.scale / 4)  # A 2x2 map.
+  nodes.append(g.Node(name="mean", op="mean", inputs=("relu",), encoding=pooled))
+  fc_enc = _codes_enc(6, True, 0.03, -5)
+  nodes.append(_requantize("fc:in", "mean", pooled.scale, fc_enc))
+  nodes.append(_layer(rng, "fc", "fc:in", fc_enc.scale, (6, 10), 8, op="dense"))
+  nodes.append(g.Node(name="logits", op="dequantize", inputs=("fc",)))
+  policy = Policy.create(["c1", "c2", "c3", "fc"], [4, 3, 8, 8], [8, a_bits, a_bits, 6])
+  return g.Graph(nodes=tuple(nodes), input="image", output="logits",
+                 input_shape=(8, 8, 3), policy=policy)
+
+
+def flat_graph(seed=1):
+  """A float first layer (ReLU6), codes flattened from NHWC into a dense layer."""
+  rng = np.random.default_rng(seed)
+  nodes = [g.Node(name="c0", op="float_conv", inputs=("image",),
+                  attrs={"strides": (2, 2), "padding": ((1, 1), (1, 1)), "groups": 1},
+                  arrays={"kernel": rng.normal(0, 0.5, (3, 3, 1, 4)).astype(np.float32),
+                          "mul": rng.uniform(0.5, 1.5, 4).astype(np.float32),
+                          "bias": rng.normal(0, 0.5, 4).astype(np.float32),
+                          "lo": np.float32(0), "hi": np.float32(6)})]
+  a_enc = _codes_enc(3, False, 6 / 7)
+  nodes.append(_quantize("fc:in", "c0", a_enc))
+  nodes.append(g.Node(name="flat", op="reshape", inputs=("fc:in",), encoding=a_enc,
+                      attrs={"shape": (3 * 3 * 4,)}))
+  nodes.append(_layer(rng, "fc", "flat", a_enc.scale, (36, 5), 2, op="dense"))
+  nodes.append(g.Node(name="logits", op="dequantize", inputs=("fc",)))
+  return g.Graph(nodes=tuple(nodes), input="image", output="logits", input_shape=(6, 6, 1))
+
+
+# --- encodings.json ---
+
+
+def test_aimet_encoding_reproduces_aimets_example():
+  # The activation encoding "20" of AIMET's specification (PyTorch example).
+  enc = encodings.aimet_encoding(8, False, 0.018501389771699905, 114, False)
+  assert enc["offset"] == -114 and enc["is_symmetric"] == "False"
+  np.testing.assert_allclose([enc["min"], enc["max"]],
+                             [-2.109158515930176, 2.6086959838867188], rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits,signed,zero_point,offset", [
+    (8, True, 0, -128), (4, True, 0, -8), (6, True, -5, -27), (4, False, 0, 0),
+    (8, False, 128, -128), (1, False, 0, 0)])
+def test_offset_is_minus_the_unsigned_zero_point(bits, signed, zero_point, offset):
+  assert encodings.aimet_offset(bits, signed, zero_point) == offset
+  enc = encodings.aimet_encoding(bits, signed, 0.5, zero_point, zero_point == 0)
+  # Code c of the haqjax grid is q = c - qmin_full on AIMET's unsigned grid:
+  # (c - zero_point) * scale == (q + offset) * scale at both ends.
+  lo = -(1 << (bits - 1)) if signed else 0
+  assert enc["min"] == (lo - zero_point) * 0.5
+  assert enc["max"] == (lo + (1 << bits) - 1 - zero_point) * 0.5
+
+
+def test_graph_encodings(tmp_path):
+  graph = residual_graph()
+  path = tmp_path / "encodings.json"
+  size = encodings.save_encodings(path, graph)
+  assert size == os.path.getsize(path)
+  enc = json.loads(path.read_text())
+  assert enc["version"] == "0.5.0"
+  # Codes tensors only: the int32 accumulators and residual stream have none.
+  assert list(enc["activation_encodings"]) == ["c1:in", "c2:in", "pool", "fc:in"]
+  (fc_in,) = enc["activation_encodings"]["fc:in"]
+  assert fc_in == encodings.aimet_encoding(6, True, np.float32(0.03), -5, False)
+  assert fc_in["offset"] == 5 - 32 and fc_in["bitwidth"] == 6
+  params = enc["param_encodings"]
+  assert list(params) == ["c1/kernel", "c2/kernel", "c3/kernel", "fc/kernel"]
+  assert [len(params[k]) for k in params] == [8, 6, 6, 10]  # Per output channel.
+  assert [params[k][0]["bitwidth"] for k in params] == [4, 3, 8, 8]  # The policy's.
+  assert {e["offset"] for e in params["c2/kernel"]} == {-4}
+  assert [e["scale"] for e in params["fc/kernel"]] == graph.node("fc").arrays[
+      "weight_scale"].tolist()
+  flat = encodings.graph_encodings(flat_graph())
+  assert flat["param_encodings"]["c0/kernel"] == [{"dtype": "float", "bitwidth": 32}]
+  assert flat["param_encodings"]["fc/kernel"][0]["bitwidth"] == 2  # No policy: from the codes.
+
+
+# --- ONNX ---
+
+
+def _ort_tensors(graph, images, optimize=True):
+  """onnxruntime's value of every graph tensor (codes as integers)."""
+  onnx = pytest.importorskip("onnx")
+  ort = pytest.importorskip("onnxruntime")
+  model = onnx_export.to_onnx(graph)
+  names = [n.name for n in graph.nodes]
+  for name in names:
+    if name != graph.output:
+      model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+  options = ort.SessionOptions()
+  if not optimize:
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+  session = ort.InferenceSession(model.SerializeToString(), options,
+                                 providers=["CPUExecutionProvider"])
+  values = dict(zip([o.name for o in session.get_outputs()],
+                    session.run(None, {graph.input: images})))
+  out = {}
+  for name in names:
+    v = values[name]
+    if v.ndim == 4:
+      v = v.transpose(0, 2, 3, 1)  # NCHW inside the model.
+    enc = graph.encoding(name)
+    out[name] = v if enc is None else np.round(v / enc.scale + enc.zero_point).astype(np.int64)
+  return out
+
+
+def _images(graph, n=256, seed=5):
+  rng = np.random.default_rng(seed)
+  return rng.uniform(-1, 1, (n, *graph.input_shape)).astype(np.float32)
+
+
+def test_onnx_model_is_qdq(tmp_path):
+  onnx = pytest.importorskip("onnx")
+  graph = residual_graph()
+  path = tmp_path / "model.onnx"
+  size = onnx_export.save_onnx(path, graph)
+  assert size == os.path.getsize(path)
+  model = onnx.load(str(path))
+  assert model.opset_import[0].version == onnx_export.OPSET
+  (inp,) = model.graph.input
+  assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == ["N", 8, 8, 3]
+  (out,) = model.graph.output
+  assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == ["N", 10]
+  nodes = {n.name: n for n in model.graph.node}
+  inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+  # Sub-8-bit codes and ReLU: Q -> Clip(codes) -> DQ; uint8 zero point.
+  assert nodes["c2:in:clip"].input[0] == "c2:in:q"
+  assert nodes["c2:in"].op_type == "DequantizeLinear"
+  assert nodes["c2:in"].input[0] == "c2:in:clip"
+  assert inits[nodes["c2:in:clip"].input[1]] == 0 and inits[nodes["c2:in:clip"].input[2]] == 15
+  assert inits[nodes["c2:in:q"].input[2]].dtype == np.uint8
+  assert inits[nodes["fc:in:q"].input[2]].dtype == np.int8
+  assert inits[nodes["fc:in:q"].input[2]] == -5
+  assert "c1:in:clip" not in nodes  # Full 8-bit grid: no Clip.
+  # Per-channel int8 weights, OIHW, axis 0; int32 bias at the accumulator scale.
+  weight_dq = nodes["c1/kernel"]
+  assert weight_dq.op_type == "DequantizeLinear"
+  assert onnx.helper.get_attribute_value(weight_dq.attribute[0]) == 0
+  codes = inits[weight_dq.input[0]]
+  assert codes.dtype == np.int8
+  np.testing.assert_array_equal(codes, graph.node("c1").arrays["weight"].transpose(3, 2, 0, 1))
+  bias = inits[nodes["c1/bias"].input[0]]
+  assert bias.dtype == np.int32
+  np.testing.assert_array_equal(inits[nodes["c1/bias"].input[1]], graph.encoding("c1").scale)
+  assert nodes["c1"].op_type == "Conv" and nodes["fc"].op_type == "Gemm"
+  assert [nodes[n].op_type for n in ("pool", "mean:pool", "mean")] == [
+      "MaxPool", "GlobalAveragePool", "Flatten"]
+
+
+@pytest.mark.parametrize("graph_fn", [residual_graph, flat_graph])
+def test_onnx_each_op_equals_qdq_float_rounding(graph_fn):
+  # Each op fed onnxruntime's own inputs, against the graph with
+  # requantization as QDQ computes it (real value / scale, half to even):
+  # equal up to float32 rounding, which flips a code only where the real
+  # value is within ~|v| 2^-23 of a half (|v| < 2^10 codes here: < 1e-3).
+  graph = graph_fn()
+  images = _images(graph)
+  ort_values = _ort_tensors(graph, images)
+  ref = evaluate(graph, images, given=ort_values, rounding="float")
+  for node in graph.nodes:
+    got, want = ort_values[node.name], ref[node.name]
+    if node.encoding is None:
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+    else:
+      diff = np.abs(got - want)
+      assert diff.max() <= 1 and diff.mean() <= 1e-3, (node.name, diff.max(), diff.mean())
+
+
+def test_onnx_each_op_against_fixed_point_requantization():
+  # Against the graph's own semantics only `requantize` differs, by one code
+  # and where gemmlowp's two roundings (v * m / 2^31 rounded, then the right
+  # shift by R rounded) differ from one: after the first rounding the value
+  # is a multiple of 2^-R codes, so it lands on a tie (rounded away from 0)
+  # with probability 2^-R, half of which the exact value rounds the other way:
+  # about 2^-(R + 1) of the codes not clamped.
+  graph = residual_graph()
+  images = _images(graph, n=512)
+  ort_values = _ort_tensors(graph, images, optimize=False)
+  ref = evaluate(graph, images, given=ort_values)
+  for node in graph.nodes:
+    if node.encoding is None:
+      continue
+    diff = np.abs(ort_values[node.name] - ref[node.name])
+    if node.op != "requantize":
+      assert diff.max() == 0, node.name
+      continue
+    rate = np.broadcast_to(2.0 ** -(np.maximum(-node.arrays["shift"], 0) + 1), diff.shape)
+    n = diff.size
+    assert diff.max() <= 1, node.name
+    # The expected count plus four binomial standard deviations.
+    bound = rate.sum() + 4 * np.sqrt(rate.sum()) + 1
+    assert diff.sum() <= bound, (node.name, diff.sum(), bound, n)
+
+
+@pytest.mark.parametrize("a_bits", [4, 8])
+def test_onnx_end_to_end_agreement(a_bits):
+  # Free running, single-code flips propagate; the logits still agree closely.
+  graph = residual_graph(a_bits=a_bits)
+  images = _images(graph, n=512)
+  got = _ort_tensors(graph, images)["logits"]
+  want = evaluate(graph, images)["logits"]
+  assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.98
+  assert np.abs(got - want).mean() <= 0.02 * np.abs(want).mean()
+  flat = flat_graph()  # No requantization: equal up to float32 rounding.
+  np.testing.assert_allclose(_ort_tensors(flat, _images(flat))["logits"],
+                             evaluate(flat, _images(flat))["logits"], atol=1e-4)

@@ -32,6 +32,8 @@ at the codes' width. Tensors of 16 or 32 bits (biases) are stored as whole
 little-endian int16/int32 words instead of packed. Every offset follows from
 the header, which stays a few hundred bytes for a ResNet-20: the file is
 `sum(bits * size) / 8` plus the scales, within 1%.
+
+`graph_weights` lists an integer graph's kernels and biases as such tensors.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from haqjax.deploy.graph import Graph
+from haqjax.deploy.graph import Node
 from haqjax.io import atomic_open
 
 MAGIC = b"HAQPACK1"
@@ -253,4 +257,51 @@ def load_packed(path: str | os.PathLike) -> list[PackedTensor]:
         name=entry["name"], codes=_decode_ints(codes, bits, signed, shape),
         bits=bits, signed=signed, scale=np.frombuffer(scale, "<f4").astype(np.float32),
         zero_point=_decode_ints(zero, bits, signed, (channels,)), axis=axis))
+  return tensors
+
+
+def weight_bits(graph: Graph, node: Node) -> int:
+  """The weight bit-width of an integer layer: the policy's, if its codes fit.
+
+  Without a policy (or when the codes do not fit its signed grid, as a
+  binary {-1, +1} kernel does not fit 1 bit), the smallest signed grid that
+  holds the codes.
+  """
+  weight = node.arrays["weight"]
+  span = (int(weight.min()), int(weight.max())) if weight.size else (0, 0)
+
+  def fits(bits):
+    lo, hi = code_range(bits, True)
+    return lo <= span[0] and span[1] <= hi
+
+  if graph.policy is not None and node.name in graph.policy.names:
+    bits = int(np.asarray(graph.policy.bits_for(node.name)[0]))
+    if bits in PACKED_BITS and fits(bits):
+      return bits
+  return next(b for b in PACKED_BITS if fits(b))
+
+
+def graph_weights(graph: Graph) -> list[PackedTensor]:
+  """The packed tensors of `graph`'s integer layers, in graph order.
+
+  Each `conv` / `dense` layer gives `<layer>/kernel` (its signed codes at
+  `weight_bits`, per output channel, the last axis: HWIO or `[K, C]`, zero
+  points 0) and `<layer>/bias` (int32 in accumulator units, at the
+  accumulator's per-channel scale, which carries a folded BatchNorm's sign).
+  Floating-point layers are not integer data and are left out.
+  """
+  tensors = []
+  for node in graph.nodes:
+    if node.op not in ("conv", "dense"):
+      continue
+    weight, bias = node.arrays["weight"], node.arrays["bias"]
+    channels = weight.shape[-1]
+    tensors.append(PackedTensor(
+        name=f"{node.name}/kernel", codes=weight, bits=weight_bits(graph, node),
+        signed=True, scale=node.arrays["weight_scale"].astype(np.float32),
+        zero_point=np.zeros(channels, np.int64), axis=weight.ndim - 1))
+    tensors.append(PackedTensor(
+        name=f"{node.name}/bias", codes=bias, bits=32, signed=True,
+        scale=np.broadcast_to(node.encoding.scale, (channels,)).astype(np.float32),
+        zero_point=np.zeros(channels, np.int64), axis=0))
   return tensors
