@@ -11,6 +11,7 @@ import pytest
 from haqjax.deploy import encodings
 from haqjax.deploy import graph as g
 from haqjax.deploy import onnx_export
+from haqjax.deploy import packing
 from haqjax.deploy import stablehlo
 from haqjax.policy import Policy
 
@@ -423,3 +424,51 @@ def test_onnx_end_to_end_agreement(a_bits):
   flat = flat_graph()  # No requantization: equal up to float32 rounding.
   np.testing.assert_allclose(_ort_tensors(flat, _images(flat))["logits"],
                              evaluate(flat, _images(flat))["logits"], atol=1e-4)
+
+
+# --- The bundle ---
+
+
+def _integer_stand_in(images):
+  """A small integer network in jax: int8 codes, int32 accumulation."""
+  codes = jnp.clip(jnp.round(images * 4), -8, 7).astype(jnp.int8).reshape(images.shape[0], -1)
+  weight = (jnp.arange(codes.shape[1] * 5, dtype=jnp.int32) % 15 - 7).astype(jnp.int8)
+  acc = jnp.dot(codes, weight.reshape(-1, 5), preferred_element_type=jnp.int32)
+  return acc.astype(jnp.float32) * 0.1
+
+
+def test_export_all(tmp_path):
+  pytest.importorskip("onnx")
+  graph = residual_graph()
+  sizes = onnx_export.export_all(graph, tmp_path)
+  folder = tmp_path / "export"
+  assert sorted(os.listdir(folder)) == sorted(sizes) == [
+      "encodings.json", "model.onnx", "weights.bin"]
+  assert all(os.path.getsize(folder / k) == v for k, v in sizes.items())
+  weights = {t.name: t for t in packing.load_packed(folder / "weights.bin")}
+  assert list(weights) == ["c1/kernel", "c1/bias", "c2/kernel", "c2/bias", "c3/kernel",
+                           "c3/bias", "fc/kernel", "fc/bias"]
+  for layer in ("c1", "c2", "fc"):
+    node = graph.node(layer)
+    np.testing.assert_array_equal(weights[f"{layer}/kernel"].codes, node.arrays["weight"])
+    np.testing.assert_array_equal(weights[f"{layer}/kernel"].scale, node.arrays["weight_scale"])
+    np.testing.assert_array_equal(weights[f"{layer}/bias"].codes, node.arrays["bias"])
+    np.testing.assert_array_equal(weights[f"{layer}/bias"].scale, node.encoding.scale)
+  assert weights["c2/kernel"].bits == 3 and weights["c1/bias"].bits == 32
+  kernel_bits = sum(graph.node(n).arrays["weight"].size * b
+                    for n, b in (("c1", 4), ("c2", 3), ("c3", 8), ("fc", 8)))
+  channels = 8 + 6 + 6 + 10
+  # Packed kernels, their float32 scales, int32 biases and their scales;
+  # then at most a byte of zero points per channel, the magic and a header.
+  payload = kernel_bits / 8 + 4 * channels + 8 * channels
+  assert payload <= sizes["weights.bin"] <= payload + channels + 12 + 300
+
+
+def test_export_all_with_an_engine_function(tmp_path):
+  graph = flat_graph()
+  sizes = onnx_export.export_all(graph, tmp_path, engine_fn=_integer_stand_in)
+  assert "model.stablehlo" in sizes
+  run = stablehlo.load_stablehlo(tmp_path / "export" / "model.stablehlo")
+  for n in (1, 3):  # Any batch size.
+    images = _images(graph, n=n)
+    np.testing.assert_array_equal(run(images), _integer_stand_in(images))

@@ -21,6 +21,10 @@ named as the node; integers appear where a runtime needs them:
 `reshape` is `Reshape` (on NHWC order), float layers are `Conv`/`MatMul`,
 `Mul`, `Add`, `Clip`. Opset 13 (per-axis `QuantizeLinear` needs it).
 
+`export_all` writes the whole deployment bundle: `model.onnx`, `encodings.json`
+(`haqjax.deploy.encodings`), `weights.bin` (`haqjax.deploy.packing`) and,
+given the engine's function, `model.stablehlo` (`haqjax.deploy.stablehlo`).
+
 Layout: the model takes the same NHWC float images as haqjax (batch axis
 symbolic, 'N') and transposes them to NCHW inside; 4-d tensors are NCHW
 within the model; 4-d outputs are transposed back to NHWC.
@@ -41,14 +45,22 @@ References:
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
+from absl import logging
 
+from haqjax.deploy.encodings import save_encodings
 from haqjax.deploy.graph import Encoding
 from haqjax.deploy.graph import Graph
 from haqjax.deploy.graph import Node
+from haqjax.deploy.packing import graph_weights
+from haqjax.deploy.packing import save_packed
+from haqjax.deploy.stablehlo import save_stablehlo
 from haqjax.io import atomic_open
 
 OPSET = 13
@@ -246,3 +258,35 @@ def save_onnx(path: str | os.PathLike, graph: Graph) -> int:
   with atomic_open(path, "wb") as f:
     f.write(data)
   return len(data)
+
+
+def export_all(graph: Graph, workdir: str | os.PathLike,
+               engine_fn: Callable[[Any], Any] | None = None) -> dict[str, int]:
+  """Writes the deployment files of `graph` to `workdir/export/`, each atomically.
+
+  Args:
+    graph: the integer graph.
+    workdir: the run's folder; the files go to its `export/` subfolder.
+    engine_fn: the integer engine's function of a float NHWC batch
+      (`[N, *graph.input_shape]`); serialized with a symbolic batch axis to
+      `model.stablehlo`. None: no StableHLO file.
+
+  Returns:
+    File name -> size in bytes, for the files written: `model.onnx` (left out,
+    with a warning, when the `onnx` package is missing: install the `export`
+    extra), `model.stablehlo`, `encodings.json`, `weights.bin`.
+  """
+  folder = os.path.join(os.fspath(workdir), "export")
+  sizes = {}
+  if importlib.util.find_spec("onnx") is None:
+    logging.warning("model.onnx not written: the onnx package is missing "
+                    "(pip install haqjax[export])")
+  else:
+    sizes["model.onnx"] = save_onnx(os.path.join(folder, "model.onnx"), graph)
+  if engine_fn is not None:
+    example = jax.ShapeDtypeStruct((1, *graph.input_shape), np.float32)
+    sizes["model.stablehlo"] = save_stablehlo(
+        os.path.join(folder, "model.stablehlo"), engine_fn, example, symbolic_batch=True)
+  sizes["encodings.json"] = save_encodings(os.path.join(folder, "encodings.json"), graph)
+  sizes["weights.bin"] = save_packed(os.path.join(folder, "weights.bin"), graph_weights(graph))
+  return sizes
