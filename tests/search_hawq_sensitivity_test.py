@@ -12,6 +12,7 @@ from haqjax.hardware.budget import TABLE_BITS
 from haqjax.hardware.budget import table_index
 from haqjax.nn import layer_table
 from haqjax.nn.layers import QDense
+from haqjax.search.hawq import measure
 from haqjax.search.hawq import sensitivity
 
 
@@ -149,3 +150,22 @@ def test_plain_convolutions_keep_the_outputs(name, shape):
   with nn.intercept_methods(sensitivity.plain_convolutions):
     got = model.apply(variables, x, train=False)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_measure_and_its_file_round_trip(tmp_path):
+  model, variables, batches = _tiny()
+  s = measure.measure(jax.random.key(0), model, variables, batches, w_bits=(2, 4, 8),
+                      a_bits=(4, 8), probes=4, tol=0.1, max_iterations=10)
+  assert s.names == ("fc1", "fc2") and s.omega.shape == (2, 9, 9)
+  i = lambda b: int(table_index(b))
+  np.testing.assert_allclose(
+      s.omega[:, i(4), i(8)], s.traces.weight * s.weight_mse[:, i(4)]
+      + s.traces.activation * s.activation_mse[:, i(8)])
+  path = tmp_path / "sensitivity.json"
+  measure.write_sensitivity(path, s)
+  text = path.read_text()
+  assert "Infinity" not in text and "NaN" not in text  # Strict JSON: null.
+  back = measure.read_sensitivity(path)
+  np.testing.assert_array_equal(back.omega, s.omega)
+  np.testing.assert_array_equal(back.traces.weight, s.traces.weight)
+  assert (back.w_bits, back.a_bits, back.traces.probes) == ((2, 4, 8), (4, 8), s.traces.probes)

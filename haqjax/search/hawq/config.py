@@ -1,0 +1,76 @@
+"""Settings of the Hessian-aware bit allocation (launcher mode `hawq`).
+
+A frozen dataclass beside `SearchConfig` (which holds the target, the
+budget, the bit range and the final fine-tune); the launcher defines one
+absl flag per field, all prefixed `hawq_`, and a job saves it as
+`hawq_config.json` in its workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from haqjax.configs import JsonConfig
+
+ALLOCATORS = ("ilp", "greedy", "monotone")
+
+# Fields that may differ between a job and its resumption.
+RESUMABLE_CHANGES = frozenset()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HawqConfig(JsonConfig):
+  """How the sensitivities are measured and the bits allocated.
+
+  Attributes:
+    hawq_bits: candidate bit-widths of weights and activations,
+      comma-separated (HAWQ-V3: 4,8); empty: every width in
+      --min_bits..--max_bits.
+    hawq_probes: Hutchinson probes per iteration and batch, evaluated
+      together (vmap); memory grows with it.
+    hawq_tolerance: the estimate stops once no layer's running trace moved
+      by more than this, relatively, in an iteration (HAWQ-V2 / PyHessian:
+      1e-3); 0 runs all iterations.
+    hawq_max_iterations: cap on the estimator's iterations.
+    hawq_batches: training batches (of --batch_size) the loss is averaged
+      over, for the traces and the activation errors.
+    hawq_allocator: 'ilp' (HAWQ-V3's integer program, optimal for the
+      table), 'greedy' (lower the bit of least sensitivity per cost saved
+      until the budget holds) or 'monotone' (NNCF: the best allocation in
+      which more sensitive layers never get fewer bits).
+  """
+  config_name = "hawq config"
+
+  hawq_bits: str = ""
+  hawq_probes: int = 16
+  hawq_tolerance: float = 1e-3
+  hawq_max_iterations: int = 50
+  hawq_batches: int = 2
+  hawq_allocator: str = "ilp"
+
+  def __post_init__(self):
+    if self.hawq_bits:
+      self.bits(1, 8)
+    if self.hawq_allocator not in ALLOCATORS:
+      raise ValueError(f"hawq_allocator={self.hawq_allocator!r} is not allowed; "
+                       f"allowed: {', '.join(ALLOCATORS)}")
+    for field in ("hawq_probes", "hawq_max_iterations", "hawq_batches"):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{field}={value!r}; allowed: an integer >= 1")
+    if not self.hawq_tolerance >= 0:
+      raise ValueError(f"hawq_tolerance={self.hawq_tolerance!r}; allowed: >= 0")
+
+  def bits(self, min_bits: int, max_bits: int) -> tuple[int, ...]:
+    """The candidate bit-widths, increasing, within `min_bits..max_bits`."""
+    if not self.hawq_bits:
+      return tuple(range(min_bits, max_bits + 1))
+    allowed = ("allowed: distinct comma-separated bit-widths in "
+               f"{min_bits}..{max_bits}, e.g. 4,8")
+    try:
+      bits = tuple(int(b) for b in self.hawq_bits.split(","))
+    except ValueError:
+      raise ValueError(f"hawq_bits={self.hawq_bits!r}; {allowed}") from None
+    if not all(min_bits <= b <= max_bits for b in bits) or len(set(bits)) != len(bits):
+      raise ValueError(f"hawq_bits={self.hawq_bits!r}; {allowed}")
+    return tuple(sorted(bits))
