@@ -113,10 +113,14 @@ def evaluate(graph, images, given=None, rounding="fixed_point"):
     elif node.op == "dequantize":
       y = (x - zx).astype(np.float32) * x_enc.scale
     elif node.op == "conv":
-      kh, kw, _, _ = a["weight"].shape
+      kh, kw, cin, cout = a["weight"].shape
       win = _windows(x.astype(np.int64) - zx, kh, kw, node.attrs["strides"],
                      node.attrs["padding"], 0)
-      y = np.einsum("nhwcij,ijco->nhwo", win, a["weight"].astype(np.int64)) + a["bias"]
+      groups = node.attrs["groups"]
+      y = np.concatenate([  # Group k: input channels k*cin.., outputs k*cout/groups..
+          np.einsum("nhwcij,ijco->nhwo", win[:, :, :, k * cin:(k + 1) * cin],
+                    a["weight"][..., k * cout // groups:(k + 1) * cout // groups].astype(np.int64))
+          for k in range(groups)], axis=-1) + a["bias"]
     elif node.op == "dense":
       y = (x.astype(np.int64) - zx) @ a["weight"].astype(np.int64) + a["bias"]
     elif node.op == "requantize" and rounding == "float":
@@ -179,13 +183,13 @@ def _requantize(name, src, src_scale, enc, lo=None, hi=None):
 
 
 def _layer(rng, name, src, x_scale, shape, w_bits, *, op="conv", strides=(1, 1),
-           padding=((1, 1), (1, 1)), bn_mul=None):
+           padding=((1, 1), (1, 1)), bn_mul=None, groups=1):
   half = 1 << (w_bits - 1)
   weight = rng.integers(-half, half, shape).astype(np.int8)
   cout = shape[-1]
   weight_scale = rng.uniform(0.01, 0.05, cout).astype(np.float32)
   bn_mul = np.ones(cout, np.float32) if bn_mul is None else bn_mul
-  attrs = ({"strides": strides, "padding": padding, "groups": 1} if op == "conv" else {})
+  attrs = ({"strides": strides, "padding": padding, "groups": groups} if op == "conv" else {})
   return g.Node(name=name, op=op, inputs=(src,), attrs=attrs, arrays={
       "weight": weight, "weight_scale": weight_scale,
       "bias": rng.integers(-300, 300, cout).astype(np.int32)},
@@ -247,6 +251,20 @@ def flat_graph(seed=1):
   return g.Graph(nodes=tuple(nodes), input="image", output="logits", input_shape=(6, 6, 1))
 
 
+def depthwise_graph(seed=2):
+  """A depthwise convolution between two dense-grid layers, 8-bit signed codes."""
+  rng = np.random.default_rng(seed)
+  x_enc = _codes_enc(8, True, 1 / 100)
+  nodes = [_quantize("dw:in", "image", x_enc)]
+  nodes.append(_layer(rng, "dw", "dw:in", x_enc.scale, (3, 3, 1, 4), 8, groups=4))
+  a_enc = _codes_enc(5, False, 0.02, 3)
+  nodes.append(_requantize("pw:in", "dw", nodes[-1].encoding.scale, a_enc, lo=3))
+  nodes.append(_layer(rng, "pw", "pw:in", a_enc.scale, (1, 1, 4, 6), 6,
+                      padding=((0, 0), (0, 0))))
+  nodes.append(g.Node(name="out", op="dequantize", inputs=("pw",)))
+  return g.Graph(nodes=tuple(nodes), input="image", output="out", input_shape=(5, 5, 4))
+
+
 # --- encodings.json ---
 
 
@@ -303,6 +321,7 @@ def _ort_tensors(graph, images, optimize=True):
   onnx = pytest.importorskip("onnx")
   ort = pytest.importorskip("onnxruntime")
   model = onnx_export.to_onnx(graph)
+  output = model.graph.output[0].name  # '<output>:nhwc' for a 4-d output.
   names = [n.name for n in graph.nodes]
   for name in names:
     if name != graph.output:
@@ -314,6 +333,8 @@ def _ort_tensors(graph, images, optimize=True):
                                  providers=["CPUExecutionProvider"])
   values = dict(zip([o.name for o in session.get_outputs()],
                     session.run(None, {graph.input: images})))
+  if output != graph.output:
+    values[graph.output] = values[output].transpose(0, 3, 1, 2)
   out = {}
   for name in names:
     v = values[name]
@@ -367,7 +388,7 @@ def test_onnx_model_is_qdq(tmp_path):
       "MaxPool", "GlobalAveragePool", "Flatten"]
 
 
-@pytest.mark.parametrize("graph_fn", [residual_graph, flat_graph])
+@pytest.mark.parametrize("graph_fn", [residual_graph, flat_graph, depthwise_graph])
 def test_onnx_each_op_equals_qdq_float_rounding(graph_fn):
   # Each op fed onnxruntime's own inputs, against the graph with
   # requantization as QDQ computes it (real value / scale, half to even):
@@ -386,14 +407,15 @@ def test_onnx_each_op_equals_qdq_float_rounding(graph_fn):
       assert diff.max() <= 1 and diff.mean() <= 1e-3, (node.name, diff.max(), diff.mean())
 
 
-def test_onnx_each_op_against_fixed_point_requantization():
+@pytest.mark.parametrize("graph_fn", [residual_graph, depthwise_graph])
+def test_onnx_each_op_against_fixed_point_requantization(graph_fn):
   # Against the graph's own semantics only `requantize` differs, by one code
   # and where gemmlowp's two roundings (v * m / 2^31 rounded, then the right
   # shift by R rounded) differ from one: after the first rounding the value
   # is a multiple of 2^-R codes, so it lands on a tie (rounded away from 0)
   # with probability 2^-R, half of which the exact value rounds the other way:
   # about 2^-(R + 1) of the codes not clamped.
-  graph = residual_graph()
+  graph = graph_fn()
   images = _images(graph, n=512)
   ort_values = _ort_tensors(graph, images, optimize=False)
   ref = evaluate(graph, images, given=ort_values)
