@@ -154,8 +154,9 @@ def test_plain_convolutions_keep_the_outputs(name, shape):
 
 def test_measure_and_its_file_round_trip(tmp_path):
   model, variables, batches = _tiny()
-  s = measure.measure(jax.random.key(0), model, variables, batches, w_bits=(2, 4, 8),
-                      a_bits=(4, 8), probes=4, tol=0.1, max_iterations=10)
+  s = measure.sensitivity_pass(jax.random.key(0), model, variables, batches,
+                               w_bits=(2, 4, 8),
+                               a_bits=(4, 8), probes=4, tol=0.1, max_iterations=10)
   assert s.names == ("fc1", "fc2") and s.omega.shape == (2, 9, 9)
   i = lambda b: int(table_index(b))
   np.testing.assert_allclose(

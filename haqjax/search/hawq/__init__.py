@@ -24,7 +24,7 @@ from haqjax.search.hawq.ilp import solve as solve_ilp
 from haqjax.search.hawq.ilp import solve_monotone
 from haqjax.search.hawq.greedy import solve as solve_greedy
 from haqjax.search.hawq.measure import Sensitivity
-from haqjax.search.hawq.measure import measure
+from haqjax.search.hawq.measure import sensitivity_pass
 from haqjax.search.hawq.measure import read_sensitivity
 from haqjax.search.hawq.measure import write_sensitivity
 from haqjax.search.hawq.problem import Problem

@@ -1,7 +1,7 @@
 """One sensitivity pass and its file, `sensitivity.json`.
 
-`measure` runs the pieces of `haqjax.search.hawq.sensitivity` in order:
-record each layer's inputs on the batches, estimate the Hessian traces,
+`sensitivity_pass` runs the pieces of `haqjax.search.hawq.sensitivity` in
+order: record each layer's inputs on the batches, estimate the traces,
 measure the quantization errors at the candidate bits, build `Omega`.
 `write_sensitivity` / `read_sensitivity` store the result as JSON (written
 atomically), so a job that stops after the pass does not redo it:
@@ -112,9 +112,10 @@ def _infs(x: Any) -> np.ndarray:
   return np.asarray(np.where(np.equal(np.asarray(x, object), None), np.inf, x), np.float64)
 
 
-def measure(key: PRNGKey, model: nn.Module, variables: PyTree, batches: Sequence[PyTree],
-            *, w_bits: Sequence[int], a_bits: Sequence[int], probes: int, tol: float,
-            max_iterations: int, label_smoothing: float = 0.0) -> Sensitivity:
+def sensitivity_pass(key: PRNGKey, model: nn.Module, variables: PyTree,
+                     batches: Sequence[PyTree], *, w_bits: Sequence[int],
+                     a_bits: Sequence[int], probes: int, tol: float,
+                     max_iterations: int, label_smoothing: float = 0.0) -> Sensitivity:
   """The sensitivity pass on `batches` (see `sensitivity.hessian_traces`).
 
   Args:
