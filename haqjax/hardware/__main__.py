@@ -5,6 +5,8 @@ r"""Per-layer hardware costs of a network, as CSV.
   python -m haqjax.hardware --target=bismo-cloud --model=mobilenetv2 \
       --input_size=224 --num_classes=100 --w_bits=4 --a_bits=4
   python -m haqjax.hardware --target=bismo-edge --policy=WORKDIR/policy.json
+  python -m haqjax.hardware --target=cim --array=128x128 --cell_bits=2 \
+      --adc_bits=5 --cols_per_adc=8 --dac_bits=1 --model=resnet18 --w_bits=4
 
 The network is a SCALE-Sim v2 topology CSV (`--topology`) or a model of
 `haqjax.models` (`--model`). The bits are uniform (`--w_bits`, `--a_bits`) or
@@ -37,7 +39,7 @@ _PJ_COLUMNS = {"energy_pj": "energy_j", "compute_energy_pj": "compute_energy_j",
 
 # Fields that --array=RxC sets, per target type.
 _ARRAY_FIELDS = {"Systolic": ("rows", "cols"), "Bismo": ("dm", "dn"),
-                 "BitFusion": ("rows", "cols")}
+                 "BitFusion": ("rows", "cols"), "Cim": ("rows", "cols")}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,11 +51,16 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
   p = _Parser(prog="python -m haqjax.hardware", description=__doc__.split("\n")[0])
   p.add_argument("--target", default="systolic",
-                 help="bismo-edge, bismo-cloud, bitfusion, systolic or table:PATH.npy")
+                 help="bismo-edge, bismo-cloud, bitfusion, systolic, cim or table:PATH.npy")
   p.add_argument("--array", help="array size RxC (systolic: PE rows x cols; "
-                 "bismo: Dm x Dn; bitfusion: rows x cols)")
+                 "bismo: Dm x Dn; bitfusion: rows x cols; cim: crossbar rows x cols)")
   p.add_argument("--dataflow", help="systolic dataflow: os, ws or is")
   p.add_argument("--bit_mode", help="systolic bit mode: parallel, stripes, loom or fused")
+  from haqjax.hardware import cim  # pylint: disable=g-import-not-at-top
+  for field in cim.FLAG_FIELDS:
+    default = getattr(cim.CIM, field)
+    p.add_argument(f"--{field}", type=type(default),
+                   help=f"cim: Cim.{field} (default {default:g})")
   p.add_argument("--topology", help="SCALE-Sim v2 topology CSV file")
   p.add_argument("--model", help="a haqjax model name (e.g. mobilenetv2, resnet18)")
   p.add_argument("--input_size", type=int, help="model input height = width")
@@ -121,6 +128,12 @@ def build(args: argparse.Namespace):
       if kind != "Systolic":
         raise ValueError(f"--{flag} applies to --target=systolic only")
       changes[flag] = getattr(args, flag)
+  from haqjax.hardware import cim  # pylint: disable=g-import-not-at-top
+  for field in cim.FLAG_FIELDS:
+    if getattr(args, field) is not None:
+      if kind != "Cim":
+        raise ValueError(f"--{field} applies to --target=cim only")
+      changes[field] = getattr(args, field)
   if args.batch is not None and args.batch < 1:
     raise ValueError(f"--batch is {args.batch}; allowed: a positive integer")
   if changes:

@@ -4,6 +4,7 @@
   * 'bismo-cloud': BISMO on a VU9P, batch 16, calibrated to HAQ's table.
   * 'bitfusion': Bit Fusion at the paper's Eyeriss-comparison point.
   * 'systolic': a TPU-like 32x32 int8 systolic array.
+  * 'cim': a compute-in-memory (RRAM crossbar) design, NeuroSim's defaults.
   * 'table:PATH.npy': any HAQ-format lookup table.
 
 Every preset is a frozen dataclass; `get_target(name, **overrides)` returns
@@ -19,6 +20,7 @@ from haqjax.hardware import base
 from haqjax.hardware.bismo import BISMO_CLOUD
 from haqjax.hardware.bismo import BISMO_EDGE
 from haqjax.hardware.bitfusion import BITFUSION
+from haqjax.hardware.cim import CIM
 from haqjax.hardware.systolic import SYSTOLIC
 from haqjax.hardware.table import TableTarget
 
@@ -27,6 +29,7 @@ PRESETS: dict[str, Any] = {
     "bismo-cloud": BISMO_CLOUD,
     "bitfusion": BITFUSION,
     "systolic": SYSTOLIC,
+    "cim": CIM,
 }
 TARGETS = (*PRESETS, "table:PATH.npy")
 
