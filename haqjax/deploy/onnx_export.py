@@ -32,13 +32,17 @@ within the model; 4-d outputs are transposed back to NHWC.
 The model is not bit-exact with the integer engine. Between `Q` and `DQ`
 the runtime computes in float32 (onnxruntime fuses some patterns into
 `QLinearConv` / `QGemm`, which requantize in float as well), and
-`QuantizeLinear` rounds `real / scale` once, half to even, where the graph's
-`requantize` rounds twice (gemmlowp: `v * m / 2^31` to an integer, then the
-right shift by `R` bits, ties away from zero). The two disagree by one code
-on about `2^-(R + 1)` of the values it does not clamp; `quantize`,
-`clamp`, `max_pool`, `mean`, `add` and `reshape` agree exactly unless a
-value lies within float32 rounding of a half (float32 holds integers exactly
-only up to 2^24). The tests bound both per op and measure the logits.
+`QuantizeLinear` rounds `real / scale` once, half to even. A `requantize`
+with TFLite's single rounding (`rounding='single'`: the exact product
+rounded once, half up) then agrees except at exact ties and where a value
+lies within float32 rounding of a half (float32 holds integers exactly only
+up to 2^24, short of the wide int32 tensors); gemmlowp's rounding
+(`'gemmlowp'`: `v * m / 2^31` rounded, then the right shift by `R` bits,
+ties away from zero) disagrees by one code on about `2^-(R + 1)` of the
+values it does not clamp. `quantize` (which multiplies by `inv_scale` where
+`QuantizeLinear` divides), `clamp`, `max_pool`, `mean`, `add` and `reshape`
+agree exactly but for float32 near-ties. The tests bound each op and
+measure the logits against the engine.
 
 References:
   ONNX operators QuantizeLinear, DequantizeLinear (opset 13),
