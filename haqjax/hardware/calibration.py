@@ -4,7 +4,8 @@ HAQ's latency search sums `T[l, w-1, a-1]` over layers. A model that stands in
 for such a table must rank configurations alike and match the sums that the
 budget constrains; `table_errors` reports exactly those numbers, and
 `fit_bismo` is the small offline search that produced the `bismo-cloud`
-preset's parameters.
+preset's parameters. `holdout` fits on some layers and scores the others, the
+out-of-sample check of such a fit.
 
 References:
   K. Wang, Z. Liu, Y. Lin, J. Lin, S. Han, "HAQ: Hardware-Aware Automated
@@ -90,7 +91,36 @@ def bismo_tensor(target: bismo_lib.Bismo, layers: Layers) -> np.ndarray:
   return np.asarray(jnp.transpose(cycles, (2, 0, 1)))  # [W, A, L] -> [L, W, A]
 
 
+def _unit_stages(layers: Layers, dm: int, dn: int, dk: int) -> list[np.ndarray]:
+  """BISMO's stages `[L, 8, 8]` (float64) at one bit per cycle on each port.
+
+  The fetch and result stages are bits over a port width (see
+  `haqjax.hardware.bismo`), so a port of `p` bits divides them by `p`; the
+  fit evaluates its port and overhead grid from these four tensors.
+  """
+  unit = bismo_lib.Bismo(name="bismo-fit", dm=dm, dn=dn, dk=dk, act_fetch_bits=1.0,
+                         weight_fetch_bits=1.0, result_bits=1.0)
+  b = jnp.arange(1.0, 9.0)
+  s = unit.stages(layers, b[:, None, None], b[None, :, None])
+  shape = (8, 8, len(layers))
+  return [np.asarray(jnp.transpose(jnp.broadcast_to(s[k], shape), (2, 0, 1)), np.float64)
+          for k in ("execute", "fetch_a", "fetch_w", "result")]
+
+
+def check_subset(subset: Sequence[int] | None, n: int) -> np.ndarray:
+  """Indices of the layers to fit on: all `n` layers when `subset` is None."""
+  if subset is None:
+    return np.arange(n)
+  idx = np.asarray(subset)
+  if (idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer)
+      or (idx < 0).any() or (idx >= n).any() or np.unique(idx).size != idx.size):
+    raise ValueError(f"subset is {subset!r}; allowed: distinct layer indices in "
+                     f"0..{n - 1}, at least one")
+  return idx
+
+
 def fit_bismo(layers: Layers, table: Any, *,
+              subset: Sequence[int] | None = None,
               dims: Sequence[int] = (8, 16, 32),
               dks: Sequence[int] = (128, 256, 512),
               weight_ports: Sequence[float] = (8.0, 16.0, 32.0),
@@ -100,26 +130,62 @@ def fit_bismo(layers: Layers, table: Any, *,
   """Grid search of BISMO parameters against a HAQ table.
 
   The activation port is searched at `Dk / 2`, `Dk` and `2 Dk` bits. The
-  objective is `fit_score`.
+  objective is `fit_score` over the layers of `subset` (their entries and
+  their network sums), so that the layers left out can score the fit.
 
   Args:
     layers: the table's network at the table's batch size.
     table: `[L, 8, 8]` reference cycles.
+    subset: indices of the layers to fit on (default: all).
     dims, dks, weight_ports, result_ports, overheads: the grid (the defaults
-      reproduce the `bismo-cloud` preset from HAQ's table in about 20 s).
+      reproduce the `bismo-cloud` preset from HAQ's table).
 
   Returns:
-    `(best target, its table_errors)`.
+    `(best target, its table_errors on the subset)`.
+
+  Raises:
+    ValueError: `subset` holds no layer, repeats one or is out of range.
   """
+  idx = check_subset(subset, len(layers))
+  ref = np.asarray(table)[idx]
   best = None
   for dm, dn, dk in itertools.product(dims, dims, dks):
+    ex, fa, fw, rs = (x[idx] for x in _unit_stages(layers, dm, dn, dk))
     for act, wp, rp, oh in itertools.product(
         (dk / 2, dk, 2 * dk), weight_ports, result_ports, overheads):
-      t = bismo_lib.Bismo(name="bismo-fit", dm=dm, dn=dn, dk=dk,
-                          act_fetch_bits=float(act), weight_fetch_bits=wp,
-                          result_bits=rp, overhead_cycles=oh)
-      err = table_errors(bismo_tensor(t, layers), table)
-      score = fit_score(err)
+      pred = np.maximum(np.maximum(ex, fa / act), np.maximum(fw / wp, rs / rp)) + oh
+      score = fit_score(table_errors(pred, ref))
       if best is None or score < best[0]:
-        best = (score, t, err)
-  return best[1], best[2]
+        best = (score, (dm, dn, dk, act, wp, rp, oh))
+  dm, dn, dk, act, wp, rp, oh = best[1]
+  t = bismo_lib.Bismo(name="bismo-fit", dm=dm, dn=dn, dk=dk,
+                      act_fetch_bits=float(act), weight_fetch_bits=wp,
+                      result_bits=rp, overhead_cycles=oh)
+  return t, table_errors(bismo_tensor(t, layers)[idx], ref)
+
+
+def holdout(layers: Layers, table: Any, train: Sequence[int],
+            **grid: Any) -> tuple[bismo_lib.Bismo, dict, dict]:
+  """Fits BISMO on the layers `train` and scores it on the others.
+
+  Args:
+    layers: the table's network at the table's batch size.
+    table: `[L, 8, 8]` reference cycles.
+    train: indices of the layers to fit on; the rest are held out.
+    **grid: `fit_bismo`'s grid arguments.
+
+  Returns:
+    `(fitted target, table_errors on train, table_errors on the held-out
+    layers)`.
+
+  Raises:
+    ValueError: a bad `train`, or one that leaves no layer out.
+  """
+  idx = check_subset(train, len(layers))
+  test = np.setdiff1d(np.arange(len(layers)), idx)
+  if not test.size:
+    raise ValueError("train holds every layer; allowed: a subset that leaves "
+                     "at least one layer out")
+  target, fit_err = fit_bismo(layers, table, subset=idx, **grid)
+  pred = bismo_tensor(target, layers)
+  return target, fit_err, table_errors(pred[test], np.asarray(table)[test])
