@@ -205,3 +205,21 @@ def test_invalid_config():
     cim.Cim(adc_bits=0)
   with pytest.raises(ValueError, match="Cim.cell_read_fj is -1"):
     hardware.get_target("cim", cell_read_fj=-1.0)
+
+
+def test_cim_search_recipe():
+  # experiments/flags/quickstart_rl_cim.flags: quickstart_rl's search under a
+  # cim compute-energy budget of uniform W4A4.
+  from experiments import recipes  # pylint: disable=g-import-not-at-top
+  from haqjax.search.config import SearchConfig  # pylint: disable=g-import-not-at-top
+  from haqjax.train.config import Config  # pylint: disable=g-import-not-at-top
+  config, search = recipes.read_configs("quickstart_rl_cim", (Config, SearchConfig))
+  assert (config.mode, config.model, search.target) == ("rl", "quickstart_cnn", "cim")
+  budget = search.budget_spec()
+  assert (budget.metric, budget.value, budget.reference) == ("compute_energy", 1.0, "w4a4")
+  target = hardware.get_target(search.target)
+  layers = hardware.from_model(config.model, num_classes=10, batch=target.batch)
+  n = len(layers)
+  limit = budget.resolve(target, layers)
+  assert budget.fits(budget.cost(target, layers, np.full(n, 4), np.full(n, 4)), limit)
+  assert not budget.fits(budget.cost(target, layers, np.full(n, 8), np.full(n, 8)), limit)
