@@ -222,14 +222,32 @@ def hessian_traces(key: PRNGKey, model: nn.Module, variables: PyTree,
       converged=bool(out.converged), seconds=seconds)
 
 
-def _mse(quantizer, x: Array, bits: int, key: PRNGKey, parts: Sequence[Array]) -> float:
-  """Mean squared error of `quantizer` calibrated on `x` at `bits`, over `parts`."""
+def _mse(quantizer, x: Array, parts: Array, bits: Array, key: PRNGKey) -> Array:
+  """Mean squared error of `quantizer` calibrated on `x` at `bits`, over `parts` `[n, ...]`."""
+  params = quantizer.calibrate(quantizer.init(x), x, bits)
+  keys = jax.random.split(key, parts.shape[0])
+
+  def error(part, k):
+    q = quantizer(params, part, bits, k if quantizer.needs_key else None)
+    return jnp.mean(jnp.square(q - part))
+  return jnp.mean(jax.vmap(error)(parts, keys))
+
+
+_jitted_mse = jax.jit(_mse, static_argnums=0)
+# What tracing a quantizer's `calibrate` raises when it needs concrete data
+# (e.g. a grid picked from the data's sign), or a quantizer jit cannot hash.
+_UNTRACEABLE = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                jax.errors.TracerIntegerConversionError, jax.errors.TracerBoolConversionError,
+                TypeError)
+
+
+def _error(quantizer, x: Array, parts: Array, bits: int, key: PRNGKey) -> float:
+  """`_mse`, compiled once per quantizer and shape (any bits), else op by op."""
   b = jnp.int32(bits)
-  params = quantizer.calibrate(quantizer.init(x), x, b)
-  keys = jax.random.split(key, len(parts))
-  errors = [jnp.mean(jnp.square(quantizer(params, p, b, k if quantizer.needs_key else None)
-                                - p)) for p, k in zip(parts, keys)]
-  return float(np.mean(jax.device_get(errors)))
+  try:
+    return float(_jitted_mse(quantizer, x, parts, b, key))
+  except _UNTRACEABLE:
+    return float(_mse(quantizer, x, parts, b, key))
 
 
 def quantization_mse(key: PRNGKey, variables: PyTree, recorded: dict[str, dict[str, Any]],
@@ -241,8 +259,8 @@ def quantization_mse(key: PRNGKey, variables: PyTree, recorded: dict[str, dict[s
     key: for quantizers that round stochastically.
     variables: the model's variables (FP32 kernels).
     recorded: `record(model, variables, batches)`.
-    num_batches: how many batches `recorded` concatenates (each batch's
-      activations are quantized on their own, as in training).
+    num_batches: how many batches (of one size) `recorded` concatenates;
+      each batch's activations are quantized on their own, as in training.
     w_bits: weight bit-widths to evaluate (1..8); others are +inf, 32 is 0.
     a_bits: activation bit-widths to evaluate.
   """
@@ -255,15 +273,15 @@ def quantization_mse(key: PRNGKey, variables: PyTree, recorded: dict[str, dict[s
       if role == "weight":
         quantizer = weight_q
         x = get_path(variables["params"], entry["path"])["kernel"]
-        parts = [x]
+        parts = x[None]
       else:
         quantizer = act_q
-        x = jnp.asarray(entry["inputs"])
-        parts = jnp.array_split(x, num_batches)
+        x = jnp.asarray(entry["inputs"])  # [num_batches * B, ...]
+        parts = x.reshape(num_batches, -1, *x.shape[1:])
       for b in bits:
         if b != FLOAT_BITS:
           k = jax.random.fold_in(jax.random.fold_in(key, l), b)
-          table[l, table_index(b)] = _mse(quantizer, x, b, k, parts)
+          table[l, table_index(b)] = _error(quantizer, x, parts, b, k)
     out[role] = table
   return out["weight"], out["activation"]
 
