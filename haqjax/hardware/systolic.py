@@ -26,10 +26,20 @@ Bit-widths (`bit_mode`), a documented choice:
     products per cycle: the temporal stream is that many times shorter.
 The serial/fused factor multiplies `T`, not the fill and drain.
 
-DRAM traffic: each operand is read once when it fits its SRAM, else once per
-fold of the other operand; outputs are written once at `output_bits`. The
-roofline bound is `max(compute cycles, DRAM bytes / bytes per cycle)`: the
-stall cycles are what the DRAM transfer takes beyond the compute cycles.
+Memory (`bandwidth_mode`):
+  * 'roofline' (the preset's default): each operand is read once when it fits
+    its SRAM, else once per fold of the other operand; outputs are written
+    once at `output_bits`; `cycles = max(compute, DRAM bytes / bytes per
+    cycle)`. A bound, several times SCALE-Sim's cycles for weight-stationary
+    layers.
+  * 'user': SCALE-Sim's double-buffered scratchpads at a given bandwidth
+    (its `InterfaceBandwidth: USER`), in the closed form of
+    `haqjax.hardware.systolic_memory`: stall cycles and the ifmap, filter and
+    ofmap DRAM traffic (`*_dram_bytes`).
+  * 'calc': SCALE-Sim's `InterfaceBandwidth: CALC`: no stalls; the same
+    traffic, and `dram_bytes_per_cycle_needed`, its bytes over the compute
+    cycles.
+A config file of SCALE-Sim sets all of these (`haqjax.hardware.scale_config`).
 Energy uses the 45 nm table of `haqjax.hardware.energy`: compute (a MAC at
 the operand widths), SRAM (reads of the operand matrices per fold as
 SCALE-Sim counts them) and DRAM bytes.
@@ -50,6 +60,7 @@ import jax.numpy as jnp
 
 from haqjax.hardware import base
 from haqjax.hardware import energy as energy_lib
+from haqjax.hardware import systolic_memory
 from haqjax.hardware.layers import Layers
 from haqjax.hardware.layers import ceil_div
 from haqjax.hardware.layers import effective_bits
@@ -57,6 +68,7 @@ from haqjax.typing import Array, ArrayLike
 
 DATAFLOWS = ("os", "ws", "is")
 BIT_MODES = ("parallel", "stripes", "loom", "fused")
+BANDWIDTH_MODES = ("roofline", "user", "calc")
 
 
 def fused_products(w_bits: Array, a_bits: Array) -> Array:
@@ -102,9 +114,15 @@ class Systolic:
     bit_mode: 'parallel', 'stripes', 'loom' or 'fused' (module docstring).
     clock_hz: clock.
     batch: default batch size.
-    ifmap_sram_bytes, filter_sram_bytes: operand SRAMs (double buffering not
-      modelled: an operand "fits" when it is at most this size).
-    dram_bytes_per_cycle: off-chip bandwidth.
+    ifmap_sram_bytes, filter_sram_bytes, ofmap_sram_bytes: SRAMs (the
+      'roofline' mode reads the first two only: an operand "fits" when it is
+      at most this size; 'user' and 'calc' double-buffer all three).
+    bandwidth_mode: 'roofline', 'user' or 'calc' (module docstring).
+    dram_bytes_per_cycle: off-chip bandwidth (SCALE-Sim's `Bandwidth`, the
+      ofmap buffer's in 'user' mode).
+    ifmap_bytes_per_cycle, filter_bytes_per_cycle: the read buffers' own
+      bandwidths in 'user' mode (SCALE-Sim v3's `[layout]` bank bandwidths);
+      None: `dram_bytes_per_cycle`.
     output_bits: bits of a written output activation.
     energy: per-op and per-byte energies (45 nm, Horowitz).
   """
@@ -117,16 +135,24 @@ class Systolic:
   batch: int = 1
   ifmap_sram_bytes: int = 512 * 1024
   filter_sram_bytes: int = 512 * 1024
+  ofmap_sram_bytes: int = 512 * 1024
+  bandwidth_mode: str = "roofline"
   dram_bytes_per_cycle: float = 32.0
+  ifmap_bytes_per_cycle: float | None = None
+  filter_bytes_per_cycle: float | None = None
   output_bits: int = 8
   energy: energy_lib.EnergyTable = energy_lib.HOROWITZ_45NM
 
   def __post_init__(self):
     base.check_int(self, "rows", "cols", "batch", "ifmap_sram_bytes",
-                   "filter_sram_bytes", "output_bits")
+                   "filter_sram_bytes", "ofmap_sram_bytes", "output_bits")
     base.check_positive(self, "clock_hz", "dram_bytes_per_cycle")
+    for f in ("ifmap_bytes_per_cycle", "filter_bytes_per_cycle"):
+      if getattr(self, f) is not None:
+        base.check_positive(self, f)
     base.check_choice(self, "dataflow", DATAFLOWS)
     base.check_choice(self, "bit_mode", BIT_MODES)
+    base.check_choice(self, "bandwidth_mode", BANDWIDTH_MODES)
 
   def stream_factor(self, w_bits: ArrayLike, a_bits: ArrayLike) -> Array:
     """Cycles per temporal step relative to 8-bit parallel PEs."""
@@ -152,16 +178,25 @@ class Systolic:
     # Folds along the other operand's dimension: how often each is re-read.
     row_folds = ceil_div(layers.m, self.rows)
     col_folds = ceil_div(layers.n, self.cols)
-    in_bits = layers.in_elems * a
-    w_bits_total = layers.weights * w
-    in_fits = in_bits <= 8.0 * self.ifmap_sram_bytes
-    w_fits = w_bits_total <= 8.0 * self.filter_sram_bytes
-    in_reloads = jnp.where(in_fits | (self.dataflow == "is"), 1.0, col_folds)
-    w_reloads = jnp.where(w_fits | (self.dataflow == "ws"), 1.0, row_folds)
-    dram_bits = (in_bits * in_reloads + w_bits_total * w_reloads
-                 + layers.out_elems * self.output_bits)
-    dram_bytes = dram_bits / 8.0
-    cycles = jnp.maximum(compute, dram_bytes / self.dram_bytes_per_cycle)
+    extra = {}
+    if self.bandwidth_mode == "roofline":
+      in_bits = layers.in_elems * a
+      w_bits_total = layers.weights * w
+      in_fits = in_bits <= 8.0 * self.ifmap_sram_bytes
+      w_fits = w_bits_total <= 8.0 * self.filter_sram_bytes
+      in_reloads = jnp.where(in_fits | (self.dataflow == "is"), 1.0, col_folds)
+      w_reloads = jnp.where(w_fits | (self.dataflow == "ws"), 1.0, row_folds)
+      dram_bits = (in_bits * in_reloads + w_bits_total * w_reloads
+                   + layers.out_elems * self.output_bits)
+      dram_bytes = dram_bits / 8.0
+      cycles = jnp.maximum(compute, dram_bytes / self.dram_bytes_per_cycle)
+    else:
+      extra = self.scratchpad_cost(layers, w, a, per_gemm)
+      dram_bytes = sum(extra[f"{x}_dram_bytes"] for x in ("ifmap", "filter", "ofmap"))
+      cycles = compute + extra.pop("stall_cycles")
+      if self.bandwidth_mode == "calc":
+        cycles = compute
+        extra["dram_bytes_per_cycle_needed"] = dram_bytes / compute
     # SRAM reads of the operand matrices, as SCALE-Sim counts them per fold.
     sram_bits = layers.groups * (layers.m * layers.k * a * col_folds
                                  + layers.k * layers.n * w * row_folds
@@ -183,7 +218,33 @@ class Systolic:
         "dram_energy_j": dram_pj * 1e-12,
         "dram_bytes": dram_bytes,
         "utilization": layers.macs * stream / (self.rows * self.cols * cycles),
+        **extra,
     }
+
+  def scratchpad_cost(self, layers: Layers, w: Array, a: Array,
+                      per_gemm: Array) -> dict[str, Array]:
+    """Stall cycles and per-operand DRAM bytes on SCALE-Sim's scratchpads.
+
+    Words carry the operand's bits (ifmap `a`, filter `w`, ofmap
+    `output_bits`): an SRAM of `B` bytes holds `8 B / bits` words, a port of
+    `b` bytes per cycle moves `8 b / bits` words per cycle. A layer of `G`
+    groups runs its `G` GEMMs one after the other, as SCALE-Sim runs a `DP`
+    layer's channels as layers.
+    """
+    bits = {"ifmap": a, "filter": w, "ofmap": jnp.full_like(w * a, self.output_bits)}
+    sram = {"ifmap": self.ifmap_sram_bytes, "filter": self.filter_sram_bytes,
+            "ofmap": self.ofmap_sram_bytes}
+    port = {"ifmap": self.ifmap_bytes_per_cycle, "filter": self.filter_bytes_per_cycle,
+            "ofmap": None}
+    words = {x: 8.0 * sram[x] / bits[x] for x in bits}
+    bw = {x: 8.0 * (port[x] or self.dram_bytes_per_cycle) / bits[x] for x in bits}
+    c = systolic_memory.scratchpad_costs(self.dataflow, self.rows, self.cols,
+                                         layers.m, layers.n, layers.k, per_gemm,
+                                         words, bw)
+    out = {"stall_cycles": layers.groups * c["stall_cycles"]}
+    for x in bits:
+      out[f"{x}_dram_bytes"] = layers.groups * c[f"{x}_words"] * bits[x] / 8.0
+    return out
 
 
 # A TPU-like 32x32 int8 output-stationary array at 1 GHz, batch 1, 512 KiB
