@@ -126,9 +126,11 @@ def evaluate(graph, images, given=None, rounding="fixed_point"):
       y = np.concatenate([  # Group k: input channels k*cin.., outputs k*cout/groups..
           np.einsum("nhwcij,ijco->nhwo", win[:, :, :, k * cin:(k + 1) * cin],
                     a["weight"][..., k * cout // groups:(k + 1) * cout // groups].astype(np.int64))
-          for k in range(groups)], axis=-1) + a["bias"]
+          for k in range(groups)], axis=-1)
+      y = (y << int(a.get("acc_shift", 0))) + a["bias"]
     elif node.op == "dense":
-      y = (x.astype(np.int64) - zx) @ a["weight"].astype(np.int64) + a["bias"]
+      y = (x.astype(np.int64) - zx) @ a["weight"].astype(np.int64)
+      y = (y << int(a.get("acc_shift", 0))) + a["bias"]
     elif node.op == "requantize" and rounding == "float":
       real = (x - zx).astype(np.float32) * x_enc.scale
       y = np.clip(np.round(real / enc.scale) + enc.zero_point, a["lo"], a["hi"])
@@ -518,3 +520,4 @@ def test_export_all_with_an_engine_function(tmp_path):
   for n in (1, 3):  # Any batch size.
     images = _images(graph, n=n)
     np.testing.assert_array_equal(run(images), _integer_stand_in(images))
+

@@ -12,8 +12,9 @@ named as the node; integers appear where a runtime needs them:
   a per-channel `DequantizeLinear` (axis 0 for `Conv`, 1 for `Gemm`'s
   `[K, C]`), and the int32 bias through `DequantizeLinear` at the
   accumulator's scale. The weight's dequantization scale is the
-  accumulator scale over the input scale, so a folded BatchNorm multiplier
-  (negative for a negative gamma) is in it;
+  accumulator scale (times `2^acc_shift` where the products are shifted
+  before the bias joins them) over the input scale, so a folded BatchNorm
+  multiplier (negative for a negative gamma) is in it;
 * int32 tensors (residual streams, pooled sums): `Div` by the scale,
   `Round`, `Clip`, `Mul` back: `QuantizeLinear` has no int32 output.
 
@@ -138,7 +139,10 @@ class _Builder:
     conv = node.op == "conv"
     if conv:
       weight = weight.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-    w_scale = (acc_scale / in_enc.scale).astype(np.float32)
+    # The products are shifted left by `acc_shift` (when the graph has one)
+    # before the bias joins them, so a weight code is worth 2^acc_shift steps.
+    shift = np.float64(2.0) ** int(node.arrays.get("acc_shift", 0))
+    w_scale = (acc_scale * shift / in_enc.scale).astype(np.float32)
     zeros = np.zeros(acc_scale.shape, np.int8)
     w = self.op("DequantizeLinear", [
         self.const(node.name, weight, np.int8), self.const(node.name, w_scale),
