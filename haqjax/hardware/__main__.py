@@ -5,6 +5,7 @@ r"""Per-layer hardware costs of a network, as CSV.
   python -m haqjax.hardware --target=bismo-cloud --model=mobilenetv2 \
       --input_size=224 --num_classes=100 --w_bits=4 --a_bits=4
   python -m haqjax.hardware --target=bismo-edge --policy=WORKDIR/policy.json
+  python -m haqjax.hardware --target=systolic --config=scale.cfg --topology=layers.csv
   python -m haqjax.hardware --target=cim --array=128x128 --cell_bits=2 \
       --adc_bits=5 --cols_per_adc=8 --dac_bits=1 --model=resnet18 --w_bits=4
 
@@ -18,8 +19,13 @@ compute plus stall cycles; `energy_pj` the sum of its compute, on-chip SRAM
 and DRAM parts), then a `total` row; a cost the target does not model is left
 empty. Each column but `macs` and `utilization` is a budget metric of the
 search (`--budget_metric`: cycles, compute_cycles, stall_cycles, dram, energy,
-compute_energy, sram_energy, dram_energy). Mistakes print one line to stderr
-and exit with status 2.
+compute_energy, sram_energy, dram_energy). With `--config` (a SCALE-Sim
+`.cfg` file, systolic only) the array, SRAM sizes, dataflow and bandwidth
+come from the file and the rows end with the DRAM traffic columns
+`ifmap_dram_bytes,filter_dram_bytes,ofmap_dram_bytes` (and
+`dram_bytes_per_cycle_needed` under `InterfaceBandwidth: CALC`); flags given
+explicitly (`--array`, `--dataflow`, `--bit_mode`, `--batch`) override the
+file. Mistakes print one line to stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ import numpy as np
 HEADER = ("layer", "macs", "cycles", "compute_cycles", "stall_cycles", "utilization",
           "dram_bytes", "energy_pj", "compute_energy_pj", "sram_energy_pj",
           "dram_energy_pj")
+# Columns appended when the target reports them (systolic 'user'/'calc').
+MEMORY_COLUMNS = ("ifmap_dram_bytes", "filter_dram_bytes", "ofmap_dram_bytes",
+                  "dram_bytes_per_cycle_needed")
 # Columns in picojoules and the cost keys (joules) they print.
 _PJ_COLUMNS = {"energy_pj": "energy_j", "compute_energy_pj": "compute_energy_j",
                "sram_energy_pj": "sram_energy_j", "dram_energy_pj": "dram_energy_j"}
@@ -56,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                  "bismo: Dm x Dn; bitfusion: rows x cols; cim: crossbar rows x cols)")
   p.add_argument("--dataflow", help="systolic dataflow: os, ws or is")
   p.add_argument("--bit_mode", help="systolic bit mode: parallel, stripes, loom or fused")
+  p.add_argument("--config", help="SCALE-Sim .cfg file (systolic): array, SRAMs, "
+                 "dataflow and bandwidth; --array/--dataflow/--bit_mode/--batch "
+                 "given explicitly override it")
   from haqjax.hardware import cim  # pylint: disable=g-import-not-at-top
   for field in cim.FLAG_FIELDS:
     default = getattr(cim.CIM, field)
@@ -119,6 +131,11 @@ def build(args: argparse.Namespace):
   target = targets.get_target(args.target)
   kind = type(target).__name__
   changes = {}
+  if args.config is not None:
+    if kind != "Systolic":
+      raise ValueError("--config applies to --target=systolic only")
+    from haqjax.hardware import scale_config  # pylint: disable=g-import-not-at-top
+    changes.update(scale_config.read_scale_config(args.config).systolic_fields())
   if args.array is not None:
     if kind not in _ARRAY_FIELDS:
       raise ValueError(f"--array does not apply to --target={args.target}")
@@ -161,7 +178,8 @@ def rows(target, layers, w_bits, a_bits) -> list[list[str]]:
   c = {k: np.asarray(v, np.float64) for k, v in c.items()}
   macs = np.asarray(layers.macs, np.float64)
   cols = {"macs": macs}
-  for key in HEADER[2:]:
+  header = list(HEADER) + [k for k in MEMORY_COLUMNS if k in c]
+  for key in header[2:]:
     if key in _PJ_COLUMNS:
       cols[key] = c[_PJ_COLUMNS[key]] * 1e12 if _PJ_COLUMNS[key] in c else None
     else:
@@ -173,9 +191,11 @@ def rows(target, layers, w_bits, a_bits) -> list[list[str]]:
   def fmt(key, v):
     if v is None:
       return ""
-    return f"{v:.4f}" if key == "utilization" else f"{v:.0f}"
+    return f"{v:.4f}" if key in ("utilization", "dram_bytes_per_cycle_needed") else f"{v:.0f}"
 
-  out = [list(HEADER)]
+  if "dram_bytes_per_cycle_needed" in c:
+    total["dram_bytes_per_cycle_needed"] = cols["dram_bytes"].sum() / cols["compute_cycles"].sum()
+  out = [header]
   for i, name in enumerate(layers.names):
     out.append([name] + [fmt(k, None if v is None else v[i]) for k, v in cols.items()])
   out.append(["total"] + [fmt(k, v) for k, v in total.items()])
