@@ -9,8 +9,9 @@ the same --workdir resumes. Modes: `train` (floating point), `qat`
 (fine-tuning under --policy=wXaY or a policy JSON, usually --init_from the
 FP32 run's workdir), `ptq` (post-training quantization of --init_from under
 --policy on --calibration_size training images), `rl` (the HAQ job: FP32
-model, DDPG bit search under --target/--budget_*, fine-tune, test, report)
-and `gumbel` (the same job with the differentiable search, --gumbel_* flags).
+model, DDPG bit search under --target/--budget_*, fine-tune, test, report),
+`gumbel` (the same job with the differentiable search, --gumbel_* flags)
+and `hawq` (Hessian-aware sensitivities and an ILP allocation, --hawq_* flags).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ def main(argv: list[str]) -> None:
     raise ValueError(f"unexpected arguments {argv[1:]}; flags are --name=value")
   workdir = job_flags.workdir()
   config = job_flags.config_from_flags()
-  searching = config.mode in ("rl", "gumbel")
+  searching = config.mode in ("rl", "gumbel", "hawq")
   search = job_flags.search_from_flags() if searching else None
   gumbel = job_flags.gumbel_from_flags() if config.mode == "gumbel" else None
+  hawq = job_flags.hawq_from_flags() if config.mode == "hawq" else None
   if job_flags.MULTIHOST.value:
     from haqjax import parallel  # pylint: disable=g-import-not-at-top
     parallel.initialize_multihost()
@@ -47,6 +49,10 @@ def main(argv: list[str]) -> None:
     from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
     results = gumbel_job.search_and_evaluate(config, search, gumbel, workdir, command)
     results["steps"] = results["search_steps"]
+  elif config.mode == "hawq":
+    from haqjax.jobs import hawq as hawq_job  # pylint: disable=g-import-not-at-top
+    results = hawq_job.search_and_evaluate(config, search, hawq, workdir, command)
+    results["steps"] = results["trace_iterations"]
   else:
     from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
     results = trainer.train_and_evaluate(config, workdir)

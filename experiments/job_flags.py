@@ -2,8 +2,8 @@
 
 `experiments.imagenet` (every mode) and `experiments.sweep` (K vmapped
 Gumbel searches) read the same configs from the same flags: one flag per
-field of `Config`, `SearchConfig` and `GumbelConfig`, plus `--workdir`,
-`--multihost` and `--compilation_cache`.
+field of `Config`, `SearchConfig`, `GumbelConfig` and `HawqConfig`, plus
+`--workdir`, `--multihost` and `--compilation_cache`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from absl import flags
 from experiments import cli
 from haqjax.search.config import SearchConfig
 from haqjax.search.gumbel.config import GumbelConfig
+from haqjax.search.hawq.config import HawqConfig
 from haqjax.train.config import Config
 
 CONFIG_FLAGS = cli.define_flags_from(Config)
 SEARCH_FLAGS = cli.define_flags_from(SearchConfig)
 GUMBEL_FLAGS = cli.define_flags_from(GumbelConfig)
+HAWQ_FLAGS = cli.define_flags_from(HawqConfig)
 WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes everything; "
                               "rerun with the same workdir to resume.")
 MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() "
@@ -45,6 +47,11 @@ def search_from_flags() -> SearchConfig:
 def gumbel_from_flags() -> GumbelConfig:
   """The differentiable search's config the flags give."""
   return cli.config_from_flags(GumbelConfig, GUMBEL_FLAGS)
+
+
+def hawq_from_flags() -> HawqConfig:
+  """The Hessian-aware allocation's config the flags give."""
+  return cli.config_from_flags(HawqConfig, HAWQ_FLAGS)
 
 
 def workdir() -> str:
