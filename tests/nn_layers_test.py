@@ -181,7 +181,8 @@ def test_vmap_over_policies_equals_loop(toy):
 
 
 def test_quantized_kernel_levels(toy):
-  """At w bits, each output channel of the kernel takes at most 2^w - 1 values."""
+  """At w bits, each output channel of the kernel takes at most 2^w values,
+  the most negative code -2^(w-1) where the channel's extreme is negative."""
   model, variables, x, names = toy
   captured = {}
 
@@ -194,5 +195,14 @@ def test_quantized_kernel_levels(toy):
   with nn.intercept_methods(interceptor):
     model.apply(variables, x, Policy.uniform(names, 3, 8))
   k = np.asarray(captured["kernel"]).reshape(-1, 8)
+  w = np.asarray(variables["params"]["conv"]["kernel"]).reshape(-1, 8)
+  negative_extreme = 0
   for c in range(8):
-    assert 2 <= len(np.unique(k[:, c])) <= 7
+    assert 2 <= len(np.unique(k[:, c])) <= 8
+    codes = k[:, c] / (np.abs(w[:, c]).max() / 3.5)  # max|w| / (2^(w-1) - 1/2)
+    np.testing.assert_allclose(codes, np.round(codes), atol=1e-4)
+    assert -4 - 1e-4 <= codes.min() and codes.max() <= 3 + 1e-4
+    if -w[:, c].min() > w[:, c].max():
+      negative_extreme += 1
+      np.testing.assert_allclose(codes.min(), -4, rtol=1e-5)
+  assert negative_extreme > 0

@@ -29,7 +29,7 @@ class AdaRoundModelTest(parameterized.TestCase):
     policy = Policy.create(names, w_bits=[32, 3, 4], a_bits=32)
     res = adaround.adaround_model(jax.random.key(2), model, variables,
                                   [images[:32], images[32:]], policy,
-                                  sequential=sequential, iters=30)
+                                  sequential=sequential, iters=300)
     self.assertEqual(sorted(res.ranges), sorted(names[1:]))
     np.testing.assert_array_equal(res.variables["params"][names[0]]["kernel"],
                                   variables["params"][names[0]]["kernel"])
@@ -38,6 +38,8 @@ class AdaRoundModelTest(parameterized.TestCase):
       w = res.variables["params"][name]["kernel"]
       again = quantizer(res.ranges[name], w, bits)
       np.testing.assert_allclose(again, w, rtol=0, atol=1e-7)
+      # After 30 steps the rounding is still the fractional part (nearest up
+      # to ties); by 300 it has learned (about a third of nearest's loss).
       self.assertLess(float(res.infos[name].recon_adaround),
                       float(res.infos[name].recon_nearest))
 

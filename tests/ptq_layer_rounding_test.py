@@ -73,8 +73,10 @@ class AdaRoundLayerTest(parameterized.TestCase):
 
   def test_minibatch_with_activation_beats_nearest(self):
     kernel, inputs, geometry = _layer("dense", n=256)
+    # Mini-batch gradients through the ReLU need more steps than the full-batch
+    # tests (the paper runs 10k): at 400 the rounding is still mostly soft.
     w, info = layer_rounding.adaround_layer(jax.random.key(1), kernel, inputs, 3, layer=geometry,
-                                      iters=400, batch_size=64, act_fn=jax.nn.relu)
+                                      iters=4000, batch_size=64, act_fn=jax.nn.relu)
     nearest = affine.fake_quant(kernel, 3, SPEC)
     ref_near = _recon(geometry, kernel, nearest, inputs, act=jax.nn.relu)
     ref_ada = _recon(geometry, kernel, w, inputs, act=jax.nn.relu)

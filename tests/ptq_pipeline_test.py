@@ -53,9 +53,10 @@ def test_w8a8_ptq_keeps_fp32_accuracy_and_each_step_reports(trained):
   requant = result.model.apply(result.variables, batches[0]["image"], policy=policy)
   assert np.all(np.isfinite(requant))
   lo, hi = stem["weight_quant"]["lo"], stem["weight_quant"]["hi"]
-  scale = np.maximum(np.abs(lo), np.abs(hi)) / 127
+  scale = np.maximum(np.abs(lo), np.abs(hi)) / 127.5  # max|w| / ((qmax - qmin) / 2)
   codes = np.asarray(stem["kernel"]) / scale
   np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
+  assert codes.min() >= -128 - 1e-3 and codes.max() <= 127 + 1e-3
 
 
 def test_adaround_beats_nearest_at_low_weight_bits(trained):

@@ -33,8 +33,18 @@ def _np_fake_quant(x, bits, spec):
   lo = xg.min(axis=axes, keepdims=True)
   hi = xg.max(axis=axes, keepdims=True)
   qmin, qmax = _np_grid(bits, spec.signed, spec.narrow_range)
-  if spec.symmetric:
-    absmax = np.maximum(np.abs(lo), np.abs(hi)) if spec.signed else np.maximum(hi, 0)
+  if spec.symmetric and spec.signed:
+    absmax = np.maximum(np.abs(lo), np.abs(hi))
+    # PyTorch's symmetric observer: max|x| / ((qmax - qmin) / 2) = max|x| /
+    # (2^(b-1) - 1/2); narrow range max|x| / qmax; binary max|x|.
+    if bits == 1 or spec.narrow_range:
+      levels = np.float32(1.0 if bits == 1 else qmax)
+    else:  # Widened by one part in 2^20, so that -max|x| rounds past the tie.
+      levels = np.float32(qmax - qmin) * np.float32(0.5 + 2.0 ** -21)
+    scale = (absmax * (np.float32(1) / levels)).astype(np.float32)
+    zp = np.zeros_like(scale)
+  elif spec.symmetric:
+    absmax = np.maximum(hi, 0)
     scale = (absmax * np.float32(1.0 / max(qmax, 1.0))).astype(np.float32)
     zp = np.zeros_like(scale)
   else:
@@ -115,9 +125,18 @@ def test_edge_cases_constant_zero_and_float_bits():
   for bits in range(1, 9):
     np.testing.assert_array_equal(affine.fake_quant(zeros, bits), zeros)
   const = jnp.full((5,), 0.37, jnp.float32)
-  for spec in (AffineSpec(), AffineSpec(symmetric=False), AffineSpec(signed=False)):
+  for spec in (AffineSpec(symmetric=False), AffineSpec(signed=False),
+               AffineSpec(narrow_range=True)):
     for bits in range(2, 9):
       np.testing.assert_allclose(affine.fake_quant(const, bits, spec), const, rtol=1e-6)
+  for bits in range(2, 9):
+    # Signed symmetric, scale m / ((2^(b-1) - 1/2) (1 + 2^-20)): -m rounds to
+    # the code qmin = -2^(b-1), half a step beyond it, and +m is clipped to
+    # qmax = 2^(b-1) - 1, half a step short of it.
+    half = 2.0 ** (bits - 1)
+    scale = 0.37 / ((half - 0.5) * (1 + 2.0 ** -20))
+    np.testing.assert_allclose(affine.fake_quant(-const, bits), -half * scale, rtol=1e-6)
+    np.testing.assert_allclose(affine.fake_quant(const, bits), (half - 1) * scale, rtol=1e-6)
   # One all-zero channel beside a live one: the live one is untouched by it.
   x = jnp.stack([jnp.zeros(6), jnp.linspace(-1, 1, 6)], axis=-1)
   out = affine.fake_quant(x, 3, AffineSpec(channel_axis=-1))
@@ -188,3 +207,28 @@ def test_levels_and_error_bound():
     step = (max(hi, 0) - min(lo, 0)) / (2 ** bits - 1)
     # Half a step of rounding plus at most half a step of zero-point rounding.
     assert np.max(np.abs(out - np.asarray(x))) <= step + 1e-6
+
+
+@pytest.mark.parametrize("narrow", [False, True])
+def test_signed_symmetric_grid_extremes(narrow):
+  # 10^4 channels with absmax spread over many binades: -max|x| is the code
+  # qmin = -2^(b-1) (the tie qmin + 1/2 of exact arithmetic, which float32
+  # alone would round either way), +max|x| the code qmax; narrow range
+  # reproduces both ends.
+  rng = np.random.default_rng(7)
+  m = (rng.uniform(0.5, 1.0, 10_000) * np.exp2(rng.integers(-20, 20, 10_000)))
+  x = jnp.asarray(np.stack([-m, m, -0.999 * m]).astype(np.float32))  # [3, C]
+  spec = AffineSpec(channel_axis=-1, narrow_range=narrow)
+
+  def codes(x, bits):
+    scale, zp = affine.compute_scale(*affine.compute_range(x, spec), bits, spec)
+    return affine.quantize(x, scale, zp, bits, spec)
+
+  for bits in (2, 3, 4, 8):
+    qmax = 2 ** (bits - 1) - 1
+    qmin = -qmax if narrow else -qmax - 1
+    for got in (codes(x, bits), jax.jit(codes)(x, jnp.int32(bits))):
+      got = np.asarray(got)
+      np.testing.assert_array_equal(got[0], qmin)
+      np.testing.assert_array_equal(got[1], qmax)
+      np.testing.assert_array_equal(got[2], -qmax)  # off the tie: rounds inwards

@@ -17,10 +17,11 @@ def test_static_range_estimators(estimator):
   g = jax.grad(lambda x: jnp.sum(q(params, x, 4)))(x)
   if estimator == "plain":
     np.testing.assert_array_equal(g, 1.0)
-  else:  # Zero outside the representable range [-8, 7] * 1.5 / 7.
-    inside = (np.asarray(x) >= -8 * 1.5 / 7) & (np.asarray(x) <= 1.5 + 1e-6)
+  else:  # Zero outside the representable range [-8, 7] * 1.5 / 7.5.
+    inside = (np.asarray(x) >= -8 * 1.5 / 7.5) & (np.asarray(x) <= 7 * 1.5 / 7.5)
     np.testing.assert_array_equal(g, inside.astype(np.float32))
-  assert float(jnp.max(q(params, x, 4))) == pytest.approx(1.5)
+  assert float(jnp.max(q(params, x, 4))) == pytest.approx(7 * 1.5 / 7.5)
+  assert float(jnp.min(q(params, x, 4))) == pytest.approx(-8 * 1.5 / 7.5)
 
 
 @pytest.mark.parametrize("bits", [1, 4, 8])
@@ -45,5 +46,28 @@ def test_min_max_activation_without_clipping_has_identity_gradient(sign, nonneg)
   x = jnp.linspace(0.0 if nonneg else -2.0, 3.0, 11)
   g = jax.grad(lambda x: jnp.sum(q({}, x, 4)))(x)
   np.testing.assert_array_equal(g, 1.0)
-  # The range is the min/max, so the grid reaches the largest value.
-  np.testing.assert_allclose(q({}, x, 4)[-1], 3.0, rtol=1e-6)
+  # The range is the min/max: an unsigned grid reaches the largest value, a
+  # signed one (scale 3 / 7.5) clips it to the code 7.
+  top = 3.0 if nonneg and sign == "auto" else 7 * 3.0 / 7.5
+  np.testing.assert_allclose(q({}, x, 4)[-1], top, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_min_max_weight_levels_per_channel(bits):
+  # Uniform weights, 4096 per output channel (about 16 per code at 8 bits);
+  # channels 0-2 have their extreme at -1, channels 3-5 at +1.
+  w = np.random.default_rng(bits).uniform(-1.0, 1.0, (4096, 6)).astype(np.float32)
+  w[:2, :3] = [[-1.0], [0.999]]
+  w[:2, 3:] = [[1.0], [-0.999]]
+
+  def levels(quantizer):
+    out = np.asarray(quantizer({}, jnp.asarray(w), bits))
+    return [len(np.unique(out[:, c])) for c in range(w.shape[1])]
+
+  # Scale max|w| / (2^(b-1) - 1/2): -max|w| reaches -2^(b-1), so a channel
+  # whose extreme is negative uses all 2^b codes; a positive extreme is
+  # clipped to 2^(b-1) - 1 and the channel uses 2^b - 1.
+  full = 2 ** bits
+  assert levels(quant.MinMaxWeight()) == [full] * 3 + [full - 1] * 3
+  narrow = quant.MinMaxWeight(spec=quant.AffineSpec(channel_axis=-1, narrow_range=True))
+  assert levels(narrow) == [full - 1] * 6

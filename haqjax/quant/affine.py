@@ -11,11 +11,26 @@ A real range `[lo, hi]` maps to that grid by a scale and an integer zero point::
     x_hat = (code - zero_point) * scale
 
 Symmetric quantization fixes `zero_point = 0` and takes the scale from
-`max(|lo|, |hi|)` (divided by `qmax`, so a signed grid is used as
-`[-qmax, qmax]` unless narrow); asymmetric quantization stretches `[lo, hi]`
-(widened to contain 0, so that 0 is exact) over the whole grid. A signed
-symmetric 1-bit grid has no zero and is binary: codes are `sign(x)` in
-{-1, +1} and `x_hat = code * scale` with `scale = max|x|`.
+`m = max(|lo|, |hi|)`:
+
+* signed: `scale = m / ((qmax - qmin) / 2) = m / (2^(b-1) - 1/2)`, the
+  convention of PyTorch's symmetric observers, so that all `2^b` codes are
+  used: `-m` falls on `-(2^(b-1) - 1/2)`, which rounds (half to even) to
+  `qmin = -2^(b-1)`, and `+m` to `qmax` (half a step is clipped). A W2
+  tensor has the 4 levels `{-2, -1, 0, 1} * scale`, a W4 tensor 16;
+* signed narrow range: `scale = m / qmax` on `[-qmax, qmax]`, `2^b - 1`
+  levels symmetric about 0;
+* unsigned: `scale = max(hi, 0) / qmax`.
+
+In float32 the product `x * (1 / scale)` would land a few ulps either side of
+the tie at `-m` (the scale, its reciprocal and the product each round), so
+the signed non-narrow divisor is widened by `TIE_MARGIN` (one part in 2^20,
+four times those errors): `-m` then maps just past the tie and rounds to
+`qmin`, as in exact arithmetic, by the same plain `round(x * (1 / scale))`
+that an integer engine applies to the stored scale. Asymmetric quantization stretches `[lo, hi]` (widened to
+contain 0, so that 0 is exact) over the whole grid. A signed symmetric 1-bit
+grid has no zero and is binary: codes are `sign(x)` in {-1, +1} and
+`x_hat = code * scale` with `scale = max|x|`.
 
 Granularity is a property of the range: per tensor, per channel (one range for
 each index of `channel_axis`, any axis or axes) or per group (blocks of
@@ -42,6 +57,11 @@ from haqjax.policy import FLOAT_BITS
 from haqjax.typing import Array, ArrayLike, PRNGKey
 
 ROUNDINGS = ("nearest_even", "stochastic", "floor", "ceil")
+# Relative widening of the signed symmetric divisor (qmax - qmin) / 2 that puts
+# -max|x| past the tie qmin + 1/2 in float32: the scale, its reciprocal and
+# x * (1 / scale) each round once (< 2^-22 relative together); 2^-20 leaves
+# room for a less exact hardware reciprocal.
+TIE_MARGIN = 2.0 ** -20
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -212,16 +232,22 @@ def compute_scale(lo: ArrayLike, hi: ArrayLike, bits: ArrayLike, spec: AffineSpe
   """Scale and zero point (float, integer-valued) mapping `[lo, hi]` to the grid.
 
   A range of zero width (an all-zero channel) gets scale 0: every code is
-  the zero point (or, for binary, +-1) and the output is exactly 0.
+  the zero point (or, for binary, +-1) and the output is exactly 0. The
+  signed symmetric grid divides `max(|lo|, |hi|)` by `(qmax - qmin) / 2`
+  (widened by `TIE_MARGIN`; by `qmax` when narrow); see the module docstring.
   """
   lo = jnp.asarray(lo, jnp.float32)
   hi = jnp.asarray(hi, jnp.float32)
   bits = jnp.asarray(bits, jnp.int32)
   qmin, qmax = qrange(bits, signed=spec.signed, narrow_range=spec.narrow_range)
-  if spec.symmetric:
-    absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) if spec.signed else jnp.maximum(hi, 0.0)
-    levels = jnp.maximum(qmax, 1.0)  # signed 1 bit: binary codes {-1, +1}
+  if spec.symmetric and spec.signed:
+    absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    half_span = qmax if spec.narrow_range else (qmax - qmin) * (0.5 + 0.5 * TIE_MARGIN)
+    levels = jnp.where(bits <= 1, 1.0, half_span)  # 1 bit: binary codes {-1, +1}
     scale = absmax * (1.0 / levels)
+    zero_point = jnp.zeros_like(scale)
+  elif spec.symmetric:
+    scale = jnp.maximum(hi, 0.0) * (1.0 / jnp.maximum(qmax, 1.0))
     zero_point = jnp.zeros_like(scale)
   else:
     lo = jnp.minimum(lo, 0.0)
