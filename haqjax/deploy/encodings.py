@@ -29,8 +29,9 @@ Activation encodings are listed for every tensor stored as codes (bits <= 8),
 under the graph's tensor names, which the ONNX export gives its dequantized
 tensors. int32 tensors (accumulators, residual streams) have none: they are
 the bias domain of the integer kernels. Param encodings are listed for the
-kernel of every integer layer (`<layer>/kernel`, one per output channel);
-a floating-point layer's kernel is `{"dtype": "float", "bitwidth": 32}`.
+kernel of every integer layer (`<layer>/kernel`, one per output channel,
+the name of its dequantized weight in `model.onnx`); a floating-point
+layer's kernel is `{"dtype": "float", "bitwidth": 32}`.
 
 References:
   AIMET, "Encoding Format Specification", versions 0.4.0 to 0.6.1,
