@@ -51,8 +51,8 @@ def test_estimate_within_its_statistical_error():
   exact, variances = _exact(x, batches)
   probes, iterations = 64, 40
   estimate = hutchinson.estimator(_loss, probes=probes)
-  out = estimate(jax.random.key(0), x, hutchinson.stack_batches(batches), 0.0, iterations)
-  assert int(out.iterations) == iterations and not bool(out.converged)
+  out = estimate(jax.random.key(0), x, batches, 0.0, iterations)
+  assert out.iterations == iterations and not out.converged
   for name in ("a", "b"):
     sigma = np.sqrt(variances[name] / (probes * iterations))
     got = float(out.traces[name])
@@ -63,23 +63,21 @@ def test_estimate_within_its_statistical_error():
 
 def test_tolerance_stops_early_and_keys_are_reproducible():
   x, batches = _problem()
-  stacked = hutchinson.stack_batches(batches)
   estimate = hutchinson.estimator(_loss, probes=16)
-  loose = estimate(jax.random.key(1), x, stacked, 0.5, 200)
-  assert bool(loose.converged) and 2 <= int(loose.iterations) < 200
-  again = estimate(jax.random.key(1), x, stacked, 0.5, 200)
-  assert jax.tree.map(float, again.traces) == jax.tree.map(float, loose.traces)
-  other = estimate(jax.random.key(2), x, stacked, 0.5, 200)
-  assert jax.tree.map(float, other.traces) != jax.tree.map(float, loose.traces)
+  loose = estimate(jax.random.key(1), x, batches, 0.5, 200)
+  assert loose.converged and 2 <= loose.iterations < 200
+  again = estimate(jax.random.key(1), x, batches, 0.5, 200)
+  assert again == loose
+  other = estimate(jax.random.key(2), x, batches, 0.5, 200)
+  assert other.traces != loose.traces
 
 
-def test_one_compilation_for_any_tolerance_and_cap():
+def test_one_compilation_for_any_key_batch_tolerance_and_cap():
   x, batches = _problem()
-  stacked = hutchinson.stack_batches(batches)
   estimate = hutchinson.estimator(_loss, probes=4)
-  for tol, cap in ((0.0, 3), (0.1, 5), (0.01, 7)):
-    estimate(jax.random.key(0), x, stacked, tol, cap)
-  assert estimate._cache_size() == 1  # pylint: disable=protected-access
+  for key, tol, cap in ((0, 0.0, 3), (1, 0.1, 5), (2, 0.01, 7)):
+    estimate(jax.random.key(key), x, batches, tol, cap)
+  assert estimate.step._cache_size() == 1  # pylint: disable=protected-access
 
 
 def test_bad_probe_count_is_one_line():

@@ -204,22 +204,21 @@ def hessian_traces(key: PRNGKey, model: nn.Module, variables: PyTree,
   x = {"kernel": {n: get_path(variables["params"], paths[n])["kernel"] for n in names},
        "input": {n: jnp.zeros((size, *recorded[n]["inputs"].shape[1:]), jnp.float32)
                  for n in names}}
-  stacked = hutchinson.stack_batches([{"image": b["image"], "label": b["label"]}
-                                      for b in batches])
   estimate = hutchinson.estimator(layer_loss(model, variables, paths, label_smoothing),
                                   probes=probes)
   t0 = time.perf_counter()
-  out = jax.block_until_ready(estimate(key, x, stacked, tol, max_iterations))
+  out = estimate(key, x, [{"image": b["image"], "label": b["label"]} for b in batches],
+                 tol, max_iterations)
   seconds = time.perf_counter() - t0
-  traces = jax.device_get(out.traces)
+  traces = out.traces
   return Traces(
       names=names,
       weight=np.array([traces["kernel"][n] for n in names], np.float64),
       activation=np.array([traces["input"][n] for n in names], np.float64),
       weight_count=np.array([x["kernel"][n].size for n in names], np.int64),
       activation_count=np.array([x["input"][n].size for n in names], np.int64),
-      iterations=int(out.iterations), probes=int(out.iterations) * probes,
-      converged=bool(out.converged), seconds=seconds)
+      iterations=out.iterations, probes=out.iterations * probes,
+      converged=out.converged, seconds=seconds)
 
 
 def _mse(quantizer, x: Array, parts: Array, bits: Array, key: PRNGKey) -> Array:
