@@ -12,6 +12,7 @@ from haqjax.hardware.budget import TABLE_BITS
 from haqjax.hardware.budget import table_index
 from haqjax.nn import layer_table
 from haqjax.nn.layers import QDense
+from haqjax.quant.uniform import StaticRange
 from haqjax.search.hawq import measure
 from haqjax.search.hawq import sensitivity
 
@@ -170,3 +171,31 @@ def test_measure_and_its_file_round_trip(tmp_path):
   np.testing.assert_array_equal(back.omega, s.omega)
   np.testing.assert_array_equal(back.traces.weight, s.traces.weight)
   assert (back.w_bits, back.a_bits, back.traces.probes) == ((2, 4, 8), (4, 8), s.traces.probes)
+
+
+class TinyStatic(nn.Module):
+  """`Tiny` with calibrated static input ranges (sign chosen from the data)."""
+
+  @nn.compact
+  def __call__(self, x, policy=None, train=False):
+    del train
+    h = jnp.sin(2.0 * QDense(4, act_quantizer=StaticRange(), name="fc1")(x, policy))
+    return QDense(3, act_quantizer=StaticRange(), name="fc2")(h, policy)
+
+
+def test_errors_of_quantizers_that_calibrate_outside_jit():
+  _, _, batches = _tiny()
+  model = TinyStatic()
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 3)))
+  recorded = sensitivity.record(model, variables, batches)
+  _, a = sensitivity.quantization_mse(jax.random.key(0), variables, recorded,
+                                      num_batches=2, w_bits=(8,), a_bits=(2, 4, 8))
+  i = lambda b: int(table_index(b))
+  errors = a[:, [i(2), i(4), i(8)]]
+  assert np.all(np.isfinite(errors)) and np.all(np.diff(errors, axis=1) < 0)
+  # One static range over both batches: the error of a direct computation.
+  x = jnp.asarray(recorded["fc2"]["inputs"])
+  q = StaticRange()
+  params = q.calibrate(q.init(x), x, jnp.int32(4))
+  np.testing.assert_allclose(a[1, i(4)], float(jnp.mean((q(params, x, jnp.int32(4)) - x) ** 2)),
+                             rtol=1e-5)

@@ -234,15 +234,18 @@ def _mse(quantizer, x: Array, parts: Array, bits: Array, key: PRNGKey) -> Array:
 
 _jitted_mse = jax.jit(_mse, static_argnums=0)
 # What tracing a quantizer's `calibrate` raises when it needs concrete data
-# (e.g. a grid picked from the data's sign), or a quantizer jit cannot hash.
+# (e.g. a grid picked from the data's sign).
 _UNTRACEABLE = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
-                jax.errors.TracerIntegerConversionError, jax.errors.TracerBoolConversionError,
-                TypeError)
+                jax.errors.TracerIntegerConversionError, jax.errors.TracerBoolConversionError)
 
 
 def _error(quantizer, x: Array, parts: Array, bits: int, key: PRNGKey) -> float:
   """`_mse`, compiled once per quantizer and shape (any bits), else op by op."""
   b = jnp.int32(bits)
+  try:
+    hash(quantizer)
+  except TypeError:  # A quantizer holding arrays cannot be a static argument.
+    return float(_mse(quantizer, x, parts, b, key))
   try:
     return float(_jitted_mse(quantizer, x, parts, b, key))
   except _UNTRACEABLE:
