@@ -63,6 +63,8 @@ def test_sensitivity_file_and_results(run):
   assert r["command"] == "cmd" and r["weight_traces"] == s.traces.weight.tolist()
   assert r["sensitivity_seconds"] > 0 and r["allocation_seconds"] > 0
   assert (workdir / "plots" / "bits.png").exists()
+  report = (workdir / "report.md").read_text()
+  assert report.startswith("# HAWQ allocation:") and "allocation, total perturbation" in report
   pareto = r["pareto"]
   assert len(pareto) == hawq_job.PARETO_POINTS
   assert all(a["omega"] >= b["omega"] - 1e-12 for a, b in zip(pareto, pareto[1:]))

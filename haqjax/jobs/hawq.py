@@ -37,12 +37,10 @@ import numpy as np
 
 from haqjax import data as haq_data
 from haqjax import hardware
-from haqjax import io as haq_io
 from haqjax.bitwidths import FLOAT_BITS
 from haqjax.jobs import stages
 from haqjax.jobs import uniform
 from haqjax.policy import Policy
-from haqjax.report import versus_uniform
 from haqjax.search.config import SearchConfig
 from haqjax.search.hawq import greedy
 from haqjax.search.hawq import ilp
@@ -192,10 +190,8 @@ def search_and_evaluate(config: Config, search: SearchConfig, hawq: HawqConfig,
 
 def write_outputs(workdir: str, results: dict[str, Any], table, policy: Policy,
                   search: SearchConfig, command: str) -> None:
-  """Plots, then results.json (last) and the summary on stderr."""
+  """Plots, then results.json (last), report.md/html and the summary on stderr."""
   stages.plot_policy(workdir, results, table, policy, "HAWQ allocation",
                      reference=uniform.reference_bits(search))
   uniform.plot_comparison(workdir, results, search, "HAWQ")
-  haq_io.write_json(os.path.join(workdir, "results.json"), {**results, "command": command})
-  for line in versus_uniform.summary_lines(results):
-    print(line, file=sys.stderr, flush=True)
+  stages.write_report(workdir, results, command)

@@ -44,7 +44,7 @@ from haqjax.report.render import to_markdown
 # Files every finished search job writes (results.json last).
 RUN_FILES = ("config.json", "search_config.json", "layers.json", "policy.json",
              "results.json")
-_HEADINGS = {"rl": "HAQ search", "gumbel": "Gumbel bit search"}
+_HEADINGS = {"rl": "HAQ search", "gumbel": "Gumbel bit search", "hawq": "HAWQ allocation"}
 # Plots in the order a reader wants them, with captions; other PNGs follow.
 _FIGURES = {"bits.png": "per-layer bits",
             "uniform.png": "test top-1 vs cost: found policy and uniform",
@@ -216,6 +216,12 @@ def _search_rows(run: Run) -> list[tuple[str, str]]:
     return [("search", f"DDPG agent, {r['episodes']} episodes, best at episode "
                        f"{r['best_episode']} (reward {r['best_reward']:.3f}), "
                        f"{r['episodes_per_minute']:.1f} episodes per minute")]
+  if r["mode"] == "hawq":
+    converged = "converged" if r["traces_converged"] else "iteration cap reached"
+    return [("search", f"Hessian traces ({r['trace_probes']} probes x "
+                       f"{r['trace_iterations']} iterations, {converged}), then "
+                       f"{r['allocator']} allocation, total perturbation "
+                       f"{r['omega']:.4g}")]
   g = run.gumbel or {}
   rate = r.get("steps_per_second")
   return [("search", f"{g.get('gumbel_relaxation', '?')} relaxation, {r['search_steps']} "
