@@ -21,7 +21,10 @@ from haqjax.hardware.bismo import Bismo
 from haqjax.hardware.bitfusion import BITFUSION
 from haqjax.hardware.bitfusion import BitFusion
 from haqjax.hardware.budget import Budget
+from haqjax.hardware.calibration import holdout
 from haqjax.hardware.calibration import table_errors
+from haqjax.hardware.cim import CIM
+from haqjax.hardware.cim import Cim
 from haqjax.hardware.cost import available_metrics
 from haqjax.hardware.cost import batched_policy_cost
 from haqjax.hardware.cost import cost_tensor
@@ -41,6 +44,8 @@ from haqjax.hardware.metrics import size_bits
 from haqjax.hardware.metrics import size_bytes
 from haqjax.hardware.model_layers import from_layer_table
 from haqjax.hardware.model_layers import from_model
+from haqjax.hardware.scale_config import ScaleConfig
+from haqjax.hardware.scale_config import read_scale_config
 from haqjax.hardware.systolic import SYSTOLIC
 from haqjax.hardware.systolic import Systolic
 from haqjax.hardware.systolic import fold_cycles
