@@ -4,7 +4,8 @@ r"""QAT of the quickstart model under several quantizers and uniform policies.
 
 Trains (or reuses) the FP32 quickstart model in `<workdir>/fp32`, then
 fine-tunes it from there with each (quantizer, policy) pair of the sweep:
-min-max STE, LSQ and PACT at W8A8 (min-max only), W4A4, W3A3 and W2A2, and
+min-max STE weights with static (calibrated, fixed) activation ranges, LSQ
+and PACT at W8A8 (min-max only), W4A4, W3A3 and W2A2, and
 k-means weight-only at 2/3/4 bits (activations in floating point, kernels without weight decay). Every run
 has its own workdir (a rerun resumes or skips finished runs). Writes
 `<workdir>/qat_sweep.json` and prints a markdown table of test top-1.
@@ -28,12 +29,12 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared datasets folder.")
 
 # name -> (weight quantizer, activation quantizer, policy)
 SWEEP = {
-    "minmax_w8a8": ("minmax", "minmax", "w8a8"),
+    "minmax_w8a8": ("minmax", "static", "w8a8"),
     **{f"{kind}_w{b}a{b}": (w, a, f"w{b}a{b}")
        for b in (4, 3, 2)
-       for kind, (w, a) in {"ste": ("minmax", "minmax"), "lsq": ("lsq", "lsq"),
+       for kind, (w, a) in {"ste": ("minmax", "static"), "lsq": ("lsq", "lsq"),
                             "pact": ("minmax", "pact")}.items()},
-    **{f"kmeans_w{b}": ("kmeans", "minmax", f"w{b}a32") for b in (2, 3, 4)},
+    **{f"kmeans_w{b}": ("kmeans", "static", f"w{b}a32") for b in (2, 3, 4)},
 }
 
 

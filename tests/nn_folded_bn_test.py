@@ -211,7 +211,7 @@ def test_calibration_sets_weight_quantizers_on_the_folded_kernel():
   from haqjax import quant  # pylint: disable=g-import-not-at-top
   from haqjax.nn import calibrate as calibrate_lib  # pylint: disable=g-import-not-at-top
   scheme = quant.QuantScheme(weight=quant.weight_quantizer("lsq"),
-                             act=quant.act_quantizer("minmax"))
+                             act=quant.act_quantizer("dynamic"))
   model = models.create("quickstart_cnn", num_classes=10, fold_bn=True,
                         quant_scheme=scheme)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)

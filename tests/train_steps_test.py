@@ -15,7 +15,8 @@ from haqjax.policy import Policy
 from haqjax.train import steps
 
 SCHEMES = {
-    "minmax": ("minmax", "minmax"),
+    "dynamic": ("minmax", "dynamic"),
+    "static": ("minmax", "static"),
     "lsq": ("lsq", "lsq"),
     "pact_static": ("mse", "pact"),
     "haq": ("minmax", "haq"),

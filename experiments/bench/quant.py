@@ -95,7 +95,7 @@ def _trace_counts(num_policies: int = 100) -> dict:
   from haqjax.policy import Policy  # pylint: disable=g-import-not-at-top
   from haqjax.train import steps  # pylint: disable=g-import-not-at-top
   out = {}
-  for wq, aq in (("minmax", "minmax"), ("lsq", "lsq"), ("minmax", "pact")):
+  for wq, aq in (("minmax", "dynamic"), ("lsq", "lsq"), ("minmax", "pact")):
     model = models.create("quickstart_cnn", num_classes=10, quant_scheme=quant.QuantScheme(
         weight=quant.weight_quantizer(wq), act=quant.act_quantizer(aq)))
     tx = steps.make_optimizer(name="sgd", learning_rate=0.01, momentum=0.9, weight_decay=0)

@@ -14,6 +14,16 @@ enclosing module that has one (the model), else min-max STE fake-quant. So a
 model takes any quantizer per role and per layer without changing its code.
 Quantizers that round stochastically draw from the `quant` RNG stream.
 
+The bare default for activations, `MinMaxActivation`, takes each batch's
+range, so a layer's output depends on the other examples of its batch
+(including padding rows). Jobs do not use it: the trainer's `build_model`
+(`haqjax.train.trainer`) gives every quantized model the config's
+`QuantScheme`, by default 'static' activation ranges (`StaticRange`)
+calibrated on a few training batches and then fixed, as a deployed integer
+model holds them.
+Direct users who choose `StaticRange` must calibrate it
+(`haqjax.nn.calibrate.calibrate`) before use: until then its range is 0.
+
 A `QConv` called with `bn=` (a `FoldedBatchNorm`, the variables of the
 BatchNorm that follows it) quantizes the BN-folded kernel
 `W * gamma / sqrt(var + eps)`, as an integer deployment stores it, and

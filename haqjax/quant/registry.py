@@ -6,11 +6,12 @@ clips, so the clipped STE gives clipped weights no gradient), 'lsq'
 (per-channel learned step), 'kmeans' (codebook of 2^b centroids, HAQ's size
 mode), 'binary' (XNOR-Net), 'ternary' (TWN), 'fp8_e4m3', 'fp8_e5m2'.
 
-Activation quantizers: 'minmax' (per-batch range, unsigned after ReLU),
-'static' (calibrated min-max range, fixed), 'percentile', 'mse', 'kl'
-(calibrated ranges), 'lsq', 'lsq+' (learned step, and offset), 'pact'
-(learned clip), 'haq' (HAQ's learned clip, signed or unsigned), 'fp8_e4m3',
-'fp8_e5m2'.
+Activation quantizers: 'static' (min-max range calibrated on a few batches,
+then fixed: the default of jobs, since a deployed integer model holds fixed
+ranges), 'dynamic' (range of each batch, unsigned after ReLU: outputs depend
+on the other examples of the batch), 'percentile', 'mse', 'kl' (calibrated
+ranges), 'lsq', 'lsq+' (learned step, and offset), 'pact' (learned clip),
+'haq' (HAQ's learned clip, signed or unsigned), 'fp8_e4m3', 'fp8_e5m2'.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ _WEIGHT: dict[str, Callable[[], Quantizer]] = {
 }
 
 _ACT: dict[str, Callable[[], Quantizer]] = {
-    "minmax": MinMaxActivation,
     "static": lambda: StaticRange(method="minmax"),
+    "dynamic": MinMaxActivation,
     "percentile": lambda: StaticRange(method="percentile"),
     "mse": lambda: StaticRange(method="mse"),
     "kl": lambda: StaticRange(method="kl"),

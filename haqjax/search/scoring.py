@@ -82,6 +82,7 @@ class QATScorer:
     state = merge_variables(state, variables, tx, source="the FP32 model",
                             model=model_name)
     self._tx = tx
+    self._mesh = mesh
     self._needs_calibration = has_quant_params(state.params)
     self._initial = parallel.replicate(state, mesh)
     available = haq_data.num_batches(train, batch_size, drop_remainder=True)
@@ -125,6 +126,8 @@ class QATScorer:
           policy)
       state = state.replace(params=variables["params"],
                             opt_state=self._tx.init(variables["params"]))
+      # Placed as the train step's outputs are, so that it traces once.
+      state = parallel.replicate(state, self._mesh)
     for batch in self._batches:
       state, _ = self._train(state, batch, policy)
     metrics = self._evaluate(state.variables(), self.val, policy)

@@ -47,7 +47,10 @@ class Config(JsonConfig):
     weight_quantizer: weight quantizer, a name from
       `haqjax.quant.WEIGHT_QUANTIZERS` (minmax, mse, lsq, kmeans, ...).
     act_quantizer: activation quantizer, a name from
-      `haqjax.quant.ACT_QUANTIZERS` (minmax, static, lsq, pact, haq, ...).
+      `haqjax.quant.ACT_QUANTIZERS` (static, dynamic, lsq, pact, haq, ...);
+      'static' ranges are calibrated on `calibration_batches` and then fixed,
+      as a deployed model's, so logits do not depend on the batch; 'dynamic'
+      takes each batch's min/max.
     first_layer_w8: HAQ's convention: the first layer at 8-bit weights with
       its input (the image) in floating point, whatever the policy says.
     last_layer_w8a8: HAQ's option: the last layer (classifier) at W8A8.
@@ -98,7 +101,7 @@ class Config(JsonConfig):
   policy: str | None = None
   init_from: str | None = None
   weight_quantizer: str = "minmax"
-  act_quantizer: str = "minmax"
+  act_quantizer: str = "static"
   first_layer_w8: bool = False
   last_layer_w8a8: bool = False
   fold_bn: bool = False
