@@ -13,7 +13,7 @@ import re
 
 from haqjax.configs import JsonConfig
 
-MODES = ("train", "qat", "ptq", "rl", "gumbel")
+MODES = ("train", "qat", "ptq", "rl", "gumbel", "hawq")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16")
@@ -31,7 +31,9 @@ class Config(JsonConfig):
       job: FP32 model (trained here, or `init_from`), RL bit search under a
       hardware budget (`haqjax.search.SearchConfig`), fine-tune of the best
       policy, test and report; 'gumbel' for the same job with the
-      differentiable search (`haqjax.search.gumbel`) in place of the RL one.
+      differentiable search (`haqjax.search.gumbel`) in place of the RL one;
+      'hawq' for the same job with Hessian-aware sensitivities and an ILP
+      allocation (`haqjax.search.hawq`).
     dataset: digits, fashion_mnist, cifar10 or imagenet2012.
     data_dir: where prepared datasets live (None: $HAQJAX_DATA_DIR or
       ~/.cache/haqjax/datasets).
