@@ -69,7 +69,10 @@ def test_node_rejects():
   with pytest.raises(ValueError, match="has 1 inputs; allowed: 2"):
     g.Node(name="a", op="add", inputs=("x",), arrays={"lo": 0, "hi": 1}, encoding=_codes())
   with pytest.raises(ValueError, match="needs an integer output"):
-    g.Node(name="a", op="reshape", inputs=("x",), attrs={"shape": (4,)})
+    g.Node(name="a", op="max_pool", inputs=("x",),
+           attrs={"window": (2, 2), "strides": (2, 2), "padding": ((0, 0), (0, 0))})
+  with pytest.raises(ValueError, match="has a float output"):
+    g.Node(name="a", op="dequantize", inputs=("x",), encoding=_codes())
 
 
 def test_graph_rejects_order_and_duplicates():

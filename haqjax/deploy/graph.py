@@ -35,17 +35,24 @@ said otherwise:
   in float32, the scale broadcast along the channel axis.
 * `conv` (codes -> int32 accumulator). Arrays: `weight` int8 `[kh, kw,
   cin / groups, cout]` (symmetric codes, zero point 0), `weight_scale`
-  float32 `[cout]`, `bias` int32 `[cout]` (in accumulator units). Attributes:
-  `strides` (sh, sw), `padding` ((top, bottom), (left, right)), `groups`.
-  `acc[n, h, w, c] = bias[c] + sum over the window of (x - zx) * weight`,
-  where padded positions of `x` hold `zx` (real zero). Output scale per
-  channel: `scale_x * weight_scale[c] * bn_mul[c]` (`bn_mul` is 1 unless a
-  plain BatchNorm follows; see `requantize`).
+  float32 `[cout]`, `bias` int32 `[cout]` (in accumulator units),
+  `acc_shift` int32 `()` (fraction bits of the accumulator; absent: 0),
+  `bn_mul` float32 `[cout]` (informational). Attributes: `strides` (sh, sw),
+  `padding` ((top, bottom), (left, right)), `groups`.
+  `acc[n, h, w, c] = ((sum over the window of (x - zx) * weight) <<
+  acc_shift) + bias[c]`, where padded positions of `x` hold `zx` (real
+  zero); the builder bounds it below 2^30. Output scale per channel:
+  `scale_x * weight_scale[c] * bn_mul[c] / 2^acc_shift` (`bn_mul` is the
+  folded plain BatchNorm's `gamma / sqrt(var + eps)`, else 1). The fraction
+  bits keep the bias exact to a small part of an output step at low bits.
 * `dense` (codes `[N, K]` -> int32 `[N, C]`). Arrays as `conv` with `weight`
-  `[K, C]`. `acc[n, c] = bias[c] + sum_k (x[n, k] - zx) * weight[k, c]`.
+  `[K, C]`. `acc[n, c] = ((sum_k (x[n, k] - zx) * weight[k, c]) <<
+  acc_shift) + bias[c]`.
 * `requantize` (int32 or codes -> codes or int32). Arrays: `multiplier`
   int32, `shift` int32 (both `()` or `[C]`), `lo`, `hi` int32 `()`, and
   `real_multiplier` float32 (`scale_x / scale_out`, for reference only).
+  Attribute `rounding`: 'gemmlowp' (the default, and the meaning when
+  absent) or 'single'. 'gemmlowp' is
   gemmlowp / TFLite `MultiplyByQuantizedMultiplier` with a signed
   multiplier `|m|` in `[2^30, 2^31)` (or 0) and exponent `shift`
   (`real_multiplier ~= m * 2^(shift - 31)`)::
@@ -62,7 +69,10 @@ said otherwise:
   plus one when the remainder `v & (2^e - 1)` exceeds `(2^e - 1) >> 1` (plus
   one more for negative `v`): round half away from zero. ReLU is `lo =
   zero_point_out`; ReLU6 is `hi = zero_point_out + round_half_even(6 *
-  inv_scale_out)` (computed as `quantize` would).
+  inv_scale_out)` (computed as `quantize` would). 'single' is TFLite's
+  single-rounding variant: `v = (v * m + 2^(n - 1)) >> n` with `n = 31 -
+  shift` on the exact 64-bit product (round half up), saturated to int32,
+  then the same zero point and clamp.
 * `add` (int32, int32 -> int32, all three with the same encoding). Arrays:
   `lo`, `hi` int32 `()`. `q = clip(a + b, lo, hi)` (the builder bounds
   the operands so the sum never overflows).
@@ -74,8 +84,8 @@ said otherwise:
 * `mean` (codes or int32 `[N, H, W, C]` -> int32 `[N, C]`). No arrays.
   `q[n, c] = sum_{h, w} (x - zx)`, exact; the output scale is `scale_x /
   (H * W)`, so the division is folded into the next requantization.
-* `reshape` (any -> same encoding). Attribute `shape` (without the batch
-  axis).
+* `reshape` (any -> same encoding, float included). Attribute `shape`
+  (without the batch axis).
 * `float_conv`, `float_dense` (float -> float): a 32-bit layer. Arrays:
   `kernel` float32 (the fake-quantized kernel when the weights are
   quantized), `mul`, `bias` float32 `[C]`, `lo`, `hi` float32 `()`.
@@ -107,6 +117,8 @@ from haqjax.quant import affine
 # Every op a node may have; see the module docstring for their semantics.
 OPS = ("quantize", "dequantize", "conv", "dense", "requantize", "add", "clamp",
        "max_pool", "mean", "reshape", "float_conv", "float_dense")
+# The `rounding` attribute of `requantize` (absent: 'gemmlowp').
+ROUNDINGS = ("single", "gemmlowp")
 # Storage dtypes of integer tensors.
 DTYPES = ("int8", "uint8", "int32")
 # Largest magnitude of a wide int32 tensor (residual streams, pooled sums):
@@ -234,7 +246,7 @@ class Node:
     object.__setattr__(self, "arrays", {k: np.asarray(v) for k, v in self.arrays.items()})
     object.__setattr__(self, "attrs", dict(self.attrs))
     floats = self.op in ("dequantize", "float_conv", "float_dense")
-    if floats != (self.encoding is None):
+    if self.op != "reshape" and floats != (self.encoding is None):
       raise ValueError(f"node {self.name!r}: op {self.op} "
                        f"{'has a float' if floats else 'needs an integer'} output; "
                        f"encoding is {'set' if self.encoding else 'None'}")
