@@ -167,3 +167,29 @@ def test_dynamic_activation_range_is_rejected():
   policy = Policy.uniform(layer_table(model, (1, 28, 28, 1)).names, 8, 8)
   with pytest.raises(ValueError, match="'stem' has activation quantizer MinMaxActivation"):
     build.build(model, variables, policy, x[:1])
+
+
+def test_evaluate_equals_fake_quant_accuracy_on_digits():
+  data = pytest.importorskip("haqjax.data")
+  try:
+    split = data.load("digits").test
+  except data.DataNotFoundError:
+    pytest.skip("digits not prepared")
+  model = models.create("digits_cnn", num_classes=10, quant_scheme=SCHEME)
+  variables = _randomize_bn(model.init(jax.random.PRNGKey(4), jnp.zeros((1, 8, 8, 1))), 5)
+  names = layer_table(model, (1, 8, 8, 1)).names
+  policy = Policy.uniform(names, 4, 4)
+  images = next(data.batches(split, batch_size=128, shuffle=False, drop_remainder=True))
+  calibrated = calibrate(model, variables, [images["image"]], policy)
+  graph = build.build(model, calibrated, policy, images["image"][:1])
+  top1 = agreement.evaluate(graph, split, batch_size=128)
+  correct = n = 0
+  for batch in data.batches(split, batch_size=128, shuffle=False, drop_remainder=False):
+    logits = agreement.fake_quant_run(model, calibrated, batch["image"], policy)[0]
+    hit = np.argmax(np.asarray(logits), -1) == np.asarray(batch["label"])
+    correct += int(np.sum(hit * np.asarray(batch["mask"])))
+    n += int(np.sum(batch["mask"]))
+  assert n == len(split)
+  # Each prediction that flips moves the accuracy by 1 / n; the logits agree
+  # to float32 here (no near tie flips at W4A4 on 360 images).
+  assert abs(top1 - correct / n) <= 1 / n

@@ -1,4 +1,4 @@
-"""Integer deployment: a model and a policy as an integer network.
+"""Integer deployment: a model and a policy as an integer network::
 
     graph = haqjax.deploy.build.build(model, variables, policy, images[:1])
     logits = haqjax.deploy.engine.run(graph, images)
