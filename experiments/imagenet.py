@@ -10,8 +10,11 @@ the same --workdir resumes. Modes: `train` (floating point), `qat`
 FP32 run's workdir), `ptq` (post-training quantization of --init_from under
 --policy on --calibration_size training images), `rl` (the HAQ job: FP32
 model, DDPG bit search under --target/--budget_*, fine-tune, test, report),
-`gumbel` (the same job with the differentiable search, --gumbel_* flags)
-and `hawq` (Hessian-aware sensitivities and an ILP allocation, --hawq_* flags).
+`gumbel` (the same job with the differentiable search, --gumbel_* flags),
+`hawq` (Hessian-aware sensitivities and an ILP allocation, --hawq_* flags)
+and `export` (the integer model of the finished qat/ptq run --init_from,
+scored by the integer engine and onnxruntime and written to WORKDIR/export/:
+model.onnx, model.stablehlo, encodings.json, weights.bin, results.json).
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ def main(argv: list[str]) -> None:
     from haqjax.jobs import hawq as hawq_job  # pylint: disable=g-import-not-at-top
     results = hawq_job.search_and_evaluate(config, search, hawq, workdir, command)
     results["steps"] = results["trace_iterations"]
+  elif config.mode == "export":
+    from haqjax.jobs import export  # pylint: disable=g-import-not-at-top
+    results = export.export_run(config, workdir)
   else:
     from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
     results = trainer.train_and_evaluate(config, workdir)

@@ -13,7 +13,7 @@ import re
 
 from haqjax.configs import JsonConfig
 
-MODES = ("train", "qat", "ptq", "rl", "gumbel", "hawq")
+MODES = ("train", "qat", "ptq", "rl", "gumbel", "hawq", "export")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16")
@@ -33,7 +33,9 @@ class Config(JsonConfig):
       policy, test and report; 'gumbel' for the same job with the
       differentiable search (`haqjax.search.gumbel`) in place of the RL one;
       'hawq' for the same job with Hessian-aware sensitivities and an ILP
-      allocation (`haqjax.search.hawq`).
+      allocation (`haqjax.search.hawq`); 'export' for the integer model of
+      the finished quantized run `init_from`, scored and written to
+      `workdir/export/` (`haqjax.jobs.export`).
     dataset: digits, fashion_mnist, cifar10 or imagenet2012.
     data_dir: where prepared datasets live (None: $HAQJAX_DATA_DIR or
       ~/.cache/haqjax/datasets).
@@ -174,6 +176,9 @@ class Config(JsonConfig):
     if self.mode == "ptq" and not self.init_from:
       raise ValueError("init_from is empty; mode 'ptq' quantizes a trained model: "
                        "pass the FP32 run's workdir")
+    if self.mode == "export" and not self.init_from:
+      raise ValueError("init_from is empty; mode 'export' exports a finished run: "
+                       "pass the workdir of a qat or ptq run")
     choice("ptq_relu6", ("skip", "relu"))
     choice("ptq_bias_correction", ("none", "empirical", "analytic"))
     choice("ptq_weight_range", ("minmax", "mse"))
