@@ -401,7 +401,11 @@ def test_onnx_model_is_qdq(tmp_path):
   bias = inits[nodes["c1/bias"].input[0]]
   assert bias.dtype == np.int32
   np.testing.assert_array_equal(inits[nodes["c1/bias"].input[1]], graph.encoding("c1").scale)
-  assert nodes["c1"].op_type == "Conv" and nodes["fc"].op_type == "Gemm"
+  # The bias is added after the op (not its bias input: see onnx_export).
+  assert nodes["c1:conv"].op_type == "Conv" and nodes["fc:gemm"].op_type == "Gemm"
+  assert len(nodes["c1:conv"].input) == 2 and len(nodes["fc:gemm"].input) == 2
+  assert list(nodes["c1"].input) == ["c1:conv", "c1/bias"] and nodes["c1"].op_type == "Add"
+  assert list(nodes["fc"].input) == ["fc:gemm", "fc/bias"] and nodes["fc"].op_type == "Add"
   assert [nodes[n].op_type for n in ("pool", "mean:pool", "mean")] == [
       "MaxPool", "GlobalAveragePool", "Flatten"]
 
@@ -588,6 +592,39 @@ def test_onnx_agrees_with_the_engine(engine, quickstart, policy_name):
   # The logits differ only through the classifier's differing input codes:
   # |d logit| <= sum_k |d code_k| * max_c |w[k, c] * step[c]|, where a weight
   # code's step is 2^acc_shift accumulator steps (s_w[c] * s_in).
+  fc = graph.node("classifier")
+  step = np.abs(fc.encoding.scale.astype(np.float64)) * 2.0 ** int(fc.arrays.get("acc_shift", 0))
+  w_real = np.abs(fc.arrays["weight"] * step).max(axis=1)
+  moved = np.abs(got[fc.inputs[0]] - env[fc.inputs[0]]) @ w_real
+  diff = np.abs(got[graph.output] - logits).max(axis=1)
+  assert np.all(diff <= moved + 1e-5 * np.abs(logits).max())
+  assert np.mean(got[graph.output].argmax(-1) == logits.argmax(-1)) >= 0.99
+
+
+def test_onnx_agrees_with_the_engine_after_a_mean(engine):
+  # digits_cnn: conv -> conv -> mean -> dense on a uint8 input, which
+  # onnxruntime fuses into QGemm when the int32 bias is the Gemm's input.
+  deploy_build = pytest.importorskip("haqjax.deploy.build")
+  scheme = QuantScheme(weight=weight_quantizer("minmax"), act=act_quantizer("static"))
+  model = models.create("digits_cnn", num_classes=10, quant_scheme=scheme)
+  variables = model.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)))
+  rng = np.random.default_rng(1)
+  # Non-zero biases (initialized to zero): the bias is what was misread.
+  params = variables["params"]
+  params = {**params, "classifier": {**params["classifier"],
+                                     "bias": jnp.asarray(rng.normal(0, 1, 10), jnp.float32)}}
+  variables = {**variables, "params": params}
+  images = rng.uniform(0, 1, (128, 8, 8, 1)).astype(np.float32)
+  policy = Policy.create(layer_table(model, (1, 8, 8, 1)).names, 4, 4)
+  variables = calibrate(model, variables, [images[:64]], policy)
+  graph = deploy_build.build(model, variables, policy, images[:8])
+  assert [n.op for n in graph.nodes if n.op in ("mean", "dense")] == ["mean", "dense"]
+  assert np.all(graph.node("classifier").arrays["bias"] != 0)
+  logits, env = engine.run(graph, images, intermediates=True)
+  logits, env = np.asarray(logits), {k: np.asarray(v) for k, v in env.items()}
+  got = _ort_tensors(graph, images)
+  # As in test_onnx_agrees_with_the_engine: the logits differ only through
+  # the classifier's differing input codes.
   fc = graph.node("classifier")
   step = np.abs(fc.encoding.scale.astype(np.float64)) * 2.0 ** int(fc.arrays.get("acc_shift", 0))
   w_real = np.abs(fc.arrays["weight"] * step).max(axis=1)

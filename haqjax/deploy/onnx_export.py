@@ -11,7 +11,8 @@ named as the node; integers appear where a runtime needs them:
   weight initializer (OIHW for `Conv`, transposed from haqjax's HWIO) through
   a per-channel `DequantizeLinear` (axis 0 for `Conv`, 1 for `Gemm`'s
   `[K, C]`), and the int32 bias through `DequantizeLinear` at the
-  accumulator's scale. The weight's dequantization scale is the
+  accumulator's scale, added by an `Add` after the op (as the op's bias
+  input, onnxruntime's QDQ fusion would read it at `s_x * s_w`). The weight's dequantization scale is the
   accumulator scale (times `2^acc_shift` where the products are shifted
   before the bias joins them) over the input scale, so a folded BatchNorm
   multiplier (negative for a negative gamma) is in it;
@@ -147,12 +148,19 @@ class _Builder:
     w = self.op("DequantizeLinear", [
         self.const(node.name, weight, np.int8), self.const(node.name, w_scale),
         self.const(node.name, zeros, np.int8)], f"{node.name}/kernel", axis=0 if conv else 1)
+    # The bias is added after the float op, not given as its bias input:
+    # onnxruntime fuses DQ -> Gemm (or Conv) with a DQ'd int32 bias into
+    # QGemm (QLinearConv), which reads the bias codes at the scale
+    # `s_x * s_w`, 2^acc_shift times the accumulator's.
+    bias = node.arrays["bias"].reshape((-1, 1, 1) if conv else (-1,))
     b = self.op("DequantizeLinear", [
-        self.const(node.name, node.arrays["bias"], np.int32), self.const(node.name, acc_scale),
+        self.const(node.name, bias, np.int32), self.const(node.name, acc_scale),
         self.const(node.name, zeros, np.int32)], f"{node.name}/bias", axis=0)
     if conv:
-      return self.op("Conv", [x, w, b], node.name, **_conv_attrs(node, weight.shape[2:]))
-    return self.op("Gemm", [x, w, b], node.name)
+      y = self.op("Conv", [x, w], f"{node.name}:conv", **_conv_attrs(node, weight.shape[2:]))
+    else:
+      y = self.op("Gemm", [x, w], f"{node.name}:gemm")
+    return self.op("Add", [y, b], node.name)
 
   def float_layer(self, node: Node, x: str) -> str:
     arrays = node.arrays
