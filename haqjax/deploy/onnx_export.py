@@ -12,10 +12,11 @@ named as the node; integers appear where a runtime needs them:
   a per-channel `DequantizeLinear` (axis 0 for `Conv`, 1 for `Gemm`'s
   `[K, C]`), and the int32 bias through `DequantizeLinear` at the
   accumulator's scale, added by an `Add` after the op (as the op's bias
-  input, onnxruntime's QDQ fusion would read it at `s_x * s_w`). The weight's dequantization scale is the
-  accumulator scale (times `2^acc_shift` where the products are shifted
-  before the bias joins them) over the input scale, so a folded BatchNorm
-  multiplier (negative for a negative gamma) is in it;
+  input, onnxruntime's QDQ fusion would read it at `s_x * s_w`). The
+  weight's dequantization scale is the accumulator scale (times
+  `2^acc_shift` where the products are shifted before the bias joins them)
+  over the input scale, so a folded BatchNorm multiplier (negative for a
+  negative gamma) is in it;
 * int32 tensors (residual streams, pooled sums): `Div` by the scale,
   `Round`, `Clip`, `Mul` back: `QuantizeLinear` has no int32 output.
 
