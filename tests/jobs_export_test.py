@@ -46,6 +46,21 @@ def test_integer_model_scores_as_the_fake_quant_model(exported):
   assert abs(results["integer_test_top1"] - fake) <= 100 * 1 / 360 + 1e-9
 
 
+def test_onnxruntime_scores_as_the_integer_model(exported):
+  """onnxruntime's top-1 on model.onnx is the integer engine's within one image.
+
+  The QDQ model rounds each requantization once where the engine's gemmlowp
+  arithmetic rounds twice; that moves under 1e-3 of the codes by one step
+  (tests/deploy_export_test.py), under one of 360 predictions.
+  """
+  pytest.importorskip("onnxruntime")
+  tmp, _ = exported
+  results = json.loads((tmp / "exp" / "export" / "results.json").read_text())
+  assert "model.onnx" in results["files"]
+  assert abs(results["onnxruntime_test_top1"] - results["integer_test_top1"]) <= (
+      100 * 1 / 360 + 1e-9)
+
+
 def test_export_needs_a_finished_run(tmp_path):
   proc = launch("--flagfile=experiments/flags/digits.flags", "--mode=export",
                 f"--init_from={tmp_path}", f"--workdir={tmp_path / 'out'}",
