@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from tests.launcher_testing import digits_fp32
-from tests.launcher_testing import launch
-from tests.launcher_testing import launch_ok
+from launcher_testing import digits_fp32
+from launcher_testing import launch
+from launcher_testing import launch_ok
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import pytest
 
 from experiments import recipes
 from haqjax import data as haq_data
+from haqjax.nn import calibrate as calibrate_lib
 from haqjax.nn import layer_table
 from haqjax.policy import Policy
 from haqjax.search import scoring
@@ -12,6 +13,14 @@ from haqjax.jobs import rl as rl_job
 from haqjax.search.config import SearchConfig
 from haqjax.train import checkpoint as ckpt_lib
 from haqjax.train import trainer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_calibrators():
+  """This module counts its own calibration traces: equal models share a
+  `Calibrator`, so one traced by another test module in the same process
+  (on other batch shapes) would add to the count."""
+  calibrate_lib.clear_calibrators()
 
 
 @pytest.fixture(scope="module")

@@ -249,6 +249,11 @@ def calibrator(model: nn.Module) -> Calibrator:
   return _shared_calibrator(model)
 
 
+def clear_calibrators() -> None:
+  """Forgets the shared `Calibrator`s (and their traces and compilations)."""
+  _shared_calibrator.cache_clear()
+
+
 def record_layer_inputs(model: nn.Module, variables: PyTree,
                         batches: Iterable[Array], only: str | None = None
                         ) -> dict[str, dict[str, Any]]:
