@@ -5,8 +5,27 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from haq_table_testing import HAQ_TABLE  # noqa: E402
 
 _CACHE = os.environ.get("HAQJAX_TEST_JIT_CACHE",
                         os.path.expanduser("~/.cache/haqjax/jit-tests"))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="module")
+def haq_table():
+  """HAQ's MobileNetV2 latency table; skips when it is not beside the checkout."""
+  if not os.path.exists(HAQ_TABLE):
+    pytest.skip("HAQ's table is not in ../shared/data/haq")
+  return np.load(HAQ_TABLE)
+
+
+@pytest.fixture(scope="module")
+def mbv2_cloud():
+  """MobileNetV2 as HAQ's table has it: ImageNet-100 head, batch 16."""
+  from haqjax import hardware  # pylint: disable=g-import-not-at-top
+  return hardware.from_model("mobilenet_v2", num_classes=100, batch=16)

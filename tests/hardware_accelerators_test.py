@@ -2,16 +2,14 @@
 
 import dataclasses
 import inspect
-import os
 
 import numpy as np
 import pytest
 
 from haqjax import hardware
 from haqjax.hardware import calibration
+from haq_table_testing import HAQ_TABLE
 
-HAQ_TABLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "haq",
-                         "qmobilenetv2_imagenet100_batch16_latency_table.npy")
 
 
 def _conv(cin, cout, k, h, stride=1, groups=1, batch=1):
@@ -84,19 +82,6 @@ def test_bismo_execute_formula():
   # M = 2*25 = 50, N = 40, K = 300.
   assert float(s["execute"][1]) == np.ceil(50 / 8) * 5 * 2 * 3 * 5
   assert float(s["fetch_a"][1]) == 50 * 512 * 5 / 64
-
-
-@pytest.fixture(scope="module")
-def haq_table():
-  if not os.path.exists(HAQ_TABLE):
-    pytest.skip("HAQ's table is not in ../shared/data/haq")
-  return np.load(HAQ_TABLE)
-
-
-@pytest.fixture(scope="module")
-def mbv2_cloud():
-  """MobileNetV2 as HAQ's table has it: ImageNet-100 head, batch 16."""
-  return hardware.from_model("mobilenet_v2", num_classes=100, batch=16)
 
 
 def test_table_target_reproduces_haq_w8a8_sum(haq_table, mbv2_cloud):

@@ -8,7 +8,6 @@ half, so the fit's error is measured out of sample.
 
 import dataclasses
 import functools
-import os
 
 import numpy as np
 import pytest
@@ -16,24 +15,9 @@ import pytest
 from haqjax import hardware
 from haqjax.hardware import calibration
 
-HAQ_TABLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "haq",
-                         "qmobilenetv2_imagenet100_batch16_latency_table.npy")
 N_LAYERS = 53
 SPLITS = {"even": np.arange(0, N_LAYERS, 2), "odd": np.arange(1, N_LAYERS, 2),
           "first_half": np.arange(N_LAYERS // 2)}
-
-
-@pytest.fixture(scope="module")
-def haq_table():
-  if not os.path.exists(HAQ_TABLE):
-    pytest.skip("HAQ's table is not in ../shared/data/haq")
-  return np.load(HAQ_TABLE)
-
-
-@pytest.fixture(scope="module")
-def mbv2_cloud():
-  """MobileNetV2 as HAQ's table has it: ImageNet-100 head, batch 16."""
-  return hardware.from_model("mobilenet_v2", num_classes=100, batch=16)
 
 
 @pytest.fixture(scope="module")
