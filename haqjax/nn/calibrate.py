@@ -8,6 +8,13 @@ all batches (concatenated along the batch axis). This sets LSQ's initial step,
 PACT's clip, k-means codebooks and static activation ranges before QAT or for
 post-training quantization.
 
+A plain flax model wrapped by `haqjax.nn.quantized` is calibrated the same
+way: its intercepted ops (`haqjax.nn.intercept`) are recorded in place of
+layers, a weighted op's quantizers calibrate on its input and kernel, and a
+matmul of two activations calibrates its first operand's quantizer
+(`act_quant`) for `a_bits` and its second's (`rhs_quant`) for `w_bits`, each
+on that operand's recorded values.
+
 Both steps are compiled once per model and input shapes: a `Calibrator`
 holds a model's two jitted functions, the recording of the layer inputs and
 the quantizers' calibrations, which take the policy as data, so a search
@@ -29,16 +36,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from haqjax.nn import intercept
 from haqjax.nn.bn_folding import folded_kernel_and_bias
 from haqjax.nn.layers import QuantizedLayer
 from haqjax.nn.layers import layer_name
+from haqjax.nn.quantized import Quantized
+from haqjax.nn.quantized import op_quantizers
 from haqjax.policy import Policy
 from haqjax.treeutil import copy_tree
 from haqjax.treeutil import get_path
 from haqjax.typing import Array, PyTree
 
-# The quantizer parameters of each layer role, in the order calibrated.
-_ROLES = ("act_quant", "weight_quant")
+# The quantizer parameters of each layer role, in the order calibrated; the
+# last is the second operand of a matmul of two activations.
+_ROLES = ("act_quant", "weight_quant", "rhs_quant")
+# The roles calibrated on recorded activations.
+_RECORDED = ("act_quant", "rhs_quant")
 # What tracing a quantizer's `calibrate` raises when it needs concrete data.
 _UNTRACEABLE = (jax.errors.ConcretizationTypeError,
                 jax.errors.TracerArrayConversionError,
@@ -95,7 +108,8 @@ class Calibrator:
       `{layer name: {"inputs": [N, ...] numpy array over all batches (masked
       padding rows dropped), "path": module path, "quantizers": (weight,
       act), "bn": (BN path, epsilon) of a folded BN, else None}}` in call
-      order.
+      order; a matmul of two activations also has "rhs_inputs", its second
+      operand's values.
 
     Raises:
       ValueError: no batches, or `only` is not a quantizable layer.
@@ -104,13 +118,16 @@ class Calibrator:
     for batch in batches:
       images = batch["image"] if isinstance(batch, dict) else batch
       mask = batch.get("mask") if isinstance(batch, dict) else None
-      inputs = self._capture(variables, images)  # {name: [B, ...]}
+      inputs, rhs = self._capture(variables, images)  # {name: [B, ...]} each
       if found is None:
-        found = {name: {**info, "inputs": []} for name, info in self._layers.items()}
+        found = {name: {**info, "inputs": [], **({"rhs_inputs": []} if name in rhs else {})}
+                 for name, info in self._layers.items()}
       keep = slice(None) if mask is None else np.asarray(mask, bool)
       for name, entry in found.items():
         if only is None or name == only:
           entry["inputs"].append(np.asarray(inputs[name])[keep])
+          if name in rhs:
+            entry["rhs_inputs"].append(np.asarray(rhs[name])[keep])
     if found is None:
       raise ValueError("calibration batches are empty; allowed: at least one batch")
     if only is not None and only not in found:
@@ -119,7 +136,9 @@ class Calibrator:
     if only is not None:
       found = {only: found[only]}
     for entry in found.values():
-      entry["inputs"] = np.concatenate(entry["inputs"], axis=0)
+      for key in ("inputs", "rhs_inputs"):
+        if key in entry:
+          entry[key] = np.concatenate(entry[key], axis=0)
     return found
 
   def __call__(self, variables: PyTree, batches: Iterable[Any] | None,
@@ -134,20 +153,23 @@ class Calibrator:
     traced, eager = [], []
     for name, entry in recorded.items():
       policy.index(name)  # A layer the policy lacks is an error, as in the model.
-      if not np.all(np.isfinite(entry["inputs"])):
-        raise ValueError(f"calibration: the input of layer {name!r} has non-finite "
-                         "values (NaN or Inf); allowed: finite activations")
+      for key in ("inputs", "rhs_inputs"):
+        if key in entry and not np.all(np.isfinite(entry[key])):
+          raise ValueError(f"calibration: the input of layer {name!r} has non-finite "
+                           "values (NaN or Inf); allowed: finite activations")
       layer = get_path(params, entry["path"])
-      for role, wanted in zip(_ROLES, (activations, weights)):
+      for role, wanted in zip(_ROLES, (activations, weights, activations)):
         if wanted and role in layer:
-          traceable = self._is_traceable(variables, entry["inputs"], policy, name, role)
+          traceable = self._is_traceable(variables, _recorded(entry, role), policy,
+                                         name, role)
           (traced if traceable else eager).append((name, role))
-    inputs = {name: recorded[name]["inputs"] for name, role in traced
-              if role == "act_quant"}
+    inputs = {role: {name: _recorded(recorded[name], role) for name, r in traced
+                     if r == role} for role in _RECORDED}
     out, finite = (self._calibrate(variables, inputs, policy, roles=tuple(traced))
                    if traced else ({}, {}))
     for name, role in eager:
-      x = jnp.asarray(recorded[name]["inputs"])
+      x = _recorded(recorded[name], role)
+      x = None if x is None else jnp.asarray(x)
       out.setdefault(name, {})[role], finite[name, role] = self._calibrate_role(
           variables, x, policy, name, role)
     for (name, role), ok in finite.items():
@@ -158,11 +180,14 @@ class Calibrator:
       get_path(params, recorded[name]["path"]).update(new)
     return {**variables, "params": params}
 
-  def _capture_inputs(self, variables: PyTree, images: Array) -> dict[str, Array]:
-    """The input of every quantizable layer (traced; describes the layers)."""
+  def _capture_inputs(self, variables: PyTree, images: Array
+                      ) -> tuple[dict[str, Array], dict[str, Array]]:
+    """The input of every quantizable layer, and the second operand of every
+    matmul of two activations (traced; describes the layers)."""
     self._traces["record"] += 1
     layers: dict[str, dict[str, Any]] = {}
     captured: dict[str, Array] = {}
+    rhs: dict[str, Array] = {}
 
     def interceptor(next_fun, args, kwargs, context):
       module = context.module
@@ -176,21 +201,33 @@ class Calibrator:
         captured.setdefault(name, args[0])
       return next_fun(*args, **kwargs)
 
-    with nn.intercept_methods(interceptor):
+    with nn.intercept_methods(interceptor), intercept.recording() as calls:
       self.model.apply(variables, images, train=False)
+    scheme = self.model.quant_scheme if isinstance(self.model, Quantized) else None
+    for call in calls:
+      site = call.site
+      layers.setdefault(site.name, {
+          "path": site.path, "quantizers": op_quantizers(scheme, site.name, site.kind),
+          "bn": None})
+      captured.setdefault(site.name, call.lhs)
+      if site.kind == "matmul":
+        rhs.setdefault(site.name, call.rhs)
     self._layers = layers
-    return captured
+    return captured, rhs
 
-  def _calibrate_roles(self, variables: PyTree, inputs: dict[str, Array],
+  def _calibrate_roles(self, variables: PyTree, inputs: dict[str, dict[str, Array]],
                        policy: Policy, roles: tuple[tuple[str, str], ...]
                        ) -> tuple[dict[str, dict[str, PyTree]], dict[Any, Array]]:
-    """New parameters of each `(name, role)` in `roles`, and kernel finiteness."""
+    """New parameters of each `(name, role)` in `roles`, and kernel finiteness.
+
+    `inputs[role][name]` holds the recorded values of each recorded role.
+    """
     self._traces["calibrate"] += 1
     out: dict[str, dict[str, PyTree]] = {}
     finite: dict[Any, Array] = {}
     for name, role in roles:
       out.setdefault(name, {})[role], finite[name, role] = self._calibrate_role(
-          variables, inputs.get(name), policy, name, role)
+          variables, inputs.get(role, {}).get(name), policy, name, role)
     return out, finite
 
   def _calibrate_role(self, variables: PyTree, x: Array | None, policy: Policy,
@@ -202,6 +239,8 @@ class Calibrator:
     layer = get_path(variables["params"], info["path"])
     if role == "act_quant":  # `x` was checked on the host.
       return act_quantizer.calibrate(layer[role], x, a_bits), jnp.bool_(True)
+    if role == "rhs_quant":  # A matmul's second operand, at the weights' bits.
+      return weight_quantizer.calibrate(layer[role], x, w_bits), jnp.bool_(True)
     kernel = self._quantized_kernel(variables, layer, info)
     return (weight_quantizer.calibrate(layer[role], kernel, w_bits),
             jnp.all(jnp.isfinite(kernel)))
@@ -229,6 +268,12 @@ class Calibrator:
       except _UNTRACEABLE:
         self._traceable[name, role] = False
     return self._traceable[name, role]
+
+
+def _recorded(entry: dict[str, Any], role: str) -> np.ndarray | None:
+  """The recorded values a role calibrates on (None: the kernel, from params)."""
+  return {"act_quant": entry.get("inputs"),
+          "rhs_quant": entry.get("rhs_inputs")}.get(role)
 
 
 @functools.lru_cache(maxsize=CACHED_MODELS)

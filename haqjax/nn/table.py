@@ -5,6 +5,16 @@ parameters allocated) and records every haqjax layer it calls, in forward
 order. The hardware cost model, the search agents, policies and reports all
 read this table, so a model built from haqjax layers needs no hand-written
 metadata.
+
+A plain flax model wrapped by `haqjax.nn.quantized` is traced the same way:
+its table lists every intercepted op (`haqjax.nn.intercept`) in forward
+order, convolutions, depthwise convolutions and dense layers as the haqjax
+layers would, and each matmul of two activations (kind 'matmul': a GEMM of
+`groups` independent `[in_h, in_channels / groups] x [in_channels / groups,
+out_channels / groups]` products, no parameters). Every other product of
+the traced program (`x @ y`, `nn.ConvTranspose`) runs in floating point: it
+is listed in `float_ops` (and by `format()`), with one warning line naming
+them, never dropped.
 """
 
 from __future__ import annotations
@@ -13,16 +23,21 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from haqjax.nn import dataflow
+from haqjax.nn import intercept
+from haqjax.nn.dataflow import FloatOp
 from haqjax.nn.layers import QConv
 from haqjax.nn.layers import QDense
 from haqjax.nn.layers import layer_name
+from haqjax.nn.quantized import Quantized
 
-KINDS = ("conv", "depthwise", "dense")
+KINDS = ("conv", "depthwise", "dense", "matmul")
 
 # Integer columns of the table, in order.
 COLUMNS = ("in_channels", "out_channels", "kernel_h", "kernel_w", "stride",
@@ -35,12 +50,17 @@ class LayerTable:
 
   Sizes are for one example (batch 1): `macs` counts multiply-accumulates of
   one forward pass; `params` counts weights plus bias. A dense layer has a
-  1x1 kernel and a 1x1 feature map (or its token count as `in_h`).
+  1x1 kernel and a 1x1 feature map (or its token count as `in_h`). A matmul
+  of two activations is `groups` GEMMs of `[in_h, in_channels / groups] x
+  [in_channels / groups, out_channels / groups]` with no weights (`params`
+  and `weight_count` 0).
 
   Attributes:
     names: layer names (module paths), as the policy uses them.
-    kinds: 'conv', 'depthwise' or 'dense' per layer.
+    kinds: 'conv', 'depthwise', 'dense' or 'matmul' per layer.
     in_channels ... params: int64 arrays `[L]` (see COLUMNS).
+    float_ops: the products the model runs in floating point, not in the
+      table (`haqjax.nn.dataflow.FloatOp`).
   """
   names: tuple[str, ...]
   kinds: tuple[str, ...]
@@ -56,6 +76,7 @@ class LayerTable:
   out_w: np.ndarray
   macs: np.ndarray
   params: np.ndarray
+  float_ops: tuple[FloatOp, ...] = ()
 
   def __len__(self) -> int:
     return len(self.names)
@@ -65,10 +86,16 @@ class LayerTable:
     return np.array([k == "depthwise" for k in self.kinds])
 
   @property
+  def is_matmul(self) -> np.ndarray:
+    """Whether each layer is a matmul of two activations (no weights)."""
+    return np.array([k == "matmul" for k in self.kinds], bool)
+
+  @property
   def weight_count(self) -> np.ndarray:
-    """Kernel elements per layer (the quantized weights; no bias)."""
-    return (self.kernel_h * self.kernel_w * self.in_channels // self.groups
-            * self.out_channels)
+    """Kernel elements per layer (the quantized weights; no bias; 0 for a matmul)."""
+    count = (self.kernel_h * self.kernel_w * self.in_channels // self.groups
+             * self.out_channels)
+    return np.where(self.is_matmul, 0, count)
 
   def rows(self) -> list[dict[str, Any]]:
     """One plain dict per layer (JSON-ready)."""
@@ -87,6 +114,9 @@ class LayerTable:
           f"{str(r['in_h']) + 'x' + str(r['in_w']):>9} {r['macs']:>12,} {r['params']:>10,}")
     lines.append(f"total: {len(self)} layers, {int(self.macs.sum()):,} MACs, "
                  f"{int(self.params.sum()):,} params")
+    for op in self.float_ops:
+      lines.append(f"float {op.name[-28:]:<28} {op.primitive:<9} {'':>31} {op.macs:>12,} "
+                   "(left in floating point)")
     return "\n".join(lines)
 
 
@@ -119,7 +149,8 @@ def layer_table(model: nn.Module, input_shape: Sequence[int],
   """Traces `model` on an input of `input_shape` and lists its haqjax layers.
 
   Args:
-    model: a flax module built from `QConv`/`QDense`.
+    model: a flax module built from `QConv`/`QDense`, or a plain flax model
+      wrapped by `haqjax.nn.quantized`.
     input_shape: NHWC shape; the batch entry is ignored (sizes are per example).
     **call_kwargs: extra arguments of the model's `__call__` (e.g. train=False).
 
@@ -127,8 +158,11 @@ def layer_table(model: nn.Module, input_shape: Sequence[int],
     The model's `LayerTable`.
 
   Raises:
-    ValueError: if the model has no haqjax layer, or calls one layer twice.
+    ValueError: if the model has no haqjax layer (no intercepted op), or
+      calls one layer twice.
   """
+  if isinstance(model, Quantized):
+    return _quantized_table(model, input_shape, **call_kwargs)
   records: list[dict[str, Any]] = []
 
   def interceptor(next_fun, args, kwargs, context):
@@ -148,7 +182,13 @@ def layer_table(model: nn.Module, input_shape: Sequence[int],
   jax.eval_shape(init, x)
   if not records:
     raise ValueError(f"model {type(model).__name__} has no haqjax layer "
-                     "(QConv/QDense) to quantize")
+                     "(QConv/QDense) to quantize; a model of flax layers is "
+                     "quantized through haqjax.nn.quantized(model)")
+  return _table(records)
+
+
+def _table(records: list[dict[str, Any]],
+           float_ops: tuple[FloatOp, ...] = ()) -> LayerTable:
   names = [r["name"] for r in records]
   if len(set(names)) != len(names):
     dup = next(n for n in names if names.count(n) > 1)
@@ -156,4 +196,25 @@ def layer_table(model: nn.Module, input_shape: Sequence[int],
                      "give each call its own module so it gets its own bits")
   return LayerTable(
       names=tuple(names), kinds=tuple(r["kind"] for r in records),
+      float_ops=tuple(float_ops),
       **{c: np.array([r[c] for r in records], dtype=np.int64) for c in COLUMNS})
+
+
+def _quantized_table(model: Quantized, input_shape: Sequence[int],
+                     **call_kwargs: Any) -> LayerTable:
+  """The table of a `haqjax.nn.quantized` model: its intercepted ops and float ops."""
+  call_kwargs.setdefault("train", False)
+  x = jax.ShapeDtypeStruct((1, *tuple(input_shape)[1:]), jnp.float32)
+  variables = jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, **call_kwargs), x)
+  with intercept.recording(mark=True) as calls:
+    closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, **call_kwargs))(variables, x)
+  floats = dataflow.float_ops(closed)
+  if floats:
+    logging.warning("left in floating point (not quantized, not in the layer table): %s",
+                    ", ".join(f"{op.name} ({op.primitive})" for op in floats))
+  if not calls:
+    raise ValueError(f"model {type(model.model).__name__} has no op to quantize "
+                     "(nn.Conv, nn.Dense, nn.DenseGeneral, nn.Einsum, attention or "
+                     "a product of two activations)")
+  return _table([c.row for c in calls], floats)

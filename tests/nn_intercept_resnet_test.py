@@ -1,0 +1,163 @@
+"""A ResNet written with plain flax layers, quantized by interception.
+
+The model below is written as a user writes it (`nn.Conv`, `nn.BatchNorm`,
+residual adds), with the module names of `haqjax.models.CifarResNet`, so
+the wrapped model and the haqjax-layer network share their variables, their
+layer table and, under one policy, their logits.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from haqjax import models
+from haqjax.nn import calibrate as calibrate_lib
+from haqjax.nn import layer_table
+from haqjax.nn import pointwise
+from haqjax.nn import quantized
+from haqjax.policy import FLOAT_BITS
+from haqjax.policy import Policy
+from haqjax.quant import MinMaxWeight
+from haqjax.quant import QuantScheme
+from haqjax.quant import StaticRange
+
+SCHEME = QuantScheme(weight=MinMaxWeight(), act=StaticRange())
+SHAPE = (4, 8, 8, 3)
+
+
+class Block(nn.Module):
+  features: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+    y = nn.Conv(self.features, (3, 3), self.strides, padding=1, use_bias=False,
+                name="conv1")(x)
+    y = nn.relu(norm(name="conv1_bn")(y))
+    y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, name="conv2")(y)
+    y = norm(name="conv2_bn")(y)
+    if self.strides != 1 or x.shape[-1] != self.features:
+      x = nn.Conv(self.features, (1, 1), self.strides, use_bias=False,
+                  name="downsample")(x)
+      x = norm(name="downsample_bn")(x)
+    return nn.relu(y + x)
+
+
+class ResNet(nn.Module):
+  stage_sizes: tuple = (1, 1, 1)
+  widths: tuple = (8, 16, 32)
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(self.widths[0], (3, 3), padding=1, use_bias=False, name="stem")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                             name="stem_bn")(x))
+    for s, (n, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for b in range(n):
+        x = Block(width, 2 if s > 0 and b == 0 else 1, name=f"layer{s + 1}_{b}")(x, train)
+    return nn.Dense(self.num_classes, name="fc")(jnp.mean(x, axis=(1, 2)))
+
+
+@pytest.fixture(scope="module")
+def nets():
+  """(haqjax ResNet, wrapped plain ResNet, the haqjax net's variables, images)."""
+  haq = models.resnet_small(depth=8, width_mult=0.5).clone(quant_scheme=SCHEME)
+  plain = quantized(ResNet(), SCHEME)
+  images = jax.random.normal(jax.random.key(1), SHAPE)
+
+  @jax.jit
+  def init(images):
+    variables = haq.init(jax.random.key(0), images)
+    # Train the BN statistics away from their initial values.
+    _, updates = haq.apply(variables, images, train=True, mutable=["batch_stats"])
+    return {**variables, **updates}
+
+  return haq, plain, init(images), images
+
+
+@functools.partial(jax.jit, static_argnames=("model", "train"))
+def run(model, variables, images, policy, train=False):
+  if train:
+    return model.apply(variables, images, policy=policy, train=True,
+                       mutable=["batch_stats"])
+  return model.apply(variables, images, policy=policy)
+
+
+@pytest.fixture(autouse=True)
+def xla_convolutions(monkeypatch):
+  """The haqjax layers run 1x1 convolutions as XLA's, as flax's nn.Conv does."""
+  monkeypatch.setattr(pointwise, "MATMUL_BACKENDS", ())
+
+
+def test_table_equals_the_haqjax_network(nets):
+  haq, plain, _, _ = nets
+  want, got = layer_table(haq, SHAPE), layer_table(plain, SHAPE)
+  assert got.names == want.names
+  assert got.names[:4] == ("stem", "layer1_0/conv1", "layer1_0/conv2", "layer2_0/conv1")
+  assert got.kinds == want.kinds
+  for row_got, row_want in zip(got.rows(), want.rows()):
+    assert row_got == row_want
+  assert got.float_ops == ()
+
+
+def test_variables_are_the_user_model_s(nets):
+  haq, plain, variables, images = nets
+  user = jax.jit(plain.model.init)(jax.random.key(0), images)
+  wrapped = jax.jit(plain.init)(jax.random.key(0), images)
+  # The user's variables, the same values for the same key, plus quantizer ranges.
+  strip = lambda t: {k: strip(v) for k, v in t.items() if k != "act_quant"} if isinstance(
+      t, dict) else t
+  chex_equal = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), strip(wrapped), user)
+  assert all(jax.tree.leaves(chex_equal))
+  assert "act_quant" in wrapped["params"]["layer2_0"]["downsample"]
+  assert jax.tree.structure(wrapped) == jax.tree.structure(variables)
+
+
+def test_float_logits_equal_the_user_model_s(nets):
+  _, plain, variables, images = nets
+  np.testing.assert_array_equal(run(plain, variables, images, None),
+                                jax.jit(plain.model.apply)(variables, images))
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["w4a4", "mixed"])
+def test_quantized_logits_equal_the_haqjax_network(nets, mixed):
+  haq, plain, variables, images = nets
+  names = layer_table(haq, SHAPE).names
+  if mixed:
+    rng = np.random.default_rng(0)
+    w, a = rng.integers(2, 9, len(names)), rng.integers(2, 9, len(names))
+    a[0] = FLOAT_BITS
+    policy = Policy.create(names, w, a)
+  else:
+    policy = Policy.uniform(names, 4, 4)
+  batches = [images[:2], images[2:]]
+  want_vars = calibrate_lib.calibrate(haq, variables, batches, policy)
+  got_vars = calibrate_lib.calibrate(plain, variables, batches, policy)
+  ranges = lambda v: jax.tree.leaves(jax.tree.map(np.asarray, v["params"]))
+  for got, want in zip(ranges(got_vars), ranges(want_vars)):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  want = run(haq, want_vars, images, policy)
+  got = run(plain, got_vars, images, policy)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # Quantization changes the logits: the comparison is not of float models.
+  assert np.abs(np.asarray(got) - np.asarray(run(plain, variables, images, None))).max() > 1e-3
+
+
+def test_train_mode_updates_batch_stats_as_the_haqjax_network(nets):
+  haq, plain, variables, images = nets
+  names = layer_table(haq, SHAPE).names
+  policy = Policy.uniform(names, 8, 8)
+  calibrated = calibrate_lib.calibrate(haq, variables, [images], policy)
+  want, want_up = run(haq, calibrated, images, policy, train=True)
+  got, got_up = run(plain, calibrated, images, policy, train=True)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for g, w in zip(jax.tree.leaves(got_up), jax.tree.leaves(want_up)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  before = jax.tree.leaves(calibrated["batch_stats"])
+  assert any(not np.allclose(g, b) for g, b in zip(jax.tree.leaves(got_up), before))
