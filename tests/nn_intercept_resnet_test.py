@@ -24,6 +24,8 @@ from haqjax.policy import Policy
 from haqjax.quant import MinMaxWeight
 from haqjax.quant import QuantScheme
 from haqjax.quant import StaticRange
+from nn_intercept_testing import random_variables
+from nn_intercept_testing import strip_quantizers
 
 SCHEME = QuantScheme(weight=MinMaxWeight(), act=StaticRange())
 SHAPE = (4, 8, 8, 3)
@@ -62,28 +64,6 @@ class ResNet(nn.Module):
       for b in range(n):
         x = Block(width, 2 if s > 0 and b == 0 else 1, name=f"layer{s + 1}_{b}")(x, train)
     return nn.Dense(self.num_classes, name="fc")(jnp.mean(x, axis=(1, 2)))
-
-
-def random_variables(model, images, seed=0):
-  """Variables of `model` drawn with numpy (no per-shape PRNG compilations).
-
-  Kernels ~ N(0, 1 / fan_in), BN statistics and affine terms near their
-  identity, quantizer ranges 0 (uncalibrated).
-  """
-  shapes = jax.eval_shape(model.init, jax.random.key(0), images)
-  rng = np.random.default_rng(seed)
-
-  def draw(path, s):
-    name = jax.tree_util.keystr(path)
-    if "act_quant" in name:
-      return np.zeros(s.shape, s.dtype)
-    if "kernel" in name:
-      return (rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(s.dtype)
-    noise = 0.1 * rng.normal(size=s.shape)
-    base = 1.0 if name.endswith(("['scale']", "['var']")) else 0.0
-    return (base + (np.abs(noise) if name.endswith("['var']") else noise)).astype(s.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +109,7 @@ def test_variables_are_the_haqjax_network_s(nets):
 
 def test_float_logits_equal_the_user_model_s(nets):
   _, plain, variables, images = nets
-  strip = lambda t: ({k: strip(v) for k, v in t.items() if k != "act_quant"}
-                     if isinstance(t, dict) else t)
-  user = strip(variables)  # The user's own variables, without quantizer ranges.
+  user = strip_quantizers(variables)  # The user's own variables.
   np.testing.assert_array_equal(run(plain, variables, images, None),
                                 jax.jit(plain.model.apply)(user, images))
 
