@@ -2,7 +2,6 @@
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,22 +16,13 @@ from haqjax.quant import MinMaxWeight
 from haqjax.quant import QuantRule
 from haqjax.quant import QuantScheme
 from haqjax.quant import StaticRange
+from nn_intercept_testing import DIM
+from nn_intercept_testing import HEADS
+from nn_intercept_testing import TOKENS
+from nn_intercept_testing import Encoder
 from nn_intercept_testing import random_variables
 
-TOKENS, DIM, HEADS = 6, 8, 2
 SHAPE = (4, TOKENS, 4)
-
-
-class Encoder(nn.Module):
-
-  @nn.compact
-  def __call__(self, x, deterministic=True):
-    x = nn.Dense(DIM, name="embed")(x)
-    y = nn.MultiHeadDotProductAttention(num_heads=HEADS, name="attention")(
-        nn.LayerNorm(name="ln1")(x), deterministic=deterministic)
-    x = x + y
-    x = x + nn.Dense(DIM, name="mlp")(nn.gelu(nn.LayerNorm(name="ln2")(x)))
-    return nn.Dense(3, name="head")(jnp.mean(x, axis=1))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,24 @@
-"""Shared by the interception tests: variables drawn without PRNG compilations."""
+"""Shared by the interception tests: a small encoder, variables drawn by numpy."""
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+TOKENS, DIM, HEADS = 6, 8, 2
+
+
+class Encoder(nn.Module):
+  """Embedding, multi-head attention, an MLP and a head, as a user writes them."""
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    x = nn.Dense(DIM, name="embed")(x)
+    y = nn.MultiHeadDotProductAttention(num_heads=HEADS, name="attention")(
+        nn.LayerNorm(name="ln1")(x), deterministic=deterministic)
+    x = x + y
+    x = x + nn.Dense(DIM, name="mlp")(nn.gelu(nn.LayerNorm(name="ln2")(x)))
+    return nn.Dense(3, name="head")(jnp.mean(x, axis=1))
 
 
 def random_variables(model, *args, seed=0, **kwargs):

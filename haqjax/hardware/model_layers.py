@@ -5,6 +5,16 @@ module is the one place in `haqjax.hardware` that knows where those shapes
 come from in `haqjax.nn` and `haqjax.models`. Other sources (a SCALE-Sim
 topology file, shapes typed in by hand) go through `make_layers` directly.
 
+A matmul of two activations (layer kind 'matmul', e.g. attention's
+queries x keys) is a GEMM without weights: each example multiplies its own
+operands, so its `G` products per example become `batch * G` groups of
+`[M, K] x [K, N]` (M: the table's `in_h`), `weights` is 0 (the model
+stores nothing: size 0 at any bits) and `biases` 0. Its second operand
+takes the `w_bits` a kernel would: BISMO and the systolic array's on-chip
+traffic stream it at those bits, and BitOps are `MACs * w * a`. The DRAM
+models that read `weights` (Bit Fusion's, the systolic array's) do not see
+it; a matmul's DRAM bytes are low by its second operand's.
+
 Example::
 
     table = haqjax.nn.layer_table(model, (1, 224, 224, 3))
@@ -14,19 +24,40 @@ Example::
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+import numpy as np
+
 from haqjax.hardware.layers import Layers
 from haqjax.hardware.layers import make_layers
+from haqjax.nn.table import KINDS
 from haqjax.nn.table import LayerTable
 
 
 def from_layer_table(table: LayerTable, batch: int = 1) -> Layers:
-  """The GEMM view of a `haqjax.nn.LayerTable` at batch size `batch`."""
-  return make_layers(
+  """The GEMM view of a `haqjax.nn.LayerTable` at batch size `batch`.
+
+  Raises:
+    ValueError: a layer kind outside `haqjax.nn.table.KINDS`.
+  """
+  for i, kind in enumerate(table.kinds):
+    if kind not in KINDS:
+      raise ValueError(f"kind of layer {i} ({table.names[i]!r}) is {kind!r}; "
+                       f"allowed: {', '.join(KINDS)}")
+  layers = make_layers(
       names=table.names, in_channels=table.in_channels,
       out_channels=table.out_channels, kernel_h=table.kernel_h,
       kernel_w=table.kernel_w, groups=table.groups, in_h=table.in_h,
       in_w=table.in_w, out_h=table.out_h, out_w=table.out_w, batch=batch,
       depthwise=table.is_depthwise, biases=table.params - table.weight_count)
+  matmul = np.array([k == "matmul" for k in table.kinds])
+  if not matmul.any():
+    return layers
+  mm = jnp.asarray(matmul)
+  per_example = lambda field, value: jnp.where(mm, value, getattr(layers, field))
+  return layers.replace(m=per_example("m", layers.m / batch),
+                        groups=per_example("groups", layers.groups * batch),
+                        weights=per_example("weights", 0.0),
+                        biases=per_example("biases", 0.0))
 
 
 def from_model(name: str, *, input_size: int | None = None,

@@ -9,7 +9,13 @@ Each step's observation has the columns of `COLUMNS`: the layer index, its
 input and output channels, stride, kernel size, whether it is depthwise, its
 parameter count, its input feature-map size, whether the step decides weights
 (1) or activations (0), and the previous action. Every column is min-max
-normalised over the episode's steps (a constant column becomes 0).
+normalised over the episode's steps (a constant column becomes 0). A matmul
+of two activations (layer kind 'matmul', e.g. attention's queries x keys)
+reads as the dense layer of its GEMM (channels `G * K` in and `G * N` out,
+kernel 1, stride 1, its rows as the feature map) with 0 parameters; its
+"weight" step decides its second operand's bits, which take the place of a
+kernel's in the policy and the cost models. The columns stay those of HAQ,
+so observations of convolutional networks are unchanged.
 
 Two quirks of the original HAQ code are fixed here: its observations kept the
 previous episode's last actions (the embedding was written in place and never
@@ -33,6 +39,7 @@ import numpy as np
 
 from haqjax import hardware
 from haqjax.nn import LayerTable
+from haqjax.nn.table import KINDS
 from haqjax.policy import FLOAT_BITS
 
 MODES = ("linear", "kmeans")
@@ -73,6 +80,9 @@ def observations(table: LayerTable, mode: str = "linear") -> np.ndarray:
     raise ValueError(f"quantization={mode!r}; allowed: {', '.join(MODES)}")
   rows = []
   for i in range(len(table)):
+    if table.kinds[i] not in KINDS:
+      raise ValueError(f"kind of layer {i} ({table.names[i]!r}) is {table.kinds[i]!r}; "
+                       f"allowed: {', '.join(KINDS)}")
     base = [i, table.in_channels[i], table.out_channels[i], table.stride[i],
             table.kernel_h[i], float(table.kinds[i] == "depthwise"), table.params[i],
             table.in_h[i] * table.in_w[i]]

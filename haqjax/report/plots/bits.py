@@ -32,13 +32,16 @@ from haqjax.report.plots.canvas import new_figure
 from haqjax.report.plots.canvas import short_name
 from haqjax.report.plots.canvas import write_png
 
-KINDS = ("conv", "depthwise", "dense")
+# The layer kinds of `haqjax.nn.table.KINDS`; a 'matmul' multiplies two
+# activations, its second operand's bits drawn where a kernel's are.
+KINDS = ("conv", "depthwise", "dense", "matmul")
 
 # Colour and hatch per layer kind (colour-blind-safe "tab" hues).
 _KIND_STYLE = {
     "conv": dict(color="#1f77b4", label="conv (full / pointwise)"),
     "depthwise": dict(color="#ff7f0e", label="depthwise conv"),
     "dense": dict(color="#2ca02c", label="dense"),
+    "matmul": dict(color="#9467bd", label="matmul of activations (2nd operand up)"),
 }
 # Bit probabilities of up to this many layers are a grid of charts; more, an image.
 _GRID_MAX_LAYERS = 12
