@@ -14,7 +14,11 @@ becomes the identity plus the folded bias (mean 0, scale 1 and a variance
 `v` with `v + eps == 1` exactly in float32, so `rsqrt(v + eps)` is exactly
 1). Conv-BN pairs are found by the zoo's naming convention (`conv_bn` in
 `haqjax.models.cnn`): a layer `X` (a dict with a `kernel`) and a sibling
-`X_bn` in the same scope, with `mean`/`var` in `batch_stats`.
+`X_bn` in the same scope, with `mean`/`var` in `batch_stats`. For a model
+the user wrote with flax layers (`haqjax.nn.quantized`), whose names follow
+no convention, `traced_bn_pairs` finds them from the traced computation
+instead (a BN whose input is a layer's output), and `fold_batch_norms` and
+`bn_output_stats` take those pairs.
 
 The array maths, `folded_kernel_and_bias` (the pure function a QAT step
 with folded BN calls on the live parameters, Krishnamoorthi 2018, section
@@ -40,7 +44,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -49,6 +53,7 @@ import numpy as np
 from haqjax.nn.bn_folding import BN_EPSILON
 from haqjax.nn.bn_folding import check_eps
 from haqjax.nn.bn_folding import folded_kernel_and_bias
+from haqjax.nn.dataflow import conv_bn_pairs
 from haqjax.treeutil import copy_tree
 from haqjax.treeutil import get_path
 from haqjax.typing import Array, PyTree
@@ -118,6 +123,36 @@ def bn_pairs(variables: PyTree) -> tuple[BNPair, ...]:
   return tuple(found)
 
 
+def traced_bn_pairs(model: Any, variables: PyTree, input_shape: Sequence[int], *,
+                    eps: float = BN_EPSILON, **call_kwargs: Any) -> tuple[BNPair, ...]:
+  """Every `nn.Conv`/`nn.Dense` whose output feeds an `nn.BatchNorm`, by data flow.
+
+  The model is traced abstractly in eval mode (`haqjax.nn.conv_bn_pairs`);
+  names play no part.
+
+  Args:
+    model: a flax model, e.g. a `haqjax.nn.quantized` plain flax model.
+    variables: its variables (arrays or shapes).
+    input_shape: the shape of its input.
+    eps: the epsilon folding will use; each paired BN must have it.
+    **call_kwargs: other arguments of the model's `__call__`.
+
+  Returns:
+    The pairs, in the order their BatchNorms run.
+
+  Raises:
+    ValueError: a paired BN's epsilon differs from `eps`.
+  """
+  check_eps(eps)
+  pairs = []
+  for found in conv_bn_pairs(model, variables, input_shape, **call_kwargs):
+    if not np.isclose(found.epsilon, eps, rtol=1e-6, atol=0.0):
+      raise ValueError(f"BN {'/'.join(found.bn_path)!r} has epsilon {found.epsilon:g}; "
+                       f"allowed: the folding epsilon eps={eps:g} (pass eps={found.epsilon:g})")
+    pairs.append(BNPair("/".join(found.path), found.path, found.bn_path))
+  return tuple(pairs)
+
+
 def is_folded(variables: PyTree, pair: BNPair, eps: float = BN_EPSILON) -> bool:
   """Whether the BN of `pair` is the identity plus a bias (as folding leaves it)."""
   bn = get_path(variables["params"], pair.bn_path)
@@ -128,16 +163,19 @@ def is_folded(variables: PyTree, pair: BNPair, eps: float = BN_EPSILON) -> bool:
 
 
 def fold_batch_norms(model: Any, variables: PyTree, *,
-                     eps: float = BN_EPSILON) -> PyTree:
+                     eps: float = BN_EPSILON,
+                     pairs: Sequence[BNPair] | None = None) -> PyTree:
   """Variables with every conv-BN pair folded; the same model runs them.
 
   Args:
     model: the model the variables belong to. Pairs are found from the
-      variables' names (`X` and `X_bn`, see `bn_pairs`); the argument keeps
-      the `(model, variables)` signature of the PTQ passes.
+      variables' names (`X` and `X_bn`, see `bn_pairs`) unless given; the
+      argument keeps the `(model, variables)` signature of the PTQ passes.
     variables: `{"params": ..., "batch_stats": ...}` with trained BNs; not
       modified.
     eps: the models' BN epsilon (`haqjax.nn.bn_folding.BN_EPSILON`).
+    pairs: the pairs to fold (e.g. `traced_bn_pairs` of a plain flax
+      model); None: `bn_pairs(variables)`.
 
   Returns:
     New variables of the same tree structure: each paired kernel is folded,
@@ -149,7 +187,7 @@ def fold_batch_norms(model: Any, variables: PyTree, *,
   """
   del model
   check_eps(eps)
-  pairs = bn_pairs(variables)
+  pairs = bn_pairs(variables) if pairs is None else tuple(pairs)
   params = copy_tree(variables["params"])
   stats = copy_tree(variables["batch_stats"])
   for pair in pairs:
@@ -181,7 +219,8 @@ def fold_batch_norms(model: Any, variables: PyTree, *,
   return {**variables, "params": params, "batch_stats": stats}
 
 
-def bn_output_stats(variables: PyTree, eps: float = BN_EPSILON
+def bn_output_stats(variables: PyTree, eps: float = BN_EPSILON,
+                    pairs: Sequence[BNPair] | None = None
                     ) -> dict[str, tuple[Array, Array]]:
   """Per-channel mean and std of each BN's output, `(beta, |gamma|)`.
 
@@ -194,6 +233,7 @@ def bn_output_stats(variables: PyTree, eps: float = BN_EPSILON
   Args:
     variables: unfolded variables.
     eps: the BN epsilon (to tell folded BNs, which have lost gamma).
+    pairs: the conv-BN pairs; None: `bn_pairs(variables)`.
 
   Returns:
     `{layer name: (mean [C], std [C])}` for every conv-BN pair.
@@ -202,7 +242,7 @@ def bn_output_stats(variables: PyTree, eps: float = BN_EPSILON
     ValueError: if a BN is already folded (its gamma is gone).
   """
   out = {}
-  for pair in bn_pairs(variables):
+  for pair in bn_pairs(variables) if pairs is None else pairs:
     if is_folded(variables, pair, eps):
       raise ValueError(f"layer {pair.name!r} has a folded BN; allowed: variables "
                        "from before fold_batch_norms")
