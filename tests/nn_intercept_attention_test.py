@@ -21,6 +21,7 @@ from nn_intercept_testing import HEADS
 from nn_intercept_testing import TOKENS
 from nn_intercept_testing import Encoder
 from nn_intercept_testing import random_variables
+from nn_intercept_testing import strip_quantizers
 
 SHAPE = (4, TOKENS, 4)
 
@@ -74,22 +75,31 @@ def test_output_changes_with_the_matmul_bits(images):
 
 
 def test_calibration_records_both_operands(images):
-  scheme = QuantScheme(weight=MinMaxWeight(), act=StaticRange())
+  # Signed ranges calibrate under jit ('auto' decides the sign on the host).
+  scheme = QuantScheme(weight=MinMaxWeight(), act=StaticRange(sign="signed"))
   model = quantized(Encoder(), scheme)
   variables = random_variables(model, images)
   names = layer_table(model, SHAPE).names
+  calibrate_lib.clear_calibrators()
+  calibrated = calibrate_lib.calibrate(model, variables, [images], Policy.uniform(names, 4, 6))
   policy = Policy.uniform(names, 8, 8)
   calibrated = calibrate_lib.calibrate(model, variables, [images], policy)
+  # One recording and one calibration compiled for both policies.
+  assert calibrate_lib.calibrator(model).trace_counts() == {"record": 1, "calibrate": 1}
   attention = calibrated["params"]["attention"]
   assert set(attention["qk"]) == set(attention["pv"]) == {"act_quant", "rhs_quant"}
-  # pv's first operand is the softmax weights: a range within [0, 1].
+  # pv's first operand is the softmax weights: a range within [-1, 1].
   weights = attention["pv"]["act_quant"]
-  assert 0.0 <= float(weights["lo"].min()) and float(weights["hi"].max()) <= 1.0
-  assert float(weights["hi"].max()) > 0.0
-  # The second operands (keys, values) have ranges of their own.
-  for op in ("qk", "pv"):
-    assert float(attention[op]["rhs_quant"]["hi"].max()) > 0.0
-    assert not np.allclose(attention[op]["rhs_quant"]["hi"], attention[op]["act_quant"]["hi"])
+  assert 0.0 < float(weights["hi"].max()) <= 1.0
+  # The projections' outputs set the ranges: keys, values, and the queries
+  # that flax's attention scales by 1 / sqrt(head_dim) before the product.
+  _, state = jax.jit(lambda v: Encoder().apply(v, images, capture_intermediates=True))(
+      strip_quantizers(variables))
+  out = lambda name: np.abs(state["intermediates"]["attention"][name]["__call__"][0]).max()
+  for op, role, want in (("qk", "act_quant", out("query") / np.sqrt(DIM // HEADS)),
+                         ("qk", "rhs_quant", out("key")), ("pv", "rhs_quant", out("value"))):
+    got = max(-float(attention[op][role]["lo"].min()), float(attention[op][role]["hi"].max()))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_rules_match_the_user_module_paths(images):
