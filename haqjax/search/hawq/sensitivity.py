@@ -221,9 +221,13 @@ def hessian_traces(key: PRNGKey, model: nn.Module, variables: PyTree,
       converged=out.converged, seconds=seconds)
 
 
-def _mse(quantizer, x: Array, parts: Array, bits: Array, key: PRNGKey) -> Array:
-  """Mean squared error of `quantizer` calibrated on `x` at `bits`, over `parts` `[n, ...]`."""
-  params = quantizer.calibrate(quantizer.init(x), x, bits)
+def _calibrated(quantizer, x: Array, bits: Array) -> PyTree:
+  """`quantizer`'s parameters calibrated on `x` at `bits`."""
+  return quantizer.calibrate(quantizer.init(x), x, bits)
+
+
+def _parts_mse(quantizer, params: PyTree, parts: Array, bits: Array, key: PRNGKey) -> Array:
+  """Mean squared error of `quantizer` at `params`, `bits` over `parts` `[n, ...]`."""
   keys = jax.random.split(key, parts.shape[0])
 
   def error(part, k):
@@ -232,24 +236,40 @@ def _mse(quantizer, x: Array, parts: Array, bits: Array, key: PRNGKey) -> Array:
   return jnp.mean(jax.vmap(error)(parts, keys))
 
 
+def _mse(quantizer, x: Array, parts: Array, bits: Array, key: PRNGKey) -> Array:
+  """`_parts_mse` of `quantizer` calibrated on `x` at `bits`."""
+  return _parts_mse(quantizer, _calibrated(quantizer, x, bits), parts, bits, key)
+
+
 _jitted_mse = jax.jit(_mse, static_argnums=0)
+_jitted_parts_mse = jax.jit(_parts_mse, static_argnums=0)
 # What tracing a quantizer's `calibrate` raises when it needs concrete data
 # (e.g. a grid picked from the data's sign).
 _UNTRACEABLE = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
                 jax.errors.TracerIntegerConversionError, jax.errors.TracerBoolConversionError)
+# Quantizers (hashable, equal by value) whose calibration could not be traced.
+_TRACEABLE: dict[Any, bool] = {}
 
 
 def _error(quantizer, x: Array, parts: Array, bits: int, key: PRNGKey) -> float:
-  """`_mse`, compiled once per quantizer and shape (any bits), else op by op."""
+  """`_mse`, compiled once per quantizer and shape (any bits).
+
+  A quantizer whose calibration needs concrete data is calibrated op by op
+  and its error compiled with the parameters as data (run op by op, the
+  vmapped error took longer than the Hessian traces on digits_cnn); an
+  unhashable one runs op by op.
+  """
   b = jnp.int32(bits)
   try:
     hash(quantizer)
   except TypeError:  # A quantizer holding arrays cannot be a static argument.
     return float(_mse(quantizer, x, parts, b, key))
-  try:
-    return float(_jitted_mse(quantizer, x, parts, b, key))
-  except _UNTRACEABLE:
-    return float(_mse(quantizer, x, parts, b, key))
+  if _TRACEABLE.get(quantizer, True):
+    try:
+      return float(_jitted_mse(quantizer, x, parts, b, key))
+    except _UNTRACEABLE:
+      _TRACEABLE[quantizer] = False  # Not traced again for other bits and layers.
+  return float(_jitted_parts_mse(quantizer, _calibrated(quantizer, x, b), parts, b, key))
 
 
 def quantization_mse(key: PRNGKey, variables: PyTree, recorded: dict[str, dict[str, Any]],
