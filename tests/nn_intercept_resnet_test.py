@@ -97,6 +97,14 @@ def test_table_equals_the_haqjax_network(nets):
   assert got.float_ops == ()
 
 
+def test_resnet20_table_equals_the_haqjax_resnet20_s():
+  shape = (1, 32, 32, 3)
+  want = layer_table(models.resnet20(), shape)
+  got = layer_table(quantized(ResNet((3, 3, 3), (16, 32, 64))), shape)
+  assert len(got) == 22 and got.rows() == want.rows()
+  assert int(got.params.sum()) == int(want.params.sum())
+
+
 def test_variables_are_the_haqjax_network_s(nets):
   haq, plain, _, images = nets
   # The user's variables plus quantizer ranges where the haqjax layers keep theirs.

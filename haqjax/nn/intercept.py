@@ -258,11 +258,12 @@ def _swapped(fn: str, module: nn.Module, kind: str, handle: Handler,
     recorders = _recorders()
     if recorders and recorders[-1].mark:
       compute = _marked(compute, f"{MARKER}{len(recorders[-1].calls)}")
+    previous = getattr(_STATE, "inside", False)
     _STATE.inside = True
     try:
       out = handle(site, lhs, rhs, compute)
     finally:
-      _STATE.inside = False
+      _STATE.inside = previous
     if recorders:
       row = table_row(site, fn, args, kwargs, lhs, rhs, out)
       recorders[-1].calls.append(OpCall(site, lhs, rhs, out, row))
