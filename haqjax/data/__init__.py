@@ -9,11 +9,15 @@
       ...  # batch["image"] float32 [128, 28, 28, 1], batch["label"] int32 [128]
 
 Datasets: `digits` (bundled with scikit-learn), `fashion_mnist`, `cifar10`,
-`imagenet2012`. Prepared data lives in `data_dir` (`$HAQJAX_DATA_DIR`, else
-`~/.cache/haqjax/datasets`); source files are looked for in `manual_dir` and
-in each dataset's standard places. Nothing is downloaded.
+`imagenet2012`; the user's own arrays or batches through `from_arrays` and
+`as_split` (`haqjax.data.arrays`). Prepared data lives in `data_dir`
+(`$HAQJAX_DATA_DIR`, else `~/.cache/haqjax/datasets`); source files are
+looked for in `manual_dir` and in each dataset's standard places. Nothing is
+downloaded.
 """
 
+from haqjax.data.arrays import as_split
+from haqjax.data.arrays import from_arrays
 from haqjax.data.errors import CorruptDataError
 from haqjax.data.errors import DataNotFoundError
 from haqjax.data.pipeline import Batch
