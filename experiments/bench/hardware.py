@@ -9,7 +9,12 @@ their min and max, compilation apart:
     median time) of `batched_policy_cost` on 10,000 MobileNetV2 policies in
     one vmapped call;
   * `bismo-cloud` against HAQ's shipped table (../shared/data/haq): mean
-    absolute % error, Spearman, network-level error at uniform W4A4..W8A8.
+    absolute % error, Spearman, network-level error at uniform W4A4..W8A8;
+  * Bit Fusion against its simulator's runs (tests/data/bitfusion_reference.json,
+    ResNet-18/20 and MobileNetV2 layers, (w, a) in {2, 4, 8}^2, batch 1 and
+    16): mean and max relative error of total cycles and energy over the conv
+    and FC layers and over the depthwise ones, for the 'tiled' memory model
+    and the 'stream' estimate.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from experiments.bench import timing
 HAQ_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
                          "shared", "data", "haq",
                          "qmobilenetv2_imagenet100_batch16_latency_table.npy")
+BITFUSION_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                   "tests", "data", "bitfusion_reference.json")
 TARGETS = ("bismo-edge", "bismo-cloud", "bitfusion", "systolic")
 POLICIES = 10_000
 
@@ -31,6 +38,7 @@ POLICIES = 10_000
 def run() -> dict:
   """Runs the benchmark; prints a summary and returns a JSON-able dict."""
   from haqjax import hardware  # pylint: disable=g-import-not-at-top
+  from haqjax.hardware import bitfusion_reference  # pylint: disable=g-import-not-at-top
   from haqjax.hardware import calibration  # pylint: disable=g-import-not-at-top
 
   result = {"backend": jax.default_backend(), "tensor_ms": {},
@@ -61,6 +69,12 @@ def run() -> dict:
     err = calibration.table_errors(pred, np.load(HAQ_TABLE))
     err["per_layer_mean_abs_pct_error"] = [round(e, 2) for e in err["per_layer_mean_abs_pct_error"]]
     result["bismo_cloud_vs_haq_table"] = err
+  if os.path.exists(BITFUSION_REFERENCE):
+    result["bitfusion_vs_simulator"] = {
+        memory: {k: v for k, v in bitfusion_reference.agreement(
+            BITFUSION_REFERENCE, hardware.BitFusion(memory=memory))["summary"].items()
+                 if k in ("conv_fc", "depthwise")}
+        for memory in ("tiled", "stream")}
   print(f"backend: {result['backend']}; MobileNetV2 (53 layers), {POLICIES} policies")
   print(f"{'target':<12} {'[53,8,8] ms':>11} {'(min-max)':<15} {'layer-evals/s':>14}")
   for name in names:
@@ -73,5 +87,10 @@ def run() -> dict:
     net = ", ".join(f"{k} {v:+.2f}%" for k, v in e["network_pct_error"].items())
     print(f"bismo-cloud vs HAQ table: mean |err| {e['mean_abs_pct_error']:.2f}%, "
           f"Spearman {e['spearman']:.4f}, network {net}")
+  for memory, parts in result.get("bitfusion_vs_simulator", {}).items():
+    for part, e in parts.items():
+      print(f"bitfusion ({memory}) vs simulator, {part} ({e['runs']} runs): cycles "
+            f"mean {100 * e['cycles_mean_err']:.2f}% max {100 * e['cycles_max_err']:.2f}%, "
+            f"energy mean {100 * e['energy_mean_err']:.2f}% max {100 * e['energy_max_err']:.2f}%")
   return result
 

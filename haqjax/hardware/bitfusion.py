@@ -24,6 +24,12 @@ an active cycle, input buffer: N*8 bits, weight buffer: N*M*8 bits, output
 buffer: M 32-bit partial sums read and written, at an SRAM energy per bit) and
 DRAM (energy per bit).
 
+That is the 'stream' memory model. With `memory='tiled'` the memory side is
+the Bit Fusion simulator's own: its loop tiling and loop-order search over the
+three buffers, per-operand DRAM traffic, stall cycles and per-access energies
+(`haqjax.hardware.bitfusion_memory`), which reproduces the simulator's cycles
+and energy on ResNet-18, ResNet-20 and MobileNetV2 layers.
+
 Floating-point bit-widths (32) run as 8 bits.
 
 References:
@@ -39,11 +45,16 @@ import dataclasses
 import jax.numpy as jnp
 
 from haqjax.hardware import base
+from haqjax.hardware import bitfusion_memory
 from haqjax.hardware.layers import Layers
 from haqjax.hardware.layers import ceil_div
 from haqjax.hardware.layers import effective_bits
 from haqjax.hardware.systolic import fused_products
 from haqjax.typing import Array, ArrayLike
+
+# Memory models: the streaming estimate above, or the simulator's tiled loop
+# nest (haqjax.hardware.bitfusion_memory).
+MEMORY_MODELS = ("stream", "tiled")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,6 +80,11 @@ class BitFusion:
     sram_pj_per_bit: buffer access energy (Horowitz: 20 pJ per 64-bit read
       of a 32 KB SRAM).
     dram_pj_per_bit: off-chip energy per bit (15 pJ, as in the paper).
+    memory: 'stream' (the module docstring's estimate) or 'tiled' (the
+      simulator's tiled loop nest; `core_pj_per_cycle`, `sram_pj_per_bit` and
+      `output_bits` then give way to `buffer_energy` and 32-bit partial sums).
+    buffer_energy: the simulator's per-cycle and per-bit buffer energies, for
+      'tiled'.
   """
   name: str = "bitfusion"
   rows: int = 16
@@ -83,12 +99,15 @@ class BitFusion:
   core_pj_per_cycle: float = 1000.0
   sram_pj_per_bit: float = 20.0 / 64
   dram_pj_per_bit: float = 15.0
+  memory: str = "stream"
+  buffer_energy: bitfusion_memory.BufferEnergy = bitfusion_memory.SIMULATOR_ENERGY
 
   def __post_init__(self):
     base.check_int(self, "rows", "cols", "batch", "wbuf_bytes", "ibuf_bytes",
                    "obuf_bytes", "output_bits")
     base.check_positive(self, "clock_hz", "interface_bits", "core_pj_per_cycle",
                         "sram_pj_per_bit", "dram_pj_per_bit")
+    base.check_choice(self, "memory", MEMORY_MODELS)
 
   def compute_cycles(self, layers: Layers, w_bits: ArrayLike,
                      a_bits: ArrayLike) -> Array:
@@ -104,6 +123,8 @@ class BitFusion:
   def layer_cost(self, layers: Layers, w_bits: ArrayLike,
                  a_bits: ArrayLike) -> dict[str, Array]:
     """Per-layer cycles, latency, energy, DRAM bytes and utilization."""
+    if self.memory == "tiled":
+      return bitfusion_memory.tiled_cost(self, layers, w_bits, a_bits)
     w = effective_bits(w_bits)
     a = effective_bits(a_bits)
     compute = self.compute_cycles(layers, w, a)
