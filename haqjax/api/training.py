@@ -1,0 +1,235 @@
+"""The user's model made quantizable, fine-tuned and scored, in one call each.
+
+`quantize` takes any model, a plain `flax.linen` one (wrapped by
+`haqjax.nn.quantized`) or one of haqjax's layers (used as it is), with the
+user's variables, and returns the model called as haqjax calls models
+(`apply(variables, x, policy=..., train=...)`) and its variables with the
+quantizer parameters added. `finetune` and `evaluate` run the trainer's own
+compiled steps (`haqjax.train.steps`, `haqjax.train.trainer.Evaluator`)
+over the user's data: numpy arrays, an iterable of batches or a haqjax
+`Split` (`haqjax.data.as_split`)::
+
+    qmodel, qvars = haqjax.quantize(model, variables, x_train[:1])
+    policy = haqjax.Policy.uniform(haqjax.layer_table(qmodel, x_train.shape).names, 4, 4)
+    qvars = haqjax.finetune(qmodel, qvars, (x_train, y_train), policy, epochs=1)
+    haqjax.evaluate(qmodel, qvars, (x_test, y_test), policy)["top1"]
+
+Quantizers default to the jobs' defaults: min-max weights and static
+activation ranges calibrated on a few training batches (`calibrate`, which
+`finetune` and the searches call for every policy).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from haqjax import data as haq_data
+from haqjax import quant
+from haqjax.nn import calibrate as calibrate_lib
+from haqjax.nn.quantized import Quantized
+from haqjax.nn.quantized import init_quantizers
+from haqjax.nn.quantized import quantized
+from haqjax.policy import Policy
+from haqjax.search import scoring
+from haqjax.train import steps
+from haqjax.train import trainer
+from haqjax.typing import PyTree
+
+# Variable collections the trainer's steps carry.
+COLLECTIONS = ("params", "batch_stats")
+
+
+def default_scheme(weight_quantizer: str = "minmax",
+                   act_quantizer: str = "static") -> quant.QuantScheme:
+  """The jobs' quantizers by name (`haqjax.quant.WEIGHT_QUANTIZERS`, `ACT_QUANTIZERS`)."""
+  return quant.QuantScheme(weight=quant.weight_quantizer(weight_quantizer),
+                           act=quant.act_quantizer(act_quantizer))
+
+
+def takes_policy(model: nn.Module) -> bool:
+  """Whether `model` is called with `policy=` (a haqjax model or a wrapped one)."""
+  return "policy" in inspect.signature(type(model).__call__).parameters
+
+
+def _sample(sample: Any) -> jax.Array:
+  """One float32 input of the model's shape, from an example or a shape."""
+  if isinstance(sample, tuple) and all(isinstance(d, int) for d in sample):
+    return jnp.zeros((1, *sample[1:]), jnp.float32)
+  x = np.asarray(sample)
+  if x.ndim < 2:
+    raise ValueError(f"sample has shape {x.shape}; allowed: a batch of inputs "
+                     "[B, ...] or an input shape tuple")
+  return jnp.zeros((1, *x.shape[1:]), jnp.float32)
+
+
+def quantize(model: nn.Module, variables: PyTree, sample: Any, *,
+             quant_scheme: quant.QuantScheme | None = None,
+             train_arg: str | None = "auto") -> tuple[nn.Module, PyTree]:
+  """`(model, variables)` ready for a policy: the model wrapped if it needs to be.
+
+  Args:
+    model: a plain `flax.linen` model (wrapped by `haqjax.nn.quantized`), one
+      already wrapped, or a model built from haqjax layers (taking `policy=`;
+      its own quantizers are kept).
+    variables: the user's trained variables (`params`, `batch_stats`).
+    sample: an input batch (only its shape is used) or an input shape.
+    quant_scheme: the quantizers of a wrapped model; default
+      `default_scheme()` (min-max weights, static activation ranges).
+    train_arg: the model's mode argument (`haqjax.nn.quantized`).
+
+  Returns:
+    The model and `variables` with the quantizer parameters added (the
+    user's arrays unchanged; quantizers not yet calibrated).
+
+  Raises:
+    ValueError: `variables` do not fit the model, or as `haqjax.nn.quantized`.
+  """
+  x = _sample(sample)
+  variables = {"batch_stats": {}, **{k: v for k, v in variables.items() if k in COLLECTIONS}}
+  if not takes_policy(model):
+    model = quantized(model, quant_scheme or default_scheme(), train_arg=train_arg)
+  if isinstance(model, Quantized):
+    return model, init_quantizers(model, variables, x)
+  tx = optax.identity()
+  state = steps.init_state(jax.random.key(0), model, tx, x.shape)
+  state = trainer.merge_variables(state, variables, tx,
+                                  source="variables", model=type(model).__name__)
+  return model, state.variables()
+
+
+def calibrate(model: nn.Module, variables: PyTree, data: Any, policy: Policy, *,
+              batch_size: int = 128, batches: int = 4, seed: int = 0) -> PyTree:
+  """Variables with the quantizers calibrated for `policy` on `batches` batches of `data`.
+
+  Quantizers without parameters (min-max) leave the variables unchanged.
+  """
+  if not scoring.has_quant_params(variables["params"]):
+    return variables
+  split = haq_data.as_split(data)
+  chosen = itertools.islice(haq_data.batches(
+      split, batch_size=batch_size, seed=seed, epoch=0, shuffle=True,
+      drop_remainder=False), batches)
+  return calibrate_lib.calibrate(model, variables, chosen, policy)
+
+
+def evaluate(model: nn.Module, variables: PyTree, data: Any,
+             policy: Policy | None = None, *, batch_size: int = 500) -> dict[str, float]:
+  """Loss, top-1 and top-5 (percent) of `model` under `policy` on `data`.
+
+  Args:
+    model: a model taking `policy=` (see `quantize`).
+    variables: its variables (with quantizer parameters when `policy` is set).
+    data: numpy arrays, batches or a `Split` (`haqjax.data.as_split`).
+    policy: the bits; None: floating point.
+    batch_size: evaluation batch size (the last batch is padded and masked).
+
+  Returns:
+    `{"loss", "top1", "top5", "count"}`.
+  """
+  split = haq_data.as_split(data, name="test")
+  try:
+    evaluator = _evaluator(model, batch_size)
+  except TypeError:  # A model holding unhashable values: compiled for this call.
+    evaluator = trainer.Evaluator(model, None, batch_size)
+  return evaluator(_collections(variables), split, policy)
+
+
+@functools.lru_cache(maxsize=8)
+def _evaluator(model: nn.Module, batch_size: int) -> trainer.Evaluator:
+  """The compiled evaluation of a model (kept: one compile per model and shape)."""
+  return trainer.Evaluator(model, None, batch_size)
+
+
+def _collections(variables: PyTree) -> PyTree:
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step(model: nn.Module, total: int, learning_rate: float, optimizer: str,
+                momentum: float, weight_decay: float, label_smoothing: float):
+  """`(tx, step(state, batch, policy, key))` of a recipe, compiled once for all policies."""
+  schedule = steps.make_schedule(name="cosine", peak=learning_rate, total_steps=total,
+                                 warmup_steps=0)
+  tx = steps.make_optimizer(name=optimizer, learning_rate=schedule, momentum=momentum,
+                            weight_decay=weight_decay)
+
+  def step(state, batch, policy, key):
+    return steps.train_step(model, tx, state, batch, policy,
+                            label_smoothing=label_smoothing, key=key)
+
+  return tx, jax.jit(step)
+
+
+def finetune(model: nn.Module, variables: PyTree, train: Any, policy: Policy | None, *,
+             epochs: float = 1.0, learning_rate: float = 0.01, batch_size: int = 128,
+             optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0,
+             label_smoothing: float = 0.0, calibration_batches: int = 4,
+             seed: int = 0) -> PyTree:
+  """QAT of `model` under `policy` on `train` (FP32 training when `policy` is None).
+
+  The trainer's step (`haqjax.train.steps.train_step`, compiled once) with a
+  cosine schedule from `learning_rate`; quantizers are calibrated for
+  `policy` first. Data order depends on `seed` and the epoch only.
+
+  Args:
+    model: a model taking `policy=` (see `quantize`).
+    variables: its variables (with quantizer parameters when `policy` is set).
+    train: numpy arrays, batches or a `Split` (`haqjax.data.as_split`).
+    policy: the bits; None: floating point.
+    epochs: passes over `train` (a fraction allowed).
+    learning_rate: peak learning rate.
+    batch_size: training batch size.
+    optimizer: 'sgd' (Nesterov) or 'adamw'.
+    momentum: SGD momentum or AdamW's b1.
+    weight_decay: L2 on kernels.
+    label_smoothing: of the cross-entropy.
+    calibration_batches: batches that calibrate the quantizers first.
+    seed: data order and the `quant` stream of stochastic rounding.
+
+  Returns:
+    The fine-tuned variables.
+
+  Raises:
+    ValueError: `epochs` not positive, or `train` has fewer examples than a batch.
+  """
+  if not epochs > 0:
+    raise ValueError(f"epochs={epochs!r}; allowed: > 0")
+  split = haq_data.as_split(train)
+  per_epoch = haq_data.num_batches(split, batch_size, drop_remainder=True)
+  if not per_epoch:
+    raise ValueError(f"batch_size={batch_size} is larger than the training data "
+                     f"({len(split)} examples)")
+  variables = _collections(variables)
+  if policy is not None:
+    variables = calibrate(model, variables, split, policy, batch_size=batch_size,
+                          batches=calibration_batches, seed=seed)
+  total = max(1, math.ceil(epochs * per_epoch))
+  recipe = (model, total, learning_rate, optimizer, momentum, weight_decay, label_smoothing)
+  try:
+    tx, step = _train_step(*recipe)
+  except TypeError:  # A model holding unhashable values: compiled for this call.
+    tx, step = _train_step.__wrapped__(*recipe)
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                           batch_stats=variables["batch_stats"],
+                           opt_state=tx.init(variables["params"]))
+  key = jax.random.key(seed)
+  done, epoch = 0, 0
+  while done < total:
+    for batch in haq_data.batches(split, batch_size=batch_size, seed=seed, epoch=epoch,
+                                  shuffle=True, drop_remainder=True):
+      state, _ = step(state, batch, policy, key)
+      done += 1
+      if done == total:
+        break
+    epoch += 1
+  return state.variables()
