@@ -5,6 +5,8 @@ from haqjax.nn.dataflow import conv_bn_pairs
 from haqjax.nn.layers import QConv
 from haqjax.nn.layers import QDense
 from haqjax.nn.layers import layer_name
+from haqjax.nn.nnx_model import nnx_quantized
+from haqjax.nn.nnx_model import nnx_variables
 from haqjax.nn.quantized import Quantized
 from haqjax.nn.quantized import init_quantizers
 from haqjax.nn.quantized import quantized

@@ -75,7 +75,7 @@ TARGETS = {
     "dot": (jnp, "dot"),
 }
 _ORIGINAL = {fn: getattr(mod, attr) for fn, (mod, attr) in TARGETS.items()}
-_MATMULS = ("dot_general", "einsum", "matmul", "dot")
+MATMULS = ("dot_general", "einsum", "matmul", "dot")
 # flax's attention einsums, by call order: queries x keys, weights x values.
 ATTENTION_OPS = ("qk", "pv")
 _STATE = threading.local()
@@ -159,7 +159,14 @@ def module_path(module: nn.Module) -> str:
 
 
 def swapped_functions(module: nn.Module) -> tuple[tuple[str, ...], str | None]:
-  """`(functions swapped inside a call of module, site kind)`."""
+  """`(functions swapped inside a call of module, site kind)`.
+
+  A module that runs another framework's layer (`haqjax.nn.nnx_model`)
+  says it itself: its `intercepted_as` is `(functions, kind, matmul names)`.
+  """
+  delegated = getattr(module, "intercepted_as", None)
+  if delegated is not None:
+    return tuple(delegated[0]), delegated[1]
   if isinstance(module, nn.Conv):
     return ("conv_general_dilated",), "conv"
   if isinstance(module, (nn.Dense, nn.DenseGeneral)):
@@ -167,11 +174,11 @@ def swapped_functions(module: nn.Module) -> tuple[tuple[str, ...], str | None]:
   if isinstance(module, nn.Einsum):
     return ("einsum",), "dense"
   if isinstance(module, nn.MultiHeadDotProductAttention):
-    return _MATMULS, "matmul"
+    return MATMULS, "matmul"
   if (isinstance(module, (QuantizedLayer, FoldedBatchNorm))
       or type(module).__module__.startswith("flax.")):
     return (), None
-  return _MATMULS, "matmul"
+  return MATMULS, "matmul"
 
 
 Handler = Callable[[Site, Array, Array, Callable[[Array, Array], Array]], Array]
@@ -280,9 +287,13 @@ def _site(module: nn.Module, kind: str, fn: str,
   i = counters.get((path, fn), 0)
   counters[path, fn] = i + 1
   leaf = f"{fn}_{i}"
-  if (isinstance(module, nn.MultiHeadDotProductAttention) and fn == "einsum"
-      and module.attention_fn is nn.dot_product_attention and i < len(ATTENTION_OPS)):
-    leaf = ATTENTION_OPS[i]
+  delegated = getattr(module, "intercepted_as", None)
+  names = () if delegated is None else tuple(delegated[2])
+  if (isinstance(module, nn.MultiHeadDotProductAttention)
+      and module.attention_fn is nn.dot_product_attention):
+    names = ATTENTION_OPS
+  if fn == "einsum" and i < len(names):
+    leaf = names[i]
   return Site("/".join(path + (leaf,)), kind, module, leaf, fn)
 
 
