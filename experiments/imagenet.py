@@ -15,6 +15,10 @@ model, DDPG bit search under --target/--budget_*, fine-tune, test, report),
 and `export` (the integer model of the finished qat/ptq run --init_from,
 scored by the integer engine and onnxruntime and written to WORKDIR/export/:
 model.onnx, model.stablehlo, encodings.json, weights.bin, results.json).
+The modes that end with a quantized model (qat, ptq, rl, gumbel, hawq) run
+that export last, so their test_top1 is the integer model's (the fake-quant
+figure beside it, test_top1_fake_quant); --noexport skips it. ONNX needs
+the `export` extra; without it the rest is still written.
 """
 
 from __future__ import annotations
@@ -41,27 +45,33 @@ def main(argv: list[str]) -> None:
   cli.enable_compilation_cache(job_flags.CACHE.value)
   cli.quiet_libraries()
   command = job_flags.command_line("experiments.imagenet", sys.argv)
+  export = job_flags.EXPORT.value
   if config.mode == "ptq":
     from haqjax.ptq import runner  # pylint: disable=g-import-not-at-top
     results = runner.ptq_and_evaluate(config, workdir)
   elif config.mode == "rl":
     from haqjax.jobs import rl  # pylint: disable=g-import-not-at-top
-    results = rl.search_and_evaluate(config, search, workdir, command)
+    results = rl.search_and_evaluate(config, search, workdir, command, export=export)
     results["steps"] = results["episodes"]
   elif config.mode == "gumbel":
     from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
-    results = gumbel_job.search_and_evaluate(config, search, gumbel, workdir, command)
+    results = gumbel_job.search_and_evaluate(config, search, gumbel, workdir, command,
+                                             export=export)
     results["steps"] = results["search_steps"]
   elif config.mode == "hawq":
     from haqjax.jobs import hawq as hawq_job  # pylint: disable=g-import-not-at-top
-    results = hawq_job.search_and_evaluate(config, search, hawq, workdir, command)
+    results = hawq_job.search_and_evaluate(config, search, hawq, workdir, command,
+                                           export=export)
     results["steps"] = results["trace_iterations"]
   elif config.mode == "export":
-    from haqjax.jobs import export  # pylint: disable=g-import-not-at-top
-    results = export.export_run(config, workdir)
+    from haqjax.jobs import export as export_lib  # pylint: disable=g-import-not-at-top
+    results = export_lib.export_run(config, workdir)
   else:
     from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
     results = trainer.train_and_evaluate(config, workdir)
+  if config.mode in ("qat", "ptq") and export:
+    from haqjax.jobs import export as export_lib  # pylint: disable=g-import-not-at-top
+    results = export_lib.finish_run(config, workdir, results)
   summary = {k: results[k] for k in ("mode", "model", "dataset", "test_top1",
                                      "test_top5", "val_top1", "steps")}
   print(json.dumps(summary), file=sys.stdout, flush=True)

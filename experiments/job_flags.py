@@ -3,7 +3,7 @@
 `experiments.imagenet` (every mode) and `experiments.sweep` (K vmapped
 Gumbel searches) read the same configs from the same flags: one flag per
 field of `Config`, `SearchConfig`, `GumbelConfig` and `HawqConfig`, plus
-`--workdir`, `--multihost` and `--compilation_cache`.
+`--workdir`, `--multihost`, `--compilation_cache` and `--export`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes everything;
                               "rerun with the same workdir to resume.")
 MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() "
                               "first (multi-host TPU/GPU jobs).")
+EXPORT = flags.DEFINE_bool("export", True, "Modes qat, ptq, rl, gumbel and hawq: end by "
+                           "writing the quantized model as an integer model to "
+                           "WORKDIR/export/ (model.onnx, model.stablehlo, encodings.json, "
+                           "weights.bin), and report its test top-1 as test_top1 with the "
+                           "fake-quant one beside it; --noexport reports the fake-quant one.")
 CACHE = flags.DEFINE_string("compilation_cache", "~/.cache/haqjax/jit",
                             "JAX persistent compilation cache folder ('' disables).")
 

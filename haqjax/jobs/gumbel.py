@@ -9,6 +9,10 @@ The shared stages (`haqjax.jobs.stages`) around the differentiable search
   policy.json    the argmax policy of the final logits, brought within the
                  budget by the budget wall, with its cost and accuracies
   finetune/      QAT of that policy from the FP32 weights, then test
+  export/        the fine-tuned model as an integer model (`haqjax.jobs.export`):
+                 model.onnx, model.stablehlo, encodings.json, weights.bin and
+                 results.json; its test top-1 is the job's `test_top1`
+                 (--noexport skips it)
   uniform_reference/
                  the same fine-tune of the uniform policy a ratio budget
                  refers to (`haqjax.jobs.uniform`; --nofinetune_uniform_reference
@@ -107,7 +111,8 @@ def build_search(config: Config, gumbel: GumbelConfig, model, names,
 
 
 def search_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConfig,
-                        workdir: str, command: str | None = None) -> dict[str, Any]:
+                        workdir: str, command: str | None = None, *, export: bool = True
+                        ) -> dict[str, Any]:
   """FP32 model -> differentiable search -> fine-tune -> test -> report.
 
   With a ratio budget of a uniform wXaY, that uniform policy is fine-tuned and
@@ -120,6 +125,9 @@ def search_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConf
     gumbel: the differentiable search.
     workdir: where everything goes; a rerun resumes.
     command: the command line to print in the report (default: sys.argv).
+    export: write the fine-tuned model's integer model to `export/`
+      (`haqjax.jobs.export`) and report its test top-1, the fake-quant one
+      beside it; False (`--noexport`) reports the fake-quant figures.
 
   Returns:
     The figures written to `results.json`.
@@ -165,11 +173,12 @@ def search_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConf
        "argmax_a_bits": last["argmax_a_bits"],
        "argmax_cost_ratio": last["argmax_cost_ratio"], "enforced": last["enforced"]})
   finetuned = stages.finetune(config, search, setup, policy_path)
-  versus = uniform.comparison(config, search, setup, finetuned, cost["cost"])
+  top1 = stages.export_stage(config, setup, setup.workdir, finetuned, export)
+  versus = uniform.comparison(config, search, setup, top1, cost["cost"], export)
   search_seconds = sum(r["seconds"] for r in result.epochs)
   results = {
       **stages.common_results("gumbel", config, search, setup, result.policy, cost,
-                              fp32_val, finetuned),
+                              fp32_val, finetuned, top1),
       **versus,
       "search_val_top1": last["val_top1"], "argmax_cost_ratio": last["argmax_cost_ratio"],
       "expected_cost": last["expected_cost"], "enforced": last["enforced"],

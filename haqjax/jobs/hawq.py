@@ -12,6 +12,10 @@ resumable:
                     (--hawq_allocator: ilp, greedy or monotone), with its
                     cost, Omega and the Pareto front of the ILP over budgets
   finetune/         QAT of that policy from the FP32 weights, then test
+  export/           the fine-tuned model as an integer model (`haqjax.jobs.export`):
+                    model.onnx, model.stablehlo, encodings.json, weights.bin and
+                    results.json; its test top-1 is the job's `test_top1`
+                    (--noexport skips it)
   uniform_reference/
                     the same fine-tune of the uniform policy a ratio budget
                     refers to (`haqjax.jobs.uniform`)
@@ -129,7 +133,8 @@ def pareto(problem: Problem) -> list[dict[str, Any]]:
 
 
 def search_and_evaluate(config: Config, search: SearchConfig, hawq: HawqConfig,
-                        workdir: str, command: str | None = None) -> dict[str, Any]:
+                        workdir: str, command: str | None = None, *, export: bool = True
+                        ) -> dict[str, Any]:
   """FP32 model -> sensitivities -> bit allocation -> fine-tune -> test -> results.
 
   With a ratio budget of a uniform wXaY, that uniform policy is fine-tuned and
@@ -142,6 +147,9 @@ def search_and_evaluate(config: Config, search: SearchConfig, hawq: HawqConfig,
     hawq: the sensitivity pass and the allocator.
     workdir: where everything goes; a rerun resumes.
     command: the command line to record (default: sys.argv).
+    export: write the fine-tuned model's integer model to `export/`
+      (`haqjax.jobs.export`) and report its test top-1, the fake-quant one
+      beside it; False (`--noexport`) reports the fake-quant figures.
 
   Returns:
     The figures written to `results.json`.
@@ -172,10 +180,11 @@ def search_and_evaluate(config: Config, search: SearchConfig, hawq: HawqConfig,
       {"algorithm": "hawq", "allocator": hawq.hawq_allocator, "omega": omega,
        "fp32_val_top1": fp32_val, "sensitivity": SENSITIVITY_FILE})
   finetuned = stages.finetune(config, search, setup, policy_path)
-  versus = uniform.comparison(config, search, setup, finetuned, cost["cost"])
+  top1 = stages.export_stage(config, setup, setup.workdir, finetuned, export)
+  versus = uniform.comparison(config, search, setup, top1, cost["cost"], export)
   results = {
       **stages.common_results("hawq", config, search, setup, policy, cost, fp32_val,
-                              finetuned),
+                              finetuned, top1),
       **versus,
       "allocator": hawq.hawq_allocator, "omega": omega,
       "weight_traces": traces.weight.tolist(), "activation_traces": traces.activation.tolist(),

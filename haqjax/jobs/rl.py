@@ -8,6 +8,10 @@ where the last one stopped and never redoes a finished stage):
   search/        the RL search: checkpoints/, episodes.jsonl, TensorBoard
   policy.json    the best policy, with its cost, budget and accuracies
   finetune/      QAT of the best policy from the FP32 weights
+  export/        the fine-tuned model as an integer model (`haqjax.jobs.export`):
+                 model.onnx, model.stablehlo, encodings.json, weights.bin and
+                 results.json; its test top-1 is the job's `test_top1`
+                 (--noexport skips it)
   uniform_reference/
                  the same fine-tune of the uniform policy a ratio budget
                  refers to (`haqjax.jobs.uniform`; --nofinetune_uniform_reference
@@ -86,7 +90,8 @@ def make_scorer(config: Config, search: SearchConfig, splits, fp32_dir: str):
 
 
 def search_and_evaluate(config: Config, search: SearchConfig, workdir: str,
-                        command: str | None = None) -> dict[str, Any]:
+                        command: str | None = None, *, export: bool = True
+                        ) -> dict[str, Any]:
   """FP32 model -> RL search -> fine-tune of the best policy -> test -> report.
 
   With a ratio budget of a uniform wXaY, that uniform policy is fine-tuned and
@@ -98,6 +103,9 @@ def search_and_evaluate(config: Config, search: SearchConfig, workdir: str,
     search: the budget, the search and the final fine-tune.
     workdir: where everything goes; a rerun resumes.
     command: the command line to print in the report (default: sys.argv).
+    export: write the fine-tuned model's integer model to `export/`
+      (`haqjax.jobs.export`) and report its test top-1, the fake-quant one
+      beside it; False (`--noexport`) reports the fake-quant figures.
 
   Returns:
     The figures written to `results.json`.
@@ -121,12 +129,13 @@ def search_and_evaluate(config: Config, search: SearchConfig, workdir: str,
       {"episode": result.best["episode"], "reward": result.best["reward"],
        "val_top1": result.best["top1"], "fp32_val_top1": fp32_val})
   finetuned = stages.finetune(config, search, setup, policy_path)
-  versus = uniform.comparison(config, search, setup, finetuned, cost["cost"])
+  top1 = stages.export_stage(config, setup, setup.workdir, finetuned, export)
+  versus = uniform.comparison(config, search, setup, top1, cost["cost"], export)
 
   episodes = result.records
   results = {
       **stages.common_results("rl", config, search, setup, result.policy, cost,
-                              fp32_val, finetuned),
+                              fp32_val, finetuned, top1),
       **versus,
       "search_val_top1": result.best["top1"], "best_reward": result.best["reward"],
       "best_episode": result.best["episode"], "episodes": len(episodes),

@@ -12,6 +12,9 @@ stage):
   finetune            QAT of the policy from the FP32 weights, then test, in
                       `finetune/` (also the uniform policies of
                       `haqjax.jobs.uniform`, each in a folder of its own)
+  export_stage        the fine-tuned model as an integer model in `export/`,
+                      scored on the test split (`haqjax.jobs.export`), so the
+                      reported test top-1 is the deployed model's
   common_results      the figures every job reports (per-layer costs included,
                       so reports read them instead of rebuilding the budget)
   write_report        `results.json`, then `report.md` and `report.html`,
@@ -37,6 +40,7 @@ from haqjax import data as haq_data
 from haqjax import hardware
 from haqjax import io as haq_io
 from haqjax import report
+from haqjax.jobs import export as export_lib
 from haqjax.nn import calibrate as calibrate_lib
 from haqjax.nn import layer_table
 from haqjax.policy import Policy
@@ -233,10 +237,48 @@ def check_finetuned_policy(directory: str, policy_path: str) -> None:
         "the new policy")
 
 
+def export_stage(config: Config, setup: Setup, directory: str, finetuned: dict[str, Any],
+                 enabled: bool, timing: str = "export_seconds") -> dict[str, Any]:
+  """The integer model of `directory/finetune/`, in `directory/export/` (resumable).
+
+  Args:
+    config: the job's config (`eval_batch_size`).
+    setup: the job's (splits; the seconds go to `setup.timings[timing]`).
+    directory: the folder holding the fine-tune (the workdir, or a uniform
+      policy's folder).
+    finetuned: the fine-tune's results (its fake-quant `test_top1`).
+    enabled: False (`--noexport`): nothing is exported.
+    timing: the timings key the seconds are added to.
+
+  Returns:
+    The test top-1 keys of `haqjax.jobs.export.final_top1`, `export` the
+    folder relative to the workdir.
+  """
+  if not enabled:
+    return export_lib.final_top1(finetuned, None)
+  t0 = time.perf_counter()
+  try:
+    exported = export_lib.export_finished(
+        os.path.join(directory, "finetune"), directory, setup.splits,
+        batch_size=config.eval_batch_size, fake_quant_top1=finetuned["test_top1"])
+  except Exception as e:  # pylint: disable=broad-except
+    exported = export_lib.failure(e)  # The search's results are still written.
+  setup.timings[timing] = setup.timings.get(timing, 0.0) + time.perf_counter() - t0
+  top1 = export_lib.final_top1(finetuned, exported)
+  if top1["export"] is not None:
+    top1["export"] = os.path.relpath(os.path.join(directory, top1["export"]), setup.workdir)
+  return top1
+
+
 def common_results(mode: str, config: Config, search: SearchConfig, setup: Setup,
                    policy: Policy, cost: dict[str, float], fp32_val: float,
-                   finetuned: dict[str, Any]) -> dict[str, Any]:
-  """The results every search job reports (its own keys go beside them)."""
+                   finetuned: dict[str, Any], top1: dict[str, Any]) -> dict[str, Any]:
+  """The results every search job reports (its own keys go beside them).
+
+  `top1` holds `export_stage`'s keys: `test_top1` is the integer model's
+  when it was exported, `test_top1_fake_quant` the fine-tune's; top-5 and
+  validation figures are the fine-tune's (fake-quant).
+  """
   wall = setup.wall
   budget = search.budget_spec()
   return {
@@ -249,8 +291,7 @@ def common_results(mode: str, config: Config, search: SearchConfig, setup: Setup
       "layer_costs": [float(c) for c in wall.layer_costs(policy.w_bits, policy.a_bits)],
       "policy": policy.to_dict()["layers"],
       "fp32_test_top1": setup.fp32.get("test_top1"), "fp32_val_top1": fp32_val,
-      "test_top1": finetuned["test_top1"], "test_top5": finetuned["test_top5"],
-      "val_top1": finetuned.get("val_top1"),
+      **top1, "test_top5": finetuned["test_top5"], "val_top1": finetuned.get("val_top1"),
   }
 
 

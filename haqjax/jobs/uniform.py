@@ -13,7 +13,9 @@ one more stage for it, after their own fine-tune:
                       --nofinetune_uniform_reference
 
 and results.json gets its figures (`uniform_reference`,
-`delta_test_top1_vs_uniform`) beside the found policy's, together with the
+`delta_test_top1_vs_uniform`) beside the found policy's (the reference is
+exported as the found policy is, to `uniform_reference/export/`, so both test
+top-1s are the integer models' unless --noexport), together with the
 points of `--uniform_results` (`uniform_points`); `plots/uniform.png` draws
 them all, test top-1 against cost. The sweep job fine-tunes its
 `--uniform_policies` with the same `finetune_uniform`.
@@ -156,13 +158,15 @@ def finished(directory: str) -> bool:
   return os.path.exists(os.path.join(directory, "finetune", "results.json"))
 
 
-def reference_stage(config: Config, search: SearchConfig,
-                    setup: stages.Setup) -> dict[str, Any] | None:
+def reference_stage(config: Config, search: SearchConfig, setup: stages.Setup,
+                    export: bool = False) -> dict[str, Any] | None:
   """The `uniform_reference/` stage: the budget's uniform policy fine-tuned.
 
   None when the budget refers to no uniform policy, or when
   `finetune_uniform_reference` is off and the workdir holds no finished one.
-  Adds `uniform_reference_seconds` to `setup.timings`.
+  With `export`, its integer model goes to `uniform_reference/export/` and
+  its `test_top1` is that model's (`stages.export_stage`). Adds
+  `uniform_reference_seconds` to `setup.timings`.
   """
   name = reference_name(search)
   directory = os.path.join(setup.workdir, REFERENCE_DIR)
@@ -175,17 +179,33 @@ def reference_stage(config: Config, search: SearchConfig,
           file=sys.stderr, flush=True)
   reference = finetune_uniform(config, search, setup, name, directory)
   setup.timings["uniform_reference_seconds"] = reference["finetune_seconds"]
-  return {**reference, "directory": REFERENCE_DIR}
+  top1 = stages.export_stage(config, setup, directory, reference, export,
+                             timing="uniform_reference_seconds")
+  return {**reference, **top1, "directory": REFERENCE_DIR}
+
+
+def top1_delta(found: dict[str, Any], reference: dict[str, Any]) -> float:
+  """Found minus uniform test top-1, in points, on figures of the same kind.
+
+  Both integer models' when both were exported; the fake-quant figures when
+  only one was (its engine could not express the other model).
+  """
+  if found.get("test_top1_source") == reference.get("test_top1_source"):
+    return found["test_top1"] - reference["test_top1"]
+  return found["test_top1_fake_quant"] - reference["test_top1_fake_quant"]
 
 
 def comparison(config: Config, search: SearchConfig, setup: stages.Setup,
-               finetuned: dict[str, Any], cost: float) -> dict[str, Any]:
+               finetuned: dict[str, Any], cost: float, export: bool = False
+               ) -> dict[str, Any]:
   """Runs the reference stage; the results.json keys that compare with uniform.
 
   Args:
     config, search, setup: the job's.
-    finetuned: the found policy's fine-tune results (test_top1).
+    finetuned: the found policy's test top-1 keys (`stages.export_stage`'s,
+      or the fine-tune's results).
     cost: the found policy's cost, in the budget metric's unit.
+    export: export the reference's integer model too, as the found one was.
 
   Returns:
     `uniform_reference` (its figures, or None), `delta_test_top1_vs_uniform`
@@ -193,14 +213,13 @@ def comparison(config: Config, search: SearchConfig, setup: stages.Setup,
     (found minus uniform cost) and `uniform_points` (the `--uniform_results`
     points); the deltas are None without a reference.
   """
-  reference = reference_stage(config, search, setup)
+  reference = reference_stage(config, search, setup, export)
   points = (read_results(search.uniform_results, setup.wall)
             if search.uniform_results else [])
   found = reference is not None
   return {
       "uniform_reference": reference,
-      "delta_test_top1_vs_uniform": (finetuned["test_top1"] - reference["test_top1"]
-                                     if found else None),
+      "delta_test_top1_vs_uniform": top1_delta(finetuned, reference) if found else None,
       "delta_cost_vs_uniform": cost - reference["cost"] if found else None,
       "uniform_points": points,
   }

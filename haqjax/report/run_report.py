@@ -9,8 +9,9 @@ policy.json, results.json, plots/*.png), so it can be rerun on any old run::
 
 Both files carry the same content, built once as a list of blocks and then
 rendered twice (`haqjax.report.render`): the command that reproduces the run,
-the budget, accuracy and cost at each stage (FP32, search, after fine-tune),
-the found policy beside the uniform policy its budget refers to
+the budget, accuracy and cost at each stage (FP32, search, after fine-tune,
+the integer model of `export/`: `haqjax.report.integer_model`), the found
+policy beside the uniform policy its budget refers to
 (`haqjax.report.versus_uniform`), timings, the plots, the policy with every
 layer's cost under the search's hardware model, and the config (the fields
 that differ from the defaults, then all of it). Nothing is recomputed:
@@ -35,6 +36,7 @@ from haqjax import configs
 from haqjax import io as haq_io
 from haqjax import units
 from haqjax.bitwidths import FLOAT_BITS
+from haqjax.report import integer_model
 from haqjax.report import versus_uniform
 from haqjax.report.render import html_table  # Re-exported: notebooks use it.
 from haqjax.report.render import markdown_table  # Re-exported: notebooks use it.
@@ -55,7 +57,8 @@ _FIGURES = {"bits.png": "per-layer bits",
 
 # Timed stages (results.json keys) and how the summary names them.
 _STAGES = {"fp32_seconds": "FP32", "search_seconds": "search",
-           "finetune_seconds": "fine-tune", "uniform_reference_seconds": "uniform reference"}
+           "finetune_seconds": "fine-tune", "export_seconds": "export",
+           "uniform_reference_seconds": "uniform reference"}
 
 
 class Run(NamedTuple):
@@ -251,7 +254,7 @@ def blocks(run: Run) -> list[tuple]:
               ("policy cost", f"{cost(r['cost'])} ({r['cost_ratio']:.3f} x {reference})"),
               ("FP32 test top-1", _pct(r.get("fp32_test_top1"))),
               *_search_rows(run),
-              ("after fine-tune: test top-1", _pct(r.get("test_top1"))),
+              ("after fine-tune: test top-1", integer_model.final_top1(r)),
               *([versus] if versus else []),
               ("time: " + " / ".join(_STAGES[k] for k in timed),
                " / ".join(_seconds(r.get(k)) for k in timed))]),
@@ -261,14 +264,13 @@ def blocks(run: Run) -> list[tuple]:
          f"{_pct(r.get('fp32_test_top1'))} / {_pct(r.get('fp32_val_top1'))}", "", ""),
         ("search (policy found)", "val", _pct(r.get("search_val_top1")),
          found_cost, f"{to_budget:.3f}"),
-        ("after fine-tune", "test / val",
-         f"{_pct(r.get('test_top1'))} / {_pct(r.get('val_top1'))} "
-         f"(top-5 {_pct(r.get('test_top5'))})", found_cost, f"{to_budget:.3f}")]),
+        *integer_model.accuracy_rows(r, found_cost, f"{to_budget:.3f}")]),
       ("p", f"Budget: {run.search['budget_metric']} on {r['target']}, "
             f"{run.search['budget']:g} ({run.search['budget_kind']}) x {reference} = "
             f"{cost(r['limit'])}; the policy {'fits' if r['fits'] else 'does NOT fit'} "
             f"({to_budget:.1%} of the budget, {r['cost_ratio']:.3f} x {reference})."),
       *versus_uniform.blocks(r, run.search, run.policy["layers"]),
+      *integer_model.blocks(r, run.workdir),
       ("h", 2, "Timings"),
       ("table", ("stage", "seconds"),
        [(k.replace("_seconds", "").replace("_", " "), f"{r[k]:.1f}") for k in
