@@ -154,23 +154,24 @@ def test_quantized_outputs_equal_the_linen_model_s(which, request):
 def test_training_mode_updates_batch_stats_as_linen(cnn):
   lq, nq, variables, x = cnn
   policy = Policy.uniform(layer_table(lq, x.shape).names, 8, 8)
-  apply = lambda m: m.apply(variables, x, policy=policy, train=True, mutable=["batch_stats"])
-  (out, new), (linen_out, linen_new) = apply(nq), apply(lq)
+  apply = jax.jit(lambda m, v: m.apply(v, x, policy=policy, train=True,
+                                        mutable=["batch_stats"]), static_argnums=0)
+  (out, new), (linen_out, linen_new) = apply(nq, variables), apply(lq, variables)
   np.testing.assert_allclose(out, linen_out, rtol=1e-5, atol=1e-5)
   mean = new["batch_stats"]["bn1"]["mean"]
   np.testing.assert_allclose(mean, linen_new["batch_stats"]["bn1"]["mean"], rtol=1e-5, atol=1e-6)
   assert not np.allclose(mean, variables["batch_stats"]["bn1"]["mean"])
 
 
-def test_one_trace_serves_every_policy_and_vmap(encoder):
-  _, nq, variables, x = encoder
+def test_one_trace_serves_every_policy_and_vmap(cnn):
+  _, nq, variables, x = cnn
   names = layer_table(nq, x.shape).names
   traces = []
 
   @jax.jit
   def forward(variables, x, policy):
     traces.append(1)
-    return nq.apply(variables, x, policy=policy)
+    return nq.apply(variables, x, policy=policy, train=False)
 
   policies = [_mixed(names, seed) for seed in range(3)]
   outs = [forward(variables, x, p) for p in policies]
@@ -181,7 +182,7 @@ def test_one_trace_serves_every_policy_and_vmap(encoder):
   @jax.jit
   def batched(variables, x, policy):
     traces.append(1)
-    return jax.vmap(lambda p: nq.apply(variables, x, policy=p))(policy)
+    return jax.vmap(lambda p: nq.apply(variables, x, policy=p, train=False))(policy)
 
   many = batched(variables, x, stacked)
   assert len(traces) == 2
@@ -197,7 +198,8 @@ def test_products_in_the_user_s_module():
   assert table.names == ("proj", "einsum_0", "matmul_0", "out")
   assert table.kinds == ("dense", "matmul", "matmul", "dense")
   variables = nnx_variables(model)
-  np.testing.assert_allclose(run(nq, variables, x, None), model(x), rtol=1e-5, atol=1e-5)
+  want = jax.jit(lambda x: model(x))(x)  # The user's own NNX forward pass.
+  np.testing.assert_allclose(run(nq, variables, x, None), want, rtol=1e-5, atol=1e-5)
   base = Policy.uniform(table.names, 8, 8)
   out = run(nq, variables, x, base)
   for i in (1, 2):  # Each hand-written product takes its own bits.
