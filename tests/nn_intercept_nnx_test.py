@@ -242,3 +242,29 @@ def test_rules_and_calibration_on_nnx_paths(encoder):
         np.testing.assert_allclose(got["params"]["attention"][op][role][field], value,
                                    rtol=1e-5)
   assert float(got["params"]["attention"]["qk"]["rhs_quant"]["hi"].max()) > 0.0
+
+
+def test_list_paths_and_float_ops_are_named_as_in_linen(caplog):
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.lin(x)
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.blocks = nnx.List([Block(rngs), Block(rngs)])
+      self.up = nnx.ConvTranspose(4, 2, (2,), rngs=rngs)
+
+    def __call__(self, x):
+      for block in self.blocks:
+        x = block(x)
+      return self.up(x)
+
+  with caplog.at_level("WARNING"):
+    table = layer_table(nnx_quantized(Net(nnx.Rngs(0))), (1, 3, 4))
+  assert table.names == ("blocks/0/lin", "blocks/1/lin")
+  assert [op.name for op in table.float_ops] == ["up/conv_general_dilated_0"]
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and "up/conv_general_dilated_0" in warnings[0]

@@ -32,7 +32,10 @@ quantizer parameters beside the layer's own (`params/conv1/act_quant`),
 The user's model is never mutated: the product functions that NNX layers
 bind at construction (`nnx.Linear.dot_general`, `nnx.Conv.
 conv_general_dilated`, `nnx.Einsum.einsum_op`) are, in the copy, looked up
-at call time when they are flax's defaults.
+at call time when they are flax's defaults, and `nnx.MultiHeadAttention`'s
+default attention runs by its two einsums (`einsum_attention`: flax would
+call `jax.nn.dot_product_attention` without dropout, whose products cannot
+be intercepted), as linen's attention does.
 
 `train` sets the copy's mode as NNX does (`module.train()` / `eval()`:
 BatchNorm's running averages, dropout) and is passed to the model's own
@@ -74,7 +77,7 @@ _BOUND_FUNCTIONS = ((nnx.Linear, "dot_general", "dot_general"),
                     (nnx.Einsum, "einsum_op", "einsum"))
 _LATE = {"dot_general": lambda *a, **k: jax.lax.dot_general(*a, **k),
          "conv_general_dilated": lambda *a, **k: jax.lax.conv_general_dilated(*a, **k),
-         "einsum": lambda *a, **k: jax.numpy.einsum(*a, **k)}
+         "einsum": lambda *a, **k: jnp.einsum(*a, **k)}
 _ROUTING = threading.local()
 
 
