@@ -23,7 +23,8 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
 
 def test_the_notebooks_are_found():
   names = [os.path.basename(p) for p in NOTEBOOKS]
-  for name in ("hardware.ipynb", "quickstart.ipynb", "sweeps.ipynb"):
+  for name in ("bring_your_own_model.ipynb", "hardware.ipynb", "quickstart.ipynb",
+               "sweeps.ipynb"):
     assert name in names
 
 
@@ -105,3 +106,15 @@ def test_notebook_runs_without_error(path, kernel_env, monkeypatch):
       assert m[columns.index("test top-1")].endswith("%"), m
       assert re.fullmatch(r"\d(-\d)+", m[columns.index("W bits")]), m
     assert "python -m experiments.sweep --flagfile=experiments/flags/quickstart_sweep.flags" in text
+  if os.path.basename(path) == "bring_your_own_model.ipynb":
+    # A plain-flax ViT: its attention matmuls are table rows and policy entries,
+    # the searched policy fits the bismo-edge budget, uniform points beside it.
+    text = "".join(o.get("text", "") for c in code for o in c.outputs)
+    markdown = "".join(o.get("data", {}).get("text/markdown", "")
+                       for c in code for o in c.outputs)
+    assert re.search(r"DotProductAttention_0/qk\s+matmul", text), text
+    assert re.search(r"DotProductAttention_0/pv\s+matmul", text), text
+    assert "policy covers the attention matmuls: True" in text, text
+    assert "fits the budget: True" in text, text
+    assert "| uniform W4A4 |" in markdown and "| found (gumbel) |" in markdown, markdown
+    assert len(_png_sizes(nb)) >= 2
