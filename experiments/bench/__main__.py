@@ -12,10 +12,11 @@ r"""Benchmarks: programs that print and write JSON, not timed tests.
       [--rl_workdir=RL_WORKDIR] [--gumbel_recipes=quickstart_sweep] [--sweep_members=8] \
       [--sweep_steps=40] [--sweep_repeats=3] [--out=bench_search-gumbel.json]
   python -m experiments.bench mobilenet [--out=bench_mobilenet.json] [--quick]
+  python -m experiments.bench deploy [--out=bench_deploy.json] [--quick]
 
 Each benchmark is a module of this package (`train`, `quant`,
 `quant_codebook`, `hardware`, `ptq`, `search_rl`, `search_gumbel`,
-`mobilenet`) whose docstring says what it measures and what it should give;
+`mobilenet`, `deploy`) whose docstring says what it measures and what it should give;
 times are `timing.time_call`'s median with min and max, compilation apart.
 """
 
@@ -56,8 +57,8 @@ _SWEEP_REPEATS = flags.DEFINE_integer("sweep_repeats", 3, "search-gumbel: rounds
                                       "comparison (order alternated).")
 _MAX_SEARCH = flags.DEFINE_float("max_search_seconds", 240.0, "search-gumbel: project "
                                  "a recipe's search instead of running it above this.")
-_QUICK = flags.DEFINE_bool("quick", False, "mobilenet: batch 4 and 3 timed steps, a "
-                           "smoke run.")
+_QUICK = flags.DEFINE_bool("quick", False, "mobilenet, deploy: batch 4 and 3 timed "
+                           "steps, a smoke run.")
 _CACHE = flags.DEFINE_string("compilation_cache", "",
                              "JAX persistent compilation cache ('' disables, so "
                              "time to first step includes compilation).")
@@ -65,7 +66,7 @@ _CACHE = flags.DEFINE_string("compilation_cache", "",
 # Benchmark name -> its module in this package.
 MODULES = {"train": "train", "quant": "quant", "quant-codebook": "quant_codebook",
            "hardware": "hardware", "ptq": "ptq", "search-rl": "search_rl",
-           "search-gumbel": "search_gumbel", "mobilenet": "mobilenet"}
+           "search-gumbel": "search_gumbel", "mobilenet": "mobilenet", "deploy": "deploy"}
 BENCHMARKS = tuple(MODULES)
 
 
@@ -85,7 +86,7 @@ def kwargs_for(name: str) -> dict:
             "members": _SWEEP_MEMBERS.value, "sweep_steps": _SWEEP_STEPS.value,
             "max_search_seconds": _MAX_SEARCH.value,
             "sweep_repeats": _SWEEP_REPEATS.value}
-  if name == "mobilenet":
+  if name in ("mobilenet", "deploy"):
     return {"quick": _QUICK.value}
   return {}
 
