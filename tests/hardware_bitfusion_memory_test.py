@@ -77,7 +77,8 @@ def test_reference_is_the_simulator_at_our_defaults():
 
 
 # (batch, bit pairs) every layer of the three networks has a run for.
-COVERED = ((1, tuple((w, a) for w in (2, 4, 8) for a in (2, 4, 8))),)
+COVERED = tuple((batch, tuple((w, a) for w in (2, 4, 8) for a in (2, 4, 8)))
+                for batch in (1, 16))
 
 
 def test_reference_covers_the_layer_set():
