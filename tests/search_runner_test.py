@@ -68,7 +68,7 @@ def _search_args(data_dir, workdir, fp32, *more):
   return [*_digits(data_dir, workdir), f"--init_from={fp32}",
           f"--search_episodes={EPISODES}", "--warmup_episodes=3",
           "--search_finetune_steps=3", "--hidden=32,32", "--ddpg_batch_size=16",
-          "--budget=0.5", "--finetune_epochs=0.25", "--notensorboard", *more]
+          "--budget=0.5", "--finetune_epochs=0.25", "--notensorboard", "--noexport", *more]
 
 
 @pytest.fixture(scope="module")
