@@ -7,8 +7,6 @@ first use, so `import haqjax` stays light::
                                   budget="w4a4")
 """
 
-import importlib
-
 from haqjax import nn
 from haqjax import policy
 from haqjax import quant
@@ -26,6 +24,7 @@ _API = ("SearchResult", "calibrate", "evaluate", "finetune", "quantize", "search
 
 def __getattr__(name: str):
   if name in _API:
+    import importlib  # pylint: disable=g-import-not-at-top
     return getattr(importlib.import_module("haqjax.api"), name)
   raise AttributeError(f"module 'haqjax' has no attribute {name!r}")
 
