@@ -11,11 +11,13 @@ r"""Benchmarks: programs that print and write JSON, not timed tests.
   python -m experiments.bench search-gumbel [--init_from=FP32_WORKDIR] \
       [--rl_workdir=RL_WORKDIR] [--gumbel_recipes=quickstart_sweep] [--sweep_members=8] \
       [--sweep_steps=40] [--sweep_repeats=3] [--out=bench_search-gumbel.json]
+  python -m experiments.bench searches [--init_from=FP32_WORKDIR] \
+      [--quantizer=minmax|lsq] [--quick] [--out=bench_searches.json]
   python -m experiments.bench mobilenet [--out=bench_mobilenet.json] [--quick]
   python -m experiments.bench deploy [--out=bench_deploy.json] [--quick]
 
 Each benchmark is a module of this package (`train`, `quant`,
-`quant_codebook`, `hardware`, `ptq`, `search_rl`, `search_gumbel`,
+`quant_codebook`, `hardware`, `ptq`, `search_rl`, `search_gumbel`, `searches`,
 `mobilenet`, `deploy`) whose docstring says what it measures and what it should give;
 times are `timing.time_call`'s median with min and max, compilation apart.
 """
@@ -40,8 +42,9 @@ _EPOCHS = flags.DEFINE_float("epochs", None, "train: override the quickstart rec
 _SKIP_ACCURACY = flags.DEFINE_bool("skip_accuracy", False,
                                    "train: only measure throughput, not the quickstart run.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared datasets folder.")
-_INIT_FROM = flags.DEFINE_string("init_from", None, "ptq, search-rl, search-gumbel: the "
-                                 "FP32 quickstart workdir (default: train one).")
+_INIT_FROM = flags.DEFINE_string("init_from", None, "ptq, search-rl, search-gumbel, "
+                                 "searches: the FP32 quickstart workdir (default: train "
+                                 "one).")
 _EPISODES = flags.DEFINE_integer("episodes", 12, "search-rl: episodes of the timed search.")
 _RL_WORKDIR = flags.DEFINE_string("rl_workdir", None, "search-gumbel: a finished RL "
                                   "job at the same budget (default: bench search-rl's "
@@ -58,7 +61,9 @@ _SWEEP_REPEATS = flags.DEFINE_integer("sweep_repeats", 3, "search-gumbel: rounds
 _MAX_SEARCH = flags.DEFINE_float("max_search_seconds", 240.0, "search-gumbel: project "
                                  "a recipe's search instead of running it above this.")
 _QUICK = flags.DEFINE_bool("quick", False, "mobilenet, deploy: batch 4 and 3 timed "
-                           "steps, a smoke run.")
+                           "steps, a smoke run; searches: every stage at toy size.")
+_QUANTIZER = flags.DEFINE_enum("quantizer", "minmax", ["minmax", "lsq"], "searches: "
+                                "the quantizers of every family and uniform point.")
 _CACHE = flags.DEFINE_string("compilation_cache", "",
                              "JAX persistent compilation cache ('' disables, so "
                              "time to first step includes compilation).")
@@ -66,6 +71,7 @@ _CACHE = flags.DEFINE_string("compilation_cache", "",
 # Benchmark name -> its module in this package.
 MODULES = {"train": "train", "quant": "quant", "quant-codebook": "quant_codebook",
            "hardware": "hardware", "ptq": "ptq", "search-rl": "search_rl",
+           "searches": "searches",
            "search-gumbel": "search_gumbel", "mobilenet": "mobilenet", "deploy": "deploy"}
 BENCHMARKS = tuple(MODULES)
 
@@ -86,6 +92,9 @@ def kwargs_for(name: str) -> dict:
             "members": _SWEEP_MEMBERS.value, "sweep_steps": _SWEEP_STEPS.value,
             "max_search_seconds": _MAX_SEARCH.value,
             "sweep_repeats": _SWEEP_REPEATS.value}
+  if name == "searches":
+    return {"init_from": _INIT_FROM.value, "data_dir": _DATA_DIR.value,
+            "quantizer": _QUANTIZER.value, "quick": _QUICK.value}
   if name in ("mobilenet", "deploy"):
     return {"quick": _QUICK.value}
   return {}
