@@ -175,11 +175,6 @@ def test_one_trace_for_every_hparams_value(setup, relaxation):
   assert len(traces) == 1
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "since signed grids use all 2^b codes (scale max|x| / (2^(b-1) - 1/2)), the "
-    "vmapped and the single programs differ after 3 steps (architecture logits "
-    "by 7e-4 on member 2): a fake-quant code flips between them; the cause of the "
-    "float difference is not yet found"))
 def test_vmap_over_hparams_equals_separate_searches(setup):
   _, variables, _, _, _, wall, _, batch = setup
   search = _search(setup)

@@ -2,9 +2,11 @@
 
 Per-layer logits over candidate bit-widths, relaxed (`relax`), trained with
 the weights under a hardware-cost penalty (`supernet`: state, hyper-parameters
-and the jitted step). `step_loop` is the resumable step loop that one search
-(`single`) and a vmapped sweep of K searches (`sweep`) share. The job around
-them (FP32 model, fine-tune, report) is `haqjax.jobs.gumbel`.
+and the jitted step; `batch_invariant` holds the parts written so that a
+vmapped member computes what one search does). `step_loop` is the resumable
+step loop that one search (`single`) and a vmapped sweep of K searches
+(`sweep`) share. The job around them (FP32 model, fine-tune, report) is
+`haqjax.jobs.gumbel`.
 """
 
 from haqjax.search.gumbel.config import GumbelConfig

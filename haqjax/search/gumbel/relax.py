@@ -57,7 +57,10 @@ def temperature(step: ArrayLike, tau0: ArrayLike, tau_min: ArrayLike,
 def gumbel_softmax(key: PRNGKey, logits: Array, tau: ArrayLike) -> Array:
   """A soft sample `softmax((logits + g) / tau)`, `g ~ Gumbel(0, 1)`, `[..., K]`."""
   g = jax.random.gumbel(key, logits.shape, jnp.float32)
-  return jax.nn.softmax((logits + g) / tau, axis=-1)
+  # Times 1 / tau, not divided by tau: XLA turns a division by a broadcast
+  # scalar into that product in some programs only (here the vmapped step and
+  # not the single search's), an ulp apart (`batch_invariant`).
+  return jax.nn.softmax((logits + g) * (1.0 / tau), axis=-1)
 
 
 def straight_through(soft: Array) -> Array:
@@ -80,6 +83,6 @@ def relax(key: PRNGKey, logits: Array, tau: ArrayLike, relaxation: str) -> Array
   """
   check_relaxation(relaxation)
   if relaxation == "softmax":
-    return jax.nn.softmax(logits / tau, axis=-1)
+    return jax.nn.softmax(logits * (1.0 / tau), axis=-1)  # As gumbel_softmax.
   soft = gumbel_softmax(key, logits, tau)
   return straight_through(soft) if relaxation == "hard" else soft

@@ -8,8 +8,9 @@ one convolution) and minimises
 
     task loss + penalty(E[cost] / limit),
 
-where `E[cost] = expected_from_tensor(T, w_mix, a_mix)` contracts the
-`[L, K, K]` cost tensor `T` of the candidates (the budget wall's, so the same
+where `E[cost] = expected_from_tensor(T, w_mix, a_mix)` (computed as
+`batch_invariant.mixture_cost`) contracts the `[L, K, K]` cost tensor `T` of
+the candidates (the budget wall's, so the same
 hardware model as the RL search) with the very mixing weights the network is
 run with this step: `softmax(logits / tau)` for the 'softmax' relaxation, the
 Gumbel-softmax sample for 'gumbel', its straight-through one-hot for 'hard'.
@@ -39,7 +40,11 @@ the compiled step. A batch of searches is therefore::
         states, batch, hp)
 
 What is static is the model, the candidate bit-widths, the cost tensor, the
-relaxation ('gumbel', 'hard', 'softmax') and the penalty form.
+relaxation ('gumbel', 'hard', 'softmax') and the penalty form. Each member of
+such a batch follows the trajectory of the same search run alone: the parts of
+the step whose float arithmetic XLA compiled differently under `vmap` (the
+temperature, the penalty's contraction, Adam's bias correction) are written
+as `batch_invariant` explains, because one ulp can move a fake-quant code.
 
 References:
   Wu et al. Mixed Precision Quantization of ConvNets via Differentiable
@@ -63,6 +68,7 @@ import optax
 from haqjax.hardware.cost import expected_from_tensor
 from haqjax.policy import Policy
 from haqjax.policy import SoftPolicy
+from haqjax.search.gumbel import batch_invariant
 from haqjax.search.gumbel import relax as relax_lib
 from haqjax.search.gumbel.config import PENALTIES
 from haqjax.train import steps
@@ -191,13 +197,15 @@ class GumbelSearch:
                        f"{self.tensor.shape}, fixed {self.fixed.shape}")
     self.relaxation, self.penalty = relaxation, penalty
     self.label_smoothing = label_smoothing
-    # Weights: SGD (Nesterov) with L2 on kernels; logits: Adam. Learning
-    # rates are applied in the step, from HParams.
+    # Weights: SGD (Nesterov) with L2 on kernels; logits: Adam (written so
+    # that a vmapped sweep computes it as one search does). Learning rates
+    # are applied in the step, from HParams.
     weights = optax.chain(
         optax.add_decayed_weights(
             weight_decay, mask=steps.decay_mask),
         optax.trace(decay=momentum, nesterov=momentum > 0))
-    self.tx = optax.multi_transform({"model": weights, "arch": optax.scale_by_adam()},
+    self.tx = optax.multi_transform({"model": weights,
+                                     "arch": batch_invariant.scale_by_adam()},
                                     {"model": "model", "arch": "arch"})
 
   # ----------------------------------------------------------------- pieces
@@ -271,7 +279,7 @@ class GumbelSearch:
                                   self.label_smoothing)
     task = jnp.mean(optax.softmax_cross_entropy(out.astype(jnp.float32), targets))
     # The cost of the mixture the network ran with (see the module docstring).
-    cost = expected_from_tensor(self.tensor, w_mix, a_mix)
+    cost = batch_invariant.mixture_cost(self.tensor, w_mix, a_mix)
     excess = cost / hparams.limit - 1.0
     if self.penalty == "hinge":
       penalty = hparams.hinge_weight * jax.nn.relu(excess)
