@@ -138,8 +138,8 @@ class QuantizedLayer(nn.Module):
     w_key = self.make_rng("quant") if wq.needs_key else None
     if isinstance(policy, SoftPolicy):
       w_bits, w_probs, a_bits, a_probs = policy.candidates_for(layer_name(self))
-      return (_mix(aq, a_params, x, a_bits, a_probs, a_key),
-              _mix(wq, w_params, kernel, w_bits, w_probs, w_key))
+      return (mix(aq, a_params, x, a_bits, a_probs, a_key),
+              mix(wq, w_params, kernel, w_bits, w_probs, w_key))
     w_bits, a_bits = policy.bits_for(layer_name(self))
     return aq(a_params, x, a_bits, a_key), wq(w_params, kernel, w_bits, w_key)
 
@@ -150,8 +150,8 @@ def _quantize_candidate(quantizer: Quantizer, params: Any, x: Array, bits: Array
   return quantizer(params, x, bits, key)
 
 
-def _mix(quantizer: Quantizer, params: Any, x: Array, bits: Array, probs: Array,
-         key: Array | None) -> Array:
+def mix(quantizer: Quantizer, params: Any, x: Array, bits: Array, probs: Array,
+        key: Array | None) -> Array:
   """`sum_k probs[k] * Q(x, bits[k])`: EdMIPS's composite tensor, shape of `x`.
 
   The K fake-quantized copies are elementwise work; the layer then runs one

@@ -48,7 +48,6 @@ wrapper passes `train` to the model's own mode argument, named by
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any
 
@@ -58,6 +57,7 @@ import jax
 from haqjax.nn import intercept
 from haqjax.nn.layers import DEFAULT_ACT_QUANTIZER
 from haqjax.nn.layers import DEFAULT_WEIGHT_QUANTIZER
+from haqjax.nn.layers import mix
 from haqjax.policy import Policy
 from haqjax.policy import SoftPolicy
 from haqjax.quant.base import Quantizer
@@ -220,34 +220,6 @@ def _variable(site: intercept.Site, name: str, value: PyTree) -> PyTree:
                      "the quantized model's own init, or the user's variables passed "
                      "through haqjax.nn.init_quantizers")
   return scope.param(name, lambda _: value)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _quantize_candidate(quantizer: Quantizer, params: Any, x: Array, bits: Array,
-                        key: PRNGKey | None) -> Array:
-  return quantizer(params, x, bits, key)
-
-
-def mix(quantizer: Quantizer, params: Any, x: Array, bits: Array, probs: Array,
-        key: PRNGKey | None) -> Array:
-  """`sum_k probs[k] * Q(x, bits[k])`, EdMIPS's composite operand, shape of `x`.
-
-  As a `SoftPolicy` mixes a haqjax layer's operands (`haqjax.nn.layers`):
-  the K candidates written out, each an inner `jit` when the quantizer can be
-  hashed, with an independent key per candidate for stochastic rounding.
-  """
-  k = bits.shape[0]
-  keys = [None] * k if key is None else list(jax.random.split(key, k))
-  try:
-    hash(quantizer)
-    quantize = _quantize_candidate
-  except TypeError:  # A quantizer holding arrays: trace it per candidate.
-    quantize = lambda q, *args: q(*args)
-  probs = probs.astype(x.dtype)
-  mixed = probs[0] * quantize(quantizer, params, x, bits[0], keys[0])
-  for i in range(1, k):
-    mixed = mixed + probs[i] * quantize(quantizer, params, x, bits[i], keys[i])
-  return mixed
 
 
 def quantized(model: nn.Module, quant_scheme: Any = None, *,
