@@ -12,27 +12,30 @@ RECIPES = ("quickstart_rl", "imagenet_mobilenet_v2_haq_latency",
            "imagenet_mobilenet_v2_haq_energy", "imagenet_mobilenet_v1_haq_edge",
            "imagenet_resnet50_haq_kmeans")
 
+# One process parses every recipe, as the launcher does, from its defaults.
 _SCRIPT = """
 import json, sys
 from absl import flags
 from experiments import job_flags
-flags.FLAGS(["prog", "--flagfile=" + sys.argv[1], "--workdir=/nonexistent"])
-config = job_flags.config_from_flags()
-search = job_flags.search_from_flags()
-print(json.dumps({"mode": config.mode, "model": config.model, **search.to_dict(),
-                  "first": config.first_layer_w8, "last": config.last_layer_w8a8}))
+out = {}
+for name in sys.argv[1:]:
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["prog", f"--flagfile=experiments/flags/{name}.flags", "--workdir=/nonexistent"])
+  config = job_flags.config_from_flags()
+  search = job_flags.search_from_flags()
+  out[name] = {"mode": config.mode, "model": config.model, **search.to_dict(),
+               "first": config.first_layer_w8, "last": config.last_layer_w8a8}
+print(json.dumps(out))
 """
 
 
 @pytest.fixture(scope="module")
 def parsed():
-  out = {}
-  for name in RECIPES:
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, f"experiments/flags/{name}.flags"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    import json  # pylint: disable=g-import-not-at-top
-    out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+  proc = subprocess.run([sys.executable, "-c", _SCRIPT, *RECIPES], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert list(out) == list(RECIPES)
   return out
 
 
