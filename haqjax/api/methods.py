@@ -25,7 +25,6 @@ from haqjax import data as haq_data
 from haqjax.api import training
 from haqjax.jobs import gumbel as gumbel_job
 from haqjax.jobs import hawq as hawq_job
-from haqjax.nn.quantized import Quantized
 from haqjax.policy import Policy
 from haqjax.search import env as env_lib
 from haqjax.search import scoring
@@ -45,19 +44,14 @@ METHODS = ("gumbel", "rl", "hawq")
 
 
 def check(model, method: str) -> None:
-  """Refuses a method that cannot search `model`, before any work.
+  """Refuses an unknown method before any work.
 
   Raises:
-    ValueError: an unknown method, or 'hawq' on a plain flax model (the
-      sensitivity pass reads the kernels and inputs of haqjax layers; the
-      intercepted ops of `haqjax.nn.quantized` are not yet covered).
+    ValueError: `method` is not one of `METHODS`.
   """
+  del model  # Every method searches haqjax-layer and wrapped plain models alike.
   if method not in METHODS:
     raise ValueError(f"method is {method!r}; allowed: {', '.join(METHODS)}")
-  if method == "hawq" and isinstance(model, Quantized):
-    raise ValueError("method='hawq' on a plain flax model: HAWQ's sensitivity pass "
-                     "covers haqjax layers (QConv/QDense) only so far; allowed: "
-                     "method='gumbel' or 'rl', or a model built from haqjax layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,10 +170,12 @@ def run_rl(task: Task, *, episodes: int, episode_steps: int, episode_lr: float,
 def run_hawq(task: Task, hawq: HawqConfig) -> tuple[Policy, dict[str, Any]]:
   """Hessian sensitivities and the ILP (`haqjax.jobs.hawq`'s search step).
 
+  A wrapped plain flax model's matmuls of two activations are measured by
+  their two operands (`haqjax.search.hawq.wrapped`).
+
   Raises:
-    ValueError: for a plain flax model (`check`), or too few training batches.
+    ValueError: too few training batches.
   """
-  check(task.model, "hawq")
   wall = task.wall
   bits = hawq.bits(wall.min_bits, wall.max_bits)
   batches = list(itertools.islice(haq_data.batches(

@@ -107,7 +107,7 @@ def search_policy(model, variables: PyTree, train: Any, val: Any, *,
     budget: 'wXaY' (no more than uniform wXaY), a ratio of W8A8 (0.5) or a
       `haqjax.hardware.Budget`.
     method: 'gumbel' (differentiable search), 'rl' (HAQ's DDPG agent) or
-      'hawq' (Hessian sensitivities and an ILP; haqjax-layer models only).
+      'hawq' (Hessian sensitivities and an ILP).
     min_bits, max_bits: the bit range of the search.
     first_layer_w8, last_layer_w8a8: HAQ's fixed first and last layers.
     quant_scheme: quantizers of a wrapped plain model; default min-max
@@ -148,7 +148,6 @@ def search_policy(model, variables: PyTree, train: Any, val: Any, *,
   input_shape = (1, *train.spec.image_shape)
   qmodel, qvars = training.quantize(model, variables, input_shape,
                                     quant_scheme=quant_scheme)
-  methods.check(qmodel, method)
   table = layer_table(qmodel, input_shape)
   wall = make_wall(table, target, budget, min_bits=min_bits, max_bits=max_bits,
                    first_layer_w8=first_layer_w8, last_layer_w8a8=last_layer_w8a8)

@@ -159,15 +159,7 @@ class Quantized(nn.Module):
       ValueError: the policy names ops the model lacks or lacks some of its
         ops, or quantizer parameters are missing from the variables.
     """
-    if train is not None:
-      name = train_argument(self.model, self.train_arg)
-      if name is not None:
-        if name in kwargs:
-          raise ValueError(f"train={train} and {name}={kwargs[name]!r} are both given; "
-                           f"allowed: one of them")
-        inverted = (TRAIN_ARGS.get(name, False) if self.train_inverted is None
-                    else self.train_inverted)
-        kwargs[name] = (not train) if inverted else train
+    kwargs = mode_kwargs(self, train, kwargs)
     seen: list[str] = []
 
     def handle(site, lhs, rhs, compute):
@@ -202,6 +194,48 @@ class Quantized(nn.Module):
               mix(rq, r_params, rhs, w_bits, w_probs, r_key))
     w_bits, a_bits = policy.bits_for(site.name)
     return aq(a_params, lhs, a_bits, a_key), rq(r_params, rhs, w_bits, r_key)
+
+
+def mode_kwargs(model: Quantized, train: bool | None, kwargs: dict[str, Any]
+                ) -> dict[str, Any]:
+  """`kwargs` with `train` passed to the wrapped model's mode argument.
+
+  Raises:
+    ValueError: `train` and the model's own mode argument are both given.
+  """
+  name = None if train is None else train_argument(model.model, model.train_arg)
+  if name is None:
+    return dict(kwargs)
+  if name in kwargs:
+    raise ValueError(f"train={train} and {name}={kwargs[name]!r} are both given; "
+                     f"allowed: one of them")
+  inverted = (TRAIN_ARGS.get(name, False) if model.train_inverted is None
+              else model.train_inverted)
+  return {**kwargs, name: (not train) if inverted else train}
+
+
+def apply_float(model: Quantized, variables: PyTree, handle: intercept.Handler,
+                *args: Any, train: bool | None = None, **kwargs: Any) -> Any:
+  """The wrapped model run in floating point, each intercepted op by `handle`.
+
+  `handle(site, lhs, rhs, compute)` returns the op's output, e.g.
+  `compute(lhs + e, rhs)` to perturb its input (HAWQ's input Hessians); no
+  quantizer runs and the quantizer parameters in `variables` are ignored.
+
+  Args:
+    model: the quantized model.
+    variables: its variables (the user's, with or without quantizer ones).
+    handle: the computation of each intercepted op.
+    *args: the model's positional arguments.
+    train: training mode, passed to the model's `train_arg`.
+    **kwargs: the model's keyword arguments.
+
+  Returns:
+    What the model returns.
+  """
+  kwargs = mode_kwargs(model, train, kwargs)
+  with nn.intercept_methods(intercept.interceptor(handle)):
+    return model.model.apply(variables, *args, **kwargs)
 
 
 def _variable(site: intercept.Site, name: str, value: PyTree) -> PyTree:

@@ -39,6 +39,14 @@ batches (a dynamic one, e.g. min-max, then takes each batch's own range).
 With `fold_bn` the deployed kernel is the BN-folded one; the error here is
 the raw kernel's, which the trace refers to.
 
+A plain flax model wrapped by `haqjax.nn.quantized` is measured the same
+way on its intercepted ops (`haqjax.search.hawq.wrapped`). A matmul of two
+activations has no kernel: its "weight" trace and error are those of its
+second operand, which the policy quantizes to the layer's `w_bits` with
+the activation quantizer (calibrated per batch, as activations), so
+`Omega[l, w, a]` of a matmul is the loss increase of quantizing its second
+operand to `w` bits and its first to `a` bits.
+
 The table has the cost table's axes (`haqjax.hardware.budget.TABLE_BITS`:
 1..8 and 32; `budget.table_index`), `+inf` at bit-widths that were not
 candidates and 0 error at 32 bits (floating point).
@@ -54,6 +62,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -70,7 +79,9 @@ from haqjax.nn import calibrate as calibrate_lib
 from haqjax.nn.layers import QConv
 from haqjax.nn.layers import QuantizedLayer
 from haqjax.nn.layers import layer_name
+from haqjax.nn.quantized import Quantized
 from haqjax.search.hawq import hutchinson
+from haqjax.search.hawq import wrapped
 from haqjax.treeutil import copy_tree
 from haqjax.treeutil import get_path
 from haqjax.typing import Array
@@ -200,22 +211,29 @@ def hessian_traces(key: PRNGKey, model: nn.Module, variables: PyTree,
   recorded = record(model, variables, batches) if recorded is None else recorded
   names = tuple(recorded)
   paths = {name: recorded[name]["path"] for name in names}
-  size = int(np.shape(batches[0]["label"])[0])
-  x = {"kernel": {n: get_path(variables["params"], paths[n])["kernel"] for n in names},
-       "input": {n: jnp.zeros((size, *recorded[n]["inputs"].shape[1:]), jnp.float32)
-                 for n in names}}
-  estimate = hutchinson.estimator(layer_loss(model, variables, paths, label_smoothing),
-                                  probes=probes)
+  if isinstance(model, Quantized):
+    x = wrapped.trace_point(model, variables, names, paths, batches[0]["image"])
+    loss = wrapped.layer_loss(model, variables, paths, functools.partial(
+        _cross_entropy, label_smoothing=label_smoothing))
+  else:
+    size = int(np.shape(batches[0]["label"])[0])
+    x = {"kernel": {n: get_path(variables["params"], paths[n])["kernel"] for n in names},
+         "input": {n: jnp.zeros((size, *recorded[n]["inputs"].shape[1:]), jnp.float32)
+                   for n in names}}
+    loss = layer_loss(model, variables, paths, label_smoothing)
+  estimate = hutchinson.estimator(loss, probes=probes)
   t0 = time.perf_counter()
   out = estimate(key, x, [{"image": b["image"], "label": b["label"]} for b in batches],
                  tol, max_iterations)
   seconds = time.perf_counter() - t0
   traces = out.traces
+  # A matmul of two activations: its second operand's, which takes w_bits.
+  second = lambda tree, n: tree["kernel"][n] if n in tree["kernel"] else tree["operand"][n]
   return Traces(
       names=names,
-      weight=np.array([traces["kernel"][n] for n in names], np.float64),
+      weight=np.array([second(traces, n) for n in names], np.float64),
       activation=np.array([traces["input"][n] for n in names], np.float64),
-      weight_count=np.array([x["kernel"][n].size for n in names], np.int64),
+      weight_count=np.array([second(x, n).size for n in names], np.int64),
       activation_count=np.array([x["input"][n].size for n in names], np.int64),
       iterations=out.iterations, probes=out.iterations * probes,
       converged=out.converged, seconds=seconds)
@@ -292,14 +310,14 @@ def quantization_mse(key: PRNGKey, variables: PyTree, recorded: dict[str, dict[s
     table[:, table_index(FLOAT_BITS)] = 0.0
     for l, (name, entry) in enumerate(recorded.items()):
       weight_q, act_q = entry["quantizers"]
-      if role == "weight":
+      if role == "weight" and "rhs_inputs" not in entry:
         quantizer = weight_q
         x = get_path(variables["params"], entry["path"])["kernel"]
         parts = x[None]
-      else:
-        quantizer = act_q
-        x = jnp.asarray(entry["inputs"])  # [num_batches * B, ...]
-        parts = x.reshape(num_batches, -1, *x.shape[1:])
+      else:  # An activation, or a matmul's second operand (its weight_q is act_q).
+        quantizer = act_q if role == "activation" else weight_q
+        x = jnp.asarray(entry["inputs" if role == "activation" else "rhs_inputs"])
+        parts = x.reshape(num_batches, -1, *x.shape[1:])  # [num_batches, B, ...]
       for b in bits:
         if b != FLOAT_BITS:
           k = jax.random.fold_in(jax.random.fold_in(key, l), b)
