@@ -43,9 +43,9 @@ def test_bitfusion_first_layer_im2col():
   assert int(hardware.BITFUSION.compute_cycles(layers, 2, 2)[0]) == 36 * 1
 
 
-def test_bitfusion_memory_bound_stalls_and_energy():
+def test_bitfusion_stream_memory_bound_stalls_and_energy():
   layers = _conv(512, 512, 1, 1)   # a dense-like layer: weights dominate
-  bf = hardware.BITFUSION
+  bf = hardware.BitFusion(memory="stream")
   c = hardware.layer_costs(bf, layers, 8.0, 8.0)
   # Second layer at W8A8, batch 1, 1x1 -> 1x1. Compute: ceil(OC/M) * Ho*Wo *
   # R*S * ceil(IC/(N*pf)) = ceil(512/32) * 1 * 1 * ceil(512/16) = 512 cycles.
@@ -61,9 +61,13 @@ def test_bitfusion_memory_bound_stalls_and_energy():
   assert float(lo["energy_j"][1]) < float(c["energy_j"][1])
 
 
+# Bit Fusion's tiled memory model is left out: like the simulator it follows,
+# it is not monotone in the bits (its loop tiling changes with them; in
+# tests/data/bitfusion_reference.json 25 of 306 (layer, w) rows cost more
+# cycles at a lower activation width).
 @pytest.mark.parametrize("name", ["bismo-edge", "bismo-cloud", "bitfusion", "systolic"])
 def test_monotone_in_bits(name):
-  target = hardware.get_target(name)
+  target = hardware.get_target(name, **({"memory": "stream"} if name == "bitfusion" else {}))
   layers = hardware.from_model("quickstart_cnn", num_classes=10, batch=2)
   keys = [k for k in ("cycles", "energy_j", "dram_bytes") if k in
           hardware.layer_costs(target, layers, 8.0, 8.0)]

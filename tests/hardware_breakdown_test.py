@@ -15,6 +15,7 @@ TARGETS = {
                                               ifmap_sram_bytes=1024,
                                               filter_sram_bytes=1024),
     "bitfusion-slow-dram": hardware.get_target("bitfusion", interface_bits=8.0),
+    "bitfusion-stream": hardware.get_target("bitfusion", memory="stream"),
 }
 
 
@@ -110,11 +111,16 @@ def test_cli_prints_the_parts(capsys):
                    "--w_bits=4", "--a_bits=4", "--batch=16"]) == 0
   out = capsys.readouterr().out.strip().splitlines()
   head = out[0].split(",")
-  assert head == list(cli.HEADER) and head[2] == "cycles"
+  # Bit Fusion's tiled memory model adds its per-operand DRAM traffic.
+  assert head == [*cli.HEADER, "ifmap_dram_bytes", "filter_dram_bytes", "ofmap_dram_bytes"]
+  assert head[2] == "cycles"
   rows = [dict(zip(head, r.split(","))) for r in out[1:]]
   assert rows[-1]["layer"] == "total"
   stalled = 0
   for r in rows:
+    operands = sum(float(r[k]) for k in ("ifmap_dram_bytes", "filter_dram_bytes",
+                                         "ofmap_dram_bytes"))
+    assert abs(operands - float(r["dram_bytes"])) <= 2
     # Printed to whole cycles and picojoules: the parts sum to within rounding.
     assert abs(float(r["compute_cycles"]) + float(r["stall_cycles"])
                - float(r["cycles"])) <= 1

@@ -207,8 +207,30 @@ def test_cli_reads_a_policy_file(tmp_path, capsys):
     (["--model=quickstart_cnn", "--batch=0"], "--batch is 0"),
     (["--bogus"], "unrecognized arguments"),
     (["--policy=/no/such.json"], "--policy file '/no/such.json' does not exist"),
+    (["--target=bitfusion", "--model=quickstart_cnn", "--memory=user"],
+     "--memory is 'user'; allowed for --target=bitfusion: tiled, stream"),
+    (["--target=bismo-edge", "--model=quickstart_cnn", "--memory=tiled"],
+     "--memory applies to --target=bitfusion or systolic"),
 ])
 def test_cli_errors(argv, msg, capsys):
   assert cli.main(argv) == 2
   err = capsys.readouterr().err
   assert msg in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("target,memory,field,columns", [
+    ("bitfusion", "stream", "memory", False),
+    ("bitfusion", "tiled", "memory", True),
+    ("systolic", "user", "bandwidth_mode", True),
+    ("systolic", "roofline", "bandwidth_mode", False),
+])
+def test_cli_memory_flag(target, memory, field, columns, capsys):
+  argv = [f"--target={target}", "--model=quickstart_cnn", "--num_classes=10",
+          "--w_bits=4", "--a_bits=4", "--batch=2"]
+  assert cli.main([*argv, f"--memory={memory}"]) == 0
+  out = capsys.readouterr().out.strip().splitlines()
+  assert ("ifmap_dram_bytes" in out[0].split(",")) == columns
+  # The rows are those of the preset with the memory field set.
+  config = hardware.get_target(target, **{field: memory})
+  layers = hardware.from_model("quickstart_cnn", num_classes=10, batch=2)
+  assert out == [",".join(r) for r in cli.rows(config, layers, 4, 4)]

@@ -20,6 +20,7 @@ from haqjax.hardware.bismo import BISMO_EDGE
 from haqjax.hardware.bismo import Bismo
 from haqjax.hardware.bitfusion import BITFUSION
 from haqjax.hardware.bitfusion import BitFusion
+from haqjax.hardware.bitfusion_memory import BufferEnergy
 from haqjax.hardware.budget import Budget
 from haqjax.hardware.calibration import holdout
 from haqjax.hardware.calibration import table_errors

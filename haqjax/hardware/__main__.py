@@ -21,11 +21,15 @@ empty. Each column but `macs` and `utilization` is a budget metric of the
 search (`--budget_metric`: cycles, compute_cycles, stall_cycles, dram, energy,
 compute_energy, sram_energy, dram_energy). With `--config` (a SCALE-Sim
 `.cfg` file, systolic only) the array, SRAM sizes, dataflow and bandwidth
-come from the file and the rows end with the DRAM traffic columns
-`ifmap_dram_bytes,filter_dram_bytes,ofmap_dram_bytes` (and
-`dram_bytes_per_cycle_needed` under `InterfaceBandwidth: CALC`); flags given
-explicitly (`--array`, `--dataflow`, `--bit_mode`, `--batch`) override the
-file. Mistakes print one line to stderr and exit with status 2.
+come from the file; flags given explicitly (`--array`, `--dataflow`,
+`--bit_mode`, `--memory`, `--batch`) override the file. `--memory` picks the
+memory model: Bit Fusion's `tiled` (its simulator's loop tiling, the default)
+or `stream`; the systolic array's `roofline` (the default), `user` or `calc`
+(SCALE-Sim's double-buffered scratchpads at the `.cfg`'s bandwidth or at the
+one that never stalls). The models of the simulators end each row with the DRAM
+traffic per operand, `ifmap_dram_bytes,filter_dram_bytes,ofmap_dram_bytes`
+(and `dram_bytes_per_cycle_needed` under `calc`). Mistakes print one line to
+stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ _PJ_COLUMNS = {"energy_pj": "energy_j", "compute_energy_pj": "compute_energy_j",
 # Fields that --array=RxC sets, per target type.
 _ARRAY_FIELDS = {"Systolic": ("rows", "cols"), "Bismo": ("dm", "dn"),
                  "BitFusion": ("rows", "cols"), "Cim": ("rows", "cols")}
+# The field that --memory sets and its values, per target type.
+_MEMORY_FIELDS = {"BitFusion": ("memory", ("tiled", "stream")),
+                  "Systolic": ("bandwidth_mode", ("roofline", "user", "calc"))}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                  "bismo: Dm x Dn; bitfusion: rows x cols; cim: crossbar rows x cols)")
   p.add_argument("--dataflow", help="systolic dataflow: os, ws or is")
   p.add_argument("--bit_mode", help="systolic bit mode: parallel, stripes, loom or fused")
+  p.add_argument("--memory", help="memory model: bitfusion: tiled (the simulator's, "
+                 "default) or stream; systolic: roofline (default), user or calc "
+                 "(SCALE-Sim's scratchpads at a user or a computed bandwidth)")
   p.add_argument("--config", help="SCALE-Sim .cfg file (systolic): array, SRAMs, "
                  "dataflow and bandwidth; --array/--dataflow/--bit_mode/--batch "
                  "given explicitly override it")
@@ -145,6 +155,15 @@ def build(args: argparse.Namespace):
       if kind != "Systolic":
         raise ValueError(f"--{flag} applies to --target=systolic only")
       changes[flag] = getattr(args, flag)
+  if args.memory is not None:
+    if kind not in _MEMORY_FIELDS:
+      raise ValueError(f"--memory applies to --target=bitfusion or systolic, "
+                       f"not {args.target}")
+    field, allowed = _MEMORY_FIELDS[kind]
+    if args.memory not in allowed:
+      raise ValueError(f"--memory is {args.memory!r}; allowed for --target={args.target}: "
+                       f"{', '.join(allowed)}")
+    changes[field] = args.memory
   from haqjax.hardware import cim  # pylint: disable=g-import-not-at-top
   for field in cim.FLAG_FIELDS:
     if getattr(args, field) is not None:

@@ -24,8 +24,8 @@ an active cycle, input buffer: N*8 bits, weight buffer: N*M*8 bits, output
 buffer: M 32-bit partial sums read and written, at an SRAM energy per bit) and
 DRAM (energy per bit).
 
-That is the 'stream' memory model. With `memory='tiled'` the memory side is
-the Bit Fusion simulator's own: its loop tiling and loop-order search over the
+That is the 'stream' memory model. With `memory='tiled'` (the default) the
+memory side is the Bit Fusion simulator's own: its loop tiling and loop-order search over the
 three buffers, per-operand DRAM traffic, stall cycles and per-access energies
 (`haqjax.hardware.bitfusion_memory`), which reproduces the simulator's cycles
 and energy on ResNet-18, ResNet-20 and MobileNetV2 layers.
@@ -80,9 +80,10 @@ class BitFusion:
     sram_pj_per_bit: buffer access energy (Horowitz: 20 pJ per 64-bit read
       of a 32 KB SRAM).
     dram_pj_per_bit: off-chip energy per bit (15 pJ, as in the paper).
-    memory: 'stream' (the module docstring's estimate) or 'tiled' (the
-      simulator's tiled loop nest; `core_pj_per_cycle`, `sram_pj_per_bit` and
-      `output_bits` then give way to `buffer_energy` and 32-bit partial sums).
+    memory: 'tiled' (the simulator's tiled loop nest, the default;
+      `core_pj_per_cycle`, `sram_pj_per_bit` and `output_bits` give way to
+      `buffer_energy` and 32-bit partial sums) or 'stream' (the module
+      docstring's estimate).
     buffer_energy: the simulator's per-cycle and per-bit buffer energies, for
       'tiled'.
   """
@@ -99,7 +100,7 @@ class BitFusion:
   core_pj_per_cycle: float = 1000.0
   sram_pj_per_bit: float = 20.0 / 64
   dram_pj_per_bit: float = 15.0
-  memory: str = "stream"
+  memory: str = "tiled"
   buffer_energy: bitfusion_memory.BufferEnergy = bitfusion_memory.SIMULATOR_ENERGY
 
   def __post_init__(self):
