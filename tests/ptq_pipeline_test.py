@@ -110,13 +110,15 @@ def test_launcher_ptq_mode_and_its_errors(trained):
           "--compilation_cache=", "--noprogress", "--mode=ptq", "--policy=w4a8",
           f"--init_from={root / 'fp32'}", "--adaround_iters=100",
           "--calibration_size=256"]
-  proc = launch(*args, f"--workdir={root / 'ptq'}")
+  # The export stage has its own tests (jobs_export_test.py).
+  proc = launch(*args, "--noexport", f"--workdir={root / 'ptq'}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
   assert summary["mode"] == "ptq" and summary["test_top1"] > 50
   report = json.loads((root / "ptq" / "ptq.json").read_text())
   assert report["calibration_images"] == 256
   assert os.path.exists(root / "ptq" / "policy.json")
+  assert not os.path.exists(root / "ptq" / "export")
   proc = launch(*args[:-1], "--calibration_size=100000", f"--workdir={root / 'ptq2'}")
   assert_one_line_error(proc, "calibration_size=100000", "training split has")
   proc = launch(*args[:-1], "--calibration_size=32", f"--workdir={root / 'ptq5'}")
