@@ -56,6 +56,35 @@ def test_costs_charge_the_matmul_bits(table):
   assert cost(w, a_hi, "latency") > cost(w, a, "latency")
 
 
+@pytest.mark.parametrize("target", [
+    hardware.get_target("bitfusion", memory="stream"),
+    hardware.get_target("bitfusion", memory="tiled"),
+    hardware.get_target("systolic"),
+    hardware.get_target("systolic", bandwidth_mode="user"),
+], ids=["bitfusion-stream", "bitfusion-tiled", "systolic-roofline", "systolic-user"])
+def test_dram_models_fetch_the_second_operand(table, target):
+  layers = hardware.from_layer_table(table, batch=BATCH)
+  i = table.names.index("attention/pv")
+  # Per example, the [tokens, tokens] x [tokens, head_dim] product of each head
+  # reads its second operand, the values, like a kernel.
+  head_dim = float(layers.n[i])
+  second = BATCH * HEADS * TOKENS * head_dim
+  assert float(layers.rhs_elems[i]) == second
+  for bits in (8.0, 4.0):
+    w = np.full(len(table), 8.0)
+    w[i] = bits
+    c = hardware.layer_costs(target, layers, w, np.full(len(table), 8.0))
+    if "filter_dram_bytes" in c:
+      # The simulators' models count the operand as their filter traffic.
+      assert float(c["filter_dram_bytes"][i]) >= second * bits / 8
+    else:
+      # The estimates' traffic grows by the operand's bytes with its bits.
+      hi = hardware.layer_costs(target, layers, np.full(len(table), 8.0),
+                                np.full(len(table), 8.0))
+      assert float(hi["dram_bytes"][i] - c["dram_bytes"][i]) == pytest.approx(
+          second * (8 - bits) / 8)
+
+
 def test_env_observes_matmuls(table):
   obs = env.observations(table, "linear")
   assert obs.shape == (2 * len(table), len(env.COLUMNS))

@@ -129,7 +129,7 @@ class BitFusion:
     w = effective_bits(w_bits)
     a = effective_bits(a_bits)
     compute = self.compute_cycles(layers, w, a)
-    weight_bits = layers.weights * w
+    weight_bits = layers.rhs_elems * w
     weight_tiles = ceil_div(weight_bits, 8.0 * self.wbuf_bytes)
     dram_bits = (weight_bits + layers.in_elems * a * weight_tiles
                  + layers.out_elems * self.output_bits)

@@ -81,6 +81,16 @@ class Layers:
   def out_channels(self) -> Array:
     return self.n * self.groups
 
+  @property
+  def rhs_elems(self) -> Array:
+    """Elements of the GEMMs' second operand, `groups * k * n`, per batch.
+
+    A layer's kernel (`weights`), or, for a matmul of two activations, its
+    second activation operand over the batch, which has to come from memory
+    like a kernel although the model stores nothing.
+    """
+    return self.groups * self.k * self.n
+
 
 def _positive(field: str, values: np.ndarray, names: Sequence[str]) -> None:
   bad = ~(values > 0)

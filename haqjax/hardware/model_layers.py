@@ -11,9 +11,9 @@ operands, so its `G` products per example become `batch * G` groups of
 `[M, K] x [K, N]` (M: the table's `in_h`), `weights` is 0 (the model
 stores nothing: size 0 at any bits) and `biases` 0. Its second operand
 takes the `w_bits` a kernel would: BISMO and the systolic array's on-chip
-traffic stream it at those bits, and BitOps are `MACs * w * a`. The DRAM
-models that read `weights` (Bit Fusion's, the systolic array's) do not see
-it; a matmul's DRAM bytes are low by its second operand's.
+traffic stream it at those bits, BitOps are `MACs * w * a`, and the DRAM
+models read it as they read a kernel (`Layers.rhs_elems`: per example, once
+per batch element).
 
 Example::
 

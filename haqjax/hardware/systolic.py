@@ -181,7 +181,7 @@ class Systolic:
     extra = {}
     if self.bandwidth_mode == "roofline":
       in_bits = layers.in_elems * a
-      w_bits_total = layers.weights * w
+      w_bits_total = layers.rhs_elems * w
       in_fits = in_bits <= 8.0 * self.ifmap_sram_bytes
       w_fits = w_bits_total <= 8.0 * self.filter_sram_bytes
       in_reloads = jnp.where(in_fits | (self.dataflow == "is"), 1.0, col_folds)
