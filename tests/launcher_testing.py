@@ -1,7 +1,9 @@
 """Shared helpers of the tests that run the launcher as a user does."""
 
+import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,19 +32,68 @@ def launch_ok(*args, module="experiments.imagenet", timeout=300):
   return proc
 
 
+def _shared_root(tmp_path_factory):
+  """A folder every test module of this pytest run sees, xdist workers included."""
+  base = tmp_path_factory.getbasetemp()
+  # Under xdist each worker's basetemp is a child of the run's own folder.
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _read_only(folder):
+  """Takes the write permission off `folder` and everything in it."""
+  for root, dirs, files in os.walk(folder):
+    for name in files:
+      os.chmod(os.path.join(root, name), 0o444)
+    os.chmod(root, 0o555)
+
+
+def shared_flags(tmp_path_factory):
+  """Digits flags with the prepared data and compilation cache of the pytest run.
+
+  Every test module of the run (every xdist worker) gets the same folders, so
+  the data is prepared once and a function compiled by one run is read back
+  by the others. Without `--mode`, `--workdir` and `--init_from`.
+  """
+  root = _shared_root(tmp_path_factory) / "digits_shared"
+  root.mkdir(exist_ok=True)
+  return ["--flagfile=experiments/flags/digits.flags", f"--data_dir={root / 'data'}",
+          f"--compilation_cache={root / 'jit'}", "--noprogress", "--notensorboard"]
+
+
+def shared_digits(tmp_path_factory):
+  """`shared_flags` and the 2-epoch FP32 model that every module of the run shares.
+
+  The first caller (under an exclusive file lock, so one xdist worker trains
+  while the others wait) trains the model; later callers reuse it. Its folder
+  is made read-only, so a run that wrote into its `--init_from` would fail.
+
+  Returns:
+    `(flags, fp32)`: `shared_flags` and the FP32 run's folder.
+  """
+  flags = shared_flags(tmp_path_factory)
+  root = _shared_root(tmp_path_factory) / "digits_shared"
+  fp32, done = root / "fp32", root / "fp32.done"
+  with open(root / "fp32.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      if fp32.exists():  # A training that failed or was killed: start over.
+        shutil.rmtree(fp32)
+      launch_ok(*flags, f"--workdir={fp32}", "--epochs=2")
+      _read_only(fp32)
+      done.touch()
+  return flags, fp32
+
+
 def digits_fp32(tmp_path_factory, name):
   """Digits flags for a test module that searches, and its folder.
 
-  Makes a folder `name` with the prepared data and a compilation cache that
-  the module's runs share, trains a 2-epoch FP32 model in its `fp32`, and
-  returns `(flags, folder)`: the flags every later run shares, with
-  `--init_from` that model (without `--mode` and `--workdir`).
+  Makes a fresh folder `name` for the module's runs and returns
+  `(flags, folder)`: the flags every later run shares (without `--mode` and
+  `--workdir`), with the prepared data, compilation cache and `--init_from`
+  2-epoch FP32 model of `shared_digits`, made once per pytest run.
   """
-  tmp = tmp_path_factory.mktemp(name)
-  flags = ["--flagfile=experiments/flags/digits.flags", f"--data_dir={tmp / 'data'}",
-           f"--compilation_cache={tmp / 'jit'}", "--noprogress", "--notensorboard"]
-  launch_ok(*flags, f"--workdir={tmp / 'fp32'}", "--epochs=2")
-  return [*flags, f"--init_from={tmp / 'fp32'}"], tmp
+  flags, fp32 = shared_digits(tmp_path_factory)
+  return [*flags, f"--init_from={fp32}"], tmp_path_factory.mktemp(name)
 
 
 def without_seconds(records):

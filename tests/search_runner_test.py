@@ -14,6 +14,7 @@ from haqjax.search import env
 from launcher_testing import launch
 from launcher_testing import assert_one_line_error
 from launcher_testing import PNG_SIGNATURE
+from launcher_testing import shared_digits
 
 EPISODES = 6
 
@@ -64,22 +65,25 @@ def test_bad_search_flags_fail_before_training(data_dir, tmp_path, flags, fragme
   assert not (tmp_path / "run").exists(), os.listdir(tmp_path / "run")
 
 
-def _search_args(data_dir, workdir, fp32, *more):
-  return [*_digits(data_dir, workdir), f"--init_from={fp32}",
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+  """The shared digits flags and FP32 model, and this module's folder."""
+  flags, fp32 = shared_digits(tmp_path_factory)
+  return flags, fp32, tmp_path_factory.mktemp("runner")
+
+
+def _search_args(digits, workdir, *more):
+  flags, fp32, _ = digits
+  return [*flags, f"--workdir={workdir}", "--mode=rl", f"--init_from={fp32}",
           f"--search_episodes={EPISODES}", "--warmup_episodes=3",
           "--search_finetune_steps=3", "--hidden=32,32", "--ddpg_batch_size=16",
-          "--budget=0.5", "--finetune_epochs=0.25", "--notensorboard", "--noexport", *more]
+          "--budget=0.5", "--finetune_epochs=0.25", "--noexport", *more]
 
 
 @pytest.fixture(scope="module")
-def search_run(data_dir, tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("runner")
-  fp32 = tmp / "fp32"
-  proc = launch("--flagfile=experiments/flags/digits.flags", f"--data_dir={data_dir}",
-                f"--workdir={fp32}", "--compilation_cache=", "--noprogress", "--epochs=2")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  workdir = tmp / "search"
-  proc = launch(*_search_args(data_dir, workdir, fp32))
+def search_run(digits):
+  workdir = digits[2] / "search"
+  proc = launch(*_search_args(digits, workdir))
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc
 
@@ -171,7 +175,7 @@ def _files_with_mtimes(folder):
           for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_uniform_reference_fine_tuned_with_the_same_recipe(search_run, digits_table):
+def test_uniform_reference_fine_tuned_with_the_same_recipe(search_run, digits, digits_table):
   workdir, proc = search_run
   r = json.loads((workdir / "results.json").read_text())
   ref = r["uniform_reference"]
@@ -197,7 +201,7 @@ def test_uniform_reference_fine_tuned_with_the_same_recipe(search_run, digits_ta
   assert uniform["policy"] == str(workdir / "uniform_reference" / "policy.json")
   assert {k: v for k, v in found.items() if k != "policy"} == {
       k: v for k, v in uniform.items() if k != "policy"}
-  assert found["init_from"] == str(workdir.parent / "fp32")
+  assert found["init_from"] == str(digits[1])
   report = (workdir / "report.md").read_text()
   assert "## Found policy vs uniform w8a8" in report
   assert f"| uniform w8a8 | 8 8 8 | 8 8 8 | " in report
@@ -210,17 +214,16 @@ def test_uniform_reference_fine_tuned_with_the_same_recipe(search_run, digits_ta
   assert tail[1].startswith("uniform w8a8: ") and "found - uniform: " in tail[1], tail
 
 
-def test_rerun_reuses_the_uniform_reference(search_run, data_dir):
+def test_rerun_reuses_the_uniform_reference(search_run, digits):
   workdir, _ = search_run
   folder = workdir / "uniform_reference"
   before = _files_with_mtimes(folder)
   assert {"policy.json", "finetune/results.json"} <= set(before)
   assert len(before) > 4  # Checkpoints, metrics, configs too.
   results = json.loads((workdir / "results.json").read_text())
-  fp32 = workdir.parent / "fp32"
   # Reused as it is, even with the stage turned off.
   for more in ((), ("--nofinetune_uniform_reference",)):
-    proc = launch(*_search_args(data_dir, workdir, fp32, *more))
+    proc = launch(*_search_args(digits, workdir, *more))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fine-tune uniform" not in proc.stderr
     assert _files_with_mtimes(folder) == before
@@ -229,13 +232,12 @@ def test_rerun_reuses_the_uniform_reference(search_run, data_dir):
     assert again["delta_test_top1_vs_uniform"] == results["delta_test_top1_vs_uniform"]
 
 
-def test_uniform_reference_skipped_by_flag_and_uniform_results_points(search_run, data_dir,
-                                                                      tmp_path):
-  workdir, _ = search_run
+def test_uniform_reference_skipped_by_flag_and_uniform_results_points(digits, tmp_path):
   points = tmp_path / "uniform.json"
   points.write_text(json.dumps({"w2a2": 40.0, "w4a4": {"test_top1": 80.0, "cost": 1e-5}}))
   out = tmp_path / "skipped"
-  proc = launch(*_search_args(data_dir, out, workdir.parent / "fp32",
+  # The search's length does not matter here: two (random) warm-up episodes.
+  proc = launch(*_search_args(digits, out, "--search_episodes=2", "--warmup_episodes=2",
                               "--nofinetune_uniform_reference",
                               f"--uniform_results={points}"))
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -279,15 +281,12 @@ def test_finetune_of_another_policy_is_refused(tmp_path, digits_table):
   stages.check_finetuned_policy(str(tmp_path / "none"), str(other))
 
 
-def test_kmeans_search_under_a_size_budget(search_run, data_dir, tmp_path):
-  workdir, _ = search_run
-  fp32 = workdir.parent / "fp32"
+def test_kmeans_search_under_a_size_budget(digits, tmp_path):
   out = tmp_path / "kmeans"
-  proc = launch(*_digits(data_dir, out), f"--init_from={fp32}", "--quantization=kmeans",
-                "--budget_metric=size", "--budget=0.15", "--budget_reference=fp32",
-                "--search_episodes=4", "--warmup_episodes=2", "--search_finetune_steps=2",
-                "--hidden=32,32", "--ddpg_batch_size=16", "--finetune_epochs=0.25",
-                "--notensorboard")
+  proc = launch(*_search_args(digits, out, "--quantization=kmeans", "--budget_metric=size",
+                              "--budget=0.15", "--budget_reference=fp32",
+                              "--search_episodes=3", "--warmup_episodes=2",
+                              "--search_finetune_steps=2"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((out / "results.json").read_text())
   assert results["fits"] and results["cost_ratio"] <= 0.15 + 1e-9
