@@ -22,6 +22,7 @@ from haqjax.policy import Policy
 from haqjax.report import run_report
 from haqjax.train import trainer
 from haqjax.train.config import Config
+from launcher_testing import digits_fp32
 from launcher_testing import launch_ok
 
 # One test image of digits' 360, in points (see jobs_export_test.py).
@@ -30,11 +31,10 @@ ONE_IMAGE = 100 * 1 / 360 + 1e-9
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("export_end")
+  # From the FP32 model (and compilation cache) the launcher tests share.
+  flags, tmp = digits_fp32(tmp_path_factory, "export_end")
   workdir = tmp / "hawq"
-  launch_ok("--flagfile=experiments/flags/digits.flags", f"--data_dir={tmp / 'data'}",
-            f"--workdir={workdir}", f"--compilation_cache={tmp / 'jit'}", "--noprogress",
-            "--notensorboard", "--mode=hawq", "--epochs=1", "--budget=0.85",
+  launch_ok(*flags, f"--workdir={workdir}", "--mode=hawq", "--budget=0.85",
             "--finetune_epochs=0.25", "--hawq_probes=2", "--hawq_max_iterations=3",
             "--hawq_batches=1")
   return tmp, workdir
