@@ -61,8 +61,10 @@ import jax
 import numpy as np
 
 from haqjax.nn.calibrate import record_layer_inputs
+from haqjax.nn.quantized import Quantized
 from haqjax.policy import FLOAT_BITS
 from haqjax.policy import Policy
+from haqjax.ptq import wrapped
 from haqjax.ptq.layer_geometry import LayerGeometry
 from haqjax.ptq.layer_geometry import layer_geometries
 from haqjax.ptq.layer_rounding import DEFAULT_ITERS
@@ -113,7 +115,9 @@ def adaround_model(key: PRNGKey, model: nn.Module, variables: PyTree,
 
   Args:
     key: PRNG key; each layer gets its own split.
-    model: the model (built from QConv/QDense).
+    model: the model (built from QConv/QDense, or a plain flax model
+      wrapped by `haqjax.nn.quantized`: its `nn.Conv` and `nn.Dense` ops
+      are rounded, `haqjax.ptq.wrapped.layer_geometries`).
     variables: `{"params": ..., "batch_stats": ...}` with trained weights.
     batches: calibration batches (dicts with "image" and optionally "mask",
       or image arrays); read once.
@@ -151,7 +155,8 @@ def adaround_model(key: PRNGKey, model: nn.Module, variables: PyTree,
   if not images:
     raise ValueError("calibration batches are empty; allowed: at least one batch")
   recorded = record_layer_inputs(model, variables, images)
-  geometries = layer_geometries(model, variables, images[0])
+  geometries = (wrapped.layer_geometries if isinstance(model, Quantized)
+                else layer_geometries)(model, variables, images[0])
   params = copy_tree(variables["params"])
   new_vars = {**variables, "params": params}
   ranges: dict[str, dict[str, Array]] = {}
@@ -161,8 +166,8 @@ def adaround_model(key: PRNGKey, model: nn.Module, variables: PyTree,
   keys = jax.random.split(key, len(names))
   for i, name in enumerate(names):
     w_bits = int(np.asarray(policy.bits_for(name)[0]))
-    if w_bits >= FLOAT_BITS or w_bits <= 1:
-      continue
+    if w_bits >= FLOAT_BITS or w_bits <= 1 or name not in geometries:
+      continue  # A wrapped model's op without a geometry keeps nearest rounding.
     entry = recorded[name]
     layer_params = get_path(params, entry["path"])
     inputs = entry["inputs"]

@@ -18,6 +18,10 @@ white paper section 4.2). Two ways to get it:
   equalization), so `E[x]` is the mean of a clipped normal:
   `E[relu(z)] = mu (1 - Phi(-mu/sigma)) + sigma phi(-mu/sigma)`.
 
+A plain flax model (`haqjax.nn.quantized`) is corrected on its `nn.Conv`
+and `nn.Dense` ops (`haqjax.ptq.wrapped.output_errors`), into the BNs of
+its traced conv -> BN pairs (`pairs`).
+
 The weight quantizer of each layer is its model's (`quant_scheme`, else
 min-max per channel) and its bits are the policy's `w_bits`; activations are
 not quantized while measuring. The correction goes into the layer's bias:
@@ -47,11 +51,14 @@ from haqjax.nn.layers import DEFAULT_WEIGHT_QUANTIZER
 from haqjax.nn.layers import QConv
 from haqjax.nn.layers import QDense
 from haqjax.nn.layers import layer_name
+from haqjax.nn.quantized import Quantized
 from haqjax.policy import Policy
 from haqjax.ptq.equalization import ACTIVATIONS
 from haqjax.ptq.equalization import BNStats
 from haqjax.ptq.equalization import EqualizationPair
+from haqjax.ptq import wrapped
 from haqjax.ptq.folding import BN_SUFFIX
+from haqjax.ptq.folding import BNPair
 from haqjax.ptq.folding import copy_tree
 from haqjax.ptq.folding import get_path
 from haqjax.typing import Array, ArrayLike, PyTree
@@ -166,7 +173,8 @@ def expected_output_error(model: nn.Module, variables: PyTree,
   """
   if mode not in MODES:
     raise ValueError(f"mode is {mode!r}; allowed: {', '.join(MODES)}")
-  measure = jax.jit(lambda v, x, w: _measure(model, v, x, w, policy))
+  op_errors = wrapped.output_errors if isinstance(model, Quantized) else _measure
+  measure = jax.jit(lambda v, x, w: op_errors(model, v, x, w, policy))
   totals: dict[str, list] = {}
   for batch in batches:
     images = batch["image"] if isinstance(batch, Mapping) else batch
@@ -218,16 +226,19 @@ def input_mean_error(model: nn.Module, variables: PyTree, policy: Policy,
 
 
 def correct_bias(variables: PyTree, errors: Mapping[str, ArrayLike], *,
-                 eps: float = BN_EPSILON) -> PyTree:
+                 eps: float = BN_EPSILON, pairs: Iterable[BNPair] | None = None
+                 ) -> PyTree:
   """Variables with each layer's expected output error taken off its bias.
 
   Args:
     variables: not modified.
     errors: `{layer name: [out_channels] E[y_q - y]}`.
     eps: the BN epsilon.
+    pairs: the layer -> BN pairs (`haqjax.ptq.folding.traced_bn_pairs` of a
+      plain flax model); None: a layer `X`'s BN is its sibling `X_bn`.
 
   Returns:
-    New variables: `X_bn`'s bias `-= err * gamma / sqrt(var + eps)`, or
+    New variables: the BN's bias `-= err * gamma / sqrt(var + eps)`, or
     `X`'s own bias `-= err` when it has no BN.
 
   Raises:
@@ -235,14 +246,16 @@ def correct_bias(variables: PyTree, errors: Mapping[str, ArrayLike], *,
   """
   params = copy_tree(variables["params"])
   stats = variables.get("batch_stats", {})
+  bn_paths = None if pairs is None else {p.name: p.bn_path for p in pairs}
   for name, err in errors.items():
     path = tuple(name.split("/"))
     parent = get_path(params, path[:-1])
-    bn_name = path[-1] + BN_SUFFIX
+    bn_path = (path[:-1] + (path[-1] + BN_SUFFIX,) if bn_paths is None
+               else bn_paths.get(name))
     err = jnp.asarray(err, jnp.float32)
-    if bn_name in parent:
-      bn = parent[bn_name]
-      var = get_path(stats, path[:-1] + (bn_name,))["var"]
+    if bn_path is not None and _has_path(params, bn_path):
+      bn = get_path(params, bn_path)
+      var = get_path(stats, bn_path)["var"]
       gain = bn.get("scale", 1.0) * jax.lax.rsqrt(jnp.asarray(var) + eps)
       bn["bias"] = bn["bias"] - err * gain
     elif "bias" in parent[path[-1]]:
@@ -253,10 +266,19 @@ def correct_bias(variables: PyTree, errors: Mapping[str, ArrayLike], *,
   return {**variables, "params": params}
 
 
+def _has_path(tree: PyTree, path: tuple[str, ...]) -> bool:
+  for key in path:
+    if not isinstance(tree, Mapping) or key not in tree:
+      return False
+    tree = tree[key]
+  return True
+
+
 def empirical_bias_correction(model: nn.Module, variables: PyTree,
                               batches: Iterable[ArrayLike | Mapping[str, ArrayLike]],
                               policy: Policy, *, mode: str = "output",
-                              eps: float = BN_EPSILON) -> PyTree:
+                              eps: float = BN_EPSILON,
+                              pairs: Iterable[BNPair] | None = None) -> PyTree:
   """Bias correction of every layer from calibration data.
 
   Example::
@@ -268,6 +290,7 @@ def empirical_bias_correction(model: nn.Module, variables: PyTree,
   Args:
     model, variables, batches, policy, mode: as `expected_output_error`.
     eps: the BN epsilon.
+    pairs: the layer -> BN pairs (`correct_bias`).
 
   Returns:
     New variables (`correct_bias`).
@@ -276,7 +299,7 @@ def empirical_bias_correction(model: nn.Module, variables: PyTree,
     ValueError: as `expected_output_error` and `correct_bias`.
   """
   errors = expected_output_error(model, variables, batches, policy, mode=mode)
-  return correct_bias(variables, errors, eps=eps)
+  return correct_bias(variables, errors, eps=eps, pairs=pairs)
 
 
 def analytic_bias_correction(model: nn.Module, variables: PyTree, policy: Policy,

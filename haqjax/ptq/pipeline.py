@@ -18,6 +18,11 @@ following the standard order (Nagel et al. 2021, section 4; Qualcomm AIMET):
 7. activation range setting (min-max, EMA, percentile, MSE or KL) on the
    floating-point activations of the calibration batches.
 
+A plain `flax.linen` model goes through the same flow (`haqjax.ptq.wrapped`):
+its BNs fold into the layers the traced computation pairs them with, AdaRound
+and bias correction take its `nn.Conv` and `nn.Dense` ops, and its other ops
+(attention's matmuls of two activations among them) are calibrated only.
+
 Each step's wall time is reported, so the flow doubles as a fast accuracy
 signal inside a search.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -37,6 +43,8 @@ import numpy as np
 
 from haqjax.nn.calibrate import calibrate
 from haqjax.nn.calibrate import record_layer_inputs
+from haqjax.nn.quantized import Quantized
+from haqjax.nn.quantized import quantized
 from haqjax.policy import Policy
 from haqjax.ptq import adaround as adaround_lib
 from haqjax.ptq import bias_correction as bc_lib
@@ -149,7 +157,11 @@ def _check_batches(batches: Sequence[Any]) -> list[Any]:
 
 
 class Prepared(NamedTuple):
-  """The policy-independent part of PTQ: folded, equalized, quantizers added."""
+  """The policy-independent part of PTQ: folded, equalized, quantizers added.
+
+  `bn_pairs` holds a plain flax model's traced layer -> BN pairs (None: a
+  haqjax-layer model's, found by name).
+  """
   model: nn.Module
   variables: PyTree
   bn_stats: Any
@@ -157,6 +169,27 @@ class Prepared(NamedTuple):
   batches: list[Any]
   recorded: dict[str, dict[str, Any]]
   report: dict[str, Any]
+  bn_pairs: tuple[folding.BNPair, ...] | None = None
+
+
+def as_quantizable(model: nn.Module) -> nn.Module:
+  """`model`, wrapped by `haqjax.nn.quantized` if it does not take `policy=`."""
+  if isinstance(model, Quantized) or "policy" in inspect.signature(
+      type(model).__call__).parameters:
+    return model
+  return quantized(model)
+
+
+def _check_wrapped(options: PTQOptions) -> None:
+  """The steps a plain flax model cannot take yet, as one error."""
+  if options.cle:
+    raise ValueError("cle is True for a plain flax model (haqjax.nn.quantized); "
+                     "allowed: cle=False (equalization pairs are known for the zoo "
+                     "models only)")
+  if options.bias_correction == "analytic":
+    raise ValueError("bias_correction is 'analytic' for a plain flax model; allowed: "
+                     "'empirical' or 'none' (the analytic form needs the zoo models' "
+                     "layer pairs)")
 
 
 def _timer(seconds: dict[str, float]):
@@ -171,15 +204,28 @@ def _timer(seconds: dict[str, float]):
 
 def prepare(model: nn.Module, variables: PyTree, batches: Sequence[Any],
             options: PTQOptions = PTQOptions()) -> Prepared:
-  """Steps 1-3 (folding, equalization, quantizers) and the recorded inputs."""
+  """Steps 1-3 (folding, equalization, quantizers) and the recorded inputs.
+
+  A plain flax model is wrapped (`as_quantizable`); its BNs are folded into
+  the layers the traced computation pairs them with.
+  """
   batches = _check_batches(batches)
   first = batches[0]["image"] if isinstance(batches[0], dict) else batches[0]
   report: dict[str, Any] = {"options": dataclasses.asdict(options), "seconds": {}}
   timed = _timer(report["seconds"])
+  model = as_quantizable(model)
+  bn_pairs = None
+  if isinstance(model, Quantized):
+    _check_wrapped(options)
+    variables = _with_quant_params(quantized_model(model, options), variables, first)
+    bn_pairs = timed("bn_pairs", folding.traced_bn_pairs, model, variables,
+                     np.shape(first))
+    report["bn_pairs"] = [[p.name, "/".join(p.bn_path)] for p in bn_pairs]
   bn_stats = None
-  if options.fold_bn:
-    bn_stats = folding.bn_output_stats(variables)
-    variables = timed("fold_bn", folding.fold_batch_norms, model, variables)
+  if options.fold_bn and bn_pairs != ():  # () : a plain model without conv -> BN.
+    bn_stats = folding.bn_output_stats(variables, pairs=bn_pairs)
+    variables = timed("fold_bn", folding.fold_batch_norms, model, variables,
+                      pairs=bn_pairs)
   pairs = eq_lib.equalization_pairs(model) if options.cle else ()
   if options.cle:
     eq = timed("cle", eq_lib.cross_layer_equalization, variables, pairs,
@@ -195,7 +241,8 @@ def prepare(model: nn.Module, variables: PyTree, batches: Sequence[Any],
   qmodel = quantized_model(model, options)
   variables = _with_quant_params(qmodel, variables, first)
   recorded = timed("record_inputs", record_layer_inputs, qmodel, variables, batches)
-  return Prepared(qmodel, variables, bn_stats, tuple(pairs), batches, recorded, report)
+  return Prepared(qmodel, variables, bn_stats, tuple(pairs), batches, recorded, report,
+                  bn_pairs)
 
 
 def quantize(key: PRNGKey, prepared: Prepared, policy: Policy,
@@ -211,6 +258,9 @@ def quantize(key: PRNGKey, prepared: Prepared, policy: Policy,
                    batches, policy, range_method=options.weight_range,
                    iters=options.adaround_iters, sequential=options.adaround_sequential)
     report["adaround_layer_seconds"] = result.seconds
+    if isinstance(qmodel, Quantized):  # Ops without a geometry keep nearest rounding.
+      report["adaround_skipped"] = [n for n in prepared.recorded
+                                    if n not in result.seconds]
     variables = folding.copy_tree(result.variables)
     for name, rng in result.ranges.items():
       layer = folding.get_path(variables["params"], tuple(name.split("/")))
@@ -218,7 +268,7 @@ def quantize(key: PRNGKey, prepared: Prepared, policy: Policy,
                                "hi": jnp.asarray(rng["hi"], jnp.float32)}
   elif options.bias_correction == "empirical":
     variables = timed("bias_correction", bc_lib.empirical_bias_correction, qmodel,
-                      variables, batches, policy)
+                      variables, batches, policy, pairs=prepared.bn_pairs)
   elif options.bias_correction == "analytic":
     if prepared.bn_stats is None:
       raise ValueError("bias_correction is 'analytic' with fold_bn False; allowed: "
@@ -239,8 +289,14 @@ def ptq(key: PRNGKey, model: nn.Module, variables: PyTree, batches: Sequence[Any
 
   Args:
     key: PRNG key (AdaRound's mini-batches).
-    model: the floating-point model (a haqjax zoo model or any model built
-      from `QConv`/`QDense` + `conv_bn`).
+    model: the floating-point model: a haqjax zoo model or any model built
+      from `QConv`/`QDense` + `conv_bn`, or a plain `flax.linen` model
+      (wrapped by `haqjax.nn.quantized` here if it is not already). For a
+      plain model the BNs are folded by data flow
+      (`folding.traced_bn_pairs`), AdaRound and bias correction take its
+      `nn.Conv` and `nn.Dense` ops (`haqjax.ptq.wrapped`), the other ops
+      (matmuls of two activations included) are calibrated only, and
+      `cle` and analytic bias correction are not available.
     variables: its trained `{"params", "batch_stats"}`.
     batches: calibration batches (dicts with "image" and optional "mask", or
       image arrays), read several times.
@@ -252,8 +308,8 @@ def ptq(key: PRNGKey, model: nn.Module, variables: PyTree, batches: Sequence[Any
     runs the quantized network.
 
   Raises:
-    ValueError: no batches, non-finite images or activations, or a policy
-      that does not fit the model.
+    ValueError: no batches, non-finite images or activations, a policy
+      that does not fit the model, or a step a plain model cannot take.
   """
   return quantize(key, prepare(model, variables, batches, options), policy, options)
 

@@ -1,0 +1,100 @@
+"""PTQ's per-layer passes on a plain flax model (`haqjax.nn.quantized`).
+
+The PTQ flow (`haqjax.ptq.pipeline`) reads the layers of a haqjax-layer
+model off its `QConv`/`QDense` modules. A model the user wrote with flax's
+layers has intercepted ops instead (`haqjax.nn.intercept`), and this module
+gives the passes what they need from those:
+
+* `layer_geometries`: the linear map of each `nn.Conv` (2-D, NHWC, no
+  dilation, padding 'SAME', 'VALID' or explicit) and `nn.Dense` op, which
+  AdaRound reconstructs. Other ops (`nn.DenseGeneral`, `nn.Einsum`, a
+  dilated or circular convolution, a matmul of two activations, which has
+  no weights) keep nearest rounding on their calibrated grid.
+* `output_errors`: per `nn.Conv`/`nn.Dense` op, the output shift its
+  quantized kernel causes on its floating-point input, for empirical bias
+  correction. The op's own computation (flax's, through the interception)
+  runs on the kernel error, so strides, padding and groups are the layer's.
+
+The BatchNorms that take those corrections are the traced conv -> BN pairs
+(`haqjax.ptq.folding.traced_bn_pairs`), not names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+from flax.linen.linear import canonicalize_padding
+import jax
+import jax.numpy as jnp
+
+from haqjax.nn.quantized import Quantized
+from haqjax.nn.quantized import apply_float
+from haqjax.nn.quantized import op_quantizers
+from haqjax.policy import Policy
+from haqjax.ptq.layer_geometry import LayerGeometry
+from haqjax.typing import Array, ArrayLike, PyTree
+
+
+def geometry(module: nn.Module) -> LayerGeometry | None:
+  """The `LayerGeometry` of an `nn.Conv` or `nn.Dense`; None for other modules."""
+  if isinstance(module, nn.Dense):
+    return LayerGeometry(kind="dense")
+  if not isinstance(module, nn.Conv) or len(module.kernel_size) != 2:
+    return None
+  dilations = (module.input_dilation, module.kernel_dilation)
+  if any(d not in (None, 1, (1, 1)) for d in dilations):
+    return None
+  padding = canonicalize_padding(module.padding, 2)
+  if isinstance(padding, str) and padding not in ("SAME", "VALID"):
+    return None  # 'CIRCULAR', 'CAUSAL': flax pads the input itself.
+  return LayerGeometry(kind="conv", strides=module.strides or 1, padding=padding,
+                       groups=module.feature_group_count)
+
+
+def _sites(model: Quantized, variables: PyTree, images: Array, fn) -> dict[str, Any]:
+  """`{op name: fn(site, lhs, rhs, compute)}` of every op with a geometry."""
+  found: dict[str, Any] = {}
+
+  def handle(site, lhs, rhs, compute):
+    if site.kind != "matmul" and geometry(site.module) is not None:
+      found[site.name] = fn(site, lhs, rhs, compute)
+    return compute(lhs, rhs)
+
+  apply_float(model, variables, handle, images, train=False)
+  return found
+
+
+def layer_geometries(model: Quantized, variables: PyTree, image: ArrayLike
+                     ) -> dict[str, LayerGeometry]:
+  """`{op name: LayerGeometry}` of the ops AdaRound can reconstruct, call order."""
+  found = {}
+
+  def run(v, x):
+    found.update(_sites(model, v, x, lambda site, *_: geometry(site.module)))
+
+  jax.eval_shape(run, variables, jnp.asarray(image)[:1])
+  return found
+
+
+def output_errors(model: Quantized, variables: PyTree, images: Array, weights: Array,
+                  policy: Policy) -> dict[str, tuple[Array, ...]]:
+  """Per `nn.Conv`/`nn.Dense` op: the sum of `y_q - y` per output channel and
+  its count, the sum of `x` per input channel and its count (weighted by
+  example), as `haqjax.ptq.bias_correction` measures a haqjax layer's."""
+  def measure(site, x, kernel, compute):
+    weight_q, _ = op_quantizers(model.quant_scheme, site.name, site.kind)
+    scope = site.module.scope
+    params = (scope.get_variable("params", "weight_quant")
+              if scope.has_variable("params", "weight_quant") else {})
+    w_bits, _ = policy.bits_for(site.name)
+    err = compute(x, weight_q(params, kernel, w_bits) - kernel).astype(jnp.float32)
+    x = x.astype(jnp.float32)
+    w = weights.reshape((-1,) + (1,) * (err.ndim - 1))  # [N, 1, ..., 1]
+    wx = weights.reshape((-1,) + (1,) * (x.ndim - 1))
+    axes_y, axes_x = tuple(range(err.ndim - 1)), tuple(range(x.ndim - 1))
+    return (jnp.sum(err * w, axis=axes_y),
+            jnp.sum(jnp.broadcast_to(w, err.shape[:-1] + (1,))),
+            jnp.sum(x * wx, axis=axes_x), jnp.sum(jnp.broadcast_to(wx, x.shape[:-1] + (1,))))
+
+  return _sites(model, variables, images, measure)

@@ -1,0 +1,108 @@
+"""haqjax.ptq.ptq on plain flax models: the haqjax-layer twin's results."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from haqjax import models
+from haqjax.nn import layer_table
+from haqjax.nn import pointwise
+from haqjax.nn import quantized
+from haqjax.policy import Policy
+from haqjax.ptq import PTQOptions
+from haqjax.ptq import folding
+from haqjax.ptq import ptq
+from haqjax.ptq import wrapped
+from nn_intercept_resnet_test import ResNet
+from nn_intercept_testing import random_variables
+from nn_intercept_testing import strip_quantizers
+
+SHAPE = (16, 8, 8, 3)
+
+
+@pytest.fixture(scope="module")
+def twins():
+  """(haqjax ResNet, the plain ResNet (unwrapped), variables, calibration, eval data)."""
+  haq = models.CifarResNet(stage_sizes=(1, 1), widths=(4, 8))
+  rng = np.random.default_rng(2)
+  images = jnp.asarray(rng.normal(size=(64, *SHAPE[1:])), jnp.float32)
+  variables = random_variables(haq, images[:1])
+  labels = jnp.argmax(haq.apply(variables, images, policy=None), -1)  # FP32: 100%
+  calibration = [{"image": images[:16]}, {"image": images[16:32]}]
+  return haq, ResNet(stage_sizes=(1, 1), widths=(4, 8)), variables, calibration, (images[32:], labels[32:])
+
+
+def _top1(model, variables, data, policy):
+  logits = model.apply(variables, data[0], policy=policy)
+  return float(jnp.mean(jnp.argmax(logits, -1) == data[1])) * 100, logits
+
+
+@pytest.mark.parametrize("options", [
+    PTQOptions(cle=False, adaround=True, adaround_iters=60, weight_range="minmax",
+               act_range="minmax"),
+    PTQOptions(cle=False, adaround=False, bias_correction="empirical"),
+], ids=["adaround", "bias_correction"])
+def test_w8a8_equals_the_haqjax_resnet_s(twins, options, monkeypatch):
+  """Same data, same options: the same folded, rounded and corrected network.
+
+  The two run the same arithmetic in another order (flax's convolutions and
+  haqjax's), so values agree to float32 rounding (1e-5 relative); the top-1
+  on 32 images is then equal unless a logit pair sits within that of a tie.
+  """
+  monkeypatch.setattr(pointwise, "MATMUL_BACKENDS", ())  # 1x1 convs as XLA's
+  haq, plain, variables, calibration, data = twins
+  policy = Policy.uniform(layer_table(haq, SHAPE).names, 8, 8)
+  key = jax.random.key(0)
+  want = ptq(key, haq, variables, calibration, policy, options)
+  got = ptq(key, plain, strip_quantizers(variables), calibration, policy, options)
+  # The BNs found by data flow are the ones the zoo's names pair.
+  assert sorted(got.report["bn_pairs"]) == sorted(
+      [p.name, "/".join(p.bn_path)] for p in folding.bn_pairs(variables))
+  assert len(got.report["bn_pairs"]) == 6
+  for (path, a), (_, b) in zip(
+      jax.tree_util.tree_leaves_with_path(got.variables["params"]),
+      jax.tree_util.tree_leaves_with_path(want.variables["params"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  top1_want, logits_want = _top1(want.model, want.variables, data, policy)
+  top1_got, logits_got = _top1(got.model, got.variables, data, policy)
+  np.testing.assert_allclose(logits_got, logits_want, rtol=1e-4, atol=1e-4)
+  assert top1_got == top1_want
+  # The flow changed the network: W8A8 is not the float model's.
+  _, fp32 = _top1(haq, variables, data, None)
+  assert np.abs(np.asarray(logits_got) - np.asarray(fp32)).max() > 1e-4
+  if options.adaround:
+    assert set(got.report["adaround_layer_seconds"]) == set(policy.names)
+    assert got.report["adaround_skipped"] == []
+
+
+class TinyAttention(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(8, (3, 3), strides=3, padding="VALID", name="embed")(x)
+    x = x.reshape(x.shape[0], -1, x.shape[-1])
+    x = x + nn.MultiHeadDotProductAttention(num_heads=2, name="attention")(x, x)
+    return nn.Dense(3, name="head")(x.mean(axis=1))
+
+
+def test_attention_matmuls_are_calibrated_only():
+  model = TinyAttention()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 6, 6, 1)), jnp.float32)
+  variables = model.init(jax.random.key(0), x[:1])
+  # AdaRound and bias correction take the nn.Conv and nn.Dense ops only.
+  assert list(wrapped.layer_geometries(quantized(model), variables, x)) == ["embed", "head"]
+  policy = Policy.uniform(("embed", "attention/query", "attention/key", "attention/value",
+                           "attention/qk", "attention/pv", "attention/out", "head"), 8, 8)
+  result = ptq(jax.random.key(1), model, variables, [x], policy,
+               PTQOptions(cle=False, adaround=False, bias_correction="empirical"))
+  assert result.report["bn_pairs"] == []
+  params = result.variables["params"]
+  assert not np.allclose(params["head"]["bias"], variables["params"]["head"]["bias"])
+  np.testing.assert_array_equal(params["attention"]["out"]["bias"],
+                                variables["params"]["attention"]["out"]["bias"])
+  qk = params["attention"]["qk"]
+  assert set(qk) == {"act_quant", "rhs_quant"}
+  assert np.all(qk["rhs_quant"]["hi"] > qk["rhs_quant"]["lo"])  # calibrated
+  with pytest.raises(ValueError, match="cle is True for a plain flax model"):
+    ptq(jax.random.key(1), model, variables, [x], policy, PTQOptions())
