@@ -40,13 +40,24 @@ def test_notebook_is_stored_without_outputs(path):
 
 @pytest.fixture(scope="module")
 def kernel_env(tmp_path_factory):
-  """A 'python3' kernel spec for this interpreter, and the small settings."""
+  """A 'python3' kernel spec for this interpreter, and the small settings.
+
+  The kernels share the tests' persistent compilation cache (conftest.py):
+  the notebooks' stages compile some of the same steps (the digits model's
+  FP32 and QAT steps, in both job notebooks), which are then read back
+  instead of compiled again.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
   from ipykernel import kernelspec  # pylint: disable=g-import-not-at-top
   prefix = tmp_path_factory.mktemp("jupyter")
   kernelspec.install(kernel_name="python3", prefix=str(prefix))
   env = {"JUPYTER_PATH": os.path.join(prefix, "share", "jupyter"),
          "HAQJAX_NOTEBOOK_SMALL": "1", "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+  if jax.config.jax_compilation_cache_dir:
+    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(
+        jax.config.jax_persistent_cache_min_compile_time_secs)
   return env
 
 
