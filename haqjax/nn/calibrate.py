@@ -157,7 +157,7 @@ class Calibrator:
         if key in entry and not np.all(np.isfinite(entry[key])):
           raise ValueError(f"calibration: the input of layer {name!r} has non-finite "
                            "values (NaN or Inf); allowed: finite activations")
-      layer = get_path(params, entry["path"])
+      layer = _entry(params, entry["path"])  # {}: parameter-free quantizers
       for role, wanted in zip(_ROLES, (activations, weights, activations)):
         if wanted and role in layer:
           traceable = self._is_traceable(variables, _recorded(entry, role), policy,
@@ -268,6 +268,20 @@ class Calibrator:
       except _UNTRACEABLE:
         self._traceable[name, role] = False
     return self._traceable[name, role]
+
+
+def _entry(params: PyTree, path: tuple[str, ...]) -> PyTree:
+  """The parameters at `path`, or {} where there are none.
+
+  A matmul of two activations whose quantizers have no parameters (min-max)
+  stores no entry at all (`haqjax.nn.quantized`), so it has nothing to
+  calibrate.
+  """
+  for key in path:
+    if not isinstance(params, dict) or key not in params:
+      return {}
+    params = params[key]
+  return params
 
 
 def _recorded(entry: dict[str, Any], role: str) -> np.ndarray | None:

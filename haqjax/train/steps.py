@@ -9,6 +9,12 @@ stream. A training step given a base `key` feeds that stream with
 `fold_in(key, state.step)`, so no two steps share a key and a resumed run
 draws what an uninterrupted one would. Evaluation feeds it from the fixed
 `EVAL_SEED` (folded with the batch index), so it stays deterministic.
+
+Models with `nn.Dropout` (a plain flax model wrapped by
+`haqjax.nn.quantized`) draw from the `dropout` stream in training:
+`fold_in(fold_in(key, DROPOUT_STREAM), state.step)`, a fresh key per step
+(from `key(EVAL_SEED)` when no `key` is given). Evaluation runs in eval mode,
+where dropout draws nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ Metrics = dict[str, Array]
 
 # Seed of the `quant` stream in evaluation: the same noise for every call.
 EVAL_SEED = 0
+# Folded into a training step's base key for the `dropout` stream.
+DROPOUT_STREAM = 2
 
 
 @flax.struct.dataclass
@@ -101,6 +109,16 @@ def _loss(logits: Array, labels: Array, label_smoothing: float) -> Array:
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)  # [B]
 
 
+def dropout_key(key: PRNGKey | None, step: ArrayLike) -> PRNGKey:
+  """The `dropout` stream's key of training step `step`: one per step, never reused.
+
+  `fold_in(fold_in(key, DROPOUT_STREAM), step)`, apart from the `quant`
+  stream's `fold_in(key, step)`; `key(EVAL_SEED)` stands in for a None `key`.
+  """
+  base = jax.random.key(EVAL_SEED) if key is None else key
+  return jax.random.fold_in(jax.random.fold_in(base, DROPOUT_STREAM), step)
+
+
 def train_step(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
                batch: Batch, policy: Policy | None, *, label_smoothing: float = 0.0,
                key: PRNGKey | None = None) -> tuple[TrainState, Metrics]:
@@ -115,12 +133,15 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, state: TrainS
     label_smoothing: label smoothing of the cross-entropy.
     key: base key of the `quant` RNG stream (stochastic rounding); this step
       draws from `fold_in(key, state.step)`. None: no `quant` stream, which
-      only quantizers that round deterministically allow.
+      only quantizers that round deterministically allow. The `dropout`
+      stream is `dropout_key(key, state.step)`.
 
   Returns:
     The next state and this step's loss, top-1 and gradient norm.
   """
-  rngs = None if key is None else {"quant": jax.random.fold_in(key, state.step)}
+  rngs = {"dropout": dropout_key(key, state.step)}
+  if key is not None:
+    rngs["quant"] = jax.random.fold_in(key, state.step)
 
   def loss_fn(params):
     logits, updates = model.apply(

@@ -44,7 +44,9 @@ from haqjax.train import steps
 from haqjax.train import writers
 from haqjax.train.config import Config
 
-_QUANT_PARAMS = ("weight_quant", "act_quant")
+# Quantizer parameters (a matmul of two activations has its second operand's
+# `rhs_quant`), which an FP32 model entering QAT lacks.
+_QUANT_PARAMS = ("weight_quant", "act_quant", "rhs_quant")
 _QUANT_STREAM = 1  # Folded into the seed's key for the `quant` RNG stream.
 
 # Fields that may differ between a run and its resumption.

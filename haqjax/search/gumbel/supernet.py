@@ -273,7 +273,8 @@ class GumbelSearch:
     out, updates = self.model.apply(
         {"params": trainable["model"], "batch_stats": state.batch_stats},
         batch["image"], policy=self.soft_policy(w_mix, a_mix), train=True,
-        mutable=["batch_stats"], rngs={"quant": k_q})
+        mutable=["batch_stats"],
+        rngs={"quant": k_q, "dropout": jax.random.fold_in(key, steps.DROPOUT_STREAM)})
     labels = batch["label"]
     targets = optax.smooth_labels(jax.nn.one_hot(labels, out.shape[-1]),
                                   self.label_smoothing)
