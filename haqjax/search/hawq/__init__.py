@@ -4,6 +4,8 @@
   estimator, forward-over-reverse Hessian-vector products, vmapped probes).
 - `sensitivity`: per-layer traces of a model's loss (kernels and inputs),
   quantization errors and the perturbation table `Omega[l, w, a]`.
+- `wrapped`: the loss and trace point of a plain flax model
+  (`haqjax.nn.quantized`), matmuls of two activations by both operands.
 - `measure`: one sensitivity pass and its `sensitivity.json`.
 - `problem`: the allocation problem on the cost table's axes (candidates,
   fixed and tied layers, the budget's limit).
