@@ -15,6 +15,7 @@ from haqjax.policy import load_policy
 from launcher_testing import launch
 from launcher_testing import assert_one_line_error
 from launcher_testing import PNG_SIGNATURE
+from launcher_testing import shared_digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,16 +46,12 @@ def test_bad_flags_fail_with_one_line(tmp, flags, fragments):
 
 
 @pytest.fixture(scope="module")
-def run(tmp):
-  fp32 = tmp / "fp32"
-  proc = launch("--flagfile=experiments/flags/digits.flags", f"--data_dir={tmp / 'data'}",
-                f"--workdir={fp32}", f"--compilation_cache={tmp / 'jit'}", "--noprogress",
-                "--epochs=2")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+def run(tmp, tmp_path_factory):
+  flags, fp32 = shared_digits(tmp_path_factory)
   workdir = tmp / "search"
-  args = [*_digits(tmp, workdir), f"--init_from={fp32}", "--budget=0.85",
-          "--gumbel_epochs=2", "--gumbel_warmup_epochs=0.5", "--finetune_epochs=0.25",
-          "--log_every_steps=5", "--first_layer_w8"]
+  args = [*flags, f"--workdir={workdir}", "--mode=gumbel", f"--init_from={fp32}",
+          "--budget=0.85", "--gumbel_epochs=2", "--gumbel_warmup_epochs=0.5",
+          "--finetune_epochs=0.25", "--log_every_steps=5", "--first_layer_w8", "--noexport"]
   proc = launch(*args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc, args

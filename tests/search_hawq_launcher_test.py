@@ -10,6 +10,7 @@ import pytest
 from haqjax.train.config import MODES
 from launcher_testing import assert_one_line_error
 from launcher_testing import launch
+from launcher_testing import shared_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,13 +51,15 @@ def test_bad_hawq_flag_fails_with_one_line(tmp_path):
 
 
 @needs_mode
-def test_mode_hawq_runs_end_to_end(tmp_path):
+def test_mode_hawq_runs_end_to_end(tmp_path, tmp_path_factory):
+  # The job trains its own 1-epoch FP32 model (no --init_from), on the shared
+  # prepared data and compilation cache.
+  flags = shared_flags(tmp_path_factory)
   workdir = tmp_path / "job"
-  proc = launch("--flagfile=experiments/flags/digits.flags", f"--data_dir={tmp_path}",
-                f"--workdir={workdir}", f"--compilation_cache={tmp_path / 'jit'}",
-                "--noprogress", "--notensorboard", "--mode=hawq", "--epochs=1",
+  proc = launch(*flags, f"--workdir={workdir}", "--mode=hawq", "--epochs=1",
                 "--budget=0.85", "--finetune_epochs=0.25", "--nofinetune_uniform_reference",
-                "--hawq_probes=2", "--hawq_max_iterations=3", "--hawq_batches=1")
+                "--hawq_probes=2", "--hawq_max_iterations=3", "--hawq_batches=1",
+                "--noexport")
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
   assert summary["mode"] == "hawq" and 2 <= summary["steps"] <= 3

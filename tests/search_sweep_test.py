@@ -23,6 +23,7 @@ from haqjax.search.gumbel import candidate_tensor
 from haqjax.search.gumbel import single as search_lib
 from haqjax.search.gumbel import sweep as sweep_lib
 from haqjax.train import checkpoint as ckpt_lib
+from launcher_testing import shared_digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -188,12 +189,10 @@ def test_bad_sweep_flags_fail_with_one_line(tmp, flags, fragments):
   assert not workdir.exists()
 
 
-def test_sweep_writes_table_and_pareto(tmp):
-  fp32 = tmp / "fp32"
-  proc = launch("experiments.imagenet", "--flagfile=experiments/flags/digits.flags",
-                f"--workdir={fp32}", f"--compilation_cache={tmp / 'jit'}", "--noprogress",
-                "--epochs=2")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+def test_sweep_writes_table_and_pareto(tmp, tmp_path_factory):
+  flags, fp32 = shared_digits(tmp_path_factory)
+  # The shared prepared data and compilation cache.
+  shared = [f for f in flags if f.startswith(("--data_dir=", "--compilation_cache="))]
   rl = tmp / "rl"
   rl.mkdir()
   (rl / "results.json").write_text(json.dumps(
@@ -201,7 +200,7 @@ def test_sweep_writes_table_and_pareto(tmp):
   uniform = tmp / "uniform.json"
   uniform.write_text(json.dumps({"w2a2": 30.0, "w8a8": {"test_top1": 60.0}}))
   workdir = tmp / "run"
-  proc = launch(*_sweep_args(tmp, workdir), f"--init_from={fp32}",
+  proc = launch(*_sweep_args(tmp, workdir), *shared, f"--init_from={fp32}",
                 "--sweep.budget=0.4,0.8", "--finetune_epochs=0.25",
                 f"--uniform_results={uniform}", "--uniform_policies=w4a4",
                 f"--rl_workdir={rl}")
