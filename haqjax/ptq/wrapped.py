@@ -27,6 +27,7 @@ import flax.linen as nn
 from flax.linen.linear import canonicalize_padding
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from haqjax.nn.quantized import Quantized
 from haqjax.nn.quantized import apply_float
@@ -40,8 +41,8 @@ def geometry(module: nn.Module) -> LayerGeometry | None:
   """The `LayerGeometry` of an `nn.Conv` or `nn.Dense`; None for other modules."""
   if isinstance(module, nn.Dense):
     return LayerGeometry(kind="dense")
-  if not isinstance(module, nn.Conv) or len(module.kernel_size) != 2:
-    return None
+  if not isinstance(module, nn.Conv) or len(np.atleast_1d(module.kernel_size)) != 2:
+    return None  # An int kernel_size is a 1-D convolution.
   dilations = (module.input_dilation, module.kernel_dilation)
   if any(d not in (None, 1, (1, 1)) for d in dilations):
     return None
