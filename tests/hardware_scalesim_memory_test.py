@@ -1,6 +1,7 @@
 """The systolic target's scratchpad model against the `scalesim` package.
 
-Each case runs one conv layer through SCALE-Sim's `single_layer_sim` with
+Each case runs one layer (a conv row of SCALE-Sim's topology format, or a
+GEMM row of its `M, N, K` format) through SCALE-Sim's `single_layer_sim` with
 `InterfaceBandwidth: USER` (in a temporary directory) and through
 `haqjax.hardware.Systolic(bandwidth_mode='user')` at 8 bits, where a word is a
 byte on both sides. The figure of the benchmark is `agreement()`:
@@ -8,7 +9,7 @@ byte on both sides. The figure of the benchmark is `agreement()`:
   python tests/hardware_scalesim_memory_test.py
 
 prints the mean and max relative error of total cycles (compute plus stall)
-and of the DRAM traffic over `CASES`.
+and of the DRAM traffic over `CASES`, per dataflow.
 """
 
 import builtins
@@ -17,6 +18,7 @@ import dataclasses
 import io
 import math
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -24,17 +26,26 @@ import pytest
 from haqjax import hardware
 from haqjax.hardware import topology
 
-HEADER = ("Layer name, IFMAP Height, IFMAP Width, Filter Height, Filter Width, "
-          "Channels, Num Filter, Strides,\n")
-# (name, H, W, R, S, C, F, stride): padded IFMAP sizes, SCALE-Sim's columns.
+CONV_HEADER = ("Layer name, IFMAP Height, IFMAP Width, Filter Height, Filter Width, "
+               "Channels, Num Filter, Strides,\n")
+GEMM_HEADER = "Layer, M, N, K,\n"
+# Conv rows (name, H, W, R, S, C, F, stride; padded IFMAP sizes, SCALE-Sim's
+# columns) and GEMM rows (name, M, N, K). `copies`: the ifmap holds im2col
+# copies of its words.
 LAYERS = {"conv3x3": ("conv3x3", 10, 10, 3, 3, 8, 16, 1),
+          "c3_s2": ("c3_s2", 13, 13, 3, 3, 8, 16, 2),
           "pw": ("pw", 8, 8, 1, 1, 32, 32, 1),
-          "conv8": ("conv8", 12, 12, 3, 3, 8, 8, 1)}
+          "pw_s2": ("pw_s2", 11, 11, 1, 1, 16, 24, 2),
+          "pw16": ("pw16", 6, 6, 1, 1, 64, 48, 1),
+          "fc": ("fc", 40, 24, 48)}
+COPIES = ("conv3x3", "c3_s2")
 # (dataflow, rows, cols, SRAM KiB, bandwidth words/cycle, layer).
-CASES = tuple((df, r, c, kb, bw, layer)
+CASES = tuple((df, *arch)
               for df in ("os", "ws", "is")
-              for (r, c, kb, bw, layer) in ((8, 8, 1, 4, "conv3x3"), (8, 8, 2, 16, "pw"),
-                                            (16, 16, 1, 2, "conv8"), (4, 8, 64, 2, "conv3x3")))
+              for arch in ((8, 8, 1, 4, "conv3x3"), (8, 8, 1, 2, "c3_s2"),
+                           (16, 16, 1, 4, "pw"), (8, 8, 1, 4, "pw_s2"),
+                           (4, 4, 1, 2, "fc"), (32, 32, 2, 8, "pw16"),
+                           (128, 128, 8, 32, "pw16")))
 
 
 def _max(*args, **kwargs):
@@ -44,8 +55,18 @@ def _max(*args, **kwargs):
   return r.reshape(()).item() if isinstance(r, np.ndarray) and r.size == 1 else r
 
 
+def write_layer(layer, workdir):
+  """Writes `layer` as a one-row topology CSV; returns its path and format."""
+  gemm = len(layer) == 4
+  path = os.path.join(workdir, "gemm.csv" if gemm else "layer.csv")
+  with open(path, "w") as f:
+    f.write((GEMM_HEADER if gemm else CONV_HEADER)
+            + ", ".join(str(v) for v in layer) + ",\n")
+  return path, gemm
+
+
 def run_scalesim(dataflow, rows, cols, kb, bw, layer, workdir):
-  """SCALE-Sim's compute and stall cycles and DRAM words of one conv layer."""
+  """SCALE-Sim's compute and stall cycles and DRAM words of one layer."""
   from scalesim.layout_utils import layouts  # pylint: disable=g-import-not-at-top
   from scalesim.memory import double_buffered_scratchpad_mem  # pylint: disable=g-import-not-at-top
   from scalesim.memory import read_buffer  # pylint: disable=g-import-not-at-top
@@ -53,11 +74,9 @@ def run_scalesim(dataflow, rows, cols, kb, bw, layer, workdir):
   from scalesim.single_layer_sim import single_layer_sim  # pylint: disable=g-import-not-at-top
   from scalesim.topology_utils import topologies  # pylint: disable=g-import-not-at-top
   read_buffer.max = double_buffered_scratchpad_mem.max = _max
-  path = os.path.join(workdir, "layer.csv")
-  with open(path, "w") as f:
-    f.write(HEADER + ", ".join(str(v) for v in layer) + ",\n")
+  path, gemm = write_layer(layer, workdir)
   topo = topologies()
-  topo.load_arrays(path)
+  topo.load_arrays(path, mnk_inputs=gemm)
   cfg = scale_config()
   cfg.array_rows, cfg.array_cols, cfg.df = rows, cols, dataflow
   cfg.ifmap_sz_kb = cfg.filter_sz_kb = cfg.ofmap_sz_kb = kb
@@ -77,9 +96,8 @@ def run_scalesim(dataflow, rows, cols, kb, bw, layer, workdir):
 
 
 def run_haqjax(dataflow, rows, cols, kb, bw, layer, workdir):
-  path = os.path.join(workdir, "layer.csv")
-  with open(path, "w") as f:
-    f.write(HEADER + ", ".join(str(v) for v in layer) + ",\n")
+  """haqjax's cycles and DRAM bytes of the same layer (roofline cycles too)."""
+  path, _ = write_layer(layer, workdir)
   target = hardware.Systolic(rows=rows, cols=cols, dataflow=dataflow,
                              bandwidth_mode="user", ifmap_sram_bytes=kb * 1024,
                              filter_sram_bytes=kb * 1024, ofmap_sram_bytes=kb * 1024,
@@ -95,27 +113,40 @@ def run_haqjax(dataflow, rows, cols, kb, bw, layer, workdir):
           "ofmap": c["ofmap_dram_bytes"]}
 
 
+def relative_errors(s, h):
+  """Signed relative errors of haqjax's `h` against SCALE-Sim's `s`."""
+  total_s = s["compute_cycles"] + s["stall_cycles"]
+  total_h = h["compute_cycles"] + h["stall_cycles"]
+  errs = {"cycles": (total_h - total_s) / total_s,
+          "roofline": (h["roofline_cycles"] - total_s) / total_s}
+  for k in ("ifmap", "filter", "ofmap"):
+    errs[k] = (h[k] - s[k]) / s[k]
+  return errs
+
+
 def agreement(cases=CASES, workdir=None):
   """Relative errors of haqjax against SCALE-Sim over `cases`.
 
   Returns:
-    `{quantity: (mean, max)}` for 'cycles' (compute plus stall), 'ifmap',
-    'filter' and 'ofmap' (DRAM words), and the per-case rows.
+    `{dataflow or 'all': {quantity: (mean, max)}}` of absolute relative
+    errors for 'cycles' (compute plus stall), 'roofline' (the roofline
+    mode's cycles), 'ifmap', 'filter' and 'ofmap' (DRAM words), and the
+    per-case rows `(case, scalesim, haqjax, errors)`.
   """
-  import tempfile  # pylint: disable=g-import-not-at-top
-  rows, errs = [], {"cycles": [], "ifmap": [], "filter": [], "ofmap": []}
+  rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for case in cases:
       *arch, name = case
       s = run_scalesim(*arch, LAYERS[name], workdir or tmp)
       h = run_haqjax(*arch, LAYERS[name], workdir or tmp)
-      total_s = s["compute_cycles"] + s["stall_cycles"]
-      total_h = h["compute_cycles"] + h["stall_cycles"]
-      errs["cycles"].append(abs(total_h - total_s) / total_s)
-      for k in ("ifmap", "filter", "ofmap"):
-        errs[k].append(abs(h[k] - s[k]) / s[k])
-      rows.append((case, s, h))
-  return {k: (float(np.mean(v)), float(np.max(v))) for k, v in errs.items()}, rows
+      rows.append((case, s, h, relative_errors(s, h)))
+  summary = {}
+  for group in ("os", "ws", "is", "all"):
+    errs = [e for case, _, _, e in rows if group in (case[0], "all")]
+    if errs:
+      summary[group] = {k: (float(np.mean([abs(e[k]) for e in errs])),
+                            float(np.max([abs(e[k]) for e in errs]))) for k in errs[0]}
+  return summary, rows
 
 
 @pytest.fixture(scope="module")
@@ -125,44 +156,38 @@ def measured(tmp_path_factory):
 
 
 def test_stall_free_cycles_equal(measured):
-  for case, s, h in measured[1]:
+  for case, s, h, _ in measured[1]:
     assert h["compute_cycles"] == s["compute_cycles"], case
 
 
-def test_operands_that_fit_are_exact(measured):
-  # 64 KiB holds every operand: one fill each, no window moves, no stall.
-  for case, s, h in measured[1]:
-    if case[3] == 64:
-      assert (h["ifmap"], h["filter"], h["stall_cycles"]) == (
-          s["ifmap"], s["filter"], s["stall_cycles"]), case
+def test_reads_without_im2col_copies_equal(measured):
+  # Filters, GEMM inputs and the inputs of 1x1 layers hold each word once:
+  # the fold-by-fold walk of the window is SCALE-Sim's, window turns
+  # included, so the DRAM words read are its own.
+  for case, s, h, _ in measured[1]:
+    operands = ("filter",) if case[-1] in COPIES else ("ifmap", "filter")
+    for k in operands:
+      assert h[k] == s[k], (case, k)
 
 
 def test_writes_within_line_padding(measured):
   # SCALE-Sim counts the -1 padding of a drained write line except in its
   # last line: at most `bw` words more per drain than the words written.
-  for case, s, h in measured[1]:
+  for case, s, h, _ in measured[1]:
     drain = case[3] * 1024 - math.ceil(case[3] * 1024 / 2)
     drains = math.ceil(h["ofmap"] / drain) + 1
     assert h["ofmap"] <= s["ofmap"] <= h["ofmap"] + drains * case[4], case
 
 
-def test_a_lower_bound_closer_than_the_roofline(measured):
-  # What the closed form leaves out (systolic_memory's docstring) only adds
-  # window moves and stall cycles in SCALE-Sim: fold boundaries whose skew a
-  # move evicts cost a whole extra cycle over the operand, and SCALE-Sim
-  # counts a positive wait twice. So the model bounds reads and cycles from
-  # below, and it must be nearer SCALE-Sim than the roofline bound it replaces.
-  _, rows = measured
-  ours, roof = [], []
-  for case, s, h in rows:
-    total_s = s["compute_cycles"] + s["stall_cycles"]
-    total_h = h["compute_cycles"] + h["stall_cycles"]
-    assert total_h <= total_s, case
-    for k in ("ifmap", "filter"):
-      assert h[k] <= s[k], (case, k)
-    ours.append(abs(total_h - total_s) / total_s)
-    roof.append(abs(h["roofline_cycles"] - total_s) / total_s)
-  assert np.mean(ours) < np.mean(roof)
+def test_total_cycles_agree(measured):
+  # The issue's target, total cycles within a few percent on average, where
+  # each input word is read once; with im2col copies (systolic_memory's
+  # docstring) far nearer SCALE-Sim than the roofline bound, as everywhere.
+  summary, rows = measured
+  alone = [abs(e["cycles"]) for case, _, _, e in rows if case[-1] not in COPIES]
+  assert np.mean(alone) < 0.05
+  for df in ("os", "ws", "is"):
+    assert summary[df]["cycles"][0] < summary[df]["roofline"][0] / 2, df
 
 
 def test_the_model_is_a_traced_function_of_bits():
@@ -184,12 +209,31 @@ def test_the_model_is_a_traced_function_of_bits():
   assert float(c["dram_bytes_per_cycle_needed"][0]) > 0
 
 
+def test_gemm_topology(tmp_path):
+  path = tmp_path / "gemm.csv"
+  path.write_text(GEMM_HEADER + "fc1, 128, 64, 256,\nfc2, 10, 3, 7\n")
+  layers = topology.read_topology(str(path), batch=2)
+  assert layers.names == ("fc1", "fc2")
+  np.testing.assert_array_equal(layers.m, [256, 20])
+  np.testing.assert_array_equal(layers.n, [64, 3])
+  np.testing.assert_array_equal(layers.k, [256, 7])
+  np.testing.assert_array_equal(layers.in_elems, [2 * 128 * 256, 2 * 10 * 7])
+  with pytest.raises(ValueError, match="fmt is 'csv'; allowed: conv, gemm"):
+    topology.read_topology(str(path), fmt="csv")
+
+
+@pytest.mark.parametrize("row,msg", [
+    ("fc, 0, 3, 4,", r"g.csv:2: M is 0; allowed: a positive integer"),
+    ("fc, 3, x, 4,", r"g.csv:2: N is 'x'; allowed: a positive integer"),
+    ("fc, 3, 4", r"g.csv:2: has 3 fields; expected 4: Layer, M, N, K")])
+def test_gemm_topology_errors(row, msg):
+  with pytest.raises(ValueError, match=msg):
+    topology.parse_gemm_topology(GEMM_HEADER + row + "\n", "g.csv")
+
+
 if __name__ == "__main__":
-  summary, table = agreement()
-  for case, s, h in table:
-    print(case, "scalesim", s, "haqjax", {k: round(v) for k, v in h.items()})
-  roof = [abs(h["roofline_cycles"] - s["compute_cycles"] - s["stall_cycles"])
-          / (s["compute_cycles"] + s["stall_cycles"]) for _, s, h in table]
-  print(f"roofline cycles: mean relative error {np.mean(roof):.4f}, max {np.max(roof):.4f}")
-  for k, (mean, worst) in summary.items():
-    print(f"{k}: mean relative error {mean:.4f}, max {worst:.4f}")
+  results, table = agreement()
+  for case, s, h, e in table:
+    print(case, " ".join(f"{k}={v:+.3f}" for k, v in e.items()))
+  for group, errs in results.items():
+    print(group, "  ".join(f"{k}: mean {m:.4f} max {x:.4f}" for k, (m, x) in errs.items()))

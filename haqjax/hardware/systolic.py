@@ -33,7 +33,7 @@ Memory (`bandwidth_mode`):
     cycle)`. A bound, several times SCALE-Sim's cycles for weight-stationary
     layers.
   * 'user': SCALE-Sim's double-buffered scratchpads at a given bandwidth
-    (its `InterfaceBandwidth: USER`), in the closed form of
+    (its `InterfaceBandwidth: USER`), followed fold by fold by
     `haqjax.hardware.systolic_memory`: stall cycles and the ifmap, filter and
     ofmap DRAM traffic (`*_dram_bytes`).
   * 'calc': SCALE-Sim's `InterfaceBandwidth: CALC`: no stalls; the same
@@ -240,7 +240,7 @@ class Systolic:
     bw = {x: 8.0 * (port[x] or self.dram_bytes_per_cycle) / bits[x] for x in bits}
     c = systolic_memory.scratchpad_costs(self.dataflow, self.rows, self.cols,
                                          layers.m, layers.n, layers.k, per_gemm,
-                                         words, bw)
+                                         words, bw, layers.in_elems / layers.groups)
     out = {"stall_cycles": layers.groups * c["stall_cycles"]}
     for x in bits:
       out[f"{x}_dram_bytes"] = layers.groups * c[f"{x}_words"] * bits[x] / 8.0

@@ -1,6 +1,6 @@
-"""Reads SCALE-Sim v2 topology CSV files into `Layers`.
+"""Reads SCALE-Sim topology CSV files (conv and GEMM formats) into `Layers`.
 
-The format (one header line, then one layer per line)::
+The conv format (one header line, then one layer per line)::
 
     Layer name, IFMAP Height, IFMAP Width, Filter Height, Filter Width, Channels, Num Filter, Strides,
     Conv1, 230, 230, 7, 7, 3, 64, 2,
@@ -11,6 +11,16 @@ is depthwise: SCALE-Sim runs it as `Channels` single-channel layers of
 `Num Filter` filters each (so write `Num Filter = 1` for a plain depthwise
 conv). A trailing comma is optional; extra columns (SCALE-Sim's sparsity
 ratio) are ignored.
+
+The GEMM format (SCALE-Sim's `-i gemm`: a header whose columns after the
+name are `M, N, K`)::
+
+    Layer, M, N, K,
+    fc1, 128, 64, 256,
+
+multiplies an `M x K` input by a `K x N` matrix; SCALE-Sim runs it as the conv
+layer `IFMAP M x K, Filter 1 x K, Channels 1, Num Filter N, Strides 1`, and
+so does `read_topology`. A name containing `DP` means nothing in this format.
 
 References:
   A. Samajdar et al., "SCALE-Sim: Systolic CNN Accelerator Simulator",
@@ -27,6 +37,52 @@ from haqjax.hardware.layers import make_layers
 
 COLUMNS = ("Layer name", "IFMAP Height", "IFMAP Width", "Filter Height",
            "Filter Width", "Channels", "Num Filter", "Strides")
+GEMM_COLUMNS = ("Layer", "M", "N", "K")
+FORMATS = ("conv", "gemm")
+
+
+def _cells(line: str) -> list[str]:
+  cells = [c.strip() for c in line.split(",")]
+  return cells[:-1] if cells and cells[-1] == "" else cells
+
+
+def _positive(source: str, n: int, col: str, cell: str) -> int:
+  try:
+    v = int(cell)
+  except ValueError:
+    raise ValueError(f"{source}:{n}: {col} is {cell!r}; allowed: a "
+                     "positive integer") from None
+  if v < 1:
+    raise ValueError(f"{source}:{n}: {col} is {v}; allowed: a positive integer")
+  return v
+
+
+def topology_format(text: str) -> str:
+  """'gemm' when the header's columns after the name are M, N, K, else 'conv'."""
+  lines = [l for l in text.splitlines() if l.strip()]
+  head = [c.lower() for c in _cells(lines[0])] if lines else []
+  return "gemm" if head[1:4] == ["m", "n", "k"] else "conv"
+
+
+def parse_gemm_topology(text: str, source: str = "topology") -> list[dict]:
+  """Parses GEMM CSV text (`Layer, M, N, K`) into `parse_topology` rows."""
+  lines = [l for l in text.splitlines() if l.strip()]
+  if not lines:
+    raise ValueError(f"{source} is empty; expected a header line and layers")
+  rows = []
+  for n, line in enumerate(lines[1:], start=2):
+    cells = _cells(line)
+    if len(cells) < len(GEMM_COLUMNS):
+      raise ValueError(f"{source}:{n}: has {len(cells)} fields; expected "
+                       f"{len(GEMM_COLUMNS)}: {', '.join(GEMM_COLUMNS)}")
+    m, cols, k = (_positive(source, n, col, cell)
+                  for col, cell in zip(GEMM_COLUMNS[1:], cells[1:4]))
+    rows.append(dict(name=cells[0], in_h=m, in_w=k, kernel_h=1, kernel_w=k,
+                     channels=1, filters=cols, stride=1, out_h=m, out_w=1,
+                     depthwise=False))
+  if not rows:
+    raise ValueError(f"{source} has no layers (only a header line)")
+  return rows
 
 
 def parse_topology(text: str, source: str = "topology") -> list[dict]:
@@ -36,22 +92,12 @@ def parse_topology(text: str, source: str = "topology") -> list[dict]:
   if not lines:
     raise ValueError(f"{source} is empty; expected a header line and layers")
   for n, line in enumerate(lines[1:], start=2):
-    cells = [c.strip() for c in line.split(",")]
-    if cells and cells[-1] == "":
-      cells = cells[:-1]
+    cells = _cells(line)
     if len(cells) < len(COLUMNS):
       raise ValueError(f"{source}:{n}: has {len(cells)} fields; expected "
                        f"{len(COLUMNS)}: {', '.join(COLUMNS)}")
-    values = []
-    for col, cell in zip(COLUMNS[1:], cells[1:len(COLUMNS)]):
-      try:
-        v = int(cell)
-      except ValueError:
-        raise ValueError(f"{source}:{n}: {col} is {cell!r}; allowed: a "
-                         "positive integer") from None
-      if v < 1:
-        raise ValueError(f"{source}:{n}: {col} is {v}; allowed: a positive integer")
-      values.append(v)
+    values = [_positive(source, n, col, cell)
+              for col, cell in zip(COLUMNS[1:], cells[1:len(COLUMNS)])]
     name = cells[0]
     h, w, r, s, c, f, stride = values
     if r > h or s > w:
@@ -67,8 +113,22 @@ def parse_topology(text: str, source: str = "topology") -> list[dict]:
   return rows
 
 
-def read_topology(path: str, batch: int = 1) -> Layers:
-  """Reads a SCALE-Sim v2 topology CSV file as `Layers` at `batch`."""
+def read_topology(path: str, batch: int = 1, fmt: str | None = None) -> Layers:
+  """Reads a SCALE-Sim topology CSV file as `Layers` at `batch`.
+
+  Args:
+    path: the CSV file.
+    batch: batch size (multiplies `M`).
+    fmt: 'conv' or 'gemm'; None: from the header (`topology_format`).
+
+  Returns:
+    The `Layers`.
+
+  Raises:
+    ValueError: a missing or malformed file, or an unknown `fmt`.
+  """
+  if fmt is not None and fmt not in FORMATS:
+    raise ValueError(f"fmt is {fmt!r}; allowed: {', '.join(FORMATS)}")
   if not os.path.isfile(path):
     raise ValueError(f"topology file {path!r} does not exist")
   try:
@@ -76,7 +136,8 @@ def read_topology(path: str, batch: int = 1) -> Layers:
       text = f.read()
   except (OSError, UnicodeDecodeError) as e:
     raise ValueError(f"topology file {path!r} cannot be read ({e})") from None
-  return topology_layers(parse_topology(text, path), batch=batch)
+  parse = parse_gemm_topology if (fmt or topology_format(text)) == "gemm" else parse_topology
+  return topology_layers(parse(text, path), batch=batch)
 
 
 def topology_layers(rows: list[dict], batch: int = 1) -> Layers:
