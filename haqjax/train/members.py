@@ -1,0 +1,247 @@
+"""K fine-tunes as one vmapped job: members stacked on a leading axis.
+
+Each member is a QAT run of its own: its own policy (uniform and mixed
+policies run side by side), its own seed and so its own initial noise,
+calibration batches, data order and `quant`/`dropout` keys. Their
+`TrainState`s, policies, keys and batches are stacked on a leading `[K]`
+axis, and one compiled step, `steps.train_step` under `jax.vmap`, trains all
+of them; evaluation is `steps.eval_step` under `vmap` on the shared
+validation and test batches. Bits and keys are arrays, so the same compiled
+step serves any set of K policies and seeds.
+
+Member k follows the standalone run (`trainer.train_and_evaluate` with
+`--seed` = its seed) step for step: the same initial state, calibration,
+batches, keys and learning rates. What differs is only the order of
+floating-point reductions XLA picks for the batched computation, so the
+figures agree to float tolerance, not bit for bit.
+
+  states = init_members(config, model, tx, splits, policies, seeds, variables)
+  fitted = fit_members(config, model, splits, states, policies, seeds, workdir)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from haqjax import data as haq_data
+from haqjax.nn import calibrate as calibrate_lib
+from haqjax.policy import Policy
+from haqjax.train import checkpoint as ckpt_lib
+from haqjax.train import divergence
+from haqjax.train import steps
+from haqjax.train import trainer
+from haqjax.train import writers
+from haqjax.train.config import Config
+from haqjax.typing import PyTree
+
+# Folded into a member's seed key for its `quant` stream, as in `trainer`.
+QUANT_STREAM = 1
+
+
+def stack(trees: Sequence[PyTree]) -> PyTree:
+  """The trees stacked leaf by leaf on a new leading axis `[K, ...]`."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(tree: PyTree, k: int) -> PyTree:
+  """Member `k` of a stacked tree."""
+  return jax.tree.map(lambda x: x[k], tree)
+
+
+def quant_key(seed: int) -> jax.Array:
+  """A member's base key of the `quant` stream (the standalone run's)."""
+  return jax.random.fold_in(jax.random.key(seed), QUANT_STREAM)
+
+
+def schedule_and_optimizer(config: Config, steps_per_epoch: int
+                           ) -> tuple[int, optax.Schedule, optax.GradientTransformation]:
+  """`(total_steps, schedule, tx)` of `config`, as `trainer.train_and_evaluate` builds them."""
+  total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
+  schedule = steps.make_schedule(
+      name=config.schedule, peak=config.learning_rate, total_steps=total_steps,
+      warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)))
+  tx = steps.make_optimizer(name=config.optimizer, learning_rate=schedule,
+                            momentum=config.momentum, weight_decay=config.weight_decay)
+  return total_steps, schedule, tx
+
+
+class MemberSteps:
+  """The compiled-once training and evaluation steps of K stacked members.
+
+  `traces` counts how often each step was traced: 1 for every set of
+  policies and seeds of the same K and shapes.
+  """
+
+  def __init__(self, model, tx: optax.GradientTransformation, *,
+               label_smoothing: float = 0.0):
+    self.traces = {"train": 0, "eval": 0}
+
+    def one_train(state, batch, policy, key):
+      return steps.train_step(model, tx, state, batch, policy,
+                              label_smoothing=label_smoothing, key=key)
+
+    def train(states, batches, policies, keys):
+      self.traces["train"] += 1
+      return jax.vmap(one_train)(states, batches, policies, keys)
+
+    def evaluate(variables, batch, policies, index):
+      self.traces["eval"] += 1
+      return jax.vmap(lambda v, p: steps.eval_step(model, v, batch, p, index))(
+          variables, policies)
+
+    self.train = jax.jit(train, donate_argnums=0)
+    self._eval = jax.jit(evaluate)
+
+  def evaluate(self, variables: PyTree, split, policies: Policy,
+               batch_size: int) -> list[dict[str, float]]:
+    """Every member's `steps.summarize_eval` on `split` (`[]` for an empty split)."""
+    sums = None
+    for index, batch in enumerate(haq_data.batches(
+        split, batch_size=batch_size, seed=0, epoch=0, shuffle=False,
+        drop_remainder=False)):
+      out = self._eval(variables, batch, policies, index)  # Each leaf [K].
+      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    if sums is None:
+      return []
+    sums = jax.device_get(sums)
+    k = len(sums["count"])
+    return [steps.summarize_eval({n: v[i] for n, v in sums.items()}) for i in range(k)]
+
+
+def init_members(config: Config, model, tx: optax.GradientTransformation, splits,
+                 policies: Sequence[Policy], seeds: Sequence[int],
+                 variables: dict[str, Any] | None = None) -> steps.TrainState:
+  """The members' initial states, stacked `[K, ...]`.
+
+  Member k is initialised from `key(seeds[k])`, takes `variables` (the
+  `init_from` run's params and batch_stats) when given, and is calibrated
+  under `policies[k]` on `config.calibration_batches` training batches of
+  its own seed, as a standalone run with that seed is.
+  """
+  input_shape = (1, *splits.spec.image_shape)
+  states = []
+  for seed, policy in zip(seeds, policies):
+    state = steps.init_state(jax.random.key(seed), model, tx, input_shape)
+    if variables is not None:
+      state = trainer.merge_variables(state, variables, tx,
+                                      source=f"init_from={config.init_from!r}",
+                                      model=config.model)
+    if policy is not None:
+      batches = itertools.islice(
+          haq_data.batches(splits.train, batch_size=config.batch_size, seed=seed,
+                           epoch=0, shuffle=True, drop_remainder=False),
+          config.calibration_batches)
+      calibrated = calibrate_lib.calibrate(model, state.variables(), batches, policy)
+      state = state.replace(params=calibrated["params"],
+                            opt_state=tx.init(calibrated["params"]))
+    states.append(state)
+  # Through the host: calibration may leave arrays typed with a mesh axis, which
+  # would retrace the compiled step for otherwise identical inputs.
+  return jax.device_put(jax.device_get(stack(states)))
+
+
+def _stacked_batches(split, config: Config, seeds: Sequence[int], epoch: int,
+                     start: int):
+  """The members' batches of `epoch`, each member in its own seed's order: `[K, B, ...]`."""
+  iterators = [haq_data.batches(split, batch_size=config.batch_size, seed=seed,
+                                epoch=epoch, shuffle=True, drop_remainder=True,
+                                augment=config.augment, start=start)
+               for seed in seeds]
+  for group in zip(*iterators):
+    yield {name: np.stack([np.asarray(b[name]) for b in group]) for name in group[0]}
+
+
+def fit_members(config: Config, model, splits, states: steps.TrainState,
+                policies: Policy, seeds: Sequence[int], workdir: str, *,
+                member_steps: MemberSteps | None = None) -> dict[str, Any]:
+  """Trains the stacked members `config.epochs` epochs, then evaluates each.
+
+  Args:
+    config: the members' recipe (its `seed` is not used: `seeds` are).
+    model: the model.
+    states: the stacked initial states (`init_members`).
+    policies: the stacked policies, `w_bits`/`a_bits` `[K, L]`.
+    seeds: each member's seed: its data order and `quant`/`dropout` keys.
+    workdir: the stacked checkpoints (`checkpoints/`, one per epoch; a rerun
+      resumes from the latest) and `metrics.jsonl` (means over members).
+    member_steps: the compiled steps (default: new ones for `model`).
+
+  Returns:
+    `state` (the final stacked state), `steps`, `epochs`, `val` and `test`
+    (one `steps.summarize_eval` dict per member), `traces` and timings.
+  """
+  steps_per_epoch = haq_data.num_batches(splits.train, config.batch_size,
+                                         drop_remainder=True)
+  if steps_per_epoch == 0:
+    raise ValueError(f"batch_size={config.batch_size} is larger than the training "
+                     f"split ({len(splits.train)} examples)")
+  total_steps, schedule, tx = schedule_and_optimizer(config, steps_per_epoch)
+  member_steps = member_steps or MemberSteps(model, tx,
+                                             label_smoothing=config.label_smoothing)
+  keys = jnp.stack([quant_key(s) for s in seeds])  # [K]
+  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  if checkpointer.latest_step() is not None:
+    states, _ = checkpointer.restore(states)
+  step = int(states.step[0])
+  last_checkpoint = checkpointer.path(step) if step else None
+  writer = writers.create_writer(workdir, tensorboard=False)
+  first_step_seconds, loop_start, running = None, None, []
+  try:
+    while step < total_steps:
+      epoch, skip = divmod(step, steps_per_epoch)
+      for batch in _stacked_batches(splits.train, config, seeds, epoch, skip):
+        t0 = time.perf_counter()
+        states, metrics = member_steps.train(states, batch, policies, keys)
+        running.append(metrics)
+        step += 1
+        if first_step_seconds is None:
+          jax.block_until_ready(metrics)
+          loop_start = time.perf_counter()
+          first_step_seconds = loop_start - t0
+        if step % config.log_every_steps == 0 or step == total_steps:
+          fetched = jax.device_get(running)  # Each leaf [K].
+          # A sum over members is finite only when every member's metric is.
+          divergence.check_metrics([{n: np.sum(v) for n, v in m.items()} for m in fetched],
+                                   step, last_checkpoint)
+          means = {f"train/{n}": float(np.mean([m[n] for m in fetched])) for n in fetched[0]}
+          writer.write_scalars(step, {**means, "train/lr": float(schedule(step - 1))})
+          running = []
+        if step == total_steps or step % steps_per_epoch == 0:
+          break
+      divergence.check_state_finite(states, step, last_checkpoint)
+      writer.flush()
+      checkpointer.save(step, states, {"epoch": epoch, "seeds": list(seeds)})
+      last_checkpoint = checkpointer.path(step)
+    jax.block_until_ready(states)
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+  train_seconds = time.perf_counter() - loop_start if loop_start is not None else 0.0
+  variables = states.variables()
+  val = member_steps.evaluate(variables, splits.val, policies, config.eval_batch_size)
+  test = member_steps.evaluate(variables, splits.test, policies, config.eval_batch_size)
+  writer.write_scalars(step, {"test/top1_mean": float(np.mean([t["top1"] for t in test]))})
+  writer.close()
+  return {"state": states, "steps": step, "epochs": step / steps_per_epoch,
+          "val": val, "test": test, "traces": dict(member_steps.traces),
+          "first_step_seconds": first_step_seconds, "train_seconds": train_seconds}
+
+
+def summarize(values: Sequence[float | None]) -> dict[str, Any]:
+  """`mean`, `std` (sample, ddof=1; None for one member) and `members` of K figures."""
+  values = [None if v is None else float(v) for v in values]
+  if any(v is None for v in values):
+    return {"mean": None, "std": None, "members": values}
+  return {"mean": float(np.mean(values)),
+          "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+          "members": values}
+

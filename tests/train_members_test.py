@@ -1,0 +1,121 @@
+"""K vmapped fine-tunes (`haqjax.train.members`, `haqjax.train.seeds`) on digits.
+
+Members start from the FP32 model the launcher tests share. A member equals
+the standalone run with its seed and policy; one compiled step serves every
+set of policies; a K-seed run keeps its finished members across reruns.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from haqjax import data as haq_data
+from haqjax.nn import layer_table
+from haqjax.policy import Policy
+from haqjax.policy import save_policy
+from haqjax.train import checkpoint as ckpt_lib
+from haqjax.train import members
+from haqjax.train import seeds as seeds_lib
+from haqjax.train import trainer
+from haqjax.train.config import Config
+from launcher_testing import shared_digits
+
+# One test image of digits' 360, in points.
+ONE_IMAGE = 100 / 360
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  flags, fp32 = shared_digits(tmp_path_factory)
+  data_dir = next(f.split("=", 1)[1] for f in flags if f.startswith("--data_dir="))
+  config = Config(mode="qat", dataset="digits", model="digits_cnn", val_size=200,
+                  epochs=0.5, batch_size=64, eval_batch_size=200, learning_rate=0.01,
+                  weight_decay=1e-4, log_every_steps=5, progress=False, tensorboard=False,
+                  data_dir=data_dir, init_from=str(fp32), policy="w4a4")
+  splits = haq_data.load("digits", data_dir=data_dir, val_size=200)
+  model = trainer.build_model(config, splits.spec.num_classes)
+  names = layer_table(model, (1, *splits.spec.image_shape)).names
+  uniform = Policy.uniform(names, 4, 4)
+  mixed = Policy.create(names, np.resize([8, 2, 3, 4], len(names)),
+                        np.resize([8, 3, 2, 4], len(names)))
+  return config, model, splits, uniform, mixed, tmp_path_factory.mktemp("members")
+
+
+def _fit(config, model, splits, policies, seeds, workdir, member_steps=None):
+  steps_per_epoch = haq_data.num_batches(splits.train, config.batch_size, drop_remainder=True)
+  _, _, tx = members.schedule_and_optimizer(config, steps_per_epoch)
+  member_steps = member_steps or members.MemberSteps(model, tx)
+  states = members.init_members(config, model, tx, splits, policies, seeds,
+                                ckpt_lib.restore_variables(config.init_from))
+  fitted = members.fit_members(config, model, splits, states, members.stack(policies),
+                               seeds, str(workdir), member_steps=member_steps)
+  return fitted, member_steps
+
+
+def test_members_equal_standalone_runs_and_share_one_compile(setup):
+  config, model, splits, uniform, mixed, tmp = setup
+  fitted, member_steps = _fit(config, model, splits, [uniform, mixed], [3, 4],
+                              tmp / "pair")
+  # Member 1 (mixed, seed 4) against the standalone run with --seed=4.
+  policy_path = str(tmp / "mixed.json")
+  save_policy(policy_path, mixed, model=config.model)
+  alone = trainer.train_and_evaluate(config.replace(seed=4, policy=policy_path),
+                                     str(tmp / "alone"))
+  assert fitted["steps"] == alone["steps"]
+  mine = members.unstack(fitted["state"].variables(), 1)
+  theirs = ckpt_lib.restore_variables(str(tmp / "alone"))
+  # The same computation batched: only XLA's reduction order may differ.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               mine, {k: theirs[k] for k in mine})
+  assert abs(fitted["test"][1]["top1"] - alone["test_top1"]) <= ONE_IMAGE + 1e-9
+  assert abs(fitted["val"][1]["top1"] - alone["val_top1"]) <= 100 / 200 + 1e-9
+  # Members differ: their own seeds and policies.
+  kernels = [x for p, x in jax.tree_util.tree_flatten_with_path(fitted["state"].params)[0]
+             if p[-1].key == "kernel"]
+  assert not np.array_equal(kernels[0][0], kernels[0][1])
+  assert fitted["traces"] == {"train": 1, "eval": 1}
+  # Other policies (and seeds) of the same K: the same compiled steps.
+  again, _ = _fit(config.replace(epochs=0.1), model, splits, [mixed, mixed], [5, 6],
+                  tmp / "other", member_steps)
+  assert again["traces"] == {"train": 1, "eval": 1}
+
+
+def test_seeds_job_summarises_and_keeps_finished_members(setup):
+  config, _, _, _, _, tmp = setup
+  config = config.replace(seed=7, epochs=0.25)
+  workdir = str(tmp / "seeds")
+  results = seeds_lib.train_and_evaluate_seeds(config, workdir, (7, 8))
+  tops = results["test_top1_members"]
+  assert len(tops) == 2 and results["seeds"] == [7, 8]
+  assert results["test_top1"] == pytest.approx(np.mean(tops))
+  assert results["test_top1_mean"] == results["test_top1"]
+  assert results["test_top1_std"] == pytest.approx(np.std(tops, ddof=1))
+  assert results["val_top1_std"] == pytest.approx(np.std(results["val_top1_members"], ddof=1))
+  for seed, member in zip((7, 8), results["members"]):
+    directory = os.path.join(workdir, member["directory"])
+    assert Config.load(os.path.join(directory, "config.json")).seed == seed
+    assert ckpt_lib.Checkpointer(directory, create=False).latest_step() == results["steps"]
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f) == results
+  # A kill after member 7's results: a rerun trains member 8 only.
+  with open(os.path.join(workdir, "seed_7", "results.json")) as f:
+    kept = json.load(f)
+  shutil.rmtree(os.path.join(workdir, "seed_8"))
+  os.remove(os.path.join(workdir, "results.json"))
+  rerun = seeds_lib.train_and_evaluate_seeds(config, workdir, (7, 8))
+  assert os.path.isdir(os.path.join(workdir, "members_8"))
+  with open(os.path.join(workdir, "seed_7", "results.json")) as f:
+    assert json.load(f) == kept
+  # Member 8 trained alone: the same figures as beside member 7.
+  np.testing.assert_allclose(rerun["test_top1_members"], tops, atol=ONE_IMAGE + 1e-9)
+
+
+def test_seeds_refuses_bad_counts():
+  for bad in (0, -1, True):
+    with pytest.raises(ValueError, match=r"^--seeds is .*; allowed: a positive integer$"):
+      seeds_lib.check_seeds(bad)
+  assert seeds_lib.seed_list(5, 3) == (5, 6, 7)
