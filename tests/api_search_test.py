@@ -104,7 +104,6 @@ def test_hawq_on_a_haqjax_model():
     (dict(budget=[0.5]), "budget is \\[0.5\\]; allowed: 'wXaY'"),
     (dict(budget="w9a9"), "Budget.reference is 'w9a9'"),
     (dict(uniform=("fp32",)), "uniform has 'fp32'"),
-    (dict(method="hawq"), "method='hawq' on a plain flax model"),
 ])
 def test_bad_arguments_are_one_clear_error(kwargs, match):
   model = TinyViT()

@@ -103,7 +103,7 @@ def test_qat_job_ends_with_its_integer_model(exported):
 
 
 def test_ptq_job_ends_with_its_integer_model(exported):
-  """PTQ keeps no checkpoint: the export repeats the flow, to the same model."""
+  """The ptq job exports the model it measured (its integer top-1 within one image)."""
   tmp, _, flags, _ = exported
   launch_ok(*flags, "--mode=ptq", "--policy=w8a8", "--noptq_adaround",
             "--calibration_size=64", f"--workdir={tmp / 'ptq'}")

@@ -248,9 +248,10 @@ def export_finished(run: str, workdir: str, splits, *, batch_size: int,
 def ptq_model(config: Config, splits, policy):
   """The PTQ run of `config` again: `(model, variables)` of the quantized network.
 
-  `haqjax.ptq.runner` keeps no checkpoint of its result, so the export stage
-  repeats the flow with the same key, calibration batches and options, which
-  gives the same variables.
+  `haqjax.ptq.runner` keeps no checkpoint of its result, so exporting a
+  finished PTQ run (`--mode=export`) repeats the flow with the same key,
+  calibration batches and options, which gives the same variables. A `ptq`
+  job hands its own result to `finish_run` instead.
   """
   model = trainer.build_model(config.replace(mode="train"), splits.spec.num_classes)
   result = pipeline.ptq(jax.random.key(config.seed), model,
@@ -300,11 +301,20 @@ def final_top1(fake_quant: dict[str, Any], exported: dict[str, Any] | None
           "export": EXPORT_DIR if "files" in exported else None}
 
 
-def finish_run(config: Config, workdir: str, results: dict[str, Any]) -> dict[str, Any]:
+def finish_run(config: Config, workdir: str, results: dict[str, Any],
+               quantized: tuple[Any, dict[str, Any]] | None = None) -> dict[str, Any]:
   """The last stage of a finished `qat` or `ptq` run in `workdir`.
 
   Exports its integer model to `workdir/export/` and rewrites its
   `results.json` (atomically) with `final_top1`'s keys.
+
+  Args:
+    config: the run's config.
+    workdir: the run's folder.
+    results: its results.
+    quantized: for a `ptq` run, the `(model, variables)` it measured
+      (`haqjax.ptq.runner.run`); without them the PTQ flow is repeated
+      (`ptq_model`).
 
   Returns:
     `results` with those keys.
@@ -317,7 +327,7 @@ def finish_run(config: Config, workdir: str, results: dict[str, Any]) -> dict[st
   try:
     if config.mode == "ptq":
       policy = load_policy(os.path.join(workdir, "policy.json"))
-      model, variables = ptq_model(config, splits, policy)
+      model, variables = quantized or ptq_model(config, splits, policy)
       exported = export_model(model, variables, policy, splits, workdir,
                               batch_size=config.eval_batch_size, fake_quant_top1=fake)
     else:

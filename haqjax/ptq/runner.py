@@ -63,6 +63,22 @@ def ptq_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     The metrics written to `results.json`.
 
   Raises:
+    ValueError: as `run`.
+  """
+  return run(config, workdir)[0]
+
+
+def run(config: Config, workdir: str) -> tuple[dict[str, Any], pipeline.PTQResult]:
+  """`ptq_and_evaluate`, also returning the quantized model and its variables.
+
+  A job that exports the integer model takes them from here rather than
+  repeating the PTQ flow.
+
+  Returns:
+    `(results, ptq_result)`: the metrics written to `results.json`, and the
+    `PTQResult` they were measured on.
+
+  Raises:
     ValueError: a bad config, missing data, a policy that does not fit the
       model, an unreadable `init_from`, or calibration data that is too small
       or not finite.
@@ -105,4 +121,4 @@ def ptq_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       "calibration_images": report["calibration_images"],
   }
   haq_io.write_json(os.path.join(workdir, "results.json"), results)
-  return results
+  return results, result
