@@ -3,7 +3,7 @@
 `experiments.imagenet` (every mode) and `experiments.sweep` (K vmapped
 Gumbel searches) read the same configs from the same flags: one flag per
 field of `Config`, `SearchConfig`, `GumbelConfig` and `HawqConfig`, plus
-`--workdir`, `--multihost`, `--compilation_cache` and `--export`.
+`--workdir`, `--multihost`, `--compilation_cache`, `--export` and `--seeds`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from haqjax.search.config import SearchConfig
 from haqjax.search.gumbel.config import GumbelConfig
 from haqjax.search.hawq.config import HawqConfig
 from haqjax.train.config import Config
+
+# The modes whose fine-tunes run over `--seeds`.
+SEEDED_MODES = ("qat", "rl", "gumbel", "hawq")
 
 CONFIG_FLAGS = cli.define_flags_from(Config)
 SEARCH_FLAGS = cli.define_flags_from(SearchConfig)
@@ -29,6 +32,13 @@ EXPORT = flags.DEFINE_bool("export", True, "Modes qat, ptq, rl, gumbel and hawq:
                            "WORKDIR/export/ (model.onnx, model.stablehlo, encodings.json, "
                            "weights.bin), and report its test top-1 as test_top1 with the "
                            "fake-quant one beside it; --noexport reports the fake-quant one.")
+SEEDS = flags.DEFINE_integer(
+    "seeds", 1, "Modes qat, rl, gumbel and hawq: fine-tune (the searches: their "
+    "found policy and their uniform reference) with seeds --seed, --seed+1, ..., "
+    "--seed+K-1 as one vmapped job. results.json gains test_top1_mean, "
+    "test_top1_std (sample, ddof=1) and test_top1_members (val_top1_* too); "
+    "test_top1 and val_top1 are the means, so readers of one run keep working. "
+    "--export exports member 0 (export_member in results.json). 1: one run.")
 CACHE = flags.DEFINE_string("compilation_cache", "~/.cache/haqjax/jit",
                             "JAX persistent compilation cache folder ('' disables).")
 
@@ -57,6 +67,17 @@ def gumbel_from_flags() -> GumbelConfig:
 def hawq_from_flags() -> HawqConfig:
   """The Hessian-aware allocation's config the flags give."""
   return cli.config_from_flags(HawqConfig, HAWQ_FLAGS)
+
+
+def seeds(mode: str) -> int:
+  """`--seeds` (K), checked against the mode; a one-line `ValueError` otherwise."""
+  count = SEEDS.value
+  if count < 1:
+    raise ValueError(f"--seeds is {count}; allowed: a positive integer")
+  if count > 1 and mode not in SEEDED_MODES:
+    raise ValueError(f"--seeds is {count} with --mode={mode}; allowed: 1 "
+                     f"(several seeds apply to modes {', '.join(SEEDED_MODES)})")
+  return count
 
 
 def workdir() -> str:

@@ -111,8 +111,8 @@ def build_search(config: Config, gumbel: GumbelConfig, model, names,
 
 
 def search_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConfig,
-                        workdir: str, command: str | None = None, *, export: bool = True
-                        ) -> dict[str, Any]:
+                        workdir: str, command: str | None = None, *, export: bool = True,
+                        seeds: int = 1) -> dict[str, Any]:
   """FP32 model -> differentiable search -> fine-tune -> test -> report.
 
   With a ratio budget of a uniform wXaY, that uniform policy is fine-tuned and
@@ -128,6 +128,9 @@ def search_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConf
     export: write the fine-tuned model's integer model to `export/`
       (`haqjax.jobs.export`) and report its test top-1, the fake-quant one
       beside it; False (`--noexport`) reports the fake-quant figures.
+    seeds: fine-tune the found policy (and the uniform reference) over this
+      many seeds as one vmapped job (`haqjax.train.seeds`); its test top-1
+      is then the members' mean, with their std and figures beside it.
 
   Returns:
     The figures written to `results.json`.
@@ -172,9 +175,9 @@ def search_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConf
        "fp32_val_top1": fp32_val, "argmax_w_bits": last["argmax_w_bits"],
        "argmax_a_bits": last["argmax_a_bits"],
        "argmax_cost_ratio": last["argmax_cost_ratio"], "enforced": last["enforced"]})
-  finetuned = stages.finetune(config, search, setup, policy_path)
+  finetuned = stages.finetune(config, search, setup, policy_path, seeds)
   top1 = stages.export_stage(config, setup, setup.workdir, finetuned, export)
-  versus = uniform.comparison(config, search, setup, top1, cost["cost"], export)
+  versus = uniform.comparison(config, search, setup, top1, cost["cost"], export, seeds)
   search_seconds = sum(r["seconds"] for r in result.epochs)
   results = {
       **stages.common_results("gumbel", config, search, setup, result.policy, cost,

@@ -133,8 +133,8 @@ def pareto(problem: Problem) -> list[dict[str, Any]]:
 
 
 def search_and_evaluate(config: Config, search: SearchConfig, hawq: HawqConfig,
-                        workdir: str, command: str | None = None, *, export: bool = True
-                        ) -> dict[str, Any]:
+                        workdir: str, command: str | None = None, *, export: bool = True,
+                        seeds: int = 1) -> dict[str, Any]:
   """FP32 model -> sensitivities -> bit allocation -> fine-tune -> test -> results.
 
   With a ratio budget of a uniform wXaY, that uniform policy is fine-tuned and
@@ -150,6 +150,9 @@ def search_and_evaluate(config: Config, search: SearchConfig, hawq: HawqConfig,
     export: write the fine-tuned model's integer model to `export/`
       (`haqjax.jobs.export`) and report its test top-1, the fake-quant one
       beside it; False (`--noexport`) reports the fake-quant figures.
+    seeds: fine-tune the found policy (and the uniform reference) over this
+      many seeds as one vmapped job (`haqjax.train.seeds`); its test top-1
+      is then the members' mean, with their std and figures beside it.
 
   Returns:
     The figures written to `results.json`.
@@ -179,9 +182,9 @@ def search_and_evaluate(config: Config, search: SearchConfig, hawq: HawqConfig,
       config, search, setup, policy,
       {"algorithm": "hawq", "allocator": hawq.hawq_allocator, "omega": omega,
        "fp32_val_top1": fp32_val, "sensitivity": SENSITIVITY_FILE})
-  finetuned = stages.finetune(config, search, setup, policy_path)
+  finetuned = stages.finetune(config, search, setup, policy_path, seeds)
   top1 = stages.export_stage(config, setup, setup.workdir, finetuned, export)
-  versus = uniform.comparison(config, search, setup, top1, cost["cost"], export)
+  versus = uniform.comparison(config, search, setup, top1, cost["cost"], export, seeds)
   results = {
       **stages.common_results("hawq", config, search, setup, policy, cost, fp32_val,
                               finetuned, top1),

@@ -90,8 +90,8 @@ def make_scorer(config: Config, search: SearchConfig, splits, fp32_dir: str):
 
 
 def search_and_evaluate(config: Config, search: SearchConfig, workdir: str,
-                        command: str | None = None, *, export: bool = True
-                        ) -> dict[str, Any]:
+                        command: str | None = None, *, export: bool = True,
+                        seeds: int = 1) -> dict[str, Any]:
   """FP32 model -> RL search -> fine-tune of the best policy -> test -> report.
 
   With a ratio budget of a uniform wXaY, that uniform policy is fine-tuned and
@@ -106,6 +106,9 @@ def search_and_evaluate(config: Config, search: SearchConfig, workdir: str,
     export: write the fine-tuned model's integer model to `export/`
       (`haqjax.jobs.export`) and report its test top-1, the fake-quant one
       beside it; False (`--noexport`) reports the fake-quant figures.
+    seeds: fine-tune the found policy (and the uniform reference) over this
+      many seeds as one vmapped job (`haqjax.train.seeds`); its test top-1
+      is then the members' mean, with their std and figures beside it.
 
   Returns:
     The figures written to `results.json`.
@@ -128,9 +131,9 @@ def search_and_evaluate(config: Config, search: SearchConfig, workdir: str,
       config, search, setup, result.policy,
       {"episode": result.best["episode"], "reward": result.best["reward"],
        "val_top1": result.best["top1"], "fp32_val_top1": fp32_val})
-  finetuned = stages.finetune(config, search, setup, policy_path)
+  finetuned = stages.finetune(config, search, setup, policy_path, seeds)
   top1 = stages.export_stage(config, setup, setup.workdir, finetuned, export)
-  versus = uniform.comparison(config, search, setup, top1, cost["cost"], export)
+  versus = uniform.comparison(config, search, setup, top1, cost["cost"], export, seeds)
 
   episodes = result.records
   results = {

@@ -11,7 +11,9 @@ stage):
   save_search_policy  `policy.json`: bits, cost, budget and the search's figures
   finetune            QAT of the policy from the FP32 weights, then test, in
                       `finetune/` (also the uniform policies of
-                      `haqjax.jobs.uniform`, each in a folder of its own)
+                      `haqjax.jobs.uniform`, each in a folder of its own);
+                      with `seeds` K > 1, K seeds as one vmapped job
+                      (`haqjax.train.seeds`), member 0 exported
   export_stage        the fine-tuned model as an integer model in `export/`,
                       scored on the test split (`haqjax.jobs.export`), so the
                       reported test top-1 is the deployed model's
@@ -41,6 +43,7 @@ from haqjax import hardware
 from haqjax import io as haq_io
 from haqjax import report
 from haqjax.jobs import export as export_lib
+from haqjax.jobs import seeds as seeds_job
 from haqjax.nn import calibrate as calibrate_lib
 from haqjax.nn import layer_table
 from haqjax.policy import Policy
@@ -53,6 +56,7 @@ from haqjax.search.config import RESUMABLE_CHANGES
 from haqjax.search.config import SearchConfig
 from haqjax.train import checkpoint as ckpt_lib
 from haqjax.train import steps
+from haqjax.train import seeds as seeds_lib
 from haqjax.train import trainer
 from haqjax.train.config import Config
 
@@ -80,12 +84,20 @@ def check_saved(saved_config, filename: str, resumable: frozenset, workdir: str)
                        f"not {value!r}; use another --workdir to keep both")
 
 
-def train_stage(config: Config, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) a training stage; a finished one is read back."""
+def train_stage(config: Config, workdir: str, seeds: int = 1) -> dict[str, Any]:
+  """Runs (or resumes) a training stage; a finished one is read back.
+
+  With `seeds` K > 1, the K-seed job of `haqjax.train.seeds` (seeds
+  `config.seed, ..., config.seed + K - 1`); a folder finished with other
+  seeds trains only the members it lacks.
+  """
   done = read_json(os.path.join(workdir, "results.json"))
-  if done is not None:
+  if seeds == 1:
+    return done if done is not None else trainer.train_and_evaluate(config, workdir)
+  wanted = list(seeds_lib.seed_list(config.seed, seeds))
+  if done is not None and done.get("seeds") == wanted:
     return done
-  return trainer.train_and_evaluate(config, workdir)
+  return seeds_lib.train_and_evaluate_seeds(config, workdir, wanted)
 
 
 def build_wall(config: Config, search: SearchConfig, table) -> env_lib.BudgetWall:
@@ -209,8 +221,12 @@ def save_search_policy(config: Config, search: SearchConfig, setup: Setup,
 
 
 def finetune(config: Config, search: SearchConfig, setup: Setup,
-             policy_path: str) -> dict[str, Any]:
-  """The final QAT of the policy from the FP32 weights, then test (resumable)."""
+             policy_path: str, seeds: int = 1) -> dict[str, Any]:
+  """The final QAT of the policy from the FP32 weights, then test (resumable).
+
+  `seeds` K > 1: K fine-tunes as one vmapped job (`train_stage`), whose
+  results hold the members' mean, std and figures.
+  """
   t0 = time.perf_counter()
   finetune_config = qat_config(
       config, search, policy=policy_path, init_from=setup.fp32_dir,
@@ -218,7 +234,7 @@ def finetune(config: Config, search: SearchConfig, setup: Setup,
       warmup_epochs=0.0)
   directory = os.path.join(setup.workdir, "finetune")
   check_finetuned_policy(directory, policy_path)
-  finetuned = train_stage(finetune_config, directory)
+  finetuned = train_stage(finetune_config, directory, seeds)
   setup.timings["finetune_seconds"] = time.perf_counter() - t0
   return finetuned
 
@@ -256,15 +272,22 @@ def export_stage(config: Config, setup: Setup, directory: str, finetuned: dict[s
   """
   if not enabled:
     return export_lib.final_top1(finetuned, None)
+  # K seeds: member 0 is exported (`haqjax.jobs.seeds`).
+  run, member = os.path.join(directory, "finetune"), finetuned
+  if "seeds" in finetuned:
+    run = seeds_lib.member_dir(run, finetuned["seeds"][0])
+    member = read_json(os.path.join(run, "results.json"))
   t0 = time.perf_counter()
   try:
     exported = export_lib.export_finished(
-        os.path.join(directory, "finetune"), directory, setup.splits,
-        batch_size=config.eval_batch_size, fake_quant_top1=finetuned["test_top1"])
+        run, directory, setup.splits,
+        batch_size=config.eval_batch_size, fake_quant_top1=member["test_top1"])
   except Exception as e:  # pylint: disable=broad-except
     exported = export_lib.failure(e)  # The search's results are still written.
   setup.timings[timing] = setup.timings.get(timing, 0.0) + time.perf_counter() - t0
-  top1 = export_lib.final_top1(finetuned, exported)
+  top1 = export_lib.final_top1(member, exported)
+  if member is not finetuned:
+    top1 = seeds_job.seeds_top1(finetuned, top1)
   if top1["export"] is not None:
     top1["export"] = os.path.relpath(os.path.join(directory, top1["export"]), setup.workdir)
   return top1
@@ -292,6 +315,8 @@ def common_results(mode: str, config: Config, search: SearchConfig, setup: Setup
       "policy": policy.to_dict()["layers"],
       "fp32_test_top1": setup.fp32.get("test_top1"), "fp32_val_top1": fp32_val,
       **top1, "test_top5": finetuned["test_top5"], "val_top1": finetuned.get("val_top1"),
+      # K seeds: seeds, test_top1_/val_top1_ mean, std and members.
+      **seeds_lib.summary_keys(finetuned),
   }
 
 

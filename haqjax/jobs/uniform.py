@@ -38,6 +38,7 @@ from haqjax import units
 from haqjax.jobs import stages
 from haqjax.policy import Policy
 from haqjax.search.config import SearchConfig
+from haqjax.train import seeds as seeds_lib
 from haqjax.train.config import Config
 
 UNIFORM = re.compile(r"^w([1-8])a([1-8])$")
@@ -119,13 +120,15 @@ def check(search: SearchConfig, wall) -> None:
 
 
 def finetune_uniform(config: Config, search: SearchConfig, setup: stages.Setup,
-                     name: str, directory: str) -> dict[str, Any]:
+                     name: str, directory: str, seeds: int = 1) -> dict[str, Any]:
   """Fine-tunes and tests uniform `name` in `directory` with the search's recipe.
 
   `directory` gets `policy.json` (the uniform bits, the wall's fixed layers
   applied, with cost and budget) and `finetune/` (`stages.finetune`: the
   final fine-tune's epochs and learning rate from the FP32 weights), so a
-  finished one is read back, not trained again.
+  finished one is read back, not trained again. `seeds` K > 1: K seeds as
+  one vmapped job; its figures are then the members' means, with their
+  `test_top1_mean/_std/_members` (and val's) beside them.
 
   Returns:
     The uniform policy's figures: name, cost (the metric's SI unit),
@@ -141,7 +144,7 @@ def finetune_uniform(config: Config, search: SearchConfig, setup: stages.Setup,
   if not finished(directory):  # A finished one is left as it is, files and times.
     path, cost = stages.save_search_policy(config, search, usetup, upolicy,
                                            {"algorithm": "uniform", "policy": name})
-  done = stages.finetune(config, search, usetup, path)
+  done = stages.finetune(config, search, usetup, path, seeds)
   return {
       "name": name, "cost": cost["cost"], "cost_ratio": cost["ratio"],
       "fits": bool(wall.fits(upolicy.w_bits, upolicy.a_bits)),
@@ -150,6 +153,7 @@ def finetune_uniform(config: Config, search: SearchConfig, setup: stages.Setup,
       "test_top1": done["test_top1"], "test_top5": done.get("test_top5"),
       "val_top1": done.get("val_top1"),
       "finetune_seconds": usetup.timings["finetune_seconds"], "directory": directory,
+      **seeds_lib.summary_keys(done),
   }
 
 
@@ -159,7 +163,7 @@ def finished(directory: str) -> bool:
 
 
 def reference_stage(config: Config, search: SearchConfig, setup: stages.Setup,
-                    export: bool = False) -> dict[str, Any] | None:
+                    export: bool = False, seeds: int = 1) -> dict[str, Any] | None:
   """The `uniform_reference/` stage: the budget's uniform policy fine-tuned.
 
   None when the budget refers to no uniform policy, or when
@@ -177,7 +181,7 @@ def reference_stage(config: Config, search: SearchConfig, setup: stages.Setup,
     print(f"fine-tune uniform {name} (the budget's reference, "
           f"{units.format_cost(cost_of(setup.wall, name), unit)})",
           file=sys.stderr, flush=True)
-  reference = finetune_uniform(config, search, setup, name, directory)
+  reference = finetune_uniform(config, search, setup, name, directory, seeds)
   setup.timings["uniform_reference_seconds"] = reference["finetune_seconds"]
   top1 = stages.export_stage(config, setup, directory, reference, export,
                              timing="uniform_reference_seconds")
@@ -196,8 +200,8 @@ def top1_delta(found: dict[str, Any], reference: dict[str, Any]) -> float:
 
 
 def comparison(config: Config, search: SearchConfig, setup: stages.Setup,
-               finetuned: dict[str, Any], cost: float, export: bool = False
-               ) -> dict[str, Any]:
+               finetuned: dict[str, Any], cost: float, export: bool = False,
+               seeds: int = 1) -> dict[str, Any]:
   """Runs the reference stage; the results.json keys that compare with uniform.
 
   Args:
@@ -206,6 +210,7 @@ def comparison(config: Config, search: SearchConfig, setup: stages.Setup,
       or the fine-tune's results).
     cost: the found policy's cost, in the budget metric's unit.
     export: export the reference's integer model too, as the found one was.
+    seeds: fine-tune the reference over this many seeds, as the found one was.
 
   Returns:
     `uniform_reference` (its figures, or None), `delta_test_top1_vs_uniform`
@@ -213,7 +218,7 @@ def comparison(config: Config, search: SearchConfig, setup: stages.Setup,
     (found minus uniform cost) and `uniform_points` (the `--uniform_results`
     points); the deltas are None without a reference.
   """
-  reference = reference_stage(config, search, setup, export)
+  reference = reference_stage(config, search, setup, export, seeds)
   points = (read_results(search.uniform_results, setup.wall)
             if search.uniform_results else [])
   found = reference is not None

@@ -33,6 +33,19 @@ def pct(value: float | None) -> str:
   return units.NOT_AVAILABLE if value is None else f"{value:.2f}%"
 
 
+def seeds_pct(results: dict[str, Any]) -> str:
+  """A test top-1, as mean +- std over the seeds and the members when there are several.
+
+  "91.10% +- 0.12 (3 seeds: 91.00%, 91.10%, 91.20%)"; one run: `pct`.
+  """
+  members = results.get("test_top1_members")
+  if not members or len(members) < 2:
+    return pct(results.get("test_top1"))
+  std = results.get("test_top1_std")
+  return (f"{pct(results.get('test_top1_mean'))} ± {std:.2f} ({len(members)} seeds: "
+          f"{', '.join(pct(v) for v in members)})")
+
+
 def points(value: float | None) -> str:
   """A signed difference of top-1s: "+0.13 points"."""
   return units.NOT_AVAILABLE if value is None else f"{value:+.2f} points"
@@ -68,7 +81,7 @@ def summary_row(results: dict[str, Any]) -> tuple[str, str] | None:
   ratio = results["cost"] / ref["cost"] if ref["cost"] else float("nan")
   digits = _digits(results, ref)
   return (f"uniform {ref['name']}: test top-1",
-          f"{pct(ref.get('test_top1'))} at {units.format_cost(ref['cost'], unit, digits)}; the "
+          f"{seeds_pct(ref)} at {units.format_cost(ref['cost'], unit, digits)}; the "
           f"found policy {points(results.get('delta_test_top1_vs_uniform'))} at "
           f"{ratio:.3f}x its cost")
 
@@ -146,9 +159,9 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
   digits = _digits(results, ref) if ref else 3
   cost = lambda value: units.format_cost(value, unit, digits)
   lines = [f"{found_label(results)}: {cost(results['cost'])} "
-           f"({results['cost_ratio']:.3f}{of}), test top-1 {pct(results.get('test_top1'))}"]
+           f"({results['cost_ratio']:.3f}{of}), test top-1 {seeds_pct(results)}"]
   if ref:
     lines.append(f"uniform {ref['name']}: {cost(ref['cost'])} ({ref['cost_ratio']:.3f}{of}), "
-                 f"test top-1 {pct(ref.get('test_top1'))}; found - uniform: "
+                 f"test top-1 {seeds_pct(ref)}; found - uniform: "
                  f"{points(results.get('delta_test_top1_vs_uniform'))}")
   return lines
