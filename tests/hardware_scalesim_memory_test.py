@@ -190,6 +190,40 @@ def test_total_cycles_agree(measured):
     assert summary[df]["cycles"][0] < summary[df]["roofline"][0] / 2, df
 
 
+def reversed_tile_moves(k, n, rows, cols, sram):
+  """Window moves of SCALE-Sim's `read_buffer` logic (hashed lines, cyclic
+  window, moves until a hit) over a weight-stationary filter, whose tiles
+  are read last row first: a reference for layers too large to simulate."""
+  e, active = math.ceil(sram / 100), math.ceil(sram / 2)
+  lines = k * n // e + 1
+  a = math.ceil(active / e)
+  step = min(math.ceil((sram - active) / e), lines - a)
+  start, moves = 0, 0
+  for fc in range(math.ceil(n / cols)):
+    w = min(cols, n - fc * cols)
+    for fr in range(math.ceil(k / rows)):
+      for r in reversed(range(min(rows, k - fr * rows))):
+        first = fc * k * cols + (fr * rows + r) * w
+        for line in sorted({x // e for x in range(first, first + w)}):
+          while lines > a and (line - start) % lines >= a:
+            start, moves = (start + step) % lines, moves + 1
+  return moves
+
+
+@pytest.mark.parametrize("k,n,rows,cols,kb", [
+    (4608, 512, 32, 32, 64), (1152, 64, 16, 16, 4), (300, 70, 8, 8, 1)])
+def test_walk_follows_the_window_on_large_layers(k, n, rows, cols, kb):
+  layers = hardware.make_layers(names=["l"], in_channels=[k], out_channels=[n],
+                                kernel_h=[1], kernel_w=[1], groups=[1], in_h=[7],
+                                in_w=[7], out_h=[7], out_w=[7], batch=1)
+  t = hardware.Systolic(rows=rows, cols=cols, dataflow="ws", bandwidth_mode="user",
+                        ifmap_sram_bytes=kb * 1024, filter_sram_bytes=kb * 1024,
+                        ofmap_sram_bytes=kb * 1024, dram_bytes_per_cycle=16.0)
+  words = float(hardware.layer_costs(t, layers, 8.0, 8.0)["filter_dram_bytes"][0])
+  half = kb * 1024 // 2
+  assert words == half + reversed_tile_moves(k, n, rows, cols, kb * 1024) * half
+
+
 def test_the_model_is_a_traced_function_of_bits():
   layers = hardware.make_layers(names=["l"], in_channels=[16], out_channels=[16],
                                 kernel_h=[3], kernel_w=[3], groups=[1], in_h=[10],

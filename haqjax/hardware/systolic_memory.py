@@ -40,7 +40,7 @@ largest of the three. DRAM reads are whole request lines: the first window,
 `min(ceil(A / bw), ceil(E / bw)) * bw` words (`E`: the prefetch matrix with
 its padding), plus `ceil(P / bw) * bw` per move.
 
-What departs from SCALE-Sim, measured over 48 layers and arrays (4x4 to
+What departs from SCALE-Sim, measured over 49 layers and arrays (4x4 to
 128x128, the three dataflows, 1 to 8 KiB SRAMs, 1 to 32 words per cycle):
 
   * A reversed tile of im2col rows (input stationary's ifmap of a conv with
@@ -62,13 +62,13 @@ What departs from SCALE-Sim, measured over 48 layers and arrays (4x4 to
     words). Layers whose stride divides `H - R` are exact.
   * Stalls oscillate in SCALE-Sim around the wait above by up to one
     prefetch time, as its counted waits shift later rows; where the traffic
-    is exact, total cycles are within 4% on average (31% at worst, on
-    128x128 arrays whose few folds each wait).
+    is exact (39 of the 49), total cycles are within 2.4% on average (31% at
+    worst, on a 128x128 array whose few folds each wait).
 
-Over those 48 layers, total cycles are off by 11% on average (81% at worst),
+Over those 49 layers, total cycles are off by 11% on average (81% at worst),
 ifmap reads 9.8% (93%), filter reads 3.0% (46%), ofmap writes 0.2%; on the
 21 layers of tests/hardware_scalesim_memory_test.py (`python tests/...`
-prints them) by 5.9%, and by under 5% without im2col copies. The walk is a
+prints them) by 5.7%, and by under 5% without im2col copies. The walk is a
 `jax.lax.while_loop` over folds, jit-able and traced in the bits; past
 `MAX_SEGMENTS` folds its moves and stalls are extrapolated at the rate of
 the first ones.
