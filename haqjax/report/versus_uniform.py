@@ -121,11 +121,11 @@ def blocks(results: dict[str, Any], search: dict[str, Any],
                           f"cost (x {budget_ref})", "test top-1", "val top-1"),
                 [(found_label(results), bits_text(found_layers, "w_bits"),
                   bits_text(found_layers, "a_bits"), cells[0],
-                  f"{results['cost_ratio']:.3f}", pct(results.get("test_top1")),
+                  f"{results['cost_ratio']:.3f}", seeds_pct(results),
                   pct(results.get("val_top1"))),
                  (f"uniform {ref['name']}", bits_text(ref["policy"], "w_bits"),
                   bits_text(ref["policy"], "a_bits"), cells[1], f"{ref['cost_ratio']:.3f}",
-                  pct(ref.get("test_top1")), pct(ref.get("val_top1"))),
+                  seeds_pct(ref), pct(ref.get("val_top1"))),
                  ("found - uniform", "", "",
                   ("+" if delta_cost >= 0 else "") + units.format_number(delta_cost * factor),
                   f"{results['cost_ratio'] - ref['cost_ratio']:+.3f}",
@@ -139,7 +139,10 @@ def blocks(results: dict[str, Any], search: dict[str, Any],
                      f"{units.format_cost(ref['cost'], unit, digits)}, "
                      f"{units.format_delta(delta_cost, unit)}). Both were fine-tuned with "
                      "the same recipe from the same FP32 weights; the uniform one in "
-                     f"{ref.get('directory', 'uniform_reference')}/."))
+                     f"{ref.get('directory', 'uniform_reference')}/."
+                     + (f" Test top-1s are means over {len(results['seeds'])} seeds "
+                        "(± sample standard deviation), the difference of the means."
+                        if results.get("seeds") else "")))
   if others:
     label, cells = units.format_costs([p["cost"] for p in others], unit)
     out.append(("table", ("uniform (--uniform_results)", f"cost ({label})", "test top-1",
