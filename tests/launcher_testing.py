@@ -47,31 +47,37 @@ def _read_only(folder):
     os.chmod(root, 0o555)
 
 
+def _flags(root):
+  return ["--flagfile=experiments/flags/digits.flags", f"--data_dir={root / 'data'}",
+          f"--compilation_cache={root / 'jit'}", "--noprogress", "--notensorboard"]
+
+
 def shared_flags(tmp_path_factory):
   """Digits flags with the prepared data and compilation cache of the pytest run.
 
   Every test module of the run (every xdist worker) gets the same folders, so
   the data is prepared once and a function compiled by one run is read back
-  by the others. Without `--mode`, `--workdir` and `--init_from`.
+  by the others. The data is prepared (by `shared_digits`) before this
+  returns, so no two runs prepare it at once. Without `--mode`, `--workdir`
+  and `--init_from`.
   """
-  root = _shared_root(tmp_path_factory) / "digits_shared"
-  root.mkdir(exist_ok=True)
-  return ["--flagfile=experiments/flags/digits.flags", f"--data_dir={root / 'data'}",
-          f"--compilation_cache={root / 'jit'}", "--noprogress", "--notensorboard"]
+  return shared_digits(tmp_path_factory)[0]
 
 
 def shared_digits(tmp_path_factory):
   """`shared_flags` and the 2-epoch FP32 model that every module of the run shares.
 
   The first caller (under an exclusive file lock, so one xdist worker trains
-  while the others wait) trains the model; later callers reuse it. Its folder
-  is made read-only, so a run that wrote into its `--init_from` would fail.
+  while the others wait) prepares the data and trains the model; later
+  callers reuse both. The model's folder is made read-only, so that a run
+  writing into its `--init_from` fails (for a user other than root).
 
   Returns:
     `(flags, fp32)`: `shared_flags` and the FP32 run's folder.
   """
-  flags = shared_flags(tmp_path_factory)
   root = _shared_root(tmp_path_factory) / "digits_shared"
+  root.mkdir(exist_ok=True)
+  flags = _flags(root)
   fp32, done = root / "fp32", root / "fp32.done"
   with open(root / "fp32.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
