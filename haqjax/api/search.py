@@ -77,7 +77,7 @@ def make_wall(table, target: str, budget: hardware.Budget, *, min_bits: int,
                             fixed=fixed)
 
 
-def search_policy(model, variables: PyTree, train: Any, val: Any, *,
+def search_policy(model, variables: PyTree | None, train: Any, val: Any, *,
                   test: Any = None, target: str = "bismo-edge", metric: str = "latency",
                   budget: float | str | hardware.Budget = "w4a4", method: str = "gumbel",
                   min_bits: int = 2, max_bits: int = 8, first_layer_w8: bool = False,
@@ -94,9 +94,12 @@ def search_policy(model, variables: PyTree, train: Any, val: Any, *,
   """Searches, fine-tunes and scores a per-layer bit policy under a hardware budget.
 
   Args:
-    model: a plain `flax.linen` model (wrapped by `haqjax.nn.quantized`) or a
-      model of haqjax layers, called `model.apply(variables, images, ...)`.
-    variables: its trained FP32 variables (`params`, `batch_stats`).
+    model: a plain `flax.linen` model (wrapped by `haqjax.nn.quantized`), a
+      model of haqjax layers, called `model.apply(variables, images, ...)`,
+      or a flax NNX model (`nnx.Module`, converted by
+      `haqjax.nn.nnx_quantized`).
+    variables: its trained FP32 variables (`params`, `batch_stats`); for an
+      NNX model None (its own state) or `nnx.state(model)`.
     train: training data: `(images, labels)` numpy arrays, an iterable of
       such batches, or a haqjax `Split` (`haqjax.data.as_split`: uint8
       images are scaled to [0, 1], float images used as given).
@@ -132,7 +135,9 @@ def search_policy(model, variables: PyTree, train: Any, val: Any, *,
 
   Returns:
     A `SearchResult`: the policy, per-layer and total costs, accuracies, the
-    uniform points and `report()`.
+    uniform points and `report()`. Its `model` is the quantizable linen
+    module and `variables` the fine-tuned ones in linen's layout; for an NNX
+    model `haqjax.nn.nnx_update(model, result.variables)` writes them back.
 
   Raises:
     ValueError: for a bad argument (naming it and what is allowed), data

@@ -14,6 +14,15 @@ over the user's data: numpy arrays, an iterable of batches or a haqjax
     qvars = haqjax.finetune(qmodel, qvars, (x_train, y_train), policy, epochs=1)
     haqjax.evaluate(qmodel, qvars, (x_test, y_test), policy)["top1"]
 
+An NNX model (`nnx.Module`) is taken as it is, converted once
+(`haqjax.nn.nnx_quantized`), with `variables` None (its own state) or its
+state (`nnx.state(model)`) or linen-layout variables; the variables that
+come back are in linen's layout (`haqjax.nn.nnx_variables`), and
+`haqjax.nn.nnx_update(model, qvars)` writes them back into it::
+
+    qmodel, qvars = haqjax.quantize(nnx_model, None, x_train[:1])
+    haqjax.nn.nnx_update(nnx_model, haqjax.finetune(nnx_model, None, (x, y), None))
+
 Quantizers default to the jobs' defaults: min-max weights and static
 activation ranges calibrated on a few training batches (`calibrate`, which
 `finetune` and the searches call for every policy).
@@ -25,8 +34,10 @@ import functools
 import inspect
 import itertools
 import math
+import weakref
 from typing import Any
 
+from flax import nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -36,6 +47,8 @@ import optax
 from haqjax import data as haq_data
 from haqjax import quant
 from haqjax.nn import calibrate as calibrate_lib
+from haqjax.nn.nnx_model import nnx_quantized
+from haqjax.nn.nnx_model import nnx_variables
 from haqjax.nn.quantized import Quantized
 from haqjax.nn.quantized import init_quantizers
 from haqjax.nn.quantized import quantized
@@ -47,6 +60,8 @@ from haqjax.typing import PyTree
 
 # Variable collections the trainer's steps carry.
 COLLECTIONS = ("params", "batch_stats")
+# NNX model -> {(quant_scheme, train_arg): its quantizable linen module}.
+_CONVERTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def default_scheme(weight_quantizer: str = "minmax",
@@ -72,16 +87,40 @@ def _sample(sample: Any) -> jax.Array:
   return jnp.zeros((1, *x.shape[1:]), jnp.float32)
 
 
-def quantize(model: nn.Module, variables: PyTree, sample: Any, *,
+def from_nnx(model: nnx.Module, quant_scheme: quant.QuantScheme | None = None,
+             train_arg: str | None = "auto") -> Quantized:
+  """The NNX `model` as a quantizable linen module, converted once per model.
+
+  The same module for every call with the same `model` (held weakly), so
+  the compiled steps (`evaluate`, `finetune`) are reused.
+  """
+  scheme = quant_scheme or default_scheme()
+  done = _CONVERTED.setdefault(model, {})
+  if (scheme, train_arg) not in done:
+    done[scheme, train_arg] = nnx_quantized(model, scheme, train_arg=train_arg)
+  return done[scheme, train_arg]
+
+
+def _converted(model: Any, variables: Any, split: haq_data.Split
+               ) -> tuple[nn.Module, PyTree]:
+  """An NNX model and its variables as `quantize` returns them; others as given."""
+  if not isinstance(model, nnx.Module):
+    return model, variables
+  return quantize(model, variables, (1, *split.spec.image_shape))
+
+
+def quantize(model: nn.Module | nnx.Module, variables: PyTree | None, sample: Any, *,
              quant_scheme: quant.QuantScheme | None = None,
              train_arg: str | None = "auto") -> tuple[nn.Module, PyTree]:
   """`(model, variables)` ready for a policy: the model wrapped if it needs to be.
 
   Args:
     model: a plain `flax.linen` model (wrapped by `haqjax.nn.quantized`), one
-      already wrapped, or a model built from haqjax layers (taking `policy=`;
-      its own quantizers are kept).
-    variables: the user's trained variables (`params`, `batch_stats`).
+      already wrapped, a model built from haqjax layers (taking `policy=`;
+      its own quantizers are kept), or a flax NNX model (`nnx.Module`,
+      converted once by `haqjax.nn.nnx_quantized`).
+    variables: the user's trained variables (`params`, `batch_stats`); for
+      an NNX model also None (its own state) or `nnx.state(model)`.
     sample: an input batch (only its shape is used) or an input shape.
     quant_scheme: the quantizers of a wrapped model; default
       `default_scheme()` (min-max weights, static activation ranges).
@@ -89,12 +128,22 @@ def quantize(model: nn.Module, variables: PyTree, sample: Any, *,
 
   Returns:
     The model and `variables` with the quantizer parameters added (the
-    user's arrays unchanged; quantizers not yet calibrated).
+    user's arrays unchanged; quantizers not yet calibrated). For an NNX
+    model: a linen module called `apply(variables, x, policy=..., train=...)`
+    and variables in linen's layout (`haqjax.nn.nnx_variables`), which
+    `haqjax.nn.nnx_update` writes back into the NNX model.
 
   Raises:
     ValueError: `variables` do not fit the model, or as `haqjax.nn.quantized`.
   """
   x = _sample(sample)
+  if isinstance(model, nnx.Module):
+    if variables is None or isinstance(variables, nnx.State):
+      variables = nnx_variables(model if variables is None else variables)
+    model = from_nnx(model, quant_scheme, train_arg)
+  elif variables is None:
+    raise ValueError("variables is None for a flax.linen model; allowed: its "
+                     "variables (None only for an nnx.Module)")
   variables = {"batch_stats": {}, **{k: v for k, v in variables.items() if k in COLLECTIONS}}
   if not takes_policy(model):
     model = quantized(model, quant_scheme or default_scheme(), train_arg=train_arg)
@@ -107,28 +156,32 @@ def quantize(model: nn.Module, variables: PyTree, sample: Any, *,
   return model, state.variables()
 
 
-def calibrate(model: nn.Module, variables: PyTree, data: Any, policy: Policy, *,
-              batch_size: int = 128, batches: int = 4, seed: int = 0) -> PyTree:
+def calibrate(model: nn.Module | nnx.Module, variables: PyTree | None, data: Any,
+              policy: Policy, *, batch_size: int = 128, batches: int = 4,
+              seed: int = 0) -> PyTree:
   """Variables with the quantizers calibrated for `policy` on `batches` batches of `data`.
 
-  Quantizers without parameters (min-max) leave the variables unchanged.
+  Quantizers without parameters (min-max) leave the variables unchanged. An
+  NNX model is taken as `quantize` takes it (linen-layout variables back).
   """
+  split = haq_data.as_split(data)
+  model, variables = _converted(model, variables, split)
   if not scoring.has_quant_params(variables["params"]):
     return variables
-  split = haq_data.as_split(data)
   chosen = itertools.islice(haq_data.batches(
       split, batch_size=batch_size, seed=seed, epoch=0, shuffle=True,
       drop_remainder=False), batches)
   return calibrate_lib.calibrate(model, variables, chosen, policy)
 
 
-def evaluate(model: nn.Module, variables: PyTree, data: Any,
+def evaluate(model: nn.Module | nnx.Module, variables: PyTree | None, data: Any,
              policy: Policy | None = None, *, batch_size: int = 500) -> dict[str, float]:
   """Loss, top-1 and top-5 (percent) of `model` under `policy` on `data`.
 
   Args:
-    model: a model taking `policy=` (see `quantize`).
-    variables: its variables (with quantizer parameters when `policy` is set).
+    model: a model taking `policy=` (see `quantize`), or an NNX model.
+    variables: its variables (with quantizer parameters when `policy` is set;
+      for an NNX model also None or its state, as `quantize` takes them).
     data: numpy arrays, batches or a `Split` (`haqjax.data.as_split`).
     policy: the bits; None: floating point.
     batch_size: evaluation batch size (the last batch is padded and masked).
@@ -137,6 +190,7 @@ def evaluate(model: nn.Module, variables: PyTree, data: Any,
     `{"loss", "top1", "top5", "count"}`.
   """
   split = haq_data.as_split(data, name="test")
+  model, variables = _converted(model, variables, split)
   try:
     evaluator = _evaluator(model, batch_size)
   except TypeError:  # A model holding unhashable values: compiled for this call.
@@ -170,10 +224,11 @@ def _train_step(model: nn.Module, total: int, learning_rate: float, optimizer: s
   return tx, jax.jit(step)
 
 
-def finetune(model: nn.Module, variables: PyTree, train: Any, policy: Policy | None, *,
-             epochs: float = 1.0, learning_rate: float = 0.01, batch_size: int = 128,
-             optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0,
-             label_smoothing: float = 0.0, calibration_batches: int = 4,
+def finetune(model: nn.Module | nnx.Module, variables: PyTree | None, train: Any,
+             policy: Policy | None, *, epochs: float = 1.0, learning_rate: float = 0.01,
+             batch_size: int = 128, optimizer: str = "sgd", momentum: float = 0.9,
+             weight_decay: float = 0.0, label_smoothing: float = 0.0,
+             calibration_batches: int = 4,
              seed: int = 0) -> PyTree:
   """QAT of `model` under `policy` on `train` (FP32 training when `policy` is None).
 
@@ -182,8 +237,9 @@ def finetune(model: nn.Module, variables: PyTree, train: Any, policy: Policy | N
   `policy` first. Data order depends on `seed` and the epoch only.
 
   Args:
-    model: a model taking `policy=` (see `quantize`).
-    variables: its variables (with quantizer parameters when `policy` is set).
+    model: a model taking `policy=` (see `quantize`), or an NNX model.
+    variables: its variables (with quantizer parameters when `policy` is set;
+      for an NNX model also None or its state, as `quantize` takes them).
     train: numpy arrays, batches or a `Split` (`haqjax.data.as_split`).
     policy: the bits; None: floating point.
     epochs: passes over `train` (a fraction allowed).
@@ -197,7 +253,8 @@ def finetune(model: nn.Module, variables: PyTree, train: Any, policy: Policy | N
     seed: data order and the `quant` stream of stochastic rounding.
 
   Returns:
-    The fine-tuned variables.
+    The fine-tuned variables (of an NNX model: in linen's layout, for
+    `haqjax.nn.nnx_update`).
 
   Raises:
     ValueError: `epochs` not positive, or `train` has fewer examples than a batch.
@@ -209,6 +266,7 @@ def finetune(model: nn.Module, variables: PyTree, train: Any, policy: Policy | N
   if not per_epoch:
     raise ValueError(f"batch_size={batch_size} is larger than the training data "
                      f"({len(split)} examples)")
+  model, variables = _converted(model, variables, split)
   variables = _collections(variables)
   if policy is not None:
     variables = calibrate(model, variables, split, policy, batch_size=batch_size,

@@ -6,6 +6,7 @@ from haqjax.nn.layers import QConv
 from haqjax.nn.layers import QDense
 from haqjax.nn.layers import layer_name
 from haqjax.nn.nnx_model import nnx_quantized
+from haqjax.nn.nnx_model import nnx_update
 from haqjax.nn.nnx_model import nnx_variables
 from haqjax.nn.quantized import Quantized
 from haqjax.nn.quantized import init_quantizers

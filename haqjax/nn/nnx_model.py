@@ -120,19 +120,57 @@ def _default(cls: type, attr: str) -> Any:
   return inspect.signature(cls.__init__).parameters[attr].default
 
 
-def nnx_variables(model: nnx.Module) -> dict[str, PyTree]:
+def nnx_variables(model: nnx.Module | nnx.State) -> dict[str, PyTree]:
   """The NNX model's state as linen variables (`{'params': ..., 'batch_stats': ...}`).
 
-  Random-stream state (`nnx.RngState`) is left out; keys are strings.
+  Args:
+    model: an `nnx.Module`, or its state (`nnx.state(model)`).
+
+  Returns:
+    One collection per variable type, nested by attribute path; random-stream
+    state (`nnx.RngState`) is left out; keys are strings.
   """
+  state = model if isinstance(model, nnx.State) else nnx.state(model)
   out: dict[str, dict[str, Any]] = {}
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState))):
+  for path, var in nnx.to_flat_state(state):
+    if isinstance(var, nnx.RngState):
+      continue
     col = variablelib.variable_name_from_type(type(var), allow_register=True)
     node = out.setdefault(col, {})
     for part in path[:-1]:
       node = node.setdefault(str(part), {})
     node[str(path[-1])] = var.get_value()
   return out
+
+
+def nnx_update(model: nnx.Module, variables: PyTree) -> nnx.Module:
+  """Writes linen-layout `variables` back into the NNX `model`, in place.
+
+  The inverse of `nnx_variables`: each of the model's variables (`params`,
+  `batch_stats`, ...) takes the array at its path, so fine-tuned or PTQ
+  variables of `nnx_quantized(model)` run in the NNX model itself. Entries
+  the model lacks (the quantizer parameters, `params/conv1/act_quant`) are
+  left out: the NNX model computes in floating point.
+
+  Returns:
+    `model`.
+
+  Raises:
+    ValueError: `variables` lack one of the model's variables.
+  """
+  state = nnx.state(model, nnx.Not(nnx.RngState))
+  flat = []
+  for path, var in nnx.to_flat_state(state):
+    col = variablelib.variable_name_from_type(type(var), allow_register=True)
+    node = variables.get(col, {})
+    for part in path:
+      if part not in node and str(part) not in node:
+        raise ValueError(f"variables lack {col}/{'/'.join(map(str, path))}; allowed: "
+                         "variables of nnx_quantized(model) (e.g. haqjax.quantize's)")
+      node = node[part] if part in node else node[str(part)]
+    flat.append((path, var.replace(value=jnp.asarray(node))))
+  nnx.update(model, nnx.from_flat_state(flat))
+  return model
 
 
 class _Parts:
@@ -152,8 +190,11 @@ class NnxCall(nn.Module):
   Attributes:
     intercepted_as: `(functions, kind, matmul names)` for
       `haqjax.nn.intercept`.
+    layer: the NNX module whose call it runs (None: a level between a
+      caller and the module it calls), for `called_layer`.
   """
   intercepted_as: tuple[Any, ...] = ((), None, ())
+  layer: Any = None
 
   @nn.compact
   def __call__(self, fn, *args: Any, **kwargs: Any) -> Any:
@@ -170,11 +211,12 @@ class _Routing:
         ((), root, root.intercepted_as)]
     self.scopes: dict[tuple[int, str], NnxCall] = {}
 
-  def child(self, parent: nn.Module, name: str, spec: tuple[Any, ...]) -> NnxCall:
+  def child(self, parent: nn.Module, name: str, spec: tuple[Any, ...],
+            layer: nnx.Module | None) -> NnxCall:
     """The linen child `name` of `parent`, one per name (a module called twice)."""
     key = (id(parent), name)
     if key not in self.scopes:
-      self.scopes[key] = NnxCall(spec, name=name, parent=parent)
+      self.scopes[key] = NnxCall(spec, layer, name=name, parent=parent)
     return self.scopes[key]
 
 
@@ -189,7 +231,8 @@ class _Routing:
     def run(depth: int, parent: nn.Module):
       last = depth == len(path) - 1
       # A level between the caller and the module intercepts as the caller.
-      scope = self.child(parent, path[depth], spec if last else caller_as)
+      scope = self.child(parent, path[depth], spec if last else caller_as,
+                         module if last else None)
       if not last:
         return scope(lambda: run(depth + 1, scope))
       self.stack.append((path, scope, spec))
@@ -199,6 +242,17 @@ class _Routing:
         self.stack.pop()
 
     return run(len(here), parent)
+
+
+def called_layer(module: nn.Module) -> Any:
+  """The NNX layer an `NnxCall` scope runs, else `module` itself.
+
+  What passes that read a layer's configuration from the module of an
+  intercepted call (BN pairs, PTQ's layer geometry) look at.
+  """
+  if isinstance(module, NnxCall) and module.layer is not None:
+    return module.layer
+  return module
 
 
 _ROUTED: dict[type, type] = {}
