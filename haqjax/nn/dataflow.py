@@ -8,7 +8,8 @@ Two walks over the jaxpr of `haqjax.nn.quantized` models:
   `dot_general`. These run in floating point; the layer table lists them
   instead of dropping them.
 * `conv_bn_pairs(model, variables, input_shape)`: each convolution or dense
-  layer whose output is, unchanged, the input of an `nn.BatchNorm`, found by
+  layer (linen's or NNX's) whose output is, unchanged, the input of a
+  BatchNorm (`nn.BatchNorm`, `nnx.BatchNorm`), found by
   data flow (the BN's input is the layer's output in the traced program),
   not by names: what BN folding needs.
 
@@ -23,6 +24,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from flax import nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,9 +32,13 @@ import numpy as np
 from jax.extend.core import jaxprs_in_params
 
 from haqjax.nn.intercept import MARKER
+from haqjax.nn.nnx_model import called_layer
 from haqjax.typing import PyTree
 
 PRODUCTS = ("dot_general", "conv_general_dilated")
+# The layers and BatchNorms `conv_bn_pairs` pairs, linen's and NNX's.
+LAYERS = (nn.Conv, nn.Dense, nnx.Conv, nnx.Linear)
+BATCH_NORMS = (nn.BatchNorm, nnx.BatchNorm)
 _BN_MARK = "haqjax_bn_input_"
 _LAYER_MARK = "haqjax_layer_output_"
 
@@ -118,6 +124,9 @@ def conv_bn_pairs(model: nn.Module, variables: PyTree,
                   ) -> tuple[BNPairPaths, ...]:
   """Each `nn.Conv`/`nn.Dense` whose output feeds an `nn.BatchNorm` directly.
 
+  The same for an NNX model (`haqjax.nn.nnx_quantized`): each `nnx.Conv`/
+  `nnx.Linear` feeding an `nnx.BatchNorm`, at their attribute paths.
+
   The model runs abstractly in eval mode (`train=False` unless given) with
   each layer's output and each BN's input passed through a marked identity;
   a pair is a BN whose input is a layer's output, as the traced program has
@@ -146,11 +155,15 @@ def conv_bn_pairs(model: nn.Module, variables: PyTree,
     module = context.module
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
-    if isinstance(module, nn.BatchNorm) and module.axis in (-1,):
+    layer = called_layer(module)
+    # An NNX layer's scope is called `(its call, *its args)`.
+    first = 0 if layer is module else 1
+    if isinstance(layer, BATCH_NORMS) and layer.axis in (-1,):
       tag = f"{_BN_MARK}{next(counter)}"
-      marks[tag] = ("bn", tuple(module.scope.path), float(module.epsilon))
-      return next_fun(mark(args[0], tag), *args[1:], **kwargs)
-    if isinstance(module, (nn.Conv, nn.Dense)):
+      marks[tag] = ("bn", tuple(module.scope.path), float(layer.epsilon))
+      args = (*args[:first], mark(args[first], tag), *args[first + 1:])
+      return next_fun(*args, **kwargs)
+    if isinstance(layer, LAYERS):
       tag = f"{_LAYER_MARK}{next(counter)}"
       marks[tag] = ("layer", tuple(module.scope.path), 0.0)
       return mark(next_fun(*args, **kwargs), tag)

@@ -18,10 +18,11 @@ following the standard order (Nagel et al. 2021, section 4; Qualcomm AIMET):
 7. activation range setting (min-max, EMA, percentile, MSE or KL) on the
    floating-point activations of the calibration batches.
 
-A plain `flax.linen` model goes through the same flow (`haqjax.ptq.wrapped`):
-its BNs fold into the layers the traced computation pairs them with, AdaRound
-and bias correction take its `nn.Conv` and `nn.Dense` ops, and its other ops
-(attention's matmuls of two activations among them) are calibrated only.
+A plain `flax.linen` model, or a flax NNX one, goes through the same flow
+(`haqjax.ptq.wrapped`): its BNs fold into the layers the traced computation
+pairs them with, AdaRound and bias correction take its `nn.Conv` and
+`nn.Dense` ops (`nnx.Conv`, `nnx.Linear`), and its other ops (attention's
+matmuls of two activations among them) are calibrated only.
 
 Each step's wall time is reported, so the flow doubles as a fast accuracy
 signal inside a search.
@@ -36,6 +37,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from flax import nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,8 @@ import numpy as np
 
 from haqjax.nn.calibrate import calibrate
 from haqjax.nn.calibrate import record_layer_inputs
+from haqjax.nn.nnx_model import nnx_quantized
+from haqjax.nn.nnx_model import nnx_variables
 from haqjax.nn.quantized import Quantized
 from haqjax.nn.quantized import quantized
 from haqjax.policy import Policy
@@ -172,8 +176,11 @@ class Prepared(NamedTuple):
   bn_pairs: tuple[folding.BNPair, ...] | None = None
 
 
-def as_quantizable(model: nn.Module) -> nn.Module:
-  """`model`, wrapped by `haqjax.nn.quantized` if it does not take `policy=`."""
+def as_quantizable(model: nn.Module | nnx.Module) -> nn.Module:
+  """`model`, wrapped by `haqjax.nn.quantized` if it does not take `policy=`
+  (an NNX model by `haqjax.nn.nnx_quantized`)."""
+  if isinstance(model, nnx.Module):
+    return nnx_quantized(model)
   if isinstance(model, Quantized) or "policy" in inspect.signature(
       type(model).__call__).parameters:
     return model
@@ -207,8 +214,12 @@ def prepare(model: nn.Module, variables: PyTree, batches: Sequence[Any],
   """Steps 1-3 (folding, equalization, quantizers) and the recorded inputs.
 
   A plain flax model is wrapped (`as_quantizable`); its BNs are folded into
-  the layers the traced computation pairs them with.
+  the layers the traced computation pairs them with. An NNX model's
+  `variables` may be None (its own state) or `nnx.state(model)`.
   """
+  if isinstance(model, nnx.Module) and (variables is None
+                                        or isinstance(variables, nnx.State)):
+    variables = nnx_variables(model if variables is None else variables)
   batches = _check_batches(batches)
   first = batches[0]["image"] if isinstance(batches[0], dict) else batches[0]
   report: dict[str, Any] = {"options": dataclasses.asdict(options), "seconds": {}}
@@ -296,8 +307,14 @@ def ptq(key: PRNGKey, model: nn.Module, variables: PyTree, batches: Sequence[Any
       (`folding.traced_bn_pairs`), AdaRound and bias correction take its
       `nn.Conv` and `nn.Dense` ops (`haqjax.ptq.wrapped`), the other ops
       (matmuls of two activations included) are calibrated only, and
-      `cle` and analytic bias correction are not available.
-    variables: its trained `{"params", "batch_stats"}`.
+      `cle` and analytic bias correction are not available. A flax NNX
+      model (`nnx.Module`) is taken the same way (`haqjax.nn.nnx_quantized`:
+      its `nnx.Conv` -> `nnx.BatchNorm` pairs fold, AdaRound takes its
+      `nnx.Conv` and `nnx.Linear` ops); `haqjax.nn.nnx_update(model,
+      result.variables)` writes the folded, rounded weights back into it
+      (in floating point: the quantizers are the linen module's).
+    variables: its trained `{"params", "batch_stats"}`; for an NNX model
+      also None (its own state) or `nnx.state(model)`.
     batches: calibration batches (dicts with "image" and optional "mask", or
       image arrays), read several times.
     policy: per-layer bits (any mix; 32 leaves a tensor in floating point).

@@ -7,7 +7,7 @@ gives the passes what they need from those:
 
 * `layer_geometries`: the linear map of each `nn.Conv` (2-D, NHWC, no
   dilation, padding 'SAME', 'VALID' or explicit) and `nn.Dense` op, which
-  AdaRound reconstructs. Other ops (`nn.DenseGeneral`, `nn.Einsum`, a
+  AdaRound reconstructs (`nnx.Conv` and `nnx.Linear` in an NNX model). Other ops (`nn.DenseGeneral`, `nn.Einsum`, a
   dilated or circular convolution, a matmul of two activations, which has
   no weights) keep nearest rounding on their calibrated grid.
 * `output_errors`: per `nn.Conv`/`nn.Dense` op, the output shift its
@@ -23,12 +23,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from flax import nnx
 import flax.linen as nn
 from flax.linen.linear import canonicalize_padding
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from haqjax.nn.nnx_model import called_layer
 from haqjax.nn.quantized import Quantized
 from haqjax.nn.quantized import apply_float
 from haqjax.nn.quantized import op_quantizers
@@ -38,10 +40,13 @@ from haqjax.typing import Array, ArrayLike, PyTree
 
 
 def geometry(module: nn.Module) -> LayerGeometry | None:
-  """The `LayerGeometry` of an `nn.Conv` or `nn.Dense`; None for other modules."""
-  if isinstance(module, nn.Dense):
+  """The `LayerGeometry` of an `nn.Conv` or `nn.Dense` (or the `nnx.Conv` or
+  `nnx.Linear` an NNX model's scope runs); None for other modules."""
+  module = called_layer(module)
+  if isinstance(module, (nn.Dense, nnx.Linear)):
     return LayerGeometry(kind="dense")
-  if not isinstance(module, nn.Conv) or len(np.atleast_1d(module.kernel_size)) != 2:
+  if (not isinstance(module, (nn.Conv, nnx.Conv))
+      or len(np.atleast_1d(module.kernel_size)) != 2):
     return None  # An int kernel_size is a 1-D convolution.
   dilations = (module.input_dilation, module.kernel_dilation)
   if any(d not in (None, 1, (1, 1)) for d in dilations):
