@@ -28,12 +28,14 @@ reversed operand (weight stationary's filter, input stationary's ifmap) tile
 by tile, each tile's rows last row first. `window_walk` follows the window
 over these blocks: forward to the block's first demanded line; around the
 whole operand (one turn: `lines / step` moves) when that line, or a lower
-row of a reversed tile, lies behind the window's start, as SCALE-Sim does;
-forward over the block. Its moves are SCALE-Sim's for rolled operands,
-whether or not the ifmap holds im2col copies of its words, and for reversed
-tiles without copies. Stalls: SCALE-Sim waits at the row that needs a move
-until that move completes, and counts the wait for the last prefetch twice;
-the walk does the same per block, at the row of its last move. The write
+row of a reversed tile, lies behind the window's start, as SCALE-Sim does
+(a reversed tile turns to its highest lost row, then forward over that
+row's words, which may lose the rows below again); forward over the block.
+Its moves are SCALE-Sim's for rolled operands, whether or not the ifmap
+holds im2col copies of its words, and for reversed tiles without copies.
+Stalls: SCALE-Sim waits at the row that needs a move until that move
+completes, and counts the wait for the last prefetch twice; the walk does
+the same per block, at the row of its last move. The write
 buffer waits `max(0, ceil((W - S_o) / D) ceil(D / bw) - C (1 - D / W))`
 for `W` written words over `C` stall-free cycles. A GEMM stalls by the
 largest of the three. DRAM reads are whole request lines: the first window,
@@ -48,12 +50,8 @@ What departs from SCALE-Sim, measured over 49 layers and arrays (4x4 to
     window, where some have copies from the tiles ahead and some (a fold's
     first output pixel) do not. The walk takes all of them as found (no
     turn), which is exact on 3x3 convs of 8 channels on an 8x8 array and
-    reads 86-93% fewer ifmap words (61-81% fewer cycles) where SCALE-Sim
+    reads 86-93% fewer ifmap words (16-81% fewer cycles) where SCALE-Sim
     turns the window anyway.
-  * A reversed tile whose row straddles the window's boundary: SCALE-Sim
-    moves the window back and forth for that one row; the walk does not
-    (weight stationary's filter on 4x4 arrays and on 64x64 and 128x128
-    arrays with 1-2 KiB SRAMs: 33-78% fewer filter words).
   * SCALE-Sim's conv topology gives a layer `ceil((H - R + s) / s)` outputs
     a side; when `s` does not divide `H - R`, the last ones read outside the
     input and hold `-1` words, which SCALE-Sim leaves out of its lines. The
@@ -62,13 +60,14 @@ What departs from SCALE-Sim, measured over 49 layers and arrays (4x4 to
     words). Layers whose stride divides `H - R` are exact.
   * Stalls oscillate in SCALE-Sim around the wait above by up to one
     prefetch time, as its counted waits shift later rows; where the traffic
-    is exact (39 of the 49), total cycles are within 2.4% on average (31% at
+    is exact (43 of the 49), total cycles are within 2.4% on average (31% at
     worst, on a 128x128 array whose few folds each wait).
 
-Over those 49 layers, total cycles are off by 11% on average (81% at worst),
-ifmap reads 9.8% (93%), filter reads 3.0% (46%), ofmap writes 0.2%; on the
-21 layers of tests/hardware_scalesim_memory_test.py (`python tests/...`
-prints them) by 5.7%, and by under 5% without im2col copies. The walk is a
+Over those 49 layers, total cycles are off by 9.4% on average (81% at
+worst), ifmap reads 9.8% (93%), filter reads 0% (filters have no copies),
+ofmap writes 0.2%; on the 21 layers of tests/hardware_scalesim_memory_test.py
+(`python tests/...` prints them) by 5.7%, and by under 5% without im2col
+copies. The walk is a
 `jax.lax.while_loop` over folds, jit-able and traced in the bits; past
 `MAX_SEGMENTS` folds its moves and stalls are extrapolated at the rate of
 the first ones.
@@ -220,22 +219,30 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
     j1 = j + jnp.maximum(jnp.ceil((first - (j * step + a - 1.0)) / step), 0.0)
     # A first line left behind: the window goes around the operand to it.
     # Rows of a reversed tile are demanded downwards: the window goes
-    # around to the highest lost row, as often as it loses one.
-    row_lines = w / e
+    # around to the highest lost row and forward over that row's words,
+    # which may lose the rows below it again.
 
     def lost(s):
-      return live & (s[2] < s[0] * step) & ~keeps
+      jj, t, top = s
+      return live & (lo + t * lines < jj * step) & (top >= 0.0) & ~keeps
 
     def turn(s):
-      jj, t, low, x = s
-      gap = jnp.ceil((jj * step - low) / row_lines) - 1.0
-      target = jnp.where(rev, low + jnp.floor(jnp.maximum(gap, 0.0) * row_lines), low)
+      jj, t, top = s
       go = lost(s)
-      return (jnp.where(go, around(jj, target), jj), t + go, low + go * lines,
-              jnp.where(go, target - t * lines, x))
+      below = (jj * step - base - t * lines) * e - start
+      r = jnp.where(rev, jnp.clip(jnp.ceil(below / w) - 1.0, 0.0, top), 0.0)
+      target = jnp.where(rev, base + t * lines + line(start + r * w), lo + t * lines)
+      j_turn = around(jj, target)
+      end = jnp.where(rev, base + (t + 1.0) * lines + line(start + r * w + w - 1.0), 0.0)
+      j_turn = j_turn + jnp.maximum(jnp.ceil((end - (j_turn * step + a - 1.0)) / step), 0.0)
+      return (jnp.where(go, j_turn, jj), t + go,
+              jnp.where(go, jnp.where(rev, r - 1.0, -1.0), top))
 
-    j2, t2, _, x = jax.lax.while_loop(lambda s: jnp.any(lost(s)), turn,
-                                      (j1, 0.0 * j1, lo, hi))
+    rows_in = jnp.where(rev, size / w, 1.0)
+    j2, t2, top = jax.lax.while_loop(lambda s: jnp.any(lost(s)), turn,
+                                     (j1, 0.0 * j1, rows_in - 1.0))
+    x = base + line(start + (top + 1.0) * w)
+    row_lines = w / e
     # Forward over the rest of a rolled block.
     hi2 = hi + t2 * lines
     j3 = jnp.where(rev, j2, j2 + jnp.maximum(
