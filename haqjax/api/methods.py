@@ -170,8 +170,8 @@ def run_rl(task: Task, *, episodes: int, episode_steps: int, episode_lr: float,
 def run_hawq(task: Task, hawq: HawqConfig) -> tuple[Policy, dict[str, Any]]:
   """Hessian sensitivities and the ILP (`haqjax.jobs.hawq`'s search step).
 
-  A wrapped plain flax model's matmuls of two activations are measured by
-  their two operands (`haqjax.search.hawq.wrapped`).
+  A wrapped plain flax model's (linen or NNX) matmuls of two activations
+  are measured by their two operands (`haqjax.search.hawq.wrapped`).
 
   Raises:
     ValueError: too few training batches.
