@@ -119,3 +119,32 @@ def test_seeds_refuses_bad_counts():
     with pytest.raises(ValueError, match=r"^--seeds is .*; allowed: a positive integer$"):
       seeds_lib.check_seeds(bad)
   assert seeds_lib.seed_list(5, 3) == (5, 6, 7)
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_killed_job_resumes_to_the_same_members(setup):
+  config, model, splits, uniform, mixed, tmp = setup
+  config = config.replace(epochs=0.5, checkpoint_every_steps=4)
+  whole, member_steps = _fit(config, model, splits, [uniform, mixed], [1, 2], tmp / "whole")
+  train, calls = member_steps.train, []
+
+  def killed_at_step_7(*args):
+    calls.append(1)
+    if len(calls) == 7:  # After the checkpoint of step 4.
+      raise _Killed()
+    return train(*args)
+
+  member_steps.train = killed_at_step_7
+  with pytest.raises(_Killed):
+    _fit(config, model, splits, [uniform, mixed], [1, 2], tmp / "killed", member_steps)
+  member_steps.train = train
+  resumed, _ = _fit(config, model, splits, [uniform, mixed], [1, 2], tmp / "killed",
+                    member_steps)
+  assert resumed["steps"] == whole["steps"] and resumed["traces"]["train"] == 1
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               resumed["state"].variables(), whole["state"].variables())
+  assert [t["top1"] for t in resumed["test"]] == pytest.approx(
+      [t["top1"] for t in whole["test"]], abs=ONE_IMAGE + 1e-9)

@@ -171,8 +171,9 @@ def fit_members(config: Config, model, splits, states: steps.TrainState,
     states: the stacked initial states (`init_members`).
     policies: the stacked policies, `w_bits`/`a_bits` `[K, L]`.
     seeds: each member's seed: its data order and `quant`/`dropout` keys.
-    workdir: the stacked checkpoints (`checkpoints/`, one per epoch; a rerun
-      resumes from the latest) and `metrics.jsonl` (means over members).
+    workdir: the stacked checkpoints (`checkpoints/`, at every epoch's end
+      and every `config.checkpoint_every_steps`; a rerun resumes from the
+      latest) and `metrics.jsonl` (means over members).
     member_steps: the compiled steps (default: new ones for `model`).
 
   Returns:
@@ -216,7 +217,11 @@ def fit_members(config: Config, model, splits, states: steps.TrainState,
           writer.write_scalars(step, {**means, "train/lr": float(schedule(step - 1))})
           running = []
         if step == total_steps or step % steps_per_epoch == 0:
-          break
+          break  # The epoch-end checkpoint below covers this step.
+        if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+          divergence.check_state_finite(states, step, last_checkpoint)
+          checkpointer.save(step, states, {"epoch": epoch, "seeds": list(seeds)})
+          last_checkpoint = checkpointer.path(step)
       divergence.check_state_finite(states, step, last_checkpoint)
       writer.flush()
       checkpointer.save(step, states, {"epoch": epoch, "seeds": list(seeds)})
