@@ -80,6 +80,12 @@ def seeds(mode: str) -> int:
   return count
 
 
+def refuse_seeds(launcher: str, instead: str) -> None:
+  """A one-line `ValueError` when `--seeds` is set for a launcher that has no use for it."""
+  if SEEDS.value != 1:
+    raise ValueError(f"--seeds is {SEEDS.value}; {launcher} allows 1 ({instead})")
+
+
 def workdir() -> str:
   """`--workdir`, which every job needs."""
   if not WORKDIR.value:

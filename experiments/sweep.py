@@ -43,6 +43,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}; flags are --name=value")
   workdir = job_flags.workdir()
+  job_flags.refuse_seeds("experiments.sweep", "sweep seeds with --sweep.seed=0,1,2")
   spec = sweep_lib.SweepSpec.parse({n: f.value for n, f in _AXES.items()},
                                    combine=_COMBINE.value)
   config = job_flags.config_from_flags()
