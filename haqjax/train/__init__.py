@@ -3,6 +3,7 @@
 from haqjax.train.checkpoint import Checkpointer
 from haqjax.train.checkpoint import restore_variables
 from haqjax.train.config import Config
+from haqjax.train.seeds import train_and_evaluate_seeds
 from haqjax.train.steps import TrainState
 from haqjax.train.steps import eval_step
 from haqjax.train.steps import init_state
