@@ -42,7 +42,7 @@ def test_w8a8_equals_the_linen_twin_s():
   images = jnp.asarray(np.random.default_rng(3).normal(size=(32, *SHAPE)), jnp.float32)
   calibration = [{"image": images[:16]}, {"image": images[16:]}]
   policy = Policy.uniform(NAMES, 8, 8)
-  options = PTQOptions(cle=False, adaround=True, adaround_iters=40,
+  options = PTQOptions(cle=False, adaround=True, adaround_iters=20,
                        weight_range="minmax", act_range="minmax")
   key = jax.random.key(0)
   want = ptq(key, linen, variables, calibration, policy, options)
