@@ -1,8 +1,9 @@
-"""`--seeds=K` as a user runs it: qat and a search's fine-tunes over K seeds.
+"""`--seeds=K` as a user runs it: a search's fine-tunes over K seeds.
 
-Both jobs start from the FP32 digits model the launcher tests share. The
-HAWQ job (the cheapest search) fine-tunes its policy and the uniform W4A4
-reference over two seeds and exports member 0.
+The HAWQ job (the cheapest search), from the FP32 digits model the launcher
+tests share, fine-tunes its policy and the uniform W4A4 reference over two
+seeds and exports member 0. A K-seed qat run and its export:
+tests/train_members_test.py.
 """
 
 import json
@@ -35,22 +36,6 @@ def _check_summary(results, seeds):
   vals = results["val_top1_members"]
   assert results["val_top1"] == pytest.approx(np.mean(vals))
   assert results["val_top1_std"] == pytest.approx(np.std(vals, ddof=1))
-
-
-def test_qat_over_seeds_exports_member_0(shared):
-  # Members against standalone runs: tests/train_members_test.py.
-  flags, tmp = shared
-  workdir = tmp / "qat"
-  launch_ok(*flags, "--mode=qat", "--policy=w4a4", "--epochs=0.25",
-            "--learning_rate=0.01", f"--workdir={workdir}", "--seed=3", "--seeds=2")
-  results = _results(workdir)
-  _check_summary(results, [3, 4])
-  assert results["export_member"] == 0 and results["export_seed"] == 3
-  assert results["export"] == os.path.join("seed_3", "export")
-  with open(os.path.join(workdir, "seed_3", "results.json")) as f:
-    member = json.load(f)
-  assert member["test_top1_fake_quant"] == results["test_top1_members"][0]
-  assert results["export_test_top1"] == member["test_top1"]
 
 
 def test_search_fine_tunes_and_uniform_reference_over_seeds(shared):

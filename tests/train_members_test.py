@@ -2,7 +2,8 @@
 
 Members start from the FP32 model the launcher tests share. A member equals
 the standalone run with its seed and policy; one compiled step serves every
-set of policies; a K-seed run keeps its finished members across reruns.
+set of policies; a K-seed run keeps its finished members across reruns and
+exports member 0.
 """
 
 import json
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from haqjax import data as haq_data
+from haqjax.jobs import seeds as seeds_job
 from haqjax.nn import layer_table
 from haqjax.policy import Policy
 from haqjax.policy import save_policy
@@ -112,6 +114,17 @@ def test_seeds_job_summarises_and_keeps_finished_members(setup):
     assert json.load(f) == kept
   # Member 8 trained alone: the same figures as beside member 7.
   np.testing.assert_allclose(rerun["test_top1_members"], tops, atol=ONE_IMAGE + 1e-9)
+  # --export: member 0's integer model; test_top1 stays the members' mean.
+  exported = seeds_job.finish_seeds(config, workdir, rerun)
+  assert exported["export_member"] == 0 and exported["export_seed"] == 7
+  assert exported["export"] == os.path.join("seed_7", "export")
+  assert exported["test_top1"] == rerun["test_top1"]
+  with open(os.path.join(workdir, "seed_7", "results.json")) as f:
+    member = json.load(f)
+  assert member["test_top1_fake_quant"] == rerun["test_top1_members"][0]
+  assert exported["export_test_top1"] == member["test_top1"]
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f) == exported
 
 
 def test_seeds_refuses_bad_counts():
