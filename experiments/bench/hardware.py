@@ -14,7 +14,11 @@ their min and max, compilation apart:
     ResNet-18/20 and MobileNetV2 layers, (w, a) in {2, 4, 8}^2, batch 1 and
     16): mean and max relative error of total cycles and energy over the conv
     and FC layers and over the depthwise ones, for the 'tiled' memory model
-    and the 'stream' estimate.
+    and the 'stream' estimate;
+  * the systolic array's SCALE-Sim scratchpad model against the `scalesim`
+    package (when installed; `haqjax.hardware.scalesim_reference`): mean and
+    max relative error of total cycles, of the roofline's cycles and of the
+    DRAM words per operand, per dataflow, over its cases.
 """
 
 from __future__ import annotations
@@ -75,6 +79,16 @@ def run() -> dict:
             BITFUSION_REFERENCE, hardware.BitFusion(memory=memory))["summary"].items()
                  if k in ("conv_fc", "depthwise")}
         for memory in ("tiled", "stream")}
+  try:
+    from haqjax.hardware import scalesim_reference  # pylint: disable=g-import-not-at-top
+    import scalesim  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    print("scalesim is not installed (pip install -e '.[test]'): its comparison is skipped")
+  else:
+    summary, rows = scalesim_reference.agreement()
+    result["systolic_vs_scalesim"] = {"cases": len(rows), **{
+        group: {k: {"mean": m, "max": x} for k, (m, x) in errs.items()}
+        for group, errs in summary.items()}}
   print(f"backend: {result['backend']}; MobileNetV2 (53 layers), {POLICIES} policies")
   print(f"{'target':<12} {'[53,8,8] ms':>11} {'(min-max)':<15} {'layer-evals/s':>14}")
   for name in names:
@@ -92,5 +106,12 @@ def run() -> dict:
       print(f"bitfusion ({memory}) vs simulator, {part} ({e['runs']} runs): cycles "
             f"mean {100 * e['cycles_mean_err']:.2f}% max {100 * e['cycles_max_err']:.2f}%, "
             f"energy mean {100 * e['energy_mean_err']:.2f}% max {100 * e['energy_max_err']:.2f}%")
+  if "systolic_vs_scalesim" in result:
+    r = result["systolic_vs_scalesim"]
+    for group in ("os", "ws", "is", "all"):
+      e = r[group]
+      print(f"systolic (user bandwidth) vs scalesim, {group} ({r['cases']} cases in all): "
+            + ", ".join(f"{k} mean {100 * e[k]['mean']:.1f}% max {100 * e[k]['max']:.1f}%"
+                        for k in ("cycles", "roofline", "ifmap", "filter", "ofmap")))
   return result
 
