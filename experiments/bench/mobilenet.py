@@ -12,6 +12,11 @@ in a process of its own:
   * evaluation-step throughput, the same two ways;
   * the first training step, split into tracing, lowering, XLA compilation
     and the first run;
+  * the CPU seconds of tracing, lowering and XLA compilation of the QAT
+    training step, median, min and max over `COMPILE_REPEATS` fresh
+    compilations with JAX's caches cleared and the persistent compilation
+    cache off (CPU seconds, so that other processes' load counts less than
+    in wall-clock time);
   * the peak resident memory of the process.
 The machine's load average before and after each model is recorded beside
 the numbers: the CPU may be shared, and the steps scale with what is free.
@@ -39,6 +44,7 @@ IMAGE_SHAPE = (224, 224, 3)
 NUM_CLASSES = 100
 BATCH_SIZE = 32
 REPEATS = 5
+COMPILE_REPEATS = timing.MIN_REPEATS
 QUICK_BATCH_SIZE = 4
 POLICY_SEED = 0
 
@@ -70,6 +76,32 @@ def _staged(fn, *args) -> tuple[Any, dict[str, float]]:
   t3 = time.perf_counter()
   return compiled, {"trace_seconds": round(t1 - t0, 2), "lower_seconds": round(t2 - t1, 2),
                     "compile_seconds": round(t3 - t2, 2)}
+
+
+def _compile_cost(make_fn, *args, repeats: int = COMPILE_REPEATS) -> dict[str, Any]:
+  """CPU seconds of tracing, lowering and compiling `make_fn()` for `args`, from scratch.
+
+  Each repeat clears JAX's in-memory caches and jits anew; the persistent
+  compilation cache is turned off for the process, so every repeat runs
+  XLA. Returns `{trace,lower,compile}_cpu_seconds`, each `timing.Timing`'s
+  median, min and max in seconds.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_enable_compilation_cache", False)
+  samples = {"trace": [], "lower": [], "compile": []}
+  for _ in range(repeats):
+    jax.clear_caches()
+    t0 = time.process_time()
+    traced = make_fn().trace(*args)
+    t1 = time.process_time()
+    lowered = traced.lower()
+    t2 = time.process_time()
+    lowered.compile()
+    t3 = time.process_time()
+    for stage, seconds in zip(samples, (t1 - t0, t2 - t1, t3 - t2)):
+      samples[stage].append(seconds)
+  return {f"{stage}_cpu_seconds": timing.summarize(v).to_dict("s", 2)
+          for stage, v in samples.items()}
 
 
 def _throughput(batch_size: int, t: timing.Timing) -> dict[str, Any]:
@@ -127,6 +159,13 @@ def measure(model_name: str, batch_size: int, repeats: int) -> dict[str, Any]:
           f"{train_row['first_step_seconds']:.1f} s (trace {train_row['trace_seconds']:.1f}, "
           f"lower {train_row['lower_seconds']:.1f}, compile "
           f"{train_row['compile_seconds']:.1f}, run {t.first_seconds:.1f})", flush=True)
+  cost = _compile_cost(
+      lambda: jax.jit(functools.partial(steps_lib.train_step, model, tx)), state, batch, policy)
+  result["qat_train_compile"] = cost
+  print(f"{model_name:>13}  qat: train step from scratch, CPU s, median (min, max) of "
+        f"{COMPILE_REPEATS}: " + ", ".join(
+            f"{stage.split('_')[0]} {row['median_s']:.1f} ({row['min_s']:.1f}, "
+            f"{row['max_s']:.1f})" for stage, row in cost.items()), flush=True)
   result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
   result["load_average_before"] = [round(v, 2) for v in load_before]
   result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
