@@ -65,9 +65,9 @@ What departs from SCALE-Sim, measured over 49 layers and arrays (4x4 to
 
 Over those 49 layers, total cycles are off by 9.4% on average (81% at
 worst), ifmap reads 9.8% (93%), filter reads 0% (filters have no copies),
-ofmap writes 0.2%; on the 21 layers of tests/hardware_scalesim_memory_test.py
-(`python tests/...` prints them) by 5.7%, and by under 5% without im2col
-copies. The walk is a
+ofmap writes 0.2%; on the 21 layers of `haqjax.hardware.scalesim_reference`
+(`python -m experiments.bench hardware` prints them) by 5.7%, and by under 5%
+without im2col copies. The walk is a
 `jax.lax.while_loop` over folds, jit-able and traced in the bits; past
 `MAX_SEGMENTS` folds its moves and stalls are extrapolated at the rate of
 the first ones.
