@@ -5,11 +5,16 @@ policy=None)` with `jax.make_jaxpr` while `flax.linen.intercept_methods`
 marks every `QuantizedLayer` and `nn.BatchNorm` call: the module runs as
 usual and its output then passes through a `jax.jit` identity
 `haqjax_deploy_<i>(x, y) -> y`, one equation in the jaxpr that names the
-module's input `x` and output `y`. Walking the jaxpr back from the output and
-stopping at those equations (only their `x` is followed) leaves the
-operations between layers, which map to a small set of `Op`s:
+module's input `x` and output `y`. In a `haqjax.nn.quantized` plain flax
+model, each intercepted `nn.Conv` / `nn.Dense` call is marked as a layer
+(`haqjax.deploy.layer_info.flax_layer_info`: its kernel, bias and quantizer
+parameters sit where a `QConv`'s do), and the model runs with `train=False`.
+Walking the jaxpr back from the output and stopping at those equations (only
+their `x` is followed) leaves the operations between layers, which map to a
+small set of `Op`s:
 
-* `input`; `layer` (a `QConv` / `QDense`, with its folded BN if any);
+* `input`; `layer` (a `QConv` / `QDense`, with its folded BN if any, or a
+  wrapped model's `nn.Conv` / `nn.Dense`);
   `batch_norm` (a plain `nn.BatchNorm` in eval mode);
 * `clip`: `max(x, c)` / `min(x, c)` with a constant scalar (ReLU is
   `jax.nn.relu`'s `max(x, 0)`, ReLU6 a `min(., 6)` after it);
@@ -25,7 +30,6 @@ raises one `ValueError` naming the module it is in and the allowed ops.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from typing import Any, NamedTuple
 
@@ -35,15 +39,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Literal
 
+from haqjax.deploy.layer_info import LayerInfo
+from haqjax.deploy.layer_info import flax_kind
+from haqjax.deploy.layer_info import flax_layer_info
+from haqjax.deploy.layer_info import haqjax_layer_info
 from haqjax.nn.layers import QConv
 from haqjax.nn.layers import QDense
 from haqjax.nn.layers import QuantizedLayer
 from haqjax.nn.layers import layer_name
+from haqjax.nn.quantized import Quantized
 from haqjax.typing import Array, PyTree
 
 MARKER = "haqjax_deploy_"
 # What an error message lists as supported between layers.
-ALLOWED = ("QConv", "QDense", "BatchNorm", "relu", "relu6 / min, max with a constant",
+ALLOWED = ("QConv", "QDense", "nn.Conv / nn.Dense (wrapped)", "BatchNorm", "relu", "relu6 / min, max with a constant",
            "add", "mean over H, W", "max_pool", "reshape", "dropout (eval)")
 _IDENTITY = ("convert_element_type", "copy", "copy_p", "optimization_barrier")
 _CALLS = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call",
@@ -69,20 +78,6 @@ class Op(NamedTuple):
   where: str
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerInfo:
-  """What the lowering needs of a quantizable layer's call."""
-  name: str
-  kind: str  # 'conv' or 'dense'
-  path: tuple[str, ...]
-  quantizers: tuple[Any, Any]  # (weight, act)
-  bn: tuple[tuple[str, ...], float] | None  # folded BN (path, epsilon)
-  strides: tuple[int, int] = (1, 1)
-  padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
-  groups: int = 1
-  use_bias: bool = False
-
-
 class Captured(NamedTuple):
   """The captured dataflow: `ops` in topological order, `ops[output]` the logits."""
   ops: tuple[Op, ...]
@@ -91,31 +86,6 @@ class Captured(NamedTuple):
 
 def _unsupported(where: str, what: str) -> ValueError:
   return ValueError(f"deploy: {where!r} uses {what}; allowed ops: {', '.join(ALLOWED)}")
-
-
-def _layer_info(module: QuantizedLayer, x: Array, kwargs: dict[str, Any]) -> LayerInfo:
-  name = layer_name(module)
-  if kwargs.get("train"):
-    raise ValueError(f"deploy: layer {name!r} is called with train=True; allowed: eval mode")
-  bn = kwargs.get("bn")
-  folded = None if bn is None else (tuple(bn.scope.path), float(bn.epsilon))
-  common = dict(name=name, path=tuple(module.scope.path), quantizers=module.quantizers(),
-                bn=folded, use_bias=bool(module.use_bias))
-  if isinstance(module, QDense):
-    if x.ndim != 2:
-      raise ValueError(f"deploy: dense layer {name!r} has a {x.ndim}-d input; allowed: [N, K]")
-    return LayerInfo(kind="dense", **common)
-  if not isinstance(module, QConv):
-    raise _unsupported(name, f"the layer type {type(module).__name__}")
-  strides = ((module.strides,) * 2 if isinstance(module.strides, int)
-             else tuple(module.strides))
-  if isinstance(module.padding, str):
-    pads = jax.lax.padtype_to_pads(x.shape[1:3], module.kernel_size, strides, module.padding)
-  else:
-    pads = module.padding
-  padding = tuple((int(a), int(b)) for a, b in pads)
-  return LayerInfo(kind="conv", strides=tuple(int(s) for s in strides), padding=padding,
-                   groups=int(module.feature_group_count), **common)
 
 
 def _bn_info(module: nn.BatchNorm, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +107,8 @@ def capture(model: nn.Module, variables: PyTree, example_input: Array) -> Captur
 
   Args:
     model: a model of haqjax layers, called as `model.apply(variables, x,
-      policy=None)`.
+      policy=None)`, or a `haqjax.nn.quantized` plain flax model (called with
+      `train=False` too).
     variables: its variables.
     example_input: an input batch (only its shape and dtype are used).
 
@@ -149,13 +120,19 @@ def capture(model: nn.Module, variables: PyTree, example_input: Array) -> Captur
   """
   marked: dict[str, tuple[str, Any]] = {}
   counter = itertools.count()
+  wrapped = isinstance(model, Quantized)
+  mode = {"train": False} if wrapped else {}
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
     if isinstance(module, QuantizedLayer):
-      entry = ("layer", _layer_info(module, args[0], kwargs))
+      if not isinstance(module, (QConv, QDense)):
+        raise _unsupported(layer_name(module), f"the layer type {type(module).__name__}")
+      entry = ("layer", haqjax_layer_info(module, args[0], kwargs))
+    elif wrapped and flax_kind(module) is not None:
+      entry = ("layer", flax_layer_info(module, args[0], model.quant_scheme))
     elif isinstance(module, nn.BatchNorm):
       entry = ("batch_norm", _bn_info(module, kwargs))
     else:
@@ -172,11 +149,13 @@ def capture(model: nn.Module, variables: PyTree, example_input: Array) -> Captur
 
   def forward(variables, x):
     with nn.intercept_methods(interceptor):
-      return model.apply(variables, x, policy=None)
+      return model.apply(variables, x, policy=None, **mode)
 
   x = jnp.asarray(example_input)
   closed = jax.make_jaxpr(forward)(variables, x)
-  walker = _Walker(marked, root=type(model).__name__)
+  # The name stack of a wrapped model's ops also holds the wrapper's field.
+  root = (type(model).__name__, "model") if wrapped else (type(model).__name__,)
+  walker = _Walker(marked, root=root)
   n_vars = len(jax.tree_util.tree_leaves(variables))
   invars = closed.jaxpr.invars
   env = {v: _Param() for v in invars[:n_vars]}
@@ -209,7 +188,7 @@ class _Sum(NamedTuple):
 class _Walker:
   """Maps jaxpr equations on activations to `Op`s."""
 
-  def __init__(self, marked: dict[str, tuple[str, Any]], root: str):
+  def __init__(self, marked: dict[str, tuple[str, Any]], root: tuple[str, ...]):
     self.marked = marked
     self.root = root
     self.ops: list[Op] = []
@@ -221,8 +200,8 @@ class _Walker:
   def where(self, eqn) -> str:
     stack = str(eqn.source_info.name_stack)
     parts = [p for p in stack.split("/") if p]
-    if parts and parts[0] == self.root:
-      parts = parts[1:]
+    if tuple(parts[:len(self.root)]) == self.root:
+      parts = parts[len(self.root):]
     return "/".join(parts) or "model"
 
   def walk(self, jaxpr, env: dict) -> list[Any]:
