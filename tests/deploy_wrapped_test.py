@@ -129,3 +129,14 @@ def test_a_vit_gets_one_line_naming_the_op():
   policy = Policy.uniform(layer_table(model, x.shape).names, 8, 8)
   with pytest.raises(ValueError, match=r"^deploy: 'LayerNorm_0' uses \w+; allowed ops"):
     build.build(model, variables, policy, x)
+
+
+@pytest.mark.parametrize("kwargs, what", [
+    (dict(kernel_dilation=2), "dilation"), (dict(padding="CIRCULAR"), "padding 'CIRCULAR'")])
+def test_a_conv_the_integer_graph_cannot_express_is_named(kwargs, what):
+  model = quantized(nn.Conv(4, (3, 3), **kwargs), SCHEME)  # The root: named 'Conv'.
+  x = jnp.zeros((1, 6, 6, 1))
+  variables = model.init(jax.random.key(0), x)
+  policy = Policy.uniform(("Conv",), 8, 8)
+  with pytest.raises(ValueError, match=f"^deploy: conv layer 'Conv' has {what}; allowed"):
+    build.build(model, variables, policy, x)

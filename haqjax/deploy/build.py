@@ -269,8 +269,10 @@ def build(model: nn.Module, variables: PyTree, policy: Policy, example_input: Ar
   """The integer graph of `model` with `variables` at `policy`.
 
   Args:
-    model: a model of haqjax layers (calibrated `StaticRange` activation
-      quantizers; `MinMaxWeight` or `StaticRange` weight quantizers).
+    model: a model of haqjax layers, or a `haqjax.nn.quantized` plain flax
+      model whose `nn.Conv` / `nn.Dense` ops lower as `QConv` / `QDense`
+      (calibrated `StaticRange` activation quantizers; `MinMaxWeight` or
+      `StaticRange` weight quantizers).
     variables: its variables, calibrated.
     policy: the bits of every layer (`FLOAT_BITS` for a float layer).
     example_input: an input batch, NHWC (its shape and, for the float
