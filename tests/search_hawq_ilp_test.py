@@ -118,6 +118,25 @@ def test_a_budget_of_exactly_one_allocation_holds_it():
   assert got <= omega[rows, table_index(4), table_index(4)].sum() * (1 + 1e-12)
 
 
+def test_costs_closer_than_the_solver_tolerance_at_the_lowest_limit():
+  # Costs nearly flat in the bits (a memory-bound target): choices differ by
+  # a few 1e-8 of the total, under HiGHS's feasibility tolerance, so its
+  # answers may exceed a limit at the lowest cost, and a bound lowered by
+  # that tolerance holds no allocation at all.
+  rng = np.random.default_rng(7)
+  b = np.asarray(TABLE_BITS, np.float64)
+  cost = 1e-5 * (1.0 + 1e-8 * (b[None, :, None] + b[None, None, :])
+                 * rng.uniform(0.5, 1.5, (L, 9, 9)))
+  omega = np.broadcast_to(4.0 ** -b[None, :, None] + 4.0 ** -b[None, None, :], (L, 9, 9))
+  problem = Problem.create([f"l{i}" for i in range(L)], omega * rng.uniform(0.5, 2, (L, 1, 1)),
+                           cost, 1.0, w_bits=BITS, a_bits=BITS)
+  lowest = problem.with_limit(problem.min_cost())
+  policy = ilp.solve(lowest)
+  assert lowest.fits(policy)
+  # The cheapest allocation is the one there is (up to ties in cost).
+  assert lowest.evaluate(policy)[1] == pytest.approx(problem.min_cost(), rel=1e-12)
+
+
 def test_monotone_is_the_best_trace_ordered_allocation():
   omega, cost = _tables(6, True)
   rng = np.random.default_rng(6)

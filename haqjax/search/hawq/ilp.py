@@ -108,12 +108,15 @@ def _solve(problem: Problem, order_rows: Sequence[np.ndarray] = ()) -> Policy:
   if order_rows:
     constraints.append(optimize.LinearConstraint(np.stack(order_rows), 0.0, np.inf))
   bound = problem.limit / scale * (1.0 + RTOL)
+  picks = None
   for attempt in range(_RETRIES):
     result = optimize.milp(
         objective, integrality=np.ones(offsets[-1]), bounds=optimize.Bounds(0.0, 1.0),
         constraints=[*constraints, optimize.LinearConstraint(cost_row, -np.inf, bound)],
         options={"mip_rel_gap": 0.0})
     if result.x is None:
+      if picks is not None:  # Only the retries' lower bounds left nothing.
+        break
       unit = f" {problem.unit}" if problem.unit else ""
       what = "the trace ordering" if order_rows else "the candidate bits"
       raise ValueError(f"budget {problem.label} ({problem.limit:.4g}{unit}) has no "
@@ -124,8 +127,51 @@ def _solve(problem: Problem, order_rows: Sequence[np.ndarray] = ()) -> Policy:
     if problem.fits(policy):
       return policy
     bound -= _SOLVER_TOL * 2 ** attempt
-  raise ValueError(f"budget {problem.label}: the solver's allocations exceed the limit "
-                   f"by more than its tolerance after {_RETRIES} tries")
+  policy = _repair(problem, picks, order_rows)
+  if policy is None:
+    raise ValueError(f"budget {problem.label}: the solver's allocations exceed the limit "
+                     f"by more than its tolerance after {_RETRIES} tries")
+  return policy
+
+
+def _repair(problem: Problem, picks: list[int],
+            order_rows: Sequence[np.ndarray]) -> Policy | None:
+  """The solver's last answer, made to fit by cheaper choices.
+
+  The solver may exceed the limit by its feasibility tolerance. Where the
+  choices that would close that gap differ by less than it (a limit at the
+  lowest achievable cost, costs a few 1e-7 apart), a lower bound has no
+  allocation at all. Then choices are moved, one at a time, to the cheaper
+  choice that adds the least `Omega` per unit of cost saved (keeping the
+  trace ordering), until the float64 check holds. Returns None if no such
+  move is left.
+  """
+  offsets = _offsets(problem)
+  rows = np.stack(order_rows) if order_rows else None
+  picks = list(picks)
+
+  def ordered(trial):
+    if rows is None:
+      return True
+    x = np.zeros(offsets[-1])
+    x[offsets[:-1] + np.asarray(trial)] = 1.0
+    return bool((rows @ x >= -1e-9).all())
+
+  while not problem.fits(problem.policy(picks)):
+    best = None
+    for i, u in enumerate(problem.units):
+      for c in range(len(u.choices)):
+        saved = u.cost[picks[i]] - u.cost[c]
+        trial = [*picks[:i], c, *picks[i + 1:]]
+        if saved <= 0 or not ordered(trial):
+          continue
+        score = (u.omega[c] - u.omega[picks[i]]) / saved
+        if best is None or score < best[0]:
+          best = (score, i, c)
+    if best is None:
+      return None
+    picks[best[1]] = best[2]
+  return problem.policy(picks)
 
 
 def solve(problem: Problem) -> Policy:
