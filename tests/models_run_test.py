@@ -156,9 +156,9 @@ def test_float_policy_equals_none_and_low_bits_differ(name, kwargs):
   model, variables, x, names = _setup(name, **kwargs)
   apply = jax.jit(lambda p: model.apply(variables, x, p))
   ref = apply(None)
-  # Equal up to an ulp: the two programs fuse differently.
+  # Equal up to float rounding: the two programs fuse differently.
   np.testing.assert_allclose(apply(Policy.uniform(names, FLOAT_BITS, FLOAT_BITS)),
-                             ref, rtol=1e-6, atol=1e-6)
+                             ref, rtol=0, atol=1e-6 * float(jnp.abs(ref).max()))
   err8 = float(jnp.abs(apply(Policy.uniform(names, 8, 8)) - ref).max())
   err2 = float(jnp.abs(apply(Policy.uniform(names, 2, 2)) - ref).max())
   assert 0 < err8 < err2
