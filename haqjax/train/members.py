@@ -22,7 +22,6 @@ figures agree to float tolerance, not bit for bit.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -41,10 +40,9 @@ from haqjax.train import steps
 from haqjax.train import trainer
 from haqjax.train import writers
 from haqjax.train.config import Config
+from haqjax.train.trainer import QUANT_STREAM
+from haqjax.train.trainer import schedule_and_optimizer
 from haqjax.typing import PyTree
-
-# Folded into a member's seed key for its `quant` stream, as in `trainer`.
-QUANT_STREAM = 1
 
 
 def stack(trees: Sequence[PyTree]) -> PyTree:
@@ -60,18 +58,6 @@ def unstack(tree: PyTree, k: int) -> PyTree:
 def quant_key(seed: int) -> jax.Array:
   """A member's base key of the `quant` stream (the standalone run's)."""
   return jax.random.fold_in(jax.random.key(seed), QUANT_STREAM)
-
-
-def schedule_and_optimizer(config: Config, steps_per_epoch: int
-                           ) -> tuple[int, optax.Schedule, optax.GradientTransformation]:
-  """`(total_steps, schedule, tx)` of `config`, as `trainer.train_and_evaluate` builds them."""
-  total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
-  schedule = steps.make_schedule(
-      name=config.schedule, peak=config.learning_rate, total_steps=total_steps,
-      warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)))
-  tx = steps.make_optimizer(name=config.optimizer, learning_rate=schedule,
-                            momentum=config.momentum, weight_decay=config.weight_decay)
-  return total_steps, schedule, tx
 
 
 class MemberSteps:

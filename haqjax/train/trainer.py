@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import tqdm
 
 from haqjax import data as haq_data
@@ -47,7 +48,7 @@ from haqjax.train.config import Config
 # Quantizer parameters (a matmul of two activations has its second operand's
 # `rhs_quant`), which an FP32 model entering QAT lacks.
 _QUANT_PARAMS = ("weight_quant", "act_quant", "rhs_quant")
-_QUANT_STREAM = 1  # Folded into the seed's key for the `quant` RNG stream.
+QUANT_STREAM = 1  # Folded into the seed's key for the `quant` RNG stream.
 
 # Fields that may differ between a run and its resumption.
 _RESUMABLE_CHANGES = frozenset({
@@ -189,6 +190,18 @@ class Evaluator:
     return steps.summarize_eval(jax.device_get(sums))
 
 
+def schedule_and_optimizer(config: Config, steps_per_epoch: int
+                           ) -> tuple[int, optax.Schedule, optax.GradientTransformation]:
+  """`(total_steps, schedule, tx)` of `config`'s training at `steps_per_epoch`."""
+  total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
+  schedule = steps.make_schedule(
+      name=config.schedule, peak=config.learning_rate, total_steps=total_steps,
+      warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)))
+  tx = steps.make_optimizer(name=config.optimizer, learning_rate=schedule,
+                            momentum=config.momentum, weight_decay=config.weight_decay)
+  return total_steps, schedule, tx
+
+
 def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   """Trains (FP32) or fine-tunes (QAT) a model and evaluates it.
 
@@ -230,17 +243,12 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   if steps_per_epoch == 0:
     raise ValueError(f"batch_size={config.batch_size} is larger than the training "
                      f"split ({len(splits.train)} examples)")
-  total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
-  schedule = steps.make_schedule(
-      name=config.schedule, peak=config.learning_rate, total_steps=total_steps,
-      warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)))
-  tx = steps.make_optimizer(name=config.optimizer, learning_rate=schedule,
-                            momentum=config.momentum, weight_decay=config.weight_decay)
+  total_steps, schedule, tx = schedule_and_optimizer(config, steps_per_epoch)
 
   key = jax.random.key(config.seed)
   state = steps.init_state(key, model, tx, input_shape)
   # Base key of the `quant` stream (stochastic rounding), apart from init's.
-  quant_key = jax.random.fold_in(key, _QUANT_STREAM)
+  quant_key = jax.random.fold_in(key, QUANT_STREAM)
   if config.init_from:
     state = _init_from(config, state, tx)
 
