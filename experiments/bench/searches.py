@@ -25,11 +25,15 @@ family, the uniform points included: `minmax` (min-max weights, static
 calibrated activation ranges: the recipes' defaults) or `lsq` (LSQ weights
 and activations, learned steps).
 
-It also draws the HAWQ Pareto front (the ILP at each of `FRONT_BUDGETS`,
+It also draws the HAWQ Pareto front (the ILP at each of `families.FRONT_BUDGETS`,
 ratios of W4A4's latency, from the one pass) beside a Gumbel sweep over the
 same budgets (`haqjax.search.gumbel.sweep`, one vmapped search), every point
 fine-tuned and tested the same way, on one plot (`pareto.png`, with the
 uniform and per-budget points).
+
+The families' runners and sizes are `experiments.families`', which
+`python -m experiments.compare` shares (every family over K seeds, against
+uniform at the same cost, on several targets, metrics and budgets).
 
 Targets (issue 17): HAWQ's search <= 1/20 of the RL search's time, and its
 test top-1 within 0.3 points of the best family's at each budget.
@@ -51,143 +55,25 @@ import os
 import time
 from typing import Any
 
-QUANTIZERS = {"minmax": ("minmax", "static"), "lsq": ("lsq", "lsq")}
+from experiments.families import FAMILIES
+from experiments.families import FULL
+from experiments.families import Plan
+from experiments.families import QUANTIZERS
+from experiments.families import QUICK
+from experiments.families import QUICK_CACHE
+from experiments.families import cached
+from experiments.families import configs
+from experiments.families import find
+from experiments.families import policy_key
+from experiments.families import policy_of
+from experiments.families import record
+from experiments.families import sensitivity_pass
+from experiments.families import sweep_gumbel
+from experiments.families import timed
+
 BUDGETS = ("w4a4", "w3a3")
-FAMILIES = ("uniform", "rl", "gumbel", "hawq", "greedy")
-# Budgets of the two Pareto fronts, ratios of uniform W4A4's latency (W3A3's
-# is 0.83, W5A5's 1.233, W6A6's 1.523).
-FRONT_BUDGETS = (0.7, 0.83, 0.92, 1.0, 1.12, 1.233, 1.38, 1.523)
-# The persistent compilation cache of `--quick` when --compilation_cache is unset.
-QUICK_CACHE = "~/.cache/haqjax/jit"
 TARGET_RL_FRACTION = 1 / 20
 TARGET_POINTS = 0.3
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """The sizes of a run (the recipes', or `QUICK`'s)."""
-  fp32_epochs: float = 10.0
-  rl_episodes: int | None = None
-  rl_warmup: int | None = None
-  rl_finetune_steps: int | None = None
-  search_val_size: int | None = None
-  gumbel_epochs: float | None = None
-  gumbel_warmup_epochs: float | None = None
-  hawq: tuple[tuple[str, Any], ...] = ()
-  finetune_epochs: float | None = None
-  front_budgets: tuple[float, ...] = FRONT_BUDGETS
-
-
-FULL = Plan()
-QUICK = Plan(fp32_epochs=1.0, rl_episodes=6, rl_warmup=3, rl_finetune_steps=4,
-             search_val_size=1000, gumbel_epochs=0.05, gumbel_warmup_epochs=0.01,
-             hawq=(("hawq_probes", 2), ("hawq_max_iterations", 2),
-                   ("hawq_tolerance", 0.0), ("hawq_batches", 1)),
-             finetune_epochs=0.05, front_budgets=(0.83, 1.0, 1.233))
-
-
-def configs(quantizer: str, budget: str, plan: Plan, fp32_dir: str,
-            data_dir: str | None):
-  """`(Config, SearchConfig, GumbelConfig, HawqConfig)` of one budget's searches."""
-  from experiments import recipes  # pylint: disable=g-import-not-at-top
-  from haqjax.search.config import SearchConfig  # pylint: disable=g-import-not-at-top
-  from haqjax.search.gumbel.config import GumbelConfig  # pylint: disable=g-import-not-at-top
-  from haqjax.search.hawq.config import HawqConfig  # pylint: disable=g-import-not-at-top
-  from haqjax.train.config import Config  # pylint: disable=g-import-not-at-top
-  weight, act = QUANTIZERS[quantizer]
-  common = dict(data_dir=data_dir, progress=False, tensorboard=False, init_from=fp32_dir,
-                weight_quantizer=weight, act_quantizer=act)
-  config, search = recipes.read_configs("quickstart_rl", (Config, SearchConfig), **common)
-  _, _, gumbel = recipes.read_configs("quickstart_sweep", (Config, SearchConfig,
-                                                           GumbelConfig), **common)
-  ddpg = search.ddpg.replace(**{k: v for k, v in (("warmup_episodes", plan.rl_warmup),)
-                                if v is not None})
-  changes = {"search_episodes": plan.rl_episodes, "search_val_size": plan.search_val_size,
-             "search_finetune_steps": plan.rl_finetune_steps,
-             "finetune_epochs": plan.finetune_epochs}
-  search = search.replace(budget=1.0, budget_reference=budget, ddpg=ddpg,
-                          finetune_uniform_reference=False,
-                          **{k: v for k, v in changes.items() if v is not None})
-  gumbel = gumbel.replace(**{k: v for k, v in (
-      ("gumbel_epochs", plan.gumbel_epochs),
-      ("gumbel_warmup_epochs", plan.gumbel_warmup_epochs)) if v is not None})
-  return config, search, gumbel, HawqConfig(**dict(plan.hawq))
-
-
-def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
-  t0 = time.perf_counter()
-  out = fn(*args, **kwargs)
-  return out, time.perf_counter() - t0
-
-
-def search_rl(config, search, setup) -> Any:
-  """HAQ's DDPG search (scorer built, then the episodes)."""
-  from haqjax.jobs import rl as rl_job  # pylint: disable=g-import-not-at-top
-  from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
-  from haqjax.search.rl import search as rl_search  # pylint: disable=g-import-not-at-top
-  scorer = rl_job.make_scorer(config, search, setup.splits, setup.fp32_dir)
-  problem = rl_job.build_problem(config, search, setup.table,
-                                 stages.fp32_val_top1(config, search, setup))
-  return rl_search.run(problem, scorer, os.path.join(setup.workdir, "rl_search"),
-                       tensorboard=False).policy
-
-
-def gumbel_start(config, search, gumbel, setup):
-  """`(model, search, variables)`: the Gumbel search's start from the FP32 weights."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
-  from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
-  from haqjax.policy import Policy  # pylint: disable=g-import-not-at-top
-  from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
-  model = trainer.build_model(stages.qat_config(config, search, policy="w8a8"),
-                              setup.splits.spec.num_classes)
-  gsearch = gumbel_job.build_search(config, gumbel, model, setup.table.names, setup.wall)
-  n, top = len(setup.table), max(gumbel.bits())
-  start = Policy.create(setup.table.names, *setup.wall.fixed.apply(np.full(n, top),
-                                                                   np.full(n, top)))
-  return gsearch, stages.start_variables(config, model, setup.splits, setup.fp32_dir, start)
-
-
-def _gumbel_plan(config, gumbel, setup):
-  from haqjax import data as haq_data  # pylint: disable=g-import-not-at-top
-  from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
-  per_epoch = haq_data.num_batches(setup.splits.train, config.batch_size, drop_remainder=True)
-  return per_epoch, gumbel_job.schedule(gumbel, per_epoch)["total"]
-
-
-def search_gumbel(config, search, gumbel, setup) -> Any:
-  """One differentiable search under the setup's budget."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
-  from haqjax.search import scoring  # pylint: disable=g-import-not-at-top
-  from haqjax.search.gumbel import single  # pylint: disable=g-import-not-at-top
-  gsearch, variables = gumbel_start(config, search, gumbel, setup)
-  per_epoch, total = _gumbel_plan(config, gumbel, setup)
-  hparams = gumbel_job.make_hparams(gumbel, setup.wall.limit, per_epoch)
-  return single.run(
-      gsearch, hparams, gsearch.init(jax.random.PRNGKey(config.seed), hparams, variables),
-      train=setup.splits.train, val=scoring.subset(setup.splits.val, search.search_val_size),
-      wall=setup.wall, directory=os.path.join(setup.workdir, "gumbel_search"),
-      batch_size=config.batch_size, total_steps=total, seed=config.seed,
-      eval_batch_size=config.eval_batch_size, tensorboard=False).policy
-
-
-def sweep_gumbel(config, search, gumbel, setup, walls) -> list[Any]:
-  """The Gumbel searches at every wall's budget as one vmapped sweep."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
-  from haqjax.search import scoring  # pylint: disable=g-import-not-at-top
-  from haqjax.search.gumbel import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
-  gsearch, variables = gumbel_start(config, search, gumbel, setup)
-  per_epoch, total = _gumbel_plan(config, gumbel, setup)
-  hps = sweep_lib.stack([gumbel_job.make_hparams(gumbel, w.limit, per_epoch) for w in walls])
-  keys = jax.numpy.stack([jax.random.PRNGKey(config.seed)] * len(walls))
-  return sweep_lib.run(
-      gsearch, hps, sweep_lib.init(gsearch, keys, hps, variables), train=setup.splits.train,
-      val=scoring.subset(setup.splits.val, search.search_val_size), walls=walls,
-      directory=os.path.join(setup.workdir, "gumbel_sweep"), batch_size=config.batch_size,
-      total_steps=total, seed=config.seed, eval_batch_size=config.eval_batch_size,
-      tensorboard=False).policies
 
 
 def finetuned(config, search, setup, policy, root: str, meta: dict[str, Any]
@@ -198,9 +84,7 @@ def finetuned(config, search, setup, policy, root: str, meta: dict[str, Any]
   that two families (or a family and a front) found is fine-tuned once.
   """
   from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(root, "policies", "_".join(
-      f"{role}{'-'.join(str(int(b)) for b in bits)}"
-      for role, bits in (("w", policy.w_bits), ("a", policy.a_bits))))
+  directory = os.path.join(root, "policies", policy_key(policy))
   fsetup = dataclasses.replace(setup, workdir=directory, timings={})
   os.makedirs(directory, exist_ok=True)
   path, cost = stages.save_search_policy(config, search, fsetup, policy, meta)
@@ -212,71 +96,19 @@ def finetuned(config, search, setup, policy, root: str, meta: dict[str, Any]
           "test_top1": done["test_top1"], "directory": directory}
 
 
-def _cached(path: str, compute) -> dict[str, Any]:
-  """The JSON object at `path`, else `compute()` written there."""
-  from haqjax import io as haq_io  # pylint: disable=g-import-not-at-top
-  from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
-  done = stages.read_json(path)
-  if done is None:
-    done = compute()
-    haq_io.write_json(path, done)
-  return done
-
-
-def sensitivity_pass(config, search, hawq, setup, root: str) -> tuple[Any, float]:
-  """The quantizer's one sensitivity pass (`root/sensitivity.json`), and its seconds.
-
-  Measured once for every budget and the front (it does not depend on the
-  budget), and read back afterwards with the seconds it took.
-  """
-  from haqjax.jobs import hawq as hawq_job  # pylint: disable=g-import-not-at-top
-  shared = dataclasses.replace(setup, workdir=root)
-  timing = _cached(os.path.join(root, "sensitivity_seconds.json"), lambda: {
-      "seconds": _timed(hawq_job.sensitivity_stage, config, search, hawq, shared)[1]})
-  return hawq_job.sensitivity_stage(config, search, hawq, shared), timing["seconds"]
-
-
-def _bits(d: dict[str, Any]):
-  from haqjax.policy import Policy  # pylint: disable=g-import-not-at-top
-  return Policy.create(d["names"], d["w_bits"], d["a_bits"])
-
-
-def _record(policy, seconds: float, **extra: Any) -> dict[str, Any]:
-  return {"names": list(policy.names), "w_bits": [int(b) for b in policy.w_bits],
-          "a_bits": [int(b) for b in policy.a_bits], "seconds": seconds, **extra}
-
-
 def run_budget(quantizer: str, budget: str, plan: Plan, fp32_dir: str,
                data_dir: str | None, root: str) -> dict[str, Any]:
   """One budget: every family's policy, its search time and its fine-tune."""
-  from haqjax.jobs import hawq as hawq_job  # pylint: disable=g-import-not-at-top
   from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
-  from haqjax.jobs import uniform  # pylint: disable=g-import-not-at-top
-  from haqjax.search.hawq import greedy  # pylint: disable=g-import-not-at-top
-  from haqjax.search.hawq import ilp  # pylint: disable=g-import-not-at-top
   config, search, gumbel, hawq = configs(quantizer, budget, plan, fp32_dir, data_dir)
   workdir = os.path.join(root, budget)
   setup = stages.prepare(config, search, workdir)
-
-  def searches():
-    out = {"uniform": _record(uniform.policy_of(setup.wall, setup.table.names, budget), 0.0)}
-    policy, seconds = _timed(search_rl, config, search, setup)
-    out["rl"] = _record(policy, seconds)
-    policy, seconds = _timed(search_gumbel, config, search, gumbel, setup)
-    out["gumbel"] = _record(policy, seconds)
-    sensitivity, pass_s = sensitivity_pass(config, search, hawq, setup, root)
-    problem = hawq_job.build_problem(search, hawq, setup, sensitivity)
-    for family, solve in (("hawq", ilp.solve), ("greedy", greedy.solve)):
-      policy, seconds = _timed(solve, problem)
-      out[family] = _record(policy, pass_s + seconds, sensitivity_seconds=pass_s,
-                            allocation_seconds=seconds)
-    return out
-
-  found = _cached(os.path.join(workdir, "searches.json"), searches)
+  found = cached(os.path.join(workdir, "searches.json"), lambda: {
+      family: find(family, config, search, gumbel, hawq, setup, root)
+      for family in FAMILIES})
   rows = []
   for family in FAMILIES:
-    policy = _bits(found[family])
-    row = finetuned(config, search, setup, policy, root,
+    row = finetuned(config, search, setup, policy_of(found[family]), root,
                     {"algorithm": family, "search_seconds": found[family]["seconds"]})
     rows.append({"budget": budget, "family": family,
                  "search_seconds": found[family]["seconds"], **row})
@@ -298,19 +130,19 @@ def run_fronts(quantizer: str, plan: Plan, fp32_dir: str, data_dir: str | None,
   def searches():
     sensitivity, pass_s = sensitivity_pass(config, search, hawq, setup, root)
     problem = hawq_job.build_problem(search, hawq, setup, sensitivity)
-    points, ilp_s = _timed(ilp.pareto_front, problem, [w.limit for w in walls])
-    swept, sweep_s = _timed(sweep_gumbel, config, search, gumbel, setup, walls)
-    return {"hawq": [_record(p.policy, pass_s + p.seconds) for p in points],
-            "gumbel": [_record(p, sweep_s) for p in swept],
+    points, ilp_s = timed(ilp.pareto_front, problem, [w.limit for w in walls])
+    swept, sweep_s = timed(sweep_gumbel, config, search, gumbel, setup, walls)
+    return {"hawq": [record(p.policy, pass_s + p.seconds) for p in points],
+            "gumbel": [record(p, sweep_s) for p in swept],
             "hawq_seconds": pass_s + ilp_s, "sweep_seconds": sweep_s}
 
-  found = _cached(os.path.join(workdir, "searches.json"), searches)
+  found = cached(os.path.join(workdir, "searches.json"), searches)
   points = []
   for family in ("hawq", "gumbel"):
-    for ratio, wall, record in zip(plan.front_budgets, walls, found[family]):
+    for ratio, wall, found_one in zip(plan.front_budgets, walls, found[family]):
       fsearch = search.replace(budget=ratio)
-      row = finetuned(config, fsearch, dataclasses.replace(setup, wall=wall), _bits(record),
-                      root, {"algorithm": family, "front": True})
+      row = finetuned(config, fsearch, dataclasses.replace(setup, wall=wall),
+                      policy_of(found_one), root, {"algorithm": family, "front": True})
       points.append({"family": family, "budget_ratio": ratio, **row})
   return {"budgets": list(plan.front_budgets), "points": points,
           "hawq_seconds": found["hawq_seconds"], "sweep_seconds": found["sweep_seconds"]}

@@ -1,0 +1,341 @@
+r"""Every search family against uniform at the same cost, over K seeds.
+
+  python -m experiments.compare [--recipe=quickstart] \
+      [--targets=bismo-edge,bitfusion,...] [--metrics=latency,energy,size] \
+      [--budgets=w2a2,w3a3,w4a4] [--families=uniform,rl,gumbel,hawq,greedy] \
+      [--quantizer=minmax|lsq] [--seeds=3] [--workdir=compare] \
+      [--init_from=FP32_WORKDIR] [--quick]
+
+For one model (the training recipe `--recipe`: its FP32 run, `--init_from`
+or one trained here) and every target x metric x budget, where a budget is
+the cost of a uniform policy on that target and metric, each family of
+`experiments.families` finds a policy with each seed s of the K
+(`config.seed, ..., config.seed + K - 1`): seed s's search (RL's agent and
+scorer, Gumbel's sampling, the HAWQ and greedy sensitivity pass) gives
+policy_s, fine-tuned with seed s. The budget's uniform policy is fine-tuned
+over the same K seeds, so that every family's test top-1 pairs with
+uniform's seed by seed. The quantizers (`--quantizer`) and the fine-tune
+(the quickstart search recipes' final one) are the same for every row.
+
+A fine-tune depends on the policy and the seed only: each distinct policy
+has one folder, `policies/<bits>/`, and the seeds it still lacks are
+fine-tuned there as one vmapped job (`haqjax.train.seeds`), so a policy
+that several families, budgets or targets share (uniform's, always) is
+fine-tuned once per seed. A size budget does not depend on the target: its
+searches run once, on `SHARED_TARGET`, for every target.
+
+Written under `<workdir>/<recipe>_<quantizer>[_quick]/`:
+
+  cells/<target>/<metric>/<budget>/  the searches per family and seed
+      (`<family>/seed_<s>/search.json`: policy and seconds) and
+      `rows/<family>.json`, each row's figures, written last (atomically)
+  sensitivity/seed_<s>/   the HAWQ and greedy sensitivity pass of seed s
+  policies/<bits>/        policy.json and its fine-tunes (`finetune_<seeds>/`)
+  compare.csv, compare.md the table (`haqjax.report.comparison`): per row
+      the cost ratio to the budget, test top-1 mean, std and members, the
+      paired difference to uniform (mean and 95% Student-t interval over
+      seeds) and the search's mean seconds
+  compare_<target>.png    mean +- std per budget and family, a panel per metric
+
+A rerun with the same flags reads every finished row back and resumes
+unfinished searches and fine-tunes; more seeds add only the new members.
+`--quick` runs every stage at toy size (`families.QUICK`); its figures say
+nothing about the families. Budgets of W2A2 leave little to search (the
+fixed layers aside, every policy at that cost is uniform W2A2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import time
+from typing import Any
+
+from absl import flags
+
+from experiments import cli
+from experiments import families
+
+_RECIPE = flags.DEFINE_string("recipe", "quickstart", "Training recipe of the model "
+                              "(experiments/flags/<name>.flags).")
+_TARGETS = flags.DEFINE_list("targets", ["bismo-edge"], "Hardware targets.")
+_METRICS = flags.DEFINE_list("metrics", ["latency"], "Budget metrics.")
+_BUDGETS = flags.DEFINE_list("budgets", ["w4a4", "w3a3"], "Budgets: uniform policies "
+                             "whose cost the searches may spend, wXaY.")
+_FAMILIES = flags.DEFINE_list("families", list(families.FAMILIES), "Search families "
+                              "(uniform is always fine-tuned: it is the reference).")
+_QUANTIZER = flags.DEFINE_string("quantizer", "minmax", "Quantizers of every row: "
+                                 "minmax or lsq.")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "K: seeds of every search and fine-tune.")
+_WORKDIR = flags.DEFINE_string("workdir", "compare", "Where everything is written.")
+_INIT_FROM = flags.DEFINE_string("init_from", None, "The recipe's FP32 run (default: "
+                                 "train one in the workdir).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared datasets folder.")
+_QUICK = flags.DEFINE_bool("quick", False, "Every stage at toy size (a smoke run).")
+_CACHE = flags.DEFINE_string("compilation_cache", "", "JAX persistent compilation "
+                             "cache ('' disables; --quick: families.QUICK_CACHE).")
+
+_BUDGET = re.compile(r"^w([1-8])a([1-8])$")
+# Metrics that depend neither on the target nor on its batch size.
+SHARED_METRICS = ("size", "kmeans_size")
+SHARED_TARGET = "bismo-edge"
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """What one comparison runs (validated by `check_grid`)."""
+  recipe: str
+  targets: tuple[str, ...]
+  metrics: tuple[str, ...]
+  budgets: tuple[str, ...]
+  families: tuple[str, ...]
+  quantizer: str
+  seeds: tuple[int, ...]
+  quick: bool = False
+  init_from: str | None = None
+  data_dir: str | None = None
+
+
+def _choices(flag: str, values, allowed, pattern: str | None = None) -> tuple[str, ...]:
+  """`values` without repeats; a one-line `ValueError` for an empty list or a stranger."""
+  values = tuple(dict.fromkeys(v.strip() for v in values))
+  if not values:
+    raise ValueError(f"--{flag} is empty; allowed: {pattern or ', '.join(allowed)}")
+  for value in values:
+    if value not in allowed and not (pattern and _BUDGET.match(value)):
+      raise ValueError(f"--{flag} has {value!r}; allowed: {pattern or ', '.join(allowed)}")
+  return values
+
+
+def check_grid(recipe: str, targets, metrics, budgets, family_names, quantizer: str,
+               seeds: int, **rest: Any) -> Grid:
+  """The flags as a `Grid`; a one-line `ValueError` naming flag, value and allowed ones."""
+  from experiments import recipes  # pylint: disable=g-import-not-at-top
+  from haqjax import hardware  # pylint: disable=g-import-not-at-top
+  from haqjax.train import seeds as seeds_lib  # pylint: disable=g-import-not-at-top
+  from haqjax.train.config import Config  # pylint: disable=g-import-not-at-top
+  try:
+    recipes.recipe_path(recipe)
+  except ValueError as e:
+    raise ValueError(f"--recipe={recipe}: {e}") from None
+  if quantizer not in families.QUANTIZERS:
+    raise ValueError(f"--quantizer is {quantizer!r}; allowed: "
+                     f"{', '.join(families.QUANTIZERS)}")
+  count = seeds_lib.check_seeds(seeds)
+  first = recipes.read_configs(recipe, (Config,))[0].seed
+  return Grid(recipe=recipe,
+              targets=_choices("targets", targets, tuple(hardware.PRESETS)),
+              metrics=_choices("metrics", metrics, tuple(hardware.METRICS)),
+              budgets=_choices("budgets", budgets, (), "wXaY with X, Y in 1..8"),
+              families=("uniform", *(f for f in _choices("families", family_names,
+                                                         families.FAMILIES)
+                                     if f != "uniform")),
+              quantizer=quantizer, seeds=seeds_lib.seed_list(first, count), **rest)
+
+
+def _configs(grid: Grid, plan: families.Plan, fp32_dir: str | None, target: str,
+             metric: str, budget: str):
+  return families.configs(grid.quantizer, budget, plan, fp32_dir, grid.data_dir,
+                          recipe=grid.recipe, target=target, metric=metric)
+
+
+def check_walls(grid: Grid, plan: families.Plan) -> None:
+  """Every target x metric x budget's budget built before any training."""
+  from haqjax.data.specs import get_spec  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
+  from haqjax.nn import layer_table  # pylint: disable=g-import-not-at-top
+  from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
+  config = _configs(grid, plan, None, grid.targets[0], grid.metrics[0], grid.budgets[0])[0]
+  spec = get_spec(config.dataset)
+  table = layer_table(trainer.build_model(config.replace(mode="train"), spec.num_classes),
+                      (1, *spec.image_shape))
+  for target in grid.targets:
+    for metric in grid.metrics:
+      for budget in grid.budgets:
+        config, search, _, _ = _configs(grid, plan, None, target, metric, budget)
+        try:
+          stages.build_wall(config, search, table)
+        except ValueError as e:
+          raise ValueError(f"--targets={target} --metrics={metric} --budgets={budget}: "
+                           f"{e}") from None
+
+
+def member_dir(root: str, policy, seed: int) -> str:
+  """The folder of `policy`'s fine-tune with `seed`: `root/policies/<bits>/seed_<seed>/`."""
+  return os.path.join(root, "policies", families.policy_key(policy), f"seed_{seed}")
+
+
+def finetune_members(config, search, setup, pairs, root: str, job_root: str
+                     ) -> dict[tuple[str, int], dict[str, Any]]:
+  """The fine-tunes of `(policy, seed)` pairs, those not yet done as one vmapped job.
+
+  Member `(policy, seed)` is the standalone QAT run of `policy` with `seed`
+  from the FP32 weights (`haqjax.train.members`: the policies side by side,
+  each member with its own seed's data order and keys); its figures go to
+  `member_dir(...)/results.json`, written last, so a fine-tune that two
+  families, budgets or targets share runs once. The job's stacked
+  checkpoints are in `job_root/finetune_<members>/` (a rerun resumes).
+
+  Returns:
+    `{(policy_key, seed): results}` of every pair.
+  """
+  import hashlib  # pylint: disable=g-import-not-at-top
+  from haqjax import data as haq_data  # pylint: disable=g-import-not-at-top
+  from haqjax import io as haq_io  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
+  from haqjax.policy import save_policy  # pylint: disable=g-import-not-at-top
+  from haqjax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from haqjax.train import members  # pylint: disable=g-import-not-at-top
+  from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
+  pairs = list({(families.policy_key(p), s): (p, s) for p, s in pairs}.values())
+  result = lambda p, s: os.path.join(member_dir(root, p, s), "results.json")
+  pending = [(p, s) for p, s in pairs if stages.read_json(result(p, s)) is None]
+  if pending:
+    paths = []
+    for policy, _ in pending:
+      paths.append(os.path.join(os.path.dirname(member_dir(root, policy, 0)), "policy.json"))
+      if not os.path.exists(paths[-1]):
+        save_policy(paths[-1], policy, model=config.model)
+    fconfig = stages.qat_config(config, search, policy=paths[0], init_from=setup.fp32_dir,
+                                epochs=search.finetune_epochs,
+                                learning_rate=search.finetune_learning_rate,
+                                warmup_epochs=0.0)
+    splits = setup.splits
+    # As the standalone runs read them (the recipe's fixed layers applied).
+    policies = [trainer.resolve_policy(fconfig.replace(policy=path), setup.table)
+                for path in paths]
+    model = trainer.build_model(fconfig, splits.spec.num_classes)
+    per_epoch = haq_data.num_batches(splits.train, fconfig.batch_size, drop_remainder=True)
+    _, _, tx = trainer.schedule_and_optimizer(fconfig, max(per_epoch, 1))
+    seeds = [s for _, s in pending]
+    states = members.init_members(fconfig, model, tx, splits, policies, seeds,
+                                  ckpt_lib.restore_variables(setup.fp32_dir))
+    names = " ".join(f"{families.policy_key(p)}/{s}" for p, s in pending)
+    job = os.path.join(job_root, "finetune_" + hashlib.sha1(names.encode()).hexdigest()[:12])
+    os.makedirs(job, exist_ok=True)
+    haq_io.write_json(os.path.join(job, "members.json"), names.split())
+    fitted = members.fit_members(fconfig, model, splits, states, members.stack(policies),
+                                 seeds, job)
+    for k, ((policy, seed), resolved) in enumerate(zip(pending, policies)):
+      test, val = fitted["test"][k], (fitted["val"][k] if fitted["val"] else {})
+      haq_io.write_json(result(policy, seed), {
+          "mode": "qat", "model": config.model, "dataset": config.dataset,
+          "policy": resolved.to_dict()["layers"], "seed": seed,
+          "weight_quantizer": fconfig.weight_quantizer,
+          "act_quantizer": fconfig.act_quantizer, "steps": fitted["steps"],
+          "epochs": fitted["epochs"], "test_top1": test["top1"], "test_top5": test["top5"],
+          "test_loss": test["loss"], "val_top1": val.get("top1"),
+          "val_loss": val.get("loss"), "job": os.path.relpath(job, root),
+          "vmapped_members": len(pending), "train_seconds": fitted["train_seconds"]})
+  return {(families.policy_key(p), s): stages.read_json(result(p, s)) for p, s in pairs}
+
+
+def run_cell(grid: Grid, plan: families.Plan, fp32_dir: str, root: str, target: str,
+             metric: str, budget: str) -> list[dict[str, Any]]:
+  """One target, metric and budget: every family's row (read back when finished)."""
+  from haqjax import io as haq_io  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
+  scope = SHARED_TARGET if metric in SHARED_METRICS else target
+  cell = os.path.join(root, "cells", scope, metric, budget)
+  row_path = lambda family: os.path.join(cell, "rows", f"{family}.json")
+  rows = {f: stages.read_json(row_path(f)) for f in grid.families}
+  todo = [f for f, r in rows.items() if r is None or r["seeds"] != list(grid.seeds)]
+  if todo:
+    config, search, gumbel, hawq = _configs(grid, plan, fp32_dir, scope, metric, budget)
+    setup = stages.prepare(config, search, cell)
+    found = {}
+    for family in todo:
+      found[family] = [families.cached(
+          os.path.join(cell, family, f"seed_{s}", "search.json"),
+          lambda f=family, s=s: families.find(
+              f, config.replace(seed=s), search, gumbel, hawq,
+              dataclasses.replace(setup, workdir=os.path.join(cell, f, f"seed_{s}")),
+              os.path.join(root, "sensitivity", f"seed_{s}")))
+                       for s in (grid.seeds[:1] if family == "uniform" else grid.seeds)]
+      if family == "uniform":
+        found[family] *= len(grid.seeds)
+    tuned = finetune_members(
+        config, search, setup, [(families.policy_of(r), seed) for family in todo
+                                for seed, r in zip(grid.seeds, found[family])], root, cell)
+    for family in todo:
+      policies = [families.policy_of(r) for r in found[family]]
+      costs = [setup.wall.describe(p.w_bits, p.a_bits) for p in policies]
+      seconds = [r["seconds"] for r in found[family]]
+      rows[family] = {
+          "metric": metric, "budget": budget, "family": family, "scope": scope,
+          "seeds": list(grid.seeds),
+          "members": [tuned[families.policy_key(p), s]["test_top1"]
+                      for p, s in zip(policies, grid.seeds)],
+          "cost_ratio": sum(c["ratio"] for c in costs) / len(costs),
+          "cost_ratios": [c["ratio"] for c in costs], "costs": [c["cost"] for c in costs],
+          "fits": all(bool(setup.wall.fits(p.w_bits, p.a_bits)) for p in policies),
+          "search_seconds": sum(seconds) / len(seconds), "search_seconds_members": seconds,
+          "policies": [{"w_bits": r["w_bits"], "a_bits": r["a_bits"]}
+                       for r in found[family]]}
+      haq_io.write_json(row_path(family), rows[family])
+  return [{**rows[f], "target": target} for f in grid.families]
+
+
+def fp32_stage(grid: Grid, plan: families.Plan, workdir: str) -> str:
+  """The FP32 run every search starts from: `--init_from`, else one trained once."""
+  from experiments import recipes  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
+  if grid.init_from:
+    return os.path.abspath(grid.init_from)
+  fp32_dir = os.path.join(workdir, f"{grid.recipe}_fp32{'_quick' if grid.quick else ''}")
+  epochs = {"epochs": plan.fp32_epochs} if grid.quick else {}
+  stages.train_stage(recipes.load_recipe(grid.recipe, progress=False, tensorboard=False,
+                                         data_dir=grid.data_dir, **epochs), fp32_dir)
+  return fp32_dir
+
+
+def run(grid: Grid, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the comparison; writes and returns its table and files."""
+  from haqjax.report import comparison  # pylint: disable=g-import-not-at-top
+  plan = families.QUICK if grid.quick else families.FULL
+  check_walls(grid, plan)
+  workdir = os.path.abspath(workdir)
+  root = os.path.join(workdir, f"{grid.recipe}_{grid.quantizer}"
+                               f"{'_quick' if grid.quick else ''}")
+  t0 = time.perf_counter()
+  fp32_dir = fp32_stage(grid, plan, workdir)
+  rows = [row for target in grid.targets for metric in grid.metrics
+          for budget in grid.budgets
+          for row in run_cell(grid, plan, fp32_dir, root, target, metric, budget)]
+  lines = comparison.table(rows)
+  title = (f"{grid.recipe}, {grid.quantizer} quantizers, {len(grid.seeds)} seeds"
+           f"{' (quick: toy sizes)' if grid.quick else ''}")
+  files = {"csv": comparison.write_csv(os.path.join(root, "compare.csv"), lines),
+           "markdown": comparison.write_markdown(os.path.join(root, "compare.md"), lines,
+                                                 title),
+           "plots": [comparison.plot_target(os.path.join(root, f"compare_{t}.png"), lines,
+                                            t, f"{t}: {title}") for t in grid.targets]}
+  print(comparison.markdown(lines, title), flush=True)
+  print(f"{files['csv']}, {files['markdown']}, {', '.join(files['plots'])} "
+        f"({time.perf_counter() - t0:.1f} s)", flush=True)
+  return {"root": root, "fp32": fp32_dir, "lines": lines, **files}
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments {argv[1:]}; flags are --name=value")
+  grid = check_grid(_RECIPE.value, _TARGETS.value, _METRICS.value, _BUDGETS.value,
+                    _FAMILIES.value, _QUANTIZER.value, _SEEDS.value, quick=_QUICK.value,
+                    init_from=_INIT_FROM.value, data_dir=_DATA_DIR.value)
+  import jax  # pylint: disable=g-import-not-at-top
+  cli.enable_compilation_cache(_CACHE.value)
+  if grid.quick and not jax.config.jax_compilation_cache_dir:
+    cli.enable_compilation_cache(families.QUICK_CACHE)
+  if grid.quick:
+    # Every compile is kept, also the many small ones of the sensitivity pass,
+    # which each seed's pass would otherwise compile again.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  cli.quiet_libraries()
+  run(grid, _WORKDIR.value)
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  cli.run(main)

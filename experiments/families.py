@@ -1,0 +1,260 @@
+"""The search families as runners of one budget: uniform, RL, Gumbel, HAWQ, greedy.
+
+What `python -m experiments.bench searches` and `python -m experiments.compare`
+share: the configs of a budget's searches (a training recipe with the
+quickstart's search recipes, `quickstart_rl` and `quickstart_sweep`, on
+top), their sizes (`FULL`, the recipes', or `QUICK`, toy ones) and one
+function per family from the FP32 weights to a policy:
+
+  uniform  the budget's uniform policy itself;
+  rl       HAQ's DDPG search (scorer built, then the episodes);
+  gumbel   the differentiable search (calibration, then the steps);
+  hawq     one sensitivity pass (Hutchinson traces) and HAWQ-V3's ILP;
+  greedy   the same pass and the greedy allocation.
+
+Every family reads its seed from `config.seed` (RL: the agent, the scorer's
+fine-tunes; Gumbel: the start and the sampling; HAWQ and greedy: the
+pass's batches and probes), so a search repeated over seeds is the same
+call with `config.replace(seed=s)`. `find` returns a JSON-able record of
+the policy and the search's wall time; `cached` keeps it on disk, so a
+rerun reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+QUANTIZERS = {"minmax": ("minmax", "static"), "lsq": ("lsq", "lsq")}
+FAMILIES = ("uniform", "rl", "gumbel", "hawq", "greedy")
+# Budgets of the searches bench's Pareto fronts, ratios of uniform W4A4's
+# latency (W3A3's is 0.83, W5A5's 1.233, W6A6's 1.523).
+FRONT_BUDGETS = (0.7, 0.83, 0.92, 1.0, 1.12, 1.233, 1.38, 1.523)
+# The persistent compilation cache of `--quick` when --compilation_cache is unset.
+QUICK_CACHE = "~/.cache/haqjax/jit"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The sizes of a run (the recipes', or `QUICK`'s)."""
+  fp32_epochs: float = 10.0
+  rl_episodes: int | None = None
+  rl_warmup: int | None = None
+  rl_finetune_steps: int | None = None
+  search_val_size: int | None = None
+  gumbel_epochs: float | None = None
+  gumbel_warmup_epochs: float | None = None
+  hawq: tuple[tuple[str, Any], ...] = ()
+  finetune_epochs: float | None = None
+  front_budgets: tuple[float, ...] = FRONT_BUDGETS
+
+
+FULL = Plan()
+QUICK = Plan(fp32_epochs=1.0, rl_episodes=6, rl_warmup=3, rl_finetune_steps=4,
+             search_val_size=1000, gumbel_epochs=0.05, gumbel_warmup_epochs=0.01,
+             hawq=(("hawq_probes", 2), ("hawq_max_iterations", 2),
+                   ("hawq_tolerance", 0.0), ("hawq_batches", 1)),
+             finetune_epochs=0.05, front_budgets=(0.83, 1.0, 1.233))
+
+
+def configs(quantizer: str, budget: str, plan: Plan, fp32_dir: str | None,
+            data_dir: str | None, *, recipe: str = "quickstart",
+            target: str = "bismo-edge", metric: str = "latency"):
+  """`(Config, SearchConfig, GumbelConfig, HawqConfig)` of one budget's searches.
+
+  Args:
+    quantizer: a key of `QUANTIZERS`.
+    budget: the uniform policy whose cost is the budget, e.g. 'w4a4'.
+    plan: the sizes.
+    fp32_dir: the FP32 run every search starts from (`init_from`).
+    data_dir: the prepared datasets folder.
+    recipe: the training recipe (model, dataset, batch sizes: its flags
+      other than --mode replace the quickstart's); the searches' and the
+      fine-tune's settings are the quickstart search recipes'.
+    target: the hardware target of the budget.
+    metric: the budget's metric.
+  """
+  from experiments import recipes  # pylint: disable=g-import-not-at-top
+  from haqjax.search.config import SearchConfig  # pylint: disable=g-import-not-at-top
+  from haqjax.search.gumbel.config import GumbelConfig  # pylint: disable=g-import-not-at-top
+  from haqjax.search.hawq.config import HawqConfig  # pylint: disable=g-import-not-at-top
+  from haqjax.train.config import Config  # pylint: disable=g-import-not-at-top
+  weight, act = QUANTIZERS[quantizer]
+  (trained,) = recipes.read_configs(recipe, (Config,))
+  named = (k[2:] if v is None and k.startswith("no") and not hasattr(trained, k) else k
+           for k, v in recipes.read_flags(recipes.recipe_path(recipe)).items())
+  training = {k: getattr(trained, k) for k in named if k != "mode"}
+  common = dict(training, data_dir=data_dir, progress=False, tensorboard=False,
+                init_from=fp32_dir, weight_quantizer=weight, act_quantizer=act)
+  config, search = recipes.read_configs("quickstart_rl", (Config, SearchConfig), **common)
+  _, _, gumbel = recipes.read_configs("quickstart_sweep", (Config, SearchConfig,
+                                                           GumbelConfig), **common)
+  ddpg = search.ddpg.replace(**{k: v for k, v in (("warmup_episodes", plan.rl_warmup),)
+                                if v is not None})
+  changes = {"search_episodes": plan.rl_episodes, "search_val_size": plan.search_val_size,
+             "search_finetune_steps": plan.rl_finetune_steps,
+             "finetune_epochs": plan.finetune_epochs}
+  search = search.replace(budget=1.0, budget_reference=budget, ddpg=ddpg,
+                          finetune_uniform_reference=False, target=target,
+                          budget_metric=metric,
+                          **{k: v for k, v in changes.items() if v is not None})
+  gumbel = gumbel.replace(**{k: v for k, v in (
+      ("gumbel_epochs", plan.gumbel_epochs),
+      ("gumbel_warmup_epochs", plan.gumbel_warmup_epochs)) if v is not None})
+  return config, search, gumbel, HawqConfig(**dict(plan.hawq))
+
+
+def timed(fn, *args, **kwargs) -> tuple[Any, float]:
+  """`(fn(*args, **kwargs), its wall seconds)`."""
+  t0 = time.perf_counter()
+  out = fn(*args, **kwargs)
+  return out, time.perf_counter() - t0
+
+
+def cached(path: str, compute) -> dict[str, Any]:
+  """The JSON object at `path`, else `compute()` written there (atomically)."""
+  from haqjax import io as haq_io  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
+  done = stages.read_json(path)
+  if done is None:
+    done = compute()
+    haq_io.write_json(path, done)
+  return done
+
+
+def search_rl(config, search, setup) -> Any:
+  """HAQ's DDPG search (scorer built, then the episodes)."""
+  from haqjax.jobs import rl as rl_job  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
+  from haqjax.search.rl import search as rl_search  # pylint: disable=g-import-not-at-top
+  scorer = rl_job.make_scorer(config, search, setup.splits, setup.fp32_dir)
+  problem = rl_job.build_problem(config, search, setup.table,
+                                 stages.fp32_val_top1(config, search, setup))
+  return rl_search.run(problem, scorer, os.path.join(setup.workdir, "rl_search"),
+                       tensorboard=False).policy
+
+
+def gumbel_start(config, search, gumbel, setup):
+  """`(model, search, variables)`: the Gumbel search's start from the FP32 weights."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
+  from haqjax.policy import Policy  # pylint: disable=g-import-not-at-top
+  from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
+  model = trainer.build_model(stages.qat_config(config, search, policy="w8a8"),
+                              setup.splits.spec.num_classes)
+  gsearch = gumbel_job.build_search(config, gumbel, model, setup.table.names, setup.wall)
+  n, top = len(setup.table), max(gumbel.bits())
+  start = Policy.create(setup.table.names, *setup.wall.fixed.apply(np.full(n, top),
+                                                                   np.full(n, top)))
+  return gsearch, stages.start_variables(config, model, setup.splits, setup.fp32_dir, start)
+
+
+def gumbel_plan(config, gumbel, setup) -> tuple[int, int]:
+  """`(steps per epoch, total steps)` of the Gumbel search."""
+  from haqjax import data as haq_data  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
+  per_epoch = haq_data.num_batches(setup.splits.train, config.batch_size, drop_remainder=True)
+  return per_epoch, gumbel_job.schedule(gumbel, per_epoch)["total"]
+
+
+def search_gumbel(config, search, gumbel, setup) -> Any:
+  """One differentiable search under the setup's budget."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
+  from haqjax.search import scoring  # pylint: disable=g-import-not-at-top
+  from haqjax.search.gumbel import single  # pylint: disable=g-import-not-at-top
+  gsearch, variables = gumbel_start(config, search, gumbel, setup)
+  per_epoch, total = gumbel_plan(config, gumbel, setup)
+  hparams = gumbel_job.make_hparams(gumbel, setup.wall.limit, per_epoch)
+  return single.run(
+      gsearch, hparams, gsearch.init(jax.random.PRNGKey(config.seed), hparams, variables),
+      train=setup.splits.train, val=scoring.subset(setup.splits.val, search.search_val_size),
+      wall=setup.wall, directory=os.path.join(setup.workdir, "gumbel_search"),
+      batch_size=config.batch_size, total_steps=total, seed=config.seed,
+      eval_batch_size=config.eval_batch_size, tensorboard=False).policy
+
+
+def sweep_gumbel(config, search, gumbel, setup, walls) -> list[Any]:
+  """The Gumbel searches at every wall's budget as one vmapped sweep."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
+  from haqjax.search import scoring  # pylint: disable=g-import-not-at-top
+  from haqjax.search.gumbel import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  gsearch, variables = gumbel_start(config, search, gumbel, setup)
+  per_epoch, total = gumbel_plan(config, gumbel, setup)
+  hps = sweep_lib.stack([gumbel_job.make_hparams(gumbel, w.limit, per_epoch) for w in walls])
+  keys = jax.numpy.stack([jax.random.PRNGKey(config.seed)] * len(walls))
+  return sweep_lib.run(
+      gsearch, hps, sweep_lib.init(gsearch, keys, hps, variables), train=setup.splits.train,
+      val=scoring.subset(setup.splits.val, search.search_val_size), walls=walls,
+      directory=os.path.join(setup.workdir, "gumbel_sweep"), batch_size=config.batch_size,
+      total_steps=total, seed=config.seed, eval_batch_size=config.eval_batch_size,
+      tensorboard=False).policies
+
+
+def sensitivity_pass(config, search, hawq, setup, directory: str) -> tuple[Any, float]:
+  """The one sensitivity pass of `config.seed` (`directory/sensitivity.json`), and its seconds.
+
+  It does not depend on the budget: measured once for every budget (and
+  target) that shares `directory`, and read back afterwards with the
+  seconds it took.
+  """
+  from haqjax.jobs import hawq as hawq_job  # pylint: disable=g-import-not-at-top
+  shared = dataclasses.replace(setup, workdir=directory)
+  timing = cached(os.path.join(directory, "sensitivity_seconds.json"), lambda: {
+      "seconds": timed(hawq_job.sensitivity_stage, config, search, hawq, shared)[1]})
+  return hawq_job.sensitivity_stage(config, search, hawq, shared), timing["seconds"]
+
+
+def policy_of(record: dict[str, Any]):
+  """The `Policy` of a record (`record`'s output)."""
+  from haqjax.policy import Policy  # pylint: disable=g-import-not-at-top
+  return Policy.create(record["names"], record["w_bits"], record["a_bits"])
+
+
+def policy_key(policy) -> str:
+  """A policy's folder name: "w8-4-4_a8-4-4" (weight, then activation bits per layer)."""
+  return "_".join(f"{role}{'-'.join(str(int(b)) for b in bits)}"
+                  for role, bits in (("w", policy.w_bits), ("a", policy.a_bits)))
+
+
+def record(policy, seconds: float, **extra: Any) -> dict[str, Any]:
+  """A policy's names and bits and its search's seconds, JSON-able."""
+  return {"names": list(policy.names), "w_bits": [int(b) for b in policy.w_bits],
+          "a_bits": [int(b) for b in policy.a_bits], "seconds": seconds, **extra}
+
+
+def find(family: str, config, search, gumbel, hawq, setup,
+         sensitivity_dir: str) -> dict[str, Any]:
+  """`family`'s policy under the setup's budget, as a `record` with its seconds.
+
+  Args:
+    family: one of `FAMILIES`.
+    config, search, gumbel, hawq: the budget's configs (`configs`); the
+      search's seed is `config.seed`.
+    setup: the budget's `stages.Setup`; RL and Gumbel write their search
+      state under `setup.workdir`.
+    sensitivity_dir: where HAWQ and greedy keep the sensitivity pass of
+      `config.seed` (shared by every budget).
+  """
+  from haqjax.jobs import hawq as hawq_job  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import uniform  # pylint: disable=g-import-not-at-top
+  from haqjax.search.hawq import greedy  # pylint: disable=g-import-not-at-top
+  from haqjax.search.hawq import ilp  # pylint: disable=g-import-not-at-top
+  if family not in FAMILIES:
+    raise ValueError(f"family is {family!r}; allowed: {', '.join(FAMILIES)}")
+  if family == "uniform":
+    return record(uniform.policy_of(setup.wall, setup.table.names,
+                                    search.budget_reference), 0.0)
+  if family == "rl":
+    return record(*timed(search_rl, config, search, setup))
+  if family == "gumbel":
+    return record(*timed(search_gumbel, config, search, gumbel, setup))
+  sensitivity, pass_s = sensitivity_pass(config, search, hawq, setup, sensitivity_dir)
+  problem = hawq_job.build_problem(search, hawq, setup, sensitivity)
+  policy, seconds = timed(ilp.solve if family == "hawq" else greedy.solve, problem)
+  return record(policy, pass_s + seconds, sensitivity_seconds=pass_s,
+                allocation_seconds=seconds)

@@ -1,0 +1,210 @@
+"""Search families against uniform at the same cost, over seeds: statistics and tables.
+
+Each row of a comparison is one family's result under one budget (target,
+metric, uniform reference): the test top-1 of its K fine-tunes, member k
+fine-tuned with seed k (and, for families that search, found by the search
+with seed k), and the uniform policy of the budget fine-tuned over the same
+K seeds. The difference to uniform is paired by seed,
+
+  d_k = top1_k(family) - top1_k(uniform),
+
+which removes what the seeds share (data order, initial noise) from the
+comparison; its mean comes with a Student-t confidence interval,
+
+  mean(d) +- t_{(1 + confidence) / 2, K - 1} * std(d, ddof=1) / sqrt(K).
+
+`table` turns rows into these figures, `write_csv` and `write_markdown` the
+files (each written to a temporary file, then renamed) and `plot_target`
+one figure per target: mean +- std per budget and family.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from haqjax import io as haq_io
+from haqjax.report.plots.canvas import new_figure
+from haqjax.report.plots.canvas import write_png
+
+UNIFORM = "uniform"
+# (key, header) of the table's columns, in order.
+COLUMNS = (
+    ("target", "target"), ("metric", "metric"), ("budget", "budget"),
+    ("family", "family"), ("cost_ratio", "cost / budget"), ("top1_mean", "top-1 mean"),
+    ("top1_std", "std"), ("members", "members"), ("diff_mean", "diff mean"),
+    ("ci_low", "CI low"), ("ci_high", "CI high"), ("search_seconds", "search s"),
+)
+_STYLE = {"uniform": ("o", "black"), "rl": ("D", "#d62728"), "gumbel": ("^", "#1f77b4"),
+          "hawq": ("s", "#2ca02c"), "greedy": ("v", "#ff7f0e")}
+
+
+def paired_difference(values: Sequence[float], reference: Sequence[float],
+                      confidence: float = 0.95) -> dict[str, Any]:
+  """The mean of `values[k] - reference[k]` and its Student-t confidence interval.
+
+  Args:
+    values: a family's figures, one per seed.
+    reference: the uniform policy's, in the same seed order.
+    confidence: the interval's coverage, in (0, 1).
+
+  Returns:
+    `mean`, `std` (sample, ddof=1), `low`, `high` and `n`; with one pair
+    `std`, `low` and `high` are None (no interval from one difference).
+
+  Raises:
+    ValueError: for no pairs, lengths that differ or a confidence outside (0, 1).
+  """
+  if len(values) != len(reference) or not values:
+    raise ValueError(f"values has {len(values)} figures and reference {len(reference)}; "
+                     "allowed: the same number, at least one")
+  if not 0.0 < confidence < 1.0:
+    raise ValueError(f"confidence is {confidence!r}; allowed: a number in (0, 1)")
+  d = np.asarray(values, float) - np.asarray(reference, float)
+  n, mean = len(d), float(np.mean(d))
+  if n == 1:
+    return {"mean": mean, "std": None, "low": None, "high": None, "n": 1}
+  std = float(np.std(d, ddof=1))
+  half = float(stats.t.ppf((1.0 + confidence) / 2.0, n - 1)) * std / math.sqrt(n)
+  return {"mean": mean, "std": std, "low": mean - half, "high": mean + half, "n": n}
+
+
+def _key(row: Mapping[str, Any]) -> tuple[str, str, str]:
+  return row["target"], row["metric"], row["budget"]
+
+
+def table(rows: Sequence[Mapping[str, Any]], confidence: float = 0.95
+          ) -> list[dict[str, Any]]:
+  """The comparison's table: `COLUMNS`' figures per row, in `rows`' order.
+
+  Args:
+    rows: dicts with `target`, `metric`, `budget`, `family`, `cost_ratio`,
+      `members` (test top-1 per seed, seed order) and `search_seconds`;
+      every (target, metric, budget) needs its `family == "uniform"` row.
+    confidence: of the paired difference's interval.
+
+  Returns:
+    One dict per row: its keys, `top1_mean`, `top1_std` (ddof=1; None for
+    one seed) and, except for uniform rows, `diff_mean`, `ci_low` and
+    `ci_high` of `paired_difference` against the same budget's uniform row.
+
+  Raises:
+    ValueError: for a budget without a uniform row, or members of another count.
+  """
+  uniform = {_key(r): r for r in rows if r["family"] == UNIFORM}
+  out = []
+  for row in rows:
+    ref = uniform.get(_key(row))
+    if ref is None:
+      raise ValueError(f"{'/'.join(_key(row))} has no uniform row; allowed: rows with a "
+                       "uniform row of the same target, metric and budget")
+    members = [float(v) for v in row["members"]]
+    line = {k: row.get(k) for k, _ in COLUMNS}
+    line["members"] = members
+    line["top1_mean"] = float(np.mean(members))
+    line["top1_std"] = float(np.std(members, ddof=1)) if len(members) > 1 else None
+    line.update(diff_mean=None, ci_low=None, ci_high=None)
+    if row["family"] != UNIFORM:
+      diff = paired_difference(members, ref["members"], confidence)
+      line.update(diff_mean=diff["mean"], ci_low=diff["low"], ci_high=diff["high"])
+    out.append(line)
+  return out
+
+
+def _cell(key: str, value: Any) -> str:
+  if value is None:
+    return ""
+  if key == "members":
+    return " ".join(f"{v:.2f}" for v in value)
+  if key == "cost_ratio":
+    return f"{value:.3f}"
+  if key == "search_seconds":
+    return f"{value:.1f}"
+  if key in ("diff_mean", "ci_low", "ci_high"):
+    return f"{value:+.2f}"
+  if isinstance(value, float):
+    return f"{value:.2f}"
+  return str(value)
+
+
+def write_csv(path: str, lines: Sequence[Mapping[str, Any]]) -> str:
+  """`table`'s lines as CSV (full precision; members space-separated)."""
+  with haq_io.atomic_open(path) as f:
+    writer = csv.writer(f)
+    writer.writerow([k for k, _ in COLUMNS])
+    for line in lines:
+      writer.writerow(["" if line.get(k) is None else
+                       " ".join(repr(v) for v in line[k]) if k == "members" else line[k]
+                       for k, _ in COLUMNS])
+  return path
+
+
+def markdown(lines: Sequence[Mapping[str, Any]], title: str = "") -> str:
+  """`table`'s lines as a markdown table (top-1s in points, 2 decimals)."""
+  out = [f"# {title}", ""] if title else []
+  out.append("| " + " | ".join(h for _, h in COLUMNS) + " |")
+  out.append("|" + "|".join("---" for _ in COLUMNS) + "|")
+  out += ["| " + " | ".join(_cell(k, line.get(k)) for k, _ in COLUMNS) + " |"
+          for line in lines]
+  return "\n".join(out) + "\n"
+
+
+def write_markdown(path: str, lines: Sequence[Mapping[str, Any]], title: str = "") -> str:
+  """`markdown(lines, title)` written to `path`."""
+  with haq_io.atomic_open(path) as f:
+    f.write(markdown(lines, title))
+  return path
+
+
+def plot_target(path: str, lines: Sequence[Mapping[str, Any]], target: str,
+                title: str | None = None, dpi: float = 120) -> str:
+  """Test top-1, mean +- std, per budget and family; one panel per metric.
+
+  Args:
+    path: the PNG's path.
+    lines: `table`'s lines (those of other targets are ignored).
+    target: the target drawn.
+    title: the figure's title (default: the target's name).
+    dpi: resolution.
+
+  Returns:
+    `path`.
+  """
+  lines = [l for l in lines if l["target"] == target]
+  if not lines:
+    raise ValueError(f"target is {target!r}; allowed: a target of the lines "
+                     "(none has it)")
+  metrics = list(dict.fromkeys(l["metric"] for l in lines))
+  families = list(dict.fromkeys(l["family"] for l in lines))
+  fig = new_figure(4.0 * len(metrics) + 1.0, 3.6, dpi)
+  axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+  width = 0.8 / max(len(families), 1)
+  for ax, metric in zip(axes, metrics):
+    budgets = list(dict.fromkeys(l["budget"] for l in lines if l["metric"] == metric))
+    for j, family in enumerate(families):
+      marker, colour = _STYLE.get(family, ("P", "#7f7f7f"))
+      xs, ys, errs = [], [], []
+      for i, budget in enumerate(budgets):
+        line = next((l for l in lines if (l["metric"], l["budget"], l["family"])
+                     == (metric, budget, family)), None)
+        if line is not None:
+          xs.append(i - 0.4 + width * (j + 0.5))
+          ys.append(line["top1_mean"])
+          errs.append(line["top1_std"] or 0.0)
+      ax.errorbar(xs, ys, yerr=errs, fmt=marker, color=colour, capsize=3, label=family)
+    ax.set_xticks(range(len(budgets)), [b.upper() for b in budgets])
+    ax.set_xlabel(f"budget: {metric} of uniform")
+    ax.set_ylabel("test top-1 (%), mean ± std")
+    ax.grid(True, axis="y", alpha=0.3)
+  axes[-1].legend(fontsize="small")
+  fig.suptitle(title or target)
+  return write_png(fig, path, dpi)
+
+
+__all__ = ["COLUMNS", "markdown", "paired_difference", "plot_target", "table",
+           "write_csv", "write_markdown"]

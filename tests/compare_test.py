@@ -1,0 +1,135 @@
+"""Tests of `python -m experiments.compare` and `haqjax.report.comparison`."""
+
+import csv
+import glob
+import json
+import math
+import os
+
+import pytest
+
+import launcher_testing as lt
+from experiments import compare
+from haqjax.report import comparison
+
+# Student's t quantile t_{0.975} with 2 degrees of freedom, from a printed table.
+T_975_2 = 4.30265
+
+
+def test_paired_difference_matches_a_hand_computed_interval():
+  # Differences 1, 2, 3: mean 2, sample std 1, standard error 1 / sqrt(3).
+  d = comparison.paired_difference([71.0, 72.5, 70.0], [70.0, 70.5, 67.0])
+  assert d["n"] == 3
+  assert d["mean"] == pytest.approx(2.0, abs=1e-12)
+  assert d["std"] == pytest.approx(1.0, abs=1e-12)
+  assert d["low"] == pytest.approx(2.0 - T_975_2 / math.sqrt(3), abs=1e-4)
+  assert d["high"] == pytest.approx(2.0 + T_975_2 / math.sqrt(3), abs=1e-4)
+
+
+def test_paired_difference_edge_cases():
+  same = comparison.paired_difference([3.0, 4.0], [1.0, 2.0])  # Both differences 2.
+  assert (same["low"], same["mean"], same["high"]) == (2.0, 2.0, 2.0)
+  one = comparison.paired_difference([3.0], [1.0])
+  assert one["mean"] == 2.0 and one["low"] is None and one["high"] is None
+  with pytest.raises(ValueError, match="values has 2 figures and reference 1"):
+    comparison.paired_difference([1.0, 2.0], [1.0])
+  with pytest.raises(ValueError, match="confidence is 1.0"):
+    comparison.paired_difference([1.0, 2.0], [1.0, 2.0], confidence=1.0)
+
+
+def _row(family, members, budget="w4a4"):
+  return {"target": "t", "metric": "latency", "budget": budget, "family": family,
+          "cost_ratio": 1.0, "members": members, "search_seconds": 0.5}
+
+
+def test_table_pairs_each_family_with_its_budgets_uniform_row(tmp_path):
+  lines = comparison.table([_row("uniform", [60.0, 62.0]), _row("hawq", [61.0, 65.0]),
+                            _row("uniform", [50.0, 50.0], "w3a3"),
+                            _row("rl", [49.0, 52.0], "w3a3")])
+  assert [l["diff_mean"] for l in lines] == [None, 2.0, None, 0.5]
+  assert lines[1]["top1_mean"] == 63.0 and lines[1]["top1_std"] == pytest.approx(math.sqrt(8))
+  # Differences 1 and 3: half-width t_{0.975,1} * 1 (std sqrt(2) / sqrt(2)).
+  assert lines[1]["ci_high"] - 2.0 == pytest.approx(12.7062, abs=1e-4)
+  with pytest.raises(ValueError, match="t/latency/w2a2 has no uniform row"):
+    comparison.table([_row("uniform", [1.0]), _row("hawq", [1.0], "w2a2")])
+  text = open(comparison.write_markdown(str(tmp_path / "c.md"), lines)).read()
+  assert "| t | latency | w4a4 | hawq | 1.000 | 63.00 | 2.83 | 61.00 65.00 | +2.00 |" in text
+  with open(comparison.write_csv(str(tmp_path / "c.csv"), lines)) as f:
+    rows = list(csv.DictReader(f))
+  assert [r["family"] for r in rows] == ["uniform", "hawq", "uniform", "rl"]
+  assert rows[0]["diff_mean"] == "" and float(rows[3]["diff_mean"]) == 0.5
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"targets": ["bismo-edge", "tpu"]}, "--targets has 'tpu'; allowed: bismo-edge,"),
+    ({"metrics": ["speed"]}, "--metrics has 'speed'; allowed: latency,"),
+    ({"budgets": ["w4a9"]}, "--budgets has 'w4a9'; allowed: wXaY with X, Y in 1..8"),
+    ({"family_names": []}, "--families is empty; allowed: uniform, rl, gumbel,"),
+    ({"quantizer": "pact"}, "--quantizer is 'pact'; allowed: minmax, lsq"),
+    ({"seeds": 0}, "--seeds is 0; allowed: a positive integer"),
+])
+def test_check_grid_names_flag_value_and_allowed_ones(changes, message):
+  args = {"recipe": "digits", "targets": ["bismo-edge"], "metrics": ["latency"],
+          "budgets": ["w4a4"], "family_names": ["hawq"], "quantizer": "minmax",
+          "seeds": 2, **changes}
+  with pytest.raises(ValueError) as e:
+    compare.check_grid(**args)
+  assert str(e.value).startswith(message), str(e.value)
+
+
+def test_check_grid_puts_uniform_first_and_counts_seeds():
+  grid = compare.check_grid("digits", ["cim", "cim"], ["size"], ["w2a2"],
+                            ["greedy", "uniform"], "lsq", 3)
+  assert grid.targets == ("cim",) and grid.families == ("uniform", "greedy")
+  assert grid.seeds == (0, 1, 2)
+
+
+def test_a_bad_flag_is_one_line_and_exit_2():
+  proc = lt.launch("--families=uniform,ga", module="experiments.compare", timeout=120)
+  lt.assert_one_line_error(proc, "--families has 'ga'; allowed: uniform, rl, gumbel")
+
+
+def _flag(flags, name):
+  return next(f for f in flags if f.startswith(f"--{name}="))
+
+
+def test_quick_comparison_pairs_seeds_and_resumes(tmp_path_factory):
+  flags, folder = lt.digits_fp32(tmp_path_factory, "compare")
+  args = ["--recipe=digits", _flag(flags, "data_dir"), _flag(flags, "compilation_cache"),
+          _flag(flags, "init_from"), "--targets=bismo-edge", "--metrics=latency",
+          "--budgets=w4a4", "--families=greedy,hawq", "--seeds=2", "--quick",
+          f"--workdir={folder}"]
+  lt.launch_ok(*args, module="experiments.compare")
+  root = folder / "digits_minmax_quick"
+  with open(root / "compare.csv") as f:
+    rows = {r["family"]: r for r in csv.DictReader(f)}
+  assert list(rows) == ["uniform", "greedy", "hawq"]
+  members = {f: [float(v) for v in r["members"].split()] for f, r in rows.items()}
+  uniform = members["uniform"]
+  assert len(uniform) == 2 and float(rows["uniform"]["cost_ratio"]) == 1.0
+  assert rows["uniform"]["diff_mean"] == ""
+  cell = root / "cells" / "bismo-edge" / "latency" / "w4a4"
+  for family in ("greedy", "hawq"):
+    row, diffs = rows[family], [a - b for a, b in zip(members[family], uniform)]
+    assert float(row["diff_mean"]) == pytest.approx(sum(diffs) / 2, abs=1e-9)
+    assert float(row["ci_low"]) <= float(row["diff_mean"]) <= float(row["ci_high"])
+    assert float(row["cost_ratio"]) <= 1.0 + 1e-6  # Within the budget.
+    saved = json.loads((cell / "rows" / f"{family}.json").read_text())
+    assert saved["seeds"] == [0, 1]
+    for seed, policy, top1 in zip((0, 1), saved["policies"], members[family]):
+      # Seed s's search gave policy_s, fine-tuned with seed s.
+      assert (cell / family / f"seed_{seed}" / "search.json").exists()
+      key = f"w{'-'.join(map(str, policy['w_bits']))}_a{'-'.join(map(str, policy['a_bits']))}"
+      result = json.loads((root / "policies" / key / f"seed_{seed}" / "results.json")
+                          .read_text())
+      assert result["seed"] == seed and result["test_top1"] == pytest.approx(top1)
+  assert (root / "compare_bismo-edge.png").read_bytes().startswith(lt.PNG_SIGNATURE)
+  assert "| bismo-edge | latency | w4a4 | hawq |" in (root / "compare.md").read_text()
+  # A rerun reads every finished row back: nothing is searched or trained again.
+  written = {p: os.stat(p).st_mtime_ns
+             for p in glob.glob(str(root / "**" / "*.json"), recursive=True)}
+  csv_text = (root / "compare.csv").read_text()
+  lt.launch_ok(*args, module="experiments.compare")
+  assert {p: os.stat(p).st_mtime_ns
+          for p in glob.glob(str(root / "**" / "*.json"), recursive=True)} == written
+  assert (root / "compare.csv").read_text() == csv_text
