@@ -17,31 +17,47 @@ over the same K seeds, so that every family's test top-1 pairs with
 uniform's seed by seed. The quantizers (`--quantizer`) and the fine-tune
 (the quickstart search recipes' final one) are the same for every row.
 
-A fine-tune depends on the policy and the seed only: each distinct policy
-has one folder, `policies/<bits>/`, and the seeds it still lacks are
-fine-tuned there as one vmapped job (`haqjax.train.seeds`), so a policy
-that several families, budgets or targets share (uniform's, always) is
-fine-tuned once per seed. A size budget does not depend on the target: its
-searches run once, on `SHARED_TARGET`, for every target.
+A fine-tune depends on the policy and the seed only: each (policy, seed)
+is fine-tuned once, in `policies/<bits>/seed_<s>/`, so a policy that
+several families, budgets or targets share (uniform's, always) is trained
+once per seed; a cell's missing ones run side by side as one vmapped job
+(`haqjax.train.members`: member (policy, seed) is the standalone run). A
+size budget does not depend on the target: its searches run once, on
+`SHARED_TARGET`, for every target.
 
-Written under `<workdir>/<recipe>_<quantizer>[_quick]/`:
+Written under `<workdir>/<recipe>_<quantizer>[_quick]/` (the FP32 run, when
+trained here, in `<workdir>/<recipe>_fp32[_quick]/`):
 
   cells/<target>/<metric>/<budget>/  the searches per family and seed
-      (`<family>/seed_<s>/search.json`: policy and seconds) and
-      `rows/<family>.json`, each row's figures, written last (atomically)
+      (`<family>/seed_<s>/search.json`: policy and seconds), the vmapped
+      fine-tune jobs (`finetune_<hash>/`: stacked checkpoints, members.json)
+      and `rows/<family>.json`, each row's figures, written last
   sensitivity/seed_<s>/   the HAWQ and greedy sensitivity pass of seed s
-  policies/<bits>/        policy.json and its fine-tunes (`finetune_<seeds>/`)
+  policies/<bits>/        policy.json and `seed_<s>/results.json` per seed
   compare.csv, compare.md the table (`haqjax.report.comparison`): per row
       the cost ratio to the budget, test top-1 mean, std and members, the
       paired difference to uniform (mean and 95% Student-t interval over
       seeds) and the search's mean seconds
   compare_<target>.png    mean +- std per budget and family, a panel per metric
 
-A rerun with the same flags reads every finished row back and resumes
-unfinished searches and fine-tunes; more seeds add only the new members.
-`--quick` runs every stage at toy size (`families.QUICK`); its figures say
-nothing about the families. Budgets of W2A2 leave little to search (the
-fixed layers aside, every policy at that cost is uniform W2A2).
+Every file is written to a temporary file, then renamed. A rerun with the
+same flags reads every finished row back and resumes unfinished searches
+and fine-tunes; more seeds add only the new members. `--quick` runs every
+stage at toy size (`families.QUICK`); its figures say nothing about the
+families. A budget at the lowest bits (W2A2 under the recipes'
+--min_bits=2) leaves nothing to search: a family finds uniform's policy
+again, or one no dearer.
+
+The README's table (the quickstart on three targets that model all three
+metrics, the BISMO ones model no energy; RL too over 3 seeds; the two
+quantizers share the FP32 run in the workdir):
+
+  for q in minmax lsq; do
+    python -m experiments.compare --recipe=quickstart \
+        --targets=bitfusion,systolic,cim --metrics=latency,energy,size \
+        --budgets=w2a2,w3a3,w4a4 --families=uniform,rl,gumbel,hawq,greedy \
+        --quantizer=$q --seeds=3 --workdir=/tmp/haqjax/compare
+  done
 """
 
 from __future__ import annotations

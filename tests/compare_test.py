@@ -129,7 +129,11 @@ def test_quick_comparison_pairs_seeds_and_resumes(tmp_path_factory):
   written = {p: os.stat(p).st_mtime_ns
              for p in glob.glob(str(root / "**" / "*.json"), recursive=True)}
   csv_text = (root / "compare.csv").read_text()
-  lt.launch_ok(*args, module="experiments.compare")
+  grid = compare.check_grid("digits", ["bismo-edge"], ["latency"], ["w4a4"],
+                            ["greedy", "hawq"], "minmax", 2, quick=True,
+                            init_from=_flag(flags, "init_from").split("=", 1)[1])
+  again = compare.run(grid, str(folder))  # In this process: only reads.
+  assert [l["members"] for l in again["lines"]] == list(members.values())
   assert {p: os.stat(p).st_mtime_ns
           for p in glob.glob(str(root / "**" / "*.json"), recursive=True)} == written
   assert (root / "compare.csv").read_text() == csv_text

@@ -181,7 +181,7 @@ def plot_target(path: str, lines: Sequence[Mapping[str, Any]], target: str,
                      "(none has it)")
   metrics = list(dict.fromkeys(l["metric"] for l in lines))
   families = list(dict.fromkeys(l["family"] for l in lines))
-  fig = new_figure(4.0 * len(metrics) + 1.0, 3.6, dpi)
+  fig = new_figure(max(4.0 * len(metrics) + 1.0, 7.0), 3.6, dpi)
   axes = fig.subplots(1, len(metrics), squeeze=False)[0]
   width = 0.8 / max(len(families), 1)
   for ax, metric in zip(axes, metrics):
@@ -202,7 +202,7 @@ def plot_target(path: str, lines: Sequence[Mapping[str, Any]], target: str,
     ax.set_ylabel("test top-1 (%), mean ± std")
     ax.grid(True, axis="y", alpha=0.3)
   axes[-1].legend(fontsize="small")
-  fig.suptitle(title or target)
+  fig.suptitle(title or target, fontsize="medium")
   return write_png(fig, path, dpi)
 
 
