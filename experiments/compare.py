@@ -65,7 +65,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import sys
 import time
 from typing import Any
 
@@ -73,25 +72,6 @@ from absl import flags
 
 from experiments import cli
 from experiments import families
-
-_RECIPE = flags.DEFINE_string("recipe", "quickstart", "Training recipe of the model "
-                              "(experiments/flags/<name>.flags).")
-_TARGETS = flags.DEFINE_list("targets", ["bismo-edge"], "Hardware targets.")
-_METRICS = flags.DEFINE_list("metrics", ["latency"], "Budget metrics.")
-_BUDGETS = flags.DEFINE_list("budgets", ["w4a4", "w3a3"], "Budgets: uniform policies "
-                             "whose cost the searches may spend, wXaY.")
-_FAMILIES = flags.DEFINE_list("families", list(families.FAMILIES), "Search families "
-                              "(uniform is always fine-tuned: it is the reference).")
-_QUANTIZER = flags.DEFINE_string("quantizer", "minmax", "Quantizers of every row: "
-                                 "minmax or lsq.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "K: seeds of every search and fine-tune.")
-_WORKDIR = flags.DEFINE_string("workdir", "compare", "Where everything is written.")
-_INIT_FROM = flags.DEFINE_string("init_from", None, "The recipe's FP32 run (default: "
-                                 "train one in the workdir).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared datasets folder.")
-_QUICK = flags.DEFINE_bool("quick", False, "Every stage at toy size (a smoke run).")
-_CACHE = flags.DEFINE_string("compilation_cache", "", "JAX persistent compilation "
-                             "cache ('' disables; --quick: families.QUICK_CACHE).")
 
 _BUDGET = re.compile(r"^w([1-8])a([1-8])$")
 # Metrics that depend neither on the target nor on its batch size.
@@ -334,14 +314,36 @@ def run(grid: Grid, workdir: str) -> dict[str, Any]:
   return {"root": root, "fp32": fp32_dir, "lines": lines, **files}
 
 
+def define_flags() -> None:
+  """The command line's flags, defined by `python -m experiments.compare` only (an
+  import defines none, so tests and other programs may import this module)."""
+  flags.DEFINE_string("recipe", "quickstart", "Training recipe of the model "
+                      "(experiments/flags/<name>.flags).")
+  flags.DEFINE_list("targets", ["bismo-edge"], "Hardware targets.")
+  flags.DEFINE_list("metrics", ["latency"], "Budget metrics.")
+  flags.DEFINE_list("budgets", ["w4a4", "w3a3"], "Budgets: uniform policies whose "
+                    "cost the searches may spend, wXaY.")
+  flags.DEFINE_list("families", list(families.FAMILIES), "Search families (uniform is "
+                    "always fine-tuned: it is the reference).")
+  flags.DEFINE_string("quantizer", "minmax", "Quantizers of every row: minmax or lsq.")
+  flags.DEFINE_integer("seeds", 3, "K: seeds of every search and fine-tune.")
+  flags.DEFINE_string("workdir", "compare", "Where everything is written.")
+  flags.DEFINE_string("init_from", None, "The recipe's FP32 run (default: train one "
+                      "in the workdir).")
+  flags.DEFINE_string("data_dir", None, "Prepared datasets folder.")
+  flags.DEFINE_bool("quick", False, "Every stage at toy size (a smoke run).")
+  flags.DEFINE_string("compilation_cache", "", "JAX persistent compilation cache "
+                      "('' disables; --quick: families.QUICK_CACHE).")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}; flags are --name=value")
-  grid = check_grid(_RECIPE.value, _TARGETS.value, _METRICS.value, _BUDGETS.value,
-                    _FAMILIES.value, _QUANTIZER.value, _SEEDS.value, quick=_QUICK.value,
-                    init_from=_INIT_FROM.value, data_dir=_DATA_DIR.value)
+  f = flags.FLAGS
+  grid = check_grid(f.recipe, f.targets, f.metrics, f.budgets, f.families, f.quantizer,
+                    f.seeds, quick=f.quick, init_from=f.init_from, data_dir=f.data_dir)
   import jax  # pylint: disable=g-import-not-at-top
-  cli.enable_compilation_cache(_CACHE.value)
+  cli.enable_compilation_cache(f.compilation_cache)
   if grid.quick and not jax.config.jax_compilation_cache_dir:
     cli.enable_compilation_cache(families.QUICK_CACHE)
   if grid.quick:
@@ -349,9 +351,9 @@ def main(argv: list[str]) -> None:
     # which each seed's pass would otherwise compile again.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   cli.quiet_libraries()
-  run(grid, _WORKDIR.value)
-  sys.stdout.flush()
+  run(grid, f.workdir)
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)
