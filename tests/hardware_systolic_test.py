@@ -127,6 +127,21 @@ def test_topology_conventions_and_errors(tmp_path):
   layers = topology.topology_layers(rows)
   np.testing.assert_array_equal(layers.groups, [1, 1, 3, 1, 1])
   np.testing.assert_array_equal(layers.k, [36, 72, 9, 12, 40])
+  np.testing.assert_array_equal(layers.stride, [1, 2, 1, 1, 1])
+  g = layers.conv_geometry
+  np.testing.assert_array_equal(g["kernel_w"], [3, 3, 3, 1, 1])
+  np.testing.assert_array_equal(g["channels"], [4, 8, 1, 12, 40])
+  np.testing.assert_array_equal(g["out_w"], [8, 4, 6, 5, 1])
+  np.testing.assert_array_equal(g["in_h"], [10, 9, 8, 5, 1])
+  # Built without strides: unknown (0), and the walk keeps its block model.
+  plain = hardware.make_layers(names=["l"], in_channels=[4], out_channels=[8],
+                               kernel_h=[3], kernel_w=[3], groups=[1], in_h=[10],
+                               in_w=[10], out_h=[8], out_w=[8], batch=1)
+  np.testing.assert_array_equal(plain.stride, [0])
+  with pytest.raises(ValueError, match="stride has 2 entries; expected 1"):
+    hardware.make_layers(names=["l"], in_channels=[4], out_channels=[8],
+                         kernel_h=[3], kernel_w=[3], groups=[1], in_h=[10],
+                         in_w=[10], out_h=[8], out_w=[8], batch=1, stride=[1, 2])
   with pytest.raises(ValueError, match="Channels is 'x'"):
     topology.parse_topology("h\nL, 4, 4, 1, 1, x, 2, 1,\n", "f.csv")
   with pytest.raises(ValueError, match="larger than the IFMAP"):

@@ -54,6 +54,11 @@ class Layers:
     first: 1.0 for the network's first layer (Bit Fusion maps it with im2col).
     batch: batch size (the same in every entry).
     names: layer names (static).
+    kernel_h, in_h, in_w, out_h, out_w: per-example shapes (a conv's input
+      and output sides, its kernel's height; `kernel_size / kernel_h` is its
+      width).
+    stride: the conv's stride along both sides; 0.0 where unknown (then the
+      im2col addresses of the input are not modelled).
   """
   m: Array
   n: Array
@@ -69,6 +74,12 @@ class Layers:
   first: Array
   batch: Array
   names: tuple[str, ...] = flax.struct.field(pytree_node=False)
+  kernel_h: Array | None = None
+  in_h: Array | None = None
+  in_w: Array | None = None
+  out_h: Array | None = None
+  out_w: Array | None = None
+  stride: Array | None = None
 
   def __len__(self) -> int:
     return len(self.names)
@@ -91,6 +102,20 @@ class Layers:
     """
     return self.groups * self.k * self.n
 
+  @property
+  def conv_geometry(self) -> dict[str, Array] | None:
+    """One group's conv as SCALE-Sim addresses its input, or None.
+
+    `kernel_h`, `kernel_w`, `channels` (input channels per group),
+    `stride`, `in_h`, `in_w`, `out_h`, `out_w`; None when `Layers` was built
+    without them. A stride of 0.0 marks a layer whose stride is unknown.
+    """
+    if self.stride is None:
+      return None
+    return dict(kernel_h=self.kernel_h, kernel_w=self.kernel_size / self.kernel_h,
+                channels=self.k / self.kernel_size, stride=self.stride,
+                in_h=self.in_h, in_w=self.in_w, out_h=self.out_h, out_w=self.out_w)
+
 
 def _positive(field: str, values: np.ndarray, names: Sequence[str]) -> None:
   bad = ~(values > 0)
@@ -102,7 +127,7 @@ def _positive(field: str, values: np.ndarray, names: Sequence[str]) -> None:
 
 def make_layers(*, names: Sequence[str], in_channels, out_channels, kernel_h,
                 kernel_w, groups, in_h, in_w, out_h, out_w, batch: int,
-                depthwise=None, biases=None) -> Layers:
+                depthwise=None, biases=None, stride=None) -> Layers:
   """Builds `Layers` from per-layer integer shapes (sequences or arrays `[L]`).
 
   Args:
@@ -112,6 +137,8 @@ def make_layers(*, names: Sequence[str], in_channels, out_channels, kernel_h,
     batch: batch size.
     depthwise: per-layer booleans; default `groups == in_channels > 1`.
     biases: bias elements per layer; default 0.
+    stride: per-layer conv strides (padded inputs, SCALE-Sim's convention:
+      `out_h = ceil((in_h - kernel_h + stride) / stride)`); default unknown.
 
   Returns:
     The `Layers`.
@@ -146,6 +173,9 @@ def make_layers(*, names: Sequence[str], in_channels, out_channels, kernel_h,
   biases = np.zeros(len(names)) if biases is None else np.asarray(biases)
   first = np.zeros(len(names))
   first[:1] = 1.0
+  stride = np.zeros(len(names)) if stride is None else np.asarray(stride).reshape(-1)
+  if stride.shape != (len(names),):
+    raise ValueError(f"stride has {stride.size} entries; expected {len(names)} (one per layer)")
   f32 = lambda x: jnp.asarray(np.asarray(x, np.float64), jnp.float32)
   return Layers(
       m=f32(m), n=f32(n), k=f32(k), groups=f32(g), kernel_size=f32(rs),
@@ -153,7 +183,9 @@ def make_layers(*, names: Sequence[str], in_channels, out_channels, kernel_h,
       out_elems=f32(m * v["out_channels"]), weights=f32(g * n * k),
       biases=f32(biases), macs=f32(g * m * n * k),
       depthwise=f32(np.asarray(depthwise, np.float64)), first=f32(first),
-      batch=f32(np.full(len(names), batch)), names=names)
+      batch=f32(np.full(len(names), batch)), names=names,
+      kernel_h=f32(v["kernel_h"]), in_h=f32(v["in_h"]), in_w=f32(v["in_w"]),
+      out_h=f32(v["out_h"]), out_w=f32(v["out_w"]), stride=f32(stride))
 
 
 def effective_bits(bits: Array, max_bits: int = 8) -> Array:

@@ -240,7 +240,8 @@ class Systolic:
     bw = {x: 8.0 * (port[x] or self.dram_bytes_per_cycle) / bits[x] for x in bits}
     c = systolic_memory.scratchpad_costs(self.dataflow, self.rows, self.cols,
                                          layers.m, layers.n, layers.k, per_gemm,
-                                         words, bw, layers.in_elems / layers.groups)
+                                         words, bw, layers.in_elems / layers.groups,
+                                         geometry=layers.conv_geometry)
     out = {"stall_cycles": layers.groups * c["stall_cycles"]}
     for x in bits:
       out[f"{x}_dram_bytes"] = layers.groups * c[f"{x}_words"] * bits[x] / 8.0

@@ -33,6 +33,12 @@ row of a reversed tile, lies behind the window's start, as SCALE-Sim does
 row's words, which may lose the rows below again); forward over the block.
 Its moves are SCALE-Sim's for rolled operands, whether or not the ifmap
 holds im2col copies of its words, and for reversed tiles without copies.
+A reversed tile of im2col rows (input stationary's ifmap of a conv whose
+kernel exceeds its stride) is followed address by address when the layer's
+stride is known (`Layers.conv_geometry`, as `topology` gives it):
+SCALE-Sim looks a demanded word up anywhere in the window, so a copy from
+the tiles ahead serves it, and the window moves only for words none of
+whose copies it holds (`systolic_window`).
 Stalls: SCALE-Sim waits at the row that needs a move until that move
 completes, and counts the wait for the last prefetch twice; the walk does
 the same per block, at the row of its last move. The write
@@ -45,32 +51,31 @@ its padding), plus `ceil(P / bw) * bw` per move.
 What departs from SCALE-Sim, measured over 49 layers and arrays (4x4 to
 128x128, the three dataflows, 1 to 8 KiB SRAMs, 1 to 32 words per cycle):
 
-  * A reversed tile of im2col rows (input stationary's ifmap of a conv with
-    a kernel over 1): SCALE-Sim looks a lost row's words up anywhere in the
-    window, where some have copies from the tiles ahead and some (a fold's
-    first output pixel) do not. The walk takes all of them as found (no
-    turn), which is exact on 3x3 convs of 8 channels on an 8x8 array and
-    reads 86-93% fewer ifmap words (16-81% fewer cycles) where SCALE-Sim
-    turns the window anyway.
+  * Without a known stride (layers built from a model), a reversed tile of
+    im2col rows takes all of its words as found in the window (no turn),
+    which reads up to 93% fewer ifmap words (81% fewer cycles) where
+    SCALE-Sim turns the window anyway.
   * SCALE-Sim's conv topology gives a layer `ceil((H - R + s) / s)` outputs
     a side; when `s` does not divide `H - R`, the last ones read outside the
     input and hold `-1` words, which SCALE-Sim leaves out of its lines. The
-    walk counts `m * k` words (it is not given `H` and `s`), so its lines
-    are more (a 12x12 1x1 stride-2 conv on 8x8 arrays: 60% fewer ifmap
-    words). Layers whose stride divides `H - R` are exact.
+    walk counts `m * k` words, so its lines are more (a 12x12 1x1 stride-2
+    conv on 8x8 arrays: 60% fewer ifmap words), and the address walk places
+    the words as if none were `-1` (a 12x12 3x3 stride-2 conv, input
+    stationary on an 8x8 array: 41% more ifmap words). Layers whose stride
+    divides `H - R` are exact.
   * Stalls oscillate in SCALE-Sim around the wait above by up to one
     prefetch time, as its counted waits shift later rows; where the traffic
     is exact (43 of the 49), total cycles are within 2.4% on average (31% at
     worst, on a 128x128 array whose few folds each wait).
 
-Over those 49 layers, total cycles are off by 9.4% on average (81% at
-worst), ifmap reads 9.8% (93%), filter reads 0% (filters have no copies),
-ofmap writes 0.2%; on the 21 layers of `haqjax.hardware.scalesim_reference`
-(`python -m experiments.bench hardware` prints them) by 5.7%, and by under 5%
-without im2col copies. The walk is a
+On the 21 layers of `haqjax.hardware.scalesim_reference`
+(`python -m experiments.bench hardware` prints them) total cycles are off by
+1.9% on average (5.6% at worst; input stationary 1.6%, 3.5%), and the DRAM
+words read are SCALE-Sim's. The walk is a
 `jax.lax.while_loop` over folds, jit-able and traced in the bits; past
 `MAX_SEGMENTS` folds its moves and stalls are extrapolated at the rate of
-the first ones.
+the first ones. The address walk costs one pass over a tile's words per
+window move (seconds for a 56x56 3x3 conv over 8x8 bit widths).
 
 Bits: SCALE-Sim's words are bytes (`word_size = 1` in `single_layer_sim`),
 so an 8-bit operand is one word and its bandwidth is bytes per cycle. An
@@ -94,6 +99,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from haqjax.hardware import systolic_window
 from haqjax.hardware.layers import ceil_div
 from haqjax.typing import Array, ArrayLike
 
@@ -170,11 +176,15 @@ def operand_sweeps(dataflow: str, rows: ArrayLike, cols: ArrayLike, m: Array, n:
 
 def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
                 lines: Array, period: Array, fold_rows: Array,
-                max_segments: int = MAX_SEGMENTS) -> tuple[Array, Array]:
+                max_segments: int = MAX_SEGMENTS, geometry: dict[str, Array] | None = None,
+                rows: int = 1, cols: int = 1) -> tuple[Array, Array]:
   """Window moves and stall cycles of one read buffer over the demand.
 
   Follows the window fold by fold (module docstring). After `max_segments`
   folds the moves and stalls are extrapolated at the rate of those folds.
+  With `geometry` (`Layers.conv_geometry`, a known stride), a reversed tile
+  of im2col rows is followed address by address
+  (`systolic_window.tile_moves`, on an array of `rows` x `cols`).
 
   Returns:
     `(moves, stall_cycles)`.
@@ -185,6 +195,10 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
   # A reversed tile of im2col rows finds the rows a move lost as copies in
   # the tiles ahead, which that move brought in.
   keeps = rev & (sweep["copies"] > 0)
+  if geometry is not None:
+    exact = keeps & (geometry["stride"] > 0) & (lines > a)
+    words = dict(k=temporal, folds=nb / per, last=sweep["last"], e=e, a=a, step=step,
+                 lines=lines)
   limit = jnp.minimum(segments, float(max_segments))
 
   def line(w):
@@ -243,6 +257,15 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
                                      (j1, 0.0 * j1, rows_in - 1.0))
     x = base + line(start + (top + 1.0) * w)
     row_lines = w / e
+    if geometry is not None:
+      # A tile whose own lines are all in the window needs no move.
+      d_lo, d_hi = (jnp.mod(line(x) - j * step, lines) for x in (start, start + size - 1.0))
+      held = (d_lo < a) & (d_hi < a) & (d_lo <= d_hi)
+      j_exact, r_exact = systolic_window.tile_moves(
+          geometry, words, fold, tile * tile_rows + rows_in - 1.0, rows_in,
+          exact & live & ~held, j, rows, cols)
+      j2 = jnp.where(exact, j_exact, j2)
+      t2 = jnp.where(exact, 0.0, t2)
     # Forward over the rest of a rolled block.
     hi2 = hi + t2 * lines
     j3 = jnp.where(rev, j2, j2 + jnp.maximum(
@@ -253,6 +276,9 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
     frac = jnp.clip(need / jnp.maximum(hi - lo, 1.0), 0.0, 1.0)
     # A reversed tile's last turn comes at the demand row of its lost row.
     row = i * fold_rows + jnp.where(rev, (hi - x) / row_lines, frac * fold_rows)
+    if geometry is not None:
+      # SCALE-Sim's partial tile starts with its `-1` rows.
+      row = jnp.where(exact, i * fold_rows + tile_rows - rows_in + r_exact, row)
     late = jnp.where(j3 > j, j3 * period - row - stall - 2.0, 0.0)
     # SCALE-Sim counts the wait for the last prefetch twice.
     late = jnp.maximum(late, 0.0)
@@ -267,7 +293,8 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
 
 
 def read_buffer(sweep: dict[str, Array], sram_words: Array, bw: Array,
-                compute: Array) -> tuple[Array, Array]:
+                compute: Array, geometry: dict[str, Array] | None = None,
+                rows: int = 1, cols: int = 1) -> tuple[Array, Array]:
   """DRAM words read and stall cycles of one operand's read buffer.
 
   Args:
@@ -275,6 +302,8 @@ def read_buffer(sweep: dict[str, Array], sram_words: Array, bw: Array,
     sram_words: buffer size in words `S`.
     bw: DRAM words per cycle.
     compute: stall-free cycles `C` of the GEMM.
+    geometry, rows, cols: an input-stationary ifmap's conv on the array
+      (`window_walk`).
 
   Returns:
     `(dram_words, stall_cycles)`.
@@ -289,7 +318,8 @@ def read_buffer(sweep: dict[str, Array], sram_words: Array, bw: Array,
   step = jnp.maximum(jnp.minimum(jnp.ceil(prefetch / e), lines - a), 1.0)
   per_move = jnp.ceil(prefetch / bw)
   moves, stall = window_walk(sweep, e, a, step, lines, per_move + 1.0,
-                             compute / sweep["segments"])
+                             compute / sweep["segments"], geometry=geometry,
+                             rows=rows, cols=cols)
   moves = jnp.where(fits, 0.0, moves)
   stall = jnp.where(fits, 0.0, stall)
   first = jnp.minimum(jnp.ceil(active / bw), jnp.ceil(sweep["padded"] / bw))
@@ -307,11 +337,11 @@ def write_buffer(words: Array, sram_words: Array, bw: Array,
   return words, stall
 
 
-@functools.partial(jax.jit, static_argnames=("dataflow",))
-def scratchpad_costs(dataflow: str, rows: ArrayLike, cols: ArrayLike, m: Array, n: Array,
+@functools.partial(jax.jit, static_argnames=("dataflow", "rows", "cols"))
+def scratchpad_costs(dataflow: str, rows: int, cols: int, m: Array, n: Array,
                      k: Array, compute: Array, sram_words: dict[str, Array],
-                     bw_words: dict[str, Array],
-                     ifmap_words: Array | None = None) -> dict[str, Array]:
+                     bw_words: dict[str, Array], ifmap_words: Array | None = None,
+                     geometry: dict[str, Array] | None = None) -> dict[str, Array]:
   """Stall cycles and DRAM words of one GEMM on SCALE-Sim's scratchpads.
 
   Args:
@@ -319,6 +349,9 @@ def scratchpad_costs(dataflow: str, rows: ArrayLike, cols: ArrayLike, m: Array, 
     compute: its stall-free cycles.
     sram_words: 'ifmap', 'filter', 'ofmap' buffer sizes in words.
     bw_words: 'ifmap', 'filter', 'ofmap' DRAM words per cycle.
+    ifmap_words: distinct input words (`operand_sweeps`).
+    geometry: `Layers.conv_geometry`: an input-stationary ifmap with im2col
+      copies is then followed address by address (`systolic_window`).
 
   Returns:
     `stall_cycles` and `ifmap_words`, `filter_words`, `ofmap_words` (DRAM).
@@ -326,7 +359,9 @@ def scratchpad_costs(dataflow: str, rows: ArrayLike, cols: ArrayLike, m: Array, 
   sweeps = operand_sweeps(dataflow, rows, cols, m, n, k, ifmap_words)
   out, stalls = {}, []
   for name in ("ifmap", "filter"):
-    words, stall = read_buffer(sweeps[name], sram_words[name], bw_words[name], compute)
+    g = geometry if name == "ifmap" and dataflow == "is" else None
+    words, stall = read_buffer(sweeps[name], sram_words[name], bw_words[name], compute,
+                               geometry=g, rows=rows, cols=cols)
     out[f"{name}_words"] = words
     stalls.append(stall)
   words, stall = write_buffer(sweeps["ofmap"]["words"], sram_words["ofmap"],

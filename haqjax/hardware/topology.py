@@ -153,4 +153,4 @@ def topology_layers(rows: list[dict], batch: int = 1) -> Layers:
       groups=[r["channels"] if d else 1 for r, d in zip(rows, dw)],
       in_h=[r["in_h"] for r in rows], in_w=[r["in_w"] for r in rows],
       out_h=[r["out_h"] for r in rows], out_w=[r["out_w"] for r in rows],
-      batch=batch, depthwise=dw)
+      batch=batch, depthwise=dw, stride=[r["stride"] for r in rows])

@@ -1,0 +1,136 @@
+"""SCALE-Sim's read window over an input-stationary im2col ifmap, address by address.
+
+Input stationary (SCALE-Sim's `systolic_compute_is`) prefetches the ifmap
+as its im2col matrix, fold after fold of `cols` output pixels: fold `f`
+holds `k` rows (one per im2col column `kk = (r S + c) C + ch`) of its
+pixels' words, the last fold `last` pixels wide. A conv with a kernel over
+its stride reads each input word several times, so the read buffer's hashed
+lines (`systolic_memory`) hold copies of one address. SCALE-Sim's
+`read_buffer.active_buffer_hit` finds a demanded address in any line of the
+window, so a copy brought in ahead serves it: the window moves only for an
+address none of whose copies it holds, then by as many prefetches (`step`
+lines each, cyclically over the operand's `lines`) as bring the nearest copy
+in. `tile_moves` follows this over one tile of the demand (a fold's
+`rows` im2col rows, read last row first, each row's pixels left to right),
+exactly as SCALE-Sim does for convs whose stride divides `H - R` (otherwise
+SCALE-Sim's `-1` entries shift the words of a fold into other lines, which
+this module does not follow). The copies of the word that pixel
+`(oh, ow)` reads at `(r, c)` are the pixels `(oh - u, ow - v)` that read it
+at `(r + u s, c + v s)`, for the `ceil(R / s) ceil(S / s)` pairs `(u, v)`
+that stay inside the kernel and the output.
+
+References:
+  scalesim-project/scale-sim-v2, `scalesim/memory/read_buffer.py`,
+  `scalesim/compute/operand_matrix.py`, `systolic_compute_is.py`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from haqjax.typing import Array
+
+
+def _pixel(p: Array, g: dict[str, Array]) -> tuple[Array, Array, Array]:
+  """Image, output row and output column of output pixel `p`."""
+  per_image = g["out_h"] * g["out_w"]
+  img = jnp.floor(p / per_image)
+  q = p - img * per_image
+  oh = jnp.floor(q / g["out_w"])
+  return img, oh, q - oh * g["out_w"]
+
+
+def tile_needs(g: dict[str, Array], words: dict[str, Array], top: Array, count: Array,
+               fold: Array, j: Array, rows: int, cols: int) -> Array:
+  """Moves each word of a reversed tile needs from `j` moves.
+
+  Args:
+    g: `Layers.conv_geometry` (arrays broadcasting with the others, shape
+      `B`; the stride known).
+    words: the operand's `k`, `folds`, `last` and its buffer's `e`, `a`,
+      `step`, `lines` (`systolic_memory.read_buffer`).
+    top: the tile's highest im2col row (demanded first).
+    count: the tile's rows.
+    fold: the tile's fold.
+    j: window moves so far (the window starts at line `j * step mod lines`).
+    rows, cols: the array's size (rows of a full tile, pixels of a full fold).
+
+  Returns:
+    `[*B, rows * cols]` in demand order (rows `top, top - 1, ...`, each
+    row's pixels left to right): the fewest further moves that bring a copy
+    of the word into the window (0 for a word not demanded).
+  """
+  x_ = lambda v: jnp.asarray(v, jnp.float32)[..., None, None]
+  g = {name: x_(v) for name, v in g.items()}
+  k, folds, last = x_(words["k"]), x_(words["folds"]), x_(words["last"])
+  e, a, step, lines = (x_(words[n]) for n in ("e", "a", "step", "lines"))
+  fold, start = x_(fold), x_(j) * step
+  idx = jnp.arange(rows, dtype=jnp.float32)[:, None]
+  kk = x_(top) - idx
+  s = jnp.where(g["stride"] > 0.0, g["stride"], 1.0)
+  kw, ch_n = g["kernel_w"], g["channels"]
+  lane = jnp.arange(cols, dtype=jnp.float32)
+  width = jnp.where(fold >= folds - 1.0, last, float(cols))
+  img, oh, ow = _pixel(fold * cols + lane, g)
+  r = jnp.floor(kk / (kw * ch_n))
+  rest = kk - r * kw * ch_n
+  c = jnp.floor(rest / ch_n)
+  ch = rest - c * ch_n
+  y, x = oh * s + r, ow * s + c
+  demanded = (idx < x_(count)) & (lane < width) & (y < g["in_h"]) & (x < g["in_w"])
+  nv = jnp.ceil(kw / s)
+  copies = jnp.ceil(g["kernel_h"] / s) * nv
+
+  def body(state):
+    q, best = state
+    u = jnp.floor(q / nv)
+    v = q - u * nv
+    oh2, ow2 = jnp.floor(y / s) - u, jnp.floor(x / s) - v
+    r2, c2 = y - oh2 * s, x - ow2 * s
+    ok = ((q < copies) & (oh2 >= 0.0) & (oh2 < g["out_h"]) & (ow2 >= 0.0)
+          & (ow2 < g["out_w"]) & (r2 < g["kernel_h"]) & (c2 < kw))
+    p2 = (img * g["out_h"] + oh2) * g["out_w"] + ow2
+    f2 = jnp.floor(p2 / cols)
+    w2 = jnp.where(f2 >= folds - 1.0, last, float(cols))
+    pos = f2 * k * cols + ((r2 * kw + c2) * ch_n + ch) * w2 + (p2 - f2 * cols)
+    d = jnp.mod(jnp.floor(pos / e) - start, lines)
+    t = jnp.where(d < a, 0.0, jnp.ceil((d - a + 1.0) / step))
+    return q + 1.0, jnp.where(ok, jnp.minimum(best, t), best)
+
+  best = jnp.full(jnp.broadcast_shapes(y.shape, start.shape), jnp.inf)
+  _, best = jax.lax.while_loop(lambda st: st[0] < jnp.max(copies), body,
+                               (jnp.float32(0.0), best))
+  needs = jnp.where(demanded & jnp.isfinite(best), best, 0.0)
+  return needs.reshape(needs.shape[:-2] + (rows * cols,))
+
+
+def tile_moves(g: dict[str, Array], words: dict[str, Array], fold: Array, top: Array,
+               count: Array, active: Array, j: Array, rows: int,
+               cols: int) -> tuple[Array, Array]:
+  """Window moves over one reversed tile of `count` im2col rows `top, top - 1, ...`.
+
+  The words are looked up in demand order: the first one without a copy in
+  the window moves it, and the words after it are looked up again. Entries
+  where `active` is False keep `j`.
+
+  Returns:
+    `(moves, row)`: the moves after the tile, and the tile's demand row
+    (0 for its first) that made the last of them (0 without moves).
+  """
+
+  def look(state):
+    jj, done, on = state
+    needs = tile_needs(g, words, top, count, fold, jj, rows, cols)
+    needs = jnp.where(jnp.arange(rows * cols) > done[..., None], needs, 0.0)
+    miss = needs > 0.0
+    first = jnp.argmax(miss, axis=-1)
+    more = on & miss.any(axis=-1)
+    by = jnp.take_along_axis(needs, first[..., None], axis=-1)[..., 0]
+    return (jj + jnp.where(more, by, 0.0), jnp.where(more, first, done), more)
+
+  shape = jnp.broadcast_shapes(jnp.shape(j), jnp.shape(active), jnp.shape(top))
+  start = (jnp.broadcast_to(j, shape), jnp.full(shape, -1, jnp.int32),
+           jnp.broadcast_to(active, shape))
+  j_end, last, _ = jax.lax.while_loop(lambda st: jnp.any(st[2]), look, start)
+  return j_end, jnp.floor(jnp.maximum(last, 0) / cols).astype(jnp.float32)
