@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from haqjax import hardware
+from haqjax.hardware import systolic_window
 from haqjax.hardware import topology
 from haqjax.hardware.scalesim_reference import GEMM_HEADER
 from haqjax.hardware.scalesim_reference import agreement
@@ -65,12 +66,15 @@ def test_total_cycles_agree(measured):
 
 # Input-stationary convs with kernels over their stride (conv rows: name, H,
 # W, R, S, C, F, stride) on small arrays: (rows, cols, SRAM KiB, words/cycle).
-# Taking every copy as held or as lost missed the first two by 86% and 83% of
-# the ifmap words (54% and 68% of the cycles); the 4x8 array has rows != cols.
+# Taking every copy as held missed the first two and the last by 86%, 83% and
+# 81% of the ifmap words (54% and 68% of the cycles for the first two); the
+# 4x8 array has rows != cols.
 IM2COL_CASES = {
     "k3_s2_c16": ((8, 8, 1, 2), ("k3s2", 9, 9, 3, 3, 16, 8, 2)),
     "k5_s1_c4": ((8, 8, 1, 2), ("k5", 11, 11, 5, 5, 4, 8, 1)),
     "k3_c1_4x8": ((4, 8, 1, 1), ("k3c1", 16, 16, 3, 3, 1, 8, 1)),
+    # 2 does not divide 12 - 3: the last outputs read past the input.
+    "k3_s2_edge": ((8, 8, 1, 2), ("k3edge", 12, 12, 3, 3, 8, 8, 2)),
 }
 
 
@@ -88,6 +92,35 @@ def test_input_stationary_im2col_reads_equal(name, tmp_path):
   # Stalls follow SCALE-Sim's per block, not per cycle (systolic_memory's
   # docstring): its counted waits shift later rows by up to a prefetch time.
   assert abs(relative_errors(s, h)["cycles"]) < 0.15
+
+
+def test_inside_positions_skip_the_words_past_the_input():
+  # SCALE-Sim's input-stationary ifmap prefetch matrix, built as its
+  # operand_matrix does (im2col, -1 past the input), fold by fold.
+  h, w, kh, kw, ch, s, cols, batch = 8, 7, 3, 2, 2, 2, 4, 2
+  ho, wo = math.ceil((h - kh + s) / s), math.ceil((w - kw + s) / s)
+  k, m = kh * kw * ch, batch * ho * wo
+  valid = np.zeros((m, k), bool)
+  for p in range(m):
+    oh, ow = divmod(p % (ho * wo), wo)
+    for kk in range(k):
+      r, c = divmod(kk // ch, kw)
+      valid[p, kk] = oh * s + r < h and ow * s + c < w
+  assert not valid.all()
+  g = {"kernel_h": kh, "kernel_w": kw, "channels": ch, "stride": s, "in_h": h,
+       "in_w": w, "out_h": ho, "out_w": wo}
+  g = {name: np.float32(v) for name, v in g.items()}
+  index = 0
+  for f in range(math.ceil(m / cols)):
+    width = min(cols, m - f * cols)
+    for kk in range(k):
+      for lane in range(width):
+        if valid[f * cols + lane, kk]:
+          got = systolic_window.inside_position(g, np.float32(f), np.float32(kk),
+                                                np.float32(lane), np.float32(k),
+                                                np.float32(width), cols)
+          assert float(got) == index, (f, kk, lane)
+          index += 1
 
 
 def reversed_tile_moves(k, n, rows, cols, sram):

@@ -57,12 +57,14 @@ What departs from SCALE-Sim, measured over 49 layers and arrays (4x4 to
     SCALE-Sim turns the window anyway.
   * SCALE-Sim's conv topology gives a layer `ceil((H - R + s) / s)` outputs
     a side; when `s` does not divide `H - R`, the last ones read outside the
-    input and hold `-1` words, which SCALE-Sim leaves out of its lines. The
-    walk counts `m * k` words, so its lines are more (a 12x12 1x1 stride-2
-    conv on 8x8 arrays: 60% fewer ifmap words), and the address walk places
-    the words as if none were `-1` (a 12x12 3x3 stride-2 conv, input
-    stationary on an 8x8 array: 41% more ifmap words). Layers whose stride
-    divides `H - R` are exact.
+    input and hold `-1` words, which SCALE-Sim leaves out of its lines. With
+    a known stride the walk counts only the words inside the input
+    (`inside_words`) and the address walk places them as SCALE-Sim does
+    (`systolic_window.inside_position`); the block walk of a rolled operand
+    still places them as if none were `-1` (a 14x14 3x3 stride-2 conv,
+    weight stationary on an 8x8 array: 133% more ifmap words). Without a
+    known stride it counts `m * k` words (a 12x12 1x1 stride-2 conv on 8x8
+    arrays: 60% fewer ifmap words).
   * Stalls oscillate in SCALE-Sim around the wait above by up to one
     prefetch time, as its counted waits shift later rows; where the traffic
     is exact (43 of the 49), total cycles are within 2.4% on average (31% at
@@ -197,6 +199,10 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
   keeps = rev & (sweep["copies"] > 0)
   if geometry is not None:
     exact = keeps & (geometry["stride"] > 0) & (lines > a)
+    # Without `-1` words a tile's own lines are those of its positions.
+    g_s = jnp.where(geometry["stride"] > 0, geometry["stride"], 1.0)
+    gapless = ((geometry["in_h"] - (geometry["out_h"] - 1.0) * g_s >= geometry["kernel_h"])
+               & (geometry["in_w"] - (geometry["out_w"] - 1.0) * g_s >= geometry["kernel_w"]))
     words = dict(k=temporal, folds=nb / per, last=sweep["last"], e=e, a=a, step=step,
                  lines=lines)
   limit = jnp.minimum(segments, float(max_segments))
@@ -260,7 +266,7 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
     if geometry is not None:
       # A tile whose own lines are all in the window needs no move.
       d_lo, d_hi = (jnp.mod(line(x) - j * step, lines) for x in (start, start + size - 1.0))
-      held = (d_lo < a) & (d_hi < a) & (d_lo <= d_hi)
+      held = (d_lo < a) & (d_hi < a) & (d_lo <= d_hi) & gapless
       j_exact, r_exact = systolic_window.tile_moves(
           geometry, words, fold, tile * tile_rows + rows_in - 1.0, rows_in,
           exact & live & ~held, j, rows, cols)
@@ -337,6 +343,23 @@ def write_buffer(words: Array, sram_words: Array, bw: Array,
   return words, stall
 
 
+def inside_words(geometry: dict[str, Array], m: Array) -> Array:
+  """Words of the im2col matrix that lie inside the input (not `-1`).
+
+  SCALE-Sim's last outputs of a side whose stride does not divide `H - R`
+  read past the input for their last kernel rows.
+  """
+  g = geometry
+  s = jnp.where(g["stride"] > 0, g["stride"], 1.0)
+
+  def side(size, out, kernel):
+    return (out - 1.0) * kernel + jnp.clip(size - (out - 1.0) * s, 0.0, kernel)
+
+  per_image = g["out_h"] * g["out_w"]
+  return (m / per_image * g["channels"] * side(g["in_h"], g["out_h"], g["kernel_h"])
+          * side(g["in_w"], g["out_w"], g["kernel_w"]))
+
+
 @functools.partial(jax.jit, static_argnames=("dataflow", "rows", "cols"))
 def scratchpad_costs(dataflow: str, rows: int, cols: int, m: Array, n: Array,
                      k: Array, compute: Array, sram_words: dict[str, Array],
@@ -357,6 +380,9 @@ def scratchpad_costs(dataflow: str, rows: int, cols: int, m: Array, n: Array,
     `stall_cycles` and `ifmap_words`, `filter_words`, `ofmap_words` (DRAM).
   """
   sweeps = operand_sweeps(dataflow, rows, cols, m, n, k, ifmap_words)
+  if geometry is not None:
+    sweeps["ifmap"]["words"] = jnp.where(geometry["stride"] > 0, inside_words(geometry, m),
+                                         sweeps["ifmap"]["words"])
   out, stalls = {}, []
   for name in ("ifmap", "filter"):
     g = geometry if name == "ifmap" and dataflow == "is" else None

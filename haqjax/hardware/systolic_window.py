@@ -12,9 +12,9 @@ address none of whose copies it holds, then by as many prefetches (`step`
 lines each, cyclically over the operand's `lines`) as bring the nearest copy
 in. `tile_moves` follows this over one tile of the demand (a fold's
 `rows` im2col rows, read last row first, each row's pixels left to right),
-exactly as SCALE-Sim does for convs whose stride divides `H - R` (otherwise
-SCALE-Sim's `-1` entries shift the words of a fold into other lines, which
-this module does not follow). The copies of the word that pixel
+as SCALE-Sim does; the words' places in the lines skip the `-1` entries of
+the outputs that read past the input (`inside_position`, where the stride
+does not divide `H - R`). The copies of the word that pixel
 `(oh, ow)` reads at `(r, c)` are the pixels `(oh - u, ow - v)` that read it
 at `(r + u s, c + v s)`, for the `ceil(R / s) ceil(S / s)` pairs `(u, v)`
 that stay inside the kernel and the output.
@@ -39,6 +39,60 @@ def _pixel(p: Array, g: dict[str, Array]) -> tuple[Array, Array, Array]:
   q = p - img * per_image
   oh = jnp.floor(q / g["out_w"])
   return img, oh, q - oh * g["out_w"]
+
+
+def _range_counts(g: dict[str, Array], p0: Array, p1: Array) -> tuple[Array, Array, Array]:
+  """Pixels in `[p0, p1)` on the last output row, column, and both."""
+  hw = g["out_h"] * g["out_w"]
+
+  def last_rows(p):
+    return jnp.floor(p / hw) * g["out_w"] + jnp.clip(p - jnp.floor(p / hw) * hw
+                                                     - (g["out_h"] - 1.0) * g["out_w"],
+                                                     0.0, g["out_w"])
+
+  def last_cols(p):
+    return jnp.floor(p / g["out_w"])
+
+  def corner(p):
+    return jnp.floor(p / hw)
+
+  return (last_rows(p1) - last_rows(p0), last_cols(p1) - last_cols(p0),
+          corner(p1) - corner(p0))
+
+
+def inside_position(g: dict[str, Array], fold: Array, kk: Array, lane: Array, k: Array,
+                    width: Array, cols: int) -> Array:
+  """Index of the word at `(fold, kk, lane)` among the prefetch matrix's words
+  that lie inside the input (SCALE-Sim's lines skip the `-1` words).
+
+  The fold holds `k` rows of `width` words (`cols` in a full fold).
+
+  Only the last output row (column) of a side whose stride does not divide
+  `H - R` reads past the input, for kernel rows `r >= vr` (columns
+  `c >= vc`), `vr = H - (out_h - 1) s`.
+  """
+  s = jnp.where(g["stride"] > 0.0, g["stride"], 1.0)
+  kh, kw, ch_n = g["kernel_h"], g["kernel_w"], g["channels"]
+  vr = jnp.clip(g["in_h"] - (g["out_h"] - 1.0) * s, 0.0, kh)
+  vc = jnp.clip(g["in_w"] - (g["out_w"] - 1.0) * s, 0.0, kw)
+  block = kw * ch_n
+  r = jnp.floor(kk / block)
+  within = kk - r * block
+  # im2col columns before `kk` with r' >= vr, with c' >= vc, and both.
+  rows_out = jnp.maximum(kk - vr * block, 0.0)
+  in_row = jnp.clip(within - vc * ch_n, 0.0, (kw - vc) * ch_n)
+  cols_out = jnp.minimum(r, kh) * (kw - vc) * ch_n + in_row
+  both_out = jnp.maximum(r - vr, 0.0) * (kw - vc) * ch_n + jnp.where(r >= vr, in_row, 0.0)
+  first = fold * cols
+  a0, b0, ab0 = _range_counts(g, 0.0 * first, first)
+  before = (k * first - a0 * (kh - vr) * block - b0 * (kw - vc) * kh * ch_n
+            + ab0 * (kh - vr) * (kw - vc) * ch_n)
+  af, bf, abf = _range_counts(g, first, first + width)
+  rows_before = kk * width - af * rows_out - bf * cols_out + abf * both_out
+  al, bl, abl = _range_counts(g, first, first + lane)
+  out_r, out_c = r >= vr, jnp.floor(within / ch_n) >= vc
+  lanes_before = lane - al * out_r - bl * out_c + abl * (out_r & out_c)
+  return before + rows_before + lanes_before
 
 
 def tile_needs(g: dict[str, Array], words: dict[str, Array], top: Array, count: Array,
@@ -93,7 +147,8 @@ def tile_needs(g: dict[str, Array], words: dict[str, Array], top: Array, count: 
     p2 = (img * g["out_h"] + oh2) * g["out_w"] + ow2
     f2 = jnp.floor(p2 / cols)
     w2 = jnp.where(f2 >= folds - 1.0, last, float(cols))
-    pos = f2 * k * cols + ((r2 * kw + c2) * ch_n + ch) * w2 + (p2 - f2 * cols)
+    pos = inside_position(g, f2, (r2 * kw + c2) * ch_n + ch, p2 - f2 * cols, k, w2,
+                          cols)
     d = jnp.mod(jnp.floor(pos / e) - start, lines)
     t = jnp.where(d < a, 0.0, jnp.ceil((d - a + 1.0) / step))
     return q + 1.0, jnp.where(ok, jnp.minimum(best, t), best)
