@@ -76,8 +76,10 @@ On the 21 layers of `haqjax.hardware.scalesim_reference`
 words read are SCALE-Sim's. The walk is a
 `jax.lax.while_loop` over folds, jit-able and traced in the bits; past
 `MAX_SEGMENTS` folds its moves and stalls are extrapolated at the rate of
-the first ones. The address walk costs one pass over a tile's words per
-window move (seconds for a 56x56 3x3 conv over 8x8 bit widths).
+the first ones. The address walk looks a tile's words up
+`systolic_window.CHUNK_ROWS` rows at a time, again after each move (about
+10 s for the [1, 8, 8] cost tensor of a 56x56 3x3 conv of 64 channels on
+a 32x32 array with 64 KiB SRAMs, on one CPU core).
 
 Bits: SCALE-Sim's words are bytes (`word_size = 1` in `single_layer_sim`),
 so an 8-bit operand is one word and its bandwidth is bytes per cycle. An

@@ -95,9 +95,13 @@ def inside_position(g: dict[str, Array], fold: Array, kk: Array, lane: Array, k:
   return before + rows_before + lanes_before
 
 
+# Tile rows looked up at once: a move looks the words after it up again.
+CHUNK_ROWS = 8
+
+
 def tile_needs(g: dict[str, Array], words: dict[str, Array], top: Array, count: Array,
-               fold: Array, j: Array, rows: int, cols: int) -> Array:
-  """Moves each word of a reversed tile needs from `j` moves.
+               fold: Array, j: Array, rows: int, cols: int, row0: Array = 0.0) -> Array:
+  """Moves each word of `rows` rows of a reversed tile needs from `j` moves.
 
   Args:
     g: `Layers.conv_geometry` (arrays broadcasting with the others, shape
@@ -108,11 +112,13 @@ def tile_needs(g: dict[str, Array], words: dict[str, Array], top: Array, count: 
     count: the tile's rows.
     fold: the tile's fold.
     j: window moves so far (the window starts at line `j * step mod lines`).
-    rows, cols: the array's size (rows of a full tile, pixels of a full fold).
+    rows, cols: rows looked up, and the array's columns (pixels of a full
+      fold).
+    row0: the first row looked up, counted from `top` (demand order).
 
   Returns:
-    `[*B, rows * cols]` in demand order (rows `top, top - 1, ...`, each
-    row's pixels left to right): the fewest further moves that bring a copy
+    `[*B, rows * cols]` in demand order (rows `top - row0, top - row0 - 1,
+    ...`, each row's pixels left to right): the fewest further moves that bring a copy
     of the word into the window (0 for a word not demanded).
   """
   x_ = lambda v: jnp.asarray(v, jnp.float32)[..., None, None]
@@ -120,7 +126,7 @@ def tile_needs(g: dict[str, Array], words: dict[str, Array], top: Array, count: 
   k, folds, last = x_(words["k"]), x_(words["folds"]), x_(words["last"])
   e, a, step, lines = (x_(words[n]) for n in ("e", "a", "step", "lines"))
   fold, start = x_(fold), x_(j) * step
-  idx = jnp.arange(rows, dtype=jnp.float32)[:, None]
+  idx = x_(row0) + jnp.arange(rows, dtype=jnp.float32)[:, None]
   kk = x_(top) - idx
   s = jnp.where(g["stride"] > 0.0, g["stride"], 1.0)
   kw, ch_n = g["kernel_w"], g["channels"]
@@ -173,19 +179,28 @@ def tile_moves(g: dict[str, Array], words: dict[str, Array], fold: Array, top: A
     `(moves, row)`: the moves after the tile, and the tile's demand row
     (0 for its first) that made the last of them (0 without moves).
   """
+  chunk = min(rows, CHUNK_ROWS)
+  flat = jnp.arange(chunk * cols)
 
   def look(state):
-    jj, done, on = state
-    needs = tile_needs(g, words, top, count, fold, jj, rows, cols)
-    needs = jnp.where(jnp.arange(rows * cols) > done[..., None], needs, 0.0)
+    jj, pos, on, last = state
+    row0 = pos // cols
+    needs = tile_needs(g, words, top, count, fold, jj, chunk, cols,
+                       row0.astype(jnp.float32))
+    index = row0[..., None] * cols + flat
+    needs = jnp.where(index >= pos[..., None], needs, 0.0)
     miss = needs > 0.0
     first = jnp.argmax(miss, axis=-1)
-    more = on & miss.any(axis=-1)
+    moved = on & miss.any(axis=-1)
     by = jnp.take_along_axis(needs, first[..., None], axis=-1)[..., 0]
-    return (jj + jnp.where(more, by, 0.0), jnp.where(more, first, done), more)
+    hit = row0 * cols + first
+    pos = jnp.where(moved, hit + 1, (row0 + chunk) * cols)
+    on = on & (moved | ((row0 + chunk).astype(jnp.float32) < count))
+    return (jj + jnp.where(moved, by, 0.0), pos, on,
+            jnp.where(moved, (hit // cols).astype(jnp.float32), last))
 
   shape = jnp.broadcast_shapes(jnp.shape(j), jnp.shape(active), jnp.shape(top))
-  start = (jnp.broadcast_to(j, shape), jnp.full(shape, -1, jnp.int32),
-           jnp.broadcast_to(active, shape))
-  j_end, last, _ = jax.lax.while_loop(lambda st: jnp.any(st[2]), look, start)
-  return j_end, jnp.floor(jnp.maximum(last, 0) / cols).astype(jnp.float32)
+  start = (jnp.broadcast_to(j, shape), jnp.zeros(shape, jnp.int32),
+           jnp.broadcast_to(active, shape), jnp.zeros(shape, jnp.float32))
+  j_end, _, _, row = jax.lax.while_loop(lambda st: jnp.any(st[2]), look, start)
+  return j_end, row
