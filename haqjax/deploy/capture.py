@@ -9,13 +9,18 @@ module's input `x` and output `y`. In a `haqjax.nn.quantized` plain flax
 model, each intercepted `nn.Conv` / `nn.Dense` call is marked as a layer
 (`haqjax.deploy.layer_info.flax_layer_info`: its kernel, bias and quantizer
 parameters sit where a `QConv`'s do), and the model runs with `train=False`.
-Walking the jaxpr back from the output and stopping at those equations (only
-their `x` is followed) leaves the operations between layers, which map to a
-small set of `Op`s:
+An NNX model (`haqjax.nn.nnx_quantized`) delegates each layer's call to a
+linen scope at its attribute path (`haqjax.nn.nnx_model.NnxCall`, called
+with the layer's call and then its arguments): an `nnx.Conv` /
+`nnx.Linear` / `nnx.BatchNorm` scope is marked as its linen twin is, with
+the scope's path and the NNX layer's (`called_layer`) configuration, so the
+NNX model lowers to its linen twin's graph. Walking the jaxpr back from the
+output and stopping at those equations (only their `x` is followed) leaves
+the operations between layers, which map to a small set of `Op`s:
 
 * `input`; `layer` (a `QConv` / `QDense`, with its folded BN if any, or a
-  wrapped model's `nn.Conv` / `nn.Dense`);
-  `batch_norm` (a plain `nn.BatchNorm` in eval mode);
+  wrapped model's `nn.Conv` / `nn.Dense`, `nnx.Conv` / `nnx.Linear`);
+  `batch_norm` (a plain `nn.BatchNorm` or `nnx.BatchNorm` in eval mode);
 * `clip`: `max(x, c)` / `min(x, c)` with a constant scalar (ReLU is
   `jax.nn.relu`'s `max(x, 0)`, ReLU6 a `min(., 6)` after it);
 * `add` of two activations (residuals); `mean` (`reduce_sum` over H, W then
@@ -33,6 +38,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, NamedTuple
 
+from flax import nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -47,14 +53,18 @@ from haqjax.nn.layers import QConv
 from haqjax.nn.layers import QDense
 from haqjax.nn.layers import QuantizedLayer
 from haqjax.nn.layers import layer_name
+from haqjax.nn.nnx_model import called_layer
 from haqjax.nn.quantized import Quantized
 from haqjax.typing import Array, PyTree
 
 MARKER = "haqjax_deploy_"
 # What an error message lists as supported between layers.
-ALLOWED = ("QConv", "QDense", "nn.Conv / nn.Dense (wrapped)", "BatchNorm", "relu", "relu6 / min, max with a constant",
+ALLOWED = ("QConv", "QDense", "nn.Conv / nn.Dense / nnx.Conv / nnx.Linear (wrapped)",
+           "BatchNorm", "relu", "relu6 / min, max with a constant",
            "add", "mean over H, W", "max_pool", "reshape", "dropout (eval)")
 _IDENTITY = ("convert_element_type", "copy", "copy_p", "optimization_barrier")
+# The BatchNorms a `batch_norm` op reads (an NNX one through its `NnxCall` scope).
+BATCH_NORMS = (nn.BatchNorm, nnx.BatchNorm)
 _CALLS = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call",
           "custom_vjp_call", "custom_vjp_call_jaxpr", "remat", "checkpoint")
 
@@ -88,17 +98,22 @@ def _unsupported(where: str, what: str) -> ValueError:
   return ValueError(f"deploy: {where!r} uses {what}; allowed ops: {', '.join(ALLOWED)}")
 
 
-def _bn_info(module: nn.BatchNorm, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _bn_info(module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+  """A BatchNorm's path and constants: an `nn.BatchNorm`, or an `nnx.BatchNorm`'s scope."""
   where = "/".join(module.scope.path)
-  running = nn.merge_param("use_running_average", module.use_running_average,
-                           kwargs.get("use_running_average"))
+  path = tuple(module.scope.path)
+  module = called_layer(module)
+  given = kwargs.get("use_running_average")
+  running = (nn.merge_param("use_running_average", module.use_running_average, given)
+             if isinstance(module, nn.Module) else
+             module.use_running_average if given is None else given)
   if not running:
     raise ValueError(f"deploy: BatchNorm {where!r} uses batch statistics; allowed: "
                      "use_running_average=True (eval mode)")
   if module.axis not in (-1,):
     raise ValueError(f"deploy: BatchNorm {where!r} normalises axis {module.axis}; "
                      "allowed: -1 (channels)")
-  return {"path": tuple(module.scope.path), "epsilon": float(module.epsilon),
+  return {"path": path, "epsilon": float(module.epsilon),
           "use_scale": bool(module.use_scale), "use_bias": bool(module.use_bias)}
 
 
@@ -127,13 +142,15 @@ def capture(model: nn.Module, variables: PyTree, example_input: Array) -> Captur
     module = context.module
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
+    layer = called_layer(module)
+    first = 0 if layer is module else 1  # An NNX layer's scope: `(its call, *its args)`.
     if isinstance(module, QuantizedLayer):
       if not isinstance(module, (QConv, QDense)):
         raise _unsupported(layer_name(module), f"the layer type {type(module).__name__}")
-      entry = ("layer", haqjax_layer_info(module, args[0], kwargs))
+      entry = ("layer", haqjax_layer_info(module, args[first], kwargs))
     elif wrapped and flax_kind(module) is not None:
-      entry = ("layer", flax_layer_info(module, args[0], model.quant_scheme))
-    elif isinstance(module, nn.BatchNorm):
+      entry = ("layer", flax_layer_info(module, args[first], model.quant_scheme))
+    elif isinstance(layer, BATCH_NORMS):
       entry = ("batch_norm", _bn_info(module, kwargs))
     else:
       return next_fun(*args, **kwargs)
@@ -145,7 +162,7 @@ def capture(model: nn.Module, variables: PyTree, example_input: Array) -> Captur
       del x
       return y
     mark.__name__ = tag
-    return jax.jit(mark)(args[0], y)
+    return jax.jit(mark)(args[first], y)
 
   def forward(variables, x):
     with nn.intercept_methods(interceptor):

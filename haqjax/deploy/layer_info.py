@@ -6,6 +6,11 @@ inside a `haqjax.nn.quantized` wrapper (`flax_layer_info`), whose kernel,
 bias and quantizer parameters sit in the same places (`kernel`, `bias`,
 `weight_quant`, `act_quant` under the module's path) and whose name is the
 intercepted op's (`haqjax.nn.intercept.module_path`), as in the policy.
+An NNX model converted by `haqjax.nn.nnx_quantized` runs each `nnx.Conv` /
+`nnx.Linear` inside a linen scope at its attribute path
+(`haqjax.nn.nnx_model.NnxCall`): that scope gives the name and the path, the
+NNX layer it runs (`called_layer`) the geometry, as a linen layer's own
+fields do.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from flax import nnx
 import flax.linen as nn
 import jax
 
@@ -21,11 +27,14 @@ from haqjax.nn.intercept import module_path
 from haqjax.nn.layers import QConv
 from haqjax.nn.layers import QDense
 from haqjax.nn.layers import layer_name
+from haqjax.nn.nnx_model import called_layer
 from haqjax.nn.quantized import op_quantizers
 from haqjax.typing import Array
 
-# The flax layers a `haqjax.nn.quantized` model deploys, by their site kind.
-FLAX_LAYERS = ((nn.Conv, "conv"), (nn.Dense, "dense"))
+# The flax layers a `haqjax.nn.quantized` (or `nnx_quantized`) model deploys,
+# by their site kind.
+FLAX_LAYERS = ((nn.Conv, "conv"), (nn.Dense, "dense"), (nnx.Conv, "conv"),
+               (nnx.Linear, "dense"))
 # String paddings of `nn.Conv` that are plain zero padding.
 _PADDINGS = ("SAME", "VALID")
 
@@ -87,15 +96,18 @@ def haqjax_layer_info(module: QConv | QDense, x: Array, kwargs: dict[str, Any]
 
 
 def flax_kind(module: nn.Module) -> str | None:
-  """'conv' / 'dense' for an `nn.Conv` / `nn.Dense`, else None."""
-  return next((kind for cls, kind in FLAX_LAYERS if isinstance(module, cls)), None)
+  """'conv' / 'dense' for an `nn.Conv` / `nn.Dense` (or the scope of an
+  `nnx.Conv` / `nnx.Linear`), else None."""
+  layer = called_layer(module)
+  return next((kind for cls, kind in FLAX_LAYERS if isinstance(layer, cls)), None)
 
 
 def flax_layer_info(module: nn.Module, x: Array, quant_scheme: Any) -> LayerInfo:
   """The `LayerInfo` of an intercepted `nn.Conv` / `nn.Dense` call on `x`.
 
   Args:
-    module: the bound flax layer.
+    module: the bound flax layer, or the `NnxCall` scope of an `nnx.Conv` /
+      `nnx.Linear`.
     x: its input.
     quant_scheme: the wrapper's quant scheme (`op_quantizers` picks the op's).
 
@@ -105,7 +117,9 @@ def flax_layer_info(module: nn.Module, x: Array, quant_scheme: Any) -> LayerInfo
   """
   name = module_path(module)
   kind = flax_kind(module)
-  common = dict(name=name, kind=kind, path=tuple(module.scope.path),
+  path = tuple(module.scope.path)
+  module = called_layer(module)  # An NNX layer's geometry; the scope's name and path.
+  common = dict(name=name, kind=kind, path=path,
                 quantizers=op_quantizers(quant_scheme, name, kind), bn=None,
                 use_bias=bool(module.use_bias))
   if kind == "dense":
