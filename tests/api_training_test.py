@@ -1,5 +1,7 @@
 """haqjax.quantize / evaluate / finetune on a plain flax model and numpy arrays."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,9 @@ import pytest
 import haqjax
 from haqjax import models
 from haqjax.api import training
+from haqjax.deploy import build
+from haqjax.deploy import engine
+from deploy_wrapped_test import TinyViT
 
 
 class Net(nn.Module):
@@ -104,3 +109,50 @@ def test_finetune_checks_its_arguments(setup):
     haqjax.finetune(qmodel, qvars, (x, y), None, epochs=0)
   with pytest.raises(ValueError, match="batch_size=128 is larger"):
     haqjax.finetune(qmodel, qvars, (x, y), None)
+
+
+def _integer_figures(qmodel, variables, policy, x, y):
+  """Top-1 and agreement (percent) of the integer graph, computed directly."""
+  graph = build.build(qmodel, variables, policy, x[:1])
+  ours = np.argmax(np.asarray(engine.run(graph, x)), -1)
+  theirs = np.argmax(np.asarray(qmodel.apply(variables, x, policy=policy)), -1)
+  return 100.0 * np.mean(ours == y), 100.0 * np.mean(ours == theirs)
+
+
+@pytest.mark.parametrize("w_bits, a_bits", [((8, 8), (8, 8)), ((3, 2), (2, 3))])
+def test_evaluate_reports_the_integer_model(setup, w_bits, a_bits):
+  _, _, qmodel, qvars = setup
+  x, y = _data(50, 3)
+  policy = haqjax.Policy.create(("Conv_0", "Dense_0"), np.array(w_bits), np.array(a_bits))
+  calibrated = haqjax.calibrate(qmodel, qvars, (x, y), policy, batch_size=16)
+  # 50 examples in batches of 16: the padded last batch is masked out.
+  got = haqjax.evaluate(qmodel, calibrated, (x, y), policy, batch_size=16)
+  top1, agree = _integer_figures(qmodel, calibrated, policy, x, y)
+  assert got["integer_top1"] == pytest.approx(top1)
+  assert got["integer_agreement"] == pytest.approx(agree)
+  fake = haqjax.evaluate(qmodel, calibrated, (x, y), policy, batch_size=16, integer=False)
+  assert fake == {k: v for k, v in got.items() if not k.startswith("integer_")}
+  # A float model has no integer figures.
+  assert "integer_top1" not in haqjax.evaluate(qmodel, calibrated, (x, y), batch_size=16)
+
+
+def test_evaluate_of_a_model_the_engine_cannot_lower(setup):
+  model = haqjax.nn.quantized(TinyViT())
+  x, y = _data(8, 0)
+  variables = model.init(jax.random.key(0), x[:1])
+  policy = haqjax.Policy.uniform(haqjax.layer_table(model, x.shape).names, 8, 8)
+  auto = haqjax.evaluate(model, variables, (x, y), policy)
+  assert set(auto) == {"loss", "top1", "top5", "count"}
+  asked = haqjax.evaluate(model, variables, (x, y), policy, integer=True)
+  assert asked["integer_top1"] is None and asked["top1"] == auto["top1"]
+  assert re.fullmatch(r"ValueError: deploy: 'LayerNorm_0' uses \w+; allowed ops: .*",
+                      asked["integer_reason"])
+
+
+def test_evaluate_checks_integer(setup):
+  _, _, qmodel, qvars = setup
+  x, y = _data(10, 0)
+  with pytest.raises(ValueError, match="integer is 'yes'; allowed: True, False or 'auto'"):
+    haqjax.evaluate(qmodel, qvars, (x, y), integer="yes")
+  with pytest.raises(ValueError, match="integer=True with policy None"):
+    haqjax.evaluate(qmodel, qvars, (x, y), integer=True)

@@ -34,7 +34,6 @@ from haqjax import hardware
 from haqjax.api import methods
 from haqjax.api import training
 from haqjax.api.result import SearchResult
-from haqjax.api.result import integer_top1
 from haqjax.hardware.budget import reference_bits
 from haqjax.nn.table import layer_table
 from haqjax.policy import Policy
@@ -195,18 +194,18 @@ def search_policy(model, variables: PyTree | None, train: Any, val: Any, *,
                             calibration_batches=calibration_batches, seed=seed)
     else:
       v = task.calibrated(p)
-    scores = {"val_top1": training.evaluate(qmodel, v, val, p,
-                                            batch_size=eval_batch_size)["top1"]}
+    scores = {"val_top1": training.evaluate(qmodel, v, val, p, batch_size=eval_batch_size,
+                                            integer=False)["top1"]}
     if test is not None:
-      scores["test_top1"] = training.evaluate(qmodel, v, test, p,
-                                              batch_size=eval_batch_size)["top1"]
+      scores["test_top1"] = training.evaluate(qmodel, v, test, p, batch_size=eval_batch_size,
+                                              integer=False)["top1"]
     return v, scores
 
   t0 = time.perf_counter()
   tuned_vars, scores = tuned(policy)
   timings["finetune_seconds"] = time.perf_counter() - t0
-  integer = integer_top1(qmodel, tuned_vars, policy, test if test is not None else val,
-                         eval_batch_size)
+  integer = training.integer_scores(qmodel, tuned_vars, policy,
+                                    test if test is not None else val, eval_batch_size)
   t0 = time.perf_counter()
   points = []
   for label, p in uniform_policies:

@@ -26,6 +26,14 @@ come back are in linen's layout (`haqjax.nn.nnx_variables`), and
 Quantizers default to the jobs' defaults: min-max weights and static
 activation ranges calibrated on a few training batches (`calibrate`, which
 `finetune` and the searches call for every policy).
+
+What is reported is what deploys: with a policy, `evaluate` also runs the
+integer model (`haqjax.deploy`: int8 codes, int32 accumulators, fixed-point
+requantization) on the same data where the integer engine can lower the
+model (`integer_scores`, which `haqjax.search_policy` reports too)::
+
+    scores = haqjax.evaluate(qmodel, qvars, (x_test, y_test), policy)
+    scores["top1"], scores["integer_top1"], scores["integer_agreement"]
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ import optax
 
 from haqjax import data as haq_data
 from haqjax import quant
+from haqjax.deploy import build as deploy_build
+from haqjax.deploy import engine as deploy_engine
 from haqjax.nn import calibrate as calibrate_lib
 from haqjax.nn.nnx_model import nnx_quantized
 from haqjax.nn.nnx_model import nnx_variables
@@ -60,6 +70,8 @@ from haqjax.typing import PyTree
 
 # Variable collections the trainer's steps carry.
 COLLECTIONS = ("params", "batch_stats")
+# Examples of the data that `integer_scores` builds the integer graph from.
+_EXAMPLE_BATCH = 64
 # NNX model -> {(quant_scheme, train_arg): its quantizable linen module}.
 _CONVERTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -175,8 +187,12 @@ def calibrate(model: nn.Module | nnx.Module, variables: PyTree | None, data: Any
 
 
 def evaluate(model: nn.Module | nnx.Module, variables: PyTree | None, data: Any,
-             policy: Policy | None = None, *, batch_size: int = 500) -> dict[str, float]:
+             policy: Policy | None = None, *, batch_size: int = 500,
+             integer: bool | str = "auto") -> dict[str, Any]:
   """Loss, top-1 and top-5 (percent) of `model` under `policy` on `data`.
+
+  With a policy, the integer model's top-1 on the same data too (what
+  deploys; `integer_scores`).
 
   Args:
     model: a model taking `policy=` (see `quantize`), or an NNX model.
@@ -185,17 +201,103 @@ def evaluate(model: nn.Module | nnx.Module, variables: PyTree | None, data: Any,
     data: numpy arrays, batches or a `Split` (`haqjax.data.as_split`).
     policy: the bits; None: floating point.
     batch_size: evaluation batch size (the last batch is padded and masked).
+    integer: 'auto': add the integer model's figures where `haqjax.deploy`
+      lowers the model (no integer keys for one it cannot lower, e.g. layer
+      norms or attention, nor without a policy); True: add them, or for a
+      model it cannot lower `integer_top1` None and `integer_reason`, one
+      line naming what stops it; False: fake-quant figures only.
 
   Returns:
-    `{"loss", "top1", "top5", "count"}`.
+    `{"loss", "top1", "top5", "count"}` of the fake-quantized model, and
+    where the integer model is built `"integer_top1"` (percent) and
+    `"integer_agreement"` (percent of examples whose integer prediction is
+    the fake-quantized model's).
+
+  Raises:
+    ValueError: `integer` is not True, False or 'auto', or True without a
+      policy.
   """
+  if not (isinstance(integer, bool) or integer == "auto"):
+    raise ValueError(f"integer is {integer!r}; allowed: True, False or 'auto'")
+  if integer is True and policy is None:
+    raise ValueError("integer=True with policy None; allowed: a policy (a float "
+                     "model has no integer model), or integer='auto' or False")
   split = haq_data.as_split(data, name="test")
   model, variables = _converted(model, variables, split)
   try:
     evaluator = _evaluator(model, batch_size)
   except TypeError:  # A model holding unhashable values: compiled for this call.
     evaluator = trainer.Evaluator(model, None, batch_size)
-  return evaluator(_collections(variables), split, policy)
+  scores = evaluator(_collections(variables), split, policy)
+  if integer is False or policy is None:
+    return scores
+  found = integer_scores(model, variables, policy, split, batch_size)
+  if found["top1"] is not None:
+    scores.update(integer_top1=found["top1"], integer_agreement=found["agreement"])
+  elif integer is True:
+    scores.update(integer_top1=None, integer_reason=found["reason"])
+  return scores
+
+
+def integer_scores(model: nn.Module, variables: PyTree, policy: Policy,
+                   split: haq_data.Split, batch_size: int = 500) -> dict[str, Any]:
+  """Top-1 of the integer model (`haqjax.deploy`) on `split`, or why it has none.
+
+  The graph is built once (`haqjax.deploy.build.build`, from the split's
+  first examples) and run over every example in order; each prediction is
+  compared with the fake-quantized model's (`model.apply` in eval mode, the
+  evaluation's quant key), so a gap between the two top-1s shows as
+  disagreements.
+
+  Args:
+    model: a model taking `policy=` (a haqjax model, or a wrapped or
+      converted flax one, as `quantize` returns it).
+    variables: its calibrated variables.
+    policy: the bits.
+    split: the data (`haqjax.data.as_split`).
+    batch_size: evaluation batch size.
+
+  Returns:
+    `{"top1": percent, "agreement": percent of predictions equal to the
+    fake-quantized model's}` where the model lowers, else `{"top1": None,
+    "reason": one line}` (e.g. an op the integer graph has no node for:
+    layer norms, softmax attention).
+  """
+  example = next(iter(haq_data.batches(split, batch_size=min(len(split), _EXAMPLE_BATCH),
+                                       shuffle=False, drop_remainder=False)))["image"]
+  try:
+    graph = deploy_build.build(model, variables, policy, example)
+  except Exception as e:  # pylint: disable=broad-except
+    return {"top1": None, "reason": f"{type(e).__name__}: {str(e).splitlines()[0]}"[:300]}
+  try:
+    predict = _predictor(model)
+  except TypeError:  # A model holding unhashable values: compiled for this call.
+    predict = _predictor.__wrapped__(model)
+  variables = _collections(variables)
+  correct = same = total = 0.0
+  for index, batch in enumerate(haq_data.batches(split, batch_size=batch_size, seed=0,
+                                                 epoch=0, shuffle=False,
+                                                 drop_remainder=False)):
+    ours = np.argmax(np.asarray(deploy_engine.run(graph, batch["image"])), -1)
+    theirs = np.asarray(predict(variables, batch["image"], policy, index))
+    mask = np.asarray(batch.get("mask", np.ones(len(ours))), np.float64)
+    correct += float(np.sum((ours == np.asarray(batch["label"])) * mask))
+    same += float(np.sum((ours == theirs) * mask))
+    total += float(np.sum(mask))
+  total = max(total, 1.0)
+  return {"top1": 100.0 * correct / total, "agreement": 100.0 * same / total}
+
+
+@functools.lru_cache(maxsize=8)
+def _predictor(model: nn.Module):
+  """The fake-quantized model's jitted predictions, keyed as `steps.eval_step`."""
+
+  def predict(variables, images, policy, index):
+    key = jax.random.fold_in(jax.random.key(steps.EVAL_SEED), index)
+    logits = model.apply(variables, images, policy=policy, train=False, rngs={"quant": key})
+    return jnp.argmax(logits, -1)
+
+  return jax.jit(predict)
 
 
 @functools.lru_cache(maxsize=8)
