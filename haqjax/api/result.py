@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from haqjax import data as haq_data
 from haqjax import io as haq_io
 from haqjax import units
 from haqjax.bitwidths import FLOAT_BITS
@@ -24,26 +23,6 @@ from haqjax.policy import Policy
 from haqjax.policy import save_policy
 from haqjax.report.render import markdown_table
 from haqjax.typing import PyTree
-
-
-def integer_top1(model, variables: PyTree, policy: Policy, split, batch_size: int
-                 ) -> dict[str, Any]:
-  """Top-1 of the integer model (`haqjax.deploy`), or why it has none.
-
-  Returns:
-    `{"top1": percent}` where `haqjax.deploy.build` lowers the model, else
-    `{"top1": None, "reason": the one-line reason}` (e.g. an op the integer
-    graph has no node for: layer norms, softmax attention).
-  """
-  from haqjax import deploy  # pylint: disable=g-import-not-at-top
-  from haqjax.deploy import build  # pylint: disable=g-import-not-at-top
-  example = next(iter(haq_data.batches(split, batch_size=min(len(split), 64),
-                                       shuffle=False, drop_remainder=False)))["image"]
-  try:
-    graph = build.build(model, variables, policy, example)
-    return {"top1": 100.0 * float(deploy.evaluate(graph, split, batch_size))}
-  except Exception as e:  # pylint: disable=broad-except
-    return {"top1": None, "reason": f"{type(e).__name__}: {str(e).splitlines()[0]}"[:300]}
 
 
 def _pct(value: float | None) -> str:
@@ -74,8 +53,9 @@ class SearchResult:
     fits: whether `cost` is within the limit.
     fp32: the FP32 model's `val_top1` (and `test_top1`), percent.
     quantized: the fine-tuned policy's fake-quant `val_top1` (`test_top1`).
-    integer: the integer model's `top1` on the test (else held-out) data,
-      None with a `reason` where `haqjax.deploy` cannot lower the model.
+    integer: the integer model's `top1` on the test (else held-out) data and
+      its `agreement` with the fake-quant predictions, percent; `top1` None
+      with a `reason` where `haqjax.deploy` cannot lower the model.
     uniform: per uniform point: label, bits, cost, val_top1 (test_top1).
     search: the search's own figures and per-episode/epoch records.
     timings: seconds per stage.
