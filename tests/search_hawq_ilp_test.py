@@ -189,6 +189,27 @@ def test_greedy_on_a_hand_made_case():
   assert int(greedy.solve(problem.with_limit(1.5)).w_bits[0]) == 4
 
 
+def test_greedy_steps_over_bits_that_save_nothing():
+  # Bit Fusion-like costs: 3, 5, 6 and 7 bits run as 4 or 8, so a one-bit
+  # step down from 8 (or from 4) saves nothing; every budget down to
+  # uniform W2A2's is still reached.
+  bits = tuple(range(2, 9))
+  runs_as = {b: min(r for r in (2, 4, 8) if r >= b) for b in bits}
+  omega = np.zeros((L, 9, 9))
+  cost = np.zeros((L, 9, 9))
+  macs = np.arange(1.0, L + 1)
+  for w, a in itertools.product(bits, bits):
+    omega[:, table_index(w), table_index(a)] = macs * (4.0 ** -w + 4.0 ** -a)
+    cost[:, table_index(w), table_index(a)] = macs * runs_as[w] * runs_as[a]
+  base = Problem.create([f"l{i}" for i in range(L)], omega, cost, 1.0, w_bits=bits,
+                        a_bits=bits)
+  for w in (2, 4):
+    problem = base.with_limit(float(macs.sum()) * w * w)
+    policy = greedy.solve(problem)
+    assert within(problem.evaluate(policy)[1], problem.limit)
+  assert set(np.asarray(greedy.solve(base.with_limit(float(macs.sum()) * 4)).w_bits)) == {2}
+
+
 def test_pareto_front_trades_omega_for_cost():
   omega, cost = _tables(7, True)
   base = Problem.create([f"l{i}" for i in range(L)], omega, cost, 1.0, w_bits=BITS,

@@ -29,6 +29,22 @@ def _grid(unit: Unit) -> tuple[np.ndarray, np.ndarray, dict[tuple[int, int], int
   return ws, as_, lookup
 
 
+def _cheaper(unit: Unit, pick: int, pos: np.ndarray, axis: int, choice
+             ) -> tuple[np.ndarray, int, float] | None:
+  """`(position, choice, cost saved)` of the next lower candidate on `axis`
+  that costs less than `pick`, or None."""
+  p = pos.copy()
+  while p[axis] > 0:
+    p[axis] -= 1
+    c = choice(p)
+    if c is None:
+      return None
+    saved = float(unit.cost[pick] - unit.cost[c])
+    if saved > 0:
+      return p, c, saved
+  return None
+
+
 def solve(problem: Problem) -> Policy:
   """The greedy allocation (see the module docstring).
 
@@ -55,16 +71,10 @@ def solve(problem: Problem) -> Policy:
     best = None
     for i, unit in enumerate(problem.units):
       for axis in (0, 1):
-        if pos[i, axis] == 0:
+        move = _cheaper(unit, picks[i], pos[i], axis, lambda p, i=i: choice(i, p))
+        if move is None:
           continue
-        p = pos[i].copy()
-        p[axis] -= 1
-        c = choice(i, p)
-        if c is None:
-          continue
-        saved = float(unit.cost[picks[i]] - unit.cost[c])
-        if not saved > 0:
-          continue
+        p, c, saved = move
         ratio = float(unit.omega[c] - unit.omega[picks[i]]) / saved
         if best is None or ratio < best[0]:
           best = (ratio, i, p, c, saved)
