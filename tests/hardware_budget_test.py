@@ -83,3 +83,19 @@ def test_ratio_of_a_free_reference_is_refused():
   with pytest.raises(ValueError, match="a reference that costs 0 s"):
     b.limit_from(0.0)
   assert hardware.Budget(metric="latency", value=0.5, kind="absolute").limit_from(0.0) == 0.5
+
+
+def test_cost_table_is_kept_per_target_metric_and_layers():
+  layers = _layers("quickstart_cnn", 1)
+  target = hardware.BISMO_EDGE
+  first = budget_lib.cost_table(target, layers, "latency")
+  first[:] = -1.0  # The caller's copy: the kept table is untouched.
+  again = budget_lib.cost_table(target, layers, "latency")
+  assert (again > 0).all()
+  fresh = np.asarray(hardware.cost_tensor(target, layers, np.asarray(
+      budget_lib.TABLE_BITS, np.float32), "latency"), np.float64)
+  np.testing.assert_array_equal(again, fresh)
+  # Other layers' values (a batch of 2) or another metric: another table.
+  double = hardware.from_model("quickstart_cnn", num_classes=10, batch=2)
+  assert not np.array_equal(budget_lib.cost_table(target, double, "latency"), again)
+  assert not np.array_equal(budget_lib.cost_table(target, layers, "size"), again)

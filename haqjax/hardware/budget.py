@@ -22,9 +22,13 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import re
+from typing import Any
 
+import jax
 import numpy as np
 
 from haqjax.bitwidths import FLOAT_BITS
@@ -55,10 +59,41 @@ def reference_bits(reference: str) -> tuple[int, int]:
   return int(m.group(1)), int(m.group(2))
 
 
+def _layers_key(layers: Layers) -> tuple[Any, ...]:
+  """A hashable digest of `layers`' values (every field, shapes and bytes)."""
+  leaves, treedef = jax.tree.flatten(layers)
+  return (str(treedef),) + tuple(
+      (np.shape(x), hashlib.sha1(np.ascontiguousarray(x).tobytes()).hexdigest())
+      for x in leaves)
+
+
 def cost_table(target: base.Target, layers: Layers, metric: str) -> np.ndarray:
-  """Each layer's cost at every `TABLE_BITS` pair: float64 `[L, 9, 9]`."""
-  t = cost_lib.cost_tensor(target, layers, np.asarray(TABLE_BITS, np.float32), metric)
-  return np.asarray(t, np.float64)
+  """Each layer's cost at every `TABLE_BITS` pair: float64 `[L, 9, 9]`.
+
+  The last `TABLE_CACHE_SIZE` tables are kept, keyed by the target, the
+  metric and the layers' values: a budget wall, its reference and a report
+  ask for the same table, and some targets (Bit Fusion's tiled memory model)
+  search loop orders for every bit pair. A copy is returned.
+  """
+  try:
+    key = (target, metric, _layers_key(layers))
+    hash(key)
+  except (TypeError, jax.errors.ConcretizationTypeError):  # Traced or unhashable.
+    key = None
+  if key is None or key not in _TABLES:
+    t = cost_lib.cost_tensor(target, layers, np.asarray(TABLE_BITS, np.float32), metric)
+    table = np.asarray(t, np.float64)
+    if key is None:
+      return table
+    _TABLES[key] = table
+    while len(_TABLES) > TABLE_CACHE_SIZE:
+      _TABLES.popitem(last=False)
+  _TABLES.move_to_end(key)
+  return _TABLES[key].copy()
+
+
+TABLE_CACHE_SIZE = 32
+_TABLES: collections.OrderedDict[tuple[Any, ...], np.ndarray] = collections.OrderedDict()
 
 
 def table_index(bits: ArrayLike) -> np.ndarray:
