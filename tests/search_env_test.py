@@ -162,15 +162,8 @@ def _zoo_layers(model: str, batch: int) -> hardware.Layers:
   return hardware.from_model(model, input_size=size, num_classes=10, batch=batch)
 
 
-# Bit Fusion's tiled model searches loop orders for every (w, a), the slowest
-# table to build: its walls are checked on one plain and one depthwise model
-# (tests/hardware_budget_test.py checks every model's budgets on it).
-WALL_CASES = tuple((name, model) for name in hardware.PRESETS for model in models.MODELS
-                   if name != "bitfusion" or model in ("resnet_small",
-                                                       "mobilenet_v2_small"))
-
-
-@pytest.mark.parametrize("name, model", WALL_CASES)
+@pytest.mark.parametrize("model", models.MODELS)
+@pytest.mark.parametrize("name", tuple(hardware.PRESETS))
 def test_uniform_policy_meets_a_wall_of_itself(name, model):
   # Uniform wXaX fits a 1.0 x wXaX wall and is left alone; at 0.999x the wall
   # either refuses the budget (nothing cheaper is reachable) or lowers bits.
