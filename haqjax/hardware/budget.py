@@ -78,7 +78,7 @@ def cost_table(target: base.Target, layers: Layers, metric: str) -> np.ndarray:
   try:
     key = (target, metric, _layers_key(layers))
     hash(key)
-  except (TypeError, jax.errors.ConcretizationTypeError):  # Traced or unhashable.
+  except TypeError:  # Traced layers (jax's tracer errors are TypeErrors) or unhashable.
     key = None
   if key is None or key not in _TABLES:
     t = cost_lib.cost_tensor(target, layers, np.asarray(TABLE_BITS, np.float32), metric)
