@@ -56,7 +56,8 @@ class Layers:
     names: layer names (static).
     kernel_h, in_h, in_w, out_h, out_w: per-example shapes (a conv's input
       and output sides, its kernel's height; `kernel_size / kernel_h` is its
-      width).
+      width). With a known stride the input sides are the padded input the
+      conv reads (SCALE-Sim's IFMAP; `in_elems` may count the unpadded one).
     stride: the conv's stride along both sides; 0.0 where unknown (then the
       im2col addresses of the input are not modelled).
   """

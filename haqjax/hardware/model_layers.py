@@ -15,6 +15,20 @@ traffic stream it at those bits, BitOps are `MACs * w * a`, and the DRAM
 models read it as they read a kernel (`Layers.rhs_elems`: per example, once
 per batch element).
 
+Strides: the table's stride reaches `Layers.stride`, so the systolic
+scratchpads follow a conv's im2col addresses (`Layers.conv_geometry`) as
+they do for a SCALE-Sim topology. SCALE-Sim's IFMAP is the padded input and
+a side has `ceil((H - R + s) / s)` outputs; a model's conv (SAME, VALID or
+any padding under the kernel) with `out` outputs a side reads the extent
+`(out - 1) s + R` of its padded input, the IFMAP that gives SCALE-Sim the
+same `out` with no output reading past it (SAME: `H` plus its padding;
+VALID: `H` less the rows no window reaches). `Layers.in_h` and `in_w` hold
+this extent; `in_elems` keeps the unpadded input. The table keeps one
+stride and no dilation: where its sizes fit no such padding (`read_extent`:
+strides that differ between the sides, most convs of another rank folded
+into two sides) the stride is left unknown (0); a dilated SAME conv reads as
+its undilated twin. A dense layer or matmul is a 1 x 1 "conv" of stride 1.
+
 Example::
 
     table = haqjax.nn.layer_table(model, (1, 224, 224, 3))
@@ -43,12 +57,19 @@ def from_layer_table(table: LayerTable, batch: int = 1) -> Layers:
     if kind not in KINDS:
       raise ValueError(f"kind of layer {i} ({table.names[i]!r}) is {kind!r}; "
                        f"allowed: {', '.join(KINDS)}")
+  extent_h, fits_h = read_extent(table.in_h, table.out_h, table.kernel_h, table.stride)
+  extent_w, fits_w = read_extent(table.in_w, table.out_w, table.kernel_w, table.stride)
+  known = fits_h & fits_w
   layers = make_layers(
       names=table.names, in_channels=table.in_channels,
       out_channels=table.out_channels, kernel_h=table.kernel_h,
       kernel_w=table.kernel_w, groups=table.groups, in_h=table.in_h,
       in_w=table.in_w, out_h=table.out_h, out_w=table.out_w, batch=batch,
-      depthwise=table.is_depthwise, biases=table.params - table.weight_count)
+      depthwise=table.is_depthwise, biases=table.params - table.weight_count,
+      stride=np.where(known, table.stride, 0))
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  layers = layers.replace(in_h=f32(np.where(known, extent_h, table.in_h)),
+                          in_w=f32(np.where(known, extent_w, table.in_w)))
   matmul = np.array([k == "matmul" for k in table.kinds])
   if not matmul.any():
     return layers
@@ -58,6 +79,26 @@ def from_layer_table(table: LayerTable, batch: int = 1) -> Layers:
                         groups=per_example("groups", layers.groups * batch),
                         weights=per_example("weights", 0.0),
                         biases=per_example("biases", 0.0))
+
+
+def read_extent(size: np.ndarray, out: np.ndarray, kernel: np.ndarray,
+                stride: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The padded input a conv's `out` outputs of one side read, and whether it fits.
+
+  Args:
+    size: the unpadded input side `H` per layer.
+    out, kernel, stride: the side's outputs, kernel side `R` and stride `s`.
+
+  Returns:
+    `(extent, fits)`: `(out - 1) s + R`, SCALE-Sim's IFMAP side that gives
+    `out` outputs; `fits` where a padding of at most `R - 1` in all (SAME's
+    at most, VALID's none) turns `H` into an input with `out` outputs at
+    stride `s`: `H - s < extent <= H + R - 1`.
+  """
+  size, out, kernel, stride = (np.asarray(x, np.int64) for x in (size, out, kernel, stride))
+  extent = (out - 1) * stride + kernel
+  fits = (stride > 0) & (extent > size - stride) & (extent <= size + kernel - 1)
+  return extent, fits
 
 
 def from_model(name: str, *, input_size: int | None = None,

@@ -35,7 +35,8 @@ Its moves are SCALE-Sim's for rolled operands, whether or not the ifmap
 holds im2col copies of its words, and for reversed tiles without copies.
 A reversed tile of im2col rows (input stationary's ifmap of a conv whose
 kernel exceeds its stride) is followed address by address when the layer's
-stride is known (`Layers.conv_geometry`, as `topology` gives it):
+stride is known (`Layers.conv_geometry`, as `topology` and
+`model_layers` give it):
 SCALE-Sim looks a demanded word up anywhere in the window, so a copy from
 the tiles ahead serves it, and the window moves only for words none of
 whose copies it holds (`systolic_window`).
@@ -51,7 +52,7 @@ its padding), plus `ceil(P / bw) * bw` per move.
 What departs from SCALE-Sim, measured over 49 layers and arrays (4x4 to
 128x128, the three dataflows, 1 to 8 KiB SRAMs, 1 to 32 words per cycle):
 
-  * Without a known stride (layers built from a model), a reversed tile of
+  * Without a known stride (layers built by hand), a reversed tile of
     im2col rows takes all of its words as found in the window (no turn),
     which reads up to 93% fewer ifmap words (81% fewer cycles) where
     SCALE-Sim turns the window anyway.
@@ -202,9 +203,7 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
   if geometry is not None:
     exact = keeps & (geometry["stride"] > 0) & (lines > a)
     # Without `-1` words a tile's own lines are those of its positions.
-    g_s = jnp.where(geometry["stride"] > 0, geometry["stride"], 1.0)
-    gapless = ((geometry["in_h"] - (geometry["out_h"] - 1.0) * g_s >= geometry["kernel_h"])
-               & (geometry["in_w"] - (geometry["out_w"] - 1.0) * g_s >= geometry["kernel_w"]))
+    no_gaps = gapless(geometry)
     words = dict(k=temporal, folds=nb / per, last=sweep["last"], e=e, a=a, step=step,
                  lines=lines)
   limit = jnp.minimum(segments, float(max_segments))
@@ -268,7 +267,7 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
     if geometry is not None:
       # A tile whose own lines are all in the window needs no move.
       d_lo, d_hi = (jnp.mod(line(x) - j * step, lines) for x in (start, start + size - 1.0))
-      held = (d_lo < a) & (d_hi < a) & (d_lo <= d_hi) & gapless
+      held = (d_lo < a) & (d_hi < a) & (d_lo <= d_hi) & no_gaps
       j_exact, r_exact = systolic_window.tile_moves(
           geometry, words, fold, tile * tile_rows + rows_in - 1.0, rows_in,
           exact & live & ~held, j, rows, cols)
@@ -345,6 +344,14 @@ def write_buffer(words: Array, sram_words: Array, bw: Array,
   return words, stall
 
 
+def gapless(geometry: dict[str, Array]) -> Array:
+  """Whether no output of the conv reads past its input (no `-1` words)."""
+  g = geometry
+  s = jnp.where(g["stride"] > 0, g["stride"], 1.0)
+  return ((g["in_h"] - (g["out_h"] - 1.0) * s >= g["kernel_h"])
+          & (g["in_w"] - (g["out_w"] - 1.0) * s >= g["kernel_w"]))
+
+
 def inside_words(geometry: dict[str, Array], m: Array) -> Array:
   """Words of the im2col matrix that lie inside the input (not `-1`).
 
@@ -383,7 +390,8 @@ def scratchpad_costs(dataflow: str, rows: int, cols: int, m: Array, n: Array,
   """
   sweeps = operand_sweeps(dataflow, rows, cols, m, n, k, ifmap_words)
   if geometry is not None:
-    sweeps["ifmap"]["words"] = jnp.where(geometry["stride"] > 0, inside_words(geometry, m),
+    past = (geometry["stride"] > 0) & ~gapless(geometry)
+    sweeps["ifmap"]["words"] = jnp.where(past, inside_words(geometry, m),
                                          sweeps["ifmap"]["words"])
   out, stalls = {}, []
   for name in ("ifmap", "filter"):
