@@ -19,7 +19,8 @@ from haqjax.policy import save_policy
 __version__ = "0.1.0"
 
 # Names of `haqjax.api` offered here, imported when first used.
-_API = ("SearchResult", "calibrate", "evaluate", "finetune", "quantize", "search_policy")
+_API = ("SearchResult", "SweepResult", "calibrate", "evaluate", "finetune", "quantize",
+        "search_policy", "sweep")
 
 
 def __getattr__(name: str):

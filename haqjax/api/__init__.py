@@ -11,17 +11,22 @@
 - `search_policy` (`haqjax.api.search`): a per-layer bit policy under a
   hardware budget by the Gumbel, RL or HAWQ search, fine-tuned and scored,
   with uniform reference points; returns a `SearchResult` (`result`).
+- `sweep` (`haqjax.api.sweeps`): K policies at once, one per budget (and
+  other swept search settings), as one vmapped Gumbel search, each
+  fine-tuned and scored; returns a `SweepResult` (`sweep_result`).
 - `quantize`, `calibrate`, `finetune`, `evaluate` (`haqjax.api.training`):
   the steps one at a time, on numpy arrays, batches or a haqjax `Split`.
 
 The model is a plain `flax.linen` model (wrapped by `haqjax.nn.quantized`)
 or one built from haqjax layers; the data go through
 `haqjax.data.as_split`. These names are also `haqjax.search_policy`,
-`haqjax.quantize`, ..., imported on first use.
+`haqjax.sweep`, `haqjax.quantize`, ..., imported on first use.
 """
 
 from haqjax.api.result import SearchResult
 from haqjax.api.search import search_policy
+from haqjax.api.sweep_result import SweepResult
+from haqjax.api.sweeps import sweep
 from haqjax.api.training import calibrate
 from haqjax.api.training import evaluate
 from haqjax.api.training import finetune

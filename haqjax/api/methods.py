@@ -104,8 +104,17 @@ class Task:
                               batches=self.calibration_batches, seed=self.seed)
 
 
-def run_gumbel(task: Task, gumbel: GumbelConfig) -> tuple[Policy, dict[str, Any]]:
-  """The differentiable search (`haqjax.jobs.gumbel`'s search step)."""
+def gumbel_setup(task: Task, gumbel: GumbelConfig) -> tuple[GumbelSearch, int, PyTree]:
+  """`(search, steps_per_epoch, variables)` of the differentiable search on `task`.
+
+  The static search (candidates within the bit range, their costs on the
+  task's wall, the optimizers) and its start: the FP32 variables calibrated
+  at the top candidate, copied (the search's step donates its state, the
+  user's arrays stay). A sweep (`haqjax.api.sweeps`) stacks K states of it.
+
+  Raises:
+    ValueError: a candidate bit-width outside the wall's bit range.
+  """
   wall = task.wall
   bits = gumbel.bits()
   outside = [b for b in bits if not wall.min_bits <= b <= wall.max_bits]
@@ -121,10 +130,16 @@ def run_gumbel(task: Task, gumbel: GumbelConfig) -> tuple[Policy, dict[str, Any]
       penalty=gumbel.gumbel_penalty, momentum=task.momentum,
       weight_decay=task.weight_decay, label_smoothing=task.label_smoothing)
   per_epoch = haq_data.num_batches(task.train, task.batch_size, drop_remainder=True)
+  variables = jax.tree.map(jnp.copy, task.calibrated(task.top_policy(max(bits))))
+  return search, per_epoch, variables
+
+
+def run_gumbel(task: Task, gumbel: GumbelConfig) -> tuple[Policy, dict[str, Any]]:
+  """The differentiable search (`haqjax.jobs.gumbel`'s search step)."""
+  wall = task.wall
+  search, per_epoch, variables = gumbel_setup(task, gumbel)
   hparams = gumbel_job.make_hparams(gumbel, wall.limit, per_epoch)
   plan = gumbel_job.schedule(gumbel, per_epoch)
-  # A copy: the search's step donates its state, the user's arrays stay.
-  variables = jax.tree.map(jnp.copy, task.calibrated(task.top_policy(max(bits))))
   state = search.init(jax.random.PRNGKey(task.seed), hparams, variables)
   result = single.run(
       search, hparams, state, train=task.train, val=task.val, wall=wall,

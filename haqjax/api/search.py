@@ -144,10 +144,7 @@ def search_policy(model, variables: PyTree | None, train: Any, val: Any, *,
   """
   methods.check(None, method)
   t_start = time.perf_counter()
-  train = haq_data.as_split(train, name="train")
-  val = haq_data.as_split(val, name="val", num_classes=train.spec.num_classes)
-  test = None if test is None else haq_data.as_split(
-      test, name="test", num_classes=train.spec.num_classes)
+  train, val, test = splits(train, val, test)
   budget = make_budget(budget, metric)
   input_shape = (1, *train.spec.image_shape)
   qmodel, qvars = training.quantize(model, variables, input_shape,
@@ -155,14 +152,10 @@ def search_policy(model, variables: PyTree | None, train: Any, val: Any, *,
   table = layer_table(qmodel, input_shape)
   wall = make_wall(table, target, budget, min_bits=min_bits, max_bits=max_bits,
                    first_layer_w8=first_layer_w8, last_layer_w8a8=last_layer_w8a8)
-  uniform_policies = [_uniform_policy(u, table, wall) for u in uniform]
+  uniform_policies = [uniform_policy(u, table, wall) for u in uniform]
   timings: dict[str, float] = {}
   t0 = time.perf_counter()
-  fp32 = {"val_top1": training.evaluate(qmodel, qvars, val, None,
-                                        batch_size=eval_batch_size)["top1"]}
-  if test is not None:
-    fp32["test_top1"] = training.evaluate(qmodel, qvars, test, None,
-                                          batch_size=eval_batch_size)["top1"]
+  fp32 = fp32_scores(qmodel, qvars, val, test, eval_batch_size)
   timings["fp32_eval_seconds"] = time.perf_counter() - t0
 
   with tempfile.TemporaryDirectory(prefix="haqjax_search_") as scratch:
@@ -185,33 +178,14 @@ def search_policy(model, variables: PyTree | None, train: Any, val: Any, *,
       policy, info = methods.run_hawq(task, hawq or HawqConfig())
     timings["search_seconds"] = time.perf_counter() - t0
 
-  def tuned(p: Policy) -> tuple[PyTree, dict[str, Any]]:
-    """`p` fine-tuned (or calibrated) from the FP32 weights, then scored."""
-    if finetune_epochs > 0:
-      v = training.finetune(qmodel, qvars, train, p, epochs=finetune_epochs,
-                            learning_rate=finetune_learning_rate, batch_size=batch_size,
-                            momentum=momentum, weight_decay=weight_decay,
-                            calibration_batches=calibration_batches, seed=seed)
-    else:
-      v = task.calibrated(p)
-    scores = {"val_top1": training.evaluate(qmodel, v, val, p, batch_size=eval_batch_size,
-                                            integer=False)["top1"]}
-    if test is not None:
-      scores["test_top1"] = training.evaluate(qmodel, v, test, p, batch_size=eval_batch_size,
-                                              integer=False)["top1"]
-    return v, scores
-
+  recipe = dict(epochs=finetune_epochs, learning_rate=finetune_learning_rate)
   t0 = time.perf_counter()
-  tuned_vars, scores = tuned(policy)
+  tuned_vars, scores = tune(task, policy, test, **recipe)
   timings["finetune_seconds"] = time.perf_counter() - t0
   integer = training.integer_scores(qmodel, tuned_vars, policy,
                                     test if test is not None else val, eval_batch_size)
   t0 = time.perf_counter()
-  points = []
-  for label, p in uniform_policies:
-    points.append({"label": label, "w_bits": np.asarray(p.w_bits).tolist(),
-                   "a_bits": np.asarray(p.a_bits).tolist(),
-                   "cost": wall.cost(p.w_bits, p.a_bits), **tuned(p)[1]})
+  points = uniform_points(task, uniform_policies, test, **recipe)
   timings["uniform_seconds"] = time.perf_counter() - t0
   timings["total_seconds"] = time.perf_counter() - t_start
   described = wall.describe(policy.w_bits, policy.a_bits)
@@ -225,7 +199,62 @@ def search_policy(model, variables: PyTree | None, train: Any, val: Any, *,
       integer=integer, uniform=points, search=info, timings=timings)
 
 
-def _uniform_policy(label: str, table, wall: env_lib.BudgetWall) -> tuple[str, Policy]:
+def splits(train: Any, val: Any, test: Any
+           ) -> tuple[haq_data.Split, haq_data.Split, haq_data.Split | None]:
+  """The user's data as splits (`haqjax.data.as_split`), val and test with train's classes."""
+  train = haq_data.as_split(train, name="train")
+  val = haq_data.as_split(val, name="val", num_classes=train.spec.num_classes)
+  test = None if test is None else haq_data.as_split(
+      test, name="test", num_classes=train.spec.num_classes)
+  return train, val, test
+
+
+def fp32_scores(model, variables: PyTree, val: haq_data.Split,
+                test: haq_data.Split | None, eval_batch_size: int) -> dict[str, float]:
+  """The FP32 model's `val_top1` (and `test_top1`), percent."""
+  scores = {"val_top1": training.evaluate(model, variables, val, None,
+                                          batch_size=eval_batch_size)["top1"]}
+  if test is not None:
+    scores["test_top1"] = training.evaluate(model, variables, test, None,
+                                            batch_size=eval_batch_size)["top1"]
+  return scores
+
+
+def tune(task: methods.Task, policy: Policy, test: haq_data.Split | None, *,
+         epochs: float, learning_rate: float) -> tuple[PyTree, dict[str, Any]]:
+  """`policy` fine-tuned (or, with `epochs` 0, calibrated) from the FP32 weights, scored.
+
+  Returns:
+    The variables and their fake-quant `val_top1` (and `test_top1`), percent.
+  """
+  if epochs > 0:
+    v = training.finetune(task.model, task.variables, task.train, policy, epochs=epochs,
+                          learning_rate=learning_rate, batch_size=task.batch_size,
+                          momentum=task.momentum, weight_decay=task.weight_decay,
+                          calibration_batches=task.calibration_batches, seed=task.seed)
+  else:
+    v = task.calibrated(policy)
+  scores = {}
+  for name, split in (("val_top1", task.val), ("test_top1", test)):
+    if split is not None:
+      scores[name] = training.evaluate(task.model, v, split, policy,
+                                       batch_size=task.eval_batch_size,
+                                       integer=False)["top1"]
+  return v, scores
+
+
+def uniform_points(task: methods.Task, policies: Sequence[tuple[str, Policy]],
+                   test: haq_data.Split | None, *, epochs: float,
+                   learning_rate: float) -> list[dict[str, Any]]:
+  """Per `(label, policy)`: its bits, cost and top-1 after `tune`."""
+  return [{"label": label, "w_bits": np.asarray(p.w_bits).tolist(),
+           "a_bits": np.asarray(p.a_bits).tolist(),
+           "cost": task.wall.cost(p.w_bits, p.a_bits),
+           **tune(task, p, test, epochs=epochs, learning_rate=learning_rate)[1]}
+          for label, p in policies]
+
+
+def uniform_policy(label: str, table, wall: env_lib.BudgetWall) -> tuple[str, Policy]:
   """`('wXaY', policy)` with the wall's fixed layers applied (as the jobs' reference)."""
   w, a = reference_bits(label)
   if w > 8 or a > 8:
