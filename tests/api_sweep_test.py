@@ -93,6 +93,8 @@ def test_member_equals_the_standalone_search(swept, k):
     (dict(budgets=(0.5, 0.6), axes={"lambda": (0.1, 1.0, 2.0)}, combine="zip"),
      "combine is 'zip' with lengths budget: 2, lambda: 3"),
     (dict(axes={"tau_min": (9,)}), "sweep member budget=w4a4,tau_min=9: gumbel_tau_min"),
+    (dict(budgets=(0.5, [0.5])), "budgets\\[1\\]: budget is \\[0.5\\]; allowed: 'wXaY'"),
+    (dict(budgets=(0.5, 0.001)), "sweep member budget=0.001: .*below the lowest cost"),
     (dict(budgets=(hardware.Budget(metric="energy", value=0.5),)),
      "budgets\\[0\\] is on energy; allowed: budgets on metric='latency'"),
 ])

@@ -163,18 +163,24 @@ def sweep(model, variables: PyTree | None, train: Any, val: Any, *,
       configs.append(base.replace(**changes))
     except ValueError as e:
       raise ValueError(f"sweep member {label(v)}: {e}") from None
+  parsed = []
+  for i, b in enumerate(budgets):
+    try:
+      parsed.append(search_api.make_budget(b, metric))
+    except ValueError as e:
+      raise ValueError(f"budgets[{i}]: {e}") from None
+    if parsed[-1].metric != metric:
+      raise ValueError(f"budgets[{i}] is on {parsed[-1].metric}; allowed: budgets on "
+                       f"metric={metric!r} (the members share one cost table)")
   train, val, test = search_api.splits(train, val, test)
   input_shape = (1, *train.spec.image_shape)
   qmodel, qvars = training.quantize(model, variables, input_shape,
                                     quant_scheme=quant_scheme)
   table = layer_table(qmodel, input_shape)
   walls, member_budgets = [], []
-  for i, v in enumerate(values):
+  for v in values:
+    b = parsed[next(i for i, x in enumerate(budgets) if x is v["budget"])]
     try:
-      b = search_api.make_budget(v["budget"], metric)
-      if b.metric != metric:
-        raise ValueError(f"budgets[{i}] is on {b.metric}; allowed: budgets on "
-                         f"metric={metric!r} (the members share one cost table)")
       walls.append(search_api.make_wall(
           table, target, b, min_bits=min_bits, max_bits=max_bits,
           first_layer_w8=first_layer_w8, last_layer_w8a8=last_layer_w8a8))
