@@ -1,5 +1,7 @@
 """haqjax.sweep on a plain flax model and numpy arrays: K members, one vmapped search."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -74,6 +76,17 @@ def test_each_member_fits_its_own_budget(swept):
   report = swept.report()
   assert "budget=w4a4,seed=0" in report and "W8A8" in report
   assert len(swept.summary().splitlines()) == 2
+
+
+def test_write(swept, tmp_path):
+  path = swept.write(tmp_path)
+  assert path == str(tmp_path / "report.md") and "budget=0.3,seed=0" in open(path).read()
+  for m, p in zip(swept.members, swept.policies):
+    loaded = haqjax.load_policy(tmp_path / "policies" / f"m{m['member']:02d}.json")
+    assert loaded.to_dict() == p.to_dict()
+  assert (tmp_path / "plots" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert json.loads((tmp_path / "results.json").read_text())["members"][1]["budget"] == (
+      "latency <= 1 x w4a4")
 
 
 @pytest.mark.parametrize("k", [0, 1])

@@ -3,17 +3,23 @@
 `SweepResult.report()` is a markdown page: the FP32 model, one row per
 member (its swept values, budget, cost in readable units and as a ratio of
 its budget's reference, whether it fits, top-1 in the search and after the
-fine-tune, bits), then the uniform points. In a notebook the result
+fine-tune, bits), then the uniform points. `write(directory)` writes it as
+`report.md` beside `results.json`, each member's `policies/mNN.json`
+(`haqjax.policy/1`, with its cost and budget) and `plots/pareto.png` (top-1
+against cost, members and uniform points). In a notebook the result
 displays as its report.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
+from haqjax import io as haq_io
 from haqjax import units
 from haqjax.policy import Policy
+from haqjax.policy import save_policy
 from haqjax.report.render import markdown_table
 from haqjax.typing import PyTree
 
@@ -124,3 +130,28 @@ class SweepResult:
             "members": self.members, "fp32": self.fp32, "uniform": self.uniform,
             "search": {k: v for k, v in self.search.items() if k != "records"},
             "timings": self.timings}
+
+  def write(self, directory: str | os.PathLike) -> str:
+    """Writes report.md, results.json, policies/ and plots/pareto.png; returns report.md's path."""
+    from haqjax import report  # pylint: disable=g-import-not-at-top
+    directory = os.fspath(directory)
+    for sub in ("plots", "policies"):
+      os.makedirs(os.path.join(directory, sub), exist_ok=True)
+    for m, policy in zip(self.members, self.policies):
+      save_policy(os.path.join(directory, "policies", f"m{m['member']:02d}.json"), policy,
+                  target=self.target,
+                  budget={"metric": self.metric, "text": m["budget"], "limit": m["limit"],
+                          "unit": self.unit}, cost=m["cost"], cost_ratio=m["cost_ratio"])
+    haq_io.write_json(os.path.join(directory, "results.json"), self.to_dict())
+    which = "test_top1" if "test_top1" in self.fp32 else "val_top1"
+    points = [{"label": m["label"], "group": "sweep", "cost": m["cost"], "top1": m[which]}
+              for m in self.members]
+    points += [{"label": u["label"], "group": "uniform", "cost": u["cost"],
+                "top1": u[which]} for u in sorted(self.uniform, key=lambda u: u["cost"])]
+    report.plot_pareto(os.path.join(directory, "plots", "pareto.png"), points,
+                       metric=self.metric, unit=self.unit,
+                       title=f"{len(self.members)}-member Gumbel sweep on {self.target}")
+    path = os.path.join(directory, "report.md")
+    with open(path, "w") as f:
+      f.write(self.report() + "\n![Pareto](plots/pareto.png)\n")
+    return path
