@@ -6,14 +6,21 @@ figures `tests/hardware_scalesim_memory_test.py` checks against the
 `scalesim` package).
 """
 
+import math
+
 import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
 from haqjax import hardware
 from haqjax import models
 from haqjax.hardware import model_layers
+from haqjax.hardware import systolic_window
 from haqjax.hardware import topology
+from haqjax.hardware.scalesim_reference import relative_errors
+from haqjax.hardware.scalesim_reference import run_haqjax
+from haqjax.hardware.scalesim_reference import run_scalesim
 from haqjax.nn import QConv
 from haqjax.nn import layer_table
 
@@ -83,3 +90,73 @@ def test_strided_conv_from_a_model_costs_as_its_topology(name):
   for k in ("compute_cycles", "stall_cycles", "ifmap_dram_bytes", "filter_dram_bytes",
             "ofmap_dram_bytes"):
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def _weight_stationary_stack(h, w, kh, kw, ch, s, rows, batch):
+  """SCALE-Sim's weight-stationary ifmap folds, stacked (`create_ifmap_prefetch_mat`
+  before its roll-out): True where the im2col word lies inside the input."""
+  ho, wo = math.ceil((h - kh + s) / s), math.ceil((w - kw + s) / s)
+  k, m = kh * kw * ch, batch * ho * wo
+  inside = np.zeros((m, k), bool)
+  for p in range(m):
+    oh, ow = divmod(p % (ho * wo), wo)
+    for kk in range(k):
+      r, c = divmod(kk // ch, kw)
+      inside[p, kk] = oh * s + r < h and ow * s + c < w
+  folds = math.ceil(k / rows)
+  stack = np.zeros((folds * m, rows), bool)
+  for f in range(folds):
+    part = inside[:, f * rows:(f + 1) * rows]
+    stack[f * m:(f + 1) * m, :part.shape[1]] = part
+  g = {"kernel_h": kh, "kernel_w": kw, "channels": ch, "stride": s, "in_h": h,
+       "in_w": w, "out_h": ho, "out_w": wo}
+  return stack, {n: np.float32(v) for n, v in g.items()}, m, folds, k - (folds - 1) * rows
+
+
+# (H, W, R, S, C, stride, array rows, batch): the last outputs read past the
+# input in all but the fourth; the last fold is narrower in the second.
+STACKS = [(14, 14, 3, 3, 8, 2, 8, 1), (8, 7, 3, 2, 2, 2, 4, 2), (12, 12, 1, 1, 16, 2, 8, 1),
+          (10, 10, 3, 3, 3, 1, 8, 2), (6, 9, 3, 3, 2, 2, 4, 1)]
+
+
+@pytest.mark.parametrize("shape", STACKS)
+def test_weight_stationary_diagonals_count_inside_words(shape):
+  # SCALE-Sim rolls the stack out diagonal by diagonal (row + column) and
+  # its lines skip the words past the input.
+  stack, g, m, folds, last = _weight_stationary_stack(*shape)
+  rows = shape[6]
+  r, c = np.indices(stack.shape)
+  d = np.arange(folds * m + rows + 1, dtype=np.float32)
+  got = jax.jit(systolic_window.weight_stationary_diagonals, static_argnums=5)(
+      g, d, np.float32(m), np.float32(folds), np.float32(last), rows)
+  np.testing.assert_array_equal(got, [stack[r + c < x].sum() for x in d])
+  f = np.arange(folds, dtype=np.float32)
+  width = np.where(f == folds - 1, last, rows).astype(np.float32)
+  lo, hi = jax.jit(systolic_window.weight_stationary_span)(g, f, np.float32(m), width,
+                                                          np.float32(rows))
+  spans = []
+  for i in range(folds):
+    on = np.nonzero(stack[i * m:(i + 1) * m])
+    spans.append(((on[0] + i * m + on[1]).min(), (on[0] + i * m + on[1]).max()))
+  np.testing.assert_array_equal(np.stack([lo, hi], axis=-1), spans)
+
+
+# Weight-stationary convs whose last outputs read past the input, on 8x8
+# arrays with 1 KiB SRAMs and 2 words/cycle (conv rows as in CASES): the
+# window walk placed their ifmap folds as if no word were -1, reading 171%
+# and 133% more ifmap words than SCALE-Sim.
+WS_EDGE = {"c8": ("c8", 14, 14, 3, 3, 8, 8, 2), "c4": ("c4", 14, 14, 3, 3, 4, 8, 2)}
+
+
+def test_weight_stationary_ifmap_with_words_past_the_input(tmp_path):
+  pytest.importorskip("scalesim")
+  s = run_scalesim("ws", 8, 8, 1, 2, WS_EDGE["c8"], str(tmp_path))
+  h = run_haqjax("ws", 8, 8, 1, 2, WS_EDGE["c8"], str(tmp_path))
+  assert h["ifmap"] == s["ifmap"] and h["filter"] == s["filter"]
+  assert abs(relative_errors(s, h)["cycles"]) < 0.05
+  # The rolled walk takes no copies: SCALE-Sim finds every inside word of
+  # the last fold (kernel row 2) as a copy in the fold before (row 0 of the
+  # pixel below), and skips the one move of P = 512 words that reaches it.
+  s = run_scalesim("ws", 8, 8, 1, 2, WS_EDGE["c4"], str(tmp_path))
+  h = run_haqjax("ws", 8, 8, 1, 2, WS_EDGE["c4"], str(tmp_path))
+  assert h["ifmap"] == s["ifmap"] + 512

@@ -61,11 +61,19 @@ What departs from SCALE-Sim, measured over 49 layers and arrays (4x4 to
     input and hold `-1` words, which SCALE-Sim leaves out of its lines. With
     a known stride the walk counts only the words inside the input
     (`inside_words`) and the address walk places them as SCALE-Sim does
-    (`systolic_window.inside_position`); the block walk of a rolled operand
-    still places them as if none were `-1` (a 14x14 3x3 stride-2 conv,
-    weight stationary on an 8x8 array: 133% more ifmap words). Without a
+    (`systolic_window.inside_position`), as the block walk does a weight
+    stationary ifmap's folds on SCALE-Sim's diagonals
+    (`systolic_window.weight_stationary_diagonals`; an output stationary
+    ifmap's folds are still placed as if no word were `-1`). Without a
     known stride it counts `m * k` words (a 12x12 1x1 stride-2 conv on 8x8
     arrays: 60% fewer ifmap words).
+  * The block walk of a rolled operand takes no im2col copies. Where the
+    last outputs read past the input, the words of a weight-stationary
+    fold may all have copies in the window (SCALE-Sim then skips a move
+    the walk makes) or a turn may end at an earlier copy: over 13 such
+    layers (4x4 to 32x32 arrays, 1 to 4 KiB), the ifmap words are
+    SCALE-Sim's in 8, and 22% off on average (154% at worst; a 14x14 5x5
+    stride-2 conv on a 16x16 array).
   * Stalls oscillate in SCALE-Sim around the wait above by up to one
     prefetch time, as its counted waits shift later rows; where the traffic
     is exact (43 of the 49), total cycles are within 2.4% on average (31% at
@@ -182,14 +190,19 @@ def operand_sweeps(dataflow: str, rows: ArrayLike, cols: ArrayLike, m: Array, n:
 def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
                 lines: Array, period: Array, fold_rows: Array,
                 max_segments: int = MAX_SEGMENTS, geometry: dict[str, Array] | None = None,
-                rows: int = 1, cols: int = 1) -> tuple[Array, Array]:
+                rows: int = 1, cols: int = 1,
+                gaps: dict[str, Array] | None = None) -> tuple[Array, Array]:
   """Window moves and stall cycles of one read buffer over the demand.
 
   Follows the window fold by fold (module docstring). After `max_segments`
   folds the moves and stalls are extrapolated at the rate of those folds.
   With `geometry` (`Layers.conv_geometry`, a known stride), a reversed tile
   of im2col rows is followed address by address
-  (`systolic_window.tile_moves`, on an array of `rows` x `cols`).
+  (`systolic_window.tile_moves`, on an array of `rows` x `cols`). With
+  `gaps` (the `Layers.conv_geometry` of a weight-stationary ifmap), a conv
+  whose last outputs read past the input places its rolled folds' lines
+  by the inside words on SCALE-Sim's diagonals
+  (`systolic_window.weight_stationary_diagonals`).
 
   Returns:
     `(moves, stall_cycles)`.
@@ -206,6 +219,8 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
     no_gaps = gapless(geometry)
     words = dict(k=temporal, folds=nb / per, last=sweep["last"], e=e, a=a, step=step,
                  lines=lines)
+  if gaps is not None:
+    gapped = ~rev & (gaps["stride"] > 0) & ~gapless(gaps)
   limit = jnp.minimum(segments, float(max_segments))
 
   def line(w):
@@ -234,6 +249,14 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
     base = (jnp.floor(i / (inner * nb)) + turns) * lines
     lo = base + line(start - back)
     hi = base + line(start + size + ahead - 1.0)
+    if gaps is not None:
+      # The fold's words lie from its first inside word's diagonal to its
+      # last one's, last on theirs.
+      span = systolic_window.weight_stationary_span(gaps, fold, temporal, w, rows)
+      d_lo, d_hi = (systolic_window.weight_stationary_diagonals(
+          gaps, d, temporal, nb, sweep["last"], rows) for d in (span[0], span[1] + 1.0))
+      lo = jnp.where(gapped, base + line(d_lo), lo)
+      hi = jnp.where(gapped, base + line(d_hi - 1.0), hi)
     # The window moves forward to the block's first demanded line (a
     # reversed tile's last row).
     first = jnp.where(rev, hi, lo)
@@ -301,7 +324,8 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
 
 def read_buffer(sweep: dict[str, Array], sram_words: Array, bw: Array,
                 compute: Array, geometry: dict[str, Array] | None = None,
-                rows: int = 1, cols: int = 1) -> tuple[Array, Array]:
+                rows: int = 1, cols: int = 1,
+                gaps: dict[str, Array] | None = None) -> tuple[Array, Array]:
   """DRAM words read and stall cycles of one operand's read buffer.
 
   Args:
@@ -311,6 +335,7 @@ def read_buffer(sweep: dict[str, Array], sram_words: Array, bw: Array,
     compute: stall-free cycles `C` of the GEMM.
     geometry, rows, cols: an input-stationary ifmap's conv on the array
       (`window_walk`).
+    gaps: a weight-stationary ifmap's conv (`window_walk`).
 
   Returns:
     `(dram_words, stall_cycles)`.
@@ -326,7 +351,7 @@ def read_buffer(sweep: dict[str, Array], sram_words: Array, bw: Array,
   per_move = jnp.ceil(prefetch / bw)
   moves, stall = window_walk(sweep, e, a, step, lines, per_move + 1.0,
                              compute / sweep["segments"], geometry=geometry,
-                             rows=rows, cols=cols)
+                             rows=rows, cols=cols, gaps=gaps)
   moves = jnp.where(fits, 0.0, moves)
   stall = jnp.where(fits, 0.0, stall)
   first = jnp.minimum(jnp.ceil(active / bw), jnp.ceil(sweep["padded"] / bw))
@@ -396,8 +421,9 @@ def scratchpad_costs(dataflow: str, rows: int, cols: int, m: Array, n: Array,
   out, stalls = {}, []
   for name in ("ifmap", "filter"):
     g = geometry if name == "ifmap" and dataflow == "is" else None
+    gaps = geometry if name == "ifmap" and dataflow == "ws" else None
     words, stall = read_buffer(sweeps[name], sram_words[name], bw_words[name], compute,
-                               geometry=g, rows=rows, cols=cols)
+                               geometry=g, rows=rows, cols=cols, gaps=gaps)
     out[f"{name}_words"] = words
     stalls.append(stall)
   words, stall = write_buffer(sweeps["ofmap"]["words"], sram_words["ofmap"],

@@ -60,6 +60,32 @@ def _range_counts(g: dict[str, Array], p0: Array, p1: Array) -> tuple[Array, Arr
           corner(p1) - corner(p0))
 
 
+def _edges(g: dict[str, Array]) -> tuple[Array, Array]:
+  """`(vr, vc)`: kernel rows (columns) a side's last output reads inside the input."""
+  s = jnp.where(g["stride"] > 0.0, g["stride"], 1.0)
+  vr = jnp.clip(g["in_h"] - (g["out_h"] - 1.0) * s, 0.0, g["kernel_h"])
+  vc = jnp.clip(g["in_w"] - (g["out_w"] - 1.0) * s, 0.0, g["kernel_w"])
+  return vr, vc
+
+
+def _outside_before(g: dict[str, Array], kk: Array) -> tuple[Array, Array, Array]:
+  """im2col columns before `kk` with kernel row `r >= vr`, column `c >= vc`, and both.
+
+  A pixel on the last output row (column, both) reads past the input at
+  those columns.
+  """
+  kh, kw, ch_n = g["kernel_h"], g["kernel_w"], g["channels"]
+  vr, vc = _edges(g)
+  block = kw * ch_n
+  r = jnp.floor(kk / block)
+  within = kk - r * block
+  rows_out = jnp.maximum(kk - vr * block, 0.0)
+  in_row = jnp.clip(within - vc * ch_n, 0.0, (kw - vc) * ch_n)
+  cols_out = jnp.minimum(r, kh) * (kw - vc) * ch_n + in_row
+  both_out = jnp.maximum(r - vr, 0.0) * (kw - vc) * ch_n + jnp.where(r >= vr, in_row, 0.0)
+  return rows_out, cols_out, both_out
+
+
 def inside_position(g: dict[str, Array], fold: Array, kk: Array, lane: Array, k: Array,
                     width: Array, cols: int) -> Array:
   """Index of the word at `(fold, kk, lane)` among the prefetch matrix's words
@@ -71,18 +97,12 @@ def inside_position(g: dict[str, Array], fold: Array, kk: Array, lane: Array, k:
   `H - R` reads past the input, for kernel rows `r >= vr` (columns
   `c >= vc`), `vr = H - (out_h - 1) s`.
   """
-  s = jnp.where(g["stride"] > 0.0, g["stride"], 1.0)
   kh, kw, ch_n = g["kernel_h"], g["kernel_w"], g["channels"]
-  vr = jnp.clip(g["in_h"] - (g["out_h"] - 1.0) * s, 0.0, kh)
-  vc = jnp.clip(g["in_w"] - (g["out_w"] - 1.0) * s, 0.0, kw)
+  vr, vc = _edges(g)
   block = kw * ch_n
   r = jnp.floor(kk / block)
   within = kk - r * block
-  # im2col columns before `kk` with r' >= vr, with c' >= vc, and both.
-  rows_out = jnp.maximum(kk - vr * block, 0.0)
-  in_row = jnp.clip(within - vc * ch_n, 0.0, (kw - vc) * ch_n)
-  cols_out = jnp.minimum(r, kh) * (kw - vc) * ch_n + in_row
-  both_out = jnp.maximum(r - vr, 0.0) * (kw - vc) * ch_n + jnp.where(r >= vr, in_row, 0.0)
+  rows_out, cols_out, both_out = _outside_before(g, kk)
   first = fold * cols
   a0, b0, ab0 = _range_counts(g, 0.0 * first, first)
   before = (k * first - a0 * (kh - vr) * block - b0 * (kw - vc) * kh * ch_n
@@ -93,6 +113,103 @@ def inside_position(g: dict[str, Array], fold: Array, kk: Array, lane: Array, k:
   out_r, out_c = r >= vr, jnp.floor(within / ch_n) >= vc
   lanes_before = lane - al * out_r - bl * out_c + abl * (out_r & out_c)
   return before + rows_before + lanes_before
+
+
+def weight_stationary_position(g: dict[str, Array], fold: Array, pixel: Array, lane: Array,
+                               m: Array, width: Array, rows: Array) -> Array:
+  """Index of the word at `(fold, pixel, lane)` among the inside words of a
+  weight-stationary ifmap's folds (before SCALE-Sim rolls them out).
+
+  Fold `f` holds the `m` pixels' im2col columns `f rows ... f rows + width -
+  1`, one pixel a row; `lane` counts columns within the fold.
+  """
+  kk0 = fold * rows
+  ro0, co0, bo0 = _outside_before(g, kk0)
+  a, b, ab = _range_counts(g, 0.0 * m, m)
+  before = m * kk0 - a * ro0 - b * co0 + ab * bo0
+  ro1, co1, bo1 = _outside_before(g, kk0 + width)
+  ap, bp, abp = _range_counts(g, 0.0 * pixel, pixel)
+  rows_before = (pixel * width - ap * (ro1 - ro0) - bp * (co1 - co0)
+                 + abp * (bo1 - bo0))
+  rol, col, bol = _outside_before(g, kk0 + lane)
+  _, oh, ow = _pixel(pixel, g)
+  lr, lc = oh >= g["out_h"] - 1.0, ow >= g["out_w"] - 1.0
+  lanes_before = (lane - lr * (rol - ro0) - lc * (col - co0)
+                  + (lr & lc) * (bol - bo0))
+  return before + rows_before + lanes_before
+
+
+def weight_stationary_span(g: dict[str, Array], fold: Array, m: Array, width: Array,
+                           rows: Array) -> tuple[Array, Array]:
+  """SCALE-Sim's diagonals of a weight-stationary fold's first and last inside words.
+
+  Fold `f` holds rows `f m ... f m + m - 1` of the stack, one pixel a row,
+  and its im2col columns `kk0 = f rows ... kk0 + width - 1`. A pixel off the
+  last output row and column reads all of them; one on the last row
+  (column) only those of kernel rows `r < vr` (columns `c < vc`), so the
+  fold's words end (and may begin) on the diagonal of a pixel of another
+  kind than the last (first).
+  """
+  vr, vc = _edges(g)
+  ch_n, block = g["channels"], g["kernel_w"] * g["channels"]
+  ho, wo, hw = g["out_h"], g["out_w"], g["out_h"] * g["out_w"]
+  kk0 = fold * rows
+  inf = jnp.float32(jnp.inf)
+
+  def first(lr, lc):
+    r = jnp.floor(kk0 / block)
+    x = jnp.where(lc & (kk0 - r * block >= vc * ch_n), (r + 1.0) * block, kk0)
+    ok = (x < kk0 + width) & ~(lr & (x >= vr * block)) & ~(lc & (vc <= 0.0))
+    return jnp.where(ok, x - kk0, inf)
+
+  def last(lr, lc):
+    x = kk0 + width - 1.0
+    x = jnp.where(lr, jnp.minimum(x, vr * block - 1.0), x)
+    r = jnp.floor(x / block)
+    x = jnp.where(lc & (x - r * block >= vc * ch_n), r * block + vc * ch_n - 1.0, x)
+    ok = (x >= kk0) & ~(lc & (vc <= 0.0))
+    return jnp.where(ok, x - kk0, -inf)
+
+  t, f_ = True, False
+  rows2, cols2 = ho >= 2.0, wo >= 2.0
+  # (first pixel, last pixel, whether the kind exists) of each kind.
+  kinds = (((0.0, m - 2.0 - wo, rows2 & cols2), (f_, f_)),
+           ((wo - 1.0, m - 1.0 - wo, rows2), (f_, t)),
+           (((ho - 1.0) * wo, m - 2.0, cols2), (t, f_)),
+           ((hw - 1.0, m - 1.0, True), (t, t)))
+  lo, hi = inf, -inf
+  for (p0, p1, exists), (lr, lc) in kinds:
+    lo = jnp.minimum(lo, jnp.where(exists, p0 + first(lr, lc), inf))
+    hi = jnp.maximum(hi, jnp.where(exists, p1 + last(lr, lc), -inf))
+  return fold * m + lo, fold * m + hi
+
+
+def weight_stationary_diagonals(g: dict[str, Array], d: Array, m: Array, folds: Array,
+                                last: Array, rows: int) -> Array:
+  """Inside words of a weight-stationary ifmap on SCALE-Sim's diagonals before `d`.
+
+  SCALE-Sim stacks the folds (`m` rows each, `rows` words wide, the last
+  `last` wide) and reads the stack out diagonal by diagonal: the words
+  before diagonal `d` are those of row `R` and column `c` with `R + c < d`.
+  """
+  x_ = lambda v: jnp.asarray(v, jnp.float32)[..., None]
+  g = {name: x_(v) for name, v in g.items()}
+  d, m, folds, last = x_(d), x_(m), x_(folds), x_(last)
+  total = folds * m
+  r0 = jnp.clip(d - rows + 1.0, 0.0, total)
+
+  def position(r, q):
+    f = jnp.minimum(jnp.floor(r / m), folds - 1.0)
+    w = jnp.where(f >= folds - 1.0, last, float(rows))
+    return weight_stationary_position(g, f, r - f * m, jnp.minimum(q, w), m, w,
+                                      float(rows))
+
+  # Whole rows before `r0` (all of them when `r0` is past the stack).
+  full = jnp.where(r0 >= total, position(total - 1.0, float(rows)), position(r0, 0.0))
+  r = r0 + jnp.arange(rows, dtype=jnp.float32)
+  part = position(r, d - r) - position(r, 0.0)
+  part = jnp.where((r < d) & (r < total), part, 0.0)
+  return full[..., 0] + part.sum(axis=-1)
 
 
 # Tile rows looked up at once: a move looks the words after it up again.
