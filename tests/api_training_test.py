@@ -1,5 +1,6 @@
 """haqjax.quantize / evaluate / finetune on a plain flax model and numpy arrays."""
 
+import functools
 import re
 
 import flax.linen as nn
@@ -109,6 +110,27 @@ def test_finetune_checks_its_arguments(setup):
     haqjax.finetune(qmodel, qvars, (x, y), None, epochs=0)
   with pytest.raises(ValueError, match="batch_size=128 is larger"):
     haqjax.finetune(qmodel, qvars, (x, y), None)
+  with pytest.raises(ValueError, match=r"warmup_epochs=1.5; allowed: 0..epochs \(1.0\)"):
+    haqjax.finetune(qmodel, qvars, (x, y), None, epochs=1.0, warmup_epochs=1.5)
+  with pytest.raises(ValueError, match="warmup_epochs=-1"):
+    haqjax.finetune(qmodel, qvars, (x, y), None, warmup_epochs=-1)
+
+
+def test_finetune_warmup_rises_linearly_from_zero(setup):
+  """Warm-up rates 0, peak / W, ...: its first step moves no parameter."""
+  _, _, qmodel, qvars = setup
+  x, y = _data(64, 3)  # Four batches of 16: a quarter epoch is one step.
+  fp32 = functools.partial(haqjax.finetune, qmodel, qvars, (x, y), None, batch_size=16,
+                           optimizer="sgd", momentum=0.0)
+  assert _equal(fp32(epochs=0.25, warmup_epochs=0.25, learning_rate=0.1)["params"],
+                qvars["params"])
+  assert not _equal(fp32(epochs=0.25, learning_rate=0.1)["params"], qvars["params"])
+  # Two steps: rates 0 and 0.05 under a two-step warm-up to 0.1, and 0 and
+  # 0.05 (the cosine's start) under a one-step warm-up to 0.05.
+  two = fp32(epochs=0.5, warmup_epochs=0.5, learning_rate=0.1)["params"]
+  one = fp32(epochs=0.5, warmup_epochs=0.25, learning_rate=0.05)["params"]
+  assert not _equal(two, qvars["params"])
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7), two, one)
 
 
 def _integer_figures(qmodel, variables, policy, x, y):

@@ -311,11 +311,12 @@ def _collections(variables: PyTree) -> PyTree:
 
 
 @functools.lru_cache(maxsize=8)
-def _train_step(model: nn.Module, total: int, learning_rate: float, optimizer: str,
-                momentum: float, weight_decay: float, label_smoothing: float):
+def _train_step(model: nn.Module, total: int, warmup: int, learning_rate: float,
+                optimizer: str, momentum: float, weight_decay: float, label_smoothing: float):
   """`(tx, step(state, batch, policy, key))` of a recipe, compiled once for all policies."""
-  schedule = steps.make_schedule(name="cosine", peak=learning_rate, total_steps=total,
-                                 warmup_steps=0)
+  # A warm-up over every step never reaches the cosine (whose length must be > 0).
+  schedule = steps.make_schedule(name="cosine", peak=learning_rate,
+                                 total_steps=max(total, warmup + 1), warmup_steps=warmup)
   tx = steps.make_optimizer(name=optimizer, learning_rate=schedule, momentum=momentum,
                             weight_decay=weight_decay)
 
@@ -330,13 +331,16 @@ def finetune(model: nn.Module | nnx.Module, variables: PyTree | None, train: Any
              policy: Policy | None, *, epochs: float = 1.0, learning_rate: float = 0.01,
              batch_size: int = 128, optimizer: str = "sgd", momentum: float = 0.9,
              weight_decay: float = 0.0, label_smoothing: float = 0.0,
-             calibration_batches: int = 4,
+             warmup_epochs: float = 0.0, calibration_batches: int = 4,
              seed: int = 0) -> PyTree:
   """QAT of `model` under `policy` on `train` (FP32 training when `policy` is None).
 
   The trainer's step (`haqjax.train.steps.train_step`, compiled once) with a
-  cosine schedule from `learning_rate`; quantizers are calibrated for
-  `policy` first. Data order depends on `seed` and the epoch only.
+  cosine schedule from `learning_rate` (`haqjax.train.steps.make_schedule`:
+  with `warmup_epochs`, a linear rise from 0 first, so the first step moves
+  nothing; without, the cosine starts at the peak); quantizers are
+  calibrated for `policy` first. Data order depends on `seed` and the epoch
+  only.
 
   Args:
     model: a model taking `policy=` (see `quantize`), or an NNX model.
@@ -351,6 +355,11 @@ def finetune(model: nn.Module | nnx.Module, variables: PyTree | None, train: Any
     momentum: SGD momentum or AdamW's b1.
     weight_decay: L2 on kernels.
     label_smoothing: of the cross-entropy.
+    warmup_epochs: epochs (a fraction allowed, rounded up to whole steps)
+      over which the learning rate rises linearly from 0 to `learning_rate`
+      before the cosine decay, which ends with the last step as without
+      warm-up; 0 (default): no warm-up. Training from scratch with AdamW
+      (e.g. a transformer) usually wants one epoch or so.
     calibration_batches: batches that calibrate the quantizers first.
     seed: data order and the `quant` stream of stochastic rounding.
 
@@ -359,10 +368,13 @@ def finetune(model: nn.Module | nnx.Module, variables: PyTree | None, train: Any
     `haqjax.nn.nnx_update`).
 
   Raises:
-    ValueError: `epochs` not positive, or `train` has fewer examples than a batch.
+    ValueError: `epochs` not positive, `warmup_epochs` outside `0..epochs`,
+      or `train` has fewer examples than a batch.
   """
   if not epochs > 0:
     raise ValueError(f"epochs={epochs!r}; allowed: > 0")
+  if not 0 <= warmup_epochs <= epochs:
+    raise ValueError(f"warmup_epochs={warmup_epochs!r}; allowed: 0..epochs ({epochs!r})")
   split = haq_data.as_split(train)
   per_epoch = haq_data.num_batches(split, batch_size, drop_remainder=True)
   if not per_epoch:
@@ -374,7 +386,9 @@ def finetune(model: nn.Module | nnx.Module, variables: PyTree | None, train: Any
     variables = calibrate(model, variables, split, policy, batch_size=batch_size,
                           batches=calibration_batches, seed=seed)
   total = max(1, math.ceil(epochs * per_epoch))
-  recipe = (model, total, learning_rate, optimizer, momentum, weight_decay, label_smoothing)
+  warmup = min(total, math.ceil(warmup_epochs * per_epoch))
+  recipe = (model, total, warmup, learning_rate, optimizer, momentum, weight_decay,
+            label_smoothing)
   try:
     tx, step = _train_step(*recipe)
   except TypeError:  # A model holding unhashable values: compiled for this call.
