@@ -160,3 +160,46 @@ def test_weight_stationary_ifmap_with_words_past_the_input(tmp_path):
   s = run_scalesim("ws", 8, 8, 1, 2, WS_EDGE["c4"], str(tmp_path))
   h = run_haqjax("ws", 8, 8, 1, 2, WS_EDGE["c4"], str(tmp_path))
   assert h["ifmap"] == s["ifmap"] + 512
+
+
+def test_scratchpad_geometry_only_where_costs_depend_on_it():
+  # The geometry changes costs only through the input-stationary address
+  # walk (im2col copies) and words past the input; elsewhere the model is
+  # compiled without it, with the same costs.
+  shapes = dict(names=["a", "b"], in_channels=[8, 8], out_channels=[8, 8], kernel_h=[3, 1],
+                kernel_w=[3, 1], groups=[1, 1], in_h=[9, 9], in_w=[9, 9], out_h=[4, 5],
+                out_w=[4, 5], batch=1)
+  layers = hardware.make_layers(stride=[2, 2], **shapes)  # no word past the input
+  edge = hardware.make_layers(stride=[2, 2], **{**shapes, "in_h": [10, 10], "in_w": [10, 10],
+                                                "out_h": [5, 6], "out_w": [5, 6]})
+  pointwise = hardware.make_layers(
+      stride=[2], **{k: v[1:] if isinstance(v, list) else v for k, v in shapes.items()})
+  target = lambda df: hardware.Systolic(rows=4, cols=4, dataflow=df, bandwidth_mode="user",
+                                        ifmap_sram_bytes=256, filter_sram_bytes=256,
+                                        ofmap_sram_bytes=256, dram_bytes_per_cycle=2.0)
+  for df in ("os", "ws"):
+    assert target(df).scratchpad_geometry(layers) is None
+    assert target(df).scratchpad_geometry(edge) is not None
+  assert target("is").scratchpad_geometry(layers) is not None  # 3x3: im2col copies
+  assert target("is").scratchpad_geometry(pointwise) is None   # 1x1: none
+  kept = []
+  jax.jit(lambda l: kept.append(target("os").scratchpad_geometry(l)) or l.m)(layers)
+  assert kept[0] is not None  # traced layers keep it
+
+
+def test_costs_without_the_geometry_are_the_same(monkeypatch, tmp_path):
+  # A weight-stationary conv with no word past the input (13x13, 3x3,
+  # stride 2): the model skips its geometry; forcing it changes nothing.
+  path = tmp_path / "c.csv"
+  path.write_text(",".join(topology.COLUMNS) + "\nc, 13, 13, 3, 3, 8, 8, 2\n")
+  layers = topology.read_topology(str(path))
+  t = hardware.Systolic(rows=8, cols=8, dataflow="ws", bandwidth_mode="user",
+                        ifmap_sram_bytes=1024, filter_sram_bytes=1024, ofmap_sram_bytes=1024,
+                        dram_bytes_per_cycle=2.0)
+  assert t.scratchpad_geometry(layers) is None
+  skipped = hardware.layer_costs(t, layers, 8.0, 8.0)
+  monkeypatch.setattr(hardware.Systolic, "scratchpad_geometry",
+                      lambda self, layers: layers.conv_geometry)
+  kept = hardware.layer_costs(t, layers, 8.0, 8.0)
+  for k in skipped:
+    np.testing.assert_array_equal(skipped[k], kept[k], err_msg=k)

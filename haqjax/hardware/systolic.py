@@ -56,7 +56,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from haqjax.hardware import base
 from haqjax.hardware import energy as energy_lib
@@ -241,11 +243,35 @@ class Systolic:
     c = systolic_memory.scratchpad_costs(self.dataflow, self.rows, self.cols,
                                          layers.m, layers.n, layers.k, per_gemm,
                                          words, bw, layers.in_elems / layers.groups,
-                                         geometry=layers.conv_geometry)
+                                         geometry=self.scratchpad_geometry(layers))
     out = {"stall_cycles": layers.groups * c["stall_cycles"]}
     for x in bits:
       out[f"{x}_dram_bytes"] = layers.groups * c[f"{x}_words"] * bits[x] / 8.0
     return out
+
+
+  def scratchpad_geometry(self, layers: Layers) -> dict[str, Array] | None:
+    """`layers.conv_geometry`, or None where no layer's costs depend on it.
+
+    The address walk of an input-stationary ifmap with im2col copies and
+    the `-1` words of outputs that read past the input are the geometry's
+    only uses (`systolic_memory`); without them the costs are the same
+    without it, and a scratchpad model compiled without it takes about
+    half the time to compile. Traced layers keep it.
+    """
+    g = layers.conv_geometry
+    if g is None:
+      return None
+    try:
+      v = {name: np.asarray(x) for name, x in g.items()}
+      copies = np.asarray(layers.in_elems / layers.groups) < np.asarray(layers.m * layers.k)
+    except jax.errors.TracerArrayConversionError:
+      return g
+    s = np.where(v["stride"] > 0, v["stride"], 1.0)
+    gapless = ((v["in_h"] - (v["out_h"] - 1.0) * s >= v["kernel_h"])
+               & (v["in_w"] - (v["out_w"] - 1.0) * s >= v["kernel_w"]))
+    walk = copies if self.dataflow == "is" else False
+    return g if np.any((v["stride"] > 0) & (~gapless | walk)) else None
 
 
 # A TPU-like 32x32 int8 output-stationary array at 1 GHz, batch 1, 512 KiB
