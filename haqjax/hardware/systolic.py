@@ -168,6 +168,16 @@ class Systolic:
       return w * a
     return 1.0 / fused_products(w, a)
 
+  def _own_stream(self, w: Array, a: Array) -> Array | float:
+    """`stream_factor` on the bits it depends on only (1.0: none)."""
+    if self.bit_mode == "parallel":
+      return 1.0
+    if self.bit_mode == "stripes":
+      return a
+    if self.bit_mode == "loom":
+      return w * a
+    return 1.0 / fused_products(w, a)
+
   def layer_cost(self, layers: Layers, w_bits: ArrayLike,
                  a_bits: ArrayLike) -> dict[str, Array]:
     """Per-layer cycles, latency, DRAM bytes, utilization and energy."""
@@ -193,7 +203,14 @@ class Systolic:
       dram_bytes = dram_bits / 8.0
       cycles = jnp.maximum(compute, dram_bytes / self.dram_bytes_per_cycle)
     else:
-      extra = self.scratchpad_cost(layers, w, a, per_gemm)
+      # The buffers' walks run on the shapes their inputs have (the ifmap's
+      # on the activation bits, the filter's on the weight bits), not on
+      # every (w, a) pair, then broadcast.
+      own, _ = fold_cycles(self.dataflow, self.rows, self.cols, layers.m, layers.n,
+                           layers.k, self._own_stream(w, a))
+      full = jnp.shape(per_gemm * layers.groups)
+      extra = {name: jnp.broadcast_to(v, full)
+               for name, v in self.scratchpad_cost(layers, w, a, own).items()}
       dram_bytes = sum(extra[f"{x}_dram_bytes"] for x in ("ifmap", "filter", "ofmap"))
       cycles = compute + extra.pop("stall_cycles")
       if self.bandwidth_mode == "calc":
@@ -233,7 +250,7 @@ class Systolic:
     groups runs its `G` GEMMs one after the other, as SCALE-Sim runs a `DP`
     layer's channels as layers.
     """
-    bits = {"ifmap": a, "filter": w, "ofmap": jnp.full_like(w * a, self.output_bits)}
+    bits = {"ifmap": a, "filter": w, "ofmap": jnp.float32(self.output_bits)}
     sram = {"ifmap": self.ifmap_sram_bytes, "filter": self.filter_sram_bytes,
             "ofmap": self.ofmap_sram_bytes}
     port = {"ifmap": self.ifmap_bytes_per_cycle, "filter": self.filter_bytes_per_cycle,

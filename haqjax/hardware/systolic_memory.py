@@ -88,7 +88,11 @@ words read are SCALE-Sim's. The walk is a
 the first ones. The address walk looks a tile's words up
 `systolic_window.CHUNK_ROWS` rows at a time, again after each move (about
 10 s for the [1, 8, 8] cost tensor of a 56x56 3x3 conv of 64 channels on
-a 32x32 array with 64 KiB SRAMs, on one CPU core).
+a 32x32 array with 64 KiB SRAMs, on one CPU core). `haqjax.hardware.Systolic`
+runs each buffer's walk on the bits it depends on (the ifmap's on the
+activation bits), so a `[L, 8, 8]` cost tensor walks `8 L` ifmaps, not
+`64 L`; most of a first call is XLA's compile (about 5 s; 9 s with the
+address walk), whatever the array's size.
 
 Bits: SCALE-Sim's words are bytes (`word_size = 1` in `single_layer_sim`),
 so an 8-bit operand is one word and its bandwidth is bytes per cycle. An
