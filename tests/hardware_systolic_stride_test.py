@@ -3,7 +3,9 @@
 A model's layers carry their strides into `Layers`, so a strided conv built
 from a model costs what the same conv costs from a SCALE-Sim topology (whose
 figures `tests/hardware_scalesim_memory_test.py` checks against the
-`scalesim` package).
+`scalesim` package); a weight-stationary ifmap whose last outputs read past
+the input is placed on SCALE-Sim's diagonals; and the scratchpad model gets
+the geometry only where costs depend on it.
 """
 
 import math
