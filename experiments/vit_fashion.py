@@ -1,25 +1,37 @@
 r"""A small plain-Flax ViT trained FP32 on Fashion-MNIST through the public API.
 
-  nice -n 10 python -m experiments.vit_fashion [--epochs=12] [--width=64] [--depth=2] \
-      [--heads=4] [--patch=7] [--learning_rate=0.002]
+  nice -n 10 python -m experiments.vit_fashion [--epochs=14] [--width=64] [--depth=2] \
+      [--heads=4] [--patch=7] [--learning_rate=0.003] [--weight_decay=0.05] \
+      [--warmup_epochs=1] [--label_smoothing=0.1]
 
 The ViT of `experiments/notebooks/bring_your_own_model.ipynb` (its FULL
 setting: 7x7 patches embedded by a strided `nn.Conv`, learned position
 embeddings, pre-norm blocks of `nn.MultiHeadDotProductAttention` and an
 `nn.Dense` MLP, `nn.LayerNorm`, mean pooling, a linear head), written with
 flax's own layers only. It is made quantizable by `haqjax.quantize` and
-trained in floating point by `haqjax.finetune(..., policy=None)` (AdamW, a
-cosine schedule, batch 128) on numpy arrays read from the idx files
-(`apt-get install dataset-fashion-mnist`, or --data_dir): 55,000 training
-images, 5,000 held out for validation, the 10,000 test images, standardised
-with the training set's mean and deviation, as the notebook does. It prints
-the validation and test top-1 (`haqjax.evaluate`) and the training time.
+trained in floating point by `haqjax.finetune(..., policy=None)` (AdamW, one
+epoch of linear warm-up then a cosine schedule, label smoothing 0.1, batch
+128) on numpy arrays read from the idx files (`apt-get install
+dataset-fashion-mnist`, or --data_dir): 55,000 training images, 5,000 held
+out for validation, the 10,000 test images, standardised with the training
+set's mean and deviation, as the notebook does. It prints the validation and
+test top-1 (`haqjax.evaluate`) and the training time.
 
-What it gives (measured once each, two CPU cores shared with other jobs):
-12 epochs (the default) 89.08% validation, 87.92% test top-1, trained in
-211 s (248 s wall); 8 epochs 88.60% and 87.20% in 274 s under heavier
-load. So this recipe ends just short of 88% test top-1; smaller patches
-(--patch=4, about 3x the compute) or more epochs are the next knobs.
+What it gives (one run each, seed 0, two CPU cores shared with other jobs;
+the recipe chosen by validation top-1):
+
+| recipe | val | test | training |
+|---|---|---|---|
+| 12 epochs, lr 2e-3, wd 1e-4, no warm-up or smoothing | 89.08% | 87.92% | 211 s |
+| 12 epochs, lr 2e-3, wd 0.05, warm-up 1, smoothing 0.1 | 88.92% | 88.19% | 296 s |
+| 14 epochs, lr 2e-3, wd 0.05, warm-up 1, smoothing 0.1 | 89.24% | 88.18% | 302 s |
+| 14 epochs, lr 3e-3, wd 0.05, warm-up 1, smoothing 0.1 (default) | 89.54% | 88.43% | 276 s |
+
+The default trains in under five minutes (305 s wall with the evaluations;
+training times vary with the other jobs' load). Validation top-1 runs about
+1 point above test here, and one run's noise is a few tenths, so the order
+of the recipes is not firmly settled. Smaller patches (--patch=4: 49 tokens,
+not 16) cost several times more per step on this CPU.
 """
 
 from __future__ import annotations
@@ -33,13 +45,15 @@ from experiments import cli
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "/usr/share/datasets/fashion-mnist",
                                 "Folder of the four Fashion-MNIST idx files.")
-_EPOCHS = flags.DEFINE_float("epochs", 12.0, "Training epochs (a fraction allowed).")
+_EPOCHS = flags.DEFINE_float("epochs", 14.0, "Training epochs (a fraction allowed).")
 _WIDTH = flags.DEFINE_integer("width", 64, "Token width.")
 _DEPTH = flags.DEFINE_integer("depth", 2, "Transformer blocks.")
 _HEADS = flags.DEFINE_integer("heads", 4, "Attention heads per block.")
 _PATCH = flags.DEFINE_integer("patch", 7, "Patch side (divides 28).")
-_LR = flags.DEFINE_float("learning_rate", 2e-3, "AdamW's peak learning rate (cosine).")
-_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 1e-4, "AdamW's weight decay (kernels).")
+_LR = flags.DEFINE_float("learning_rate", 3e-3, "AdamW's peak learning rate (cosine).")
+_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.05, "AdamW's weight decay (kernels).")
+_WARMUP = flags.DEFINE_float("warmup_epochs", 1.0, "Linear warm-up before the cosine.")
+_SMOOTHING = flags.DEFINE_float("label_smoothing", 0.1, "Label smoothing of the loss.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Training batch size.")
 _VAL = flags.DEFINE_integer("val_size", 5000, "Training images held out for validation.")
 _SEED = flags.DEFINE_integer("seed", 0, "Initial weights, held-out rows and data order.")
@@ -100,7 +114,8 @@ def arrays(data_dir: str, val_size: int, seed: int):
 
 def train_and_evaluate(*, data_dir: str, epochs: float, width: int, depth: int, heads: int,
                        patch: int, learning_rate: float, weight_decay: float,
-                       batch_size: int, val_size: int, seed: int) -> dict[str, float]:
+                       warmup_epochs: float, label_smoothing: float, batch_size: int,
+                       val_size: int, seed: int) -> dict[str, float]:
   """Trains the ViT FP32 and returns its val and test top-1 and the seconds taken."""
   import jax  # pylint: disable=g-import-not-at-top
   import haqjax  # pylint: disable=g-import-not-at-top
@@ -116,6 +131,7 @@ def train_and_evaluate(*, data_dir: str, epochs: float, width: int, depth: int, 
   trained = haqjax.finetune(qmodel, qvars, train, None, epochs=epochs,
                             learning_rate=learning_rate, batch_size=batch_size,
                             optimizer="adamw", momentum=0.9, weight_decay=weight_decay,
+                            warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
                             seed=seed)
   jax.block_until_ready(trained)
   seconds = time.perf_counter() - t0
@@ -133,6 +149,7 @@ def main(argv: list[str]) -> None:
       data_dir=_DATA_DIR.value, epochs=_EPOCHS.value, width=_WIDTH.value,
       depth=_DEPTH.value, heads=_HEADS.value, patch=_PATCH.value,
       learning_rate=_LR.value, weight_decay=_WEIGHT_DECAY.value,
+      warmup_epochs=_WARMUP.value, label_smoothing=_SMOOTHING.value,
       batch_size=_BATCH.value, val_size=_VAL.value, seed=_SEED.value)
   print(f"ViT width {_WIDTH.value}, depth {_DEPTH.value}, heads {_HEADS.value}, patch "
         f"{_PATCH.value} ({result['parameters']:,} parameters), {_EPOCHS.value:g} epochs: "
