@@ -122,9 +122,11 @@ def test_attention_matmuls_are_calibrated_only():
   assert list(wrapped.layer_geometries(quantized(model), variables, x)) == ["embed", "head"]
   policy = Policy.uniform(("embed", "attention/query", "attention/key", "attention/value",
                            "attention/qk", "attention/pv", "attention/out", "head"), 8, 8)
+  # CLE is on by default: no pair passes the attention's residual add.
   result = ptq(jax.random.key(1), model, variables, [x], policy,
-               PTQOptions(cle=False, adaround=False, bias_correction="empirical"))
+               PTQOptions(adaround=False, bias_correction="empirical"))
   assert result.report["bn_pairs"] == []
+  assert result.report["eq_pairs"] == [] and result.report["cle_passes"] == 1
   params = result.variables["params"]
   assert not np.allclose(params["head"]["bias"], variables["params"]["head"]["bias"])
   np.testing.assert_array_equal(params["attention"]["out"]["bias"],
@@ -132,5 +134,3 @@ def test_attention_matmuls_are_calibrated_only():
   qk = params["attention"]["qk"]
   assert set(qk) == {"act_quant", "rhs_quant"}
   assert np.all(qk["rhs_quant"]["hi"] > qk["rhs_quant"]["lo"])  # calibrated
-  with pytest.raises(ValueError, match="cle is True for a plain flax model"):
-    ptq(jax.random.key(1), model, variables, [x], policy, PTQOptions())

@@ -1,6 +1,5 @@
 """haqjax.ptq.ptq and BN folding on a flax NNX CNN: its linen twin's results."""
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +30,12 @@ def test_bn_pairs_are_found_in_the_nnx_model():
   assert [(p.path, p.bn_path) for p in found] == [(("conv1",), ("bn1",))]
   pairs = folding.traced_bn_pairs(nnx_quantized(model), variables, shape)
   assert pairs == (folding.BNPair("conv1", ("conv1",), ("bn1",)),)
+  # The CLE pairs by data flow, NNX's as linen's: conv1 -> bn1 -> relu -> dw -> relu
+  # -> mean -> head.
+  eq_pairs = wrapped.equalization_pairs(nnx_quantized(model), variables, shape, pairs)
+  assert eq_pairs == wrapped.equalization_pairs(quantized(LinenCNN()), variables, shape,
+                                                pairs)
+  assert [tuple(p) for p in eq_pairs] == [("conv1", "dw", "relu"), ("dw", "head", "relu")]
   x = jnp.zeros(shape)
   assert list(wrapped.layer_geometries(nnx_quantized(model), variables, x)) == list(NAMES)
 

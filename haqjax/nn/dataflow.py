@@ -1,6 +1,6 @@
 """What the traced computation of a quantized plain-flax model tells.
 
-Two walks over the jaxpr of `haqjax.nn.quantized` models:
+Three walks over the jaxpr of `haqjax.nn.quantized` models:
 
 * `float_ops(closed)`: every product (`dot_general`, `conv_general_dilated`)
   that is not an intercepted op (`haqjax.nn.intercept.MARKER`): an `x @ y`
@@ -12,6 +12,10 @@ Two walks over the jaxpr of `haqjax.nn.quantized` models:
   BatchNorm (`nn.BatchNorm`, `nnx.BatchNorm`), found by
   data flow (the BN's input is the layer's output in the traced program),
   not by names: what BN folding needs.
+* `layer_chains(model, variables, input_shape)`: each pair of layers whose
+  joining path (the first's BN, ReLU or ReLU6, per-channel pooling, read by
+  nothing else) commutes with per-channel scaling: what cross-layer
+  equalization needs.
 
 Products are named by the module they run in (from the equations' name
 stack) and their primitive, `<module path>/<primitive>_<i>` with `i`
@@ -29,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import Literal
 from jax.extend.core import jaxprs_in_params
 
 from haqjax.nn.intercept import MARKER
@@ -195,3 +200,165 @@ def conv_bn_pairs(model: nn.Module, variables: PyTree,
 
   walk(closed.jaxpr)
   return tuple(pairs)
+
+
+class LayerChain(NamedTuple):
+  """Two layers joined by a path that commutes with per-channel scaling.
+
+  Attributes:
+    first: the module path of the layer whose output starts the path.
+    second: the module path of the layer that reads its end.
+    act: 'linear', 'relu' or 'relu6', the activation on the path.
+  """
+  first: tuple[str, ...]
+  second: tuple[str, ...]
+  act: str
+
+
+class _Chain(NamedTuple):
+  first: tuple[str, ...]
+  act: str
+  raw: bool  # Still the layer's output itself (no op applied yet).
+
+
+def _literal(v: Any) -> float | None:
+  if isinstance(v, Literal) and np.ndim(v.val) == 0:
+    return float(v.val)
+  return None
+
+
+def _keeps_channels(eqn: Any, chain: _Chain) -> _Chain | None:
+  """`chain` through `eqn` (one chained operand), or None where it stops."""
+  prim = eqn.primitive.name
+  ins, out = eqn.invars, eqn.outvars[0].aval
+  if prim in ("convert_element_type", "reshape", "squeeze", "expand_dims"):
+    same = ins[0].aval.shape[-1:] == out.shape[-1:] and len(out.shape) >= 1
+    return chain._replace(raw=False) if same else None
+  if prim == "reduce_sum":
+    last = len(ins[0].aval.shape) - 1
+    return None if last in eqn.params["axes"] else chain._replace(raw=False)
+  if prim == "reduce_window_sum":
+    ok = eqn.params["window_dimensions"][-1] == 1 and eqn.params["window_strides"][-1] == 1
+    return chain._replace(raw=False) if ok else None
+  others = [_literal(v) for v in ins[1:]] if prim == "div" else [
+      _literal(v) for v in ins]
+  if prim in ("div", "mul") and len(ins) == 2:
+    consts = [c for c in others if c is not None]
+    return chain._replace(raw=False) if consts and consts[0] > 0 else None
+  if prim == "max" and 0.0 in others:
+    return chain._replace(raw=False, act="relu" if chain.act == "linear" else chain.act)
+  if prim == "min" and 6.0 in others and chain.act == "relu":
+    return chain._replace(raw=False, act="relu6")
+  return None
+
+
+def layer_chains(model: nn.Module, variables: PyTree, input_shape: Sequence[int],
+                 **call_kwargs: Any) -> tuple[LayerChain, ...]:
+  """Layer pairs whose joining path commutes with per-channel scaling.
+
+  The pairs cross-layer equalization can take (DFQ): a `nn.Conv`/`nn.Dense`
+  (`nnx.Conv`/`nnx.Linear`) whose output reaches the input of another
+  through only its own BatchNorm (one with `axis=-1` reading the layer's
+  output directly, which folding makes a bias), ReLU or ReLU6 (max with 0,
+  then min with 6), casts, reshapes that keep the channel axis last, sums
+  over other axes and windowed sums (global and average pooling) and
+  division or multiplication by a positive constant, each value on the path
+  read by nothing else. A residual add, a concatenation, another
+  activation, max pooling or a second reader ends the path: that pair is
+  not listed.
+
+  Args:
+    model: a flax module (e.g. a `haqjax.nn.quantized` model).
+    variables: its variables (arrays or `jax.ShapeDtypeStruct`s).
+    input_shape: the input's shape.
+    **call_kwargs: other arguments of the model's `__call__`.
+
+  Returns:
+    The pairs, in the order their second layers run.
+  """
+  counter = itertools.count()
+  marks: dict[str, tuple[str, tuple[str, ...]]] = {}
+
+  def mark(x, kind, path):
+    tag = f"haqjax_chain_{kind}_{next(counter)}"
+    marks[tag] = (kind, path)
+
+    def ident(x):
+      return x
+    ident.__name__ = tag
+    return jax.jit(ident)(x)
+
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    layer = called_layer(module)
+    first = 0 if layer is module else 1
+    path = tuple(module.scope.path)
+    if isinstance(layer, BATCH_NORMS) and layer.axis in (-1,):
+      args = (*args[:first], mark(args[first], "bn_in", path), *args[first + 1:])
+      return mark(next_fun(*args, **kwargs), "bn_out", path)
+    if isinstance(layer, LAYERS):
+      args = (*args[:first], mark(args[first], "in", path), *args[first + 1:])
+      return mark(next_fun(*args, **kwargs), "out", path)
+    return next_fun(*args, **kwargs)
+
+  call_kwargs.setdefault("train", False)
+
+  def forward(v, x):
+    with nn.intercept_methods(intercept):
+      return model.apply(v, x, **call_kwargs)
+
+  x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+  closed = jax.make_jaxpr(forward)(variables, x)
+  found: list[LayerChain] = []
+  pending: dict[tuple[str, ...], _Chain] = {}
+
+  def walk(jaxpr: Any, chains: dict[Any, _Chain]) -> dict[Any, _Chain]:
+    uses: dict[Any, int] = {}
+    for v in [v for e in jaxpr.eqns for v in e.invars] + list(jaxpr.outvars):
+      if not isinstance(v, Literal):
+        uses[v] = uses.get(v, 0) + 1
+    alone = lambda v: not isinstance(v, Literal) and v in chains and uses[v] == 1
+    for eqn in jaxpr.eqns:
+      chained = [v for v in eqn.invars if alone(v)]
+      tag = str(eqn.params.get("name", ""))
+      if tag in marks:
+        kind, path = marks[tag]
+        if kind == "out":
+          chains[eqn.outvars[0]] = _Chain(path, "linear", True)
+        elif kind == "in" and chained:
+          c = chains[chained[0]]
+          found.append(LayerChain(c.first, path, c.act))
+        elif kind == "bn_in" and chained and chains[chained[0]].raw:
+          pending[path] = chains[chained[0]]
+        elif kind == "bn_out" and path in pending:
+          chains[eqn.outvars[0]] = pending.pop(path)._replace(raw=False)
+        continue
+      subs = list(jaxprs_in_params(eqn.params))
+      call = (len(subs) == 1 and len(subs[0].invars) == len(eqn.invars)
+              and len(subs[0].outvars) == len(eqn.outvars)
+              and eqn.primitive.name in ("jit", "pjit", "custom_jvp_call",
+                                         "custom_vjp_call", "closed_call"))
+      if call:
+        inner = {i: chains[o] for i, o in zip(subs[0].invars, eqn.invars) if alone(o)}
+        inner = walk(subs[0], inner)
+        for i, o in zip(subs[0].outvars, eqn.outvars):
+          if i in inner:
+            chains[o] = inner[i]
+        continue
+      for sub in subs:
+        walk(sub, {})
+      if len(chained) == 1 and len(eqn.outvars) == 1 and (
+          sum(not isinstance(v, Literal) for v in eqn.invars) == 1):
+        nxt = _keeps_channels(eqn, chains[chained[0]])
+        if nxt is not None:
+          chains[eqn.outvars[0]] = nxt
+    outs = {}
+    for v in jaxpr.outvars:
+      if alone(v):
+        outs[v] = chains[v]
+    return outs
+
+  walk(closed.jaxpr, {})
+  return tuple(found)

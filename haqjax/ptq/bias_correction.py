@@ -304,7 +304,8 @@ def empirical_bias_correction(model: nn.Module, variables: PyTree,
 
 def analytic_bias_correction(model: nn.Module, variables: PyTree, policy: Policy,
                              pairs: Iterable[EqualizationPair], bn_stats: BNStats,
-                             *, eps: float = BN_EPSILON) -> PyTree:
+                             *, eps: float = BN_EPSILON,
+                             bn_pairs: Iterable[BNPair] | None = None) -> PyTree:
   """Data-free bias correction of every `second` layer of `pairs`.
 
   Layers whose input is not one BN + activation (the stem, residual sums)
@@ -318,6 +319,9 @@ def analytic_bias_correction(model: nn.Module, variables: PyTree, policy: Policy
     bn_stats: `{layer: (mean, std)}` of each `first`'s BN output, matching
       `variables` (`bn_output_stats` before folding, through equalization).
     eps: the BN epsilon.
+    bn_pairs: the layer -> BN pairs (`correct_bias`'s `pairs`; a plain flax
+      model's `traced_bn_pairs`, with `haqjax.ptq.wrapped.equalization_pairs`
+      as `pairs`).
 
   Returns:
     New variables (`correct_bias`).
@@ -333,4 +337,4 @@ def analytic_bias_correction(model: nn.Module, variables: PyTree, policy: Policy
     mean, std = bn_stats[p.first]
     x_mean = clipped_normal_mean(mean, std, p.act)
     errors[p.second] = input_mean_error(model, variables, policy, p.second, x_mean)
-  return correct_bias(variables, errors, eps=eps)
+  return correct_bias(variables, errors, eps=eps, pairs=bn_pairs)

@@ -48,6 +48,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -168,7 +169,8 @@ def equalization_pairs(model: nn.Module | str) -> tuple[EqualizationPair, ...]:
 class _Layer:
   """float64 working copies of a layer's kernel and output bias."""
 
-  def __init__(self, params: PyTree, stats: PyTree, name: str, eps: float):
+  def __init__(self, params: PyTree, stats: PyTree, name: str, eps: float,
+               bn_paths: dict[str, tuple[str, ...]] | None = None):
     path = tuple(name.split("/"))
     try:
       layer = get_path(params, path)
@@ -176,9 +178,13 @@ class _Layer:
       raise ValueError(f"layer {name!r} is not in the variables; allowed: a "
                        "pair of the model's layers") from None
     self.kernel = np.asarray(layer["kernel"], np.float64)
-    bn_path = path[:-1] + (path[-1] + BN_SUFFIX,)
-    parent = get_path(params, path[:-1])
-    if path[-1] + BN_SUFFIX in parent:
+    if bn_paths is None:
+      bn_path = path[:-1] + (path[-1] + BN_SUFFIX,)
+      has_bn = path[-1] + BN_SUFFIX in get_path(params, path[:-1])
+    else:
+      bn_path = bn_paths.get(name)
+      has_bn = bn_path is not None
+    if has_bn:
       if not is_folded({"params": params, "batch_stats": stats},
                        BNPair(name, path, bn_path), eps):
         raise ValueError(f"layer {name!r} has an unfolded BN; allowed: variables "
@@ -227,18 +233,19 @@ def channel_ranges(kernel: Array, axis: int = -1) -> Array:
   return jnp.asarray(_ranges(np.asarray(kernel), axis))
 
 
-def _prepare(variables, pairs, relu6, bn_stats, eps):
+def _prepare(variables, pairs, relu6, bn_stats, eps, bn_pairs=None):
   _check("relu6", relu6, RELU6_MODES)
   for p in pairs:
     _check(f"act of pair {p.first}->{p.second}", p.act, ACTIVATIONS)
   params = copy_tree(variables["params"])
   stats = variables.get("batch_stats", {})
+  bn_paths = None if bn_pairs is None else {p.name: p.bn_path for p in bn_pairs}
   active = [p for p in pairs if p.act != "relu6" or relu6 == "relu"]
   layers: dict[str, _Layer] = {}
   for p in active:
     for name in (p.first, p.second):
       if name not in layers:
-        layers[name] = _Layer(params, stats, name, eps)
+        layers[name] = _Layer(params, stats, name, eps, bn_paths)
   bn = None if bn_stats is None else {
       k: (np.asarray(m, np.float64), np.asarray(s, np.float64))
       for k, (m, s) in bn_stats.items()}
@@ -259,7 +266,8 @@ def cross_layer_equalization(variables: PyTree,
                              relu6: str = "skip",
                              bn_stats: BNStats | None = None,
                              max_passes: int = 100, tol: float = 1e-3,
-                             eps: float = BN_EPSILON) -> Equalized:
+                             eps: float = BN_EPSILON,
+                             bn_pairs: Sequence[BNPair] | None = None) -> Equalized:
   """Rescales channels so the weight ranges of each pair match.
 
   Args:
@@ -271,6 +279,9 @@ def cross_layer_equalization(variables: PyTree,
     max_passes: at most this many sweeps over the pairs.
     tol: stop when every scale of a sweep is within `exp(+-tol)` of 1.
     eps: the BN epsilon (to check the BNs are folded).
+    bn_pairs: the layer -> BN pairs holding the layers' biases (a plain
+      flax model's `haqjax.ptq.folding.traced_bn_pairs`); None: a layer
+      `X`'s BN is its sibling `X_bn`.
 
   Returns:
     `Equalized(variables, bn_stats, passes)`.
@@ -283,7 +294,8 @@ def cross_layer_equalization(variables: PyTree,
     raise ValueError(f"max_passes is {max_passes!r}; allowed: an integer >= 1")
   if not tol > 0:
     raise ValueError(f"tol is {tol!r}; allowed: a positive number")
-  params, active, layers, bn = _prepare(variables, pairs, relu6, bn_stats, eps)
+  params, active, layers, bn = _prepare(variables, pairs, relu6, bn_stats, eps,
+                                        bn_pairs)
   passes = 0
   for passes in range(1, max_passes + 1):
     worst = 0.0
@@ -308,7 +320,8 @@ def cross_layer_equalization(variables: PyTree,
 def absorb_high_bias(variables: PyTree, pairs: tuple[EqualizationPair, ...],
                      bn_stats: BNStats, *, relu6: str = "skip",
                      n_std: float = 3.0, spatial: bool = True,
-                     eps: float = BN_EPSILON) -> Equalized:
+                     eps: float = BN_EPSILON,
+                     bn_pairs: Sequence[BNPair] | None = None) -> Equalized:
   """Moves `c = max(0, beta - n_std * gamma)` from each `first` into `second`.
 
   Applies to ReLU pairs (and ReLU6 pairs with `relu6='relu'`). Exact for
@@ -329,6 +342,7 @@ def absorb_high_bias(variables: PyTree, pairs: tuple[EqualizationPair, ...],
     n_std: the margin in standard deviations.
     spatial: also absorb into seconds with a spatial (k > 1) kernel.
     eps: the BN epsilon.
+    bn_pairs: as in `cross_layer_equalization`.
 
   Returns:
     `Equalized(variables, bn_stats with the means shifted by -c, 1)`.
@@ -339,7 +353,8 @@ def absorb_high_bias(variables: PyTree, pairs: tuple[EqualizationPair, ...],
   """
   if not n_std >= 0:
     raise ValueError(f"n_std is {n_std!r}; allowed: a number >= 0")
-  params, active, layers, bn = _prepare(variables, pairs, relu6, bn_stats, eps)
+  params, active, layers, bn = _prepare(variables, pairs, relu6, bn_stats, eps,
+                                        bn_pairs)
   for p in active:
     if p.act == "linear":
       continue

@@ -20,9 +20,11 @@ following the standard order (Nagel et al. 2021, section 4; Qualcomm AIMET):
 
 A plain `flax.linen` model, or a flax NNX one, goes through the same flow
 (`haqjax.ptq.wrapped`): its BNs fold into the layers the traced computation
-pairs them with, AdaRound and bias correction take its `nn.Conv` and
-`nn.Dense` ops (`nnx.Conv`, `nnx.Linear`), and its other ops (attention's
-matmuls of two activations among them) are calibrated only.
+pairs them with, its equalization pairs are the layers the traced
+computation joins by only a BN, ReLU/ReLU6 or per-channel pooling
+(`wrapped.equalization_pairs`), AdaRound and bias correction take its
+`nn.Conv` and `nn.Dense` ops (`nnx.Conv`, `nnx.Linear`), and its other ops
+(attention's matmuls of two activations among them) are calibrated only.
 
 Each step's wall time is reported, so the flow doubles as a fast accuracy
 signal inside a search.
@@ -54,6 +56,7 @@ from haqjax.ptq import adaround as adaround_lib
 from haqjax.ptq import bias_correction as bc_lib
 from haqjax.ptq import equalization as eq_lib
 from haqjax.ptq import folding
+from haqjax.ptq import wrapped
 from haqjax.quant import calibration
 from haqjax.quant.affine import AffineSpec
 from haqjax.quant.rules import QuantScheme
@@ -187,16 +190,13 @@ def as_quantizable(model: nn.Module | nnx.Module) -> nn.Module:
   return quantized(model)
 
 
-def _check_wrapped(options: PTQOptions) -> None:
-  """The steps a plain flax model cannot take yet, as one error."""
-  if options.cle:
-    raise ValueError("cle is True for a plain flax model (haqjax.nn.quantized); "
-                     "allowed: cle=False (equalization pairs are known for the zoo "
-                     "models only)")
-  if options.bias_correction == "analytic":
-    raise ValueError("bias_correction is 'analytic' for a plain flax model; allowed: "
-                     "'empirical' or 'none' (the analytic form needs the zoo models' "
-                     "layer pairs)")
+def _with_stats(pairs: tuple[Any, ...], bn_stats: Any, bn_pairs: Any) -> tuple[Any, ...]:
+  """A plain model's pairs whose first layer has BN statistics (the ones
+  high-bias absorption and analytic bias correction can model); a zoo
+  model's (`bn_pairs` None) all."""
+  if bn_pairs is None:
+    return pairs
+  return tuple(p for p in pairs if p.first in (bn_stats or {}))
 
 
 def _timer(seconds: dict[str, float]):
@@ -227,7 +227,6 @@ def prepare(model: nn.Module, variables: PyTree, batches: Sequence[Any],
   model = as_quantizable(model)
   bn_pairs = None
   if isinstance(model, Quantized):
-    _check_wrapped(options)
     variables = _with_quant_params(quantized_model(model, options), variables, first)
     bn_pairs = timed("bn_pairs", folding.traced_bn_pairs, model, variables,
                      np.shape(first))
@@ -237,15 +236,22 @@ def prepare(model: nn.Module, variables: PyTree, batches: Sequence[Any],
     bn_stats = folding.bn_output_stats(variables, pairs=bn_pairs)
     variables = timed("fold_bn", folding.fold_batch_norms, model, variables,
                       pairs=bn_pairs)
-  pairs = eq_lib.equalization_pairs(model) if options.cle else ()
+  pairs = ()
+  if bn_pairs is not None and (options.cle or options.bias_correction == "analytic"):
+    pairs = timed("eq_pairs", wrapped.equalization_pairs, model, variables,
+                  np.shape(first), bn_pairs)
+    report["eq_pairs"] = [list(p) for p in pairs]
+  elif options.cle:
+    pairs = eq_lib.equalization_pairs(model)
   if options.cle:
     eq = timed("cle", eq_lib.cross_layer_equalization, variables, pairs,
-               relu6=options.relu6, bn_stats=bn_stats)
+               relu6=options.relu6, bn_stats=bn_stats, bn_pairs=bn_pairs)
     variables, bn_stats = eq.variables, eq.bn_stats
     report["cle_passes"] = int(eq.passes)
     if options.high_bias_absorption:
-      eq = timed("high_bias_absorption", eq_lib.absorb_high_bias, variables, pairs,
-                 bn_stats, relu6=options.relu6, spatial=False)
+      eq = timed("high_bias_absorption", eq_lib.absorb_high_bias, variables,
+                 _with_stats(pairs, bn_stats, bn_pairs), bn_stats,
+                 relu6=options.relu6, spatial=False, bn_pairs=bn_pairs)
       variables, bn_stats = eq.variables, eq.bn_stats
   if options.cle and options.relu6 == "relu" and getattr(model, "clip_relu", False):
     model = model.clone(clip_relu=False)
@@ -281,13 +287,15 @@ def quantize(key: PRNGKey, prepared: Prepared, policy: Policy,
     variables = timed("bias_correction", bc_lib.empirical_bias_correction, qmodel,
                       variables, batches, policy, pairs=prepared.bn_pairs)
   elif options.bias_correction == "analytic":
-    if prepared.bn_stats is None:
+    if prepared.bn_stats is None and prepared.bn_pairs != ():
       raise ValueError("bias_correction is 'analytic' with fold_bn False; allowed: "
                        "analytic correction on folded BatchNorms")
+    pairs = (_with_stats(prepared.pairs, prepared.bn_stats, prepared.bn_pairs)
+             if prepared.bn_pairs is not None
+             else prepared.pairs or eq_lib.equalization_pairs(qmodel))
     variables = timed("bias_correction", bc_lib.analytic_bias_correction, qmodel,
-                      variables, policy,
-                      prepared.pairs or eq_lib.equalization_pairs(qmodel),
-                      prepared.bn_stats)
+                      variables, policy, pairs, prepared.bn_stats,
+                      bn_pairs=prepared.bn_pairs)
   variables = timed("act_range", calibrate, qmodel, variables, batches, policy,
                     weights=False, activations=True, recorded=prepared.recorded)
   report["total_seconds"] = round(sum(report["seconds"].values()), 3)
@@ -307,7 +315,10 @@ def ptq(key: PRNGKey, model: nn.Module, variables: PyTree, batches: Sequence[Any
       (`folding.traced_bn_pairs`), AdaRound and bias correction take its
       `nn.Conv` and `nn.Dense` ops (`haqjax.ptq.wrapped`), the other ops
       (matmuls of two activations included) are calibrated only, and
-      `cle` and analytic bias correction are not available. A flax NNX
+      `cle`, high-bias absorption and analytic bias correction take the
+      layer pairs the traced computation joins by only a BN, ReLU/ReLU6 or
+      per-channel pooling (`wrapped.equalization_pairs`; absorption and
+      analytic correction those whose first layer has a BN). A flax NNX
       model (`nnx.Module`) is taken the same way (`haqjax.nn.nnx_quantized`:
       its `nnx.Conv` -> `nnx.BatchNorm` pairs fold, AdaRound takes its
       `nnx.Conv` and `nnx.Linear` ops); `haqjax.nn.nnx_update(model,
@@ -325,8 +336,8 @@ def ptq(key: PRNGKey, model: nn.Module, variables: PyTree, batches: Sequence[Any
     runs the quantized network.
 
   Raises:
-    ValueError: no batches, non-finite images or activations, a policy
-      that does not fit the model, or a step a plain model cannot take.
+    ValueError: no batches, non-finite images or activations, or a policy
+      that does not fit the model.
   """
   return quantize(key, prepare(model, variables, batches, options), policy, options)
 

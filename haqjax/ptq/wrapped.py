@@ -17,6 +17,12 @@ gives the passes what they need from those:
 
 The BatchNorms that take those corrections are the traced conv -> BN pairs
 (`haqjax.ptq.folding.traced_bn_pairs`), not names.
+
+* `equalization_pairs`: the cross-layer equalization pairs
+  (`haqjax.ptq.equalization`) found by data flow
+  (`haqjax.nn.dataflow.layer_chains`): two layers joined only by the first's
+  BN, ReLU or ReLU6 and per-channel pooling, which analytic bias correction
+  takes too.
 """
 
 from __future__ import annotations
@@ -30,11 +36,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from haqjax.nn.dataflow import layer_chains
 from haqjax.nn.nnx_model import called_layer
 from haqjax.nn.quantized import Quantized
 from haqjax.nn.quantized import apply_float
 from haqjax.nn.quantized import op_quantizers
 from haqjax.policy import Policy
+from haqjax.ptq.equalization import EqualizationPair
+from haqjax.ptq.folding import BNPair
+from haqjax.ptq.folding import get_path
 from haqjax.ptq.layer_geometry import LayerGeometry
 from haqjax.typing import Array, ArrayLike, PyTree
 
@@ -104,3 +114,44 @@ def output_errors(model: Quantized, variables: PyTree, images: Array, weights: A
             jnp.sum(x * wx, axis=axes_x), jnp.sum(jnp.broadcast_to(wx, x.shape[:-1] + (1,))))
 
   return _sites(model, variables, images, measure)
+
+
+def _takes(kernel: np.ndarray, channels: int) -> bool:
+  """Whether `kernel` reads `channels` inputs as a dense, conv or depthwise."""
+  shape = np.shape(kernel)
+  return ((len(shape) == 2 and shape[0] == channels)
+          or (len(shape) == 4 and (shape[2] == channels
+                                   or (shape[2] == 1 and shape[3] == channels))))
+
+
+def equalization_pairs(model: nn.Module, variables: PyTree, input_shape: tuple[int, ...],
+                       bn_pairs: tuple[BNPair, ...]) -> tuple[EqualizationPair, ...]:
+  """The CLE pairs of a plain flax model, by data flow.
+
+  A traced `layer_chains` pair is kept when both layers have an output bias
+  (their own, or their BN's in `bn_pairs`) and the second reads the first's
+  channels as a dense, conv or depthwise kernel (a grouped conv does not).
+
+  Args:
+    model: a `haqjax.nn.quantized` (or NNX) model.
+    variables: its variables (arrays or shapes).
+    input_shape: the shape of its input.
+    bn_pairs: its traced layer -> BN pairs (`traced_bn_pairs`).
+
+  Returns:
+    The pairs, in the order their second layers run.
+  """
+  with_bn = {p.name for p in bn_pairs}
+  params = variables["params"]
+
+  def biased(name):
+    return name in with_bn or "bias" in get_path(params, tuple(name.split("/")))
+
+  pairs = []
+  for chain in layer_chains(model, variables, input_shape):
+    first, second = "/".join(chain.first), "/".join(chain.second)
+    channels = np.shape(get_path(params, chain.first)["kernel"])[-1]
+    if (biased(first) and biased(second)
+        and _takes(get_path(params, chain.second)["kernel"], channels)):
+      pairs.append(EqualizationPair(first, second, chain.act))
+  return tuple(pairs)
