@@ -137,3 +137,17 @@ def test_chains_stop_where_scaling_does_not_commute():
   # Scaling commutes with every path taken: the float function stays.
   np.testing.assert_allclose(model.apply(eq.variables, x), model.apply(variables, x),
                              rtol=1e-4, atol=1e-5)
+
+
+class Shared(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    conv = nn.Conv(4, (1, 1), name="shared")
+    y = nn.Conv(4, (1, 1), name="after")(nn.relu(conv(x)))  # alone, a pair
+    return nn.Conv(4, (1, 1), name="last")(nn.relu(conv(y))) + y
+
+
+def test_a_layer_run_twice_pairs_with_nothing():
+  model = Shared()
+  variables = model.init(jax.random.key(0), jnp.ones((1, 4, 4, 4)))
+  assert layer_chains(quantized(model), variables, (2, 4, 4, 4)) == ()

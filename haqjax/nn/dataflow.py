@@ -265,7 +265,8 @@ def layer_chains(model: nn.Module, variables: PyTree, input_shape: Sequence[int]
   division or multiplication by a positive constant, each value on the path
   read by nothing else. A residual add, a concatenation, another
   activation, max pooling or a second reader ends the path: that pair is
-  not listed.
+  not listed, nor any pair of a layer that runs more than once (shared
+  weights).
 
   Args:
     model: a flax module (e.g. a `haqjax.nn.quantized` model).
@@ -361,4 +362,10 @@ def layer_chains(model: nn.Module, variables: PyTree, input_shape: Sequence[int]
     return outs
 
   walk(closed.jaxpr, {})
-  return tuple(found)
+  # A layer run more than once shares its kernel between uses that the other
+  # runs' paths may not allow: none of its pairs is listed.
+  runs: dict[tuple[str, ...], int] = {}
+  for kind, path in marks.values():
+    if kind == "out":
+      runs[path] = runs.get(path, 0) + 1
+  return tuple(c for c in found if runs[c.first] == 1 and runs[c.second] == 1)
