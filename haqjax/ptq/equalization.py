@@ -36,7 +36,11 @@ that the next quantizer sees. It needs the BN statistics from before folding
 (`haqjax.ptq.folding.bn_output_stats`), which equalization rescales along.
 
 All functions take BN-folded variables (`fold_batch_norms`): a layer's bias is
-its identity BN's bias, or a dense layer's own bias.
+its identity BN's bias, or a dense layer's own bias. A zoo model's pairs and
+BNs are known by name (`equalization_pairs`, `X` and `X_bn`); a plain flax
+model's come from its traced computation
+(`haqjax.ptq.wrapped.equalization_pairs`, and `bn_pairs=` from
+`haqjax.ptq.folding.traced_bn_pairs`).
 
 References:
   Nagel, van Baalen, Blankevoort, Welling. Data-Free Quantization Through

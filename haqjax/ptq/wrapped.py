@@ -14,15 +14,14 @@ gives the passes what they need from those:
   quantized kernel causes on its floating-point input, for empirical bias
   correction. The op's own computation (flax's, through the interception)
   runs on the kernel error, so strides, padding and groups are the layer's.
-
-The BatchNorms that take those corrections are the traced conv -> BN pairs
-(`haqjax.ptq.folding.traced_bn_pairs`), not names.
-
 * `equalization_pairs`: the cross-layer equalization pairs
   (`haqjax.ptq.equalization`) found by data flow
   (`haqjax.nn.dataflow.layer_chains`): two layers joined only by the first's
   BN, ReLU or ReLU6 and per-channel pooling, which analytic bias correction
   takes too.
+
+The BatchNorms that take those corrections and rescalings are the traced
+conv -> BN pairs (`haqjax.ptq.folding.traced_bn_pairs`), not names.
 """
 
 from __future__ import annotations
