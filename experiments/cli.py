@@ -124,14 +124,21 @@ def run(main: Callable[[list[str]], Any]) -> None:
 
 
 def enable_compilation_cache(path: str | None) -> None:
-  """Turns on JAX's persistent compilation cache (empty path: off)."""
+  """Turns on JAX's persistent compilation cache (empty path: off).
+
+  Programs that compiled in at least 0.5 s are kept, or in at least
+  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS where that is set (0 keeps every
+  program: repeated short runs, such as tests, then read back even the quick
+  compiles).
+  """
   if not path:
     return
   import jax  # pylint: disable=g-import-not-at-top
   path = os.path.expanduser(path)
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0.5)))
 
 
 class _DropOrbaxRecords(pylogging.Filter):

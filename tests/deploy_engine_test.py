@@ -69,7 +69,15 @@ def _images(shape, n, seed):
   return jnp.asarray(np.random.default_rng(seed).normal(size=(n, *shape)), jnp.float32)
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+# ResNet-20's integer convolutions run many times slower without XLA's
+# optimisation than they take to compile with it (tests/conftest.py); the
+# other models' time is compiling.
+_OPTIMIZED = ("resnet20",)
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param(name, marks=[pytest.mark.xla_optimized] if name in _OPTIMIZED else [])
+    for name in CASES])
 def setup(request):
   name = request.param
   kwargs, shape, n = CASES[name]

@@ -25,6 +25,10 @@ from haqjax import hardware
 from haqjax.hardware import bitfusion_memory
 from haqjax.hardware import bitfusion_reference
 
+# XLA's full optimisation (tests/conftest.py): Bit Fusion's tiled loop-order search runs more than
+# it compiles.
+pytestmark = pytest.mark.xla_optimized
+
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                          "bitfusion_reference.json")
 TILED = hardware.BitFusion(memory="tiled")

@@ -6,6 +6,10 @@ import pytest
 from haqjax import hardware
 from haqjax.hardware import __main__ as cli
 
+# XLA's full optimisation (tests/conftest.py): Bit Fusion's tiled loop-order search runs more than
+# it compiles.
+pytestmark = pytest.mark.xla_optimized
+
 CYCLE_PARTS = ("compute_cycles", "stall_cycles")
 ENERGY_PARTS = ("compute_energy_j", "sram_energy_j", "dram_energy_j")
 # Presets, and memory-bound variants where stalls dominate.

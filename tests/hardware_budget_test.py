@@ -9,6 +9,10 @@ from haqjax import hardware
 from haqjax import models
 from haqjax.hardware import budget as budget_lib
 
+# XLA's full optimisation (tests/conftest.py): Bit Fusion's tiled tables and the budget walls run
+# more than they compile.
+pytestmark = pytest.mark.xla_optimized
+
 # Uniform references of the grid: every wXaX in 2..8 and floating point.
 REFERENCES = tuple(f"w{b}a{b}" for b in range(2, 9)) + ("fp32",)
 # Metrics of the grid (those a target models): HAQ's budgets. Every metric

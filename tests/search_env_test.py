@@ -10,6 +10,9 @@ from haqjax import models
 from haqjax.nn import layer_table
 from haqjax.search import env
 
+# XLA's full optimisation (tests/conftest.py): Bit Fusion's budget walls run more than they compile.
+pytestmark = pytest.mark.xla_optimized
+
 
 @pytest.fixture(scope="module")
 def table():
