@@ -7,8 +7,8 @@ optimisation passes; 116 -> 74 CPU-s on the Gumbel soft-policy and folded-BN
 tests). A module whose time goes into running what it compiled (the integer
 engine's convolutions run many times slower unoptimised) is marked
 `pytestmark = pytest.mark.xla_optimized` and compiled with XLA's full
-optimisation; so is a test or a parameter marked so. Subprocesses and notebook kernels inherit the module's setting
-through JAX_DISABLE_MOST_OPTIMIZATIONS.
+optimisation; so is a test or a parameter marked so. Subprocesses and
+notebook kernels inherit the setting through JAX_DISABLE_MOST_OPTIMIZATIONS.
 """
 
 import os

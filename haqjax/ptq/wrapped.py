@@ -7,9 +7,10 @@ gives the passes what they need from those:
 
 * `layer_geometries`: the linear map of each `nn.Conv` (2-D, NHWC, no
   dilation, padding 'SAME', 'VALID' or explicit) and `nn.Dense` op, which
-  AdaRound reconstructs (`nnx.Conv` and `nnx.Linear` in an NNX model). Other ops (`nn.DenseGeneral`, `nn.Einsum`, a
-  dilated or circular convolution, a matmul of two activations, which has
-  no weights) keep nearest rounding on their calibrated grid.
+  AdaRound reconstructs (`nnx.Conv` and `nnx.Linear` in an NNX model).
+  Other ops (`nn.DenseGeneral`, `nn.Einsum`, a dilated or circular
+  convolution, a matmul of two activations, which has no weights) keep
+  nearest rounding on their calibrated grid.
 * `output_errors`: per `nn.Conv`/`nn.Dense` op, the output shift its
   quantized kernel causes on its floating-point input, for empirical bias
   correction. The op's own computation (flax's, through the interception)
