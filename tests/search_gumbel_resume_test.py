@@ -24,7 +24,7 @@ from launcher_testing import kill_after
 from launcher_testing import launch_ok
 from launcher_testing import without_seconds
 
-EPOCHS = 4
+EPOCHS = 3
 
 CASES = {
     # name: (module, extra flags, epochs.jsonl lines per epoch)
