@@ -74,6 +74,14 @@ class BNPairPaths(NamedTuple):
   epsilon: float
 
 
+def _named_identity(x, tag: str):
+  """`x` through a jitted identity named `tag`: a mark the traced graph keeps."""
+  def ident(x):
+    return x
+  ident.__name__ = tag
+  return jax.jit(ident)(x)
+
+
 def _macs(eqn: Any) -> int:
   lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
   out = eqn.outvars[0].aval.shape
@@ -150,12 +158,6 @@ def conv_bn_pairs(model: nn.Module, variables: PyTree,
   counter = itertools.count()
   marks: dict[str, tuple[str, tuple[str, ...], float]] = {}
 
-  def mark(x, tag):
-    def ident(x):
-      return x
-    ident.__name__ = tag
-    return jax.jit(ident)(x)
-
   def intercept(next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__":
@@ -166,12 +168,12 @@ def conv_bn_pairs(model: nn.Module, variables: PyTree,
     if isinstance(layer, BATCH_NORMS) and layer.axis in (-1,):
       tag = f"{_BN_MARK}{next(counter)}"
       marks[tag] = ("bn", tuple(module.scope.path), float(layer.epsilon))
-      args = (*args[:first], mark(args[first], tag), *args[first + 1:])
+      args = (*args[:first], _named_identity(args[first], tag), *args[first + 1:])
       return next_fun(*args, **kwargs)
     if isinstance(layer, LAYERS):
       tag = f"{_LAYER_MARK}{next(counter)}"
       marks[tag] = ("layer", tuple(module.scope.path), 0.0)
-      return mark(next_fun(*args, **kwargs), tag)
+      return _named_identity(next_fun(*args, **kwargs), tag)
     return next_fun(*args, **kwargs)
 
   call_kwargs.setdefault("train", False)
@@ -283,11 +285,7 @@ def layer_chains(model: nn.Module, variables: PyTree, input_shape: Sequence[int]
   def mark(x, kind, path):
     tag = f"haqjax_chain_{kind}_{next(counter)}"
     marks[tag] = (kind, path)
-
-    def ident(x):
-      return x
-    ident.__name__ = tag
-    return jax.jit(ident)(x)
+    return _named_identity(x, tag)
 
   def intercept(next_fun, args, kwargs, context):
     module = context.module
