@@ -12,7 +12,7 @@ r"""Benchmarks: programs that print and write JSON, not timed tests.
       [--rl_workdir=RL_WORKDIR] [--gumbel_recipes=quickstart_sweep] [--sweep_members=8] \
       [--sweep_steps=40] [--sweep_repeats=3] [--out=bench_search-gumbel.json]
   python -m experiments.bench searches [--init_from=FP32_WORKDIR] \
-      [--quantizer=minmax|lsq] [--quick] [--out=bench_searches.json]
+      [--quantizer=minmax|lsq] [--nofronts] [--quick] [--out=bench_searches.json]
   python -m experiments.bench mobilenet [--out=bench_mobilenet.json] [--quick]
   python -m experiments.bench deploy [--out=bench_deploy.json] [--quick]
 
@@ -64,6 +64,8 @@ _QUICK = flags.DEFINE_bool("quick", False, "mobilenet, deploy: batch 4 and 3 tim
                            "steps, a smoke run; searches: every stage at toy size.")
 _QUANTIZER = flags.DEFINE_enum("quantizer", "minmax", ["minmax", "lsq"], "searches: "
                                 "the quantizers of every family and uniform point.")
+_FRONTS = flags.DEFINE_bool("fronts", True, "searches: also the HAWQ front and the Gumbel "
+                            "sweep's (16 more fine-tunes).")
 _CACHE = flags.DEFINE_string("compilation_cache", "",
                              "JAX persistent compilation cache ('' disables, so "
                              "time to first step includes compilation).")
@@ -94,7 +96,7 @@ def kwargs_for(name: str) -> dict:
             "sweep_repeats": _SWEEP_REPEATS.value}
   if name == "searches":
     return {"init_from": _INIT_FROM.value, "data_dir": _DATA_DIR.value,
-            "quantizer": _QUANTIZER.value, "quick": _QUICK.value}
+            "quantizer": _QUANTIZER.value, "quick": _QUICK.value, "fronts": _FRONTS.value}
   if name in ("mobilenet", "deploy"):
     return {"quick": _QUICK.value}
   return {}

@@ -81,7 +81,7 @@ def run() -> dict:
         for memory in ("tiled", "stream")}
   try:
     from haqjax.hardware import scalesim_reference  # pylint: disable=g-import-not-at-top
-    import scalesim  # pylint: disable=g-import-not-at-top,unused-import
+    import scalesim  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     print("scalesim is not installed (pip install -e '.[test]'): its comparison is skipped")
   else:

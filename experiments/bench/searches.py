@@ -1,7 +1,7 @@
 r"""The search families side by side on the quickstart: uniform, RL, Gumbel, HAWQ, greedy.
 
   python -m experiments.bench searches [--init_from=FP32_WORKDIR] \
-      [--quantizer=minmax|lsq] [--quick] [--out=bench_searches.json]
+      [--quantizer=minmax|lsq] [--nofronts] [--quick] [--out=bench_searches.json]
 
 On the quickstart CNN (Fashion-MNIST; the FP32 run of `--init_from`, else
 one trained by `experiments/flags/quickstart.flags`) under `bismo-edge`
@@ -29,7 +29,8 @@ It also draws the HAWQ Pareto front (the ILP at each of `families.FRONT_BUDGETS`
 ratios of W4A4's latency, from the one pass) beside a Gumbel sweep over the
 same budgets (`haqjax.search.gumbel.sweep`, one vmapped search), every point
 fine-tuned and tested the same way, on one plot (`pareto.png`, with the
-uniform and per-budget points).
+uniform and per-budget points). `--nofronts` leaves the fronts out (the
+families alone, at both budgets).
 
 The families' runners and sizes are `experiments.families`', which
 `python -m experiments.compare` shares (every family over K seeds, against
@@ -201,13 +202,17 @@ def _print(result: dict[str, Any]) -> None:
           f"{TARGET_POINTS}: {'met' if t['accuracy_met'] else 'NOT met'}); mixed - uniform: "
           + ", ".join(f"{f} {d:+.2f}" for f, d in t["mixed_minus_uniform"].items()))
   f = result["fronts"]
+  if f is None:
+    print(f"  plot {result['plot']}", flush=True)
+    return
   print(f"  fronts over {len(f['budgets'])} budgets (x W4A4): HAWQ (one pass + ILPs) "
         f"{f['hawq_seconds']:.1f} s, Gumbel sweep {f['sweep_seconds']:.1f} s; "
         f"plot {result['plot']}", flush=True)
 
 
 def run(init_from: str | None = None, data_dir: str | None = None,
-        quantizer: str = "minmax", quick: bool = False) -> dict[str, Any]:
+        quantizer: str = "minmax", quick: bool = False, fronts: bool = True
+        ) -> dict[str, Any]:
   """Runs the comparison; prints the table and returns a JSON-able dict."""
   import jax  # pylint: disable=g-import-not-at-top
   from experiments import cli  # pylint: disable=g-import-not-at-top
@@ -229,14 +234,15 @@ def run(init_from: str | None = None, data_dir: str | None = None,
                                            data_dir=data_dir), init_from)
   t0 = time.perf_counter()
   budgets = [run_budget(quantizer, b, plan, init_from, data_dir, root) for b in BUDGETS]
-  fronts = run_fronts(quantizer, plan, init_from, data_dir, root)
+  fronts = run_fronts(quantizer, plan, init_from, data_dir, root) if fronts else None
   result = {"jax": jax.__version__, "backend": jax.default_backend(),
             "model": "quickstart_cnn", "dataset": "fashion_mnist", "target": "bismo-edge",
             "metric": "latency", "quantizer": quantizer,
             "quantizers": dict(zip(("weight", "activation"), QUANTIZERS[quantizer])),
             "quick": quick, "fp32": init_from, "workdir": root, "budgets": budgets,
             "fronts": fronts, "targets": targets(budgets),
-            "plot": plot(os.path.join(root, "pareto.png"), budgets, fronts, quantizer),
+            "plot": plot(os.path.join(root, "pareto.png"), budgets,
+                         fronts or {"points": []}, quantizer),
             "seconds": round(time.perf_counter() - t0, 1)}
   _print(result)
   return result
