@@ -114,7 +114,8 @@ def compare_codes(graph: Graph, model: nn.Module, variables: PyTree, x: Array, *
     info = infos[node.name]
     params = get_path(variables["params"], info.path)["act_quant"]
     a_bits = int(graph.policy.bits_for(node.name)[1])
-    _, _, spec = quantizers.act_encoding(node.name, info.quantizers[1], params, a_bits)
+    _, _, spec = quantizers.act_encoding(node.name, info.quantizers[1], params, a_bits,
+                                         info.in_shape)
     wanted[node.name] = (source, affine.quantize(
         jnp.asarray(inputs[node.name]), jnp.float32(enc.scale), jnp.float32(enc.zero_point),
         a_bits, spec))

@@ -4,8 +4,8 @@
 dataflow (`haqjax.deploy.capture`) and lowers each op:
 
 * A quantized layer (`a_bits`, `w_bits` < 32) becomes the node producing its
-  input codes (`<layer>:in`, on the grid of its `StaticRange`), then `conv`
-  / `dense` on int8 weight codes (per output channel, from its weight
+  input codes (`<layer>:in`, on the grid of its activation quantizer), then
+  `conv` / `dense` on int8 weight codes (per output channel, from its weight
   quantizer; the BN-folded kernel when it folds) with an int32 bias, giving
   an int32 accumulator. A plain BatchNorm after it folds into the
   accumulator's per-channel scale and the bias: `y = acc * s_x * s_w[c] *
@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import flax.linen as nn
 import numpy as np
@@ -258,7 +257,7 @@ def _input_bound(captured: capture_lib.Captured, variables: PyTree, example: Arr
   for op in captured.ops:
     if op.kind == "layer" and op.inputs == (0,):
       layer = get_path(variables["params"], op.attrs["info"].path)
-      for key in ("lo", "hi"):
+      for key in ("lo", "hi", "clip"):
         if key in layer.get("act_quant", {}):
           bound = max(bound, float(np.max(np.abs(np.asarray(layer["act_quant"][key])))))
   return INPUT_MARGIN * max(bound, 1.0)
@@ -271,8 +270,9 @@ def build(model: nn.Module, variables: PyTree, policy: Policy, example_input: Ar
   Args:
     model: a model of haqjax layers, or a `haqjax.nn.quantized` plain flax
       model whose `nn.Conv` / `nn.Dense` ops lower as `QConv` / `QDense`
-      (calibrated `StaticRange` activation quantizers; `MinMaxWeight` or
-      `StaticRange` weight quantizers).
+      (activation and weight quantizers of `haqjax.deploy.quantizers`:
+      calibrated `StaticRange`, LSQ, PACT or HAQ's activations; `MinMaxWeight`,
+      `StaticRange` or LSQ weights).
     variables: its variables, calibrated.
     policy: the bits of every layer (`FLOAT_BITS` for a float layer).
     example_input: an input batch, NHWC (its shape and, for the float

@@ -51,6 +51,7 @@ class LayerInfo:
   padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
   groups: int = 1
   use_bias: bool = False
+  in_shape: tuple[int, ...] = ()  # the input's shape, batch axis first
 
 
 def _check_dense_input(name: str, x: Array) -> None:
@@ -85,7 +86,7 @@ def haqjax_layer_info(module: QConv | QDense, x: Array, kwargs: dict[str, Any]
   bn = kwargs.get("bn")
   folded = None if bn is None else (tuple(bn.scope.path), float(bn.epsilon))
   common = dict(name=name, path=tuple(module.scope.path), quantizers=module.quantizers(),
-                bn=folded, use_bias=bool(module.use_bias))
+                bn=folded, use_bias=bool(module.use_bias), in_shape=tuple(x.shape))
   if isinstance(module, QDense):
     _check_dense_input(name, x)
     return LayerInfo(kind="dense", **common)
@@ -121,7 +122,7 @@ def flax_layer_info(module: nn.Module, x: Array, quant_scheme: Any) -> LayerInfo
   module = called_layer(module)  # An NNX layer's geometry; the scope's name and path.
   common = dict(name=name, kind=kind, path=path,
                 quantizers=op_quantizers(quant_scheme, name, kind), bn=None,
-                use_bias=bool(module.use_bias))
+                use_bias=bool(module.use_bias), in_shape=tuple(x.shape))
   if kind == "dense":
     _check_dense_input(name, x)
     return LayerInfo(**common)

@@ -137,7 +137,8 @@ def lower_layer(lowering: Any, info: LayerInfo, x: Value, bn: dict[str, Any] | N
   mul, add = bn_affine(bn, lowering.params, lowering.stats, bias, channels)
   enc = inv = None
   if a_bits < FLOAT_BITS:
-    enc, inv, _ = quantizers.act_encoding(name, act_q, layer.get("act_quant"), a_bits)
+    enc, inv, _ = quantizers.act_encoding(name, act_q, layer.get("act_quant"), a_bits,
+                                          info.in_shape)
   codes = s_w = None
   if w_bits < FLOAT_BITS:
     codes, s_w = quantizers.weight_codes(name, weight_q, layer.get("weight_quant", {}),

@@ -2,24 +2,43 @@
 
 The deployed grids are the fake-quant grids: scales and zero points come from
 `haqjax.quant.affine` (`compute_scale`, `qrange`, `quantize`) applied to the
-quantizer's own spec and range, so the engine follows whatever convention
-`affine` implements. Supported quantizers:
+quantizer's own spec and range, or for LSQ from its learned step by the
+arithmetic of its forward pass, so the engine follows whatever convention
+the quantizer implements. Supported quantizers:
 
-* activations: `StaticRange` per tensor (`sign='auto'` is unsigned when the
-  calibrated `lo >= 0`, as the quantizer decides);
-* weights: `MinMaxWeight` (range from the kernel at hand; binary at 1 bit)
-  and `StaticRange` (a calibrated range), symmetric (zero point 0), per
-  tensor or per output channel.
+* activations, one grid per tensor:
+  - `StaticRange` (`sign='auto'` is unsigned when the calibrated `lo >= 0`,
+    as the quantizer decides);
+  - `LSQ` without a learned offset: zero point 0, scale the step as its
+    forward pass uses it (`max(step, 1e-8)` through LSQ's gradient scaling,
+    which moves it by an ulp for some steps), signed `[-2^(b-1), 2^(b-1) -
+    1]` or unsigned `[0, 2^b - 1]` as its `sign` (or calibrated `signed`);
+  - `PACT` and `HAQActivation` (a PACT): unsigned `[0, alpha]` on `2^b`
+    levels, or signed `[-alpha, alpha]` on the narrow grid, from the learned
+    clip `alpha`;
+* weights: `MinMaxWeight` (range from the kernel at hand; binary at 1 bit),
+  `StaticRange` (a calibrated range) and signed `LSQ` without offset (its
+  learned steps; binary at 1 bit), symmetric (zero point 0), per tensor or
+  per output channel.
+
+LSQ+ (`LSQ(learn_offset=True)`) is not supported: its grid `beta + k * step`
+holds real zero only where `beta / step` is an integer, and the integer model
+needs real zero on the grid (the zero point, which zero padding and ReLU's
+zeros take); even then `round((x - beta) / step)` and `round(x / step) + zp`
+round differently near ties, so the codes would not be the fake-quant ones.
 
 `weight_codes` checks that `codes * scale` equals the quantizer's own output
-bit for bit, so a quantizer this module does not reproduce fails loudly
-instead of deploying other weights.
+bit for bit, and `act_encoding` that `dequantize(quantize(x))` on the
+encoding equals the learned quantizer's output on a probe holding every code,
+its ties and values beyond the range, so a quantizer this module does not
+reproduce fails loudly instead of deploying another grid.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -29,12 +48,21 @@ import numpy as np
 from haqjax.deploy.graph import Encoding
 from haqjax.quant import affine
 from haqjax.quant.base import Quantizer
+from haqjax.quant.learned import LSQ
+from haqjax.quant.learned import PACT
+from haqjax.quant.learned import grad_scale
+from haqjax.quant.learned import lsq_bounds
 from haqjax.quant.uniform import MinMaxWeight
 from haqjax.quant.uniform import StaticRange
 from haqjax.typing import Array
 
-ACT_QUANTIZERS = ("StaticRange",)
-WEIGHT_QUANTIZERS = ("MinMaxWeight", "StaticRange")
+ACT_QUANTIZERS = ("StaticRange", "LSQ", "PACT", "HAQActivation")
+WEIGHT_QUANTIZERS = ("MinMaxWeight", "StaticRange", "LSQ")
+# The floor of LSQ's step and PACT's clip in their forward passes
+# (`haqjax.quant.learned`); the checks below catch a change there.
+LEARNED_FLOOR = 1e-8
+# Values in an activation probe (`_check_act`), whatever the layer's shape.
+_PROBE_SIZE = 4096
 
 
 def _spec_for(quantizer: StaticRange, lo: np.ndarray) -> affine.AffineSpec:
@@ -46,47 +74,148 @@ def _spec_for(quantizer: StaticRange, lo: np.ndarray) -> affine.AffineSpec:
   return dataclasses.replace(quantizer.spec, signed=signed)
 
 
+def _learned_signed(quantizer: LSQ | PACT, params: Any) -> bool:
+  """The sign of a learned quantizer's grid: its `sign`, or the calibrated one."""
+  if quantizer.sign == "auto":
+    return bool(np.asarray(params["signed"]) > 0)
+  return quantizer.sign == "signed"
+
+
+def _lsq_count(quantizer: LSQ, shape: tuple[int, ...]) -> int:
+  """`N` of LSQ's gradient scale for a tensor of `shape` (as `LSQ` counts it)."""
+  n = math.prod(shape)
+  if quantizer.channel_axis is not None:
+    n //= shape[quantizer.channel_axis]
+  if quantizer.batch_axis is not None:
+    n //= shape[quantizer.batch_axis]
+  return max(n, 1)
+
+
+def _lsq_step(step: Array, bits: Array, signed: bool, num_elements: int) -> Array:
+  """The step LSQ's forward pass multiplies by (`lsq_fake_quant`'s `s`)."""
+  _, qp = lsq_bounds(jnp.asarray(bits, jnp.int32), signed)
+  g = jax.lax.rsqrt(num_elements * jnp.maximum(qp, 1.0))
+  return grad_scale(jnp.maximum(step, LEARNED_FLOOR), g)
+
+
+_lsq_act_step = jax.jit(_lsq_step, static_argnums=(2, 3))
+
+
+def _check_offset(where: str, quantizer: LSQ) -> None:
+  if quantizer.learn_offset:
+    raise ValueError(f"deploy: layer {where!r} has LSQ with a learned offset (LSQ+), whose "
+                     "grid holds real zero only where offset / step is an integer; allowed: "
+                     "LSQ without offset")
+
+
 def _check_rounding(where: str, spec: affine.AffineSpec) -> None:
   if spec.rounding == "stochastic":
     raise ValueError(f"deploy: layer {where!r} rounds stochastically; allowed: "
                      "nearest_even, floor or ceil")
 
 
-def act_encoding(where: str, quantizer: Quantizer, params: Any, bits: int
+def _act_grid(where: str, quantizer: Quantizer, params: Any, bits: int,
+              in_shape: tuple[int, ...]) -> tuple[affine.AffineSpec, np.ndarray, np.ndarray]:
+  """`(spec, scale, zero_point)` of a layer's input grid (see `act_encoding`)."""
+  if isinstance(quantizer, StaticRange):
+    lo = np.asarray(params["lo"], np.float32)
+    hi = np.asarray(params["hi"], np.float32)
+    if lo.size != 1 or quantizer.spec.group_size is not None:
+      raise ValueError(f"deploy: layer {where!r} has a per-channel activation range; "
+                       "allowed: one range per tensor")
+    spec = _spec_for(quantizer, lo)
+    return (spec, *affine.compute_scale(lo.reshape(()), hi.reshape(()), bits, spec))
+  if isinstance(quantizer, PACT):  # HAQActivation too.
+    clip = np.maximum(np.asarray(params["clip"], np.float32).reshape(()),
+                      np.float32(LEARNED_FLOOR))
+    if _learned_signed(quantizer, params):  # As `pact_fake_quant`.
+      spec, lo = affine.AffineSpec(signed=True, narrow_range=True), -clip
+    else:
+      spec, lo = affine.AffineSpec(signed=False), np.zeros_like(clip)
+    return (spec, *affine.compute_scale(lo, clip, bits, spec))
+  if isinstance(quantizer, LSQ):
+    _check_offset(where, quantizer)
+    step = np.asarray(params["step"], np.float32)
+    if step.size != 1:
+      raise ValueError(f"deploy: layer {where!r} has a per-channel activation step; "
+                       "allowed: one step per tensor")
+    if not in_shape:
+      raise ValueError(f"deploy: layer {where!r}: LSQ's step needs the input's shape")
+    signed = _learned_signed(quantizer, params)
+    scale = _lsq_act_step(jnp.asarray(step.reshape(())), jnp.int32(bits), signed,
+                          _lsq_count(quantizer, tuple(in_shape)))
+    return affine.AffineSpec(signed=signed), scale, np.float32(0.0)
+  raise ValueError(f"deploy: layer {where!r} has activation quantizer "
+                   f"{type(quantizer).__name__}; allowed: {', '.join(ACT_QUANTIZERS)} "
+                   "(a range fixed by calibration, or learned)")
+
+
+def act_encoding(where: str, quantizer: Quantizer, params: Any, bits: int,
+                 in_shape: tuple[int, ...] = ()
                  ) -> tuple[Encoding, np.float32, affine.AffineSpec]:
   """The encoding of a layer's input codes, its float32 `1 / scale`, and its spec.
 
   Args:
     where: the layer name (for messages).
     quantizer: the layer's activation quantizer.
-    params: its parameters (`{"lo", "hi"}`).
+    params: its parameters (`{"lo", "hi"}`, LSQ's `step`, PACT's `clip`,
+      and `signed` for a sign decided at calibration).
     bits: the policy's `a_bits` (below `FLOAT_BITS`).
+    in_shape: the layer's input shape, batch axis first (LSQ's step depends
+      on the number of features through its gradient scaling).
 
   Raises:
-    ValueError: a quantizer other than a per-tensor `StaticRange`, stochastic
-      rounding, or a binary (signed symmetric 1-bit) grid.
+    ValueError: a quantizer other than those of `ACT_QUANTIZERS`, a grid per
+      channel, LSQ+'s offset, stochastic rounding, a binary (signed symmetric
+      1-bit) grid, or a learned quantizer whose output the encoding does
+      not reproduce.
   """
-  if not isinstance(quantizer, StaticRange):
-    raise ValueError(f"deploy: layer {where!r} has activation quantizer "
-                     f"{type(quantizer).__name__}; allowed: {', '.join(ACT_QUANTIZERS)} "
-                     "(a range fixed by calibration)")
-  lo = np.asarray(params["lo"], np.float32)
-  hi = np.asarray(params["hi"], np.float32)
-  if lo.size != 1 or quantizer.spec.group_size is not None:
-    raise ValueError(f"deploy: layer {where!r} has a per-channel activation range; "
-                     "allowed: one range per tensor")
-  spec = _spec_for(quantizer, lo)
+  spec, scale, zero_point = _act_grid(where, quantizer, params, bits, in_shape)
   _check_rounding(where, spec)
   if spec.signed and spec.symmetric and bits <= 1:
     raise ValueError(f"deploy: layer {where!r} has binary (signed 1-bit) activations; "
                      "allowed: 2..8 bits signed, 1..8 unsigned")
-  scale, zero_point = affine.compute_scale(lo.reshape(()), hi.reshape(()), bits, spec)
   scale = np.float32(scale)
   inv = np.float32(0.0) if scale == 0 else np.float32(1.0) / scale
   enc = Encoding(bits=int(bits), signed=spec.signed, scale=scale,
                  zero_point=int(zero_point), dtype="int8" if spec.signed else "uint8",
                  symmetric=spec.symmetric, narrow_range=spec.narrow_range)
+  if isinstance(quantizer, (LSQ, PACT)):
+    _check_act(where, quantizer, params, enc, spec, in_shape)
   return enc, inv, spec
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _act_probe(quantizer: Quantizer, spec: affine.AffineSpec, params: Any, x: Array,
+               scale: Array, zero_point: Array, bits: Array) -> tuple[Array, Array]:
+  """The encoding's `dequantize(quantize(x))` and the quantizer's own output."""
+  codes = affine.quantize(x, scale, zero_point, bits, spec)
+  return affine.dequantize(codes, scale, zero_point), quantizer(params, x, bits)
+
+
+def _check_act(where: str, quantizer: Quantizer, params: Any, enc: Encoding,
+               spec: affine.AffineSpec, in_shape: tuple[int, ...]) -> None:
+  """Raises unless the quantizer's output on a probe is the encoding's, bit for bit.
+
+  The probe holds every code, a quarter, a half (the ties) and three
+  quarters of a step above it, and values up to two steps beyond the grid,
+  in a batch of `in_shape` examples (LSQ's step depends on the features).
+  """
+  qmin, qmax = enc.qrange
+  k = np.arange(qmin - 2, qmax + 3, dtype=np.float32)[:, None]
+  steps = (k + np.float32([0.0, 0.25, 0.5, 0.75])).reshape(-1)
+  values = np.resize((steps - enc.zero_point) * enc.scale, _PROBE_SIZE).astype(np.float32)
+  features = math.prod(in_shape[1:]) if len(in_shape) > 1 else _PROBE_SIZE
+  batch = -(-_PROBE_SIZE // features)
+  x = np.resize(values, (batch, *(in_shape[1:] if len(in_shape) > 1 else (features,))))
+  ours, theirs = (np.asarray(a) for a in _act_probe(
+      quantizer, spec, params, jnp.asarray(x), jnp.float32(enc.scale),
+      jnp.float32(enc.zero_point), jnp.int32(enc.bits)))
+  if not np.array_equal(ours, theirs):
+    bad = int(np.sum(ours != theirs))
+    raise ValueError(f"deploy: layer {where!r}: activation quantizer "
+                     f"{type(quantizer).__name__} differs from its integer grid on {bad} of "
+                     f"{ours.size} probe values; allowed: uniform grids")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -100,6 +229,10 @@ def _weight_grid(quantizer: Quantizer, spec: affine.AffineSpec, params: Any, ker
                           keepdims=True)
       lo = jnp.where(bits <= 1, -mean_abs, lo)
       hi = jnp.where(bits <= 1, mean_abs, hi)
+  elif isinstance(quantizer, LSQ):  # Its step as its forward pass uses it; binary at 1 bit.
+    scale = _lsq_step(params["step"], bits, spec.signed, _lsq_count(quantizer, kernel.shape))
+    codes = affine.quantize(kernel, scale, jnp.zeros_like(scale), bits, spec)
+    return codes, scale, quantizer(params, kernel, bits)
   else:
     lo, hi = params["lo"], params["hi"]
   scale, zero_point = affine.compute_scale(lo, hi, bits, spec)
@@ -127,6 +260,11 @@ def weight_codes(where: str, quantizer: Quantizer, params: Any, kernel: np.ndarr
     spec = quantizer.spec
   elif isinstance(quantizer, StaticRange):
     spec = _spec_for(quantizer, np.asarray(params["lo"]))
+  elif isinstance(quantizer, LSQ):
+    _check_offset(where, quantizer)
+    if not _learned_signed(quantizer, params):
+      raise ValueError(f"deploy: layer {where!r} has unsigned LSQ weights; allowed: signed")
+    spec = affine.AffineSpec(signed=True, channel_axis=quantizer.channel_axis)
   else:
     raise ValueError(f"deploy: layer {where!r} has weight quantizer "
                      f"{type(quantizer).__name__}; allowed: {', '.join(WEIGHT_QUANTIZERS)}")
