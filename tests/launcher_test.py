@@ -3,11 +3,12 @@
 import json
 import os
 import re
+import signal
 
 import pytest
 from launcher_testing import launch
+from launcher_testing import launch_many
 from launcher_testing import assert_one_line_error
-
 
 
 @pytest.fixture
@@ -16,7 +17,7 @@ def digits_args(tmp_path):
           f"--workdir={tmp_path / 'run'}", "--compilation_cache=", "--noprogress"]
 
 
-@pytest.mark.parametrize("flag, fragments", [
+_BAD_FLAGS = [
     ("--batch_size=-8", ("batch_size=-8", "> 0")),
     ("--batch_size=abc", ("batch_size", "abc")),
     ("--dataset=mnist3d", ("dataset 'mnist3d' is unknown", "digits")),
@@ -25,30 +26,92 @@ def digits_args(tmp_path):
     ("--mode=qat", ("needs a policy",)),
     ("--mode=qat --policy=w4a12", ("a bits 12 is outside 1..8",)),
     ("--nosuchflag=1", ("nosuchflag",)),
-])
-def test_bad_flags(digits_args, flag, fragments):
-  proc = launch(*digits_args, *flag.split())
-  assert_one_line_error(proc, *fragments)
+]
 
 
-def test_missing_workdir():
-  proc = launch("--flagfile=experiments/flags/digits.flags")
-  assert_one_line_error(proc, "--workdir is required")
+def _digits_args(folder):
+  return ["--flagfile=experiments/flags/digits.flags", f"--data_dir={folder / 'data'}",
+          f"--workdir={folder / 'run'}", "--compilation_cache=", "--noprogress"]
 
 
-def test_missing_data_names_place_and_command(tmp_path):
-  manual = tmp_path / "empty"
-  manual.mkdir()
-  proc = launch("--dataset=cifar10", "--model=resnet20", f"--manual_dir={manual}",
-                f"--data_dir={tmp_path / 'data'}", f"--workdir={tmp_path / 'run'}")
-  assert_one_line_error(proc, "cifar10", str(manual), "cifar-10-python.tar.gz")
+@pytest.fixture(scope="module")
+def bad_input(tmp_path_factory):
+  """The module's bad-input launches, in one `launch_many`: `(name -> process, folder)`.
+
+  Each case has a folder of its own under `folder`.
+  """
+  root = tmp_path_factory.mktemp("bad_input")
+  cases = {flag: [*_digits_args(root / f"flags{i}"), *flag.split()]
+           for i, (flag, _) in enumerate(_BAD_FLAGS)}
+  cases["missing_workdir"] = ["--flagfile=experiments/flags/digits.flags"]
+  manual = root / "cifar10" / "empty"
+  manual.mkdir(parents=True)
+  cases["missing_data"] = ["--dataset=cifar10", "--model=resnet20", f"--manual_dir={manual}",
+                           f"--data_dir={root / 'cifar10' / 'data'}",
+                           f"--workdir={root / 'cifar10' / 'run'}"]
+  policy = root / "policy" / "p.json"
+  policy.parent.mkdir()
+  policy.write_text(json.dumps({"layers": [{"w_bits": 4, "a_bits": 4}] * 2}))
+  cases["policy"] = [*_digits_args(root / "policy"), "--mode=qat", f"--policy={policy}"]
+  return dict(zip(cases, launch_many(cases.values()))), root
 
 
-def test_policy_json_with_wrong_layer_count(tmp_path, digits_args):
-  path = tmp_path / "p.json"
-  path.write_text(json.dumps({"layers": [{"w_bits": 4, "a_bits": 4}] * 2}))
-  proc = launch(*digits_args, "--mode=qat", f"--policy={path}")
-  assert_one_line_error(proc, str(path), "has 2 layers; the model has")
+@pytest.mark.parametrize("flag, fragments", _BAD_FLAGS)
+def test_bad_flags(bad_input, flag, fragments):
+  assert_one_line_error(bad_input[0][flag], *fragments)
+
+
+def test_missing_workdir(bad_input):
+  assert_one_line_error(bad_input[0]["missing_workdir"], "--workdir is required")
+
+
+def test_missing_data_names_place_and_command(bad_input):
+  procs, root = bad_input
+  assert_one_line_error(procs["missing_data"], "cifar10", str(root / "cifar10" / "empty"),
+                        "cifar-10-python.tar.gz")
+
+
+def test_policy_json_with_wrong_layer_count(bad_input):
+  procs, root = bad_input
+  assert_one_line_error(procs["policy"], str(root / "policy" / "p.json"),
+                        "has 2 layers; the model has")
+
+
+_FAKE_LAUNCHER = '''
+import sys
+import time
+
+
+def main(argv):
+  print("out", *argv[1:])
+  if argv[1] == "raise":
+    raise RuntimeError("boom")
+  if argv[1] == "sleep":
+    time.sleep(60)
+  print("err", argv[0].endswith("fake_launcher.py"), __name__, file=sys.stderr)
+  sys.exit(int(argv[1]))
+
+
+if __name__ == "__main__":
+  main(sys.argv)
+'''
+
+
+def test_launch_many_gives_each_case_its_own_exit_code_and_output(tmp_path):
+  (tmp_path / "fake_launcher.py").write_text(_FAKE_LAUNCHER)
+  cases = [["0"], ["2"], ["raise"], ["sleep"], ["3"]]
+  procs = launch_many(cases, cwd=tmp_path, module="fake_launcher", timeout=2)
+  assert [p.returncode for p in procs] == [0, 2, 1, -signal.SIGKILL, 3]
+  assert [p.stdout for p in procs[:3]] == ["out 0\n", "out 2\n", "out raise\n"]
+  assert procs[4].stdout == "out 3\n"
+  assert procs[1].stderr == "err True __main__\n"
+  assert "Traceback" in procs[2].stderr and procs[2].stderr.endswith("RuntimeError: boom\n")
+  for case, proc in zip(cases, procs):
+    if case != ["sleep"]:
+      alone = launch(*case, cwd=tmp_path, module="fake_launcher")
+      assert alone.returncode == proc.returncode and alone.stdout == proc.stdout
+      if case != ["raise"]:  # A traceback's outer frames differ.
+        assert alone.stderr == proc.stderr
 
 
 def test_digits_run_then_flag_override_and_corrupt_checkpoint(tmp_path, digits_args):

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -23,6 +24,31 @@ def launch(*args, cwd=ROOT, module="experiments.imagenet", timeout=300):
   """Runs `python -m module args...` on the CPU; returns the CompletedProcess."""
   return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=_env(),
                         capture_output=True, text=True, timeout=timeout)
+
+
+def launch_many(cases, cwd=ROOT, module="experiments.imagenet", timeout=300):
+  """`launch` of each case (a list of args); one CompletedProcess per case, in order.
+
+  For runs that end early (bad input): one interpreter imports `module` once
+  and runs the cases one after another, each in a forked child that starts
+  where `python -m module` would after its imports (`launch_batch.py`), with
+  its own argv, stdout, stderr and exit code. `timeout` is per case.
+  """
+  cases = [[str(a) for a in case] for case in cases]
+  with tempfile.TemporaryDirectory() as folder:
+    request, results = os.path.join(folder, "request.json"), os.path.join(folder, "results.json")
+    with open(request, "w") as f:
+      json.dump({"module": module, "cases": cases, "timeout": timeout}, f)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "launch_batch.py"), request, results],
+        cwd=cwd, env=_env(), capture_output=True, text=True,
+        timeout=60 + timeout * len(cases))
+    assert proc.returncode == 0 and os.path.exists(results), proc.stderr[-3000:]
+    with open(results) as f:
+      done = json.load(f)
+  return [subprocess.CompletedProcess([sys.executable, "-m", module, *case], r["returncode"],
+                                      r["stdout"], r["stderr"])
+          for case, r in zip(cases, done, strict=True)]
 
 
 def launch_ok(*args, module="experiments.imagenet", timeout=300):

@@ -15,8 +15,9 @@ from haqjax.policy import Policy
 from haqjax.ptq import pipeline
 from haqjax.train import checkpoint as ckpt_lib
 from haqjax.train import trainer
-from launcher_test import assert_one_line_error
-from launcher_test import launch
+from launcher_testing import assert_one_line_error
+from launcher_testing import launch
+from launcher_testing import launch_many
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +120,13 @@ def test_launcher_ptq_mode_and_its_errors(trained):
   assert report["calibration_images"] == 256
   assert os.path.exists(root / "ptq" / "policy.json")
   assert not os.path.exists(root / "ptq" / "export")
-  proc = launch(*args[:-1], "--calibration_size=100000", f"--workdir={root / 'ptq2'}")
-  assert_one_line_error(proc, "calibration_size=100000", "training split has")
-  proc = launch(*args[:-1], "--calibration_size=32", f"--workdir={root / 'ptq5'}")
-  assert_one_line_error(proc, "calibration_size=32 is smaller than one batch")
-  proc = launch(*args[:6], f"--workdir={root / 'ptq3'}")  # No --init_from.
-  assert_one_line_error(proc, "init_from is empty")
-  proc = launch(*args, "--policy=w4a9", f"--workdir={root / 'ptq4'}")
-  assert_one_line_error(proc, "a bits 9 is outside 1..8")
+  procs = launch_many([
+      [*args[:-1], "--calibration_size=100000", f"--workdir={root / 'ptq2'}"],
+      [*args[:-1], "--calibration_size=32", f"--workdir={root / 'ptq5'}"],
+      [*args[:6], f"--workdir={root / 'ptq3'}"],  # No --init_from.
+      [*args, "--policy=w4a9", f"--workdir={root / 'ptq4'}"],
+  ])
+  assert_one_line_error(procs[0], "calibration_size=100000", "training split has")
+  assert_one_line_error(procs[1], "calibration_size=32 is smaller than one batch")
+  assert_one_line_error(procs[2], "init_from is empty")
+  assert_one_line_error(procs[3], "a bits 9 is outside 1..8")

@@ -36,6 +36,7 @@ from haqjax.train.config import Config
 from launcher_testing import ROOT
 from launcher_testing import assert_one_line_error
 from launcher_testing import launch
+from launcher_testing import launch_many
 
 DPI = 60
 COMMAND = "python -m experiments.imagenet --flagfile=experiments/flags/digits.flags --mode={mode}"
@@ -160,7 +161,7 @@ def test_markdown_summary_costs_and_command(rl_run):
   value = float(m.group(1)) * {"ns": 1e-9, "\u00b5s": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)]
   assert 1 <= float(m.group(1)) < 1000  # The prefix that reads 1..999.
   assert value == pytest.approx(results["limit"], rel=5e-3)  # Three significant digits.
-  assert f"| after fine-tune | test / val | 96.25% / 96.00% (top-5 99.90%)" in text
+  assert "| after fine-tune | test / val | 96.25% / 96.00% (top-5 99.90%)" in text
   assert f"{results['cost'] / results['limit']:.3f}" in text
   assert "| search | 34.0 |" in text and "best at episode 4" in text
   for caption, path in (("per-layer bits", "plots/bits.png"),
@@ -577,10 +578,20 @@ def test_compare_runs_on_different_targets_has_no_pareto(rl_run, tmp_path):
   assert sorted(os.listdir(out)) == ["compare.csv", "compare.html", "compare.md"]
 
 
-@pytest.mark.parametrize("args, fragments", [
+_BAD_INPUT = [
     ((), ("no runs given", "WORKDIR")),
     (("/nonexistent/run",), ("/nonexistent/run is not a folder",)),
-])
-def test_compare_bad_input_is_one_line(args, fragments):
-  proc = launch(*args, module="experiments.report", timeout=120)
-  assert_one_line_error(proc, *fragments)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_runs():
+  """Each `_BAD_INPUT` launch, in one `launch_many`: args -> process."""
+  procs = launch_many([args for args, _ in _BAD_INPUT], module="experiments.report",
+                      timeout=120)
+  return {args: proc for (args, _), proc in zip(_BAD_INPUT, procs)}
+
+
+@pytest.mark.parametrize("args, fragments", _BAD_INPUT)
+def test_compare_bad_input_is_one_line(bad_runs, args, fragments):
+  assert_one_line_error(bad_runs[args], *fragments)

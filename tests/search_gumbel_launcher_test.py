@@ -13,6 +13,7 @@ from haqjax import models
 from haqjax.nn import layer_table
 from haqjax.policy import load_policy
 from launcher_testing import launch
+from launcher_testing import launch_many
 from launcher_testing import assert_one_line_error
 from launcher_testing import PNG_SIGNATURE
 from launcher_testing import shared_digits
@@ -31,18 +32,30 @@ def _digits(tmp, workdir):
           "--mode=gumbel"]
 
 
-@pytest.mark.parametrize("flags, fragments", [
+_BAD_FLAGS = [
     ("--gumbel_relaxation=gauss", ("gumbel_relaxation='gauss'", "gumbel, hard, softmax")),
     ("--gumbel_bits=", ("gumbel_bits=''", "bit-widths in 1..8")),
     ("--gumbel_tau0=0", ("gumbel_tau0=0.0", "> 0")),
     ("--gumbel_tau_min=-1", ("gumbel_tau_min=-1.0", "> 0")),
     ("--gumbel_bits=2,4,8 --max_bits=6", ("gumbel_bits='2,4,8' has 8", "2..6")),
-])
-def test_bad_flags_fail_with_one_line(tmp, flags, fragments):
-  workdir = tmp / f"bad{abs(hash(flags))}"
-  proc = launch(*_digits(tmp, workdir), *flags.split())
-  assert_one_line_error(proc, *fragments)
-  assert not workdir.exists()
+]
+
+
+def _bad_workdir(tmp, flags):
+  return tmp / f"bad{[f for f, _ in _BAD_FLAGS].index(flags)}"
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp):
+  """Each `_BAD_FLAGS` launch, in one `launch_many`: flags -> process."""
+  cases = [[*_digits(tmp, _bad_workdir(tmp, flags)), *flags.split()] for flags, _ in _BAD_FLAGS]
+  return {flags: proc for (flags, _), proc in zip(_BAD_FLAGS, launch_many(cases))}
+
+
+@pytest.mark.parametrize("flags, fragments", _BAD_FLAGS)
+def test_bad_flags_fail_with_one_line(tmp, bad_runs, flags, fragments):
+  assert_one_line_error(bad_runs[flags], *fragments)
+  assert not _bad_workdir(tmp, flags).exists()
 
 
 @pytest.fixture(scope="module")

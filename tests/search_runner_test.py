@@ -12,6 +12,7 @@ from haqjax.nn import layer_table
 from haqjax.policy import load_policy
 from haqjax.search import env
 from launcher_testing import launch
+from launcher_testing import launch_many
 from launcher_testing import assert_one_line_error
 from launcher_testing import PNG_SIGNATURE
 from launcher_testing import shared_digits
@@ -43,26 +44,53 @@ def _lowest_ratio(table) -> float:
   return wall.min_cost / wall.reference
 
 
-def test_budget_below_minimum_names_the_lowest_ratio(data_dir, digits_table, tmp_path):
-  proc = launch(*_digits(data_dir, tmp_path / "run"), "--budget=0.01")
-  assert_one_line_error(proc, "0.01 x w8a8", "lowest cost reachable with bits >= 2",
-                        f"= {_lowest_ratio(digits_table):.4g} x w8a8", "--min_bits")
-  assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize("flags, fragments", [
+_BAD_FLAGS = [
     ("--min_bits=5 --max_bits=3", ("min_bits=5 is larger than max_bits=3",)),
     ("--target=tpu9", ("target='tpu9'", "bismo-edge")),
     ("--budget_reference=int8", ("budget_reference", "'int8'", "w8a8")),
     ("--search_scorer=foo", ("search_scorer='foo'", "qat, ptq")),
     ("--hidden=a,b", ("hidden='a,b'", "300,300")),
     ("--search_finetune_steps=1000", ("search_finetune_steps=1000", "the training split has")),
-])
-def test_bad_search_flags_fail_before_training(data_dir, tmp_path, flags, fragments):
-  # No --init_from: a check made after the FP32 stage would leave fp32/ behind.
-  proc = launch(*_digits(data_dir, tmp_path / "run"), *flags.split())
-  assert_one_line_error(proc, *fragments)
-  assert not (tmp_path / "run").exists(), os.listdir(tmp_path / "run")
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input(data_dir, tmp_path_factory):
+  """The module's bad-input launches, in one `launch_many`: `(name -> process, folder)`.
+
+  Case `name` runs in `folder / name / "run"`. No --init_from: a check made
+  after the FP32 stage would leave fp32/ behind.
+  """
+  root = tmp_path_factory.mktemp("bad_input")
+  cases = {"budget": ["--budget=0.01"]}
+  cases.update({f"flags{i}": flags.split() for i, (flags, _) in enumerate(_BAD_FLAGS)})
+  (root / "uniform").mkdir()
+  uniform = root / "uniform" / "uniform.json"
+  uniform.write_text(json.dumps({"int4": 90.0}))
+  cases["uniform"] = ["--search_finetune_steps=3", f"--uniform_results={uniform}"]
+  procs = launch_many([*_digits(data_dir, root / name / "run"), *more]
+                      for name, more in cases.items())
+  return dict(zip(cases, procs)), root
+
+
+def _assert_no_run(root, name):
+  run = root / name / "run"
+  assert not run.exists(), os.listdir(run)
+
+
+def test_budget_below_minimum_names_the_lowest_ratio(bad_input, digits_table):
+  procs, root = bad_input
+  assert_one_line_error(procs["budget"], "0.01 x w8a8", "lowest cost reachable with bits >= 2",
+                        f"= {_lowest_ratio(digits_table):.4g} x w8a8", "--min_bits")
+  _assert_no_run(root, "budget")
+
+
+@pytest.mark.parametrize("flags, fragments", _BAD_FLAGS)
+def test_bad_search_flags_fail_before_training(bad_input, flags, fragments):
+  procs, root = bad_input
+  name = f"flags{[f for f, _ in _BAD_FLAGS].index(flags)}"
+  assert_one_line_error(procs[name], *fragments)
+  _assert_no_run(root, name)
 
 
 @pytest.fixture(scope="module")
@@ -204,8 +232,8 @@ def test_uniform_reference_fine_tuned_with_the_same_recipe(search_run, digits, d
   assert found["init_from"] == str(digits[1])
   report = (workdir / "report.md").read_text()
   assert "## Found policy vs uniform w8a8" in report
-  assert f"| uniform w8a8 | 8 8 8 | 8 8 8 | " in report
-  assert f"| found - uniform |  |  | -" in report  # Half the budget: cheaper.
+  assert "| uniform w8a8 | 8 8 8 | 8 8 8 | " in report
+  assert "| found - uniform |  |  | -" in report  # Half the budget: cheaper.
   assert "plots/uniform.png" in report
   assert (workdir / "plots" / "uniform.png").read_bytes()[:8] == PNG_SIGNATURE
   # The last lines on stderr: both policies, costs in readable units.
@@ -255,13 +283,10 @@ def test_uniform_reference_skipped_by_flag_and_uniform_results_points(digits, tm
   assert (out / "plots" / "uniform.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
-def test_bad_uniform_results_fail_before_training(data_dir, tmp_path):
-  bad = tmp_path / "uniform.json"
-  bad.write_text(json.dumps({"int4": 90.0}))
-  proc = launch(*_digits(data_dir, tmp_path / "run"), "--search_finetune_steps=3",
-                f"--uniform_results={bad}")
-  assert_one_line_error(proc, "uniform policy 'int4'", "wXaY")
-  assert not (tmp_path / "run").exists()
+def test_bad_uniform_results_fail_before_training(bad_input):
+  procs, root = bad_input
+  assert_one_line_error(procs["uniform"], "uniform policy 'int4'", "wXaY")
+  _assert_no_run(root, "uniform")
 
 
 def test_finetune_of_another_policy_is_refused(tmp_path, digits_table):

@@ -23,6 +23,7 @@ from haqjax.search.gumbel import candidate_tensor
 from haqjax.search.gumbel import single as search_lib
 from haqjax.search.gumbel import sweep as sweep_lib
 from haqjax.train import checkpoint as ckpt_lib
+from launcher_testing import launch_many
 from launcher_testing import shared_digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,7 +169,7 @@ def _sweep_args(tmp, workdir):
           "--noprogress", "--gumbel_epochs=1", "--gumbel_warmup_epochs=0.25"]
 
 
-@pytest.mark.parametrize("flags, fragments", [
+_BAD_FLAGS = [
     ("--sweep.lamda=1", ("Unknown command line flag 'sweep.lamda'",)),
     ("--sweep.lambda=a,b", ("sweep.lambda=a,b", "comma-separated numbers")),
     ("", ("no sweep axis given", "--sweep.lambda")),
@@ -177,16 +178,31 @@ def _sweep_args(tmp, workdir):
     ("--sweep.lambda=1 --sweep_combine=grid", ("sweep_combine='grid'", "product, zip")),
     ("--sweep.tau_min=9", ("sweep member tau_min=9", "gumbel_tau_min=9.0")),
     ("--sweep.budget=0.5,0.01", ("sweep member budget=0.01", "below the lowest cost")),
-])
-def test_bad_sweep_flags_fail_with_one_line(tmp, flags, fragments):
-  workdir = tmp / f"bad{abs(hash(flags))}"
-  proc = launch(*_sweep_args(tmp, workdir), *flags.split())
+]
+
+
+def _bad_workdir(tmp, flags):
+  return tmp / f"bad{[f for f, _ in _BAD_FLAGS].index(flags)}"
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp):
+  """Each `_BAD_FLAGS` launch, in one `launch_many`: flags -> process."""
+  cases = [[*_sweep_args(tmp, _bad_workdir(tmp, flags))[1:], *flags.split()]
+           for flags, _ in _BAD_FLAGS]
+  procs = launch_many(cases, module="experiments.sweep")
+  return {flags: proc for (flags, _), proc in zip(_BAD_FLAGS, procs)}
+
+
+@pytest.mark.parametrize("flags, fragments", _BAD_FLAGS)
+def test_bad_sweep_flags_fail_with_one_line(tmp, bad_runs, flags, fragments):
+  proc = bad_runs[flags]
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
   for fragment in fragments:
     assert fragment in lines[0], lines[0]
-  assert not workdir.exists()
+  assert not _bad_workdir(tmp, flags).exists()
 
 
 def test_sweep_writes_table_and_pareto(tmp, tmp_path_factory):
