@@ -1,7 +1,6 @@
 """Bias correction: empirical (measured) and analytic (from BN statistics)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import integrate

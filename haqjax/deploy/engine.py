@@ -25,7 +25,6 @@ import numpy as np
 
 from haqjax.deploy import fixed_point
 from haqjax.deploy.graph import Graph
-from haqjax.deploy.graph import Node
 from haqjax.typing import Array, ArrayLike
 
 _DIMS = ("NHWC", "HWIO", "NHWC")

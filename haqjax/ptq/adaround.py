@@ -65,9 +65,9 @@ from haqjax.nn.quantized import Quantized
 from haqjax.policy import FLOAT_BITS
 from haqjax.policy import Policy
 from haqjax.ptq import wrapped
-from haqjax.ptq.layer_geometry import LayerGeometry
+from haqjax.ptq.layer_geometry import LayerGeometry  # noqa: F401  (re-exported)
 from haqjax.ptq.layer_geometry import layer_geometries
-from haqjax.ptq.layer_rounding import DEFAULT_ITERS
+from haqjax.ptq.layer_rounding import DEFAULT_ITERS  # noqa: F401  (re-exported)
 from haqjax.ptq.layer_rounding import AdaRoundInfo
 from haqjax.ptq.layer_rounding import adaround_layer
 from haqjax.treeutil import copy_tree

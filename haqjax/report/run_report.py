@@ -38,8 +38,8 @@ from haqjax import units
 from haqjax.bitwidths import FLOAT_BITS
 from haqjax.report import integer_model
 from haqjax.report import versus_uniform
-from haqjax.report.render import html_table  # Re-exported: notebooks use it.
-from haqjax.report.render import markdown_table  # Re-exported: notebooks use it.
+from haqjax.report.render import html_table  # noqa: F401  (re-exported: notebooks use it)
+from haqjax.report.render import markdown_table  # noqa: F401  (re-exported: notebooks use it)
 from haqjax.report.render import to_html
 from haqjax.report.render import to_markdown
 
