@@ -31,15 +31,14 @@ whole operand (one turn: `lines / step` moves) when that line, or a lower
 row of a reversed tile, lies behind the window's start, as SCALE-Sim does
 (a reversed tile turns to its highest lost row, then forward over that
 row's words, which may lose the rows below again); forward over the block.
-Its moves are SCALE-Sim's for rolled operands, whether or not the ifmap
-holds im2col copies of its words, and for reversed tiles without copies.
-A reversed tile of im2col rows (input stationary's ifmap of a conv whose
-kernel exceeds its stride) is followed address by address when the layer's
-stride is known (`Layers.conv_geometry`, as `topology` and
-`model_layers` give it):
-SCALE-Sim looks a demanded word up anywhere in the window, so a copy from
-the tiles ahead serves it, and the window moves only for words none of
-whose copies it holds (`systolic_window`).
+SCALE-Sim looks a demanded word up anywhere in the window, so an im2col
+copy of it elsewhere serves it, and the window moves only for words none
+of whose copies it holds; when the layer's stride is known
+(`Layers.conv_geometry`, as `topology` and `model_layers` give it), the
+walk follows this address by address over a reversed tile of im2col rows
+(input stationary's ifmap of a conv whose kernel exceeds its stride;
+`systolic_window`) and over the folds of a weight-stationary ifmap whose
+last outputs read past the input (`systolic_ws_window`).
 Stalls: SCALE-Sim waits at the row that needs a move until that move
 completes, and counts the wait for the last prefetch twice; the walk does
 the same per block, at the row of its last move. The write
@@ -60,20 +59,20 @@ What departs from SCALE-Sim, measured over 49 layers and arrays (4x4 to
     a side; when `s` does not divide `H - R`, the last ones read outside the
     input and hold `-1` words, which SCALE-Sim leaves out of its lines. With
     a known stride the walk counts only the words inside the input
-    (`inside_words`) and the address walk places them as SCALE-Sim does
-    (`systolic_window.inside_position`), as the block walk does a weight
-    stationary ifmap's folds on SCALE-Sim's diagonals
-    (`systolic_window.weight_stationary_diagonals`; an output stationary
-    ifmap's folds are still placed as if no word were `-1`). Without a
-    known stride it counts `m * k` words (a 12x12 1x1 stride-2 conv on 8x8
+    (`inside_words`) and the address walks place them as SCALE-Sim does
+    (`systolic_window.inside_position`, a weight-stationary ifmap on
+    SCALE-Sim's diagonals: `weight_stationary_diagonals`; an output
+    stationary ifmap's folds are still placed as if no word were `-1`).
+    Over 13 weight-stationary convs of this kind (8x8 to 32x32 arrays, 3x3
+    to 5x5 kernels, strides 2 and 3, 1 to 4 KiB), the ifmap words are
+    SCALE-Sim's and total cycles 3.5% off on average (25% at worst, a
+    layer that stalls on its ifmap and ofmap at once). Without a known
+    stride the walk counts `m * k` words (a 12x12 1x1 stride-2 conv on 8x8
     arrays: 60% fewer ifmap words).
-  * The block walk of a rolled operand takes no im2col copies. Where the
-    last outputs read past the input, the words of a weight-stationary
-    fold may all have copies in the window (SCALE-Sim then skips a move
-    the walk makes) or a turn may end at an earlier copy: over 13 such
-    layers (4x4 to 32x32 arrays, 1 to 4 KiB), the ifmap words are
-    SCALE-Sim's in 8, and 22% off on average (154% at worst; a 14x14 5x5
-    stride-2 conv on a 16x16 array).
+  * The block walk of a rolled operand takes no copies, which a weight
+    stationary ifmap wholly inside the input may find too: over those 13
+    convs' inputs resized by 1 or 2, its words are SCALE-Sim's in 12, 75%
+    more in a 15x15 3x3 stride-2 one of 4 channels on an 8x8 array.
   * Stalls oscillate in SCALE-Sim around the wait above by up to one
     prefetch time, as its counted waits shift later rows; where the traffic
     is exact (43 of the 49), total cycles are within 2.4% on average (31% at
@@ -82,13 +81,13 @@ What departs from SCALE-Sim, measured over 49 layers and arrays (4x4 to
 On the 21 layers of `haqjax.hardware.scalesim_reference`
 (`python -m experiments.bench hardware` prints them) total cycles are off by
 1.9% on average (5.6% at worst; input stationary 1.6%, 3.5%), and the DRAM
-words read are SCALE-Sim's. The walk is a
-`jax.lax.while_loop` over folds, jit-able and traced in the bits; past
-`MAX_SEGMENTS` folds its moves and stalls are extrapolated at the rate of
-the first ones. The address walk looks a tile's words up
-`systolic_window.CHUNK_ROWS` rows at a time, again after each move (about
-10 s for the [1, 8, 8] cost tensor of a 56x56 3x3 conv of 64 channels on
-a 32x32 array with 64 KiB SRAMs, on one CPU core). `haqjax.hardware.Systolic`
+words read are SCALE-Sim's. The walk is a `jax.lax.while_loop` over folds,
+jit-able and traced in the bits; past `MAX_SEGMENTS` folds its moves and
+stalls are extrapolated at the rate of the first ones. The address walks
+look the words up `systolic_window.CHUNK_ROWS` rows (diagonals) at a time,
+again after each move (about 10 s for the [1, 8, 8] cost tensor of an
+input-stationary 56x56 3x3 conv of 64 channels on a 32x32 array with 64
+KiB SRAMs, on one CPU core). `haqjax.hardware.Systolic`
 runs each buffer's walk on the bits it depends on (the ifmap's on the
 activation bits), so a `[L, 8, 8]` cost tensor walks `8 L` ifmaps, not
 `64 L`; most of a first call is XLA's compile (about 5 s; 9 s with the
@@ -117,6 +116,7 @@ import jax
 import jax.numpy as jnp
 
 from haqjax.hardware import systolic_window
+from haqjax.hardware import systolic_ws_window
 from haqjax.hardware.layers import ceil_div
 from haqjax.typing import Array, ArrayLike
 
@@ -202,11 +202,9 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
   folds the moves and stalls are extrapolated at the rate of those folds.
   With `geometry` (`Layers.conv_geometry`, a known stride), a reversed tile
   of im2col rows is followed address by address
-  (`systolic_window.tile_moves`, on an array of `rows` x `cols`). With
-  `gaps` (the `Layers.conv_geometry` of a weight-stationary ifmap), a conv
-  whose last outputs read past the input places its rolled folds' lines
-  by the inside words on SCALE-Sim's diagonals
-  (`systolic_window.weight_stationary_diagonals`).
+  (`systolic_window.tile_moves`, on an array of `rows` x `cols`), as are,
+  with `gaps` (a weight-stationary ifmap's), the folds of a conv whose last
+  outputs read past the input (`systolic_ws_window.fold_moves`).
 
   Returns:
     `(moves, stall_cycles)`.
@@ -224,7 +222,9 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
     words = dict(k=temporal, folds=nb / per, last=sweep["last"], e=e, a=a, step=step,
                  lines=lines)
   if gaps is not None:
-    gapped = ~rev & (gaps["stride"] > 0) & ~gapless(gaps)
+    gapped = ~rev & (gaps["stride"] > 0) & ~gapless(gaps) & (lines > a)
+    ws_words = dict(m=temporal, folds=nb, last=sweep["last"], e=e, a=a, step=step,
+                    lines=lines)
   limit = jnp.minimum(segments, float(max_segments))
 
   def line(w):
@@ -259,8 +259,9 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
       span = systolic_window.weight_stationary_span(gaps, fold, temporal, w, rows)
       d_lo, d_hi = (systolic_window.weight_stationary_diagonals(
           gaps, d, temporal, nb, sweep["last"], rows) for d in (span[0], span[1] + 1.0))
-      lo = jnp.where(gapped, base + line(d_lo), lo)
-      hi = jnp.where(gapped, base + line(d_hi - 1.0), hi)
+      own = (line(d_lo), line(d_hi - 1.0))
+      lo = jnp.where(gapped, base + own[0], lo)
+      hi = jnp.where(gapped, base + own[1], hi)
     # The window moves forward to the block's first demanded line (a
     # reversed tile's last row).
     first = jnp.where(rev, hi, lo)
@@ -313,6 +314,16 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
     if geometry is not None:
       # SCALE-Sim's partial tile starts with its `-1` rows.
       row = jnp.where(exact, i * fold_rows + tile_rows - rows_in + r_exact, row)
+    if gaps is not None:
+      # The fold's demand address by address (copies in other folds serve
+      # it); a fold whose own lines are all in the window needs no move.
+      d_lo, d_hi = (jnp.mod(x - j * step, lines) for x in own)
+      held = (d_lo < a) & (d_hi < a) & (d_lo <= d_hi)
+      j_ws, t_ws = systolic_ws_window.fold_moves(gaps, ws_words, fold,
+                                                 gapped & live & ~held, j, rows)
+      j3 = jnp.where(gapped, j_ws, j3)
+      t2 = jnp.where(gapped, 0.0, t2)
+      row = jnp.where(gapped, i * fold_rows + rows + t_ws, row)
     late = jnp.where(j3 > j, j3 * period - row - stall - 2.0, 0.0)
     # SCALE-Sim counts the wait for the last prefetch twice.
     late = jnp.maximum(late, 0.0)
@@ -412,7 +423,8 @@ def scratchpad_costs(dataflow: str, rows: int, cols: int, m: Array, n: Array,
     bw_words: 'ifmap', 'filter', 'ofmap' DRAM words per cycle.
     ifmap_words: distinct input words (`operand_sweeps`).
     geometry: `Layers.conv_geometry`: an input-stationary ifmap with im2col
-      copies is then followed address by address (`systolic_window`).
+      copies, or a weight-stationary one with words past the input, is then
+      followed address by address (`systolic_window`, `systolic_ws_window`).
 
   Returns:
     `stall_cycles` and `ifmap_words`, `filter_words`, `ofmap_words` (DRAM).

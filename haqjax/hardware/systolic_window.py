@@ -26,13 +26,15 @@ References:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
 from haqjax.typing import Array
 
 
-def _pixel(p: Array, g: dict[str, Array]) -> tuple[Array, Array, Array]:
+def output_pixel(p: Array, g: dict[str, Array]) -> tuple[Array, Array, Array]:
   """Image, output row and output column of output pixel `p`."""
   per_image = g["out_h"] * g["out_w"]
   img = jnp.floor(p / per_image)
@@ -132,7 +134,7 @@ def weight_stationary_position(g: dict[str, Array], fold: Array, pixel: Array, l
   rows_before = (pixel * width - ap * (ro1 - ro0) - bp * (co1 - co0)
                  + abp * (bo1 - bo0))
   rol, col, bol = _outside_before(g, kk0 + lane)
-  _, oh, ow = _pixel(pixel, g)
+  _, oh, ow = output_pixel(pixel, g)
   lr, lc = oh >= g["out_h"] - 1.0, ow >= g["out_w"] - 1.0
   lanes_before = (lane - lr * (rol - ro0) - lc * (col - co0)
                   + (lr & lc) * (bol - bo0))
@@ -185,16 +187,19 @@ def weight_stationary_span(g: dict[str, Array], fold: Array, m: Array, width: Ar
 
 
 def weight_stationary_diagonals(g: dict[str, Array], d: Array, m: Array, folds: Array,
-                                last: Array, rows: int) -> Array:
+                                last: Array, rows: int, below: Array | None = None) -> Array:
   """Inside words of a weight-stationary ifmap on SCALE-Sim's diagonals before `d`.
 
   SCALE-Sim stacks the folds (`m` rows each, `rows` words wide, the last
-  `last` wide) and reads the stack out diagonal by diagonal: the words
-  before diagonal `d` are those of row `R` and column `c` with `R + c < d`.
+  `last` wide) and reads the stack out diagonal by diagonal, each from its
+  highest row down: the words before diagonal `d` are those of row `R` and
+  column `c` with `R + c < d`, and with `below`, also those of diagonal `d`
+  in the rows after it (the words before `(below, d - below)`).
   """
   x_ = lambda v: jnp.asarray(v, jnp.float32)[..., None]
   g = {name: x_(v) for name, v in g.items()}
   d, m, folds, last = x_(d), x_(m), x_(folds), x_(last)
+  below = jnp.float32(jnp.inf) if below is None else x_(below)
   total = folds * m
   r0 = jnp.clip(d - rows + 1.0, 0.0, total)
 
@@ -207,8 +212,9 @@ def weight_stationary_diagonals(g: dict[str, Array], d: Array, m: Array, folds: 
   # Whole rows before `r0` (all of them when `r0` is past the stack).
   full = jnp.where(r0 >= total, position(total - 1.0, float(rows)), position(r0, 0.0))
   r = r0 + jnp.arange(rows, dtype=jnp.float32)
-  part = position(r, d - r) - position(r, 0.0)
-  part = jnp.where((r < d) & (r < total), part, 0.0)
+  on = jnp.where(r > below, 1.0, 0.0)
+  part = position(r, d - r + on) - position(r, 0.0)
+  part = jnp.where((r < d + on) & (r < total), part, 0.0)
   return full[..., 0] + part.sum(axis=-1)
 
 
@@ -249,7 +255,7 @@ def tile_needs(g: dict[str, Array], words: dict[str, Array], top: Array, count: 
   kw, ch_n = g["kernel_w"], g["channels"]
   lane = jnp.arange(cols, dtype=jnp.float32)
   width = jnp.where(fold >= folds - 1.0, last, float(cols))
-  img, oh, ow = _pixel(fold * cols + lane, g)
+  img, oh, ow = output_pixel(fold * cols + lane, g)
   r = jnp.floor(kk / (kw * ch_n))
   rest = kk - r * kw * ch_n
   c = jnp.floor(rest / ch_n)
@@ -283,41 +289,59 @@ def tile_needs(g: dict[str, Array], words: dict[str, Array], top: Array, count: 
   return needs.reshape(needs.shape[:-2] + (rows * cols,))
 
 
+def demand_moves(needs: Callable[[Array, Array, int], Array], count: Array, active: Array,
+                 j: Array, chunk: int, width: int) -> tuple[Array, Array]:
+  """Window moves over a demand of `count` rows of `width` words, in order.
+
+  The words are looked up `chunk` rows at a time (`needs(j, row0, chunk)`:
+  `[*B, chunk * width]`, the further moves each word of rows `row0 ...`
+  needs from `j` moves): the first one without a copy in the window moves
+  it, and the words after it are looked up again. Entries where `active`
+  is False keep `j`.
+
+  Returns:
+    `(moves, row)`: the moves after the demand, and its row (0 for the
+    first) that made the last of them (0 without moves).
+  """
+  flat = jnp.arange(chunk * width)
+
+  def look(state):
+    jj, pos, on, last = state
+    row0 = pos // width
+    need = needs(jj, row0.astype(jnp.float32), chunk)
+    index = row0[..., None] * width + flat
+    need = jnp.where(index >= pos[..., None], need, 0.0)
+    miss = need > 0.0
+    first = jnp.argmax(miss, axis=-1)
+    moved = on & miss.any(axis=-1)
+    by = jnp.take_along_axis(need, first[..., None], axis=-1)[..., 0]
+    hit = row0 * width + first
+    pos = jnp.where(moved, hit + 1, (row0 + chunk) * width)
+    on = on & (moved | ((row0 + chunk).astype(jnp.float32) < count))
+    return (jj + jnp.where(moved, by, 0.0), pos, on,
+            jnp.where(moved, (hit // width).astype(jnp.float32), last))
+
+  shape = jnp.broadcast_shapes(jnp.shape(j), jnp.shape(active), jnp.shape(count))
+  start = (jnp.broadcast_to(j, shape), jnp.zeros(shape, jnp.int32),
+           jnp.broadcast_to(active, shape), jnp.zeros(shape, jnp.float32))
+  j_end, _, _, row = jax.lax.while_loop(lambda st: jnp.any(st[2]), look, start)
+  return j_end, row
+
+
 def tile_moves(g: dict[str, Array], words: dict[str, Array], fold: Array, top: Array,
                count: Array, active: Array, j: Array, rows: int,
                cols: int) -> tuple[Array, Array]:
   """Window moves over one reversed tile of `count` im2col rows `top, top - 1, ...`.
 
-  The words are looked up in demand order: the first one without a copy in
-  the window moves it, and the words after it are looked up again. Entries
-  where `active` is False keep `j`.
+  The words are looked up in demand order (`demand_moves`). Entries where
+  `active` is False keep `j`.
 
   Returns:
     `(moves, row)`: the moves after the tile, and the tile's demand row
     (0 for its first) that made the last of them (0 without moves).
   """
-  chunk = min(rows, CHUNK_ROWS)
-  flat = jnp.arange(chunk * cols)
 
-  def look(state):
-    jj, pos, on, last = state
-    row0 = pos // cols
-    needs = tile_needs(g, words, top, count, fold, jj, chunk, cols,
-                       row0.astype(jnp.float32))
-    index = row0[..., None] * cols + flat
-    needs = jnp.where(index >= pos[..., None], needs, 0.0)
-    miss = needs > 0.0
-    first = jnp.argmax(miss, axis=-1)
-    moved = on & miss.any(axis=-1)
-    by = jnp.take_along_axis(needs, first[..., None], axis=-1)[..., 0]
-    hit = row0 * cols + first
-    pos = jnp.where(moved, hit + 1, (row0 + chunk) * cols)
-    on = on & (moved | ((row0 + chunk).astype(jnp.float32) < count))
-    return (jj + jnp.where(moved, by, 0.0), pos, on,
-            jnp.where(moved, (hit // cols).astype(jnp.float32), last))
+  def needs(jj, row0, chunk):
+    return tile_needs(g, words, top, count, fold, jj, chunk, cols, row0)
 
-  shape = jnp.broadcast_shapes(jnp.shape(j), jnp.shape(active), jnp.shape(top))
-  start = (jnp.broadcast_to(j, shape), jnp.zeros(shape, jnp.int32),
-           jnp.broadcast_to(active, shape), jnp.zeros(shape, jnp.float32))
-  j_end, _, _, row = jax.lax.while_loop(lambda st: jnp.any(st[2]), look, start)
-  return j_end, row
+  return demand_moves(needs, count + 0.0 * top, active, j, min(rows, CHUNK_ROWS), cols)

@@ -1,0 +1,123 @@
+"""SCALE-Sim's read window over a weight-stationary im2col ifmap, address by address.
+
+Weight stationary (SCALE-Sim's `systolic_compute_ws`) stacks the ifmap's
+folds (fold `f` holds the `m` pixels' im2col columns `f rows ... f rows +
+w - 1`, one pixel a row, `rows` words wide) and rolls the stack out diagonal
+by diagonal: diagonal `d` holds the words of stack row `R` and column `c`
+with `R + c = d`, highest row first; the read buffer's lines skip the `-1`
+words of the outputs that read past the input. The array demands fold `f`
+diagonal by diagonal too: at demand row `rows + t` it reads the words of
+fold rows `t - c` at columns `c = 0, 1, ...`, the fold's own part of stack
+diagonal `f m + t`. A conv with a kernel over its stride reads each input
+word several times, and SCALE-Sim's `read_buffer.active_buffer_hit` finds a
+demanded address in any line of the window: a copy of the word in another
+fold (kernel row `r - s`, the pixel one output row below) may serve it, and
+the window moves only for an address none of whose copies it holds, by as
+many prefetches as bring the nearest copy in. `fold_moves` follows this
+over one fold's demand, `systolic_window.CHUNK_ROWS` diagonals at a time
+(`systolic_window.demand_moves`).
+
+References:
+  scalesim-project/scale-sim-v2, `scalesim/memory/read_buffer.py`,
+  `scalesim/compute/operand_matrix.py`, `systolic_compute_ws.py`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from haqjax.hardware import systolic_window
+from haqjax.typing import Array
+
+
+def stack_position(g: dict[str, Array], row: Array, col: Array, m: Array, folds: Array,
+                   last: Array, rows: int) -> Array:
+  """Index of stack word `(row, col)` among the inside words of SCALE-Sim's
+  rolled-out weight-stationary ifmap (arrays broadcasting with `g`'s)."""
+  return systolic_window.weight_stationary_diagonals(g, row + col, m, folds, last, rows,
+                                                     below=row)
+
+
+def fold_needs(g: dict[str, Array], words: dict[str, Array], fold: Array, j: Array,
+               diag0: Array, diagonals: int, rows: int) -> Array:
+  """Moves each demanded word of `diagonals` diagonals of a fold needs from `j` moves.
+
+  Args:
+    g: `Layers.conv_geometry` (shape `B`, the stride known).
+    words: the ifmap's `m` (pixels, the fold's height), `folds`, `last` (the
+      last fold's width) and its buffer's `e`, `a`, `step`, `lines`.
+    fold: the fold demanded.
+    j: window moves so far.
+    diag0: the fold's first diagonal looked up (demand row `rows + diag0`).
+    diagonals, rows: diagonals looked up, and the array's rows.
+
+  Returns:
+    `[*B, diagonals * rows]` in demand order (each diagonal's columns left
+    to right): the fewest further moves that bring a copy of the word into
+    the window (0 for a word not demanded).
+  """
+  x_ = lambda v: jnp.asarray(v, jnp.float32)[..., None, None]
+  g = {name: x_(v) for name, v in g.items()}
+  m, folds, last = x_(words["m"]), x_(words["folds"]), x_(words["last"])
+  e, a, step, lines = (x_(words[n]) for n in ("e", "a", "step", "lines"))
+  fold, start = x_(fold), x_(j) * step
+  t = x_(diag0) + jnp.arange(diagonals, dtype=jnp.float32)[:, None]
+  c = jnp.arange(rows, dtype=jnp.float32)
+  width = jnp.where(fold >= folds - 1.0, last, float(rows))
+  p = t - c
+  s = jnp.where(g["stride"] > 0.0, g["stride"], 1.0)
+  kw, ch_n = g["kernel_w"], g["channels"]
+  kk = fold * rows + c
+  r = jnp.floor(kk / (kw * ch_n))
+  rest = kk - r * kw * ch_n
+  cc = jnp.floor(rest / ch_n)
+  ch = rest - cc * ch_n
+  img, oh, ow = systolic_window.output_pixel(jnp.clip(p, 0.0, m - 1.0), g)
+  y, x = oh * s + r, ow * s + cc
+  demanded = ((c < width) & (p >= 0.0) & (p < m) & (y < g["in_h"]) & (x < g["in_w"]))
+  nv = jnp.ceil(kw / s)
+  copies = jnp.ceil(g["kernel_h"] / s) * nv
+
+  def body(state):
+    q, best = state
+    u = jnp.floor(q / nv)
+    v = q - u * nv
+    oh2, ow2 = jnp.floor(y / s) - u, jnp.floor(x / s) - v
+    r2, c2 = y - oh2 * s, x - ow2 * s
+    ok = ((q < copies) & (oh2 >= 0.0) & (oh2 < g["out_h"]) & (ow2 >= 0.0)
+          & (ow2 < g["out_w"]) & (r2 < g["kernel_h"]) & (c2 < kw))
+    p2 = (img * g["out_h"] + oh2) * g["out_w"] + ow2
+    kk2 = (r2 * kw + c2) * ch_n + ch
+    f2 = jnp.floor(kk2 / rows)
+    pos = stack_position(g, f2 * m + p2, kk2 - f2 * rows, m, folds, last, rows)
+    d = jnp.mod(jnp.floor(pos / e) - start, lines)
+    need = jnp.where(d < a, 0.0, jnp.ceil((d - a + 1.0) / step))
+    return q + 1.0, jnp.where(ok, jnp.minimum(best, need), best)
+
+  best = jnp.full(jnp.broadcast_shapes(y.shape, start.shape), jnp.inf)
+  _, best = jax.lax.while_loop(lambda st: st[0] < jnp.max(copies), body,
+                               (jnp.float32(0.0), best))
+  needs = jnp.where(demanded & jnp.isfinite(best), best, 0.0)
+  return needs.reshape(needs.shape[:-2] + (diagonals * rows,))
+
+
+def fold_moves(g: dict[str, Array], words: dict[str, Array], fold: Array, active: Array,
+               j: Array, rows: int) -> tuple[Array, Array]:
+  """Window moves over one weight-stationary fold's demand (module docstring).
+
+  Entries where `active` is False keep `j`.
+
+  Returns:
+    `(moves, diagonal)`: the moves after the fold, and the fold's diagonal
+    (demand row `rows + diagonal`) that made the last of them (0 without
+    moves).
+  """
+  width = jnp.where(fold >= words["folds"] - 1.0, words["last"], float(rows))
+  count = words["m"] + width - 1.0
+
+  def needs(jj, diag0, chunk):
+    return fold_needs(g, words, fold, jj, diag0, chunk, rows)
+
+  return systolic_window.demand_moves(needs, count, active, j, systolic_window.CHUNK_ROWS,
+                                     rows)
