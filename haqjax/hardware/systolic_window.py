@@ -222,6 +222,53 @@ def weight_stationary_diagonals(g: dict[str, Array], d: Array, m: Array, folds: 
 CHUNK_ROWS = 8
 
 
+
+def nearest_copy(g: dict[str, Array], s: Array, img: Array, y: Array, x: Array, ch: Array,
+                 position: Callable[[Array, Array], Array], start: Array,
+                 buffer: tuple[Array, Array, Array, Array]) -> Array:
+  """The fewest window moves that bring in a copy of input word `(img, y, x, ch)`.
+
+  The copies are the im2col entries of the output pixels `(oh - u, ow - v)`
+  that read the word at kernel offset `(r + u s, c + v s)` (module
+  docstring), for both stationary dataflows.
+
+  Args:
+    g: the conv geometry (broadcast as the other arguments).
+    s: the stride (at least 1).
+    img, y, x, ch: the word: image, input row, column and channel.
+    position: `(p2, kk2) -> ` the prefetch-stream position of the im2col
+      entry of output pixel `p2` and column `kk2` (the dataflow's layout).
+    start: the window's first line.
+    buffer: the read buffer's `(e, a, step, lines)` (`systolic_memory`).
+
+  Returns:
+    The moves, shaped as the broadcast arguments: `inf` where no copy is
+    inside the kernel and the output.
+  """
+  e, a, step, lines = buffer
+  kw, ch_n = g["kernel_w"], g["channels"]
+  nv = jnp.ceil(kw / s)
+  copies = jnp.ceil(g["kernel_h"] / s) * nv
+
+  def body(state):
+    q, best = state
+    u = jnp.floor(q / nv)
+    v = q - u * nv
+    oh2, ow2 = jnp.floor(y / s) - u, jnp.floor(x / s) - v
+    r2, c2 = y - oh2 * s, x - ow2 * s
+    ok = ((q < copies) & (oh2 >= 0.0) & (oh2 < g["out_h"]) & (ow2 >= 0.0)
+          & (ow2 < g["out_w"]) & (r2 < g["kernel_h"]) & (c2 < kw))
+    p2 = (img * g["out_h"] + oh2) * g["out_w"] + ow2
+    pos = position(p2, (r2 * kw + c2) * ch_n + ch)
+    d = jnp.mod(jnp.floor(pos / e) - start, lines)
+    need = jnp.where(d < a, 0.0, jnp.ceil((d - a + 1.0) / step))
+    return q + 1.0, jnp.where(ok, jnp.minimum(best, need), best)
+
+  best = jnp.full(jnp.broadcast_shapes(y.shape, start.shape), jnp.inf)
+  _, best = jax.lax.while_loop(lambda st: st[0] < jnp.max(copies), body,
+                               (jnp.float32(0.0), best))
+  return best
+
 def tile_needs(g: dict[str, Array], words: dict[str, Array], top: Array, count: Array,
                fold: Array, j: Array, rows: int, cols: int, row0: Array = 0.0) -> Array:
   """Moves each word of `rows` rows of a reversed tile needs from `j` moves.
@@ -262,29 +309,13 @@ def tile_needs(g: dict[str, Array], words: dict[str, Array], top: Array, count: 
   ch = rest - c * ch_n
   y, x = oh * s + r, ow * s + c
   demanded = (idx < x_(count)) & (lane < width) & (y < g["in_h"]) & (x < g["in_w"])
-  nv = jnp.ceil(kw / s)
-  copies = jnp.ceil(g["kernel_h"] / s) * nv
 
-  def body(state):
-    q, best = state
-    u = jnp.floor(q / nv)
-    v = q - u * nv
-    oh2, ow2 = jnp.floor(y / s) - u, jnp.floor(x / s) - v
-    r2, c2 = y - oh2 * s, x - ow2 * s
-    ok = ((q < copies) & (oh2 >= 0.0) & (oh2 < g["out_h"]) & (ow2 >= 0.0)
-          & (ow2 < g["out_w"]) & (r2 < g["kernel_h"]) & (c2 < kw))
-    p2 = (img * g["out_h"] + oh2) * g["out_w"] + ow2
+  def position(p2, kk2):
     f2 = jnp.floor(p2 / cols)
     w2 = jnp.where(f2 >= folds - 1.0, last, float(cols))
-    pos = inside_position(g, f2, (r2 * kw + c2) * ch_n + ch, p2 - f2 * cols, k, w2,
-                          cols)
-    d = jnp.mod(jnp.floor(pos / e) - start, lines)
-    t = jnp.where(d < a, 0.0, jnp.ceil((d - a + 1.0) / step))
-    return q + 1.0, jnp.where(ok, jnp.minimum(best, t), best)
+    return inside_position(g, f2, kk2, p2 - f2 * cols, k, w2, cols)
 
-  best = jnp.full(jnp.broadcast_shapes(y.shape, start.shape), jnp.inf)
-  _, best = jax.lax.while_loop(lambda st: st[0] < jnp.max(copies), body,
-                               (jnp.float32(0.0), best))
+  best = nearest_copy(g, s, img, y, x, ch, position, start, (e, a, step, lines))
   needs = jnp.where(demanded & jnp.isfinite(best), best, 0.0)
   return needs.reshape(needs.shape[:-2] + (rows * cols,))
 

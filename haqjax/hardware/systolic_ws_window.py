@@ -24,7 +24,6 @@ References:
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from haqjax.hardware import systolic_window
@@ -76,28 +75,13 @@ def fold_needs(g: dict[str, Array], words: dict[str, Array], fold: Array, j: Arr
   img, oh, ow = systolic_window.output_pixel(jnp.clip(p, 0.0, m - 1.0), g)
   y, x = oh * s + r, ow * s + cc
   demanded = ((c < width) & (p >= 0.0) & (p < m) & (y < g["in_h"]) & (x < g["in_w"]))
-  nv = jnp.ceil(kw / s)
-  copies = jnp.ceil(g["kernel_h"] / s) * nv
 
-  def body(state):
-    q, best = state
-    u = jnp.floor(q / nv)
-    v = q - u * nv
-    oh2, ow2 = jnp.floor(y / s) - u, jnp.floor(x / s) - v
-    r2, c2 = y - oh2 * s, x - ow2 * s
-    ok = ((q < copies) & (oh2 >= 0.0) & (oh2 < g["out_h"]) & (ow2 >= 0.0)
-          & (ow2 < g["out_w"]) & (r2 < g["kernel_h"]) & (c2 < kw))
-    p2 = (img * g["out_h"] + oh2) * g["out_w"] + ow2
-    kk2 = (r2 * kw + c2) * ch_n + ch
+  def position(p2, kk2):
     f2 = jnp.floor(kk2 / rows)
-    pos = stack_position(g, f2 * m + p2, kk2 - f2 * rows, m, folds, last, rows)
-    d = jnp.mod(jnp.floor(pos / e) - start, lines)
-    need = jnp.where(d < a, 0.0, jnp.ceil((d - a + 1.0) / step))
-    return q + 1.0, jnp.where(ok, jnp.minimum(best, need), best)
+    return stack_position(g, f2 * m + p2, kk2 - f2 * rows, m, folds, last, rows)
 
-  best = jnp.full(jnp.broadcast_shapes(y.shape, start.shape), jnp.inf)
-  _, best = jax.lax.while_loop(lambda st: st[0] < jnp.max(copies), body,
-                               (jnp.float32(0.0), best))
+  best = systolic_window.nearest_copy(g, s, img, y, x, ch, position, start,
+                                      (e, a, step, lines))
   needs = jnp.where(demanded & jnp.isfinite(best), best, 0.0)
   return needs.reshape(needs.shape[:-2] + (diagonals * rows,))
 
