@@ -253,15 +253,6 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
     base = (jnp.floor(i / (inner * nb)) + turns) * lines
     lo = base + line(start - back)
     hi = base + line(start + size + ahead - 1.0)
-    if gaps is not None:
-      # The fold's words lie from its first inside word's diagonal to its
-      # last one's, last on theirs.
-      span = systolic_window.weight_stationary_span(gaps, fold, temporal, w, rows)
-      d_lo, d_hi = (systolic_window.weight_stationary_diagonals(
-          gaps, d, temporal, nb, sweep["last"], rows) for d in (span[0], span[1] + 1.0))
-      own = (line(d_lo), line(d_hi - 1.0))
-      lo = jnp.where(gapped, base + own[0], lo)
-      hi = jnp.where(gapped, base + own[1], hi)
     # The window moves forward to the block's first demanded line (a
     # reversed tile's last row).
     first = jnp.where(rev, hi, lo)
@@ -317,10 +308,7 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
     if gaps is not None:
       # The fold's demand address by address (copies in other folds serve
       # it); a fold whose own lines are all in the window needs no move.
-      d_lo, d_hi = (jnp.mod(x - j * step, lines) for x in own)
-      held = (d_lo < a) & (d_hi < a) & (d_lo <= d_hi)
-      j_ws, t_ws = systolic_ws_window.fold_moves(gaps, ws_words, fold,
-                                                 gapped & live & ~held, j, rows)
+      j_ws, t_ws = systolic_ws_window.fold_moves(gaps, ws_words, fold, gapped & live, j, rows)
       j3 = jnp.where(gapped, j_ws, j3)
       t2 = jnp.where(gapped, 0.0, t2)
       row = jnp.where(gapped, i * fold_rows + rows + t_ws, row)
