@@ -49,18 +49,15 @@ from haqjax.deploy.graph import Encoding
 from haqjax.quant import affine
 from haqjax.quant.base import Quantizer
 from haqjax.quant.learned import LSQ
+from haqjax.quant.learned import MIN_STEP
 from haqjax.quant.learned import PACT
-from haqjax.quant.learned import grad_scale
-from haqjax.quant.learned import lsq_bounds
+from haqjax.quant.learned import lsq_step
 from haqjax.quant.uniform import MinMaxWeight
 from haqjax.quant.uniform import StaticRange
 from haqjax.typing import Array
 
 ACT_QUANTIZERS = ("StaticRange", "LSQ", "PACT", "HAQActivation")
 WEIGHT_QUANTIZERS = ("MinMaxWeight", "StaticRange", "LSQ")
-# The floor of LSQ's step and PACT's clip in their forward passes
-# (`haqjax.quant.learned`); the checks below catch a change there.
-LEARNED_FLOOR = 1e-8
 # Values in an activation probe (`_check_act`), whatever the layer's shape.
 _PROBE_SIZE = 4096
 
@@ -81,24 +78,10 @@ def _learned_signed(quantizer: LSQ | PACT, params: Any) -> bool:
   return quantizer.sign == "signed"
 
 
-def _lsq_count(quantizer: LSQ, shape: tuple[int, ...]) -> int:
-  """`N` of LSQ's gradient scale for a tensor of `shape` (as `LSQ` counts it)."""
-  n = math.prod(shape)
-  if quantizer.channel_axis is not None:
-    n //= shape[quantizer.channel_axis]
-  if quantizer.batch_axis is not None:
-    n //= shape[quantizer.batch_axis]
-  return max(n, 1)
-
-
-def _lsq_step(step: Array, bits: Array, signed: bool, num_elements: int) -> Array:
-  """The step LSQ's forward pass multiplies by (`lsq_fake_quant`'s `s`)."""
-  _, qp = lsq_bounds(jnp.asarray(bits, jnp.int32), signed)
-  g = jax.lax.rsqrt(num_elements * jnp.maximum(qp, 1.0))
-  return grad_scale(jnp.maximum(step, LEARNED_FLOOR), g)
-
-
-_lsq_act_step = jax.jit(_lsq_step, static_argnums=(2, 3))
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _lsq_act_step(step: Array, bits: Array, signed: bool, num_elements: int) -> Array:
+  """`lsq_step` of one activation tensor, compiled once per sign and size."""
+  return lsq_step(step, bits, signed=signed, num_elements=num_elements)
 
 
 def _check_offset(where: str, quantizer: LSQ) -> None:
@@ -127,7 +110,7 @@ def _act_grid(where: str, quantizer: Quantizer, params: Any, bits: int,
     return (spec, *affine.compute_scale(lo.reshape(()), hi.reshape(()), bits, spec))
   if isinstance(quantizer, PACT):  # HAQActivation too.
     clip = np.maximum(np.asarray(params["clip"], np.float32).reshape(()),
-                      np.float32(LEARNED_FLOOR))
+                      np.float32(MIN_STEP))
     if _learned_signed(quantizer, params):  # As `pact_fake_quant`.
       spec, lo = affine.AffineSpec(signed=True, narrow_range=True), -clip
     else:
@@ -143,7 +126,7 @@ def _act_grid(where: str, quantizer: Quantizer, params: Any, bits: int,
       raise ValueError(f"deploy: layer {where!r}: LSQ's step needs the input's shape")
     signed = _learned_signed(quantizer, params)
     scale = _lsq_act_step(jnp.asarray(step.reshape(())), jnp.int32(bits), signed,
-                          _lsq_count(quantizer, tuple(in_shape)))
+                          quantizer.num_elements(tuple(in_shape)))
     return affine.AffineSpec(signed=signed), scale, np.float32(0.0)
   raise ValueError(f"deploy: layer {where!r} has activation quantizer "
                    f"{type(quantizer).__name__}; allowed: {', '.join(ACT_QUANTIZERS)} "
@@ -230,7 +213,8 @@ def _weight_grid(quantizer: Quantizer, spec: affine.AffineSpec, params: Any, ker
       lo = jnp.where(bits <= 1, -mean_abs, lo)
       hi = jnp.where(bits <= 1, mean_abs, hi)
   elif isinstance(quantizer, LSQ):  # Its step as its forward pass uses it; binary at 1 bit.
-    scale = _lsq_step(params["step"], bits, spec.signed, _lsq_count(quantizer, kernel.shape))
+    scale = lsq_step(params["step"], bits, signed=spec.signed,
+                     num_elements=quantizer.num_elements(kernel.shape))
     codes = affine.quantize(kernel, scale, jnp.zeros_like(scale), bits, spec)
     return codes, scale, quantizer(params, kernel, bits)
   else:

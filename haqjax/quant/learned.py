@@ -31,6 +31,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ from haqjax.quant.base import passthrough
 from haqjax.quant.estimators import ste
 from haqjax.typing import Array, ArrayLike, PRNGKey, PyTree
 
-_MIN_STEP = 1e-8
+MIN_STEP = 1e-8
 
 
 def grad_scale(x: Array, scale: ArrayLike) -> Array:
@@ -60,6 +61,21 @@ def lsq_bounds(bits: ArrayLike, signed: bool) -> tuple[Array, Array]:
   """LSQ's `(Qn, Qp)`: the grid is `[-Qn, Qp]` (both as positive floats)."""
   qmin, qmax = affine.qrange(bits, signed=signed)
   return -qmin, qmax
+
+
+def _lsq_gradient_scale(qp: Array, num_elements: int) -> Array:
+  """LSQ's `g = 1 / sqrt(N * Qp)` (`Qp` at least 1)."""
+  return jax.lax.rsqrt(num_elements * jnp.maximum(qp, 1.0))
+
+
+def lsq_step(step: Array, bits: ArrayLike, *, signed: bool, num_elements: int) -> Array:
+  """The step LSQ's forward pass multiplies by: `max(step, MIN_STEP)` through `grad_scale`.
+
+  The gradient scaling leaves the value but can move it by an ulp, so an
+  integer grid of LSQ's (`haqjax.deploy`) takes this step, not the stored one.
+  """
+  _, qp = lsq_bounds(jnp.asarray(bits, jnp.int32), signed)
+  return grad_scale(jnp.maximum(step, MIN_STEP), _lsq_gradient_scale(qp, num_elements))
 
 
 def lsq_fake_quant(x: Array, step: Array, bits: ArrayLike, *, signed: bool,
@@ -81,9 +97,8 @@ def lsq_fake_quant(x: Array, step: Array, bits: ArrayLike, *, signed: bool,
   """
   bits = jnp.asarray(bits, jnp.int32)
   qn, qp = lsq_bounds(bits, signed)
-  qp_eff = jnp.maximum(qp, 1.0)
-  g = jax.lax.rsqrt(num_elements * qp_eff)
-  s = grad_scale(jnp.maximum(step, _MIN_STEP), g)
+  g = _lsq_gradient_scale(qp, num_elements)
+  s = lsq_step(step, bits, signed=signed, num_elements=num_elements)
   beta = 0.0 if offset is None else grad_scale(offset, g)
   v = (x - beta) * (1.0 / s)
   binary = signed  # a signed 1-bit grid has no zero: use {-1, +1}
@@ -124,12 +139,13 @@ class LSQ(Quantizer):
     shape[self.channel_axis] = x.shape[self.channel_axis]
     return tuple(shape)
 
-  def _num_elements(self, x: Array) -> int:
-    n = x.size
+  def num_elements(self, shape: tuple[int, ...]) -> int:
+    """`N` of the gradient scale for a tensor of `shape`: the values per step."""
+    n = math.prod(shape)
     if self.channel_axis is not None:
-      n //= x.shape[self.channel_axis]
+      n //= shape[self.channel_axis]
     if self.batch_axis is not None:
-      n //= x.shape[self.batch_axis]
+      n //= shape[self.batch_axis]
     return max(n, 1)
 
   def init(self, x: Array) -> PyTree:
@@ -172,7 +188,7 @@ class LSQ(Quantizer):
   def __call__(self, params: PyTree, x: Array, bits: ArrayLike,
                key: PRNGKey | None = None) -> Array:
     del key
-    kwargs = dict(step=params["step"], bits=bits, num_elements=self._num_elements(x),
+    kwargs = dict(step=params["step"], bits=bits, num_elements=self.num_elements(x.shape),
                   offset=params.get("offset"))
     if self.sign == "auto":
       q = jnp.where(jax.lax.stop_gradient(params["signed"]) > 0,
@@ -190,7 +206,7 @@ def pact_fake_quant(x: Array, clip: Array, bits: ArrayLike, *, signed: bool) -> 
   signed); to `x` it is `1` inside the clip range and 0 outside.
   """
   bits = jnp.asarray(bits, jnp.int32)
-  clip = jnp.maximum(clip, _MIN_STEP)
+  clip = jnp.maximum(clip, MIN_STEP)
   if signed:
     y = jnp.minimum(jnp.maximum(x, -clip), clip)
     spec = affine.AffineSpec(signed=True, narrow_range=True)
