@@ -16,8 +16,9 @@ dataflow (`haqjax.deploy.capture`) and lowers each op:
   codes as `quantize` computes them, so `round(clip(y))` is exact.
 * Each consumer requantizes the int32 accumulator to what it needs: a
   quantized layer to its own input encoding (one `requantize`, the TFLite /
-  gemmlowp fixed-point multiplier `s_acc[c] / s_in` and shift, rounding as
-  gemmlowp: half up in the high multiply, half away from zero in the shift);
+  gemmlowp fixed-point multiplier `s_acc[c] / s_in` and shift, rounded once
+  by default, half up, TFLite's single rounding; `rounding='gemmlowp'`
+  rounds twice as gemmlowp does);
   an `add`, `mean` or `max_pool` to a wide int32 tensor.
 * Wide tensors (residual streams, pooled sums) have zero point 0 and a power
   of two scale `2^-k`, the finest with `bound * 2^k <= WIDE_CAPACITY / n`
@@ -264,7 +265,7 @@ def _input_bound(captured: capture_lib.Captured, variables: PyTree, example: Arr
 
 
 def build(model: nn.Module, variables: PyTree, policy: Policy, example_input: Array,
-          *, input_bound: float | None = None, rounding: str = "gemmlowp") -> Graph:
+          *, input_bound: float | None = None, rounding: str = "single") -> Graph:
   """The integer graph of `model` with `variables` at `policy`.
 
   Args:
@@ -280,6 +281,11 @@ def build(model: nn.Module, variables: PyTree, policy: Policy, example_input: Ar
     input_bound: bound of `|input|` used only where a float layer feeds a wide
       tensor; default `INPUT_MARGIN` times the larger of the example's and the
       first layers' calibrated range.
+    rounding: of every `requantize`: 'single' (TFLite's single rounding,
+      the exact `acc * multiplier` rounded once, as the fake-quantized model
+      rounds `y / s` once) or 'gemmlowp' (gemmlowp's two roundings, which
+      can land one code off where the first lands on a half of the second:
+      rare, but a constant channel repeats it at every position).
 
   Returns:
     The `Graph` (nodes, input `"input"`, output `"logits"`, the policy).

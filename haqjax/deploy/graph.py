@@ -51,8 +51,8 @@ said otherwise:
 * `requantize` (int32 or codes -> codes or int32). Arrays: `multiplier`
   int32, `shift` int32 (both `()` or `[C]`), `lo`, `hi` int32 `()`, and
   `real_multiplier` float32 (`scale_x / scale_out`, for reference only).
-  Attribute `rounding`: 'gemmlowp' (the default, and the meaning when
-  absent) or 'single'. 'gemmlowp' is
+  Attribute `rounding`: 'single' (what `build` writes by default) or
+  'gemmlowp' (also the meaning when absent). 'gemmlowp' is
   gemmlowp / TFLite `MultiplyByQuantizedMultiplier` with a signed
   multiplier `|m|` in `[2^30, 2^31)` (or 0) and exponent `shift`
   (`real_multiplier ~= m * 2^(shift - 31)`)::
