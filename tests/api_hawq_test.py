@@ -134,10 +134,15 @@ def test_traces_equal_the_haqjax_resnet_s(monkeypatch):
   images = jnp.asarray(rng.normal(size=shape), jnp.float32)
   variables = random_variables(haq, images)
   batches = [{"image": images, "label": jnp.asarray(rng.integers(0, 10, shape[0]))}]
-  run = lambda m: sensitivity.hessian_traces(jax.random.key(0), m, variables, batches,
-                                             probes=2, tol=0.0, max_iterations=1)
+  run = lambda m, c="hessian": sensitivity.hessian_traces(
+      jax.random.key(0), m, variables, batches, probes=2, tol=0.0, max_iterations=1,
+      curvature=c)
   want, got = run(haq), run(plain)
   assert got.names == want.names and len(got.names) == 7
+  gn_want, gn_got = run(haq, "gauss_newton"), run(plain, "gauss_newton")
+  np.testing.assert_allclose(gn_got.weight, gn_want.weight, rtol=1e-5)
+  np.testing.assert_allclose(gn_got.activation, gn_want.activation, rtol=1e-5)
+  assert np.all(gn_want.weight > 0) and np.all(gn_want.activation > 0)
   np.testing.assert_array_equal(got.weight_count, want.weight_count)
   np.testing.assert_array_equal(got.activation_count, want.activation_count)
   np.testing.assert_allclose(got.weight, want.weight, rtol=1e-5, atol=1e-7)

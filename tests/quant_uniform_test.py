@@ -71,3 +71,25 @@ def test_min_max_weight_levels_per_channel(bits):
   assert levels(quant.MinMaxWeight()) == [full] * 3 + [full - 1] * 3
   narrow = quant.MinMaxWeight(spec=quant.AffineSpec(channel_axis=-1, narrow_range=True))
   assert levels(narrow) == [full - 1] * 6
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+def test_static_range_auto_sign_calibrates_under_jit(method):
+  """Traced, `sign='auto'` picks the grid from the data as the eager call does."""
+  q = quant.StaticRange(method=method)
+  calibrate = jax.jit(q.calibrate)
+  x = jax.random.normal(jax.random.key(0), (64, 5))
+  for data in (x, jnp.abs(x) + 0.1):
+    params = q.init(data)
+    for bits in (3, 8):
+      want = q.calibrate(params, data, bits)
+      got = calibrate(params, data, jnp.int32(bits))
+      np.testing.assert_allclose(got["lo"], want["lo"], rtol=1e-6)
+      np.testing.assert_allclose(got["hi"], want["hi"], rtol=1e-6)
+  # Non-negative data: the unsigned grid's calibration (for MSE, not the signed one's).
+  fixed = {s: quant.StaticRange(method=method, sign=s).calibrate(params, data, 3)
+           for s in ("signed", "unsigned")}
+  got = calibrate(params, data, jnp.int32(3))
+  np.testing.assert_allclose(got["hi"], fixed["unsigned"]["hi"], rtol=1e-6)
+  if method == "mse":
+    assert not np.allclose(fixed["signed"]["hi"], fixed["unsigned"]["hi"])

@@ -27,7 +27,7 @@ class Tiny(nn.Module):
     return QDense(3, name="fc2")(h, policy)
 
 
-def _tiny():
+def tiny_problem():
   model = Tiny()
   k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
   variables = model.init(k1, jnp.zeros((1, 3)))
@@ -37,7 +37,7 @@ def _tiny():
   return model, variables, batches
 
 
-def _exact(model, variables, batches):
+def exact_hessian_blocks(model, variables, batches):
   """Exact block traces of the mean Hessian, and the joint-probe variance per
   block and probe (independent probes per batch), per `(role, layer)`."""
   recorded = sensitivity.record(model, variables, batches)
@@ -68,8 +68,8 @@ def _exact(model, variables, batches):
 
 
 def test_layer_traces_match_the_exact_hessian():
-  model, variables, batches = _tiny()
-  exact = _exact(model, variables, batches)
+  model, variables, batches = tiny_problem()
+  exact = exact_hessian_blocks(model, variables, batches)
   probes, iterations = 64, 50
   traces = sensitivity.hessian_traces(jax.random.key(0), model, variables, batches,
                                       probes=probes, tol=0.0, max_iterations=iterations)
@@ -86,7 +86,7 @@ def test_layer_traces_match_the_exact_hessian():
 
 
 def test_quantization_errors_and_table():
-  model, variables, batches = _tiny()
+  model, variables, batches = tiny_problem()
   recorded = sensitivity.record(model, variables, batches)
   w, a = sensitivity.quantization_mse(jax.random.key(0), variables, recorded,
                                       num_batches=2, w_bits=(2, 4, 8), a_bits=(4, 8))
@@ -132,7 +132,7 @@ def test_model_traces_in_layer_table_order():
 
 
 def test_bad_settings_are_one_line():
-  model, variables, batches = _tiny()
+  model, variables, batches = tiny_problem()
   with pytest.raises(ValueError, match=r"max_iterations=0; allowed: >= 1"):
     sensitivity.hessian_traces(jax.random.key(0), model, variables, batches, probes=1,
                                tol=0.1, max_iterations=0)
@@ -154,7 +154,7 @@ def test_plain_convolutions_keep_the_outputs(name, shape):
 
 
 def test_measure_and_its_file_round_trip(tmp_path):
-  model, variables, batches = _tiny()
+  model, variables, batches = tiny_problem()
   s = measure.sensitivity_pass(jax.random.key(0), model, variables, batches,
                                w_bits=(2, 4, 8),
                                a_bits=(4, 8), probes=4, tol=0.1, max_iterations=10)
@@ -184,7 +184,7 @@ class TinyStatic(nn.Module):
 
 
 def test_errors_of_quantizers_that_calibrate_outside_jit():
-  _, _, batches = _tiny()
+  _, _, batches = tiny_problem()
   model = TinyStatic()
   variables = model.init(jax.random.key(0), jnp.zeros((1, 3)))
   recorded = sensitivity.record(model, variables, batches)

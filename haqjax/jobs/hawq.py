@@ -98,7 +98,8 @@ def sensitivity_stage(config: Config, search: SearchConfig, hawq: HawqConfig,
       jax.random.key(config.seed), model, variables, batches,
       w_bits=measured_bits(bits, wall.fixed.w), a_bits=measured_bits(bits, wall.fixed.a),
       probes=hawq.hawq_probes, tol=hawq.hawq_tolerance,
-      max_iterations=hawq.hawq_max_iterations, label_smoothing=config.label_smoothing)
+      max_iterations=hawq.hawq_max_iterations, label_smoothing=config.label_smoothing,
+      curvature=hawq.hawq_curvature)
   measure.write_sensitivity(path, result)
   return result
 

@@ -197,8 +197,16 @@ class StaticRange(Quantizer):
     return {"lo": jnp.zeros_like(lo), "hi": jnp.zeros_like(hi)}
 
   def calibrate(self, params: PyTree, x: Array, bits: ArrayLike) -> PyTree:
+    if self.sign != "auto":
+      return self._calibrate(params, x, bits, self.sign == "signed")
+    if isinstance(x, jax.core.Tracer):  # Traced: both grids, the data's picked.
+      signed, unsigned = (self._calibrate(params, x, bits, s) for s in (True, False))
+      negative = jnp.min(x) < 0
+      return jax.tree.map(lambda a, b: jnp.where(negative, a, b), signed, unsigned)
+    return self._calibrate(params, x, bits, bool(jnp.min(x) < 0))
+
+  def _calibrate(self, params: PyTree, x: Array, bits: ArrayLike, signed: bool) -> PyTree:
     from haqjax.quant import calibration  # pylint: disable=g-import-not-at-top
-    signed = self.sign != "unsigned" if self.sign != "auto" else bool(jnp.min(x) < 0)
     per_tensor = not self.spec.channel_axes and self.spec.group_size is None
     if (per_tensor and self.max_samples and x.size > self.max_samples
         and self.method in ("percentile", "mse", "kl")):

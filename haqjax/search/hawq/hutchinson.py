@@ -98,17 +98,29 @@ def estimator(loss_fn: LossFn, *, probes: int) -> Estimator:
   Raises:
     ValueError: `probes` < 1.
   """
+  check_probes(probes)
+
+  def step(key: PRNGKey, x: PyTree, batch: PyTree) -> PyTree:
+    vs = rademacher_like(key, x, probes)  # leaves [P, ...]
+    forms = jax.vmap(lambda v: quadratic_forms(loss_fn, x, batch, v))(vs)  # [P]
+    return jax.tree.map(jnp.mean, forms)
+
+  return Estimator(step, probes)
+
+
+def check_probes(probes: int) -> None:
+  """Raises ValueError unless `probes` is an integer >= 1."""
   if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
     raise ValueError(f"probes={probes!r}; allowed: an integer >= 1")
-  return Estimator(loss_fn, probes)
 
 
 class Estimator:
   """`estimate(key, x, batches, tol, max_iterations) -> Estimate`.
 
-  One jitted, pure step (`step(key, x, batch)`: the mean of
-  `v_l . (H v)_l` over `probes` vmapped probes on one batch, per leaf) is
-  compiled once per shapes, for any key, batch, tolerance and cap; the
+  One jitted, pure step (`step(key, x, batch)`: per leaf, the mean of one
+  trace sample over `probes` vmapped probes on one batch; here
+  `v_l . (H v)_l`, or another estimator's, `haqjax.search.hawq.gauss_newton`)
+  is compiled once per shapes, for any key, batch, tolerance and cap; the
   iterations and batches loop in Python. A `lax.scan` or `while_loop`
   around the step would keep it on the device, but XLA:CPU runs the
   convolutions of a loop body about ten times slower than at top level
@@ -121,14 +133,8 @@ class Estimator:
     step: the jitted step.
   """
 
-  def __init__(self, loss_fn: LossFn, probes: int):
+  def __init__(self, step: Callable[[PRNGKey, PyTree, PyTree], PyTree], probes: int):
     self.probes = probes
-
-    def step(key: PRNGKey, x: PyTree, batch: PyTree) -> PyTree:
-      vs = rademacher_like(key, x, probes)  # leaves [P, ...]
-      forms = jax.vmap(lambda v: quadratic_forms(loss_fn, x, batch, v))(vs)  # [P]
-      return jax.tree.map(jnp.mean, forms)
-
     self.step = jax.jit(step)
 
   def __call__(self, key: PRNGKey, x: PyTree, batches: Sequence[PyTree], tol: float,

@@ -78,7 +78,8 @@ class Sensitivity:
         "activation_counts": t.activation_count.tolist(),
         "weight_mse": _nulls(self.weight_mse), "activation_mse": _nulls(self.activation_mse),
         "omega": _nulls(self.omega),
-        "estimator": {"iterations": t.iterations, "probes": t.probes,
+        "estimator": {"curvature": t.curvature, "iterations": t.iterations,
+                      "probes": t.probes,
                       "converged": t.converged, "trace_seconds": t.seconds,
                       "seconds": self.seconds},
     }
@@ -97,7 +98,8 @@ class Sensitivity:
         weight_count=np.asarray(d["weight_counts"], np.int64),
         activation_count=np.asarray(d["activation_counts"], np.int64),
         iterations=int(est["iterations"]), probes=int(est["probes"]),
-        converged=bool(est["converged"]), seconds=float(est["trace_seconds"]))
+        converged=bool(est["converged"]), seconds=float(est["trace_seconds"]),
+        curvature=str(est.get("curvature", "hessian")))
     return cls(traces=traces, w_bits=tuple(d["w_bits"]), a_bits=tuple(d["a_bits"]),
                weight_mse=_infs(d["weight_mse"]), activation_mse=_infs(d["activation_mse"]),
                omega=_infs(d["omega"]), seconds=float(est["seconds"]))
@@ -115,7 +117,8 @@ def _infs(x: Any) -> np.ndarray:
 def sensitivity_pass(key: PRNGKey, model: nn.Module, variables: PyTree,
                      batches: Sequence[PyTree], *, w_bits: Sequence[int],
                      a_bits: Sequence[int], probes: int, tol: float,
-                     max_iterations: int, label_smoothing: float = 0.0) -> Sensitivity:
+                     max_iterations: int, label_smoothing: float = 0.0,
+                     curvature: str = "hessian") -> Sensitivity:
   """The sensitivity pass on `batches` (see `sensitivity.hessian_traces`).
 
   Args:
@@ -129,6 +132,7 @@ def sensitivity_pass(key: PRNGKey, model: nn.Module, variables: PyTree,
     tol: relative change of the running traces that ends the estimate.
     max_iterations: cap on the estimator's iterations.
     label_smoothing: the training loss's.
+    curvature: 'hessian' or 'gauss_newton' (`sensitivity.hessian_traces`).
   """
   t0 = time.perf_counter()
   batches = list(batches)
@@ -136,7 +140,8 @@ def sensitivity_pass(key: PRNGKey, model: nn.Module, variables: PyTree,
   recorded = sens.record(model, variables, batches)
   traces = sens.hessian_traces(trace_key, model, variables, batches, probes=probes,
                                tol=tol, max_iterations=max_iterations,
-                               label_smoothing=label_smoothing, recorded=recorded)
+                               label_smoothing=label_smoothing, recorded=recorded,
+                               curvature=curvature)
   w_mse, a_mse = sens.quantization_mse(error_key, variables, recorded,
                                        num_batches=len(batches), w_bits=w_bits,
                                        a_bits=a_bits)
