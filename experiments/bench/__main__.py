@@ -66,6 +66,9 @@ _QUANTIZER = flags.DEFINE_enum("quantizer", "minmax", ["minmax", "lsq"], "search
                                 "the quantizers of every family and uniform point.")
 _FRONTS = flags.DEFINE_bool("fronts", True, "searches: also the HAWQ front and the Gumbel "
                             "sweep's (16 more fine-tunes).")
+_CURVATURE = flags.DEFINE_enum("hawq_curvature", "hessian", ["hessian", "gauss_newton"],
+                               "searches: what HAWQ and greedy take the layer traces "
+                               "of (HawqConfig.hawq_curvature).")
 _CACHE = flags.DEFINE_string("compilation_cache", "",
                              "JAX persistent compilation cache ('' disables, so "
                              "time to first step includes compilation).")
@@ -96,7 +99,8 @@ def kwargs_for(name: str) -> dict:
             "sweep_repeats": _SWEEP_REPEATS.value}
   if name == "searches":
     return {"init_from": _INIT_FROM.value, "data_dir": _DATA_DIR.value,
-            "quantizer": _QUANTIZER.value, "quick": _QUICK.value, "fronts": _FRONTS.value}
+            "quantizer": _QUANTIZER.value, "quick": _QUICK.value, "fronts": _FRONTS.value,
+            "curvature": _CURVATURE.value}
   if name in ("mobilenet", "deploy"):
     return {"quick": _QUICK.value}
   return {}

@@ -1,7 +1,8 @@
 r"""The search families side by side on the quickstart: uniform, RL, Gumbel, HAWQ, greedy.
 
   python -m experiments.bench searches [--init_from=FP32_WORKDIR] \
-      [--quantizer=minmax|lsq] [--nofronts] [--quick] [--out=bench_searches.json]
+      [--quantizer=minmax|lsq] [--hawq_curvature=hessian|gauss_newton] \
+      [--nofronts] [--quick] [--out=bench_searches.json]
 
 On the quickstart CNN (Fashion-MNIST; the FP32 run of `--init_from`, else
 one trained by `experiments/flags/quickstart.flags`) under `bismo-edge`
@@ -12,7 +13,8 @@ latency budgets of uniform W4A4's and W3A3's, each family finds a policy:
            fine-tune steps each);
   gumbel   the differentiable search (`quickstart_sweep.flags`: 0.5 epoch);
   hawq     one sensitivity pass (Hutchinson traces, `HawqConfig`'s
-           defaults) and HAWQ-V3's ILP;
+           defaults; `--hawq_curvature=gauss_newton`: Gauss-Newton traces)
+           and HAWQ-V3's ILP;
   greedy   the same pass and the greedy allocation.
 
 Every policy then gets the same fine-tune (the recipes' final one: 2 epochs
@@ -39,7 +41,7 @@ uniform at the same cost, on several targets, metrics and budgets).
 Targets (issue 17): HAWQ's search <= 1/20 of the RL search's time, and its
 test top-1 within 0.3 points of the best family's at each budget.
 
-Everything is written under `bench_searches/<quantizer>[_quick]/` in the
+Everything is written under `bench_searches/<quantizer>[_gauss_newton][_quick]/` in the
 current folder: `policies/`, one folder per distinct policy (policy.json,
 finetune/), and a folder per budget and for the fronts with the searches'
 outputs and `searches.json` (policies and timings), so a rerun resumes
@@ -211,8 +213,8 @@ def _print(result: dict[str, Any]) -> None:
 
 
 def run(init_from: str | None = None, data_dir: str | None = None,
-        quantizer: str = "minmax", quick: bool = False, fronts: bool = True
-        ) -> dict[str, Any]:
+        quantizer: str = "minmax", quick: bool = False, fronts: bool = True,
+        curvature: str = "hessian") -> dict[str, Any]:
   """Runs the comparison; prints the table and returns a JSON-able dict."""
   import jax  # pylint: disable=g-import-not-at-top
   from experiments import cli  # pylint: disable=g-import-not-at-top
@@ -222,11 +224,13 @@ def run(init_from: str | None = None, data_dir: str | None = None,
     raise ValueError(f"quantizer={quantizer!r}; allowed: {', '.join(QUANTIZERS)}")
   cli.quiet_libraries()
   plan = QUICK if quick else FULL
+  if curvature != "hessian":
+    plan = dataclasses.replace(plan, hawq=(*plan.hawq, ("hawq_curvature", curvature)))
   if quick and not jax.config.jax_compilation_cache_dir:
     # A smoke run's times mean nothing; its fine-tunes share one compiled step.
     cli.enable_compilation_cache(QUICK_CACHE)
-  root = os.path.abspath(os.path.join("bench_searches",
-                                      f"{quantizer}{'_quick' if quick else ''}"))
+  suffix = ("" if curvature == "hessian" else f"_{curvature}") + ("_quick" if quick else "")
+  root = os.path.abspath(os.path.join("bench_searches", f"{quantizer}{suffix}"))
   if not init_from:
     init_from = os.path.join(root, "fp32")
     stages.train_stage(recipes.load_recipe("quickstart", epochs=plan.fp32_epochs,
@@ -237,7 +241,7 @@ def run(init_from: str | None = None, data_dir: str | None = None,
   fronts = run_fronts(quantizer, plan, init_from, data_dir, root) if fronts else None
   result = {"jax": jax.__version__, "backend": jax.default_backend(),
             "model": "quickstart_cnn", "dataset": "fashion_mnist", "target": "bismo-edge",
-            "metric": "latency", "quantizer": quantizer,
+            "metric": "latency", "quantizer": quantizer, "hawq_curvature": curvature,
             "quantizers": dict(zip(("weight", "activation"), QUANTIZERS[quantizer])),
             "quick": quick, "fp32": init_from, "workdir": root, "budgets": budgets,
             "fronts": fronts, "targets": targets(budgets),

@@ -2,6 +2,9 @@
 
 - `hutchinson`: Hessian-block traces of a loss over a pytree (Hutchinson's
   estimator, forward-over-reverse Hessian-vector products, vmapped probes).
+- `gauss_newton`: the same traces of the generalized Gauss-Newton matrix of
+  a softmax cross-entropy (one reverse pass per probe, samples never
+  negative), `--hawq_curvature=gauss_newton`.
 - `sensitivity`: per-layer traces of a model's loss (kernels and inputs),
   quantization errors and the perturbation table `Omega[l, w, a]`.
 - `wrapped`: the loss and trace point of a plain flax model
