@@ -37,7 +37,9 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from haqjax import data as haq_data
 from haqjax import hardware
@@ -52,6 +54,8 @@ from haqjax.search.hawq import measure
 from haqjax.search.hawq.config import RESUMABLE_CHANGES
 from haqjax.search.hawq.config import HawqConfig
 from haqjax.search.hawq.problem import Problem
+from haqjax.train import checkpoint as ckpt_lib
+from haqjax.train import steps
 from haqjax.train import trainer
 from haqjax.train.config import Config
 
@@ -75,6 +79,28 @@ def measured_bits(bits: tuple[int, ...], fixed: np.ndarray) -> tuple[int, ...]:
   return tuple(sorted(set(bits) | extra))
 
 
+def fp32_variables(config: Config, model, splits, fp32_dir: str) -> dict[str, Any]:
+  """The FP32 run's weights in `model`'s variables, quantizer parameters zero.
+
+  The sensitivity pass runs the model in floating point and calibrates each
+  quantizer afresh for every bit-width, so it needs neither initialised nor
+  calibrated quantizer parameters: the variables' structure comes from
+  `jax.eval_shape` of the model's init, which runs nothing (the quickstart
+  CNN's init, run op by op, took about 8 s on 2 CPU cores).
+  """
+  x = jnp.zeros((1, *splits.spec.image_shape), jnp.float32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  tx = optax.identity()
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=zeros["params"],
+                           batch_stats=zeros.get("batch_stats", {}),
+                           opt_state=tx.init(zeros["params"]))
+  state = trainer.merge_variables(state, ckpt_lib.restore_variables(fp32_dir), tx,
+                                  source=f"the FP32 model in {fp32_dir!r}",
+                                  model=config.model)
+  return state.variables()
+
+
 def sensitivity_stage(config: Config, search: SearchConfig, hawq: HawqConfig,
                       setup: stages.Setup) -> measure.Sensitivity:
   """`sensitivity.json`: measured once, read back on a rerun."""
@@ -87,10 +113,7 @@ def sensitivity_stage(config: Config, search: SearchConfig, hawq: HawqConfig,
   wall, splits = setup.wall, setup.splits
   model = trainer.build_model(stages.qat_config(config, search, policy="w8a8"),
                               splits.spec.num_classes)
-  n = len(setup.table)
-  top = Policy.create(setup.table.names, *wall.fixed.apply(np.full(n, max(bits)),
-                                                           np.full(n, max(bits))))
-  variables = stages.start_variables(config, model, splits, setup.fp32_dir, top)
+  variables = fp32_variables(config, model, splits, setup.fp32_dir)
   batches = list(itertools.islice(haq_data.batches(
       splits.train, batch_size=config.batch_size, seed=config.seed, epoch=0, shuffle=True,
       drop_remainder=True), hawq.hawq_batches))
