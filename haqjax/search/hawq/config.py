@@ -31,8 +31,9 @@ class HawqConfig(JsonConfig):
     hawq_curvature: 'hessian' (HAWQ's: Hutchinson's estimator on the
       loss's Hessian, forward-over-reverse products) or 'gauss_newton' (the
       generalized Gauss-Newton matrix: positive semi-definite, one reverse
-      pass per probe, a tenth or less of the variance per probe on the
-      quickstart CNN; `haqjax.search.hawq.gauss_newton`).
+      pass per probe, and on the quickstart CNN 1/100 or less of the
+      variance per probe for layer inputs, 1/2 to 1/20 for kernels;
+      `haqjax.search.hawq.gauss_newton`).
     hawq_probes: probes per iteration and batch, evaluated together (vmap);
       memory grows with it.
     hawq_tolerance: the estimate stops once no layer's running trace moved

@@ -23,9 +23,10 @@ independent, so the cross terms between examples vanish in expectation).
 Every sample is a squared norm, never negative, and a probe costs one
 reverse pass (vmapped over the probes after one shared forward pass)
 against a forward-over-reverse pass for a Hutchinson probe of the Hessian.
-On the quickstart CNN an 8-probe sample's relative standard deviation was
-0.06-0.27 per leaf, against 0.17-1.95 for Hutchinson's on the Hessian
-(`README.md`, HAWQ section).
+On the quickstart CNN (24 samples of 8 probes on one batch of 128) a
+sample's relative standard deviation was 0.06-0.08 for the layer inputs and
+0.10-0.27 for the kernels, against 0.61-1.95 and 0.17-0.88 for Hutchinson's
+on the Hessian.
 
 References:
   Schraudolph. Fast Curvature Matrix-Vector Products for Second-Order

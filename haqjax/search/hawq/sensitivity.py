@@ -15,8 +15,9 @@ PyTorch code, `model.eval()`), over a few training batches.
 matrix instead (`haqjax.search.hawq.gauss_newton`): the Hessian less the
 network's own second derivatives, positive semi-definite (so no layer gets
 a negative sensitivity from a noisy estimate) and equal to the Hessian at
-the classifier; one reverse pass per probe and a tenth or less of
-Hutchinson's variance per probe on the quickstart CNN.
+the classifier; one reverse pass per probe and, on the quickstart CNN, 1/100
+or less of Hutchinson's variance per probe for the layer inputs and 1/2 to
+1/20 for the kernels.
 
 Activations. HAWQ-V3 scores weights only (its activations follow a fixed
 rule). Here a layer's activation bits are scored the same way, by the
