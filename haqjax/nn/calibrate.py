@@ -21,8 +21,9 @@ the quantizers' calibrations, which take the policy as data, so a search
 that calibrates every episode's policy traces each of them once.
 `calibrator(model)` returns the same `Calibrator` for equal models, and its
 `trace_counts()` counts the traces. A quantizer whose `calibrate` branches in
-Python on the data cannot be traced (`StaticRange(sign='auto')` picks its
-grid from the data's sign); it is calibrated outside `jit`, op by op.
+Python on the data cannot be traced; it is calibrated outside `jit`, op by
+op. (`StaticRange(sign='auto')`, which picks its grid from the data's sign,
+traces: it fits both grids and selects inside the program.)
 """
 
 from __future__ import annotations
