@@ -85,16 +85,13 @@ def fp32_variables(config: Config, model, splits, fp32_dir: str) -> dict[str, An
   The sensitivity pass runs the model in floating point and calibrates each
   quantizer afresh for every bit-width, so it needs neither initialised nor
   calibrated quantizer parameters: the variables' structure comes from
-  `jax.eval_shape` of the model's init, which runs nothing (the quickstart
+  `jax.eval_shape` of `steps.init_state`, which runs nothing (the quickstart
   CNN's init, run op by op, took about 8 s on 2 CPU cores).
   """
-  x = jnp.zeros((1, *splits.spec.image_shape), jnp.float32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   tx = optax.identity()
-  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=zeros["params"],
-                           batch_stats=zeros.get("batch_stats", {}),
-                           opt_state=tx.init(zeros["params"]))
+  shapes = jax.eval_shape(lambda: steps.init_state(jax.random.key(0), model, tx,
+                                                   (1, *splits.spec.image_shape)))
+  state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   state = trainer.merge_variables(state, ckpt_lib.restore_variables(fp32_dir), tx,
                                   source=f"the FP32 model in {fp32_dir!r}",
                                   model=config.model)
