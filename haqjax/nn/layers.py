@@ -72,6 +72,7 @@ from haqjax.quant.base import Quantizer
 from haqjax.quant.uniform import MinMaxActivation
 from haqjax.quant.uniform import MinMaxWeight
 from haqjax.typing import Array
+from haqjax.typing import PyTree
 
 Initializer = Callable[..., Array]
 DEFAULT_WEIGHT_QUANTIZER = MinMaxWeight()
@@ -123,15 +124,24 @@ class QuantizedLayer(nn.Module):
     return (DEFAULT_WEIGHT_QUANTIZER if wq is None else wq,
             DEFAULT_ACT_QUANTIZER if aq is None else aq)
 
+  def _quantizer_params(self, name: str, quantizer: Quantizer, x: Array) -> PyTree:
+    """The parameter `name` of `quantizer` (for `x`); created at init when not empty.
+
+    Once the parameter exists, `quantizer.init` is not traced: its range
+    computation is dead code, but differentiating the model (a training
+    step, a Hessian-vector product) traced and compiled its JVP in every
+    layer.
+    """
+    if self.has_variable("params", name):
+      return self.get_variable("params", name)
+    params = quantizer.init(x)
+    return self.param(name, lambda _: params) if params else params
+
   def _quantize(self, x: Array, kernel: Array,
                 policy: Policy | SoftPolicy | None) -> tuple[Array, Array]:
     wq, aq = self.quantizers()
-    w_params = wq.init(kernel)
-    if w_params:
-      w_params = self.param("weight_quant", lambda _: w_params)
-    a_params = aq.init(x)
-    if a_params:
-      a_params = self.param("act_quant", lambda _: a_params)
+    w_params = self._quantizer_params("weight_quant", wq, kernel)
+    a_params = self._quantizer_params("act_quant", aq, x)
     if policy is None:
       return x, kernel
     a_key = self.make_rng("quant") if aq.needs_key else None

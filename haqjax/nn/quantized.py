@@ -48,6 +48,7 @@ wrapper passes `train` to the model's own mode argument, named by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import inspect
 from typing import Any
 
@@ -177,12 +178,14 @@ class Quantized(nn.Module):
     """`(lhs, rhs)` quantized for `site` by `policy` (parameters created at init)."""
     rq, aq = op_quantizers(self.quant_scheme, site.name, site.kind)
     if site.kind == "matmul":
-      inits = {role: q.init(v) for role, q, v in zip(MATMUL_ROLES, (aq, rq), (lhs, rhs))}
-      stored = _variable(site, site.leaf, {k: v for k, v in inits.items() if v})
+      def inits():
+        out = {role: q.init(v) for role, q, v in zip(MATMUL_ROLES, (aq, rq), (lhs, rhs))}
+        return {k: v for k, v in out.items() if v}
+      stored = _variable(site, site.leaf, inits)
       a_params, r_params = (stored.get(role, {}) for role in MATMUL_ROLES)
     else:
-      r_params = _variable(site, "weight_quant", rq.init(rhs))
-      a_params = _variable(site, "act_quant", aq.init(lhs))
+      r_params = _variable(site, "weight_quant", lambda: rq.init(rhs))
+      a_params = _variable(site, "act_quant", lambda: aq.init(lhs))
     if policy is None or site.name not in policy.names:
       return lhs, rhs  # A policy that lacks the op fails after the forward pass.
     module = site.module
@@ -238,16 +241,20 @@ def apply_float(model: Quantized, variables: PyTree, handle: intercept.Handler,
     return model.model.apply(variables, *args, **kwargs)
 
 
-def _variable(site: intercept.Site, name: str, value: PyTree) -> PyTree:
-  """The quantizer parameters `name` in the site's module scope, created at init.
+def _variable(site: intercept.Site, name: str, make: Callable[[], PyTree]) -> PyTree:
+  """The quantizer parameters `name` in the site's module scope, `make()` at init.
 
-  Empty parameters (`{}` of a quantizer that has none) are not stored.
+  Empty parameters (`{}` of a quantizer that has none) are not stored. Once
+  they exist, `make` is not called: the quantizer's `init` (a range
+  computation) would be dead code whose JVP every differentiated forward
+  pass traced and compiled.
   """
-  if not value:
-    return {}
   scope = site.module.scope
   if scope.has_variable("params", name):
     return scope.get_variable("params", name)
+  value = make()
+  if not value:
+    return {}
   if not scope.is_mutable_collection("params"):
     where = "/".join(tuple(scope.path) + (name,))
     raise ValueError(f"the variables have no quantizer parameters {where!r}; allowed: "
