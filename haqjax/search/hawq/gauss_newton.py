@@ -82,7 +82,7 @@ def estimator(logits_fn: LogitsFn, *, probes: int) -> hutchinson.Estimator:
       raise ValueError(f"logits have shape {logits.shape}; allowed: [batch, classes]")
     grads = jax.vmap(pullback)(output_probes(key, logits, probes))[0]  # leaves [P, ...]
     return jax.tree.map(
-        lambda g: jnp.mean(jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(probes, -1),
-                                   axis=1)), grads)
+        lambda g: jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(probes, -1), axis=1),
+        grads)  # leaves [P]
 
   return hutchinson.Estimator(step, probes)

@@ -11,6 +11,7 @@ atomically), so a job that stops after the pass does not redo it:
      "table_bits": [1, ..., 8, 32],
      "w_bits": [2, ..., 8], "a_bits": [2, ..., 8],
      "weight_traces": [...], "activation_traces": [...],
+     "weight_trace_errors": [...], "activation_trace_errors": [...],  # standard errors
      "weight_counts": [...], "activation_counts": [...],
      "weight_mse": [[...]], "activation_mse": [[...]],      # [L, 9]
      "omega": [[[...]]],                                      # [L, 9, 9]
@@ -23,6 +24,7 @@ Entries that are `+inf` in memory (bits that were not candidates) are
 from __future__ import annotations
 
 from collections.abc import Sequence
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -74,6 +76,9 @@ class Sensitivity:
         "format": FORMAT, "layers": list(t.names), "table_bits": list(TABLE_BITS),
         "w_bits": list(self.w_bits), "a_bits": list(self.a_bits),
         "weight_traces": t.weight.tolist(), "activation_traces": t.activation.tolist(),
+        "weight_trace_errors": None if t.weight_error is None else _nulls(t.weight_error),
+        "activation_trace_errors": (None if t.activation_error is None
+                                    else _nulls(t.activation_error)),
         "weight_counts": t.weight_count.tolist(),
         "activation_counts": t.activation_count.tolist(),
         "weight_mse": _nulls(self.weight_mse), "activation_mse": _nulls(self.activation_mse),
@@ -99,7 +104,9 @@ class Sensitivity:
         activation_count=np.asarray(d["activation_counts"], np.int64),
         iterations=int(est["iterations"]), probes=int(est["probes"]),
         converged=bool(est["converged"]), seconds=float(est["trace_seconds"]),
-        curvature=str(est.get("curvature", "hessian")))
+        curvature=str(est.get("curvature", "hessian")),
+        weight_error=_optional(d.get("weight_trace_errors")),
+        activation_error=_optional(d.get("activation_trace_errors")))
     return cls(traces=traces, w_bits=tuple(d["w_bits"]), a_bits=tuple(d["a_bits"]),
                weight_mse=_infs(d["weight_mse"]), activation_mse=_infs(d["activation_mse"]),
                omega=_infs(d["omega"]), seconds=float(est["seconds"]))
@@ -108,6 +115,12 @@ class Sensitivity:
 def _nulls(a: np.ndarray) -> Any:
   """Nested lists with `None` for non-finite entries (JSON has no inf)."""
   return np.where(np.isfinite(a), a, None).tolist()
+
+
+def _optional(x: Any) -> np.ndarray | None:
+  """A standard-error list (`None` entries: not known, `nan`), or None."""
+  return None if x is None else np.asarray(
+      np.where(np.equal(np.asarray(x, object), None), np.nan, x), np.float64)
 
 
 def _infs(x: Any) -> np.ndarray:
@@ -129,7 +142,8 @@ def sensitivity_pass(key: PRNGKey, model: nn.Module, variables: PyTree,
     w_bits: weight bit-widths to measure (candidates and fixed layers' bits).
     a_bits: activation bit-widths to measure.
     probes: Hutchinson probes per iteration and batch.
-    tol: relative change of the running traces that ends the estimate.
+    tol: the estimate ends once every trace's standard error is at most
+      `tol` times its magnitude.
     max_iterations: cap on the estimator's iterations.
     label_smoothing: the training loss's.
     curvature: 'hessian' or 'gauss_newton' (`sensitivity.hessian_traces`).
@@ -138,13 +152,17 @@ def sensitivity_pass(key: PRNGKey, model: nn.Module, variables: PyTree,
   batches = list(batches)
   trace_key, error_key = jax.random.split(key)
   recorded = sens.record(model, variables, batches)
-  traces = sens.hessian_traces(trace_key, model, variables, batches, probes=probes,
-                               tol=tol, max_iterations=max_iterations,
-                               label_smoothing=label_smoothing, recorded=recorded,
-                               curvature=curvature)
-  w_mse, a_mse = sens.quantization_mse(error_key, variables, recorded,
-                                       num_batches=len(batches), w_bits=w_bits,
-                                       a_bits=a_bits)
+  # The errors do not depend on the traces: they are compiled and measured
+  # in a second thread while the estimator runs (XLA compiles in one
+  # thread; the two compilations overlap).
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    errors = pool.submit(sens.quantization_mse, error_key, variables, recorded,
+                         num_batches=len(batches), w_bits=w_bits, a_bits=a_bits)
+    traces = sens.hessian_traces(trace_key, model, variables, batches, probes=probes,
+                                 tol=tol, max_iterations=max_iterations,
+                                 label_smoothing=label_smoothing, recorded=recorded,
+                                 curvature=curvature)
+    w_mse, a_mse = errors.result()
   return Sensitivity(traces=traces, w_bits=tuple(int(b) for b in w_bits),
                      a_bits=tuple(int(b) for b in a_bits), weight_mse=w_mse,
                      activation_mse=a_mse, omega=sens.perturbation_table(traces, w_mse, a_mse),

@@ -114,6 +114,8 @@ class Traces:
     converged: whether the tolerance ended the estimate (not the cap).
     seconds: wall time of the estimate, compilation included.
     curvature: 'hessian' or 'gauss_newton' (see `hessian_traces`).
+    weight_error: `[L]` the standard errors of `weight` (None: not known).
+    activation_error: `[L]` the standard errors of `activation`.
   """
   names: tuple[str, ...]
   weight: np.ndarray
@@ -125,6 +127,8 @@ class Traces:
   converged: bool
   seconds: float
   curvature: str = "hessian"
+  weight_error: np.ndarray | None = None
+  activation_error: np.ndarray | None = None
 
 
 def _cross_entropy(logits: Array, labels: Array, label_smoothing: float) -> Array:
@@ -211,7 +215,8 @@ def hessian_traces(key: PRNGKey, model: nn.Module, variables: PyTree,
     variables: its variables (FP32 weights).
     batches: training batches of one shape, `{"image", "label"}`.
     probes: Rademacher probes per iteration and batch (vmapped together).
-    tol: relative change of every running mean that ends the estimate.
+    tol: the estimate ends once every trace's standard error is at most
+      `tol` times its magnitude (`hutchinson`'s stopping rule).
     max_iterations: the cap on iterations.
     label_smoothing: the training loss's label smoothing.
     recorded: `record(model, variables, batches)` when at hand.
@@ -255,13 +260,14 @@ def hessian_traces(key: PRNGKey, model: nn.Module, variables: PyTree,
   out = estimate(key, x, [{"image": b["image"], "label": b["label"]} for b in batches],
                  tol, max_iterations)
   seconds = time.perf_counter() - t0
-  traces = out.traces
   # A matmul of two activations: its second operand's, which takes w_bits.
   second = lambda tree, n: tree["kernel"][n] if n in tree["kernel"] else tree["operand"][n]
+  weight = lambda tree: np.array([second(tree, n) for n in names], np.float64)
+  activation = lambda tree: np.array([tree["input"][n] for n in names], np.float64)
   return Traces(
-      names=names,
-      weight=np.array([second(traces, n) for n in names], np.float64),
-      activation=np.array([traces["input"][n] for n in names], np.float64),
+      names=names, weight=weight(out.traces), activation=activation(out.traces),
+      weight_error=weight(out.standard_errors),
+      activation_error=activation(out.standard_errors),
       weight_count=np.array([second(x, n).size for n in names], np.int64),
       activation_count=np.array([x["input"][n].size for n in names], np.int64),
       iterations=out.iterations, probes=out.iterations * probes,
@@ -319,10 +325,51 @@ def _error(quantizer, x: Array, parts: Array, bits: int, key: PRNGKey) -> float:
   return float(_jitted_parts_mse(quantizer, _calibrated(quantizer, x, b), parts, b, key))
 
 
+def _error_key(key: PRNGKey, layer: int, bits: Array) -> PRNGKey:
+  """Layer `layer`'s key at `bits`: the same inside a program and outside."""
+  return jax.random.fold_in(jax.random.fold_in(key, layer), bits)
+
+
+def _role_table(quantizers: tuple, xs: tuple[Array, ...], parts: tuple[Array, ...],
+                bits: Array, key: PRNGKey) -> Array:
+  """`[L, K]`: `_mse` of every layer's quantizer at every one of `bits` `[K]`.
+
+  One program for all layers, the bits looped in it (`lax.map`: one
+  bit-width's intermediates at a time, as a layer-by-layer loop would
+  hold).
+  """
+  return jnp.stack([
+      jax.lax.map(lambda b, l=l, q=q, x=x, p=p: _mse(q, x, p, b, _error_key(key, l, b)), bits)
+      for l, (q, x, p) in enumerate(zip(quantizers, xs, parts))])
+
+
+_jitted_role_table = jax.jit(_role_table, static_argnums=0)
+
+
+def _role_operands(role: str, variables: PyTree, recorded: dict[str, dict[str, Any]],
+                   num_batches: int) -> list[tuple[Any, Array, Array]]:
+  """Per layer: the quantizer, the data it is calibrated on, and its parts `[n, ...]`."""
+  out = []
+  for entry in recorded.values():
+    weight_q, act_q = entry["quantizers"]
+    if role == "weight" and "rhs_inputs" not in entry:
+      x = get_path(variables["params"], entry["path"])["kernel"]
+      out.append((weight_q, x, x[None]))
+    else:  # An activation, or a matmul's second operand (its weight_q is act_q).
+      quantizer = act_q if role == "activation" else weight_q
+      x = jnp.asarray(entry["inputs" if role == "activation" else "rhs_inputs"])
+      out.append((quantizer, x, x.reshape(num_batches, -1, *x.shape[1:])))  # [n, B, ...]
+  return out
+
+
 def quantization_mse(key: PRNGKey, variables: PyTree, recorded: dict[str, dict[str, Any]],
                      *, num_batches: int, w_bits: Sequence[int], a_bits: Sequence[int]
                      ) -> tuple[np.ndarray, np.ndarray]:
   """Per-element squared errors `(w [L, 9], a [L, 9])` over `TABLE_BITS`.
+
+  Each role's table is one compiled program for all layers and bits when
+  every quantizer is hashable and its calibration traces; otherwise
+  layer by layer (`_error`).
 
   Args:
     key: for quantizers that round stochastically.
@@ -337,22 +384,30 @@ def quantization_mse(key: PRNGKey, variables: PyTree, recorded: dict[str, dict[s
   for role, bits in (("weight", w_bits), ("activation", a_bits)):
     table = np.full((len(recorded), len(TABLE_BITS)), np.inf)
     table[:, table_index(FLOAT_BITS)] = 0.0
-    for l, (name, entry) in enumerate(recorded.items()):
-      weight_q, act_q = entry["quantizers"]
-      if role == "weight" and "rhs_inputs" not in entry:
-        quantizer = weight_q
-        x = get_path(variables["params"], entry["path"])["kernel"]
-        parts = x[None]
-      else:  # An activation, or a matmul's second operand (its weight_q is act_q).
-        quantizer = act_q if role == "activation" else weight_q
-        x = jnp.asarray(entry["inputs" if role == "activation" else "rhs_inputs"])
-        parts = x.reshape(num_batches, -1, *x.shape[1:])  # [num_batches, B, ...]
-      for b in bits:
-        if b != FLOAT_BITS:
-          k = jax.random.fold_in(jax.random.fold_in(key, l), b)
-          table[l, table_index(b)] = _error(quantizer, x, parts, b, k)
+    bits = [int(b) for b in bits if b != FLOAT_BITS]
+    operands = _role_operands(role, variables, recorded, num_batches)
+    if bits and operands:
+      table[:, [table_index(b) for b in bits]] = _table(operands, bits, key)
     out[role] = table
   return out["weight"], out["activation"]
+
+
+def _table(operands: list[tuple[Any, Array, Array]], bits: list[int],
+           key: PRNGKey) -> np.ndarray:
+  """`[L, K]` errors of `operands` (`_role_operands`) at `bits`."""
+  quantizers = tuple(q for q, _, _ in operands)
+  try:
+    hash(quantizers)
+    if all(_TRACEABLE.get(q, True) for q in quantizers):
+      return np.asarray(_jitted_role_table(
+          quantizers, tuple(x for _, x, _ in operands), tuple(p for _, _, p in operands),
+          jnp.asarray(bits, jnp.int32), key), np.float64)
+  except TypeError:  # A quantizer holding arrays cannot be a static argument.
+    pass
+  except _UNTRACEABLE:
+    pass  # `_error` finds which quantizer and remembers it.
+  return np.array([[_error(q, x, p, b, _error_key(key, l, b)) for b in bits]
+                   for l, (q, x, p) in enumerate(operands)], np.float64)
 
 
 def perturbation_table(traces: Traces, w_mse: np.ndarray, a_mse: np.ndarray) -> np.ndarray:
