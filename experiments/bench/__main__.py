@@ -66,7 +66,7 @@ _QUANTIZER = flags.DEFINE_enum("quantizer", "minmax", ["minmax", "lsq"], "search
                                 "the quantizers of every family and uniform point.")
 _FRONTS = flags.DEFINE_bool("fronts", True, "searches: also the HAWQ front and the Gumbel "
                             "sweep's (16 more fine-tunes).")
-_CURVATURE = flags.DEFINE_enum("hawq_curvature", "hessian", ["hessian", "gauss_newton"],
+_CURVATURE = flags.DEFINE_enum("hawq_curvature", "gauss_newton", ["gauss_newton", "hessian"],
                                "searches: what HAWQ and greedy take the layer traces "
                                "of (HawqConfig.hawq_curvature).")
 _CACHE = flags.DEFINE_string("compilation_cache", "",

@@ -1,7 +1,7 @@
 r"""The search families side by side on the quickstart: uniform, RL, Gumbel, HAWQ, greedy.
 
   python -m experiments.bench searches [--init_from=FP32_WORKDIR] \
-      [--quantizer=minmax|lsq] [--hawq_curvature=hessian|gauss_newton] \
+      [--quantizer=minmax|lsq] [--hawq_curvature=gauss_newton|hessian] \
       [--nofronts] [--quick] [--out=bench_searches.json]
 
 On the quickstart CNN (Fashion-MNIST; the FP32 run of `--init_from`, else
@@ -12,9 +12,9 @@ latency budgets of uniform W4A4's and W3A3's, each family finds a policy:
   rl       HAQ's DDPG search (`quickstart_rl.flags`: 120 episodes of 20
            fine-tune steps each);
   gumbel   the differentiable search (`quickstart_sweep.flags`: 0.5 epoch);
-  hawq     one sensitivity pass (Hutchinson traces, `HawqConfig`'s
-           defaults; `--hawq_curvature=gauss_newton`: Gauss-Newton traces)
-           and HAWQ-V3's ILP;
+  hawq     one sensitivity pass (`HawqConfig`'s defaults: Gauss-Newton
+           traces; `--hawq_curvature=hessian`: Hutchinson's on the
+           Hessian, HAWQ-V2/V3's) and HAWQ-V3's ILP;
   greedy   the same pass and the greedy allocation.
 
 Every policy then gets the same fine-tune (the recipes' final one: 2 epochs
@@ -41,7 +41,7 @@ uniform at the same cost, on several targets, metrics and budgets).
 Targets (issue 17): HAWQ's search <= 1/20 of the RL search's time, and its
 test top-1 within 0.3 points of the best family's at each budget.
 
-Everything is written under `bench_searches/<quantizer>[_gauss_newton][_quick]/` in the
+Everything is written under `bench_searches/<quantizer>[_hessian][_quick]/` in the
 current folder: `policies/`, one folder per distinct policy (policy.json,
 finetune/), and a folder per budget and for the fronts with the searches'
 outputs and `searches.json` (policies and timings), so a rerun resumes
@@ -73,6 +73,10 @@ from experiments.families import record
 from experiments.families import sensitivity_pass
 from experiments.families import sweep_gumbel
 from experiments.families import timed
+
+# `HawqConfig.hawq_curvature`'s default (a test checks they agree); runs of
+# the other curvature are written beside, suffixed with its name.
+HAWQ_CURVATURE = "gauss_newton"
 
 BUDGETS = ("w4a4", "w3a3")
 TARGET_RL_FRACTION = 1 / 20
@@ -214,7 +218,7 @@ def _print(result: dict[str, Any]) -> None:
 
 def run(init_from: str | None = None, data_dir: str | None = None,
         quantizer: str = "minmax", quick: bool = False, fronts: bool = True,
-        curvature: str = "hessian") -> dict[str, Any]:
+        curvature: str = HAWQ_CURVATURE) -> dict[str, Any]:
   """Runs the comparison; prints the table and returns a JSON-able dict."""
   import jax  # pylint: disable=g-import-not-at-top
   from experiments import cli  # pylint: disable=g-import-not-at-top
@@ -224,12 +228,11 @@ def run(init_from: str | None = None, data_dir: str | None = None,
     raise ValueError(f"quantizer={quantizer!r}; allowed: {', '.join(QUANTIZERS)}")
   cli.quiet_libraries()
   plan = QUICK if quick else FULL
-  if curvature != "hessian":
-    plan = dataclasses.replace(plan, hawq=(*plan.hawq, ("hawq_curvature", curvature)))
+  plan = dataclasses.replace(plan, hawq=(*plan.hawq, ("hawq_curvature", curvature)))
   if quick and not jax.config.jax_compilation_cache_dir:
     # A smoke run's times mean nothing; its fine-tunes share one compiled step.
     cli.enable_compilation_cache(QUICK_CACHE)
-  suffix = ("" if curvature == "hessian" else f"_{curvature}") + ("_quick" if quick else "")
+  suffix = ("" if curvature == HAWQ_CURVATURE else f"_{curvature}") + ("_quick" if quick else "")
   root = os.path.abspath(os.path.join("bench_searches", f"{quantizer}{suffix}"))
   if not init_from:
     init_from = os.path.join(root, "fp32")

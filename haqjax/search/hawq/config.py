@@ -28,12 +28,14 @@ class HawqConfig(JsonConfig):
     hawq_bits: candidate bit-widths of weights and activations,
       comma-separated (HAWQ-V3: 4,8); empty: every width in
       --min_bits..--max_bits.
-    hawq_curvature: 'hessian' (HAWQ's: Hutchinson's estimator on the
-      loss's Hessian, forward-over-reverse products) or 'gauss_newton' (the
-      generalized Gauss-Newton matrix: positive semi-definite, one reverse
-      pass per probe, and on the quickstart CNN 1/100 or less of the
-      variance per probe for layer inputs, 1/2 to 1/20 for kernels;
-      `haqjax.search.hawq.gauss_newton`).
+    hawq_curvature: 'gauss_newton' (the generalized Gauss-Newton matrix:
+      positive semi-definite, so no layer's trace comes out negative from
+      noise; one reverse pass per probe; on the quickstart CNN 1/100 or
+      less of the Hessian's variance per probe for layer inputs, 1/2 to
+      1/20 for kernels, and the same ILP policies;
+      `haqjax.search.hawq.gauss_newton`) or 'hessian' (HAWQ-V2/V3's and
+      PyHessian's: Hutchinson's estimator on the loss's Hessian,
+      forward-over-reverse products).
     hawq_probes: probes per iteration and batch, evaluated together (vmap);
       memory grows with it.
     hawq_tolerance: the estimate stops once every layer's trace has a
@@ -55,7 +57,7 @@ class HawqConfig(JsonConfig):
   config_name = "hawq config"
 
   hawq_bits: str = ""
-  hawq_curvature: str = "hessian"
+  hawq_curvature: str = "gauss_newton"
   hawq_probes: int = 8
   hawq_tolerance: float = 0.1
   hawq_max_iterations: int = 30
