@@ -49,9 +49,9 @@ def _reference(x, w, strides, padding, dilation=(1, 1)):
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
 
 
-def _ours(x, w, strides, padding, dilation=(1, 1)):
+def _ours(x, w, strides, padding, dilation=(1, 1), materialize=False):
   return depthwise.depthwise_conv(x, w, window_strides=strides, padding=padding,
-                                  rhs_dilation=dilation)
+                                  rhs_dilation=dilation, materialize=materialize)
 
 
 def _data(shape, kernel, multiplier=1, members=None, seed=0):
@@ -86,7 +86,6 @@ class DepthwiseConvTest(parameterized.TestCase):
   def test_value_and_grads_equal_lax(self, shape, kernel, strides, padding, dilation,
                                      multiplier):
     x, w, kg = _data(shape, kernel, multiplier)
-    ours = functools.partial(_ours, strides=strides, padding=padding, dilation=dilation)
     ref = functools.partial(_reference, strides=strides, padding=padding,
                             dilation=dilation)
     want, ref_vjp = jax.vjp(ref, x, w)
@@ -94,7 +93,9 @@ class DepthwiseConvTest(parameterized.TestCase):
     _, abs_vjp = jax.vjp(ref, jnp.abs(x), jnp.abs(w))
     dx_mag, dw_mag = abs_vjp(jnp.abs(g))
     n_out, n_in, n_w = kernel[0] * kernel[1], kernel[0] * kernel[1], np.prod(g.shape[:3])
-    for wrap in (lambda f: f, jax.jit):
+    for wrap, materialize in ((lambda f: f, False), (jax.jit, False), (jax.jit, True)):
+      ours = functools.partial(_ours, strides=strides, padding=padding, dilation=dilation,
+                               materialize=materialize)
       got, our_vjp = wrap(lambda a, b: jax.vjp(ours, a, b))(x, w)
       self.assertEqual(got.shape, want.shape)
       _assert_within_summation_bound(got, want, ref(jnp.abs(x), jnp.abs(w)), n_out)
@@ -103,13 +104,15 @@ class DepthwiseConvTest(parameterized.TestCase):
       _assert_within_summation_bound(dw, dw_ref, dw_mag, n_w)
 
   @parameterized.named_parameters(
-      ("both_operands", 0, 0), ("input_only", 0, None), ("kernel_only", None, 0))
-  def test_vmapped_grads_equal_each_member(self, x_axis, w_axis):
+      ("both_operands", 0, 0, False), ("input_only", 0, None, False),
+      ("kernel_only", None, 0, False), ("both_materialized", 0, 0, True),
+      ("kernel_only_materialized", None, 0, True))
+  def test_vmapped_grads_equal_each_member(self, x_axis, w_axis, materialize):
     shape, kernel, strides, padding = (2, 7, 6, 4), (3, 3), (2, 2), "SAME"
     x, w, _ = _data(shape, kernel, members=K)
     x = x if x_axis == 0 else x[0]
     w = w if w_axis == 0 else w[0]
-    ours = functools.partial(_ours, strides=strides, padding=padding)
+    ours = functools.partial(_ours, strides=strides, padding=padding, materialize=materialize)
     ref = functools.partial(_reference, strides=strides, padding=padding)
     ct = jnp.cos(jnp.arange(shape[-1]))  # [C] cotangent weights
 
@@ -128,6 +131,20 @@ class DepthwiseConvTest(parameterized.TestCase):
       dx_mag, dw_mag = abs_vjp(jnp.broadcast_to(jnp.abs(ct), y_abs.shape))
       _assert_within_summation_bound(grads[1][0][k], dx, dx_mag, 9)
       _assert_within_summation_bound(grads[1][1][k], dw, dw_mag, np.prod(y_abs.shape[:3]))
+
+  def test_materialized_input_is_a_loop_operand(self):
+    # The input (and, backward, the output gradient) reaches the taps through
+    # a loop over batch slices, so XLA cannot fuse its producer into them;
+    # the plain form is loop-free. A batch of one has nothing to split.
+    x, w, _ = _data((4, 6, 6, 4), (3, 3))
+    for materialize, loops in ((False, 0), (True, 2)):
+      f = lambda a, b, m=materialize: jnp.sum(jnp.tanh(_ours(
+          jnp.sin(a), b, (1, 1), "SAME", materialize=m)))
+      hlo = jax.jit(jax.grad(f)).lower(x, w).as_text()
+      self.assertEqual(hlo.count("stablehlo.while"), loops, materialize)
+    hlo = jax.jit(lambda a, b: _ours(a, b, (1, 1), "SAME", materialize=True)).lower(
+        x[:1], w).as_text()
+    self.assertNotIn("stablehlo.while", hlo)
 
   def test_nested_vmap(self):
     x, w, _ = _data((2, 6, 6, 4), (3, 3), members=K)

@@ -8,7 +8,10 @@ in a process of its own:
   * training-step throughput, images/s at the median step with those at the
     slowest and fastest steps, in floating point and under a mixed policy
     (QAT; per-layer weight and activation bits drawn once from 2..8 with a
-    fixed seed);
+    fixed seed) with the trainer's default quantizers (`Config`'s
+    `--weight_quantizer` and `--act_quantizer`: min-max weights, fixed
+    activation ranges calibrated on the batch, as QAT calibrates them
+    before training and as HAQ's own QAT keeps them);
   * evaluation-step throughput, the same two ways;
   * the first training step, split into tracing, lowering, XLA compilation
     and the first run;
@@ -115,11 +118,17 @@ def measure(model_name: str, batch_size: int, repeats: int) -> dict[str, Any]:
   """Train and eval steps of `model_name`, FP32 and mixed QAT, in this process."""
   import jax  # pylint: disable=g-import-not-at-top
   from haqjax import models  # pylint: disable=g-import-not-at-top
+  from haqjax import quant  # pylint: disable=g-import-not-at-top
+  from haqjax.nn import calibrate as calibrate_lib  # pylint: disable=g-import-not-at-top
   from haqjax.nn import layer_table  # pylint: disable=g-import-not-at-top
+  from haqjax.train.config import Config  # pylint: disable=g-import-not-at-top
   from haqjax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
 
   load_before = os.getloadavg()
-  model = models.create(model_name, num_classes=NUM_CLASSES)
+  defaults = Config()
+  model = models.create(model_name, num_classes=NUM_CLASSES, quant_scheme=quant.QuantScheme(
+      weight=quant.weight_quantizer(defaults.weight_quantizer),
+      act=quant.act_quantizer(defaults.act_quantizer)))
   tx = steps_lib.make_optimizer(name="sgd", learning_rate=0.01, momentum=0.9,
                                 weight_decay=1e-4)
   shape = (batch_size, *IMAGE_SHAPE)
@@ -128,9 +137,13 @@ def measure(model_name: str, batch_size: int, repeats: int) -> dict[str, Any]:
   batch = {"image": jax.random.normal(key_x, shape),
            "label": jax.random.randint(key_y, (batch_size,), 0, NUM_CLASSES)}
   policy = mixed_policy(layer_table(model, (1, *IMAGE_SHAPE)).names)
+  calibrated = calibrate_lib.calibrate(model, state.variables(), [batch["image"]], policy)
+  state = state.replace(params=calibrated["params"], opt_state=tx.init(calibrated["params"]))
   result = {"model": model_name, "input_shape": list(IMAGE_SHAPE),
             "num_classes": NUM_CLASSES, "batch_size": batch_size,
-            "quantized_layers": len(policy)}
+            "quantized_layers": len(policy),
+            "quantizers": {"weight": defaults.weight_quantizer,
+                           "activation": defaults.act_quantizer}}
   train = jax.jit(functools.partial(steps_lib.train_step, model, tx), donate_argnums=0)
   evaluate = jax.jit(functools.partial(steps_lib.eval_step, model))
   for label, pol in (("qat", policy), ("fp32", None)):

@@ -308,20 +308,26 @@ class QConv(QuantizedLayer):
     if bn is not None:
       return self._folded(x, kernel, policy, bn, train)
     x, kernel = self._quantize(x, kernel, policy)
-    y = self._conv(x, kernel)
+    y = self._conv(x, kernel, quantized=policy is not None)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,)).astype(self.dtype)
     return y
 
-  def _conv(self, x: Array, kernel: Array) -> Array:
-    """`x` convolved with `kernel` by the fastest form here (see the module docstring)."""
+  def _conv(self, x: Array, kernel: Array, quantized: bool = False) -> Array:
+    """`x` convolved with `kernel` by the fastest form here (see the module docstring).
+
+    `quantized`: `x` is a fake-quantized input, which the CPU depthwise
+    form writes to memory once rather than recompute per tap
+    (`haqjax.nn.depthwise.by_batch_chunks`).
+    """
     strides = ((self.strides,) * 2 if isinstance(self.strides, int)
                else tuple(self.strides))
     padding = self.padding if isinstance(self.padding, str) else tuple(
         tuple(p) for p in self.padding)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     if depthwise.uses_taps(x.shape, kernel.shape, self.feature_group_count):
-      return depthwise.depthwise_conv(x, kernel, window_strides=strides, padding=padding)
+      return depthwise.depthwise_conv(x, kernel, window_strides=strides, padding=padding,
+                                      materialize=quantized)
     if pointwise.uses_matmul(kernel.shape, self.feature_group_count, padding):
       return pointwise.pointwise_conv(x, kernel, window_strides=strides)
     return batching.conv(x, kernel, window_strides=strides, padding=padding,
@@ -335,10 +341,11 @@ class QConv(QuantizedLayer):
     eps = bn.epsilon
     w_fold, b_fold = folded_kernel_and_bias(kernel, bn_params, running, eps, bias)
     x, w_q = self._quantize(x, w_fold, policy)
-    y = self._conv(x, w_q)
+    y = self._conv(x, w_q, quantized=policy is not None)
     if not train:
       return y + b_fold.astype(self.dtype)
-    z = self._conv(x, kernel)  # The float pass that gives the batch statistics.
+    # The float pass that gives the batch statistics.
+    z = self._conv(x, kernel, quantized=policy is not None)
     if bias is not None:
       z = z + bias.astype(self.dtype)
     mean, var = _batch_moments(z)  # [out] each
