@@ -64,6 +64,8 @@ from haqjax.typing import PRNGKey
 from haqjax.typing import PyTree
 
 LossFn = Callable[[PyTree, PyTree], Array]
+
+
 class Estimate(NamedTuple):
   """What an `Estimator` returns.
 
