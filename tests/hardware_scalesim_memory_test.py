@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from haqjax import hardware
+from haqjax.hardware import systolic_memory
 from haqjax.hardware import systolic_window
 from haqjax.hardware import topology
 from haqjax.hardware.scalesim_reference import GEMM_HEADER
@@ -196,3 +197,40 @@ def test_gemm_topology(tmp_path):
 def test_gemm_topology_errors(row, msg):
   with pytest.raises(ValueError, match=msg):
     topology.parse_gemm_topology(GEMM_HEADER + row + "\n", "g.csv")
+
+
+def _scalesim_write_stalls(words, compute, sram, bw):
+  """SCALE-Sim's `write_buffer` fed `words` writes spread evenly over
+  `compute` rows, as `double_buffered_scratchpad_mem` feeds it."""
+  from scalesim.memory.write_buffer import write_buffer  # pylint: disable=g-import-not-at-top
+  from scalesim.memory.write_port import write_port  # pylint: disable=g-import-not-at-top
+  buf = write_buffer()
+  buf.set_params(backing_buf_obj=write_port(), total_size_bytes=sram, word_size=1,
+                 active_buf_frac=0.5, backing_buf_bw=bw)
+  per_row = np.diff(np.floor(np.arange(compute + 1) * words / compute)).astype(int)
+  width = per_row.max()
+  stall = 0
+  for i, n in enumerate(per_row):
+    line = np.full((1, width), -1.0)
+    line[0, :n] = np.arange(n)
+    cycle = np.array([[i + stall]], float)
+    stall += int(buf.service_writes(line, cycle)[0, 0] - cycle[0, 0])
+  return stall
+
+
+# (written words, stall-free cycles, SRAM words, words/cycle): drains that keep
+# up, a buffer that never fills, and drains outrun by the writes.
+WRITES = [(4000, 2000, 1024, 4), (2352, 708, 2048, 1), (6000, 1000, 1024, 1),
+          (30000, 8000, 2048, 2), (9000, 3000, 512, 1)]
+
+
+@pytest.mark.parametrize("case", WRITES)
+def test_write_buffer_stalls_follow_scalesims_drains(case):
+  # The buffer credits a drain's words back when it starts: the old
+  # estimate stalled the second case 624 cycles where SCALE-Sim has none.
+  pytest.importorskip("scalesim")
+  words, compute, sram, bw = case
+  want = _scalesim_write_stalls(words, compute, sram, bw)
+  _, got = systolic_memory.write_buffer(np.float32(words), np.float32(sram), np.float32(bw),
+                                        np.float32(compute))
+  assert abs(float(got) - want) <= 0.005 * (compute + want) + 2.0, (float(got), want)

@@ -19,6 +19,7 @@ from haqjax import hardware
 from haqjax import models
 from haqjax.hardware import model_layers
 from haqjax.hardware import systolic_window
+from haqjax.hardware import systolic_ws_window
 from haqjax.hardware import topology
 from haqjax.hardware.scalesim_reference import relative_errors
 from haqjax.hardware.scalesim_reference import run_haqjax
@@ -234,3 +235,45 @@ def test_costs_without_the_geometry_are_the_same(monkeypatch, tmp_path):
   kept = hardware.layer_costs(t, layers, 8.0, 8.0)
   for k in skipped:
     np.testing.assert_array_equal(skipped[k], kept[k], err_msg=k)
+
+
+# Stacks without words past the input (the fourth of STACKS among them):
+# (H, W, R, S, C, stride, array rows, batch); the second's last fold is
+# narrower, the third's kernel is wider than tall.
+GAPLESS = [(10, 10, 3, 3, 3, 1, 8, 2), (9, 9, 3, 3, 5, 1, 4, 1), (7, 11, 3, 5, 2, 2, 8, 1)]
+
+
+@pytest.mark.parametrize("shape", GAPLESS)
+def test_gapless_position_is_the_diagonal_count(shape):
+  stack, g, m, folds, last = _weight_stationary_stack(*shape)
+  assert stack[:(folds - 1) * m].all() and stack[(folds - 1) * m:, :last].all()
+  rows = shape[6]
+  r, c = (i.astype(np.float32) for i in np.nonzero(stack))
+  args = (np.float32(m), np.float32(folds), np.float32(last), rows)
+  got = jax.jit(systolic_ws_window.gapless_position, static_argnums=5)(r, c, *args)
+  want = jax.jit(systolic_window.weight_stationary_diagonals, static_argnums=5)(
+      g, r + c, *args, below=r)
+  np.testing.assert_array_equal(got, want)
+  # The stack read out diagonal by diagonal, highest row first.
+  order = np.lexsort((-r, r + c))
+  np.testing.assert_array_equal(np.asarray(got)[order], np.arange(r.size))
+
+
+# Weight-stationary convs inside their input with a kernel over its stride,
+# as (array, SRAM KiB, words/cycle, conv row as in CASES). Each input word is
+# read in several folds; the fold-level walk took no copies and read 75%,
+# 233%, 75% and 120% more ifmap words than SCALE-Sim, the last (a ResNet-20
+# layer's shape on a 32x32 array with 64 KiB SRAMs) at 104% more cycles.
+WS_OVERLAP = [(16, 2, 2, ("a", 9, 9, 3, 3, 8, 16, 1)), (4, 1, 4, ("b", 11, 11, 5, 5, 1, 16, 1)),
+              (8, 1, 2, ("c", 15, 15, 3, 3, 4, 8, 2)),
+              (32, 64, 10, ("d", 10, 10, 3, 3, 64, 64, 1))]
+
+
+@pytest.mark.parametrize("case", WS_OVERLAP, ids=lambda c: c[3][0])
+def test_weight_stationary_overlapping_kernels_inside_the_input(case, tmp_path):
+  pytest.importorskip("scalesim")
+  size, kb, bw, layer = case
+  s = run_scalesim("ws", size, size, kb, bw, layer, str(tmp_path))
+  h = run_haqjax("ws", size, size, kb, bw, layer, str(tmp_path))
+  assert h["ifmap"] == s["ifmap"] and h["filter"] == s["filter"]
+  assert abs(relative_errors(s, h)["cycles"]) < 0.01

@@ -42,10 +42,10 @@ last outputs read past the input (`systolic_ws_window`).
 Stalls: SCALE-Sim waits at the row that needs a move until that move
 completes, and counts the wait for the last prefetch twice; the walk does
 the same per block, at the row of its last move. The write
-buffer waits `max(0, ceil((W - S_o) / D) ceil(D / bw) - C (1 - D / W))`
-for `W` written words over `C` stall-free cycles. A GEMM stalls by the
-largest of the three. DRAM reads are whole request lines: the first window,
-`min(ceil(A / bw), ceil(E / bw)) * bw` words (`E`: the prefetch matrix with
+buffer credits a drain's `D` words back when the drain starts, so the array
+writes `S_o + D` words before the first wait (`write_buffer`). A GEMM
+stalls by the largest of the three. DRAM reads are whole request lines: the
+first window, `min(ceil(A / bw), ceil(E / bw)) * bw` words (`E`: the prefetch matrix with
 its padding), plus `ceil(P / bw) * bw` per move.
 
 What departs from SCALE-Sim, measured over 49 layers and arrays (4x4 to
@@ -59,8 +59,8 @@ What departs from SCALE-Sim, measured over 49 layers and arrays (4x4 to
     a side; when `s` does not divide `H - R`, the last ones read outside the
     input and hold `-1` words, which SCALE-Sim leaves out of its lines. With
     a known stride the walk counts only the words inside the input
-    (`inside_words`) and the address walks place them as SCALE-Sim does
-    (`systolic_window.inside_position`, a weight-stationary ifmap on
+    (`systolic_window.inside_words`) and the address walks place them as
+    SCALE-Sim does (`systolic_window.inside_position`, a weight-stationary ifmap on
     SCALE-Sim's diagonals: `weight_stationary_diagonals`; an output
     stationary ifmap's folds are still placed as if no word were `-1`).
     Over 13 weight-stationary convs of this kind (8x8 to 32x32 arrays, 3x3
@@ -69,10 +69,14 @@ What departs from SCALE-Sim, measured over 49 layers and arrays (4x4 to
     layer that stalls on its ifmap and ofmap at once). Without a known
     stride the walk counts `m * k` words (a 12x12 1x1 stride-2 conv on 8x8
     arrays: 60% fewer ifmap words).
-  * The block walk of a rolled operand takes no copies, which a weight
-    stationary ifmap wholly inside the input may find too: over those 13
-    convs' inputs resized by 1 or 2, its words are SCALE-Sim's in 12, 75%
-    more in a 15x15 3x3 stride-2 one of 4 channels on an 8x8 array.
+  * A weight-stationary ifmap wholly inside the input whose kernel exceeds
+    its stride reads each word in several folds, and SCALE-Sim serves a
+    fold's demand from copies in the others: with a known stride it takes
+    the address walk too (`systolic_ws_window.gapless_position`, a closed
+    form). The fold walk, which takes no copies, read up to 233% more ifmap
+    words and, on a ResNet-20 layer's shape (10x10x64 3x3 on a 32x32 array
+    with 64 KiB SRAMs), 104% more cycles; the address walk reads
+    SCALE-Sim's words on every such layer measured.
   * Stalls oscillate in SCALE-Sim around the wait above by up to one
     prefetch time, as its counted waits shift later rows; where the traffic
     is exact (43 of the 49), total cycles are within 2.4% on average (31% at
@@ -218,11 +222,16 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
   if geometry is not None:
     exact = keeps & (geometry["stride"] > 0) & (lines > a)
     # Without `-1` words a tile's own lines are those of its positions.
-    no_gaps = gapless(geometry)
+    no_gaps = systolic_window.gapless(geometry)
     words = dict(k=temporal, folds=nb / per, last=sweep["last"], e=e, a=a, step=step,
                  lines=lines)
   if gaps is not None:
-    gapped = ~rev & (gaps["stride"] > 0) & ~gapless(gaps) & (lines > a)
+    walked = ~rev & (gaps["stride"] > 0) & (lines > a)
+    gapped = walked & ~systolic_window.gapless(gaps)
+    # Inside the input, a kernel over its stride still reads each word in
+    # several folds, whose copies serve one another.
+    overlapped = walked & ~gapped & ((gaps["kernel_h"] > gaps["stride"])
+                                     | (gaps["kernel_w"] > gaps["stride"]))
     ws_words = dict(m=temporal, folds=nb, last=sweep["last"], e=e, a=a, step=step,
                     lines=lines)
   limit = jnp.minimum(segments, float(max_segments))
@@ -309,9 +318,13 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
       # The fold's demand address by address (copies in other folds serve
       # it); a fold whose own lines are all in the window needs no move.
       j_ws, t_ws = systolic_ws_window.fold_moves(gaps, ws_words, fold, gapped & live, j, rows)
-      j3 = jnp.where(gapped, j_ws, j3)
-      t2 = jnp.where(gapped, 0.0, t2)
-      row = jnp.where(gapped, i * fold_rows + rows + t_ws, row)
+      j_ov, t_ov = systolic_ws_window.fold_moves(gaps, ws_words, fold, overlapped & live, j,
+                                                 rows, gapless=True)
+      j_ws, t_ws = jnp.where(overlapped, j_ov, j_ws), jnp.where(overlapped, t_ov, t_ws)
+      walk = gapped | overlapped
+      j3 = jnp.where(walk, j_ws, j3)
+      t2 = jnp.where(walk, 0.0, t2)
+      row = jnp.where(walk, i * fold_rows + rows + t_ws, row)
     late = jnp.where(j3 > j, j3 * period - row - stall - 2.0, 0.0)
     # SCALE-Sim counts the wait for the last prefetch twice.
     late = jnp.maximum(late, 0.0)
@@ -363,38 +376,25 @@ def read_buffer(sweep: dict[str, Array], sram_words: Array, bw: Array,
 
 def write_buffer(words: Array, sram_words: Array, bw: Array,
                  compute: Array) -> tuple[Array, Array]:
-  """DRAM words written and stall cycles of the ofmap write buffer."""
-  drain = sram_words - jnp.ceil(sram_words / 2.0)
-  drain_cycles = jnp.ceil(drain / bw)
-  drains = jnp.ceil(jnp.maximum(words - sram_words, 0.0) / drain)
-  wait = drains * drain_cycles - compute * (1.0 - drain / jnp.maximum(words, 1.0))
-  stall = jnp.where(words > sram_words, jnp.maximum(wait, 0.0), 0.0)
-  return words, stall
+  """DRAM words written and stall cycles of the ofmap write buffer.
 
-
-def gapless(geometry: dict[str, Array]) -> Array:
-  """Whether no output of the conv reads past its input (no `-1` words)."""
-  g = geometry
-  s = jnp.where(g["stride"] > 0, g["stride"], 1.0)
-  return ((g["in_h"] - (g["out_h"] - 1.0) * s >= g["kernel_h"])
-          & (g["in_w"] - (g["out_w"] - 1.0) * s >= g["kernel_w"]))
-
-
-def inside_words(geometry: dict[str, Array], m: Array) -> Array:
-  """Words of the im2col matrix that lie inside the input (not `-1`).
-
-  SCALE-Sim's last outputs of a side whose stride does not divide `H - R`
-  read past the input for their last kernel rows.
+  SCALE-Sim's `write_buffer` starts a drain of `D` words at a write that
+  finds more than `D` held and no drain running, and credits the `D` words
+  back at once; the drain's last line goes out `T = ceil(D / bw) - 1` cycles
+  later, and a write that fills the buffer (`S_o` held) while it runs waits
+  for it. With the `W` words written at the stall-free rate `r = W / C`, the
+  first drain starts at word `D + 1`; when a drain's `r T` words outrun its
+  `D`, the drains run back to back and the `j`-th word past `S_o + m D`
+  (m = floor((W - S_o) / D) drains) waits for the `m`-th drain's end, so the
+  array loses `max(0, (m (r T - D) - (S_o - D - 1)) / r)` cycles.
   """
-  g = geometry
-  s = jnp.where(g["stride"] > 0, g["stride"], 1.0)
-
-  def side(size, out, kernel):
-    return (out - 1.0) * kernel + jnp.clip(size - (out - 1.0) * s, 0.0, kernel)
-
-  per_image = g["out_h"] * g["out_w"]
-  return (m / per_image * g["channels"] * side(g["in_h"], g["out_h"], g["kernel_h"])
-          * side(g["in_w"], g["out_w"], g["kernel_w"]))
+  drain = sram_words - jnp.ceil(sram_words / 2.0)
+  period = jnp.maximum(jnp.ceil(drain / bw) - 1.0, 0.0)
+  rate = words / jnp.maximum(compute, 1.0)
+  drains = jnp.floor(jnp.maximum(words - sram_words, 0.0) / drain)
+  late = drains * (rate * period - drain) - (sram_words - drain - 1.0)
+  stall = jnp.maximum(late, 0.0) / jnp.maximum(rate, 1e-9)
+  return words, stall
 
 
 @functools.partial(jax.jit, static_argnames=("dataflow", "rows", "cols"))
@@ -419,8 +419,8 @@ def scratchpad_costs(dataflow: str, rows: int, cols: int, m: Array, n: Array,
   """
   sweeps = operand_sweeps(dataflow, rows, cols, m, n, k, ifmap_words)
   if geometry is not None:
-    past = (geometry["stride"] > 0) & ~gapless(geometry)
-    sweeps["ifmap"]["words"] = jnp.where(past, inside_words(geometry, m),
+    past = (geometry["stride"] > 0) & ~systolic_window.gapless(geometry)
+    sweeps["ifmap"]["words"] = jnp.where(past, systolic_window.inside_words(geometry, m),
                                          sweeps["ifmap"]["words"])
   out, stalls = {}, []
   for name in ("ifmap", "filter"):

@@ -43,6 +43,31 @@ def output_pixel(p: Array, g: dict[str, Array]) -> tuple[Array, Array, Array]:
   return img, oh, q - oh * g["out_w"]
 
 
+def gapless(geometry: dict[str, Array]) -> Array:
+  """Whether no output of the conv reads past its input (no `-1` words)."""
+  g = geometry
+  s = jnp.where(g["stride"] > 0, g["stride"], 1.0)
+  return ((g["in_h"] - (g["out_h"] - 1.0) * s >= g["kernel_h"])
+          & (g["in_w"] - (g["out_w"] - 1.0) * s >= g["kernel_w"]))
+
+
+def inside_words(geometry: dict[str, Array], m: Array) -> Array:
+  """Words of the im2col matrix that lie inside the input (not `-1`).
+
+  SCALE-Sim's last outputs of a side whose stride does not divide `H - R`
+  read past the input for their last kernel rows.
+  """
+  g = geometry
+  s = jnp.where(g["stride"] > 0, g["stride"], 1.0)
+
+  def side(size, out, kernel):
+    return (out - 1.0) * kernel + jnp.clip(size - (out - 1.0) * s, 0.0, kernel)
+
+  per_image = g["out_h"] * g["out_w"]
+  return (m / per_image * g["channels"] * side(g["in_h"], g["out_h"], g["kernel_h"])
+          * side(g["in_w"], g["out_w"], g["kernel_w"]))
+
+
 def _range_counts(g: dict[str, Array], p0: Array, p1: Array) -> tuple[Array, Array, Array]:
   """Pixels in `[p0, p1)` on the last output row, column, and both."""
   hw = g["out_h"] * g["out_w"]

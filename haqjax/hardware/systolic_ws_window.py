@@ -14,7 +14,7 @@ demanded address in any line of the window: a copy of the word in another
 fold (kernel row `r - s`, the pixel one output row below) may serve it, and
 the window moves only for an address none of whose copies it holds, by as
 many prefetches as bring the nearest copy in. `fold_moves` follows this
-over one fold's demand, `systolic_window.CHUNK_ROWS` diagonals at a time
+over one fold's demand, `CHUNK_DIAGONALS` diagonals at a time
 (`systolic_window.demand_moves`).
 
 References:
@@ -29,17 +29,54 @@ import jax.numpy as jnp
 from haqjax.hardware import systolic_window
 from haqjax.typing import Array
 
+# Diagonals looked up at once: a move looks the words after it up again.
+CHUNK_DIAGONALS = 32
+
 
 def stack_position(g: dict[str, Array], row: Array, col: Array, m: Array, folds: Array,
-                   last: Array, rows: int) -> Array:
+                   last: Array, rows: int, gapless: bool = False) -> Array:
   """Index of stack word `(row, col)` among the inside words of SCALE-Sim's
-  rolled-out weight-stationary ifmap (arrays broadcasting with `g`'s)."""
+  rolled-out weight-stationary ifmap (arrays broadcasting with `g`'s).
+
+  `gapless`: no output reads past the input, so every stack word is inside
+  (`gapless_position`, a closed form).
+  """
+  if gapless:
+    return gapless_position(row, col, m, folds, last, rows)
   return systolic_window.weight_stationary_diagonals(g, row + col, m, folds, last, rows,
                                                      below=row)
 
 
+def gapless_position(row: Array, col: Array, m: Array, folds: Array, last: Array,
+                     rows: int) -> Array:
+  """`stack_position` of a stack without `-1` words.
+
+  The stack's rows `R < (folds - 1) m` are `rows` words wide, the others
+  `last`. The words before `(row, col)` on diagonal `d = row + col` are those
+  of `R + c < d`, `sum_R clip(d - R, 0, width(R))`, and those of diagonal `d`
+  in the rows after `row` (read first: highest row first).
+  """
+  d = row + col
+  split, total = (folds - 1.0) * m, folds * m
+
+  def ramp(n, w):
+    # sum_{t=1..n} clip(t, 0, w), 0 for n <= 0.
+    n = jnp.maximum(n, 0.0)
+    return jnp.where(n <= w, n * (n + 1.0) / 2.0, w * (w + 1.0) / 2.0 + (n - w) * w)
+
+  def band(r0, r1, w):
+    # Words of rows [r0, r1) before diagonal `d`, and those of diagonal `d`
+    # in rows (row, r1).
+    before = ramp(d - r0, w) - ramp(d - r1, w)
+    lo = jnp.maximum(jnp.maximum(row + 1.0, d - w + 1.0), r0)
+    hi = jnp.minimum(d, r1 - 1.0)
+    return before + jnp.maximum(hi - lo + 1.0, 0.0)
+
+  return band(0.0, split, float(rows)) + band(split, total, last)
+
+
 def fold_needs(g: dict[str, Array], words: dict[str, Array], fold: Array, j: Array,
-               diag0: Array, diagonals: int, rows: int) -> Array:
+               diag0: Array, diagonals: int, rows: int, gapless: bool = False) -> Array:
   """Moves each demanded word of `diagonals` diagonals of a fold needs from `j` moves.
 
   Args:
@@ -50,6 +87,7 @@ def fold_needs(g: dict[str, Array], words: dict[str, Array], fold: Array, j: Arr
     j: window moves so far.
     diag0: the fold's first diagonal looked up (demand row `rows + diag0`).
     diagonals, rows: diagonals looked up, and the array's rows.
+    gapless: no output of the conv reads past its input (`stack_position`).
 
   Returns:
     `[*B, diagonals * rows]` in demand order (each diagonal's columns left
@@ -78,7 +116,7 @@ def fold_needs(g: dict[str, Array], words: dict[str, Array], fold: Array, j: Arr
 
   def position(p2, kk2):
     f2 = jnp.floor(kk2 / rows)
-    return stack_position(g, f2 * m + p2, kk2 - f2 * rows, m, folds, last, rows)
+    return stack_position(g, f2 * m + p2, kk2 - f2 * rows, m, folds, last, rows, gapless)
 
   best = systolic_window.nearest_copy(g, s, img, y, x, ch, position, start,
                                       (e, a, step, lines))
@@ -87,10 +125,11 @@ def fold_needs(g: dict[str, Array], words: dict[str, Array], fold: Array, j: Arr
 
 
 def fold_moves(g: dict[str, Array], words: dict[str, Array], fold: Array, active: Array,
-               j: Array, rows: int) -> tuple[Array, Array]:
+               j: Array, rows: int, gapless: bool = False) -> tuple[Array, Array]:
   """Window moves over one weight-stationary fold's demand (module docstring).
 
-  Entries where `active` is False keep `j`.
+  Entries where `active` is False keep `j`; `gapless`: every active entry's
+  conv reads inside its input (the faster `gapless_position`).
 
   Returns:
     `(moves, diagonal)`: the moves after the fold, and the fold's diagonal
@@ -101,7 +140,7 @@ def fold_moves(g: dict[str, Array], words: dict[str, Array], fold: Array, active
   count = words["m"] + width - 1.0
 
   def needs(jj, diag0, chunk):
-    return fold_needs(g, words, fold, jj, diag0, chunk, rows)
+    return fold_needs(g, words, fold, jj, diag0, chunk, rows, gapless)
 
-  return systolic_window.demand_moves(needs, count, active, j, systolic_window.CHUNK_ROWS,
+  return systolic_window.demand_moves(needs, count, active, j, CHUNK_DIAGONALS,
                                      rows)
