@@ -23,6 +23,8 @@ from haqjax.hardware.scalesim_reference import agreement
 from haqjax.hardware.scalesim_reference import relative_errors
 from haqjax.hardware.scalesim_reference import run_haqjax
 from haqjax.hardware.scalesim_reference import run_scalesim
+from haqjax.hardware.scalesim_reference import sample_cases
+from haqjax.hardware.scalesim_reference import write_layer
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +236,15 @@ def test_write_buffer_stalls_follow_scalesims_drains(case):
   _, got = systolic_memory.write_buffer(np.float32(words), np.float32(sram), np.float32(bw),
                                         np.float32(compute))
   assert abs(float(got) - want) <= 0.005 * (compute + want) + 2.0, (float(got), want)
+
+
+def test_sampled_cases_are_valid_topology_rows(tmp_path):
+  # The benchmark's random layers: reproducible, every dataflow, each a
+  # row the topology reader takes (conv or GEMM format).
+  cases = sample_cases(30)
+  assert cases == sample_cases(30) and cases != sample_cases(30, seed=1)
+  assert {c[0] for c in cases} == {"os", "ws", "is"}
+  for case in cases:
+    path, _ = write_layer(case[-1], str(tmp_path))
+    layers = topology.read_topology(path)
+    assert len(layers) == 1 and float(layers.macs[0]) > 0, case

@@ -195,8 +195,9 @@ def test_weight_stationary_ifmap_copies_serve_the_demand(tmp_path):
 
 
 def test_scratchpad_geometry_only_where_costs_depend_on_it():
-  # The geometry changes costs only through the input-stationary address
-  # walk (im2col copies) and words past the input; elsewhere the model is
+  # The geometry changes costs only through the address walks (an input
+  # stationary ifmap with im2col copies, a weight-stationary one whose kernel
+  # exceeds its stride) and words past the input; elsewhere the model is
   # compiled without it, with the same costs.
   shapes = dict(names=["a", "b"], in_channels=[8, 8], out_channels=[8, 8], kernel_h=[3, 1],
                 kernel_w=[3, 1], groups=[1, 1], in_h=[9, 9], in_w=[9, 9], out_h=[4, 5],
@@ -210,20 +211,22 @@ def test_scratchpad_geometry_only_where_costs_depend_on_it():
                                         ifmap_sram_bytes=256, filter_sram_bytes=256,
                                         ofmap_sram_bytes=256, dram_bytes_per_cycle=2.0)
   for df in ("os", "ws"):
-    assert target(df).scratchpad_geometry(layers) is None
     assert target(df).scratchpad_geometry(edge) is not None
-  assert target("is").scratchpad_geometry(layers) is not None  # 3x3: im2col copies
-  assert target("is").scratchpad_geometry(pointwise) is None   # 1x1: none
+  assert target("os").scratchpad_geometry(layers) is None
+  for df in ("ws", "is"):
+    assert target(df).scratchpad_geometry(layers) is not None  # 3x3: im2col copies
+    assert target(df).scratchpad_geometry(pointwise) is None   # 1x1: none
   kept = []
   jax.jit(lambda l: kept.append(target("os").scratchpad_geometry(l)) or l.m)(layers)
   assert kept[0] is not None  # traced layers keep it
 
 
 def test_costs_without_the_geometry_are_the_same(monkeypatch, tmp_path):
-  # A weight-stationary conv with no word past the input (13x13, 3x3,
-  # stride 2): the model skips its geometry; forcing it changes nothing.
+  # A weight-stationary conv with no word past the input and no word read
+  # twice (12x12, 3x3, stride 3): the model skips its geometry; forcing it
+  # changes nothing.
   path = tmp_path / "c.csv"
-  path.write_text(",".join(topology.COLUMNS) + "\nc, 13, 13, 3, 3, 8, 8, 2\n")
+  path.write_text(",".join(topology.COLUMNS) + "\nc, 12, 12, 3, 3, 8, 8, 3\n")
   layers = topology.read_topology(str(path))
   t = hardware.Systolic(rows=8, cols=8, dataflow="ws", bandwidth_mode="user",
                         ifmap_sram_bytes=1024, filter_sram_bytes=1024, ofmap_sram_bytes=1024,
@@ -277,3 +280,20 @@ def test_weight_stationary_overlapping_kernels_inside_the_input(case, tmp_path):
   h = run_haqjax("ws", size, size, kb, bw, layer, str(tmp_path))
   assert h["ifmap"] == s["ifmap"] and h["filter"] == s["filter"]
   assert abs(relative_errors(s, h)["cycles"]) < 0.01
+
+
+def test_overlapping_weight_stationary_costs_traced_or_not(tmp_path):
+  # The walk runs whether the layers are concrete (the geometry kept by
+  # `scratchpad_geometry`) or traced.
+  path = tmp_path / "d.csv"
+  path.write_text(",".join(topology.COLUMNS) + "\nd, 10, 10, 3, 3, 64, 64, 1\n")
+  layers = topology.read_topology(str(path))
+  t = hardware.Systolic(rows=32, cols=32, dataflow="ws", bandwidth_mode="user",
+                        ifmap_sram_bytes=65536, filter_sram_bytes=65536,
+                        ofmap_sram_bytes=65536, dram_bytes_per_cycle=10.0)
+  concrete = t.layer_cost(layers, np.float32(8.0), np.float32(8.0))
+  traced = hardware.layer_costs(t, layers, 8.0, 8.0)
+  for k in ("stall_cycles", "ifmap_dram_bytes"):
+    np.testing.assert_array_equal(concrete[k], traced[k], err_msg=k)
+  # SCALE-Sim: 163,850 ifmap words (the fold walk read 360,470).
+  np.testing.assert_array_equal(concrete["ifmap_dram_bytes"], [163850.0])

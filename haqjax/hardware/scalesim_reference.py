@@ -51,6 +51,28 @@ CASES = tuple((df, *arch)
                            (128, 128, 8, 32, "pw16")))
 
 
+def sample_cases(count: int, seed: int = 0) -> tuple[tuple, ...]:
+  """`count` random cases: small conv layers (1x1 to 5x5 kernels, strides 1
+  to 3, 1 to 24 channels) one in five a GEMM, on 4x4 to 32x32 arrays with 1
+  to 4 KiB SRAMs and 1 to 8 words per cycle, in all three dataflows; each
+  case is `(dataflow, rows, cols, KiB, bw, layer row)` as in `CASES`."""
+  rng = np.random.default_rng(seed)
+  pick = lambda values: values[int(rng.integers(len(values)))]
+  cases = []
+  for i in range(count):
+    dataflow, size = pick(("os", "ws", "is")), pick((4, 8, 16, 32))
+    kb, bw = pick((1, 2, 4)), pick((1, 2, 4, 8))
+    if rng.random() < 0.2:
+      layer = (f"g{i}", *(int(v) for v in rng.integers(8, 65, size=3)))
+    else:
+      kernel, stride = pick((1, 3, 3, 5)), pick((1, 1, 2, 3))
+      h = int(rng.integers(kernel + 2, 17))
+      layer = (f"c{i}", h, h, kernel, kernel, pick((1, 4, 8, 16)), pick((4, 8, 16, 24)),
+               stride)
+    cases.append((dataflow, size, size, kb, bw, layer))
+  return tuple(cases)
+
+
 def _max(*args, **kwargs):
   """`max` that gives a scalar for a one-element array (NumPy 2 refuses
   `int()` of one, which `scalesim` 3.0's buffers call)."""
@@ -128,7 +150,8 @@ def relative_errors(s, h):
 
 
 def agreement(cases=CASES, workdir=None):
-  """Relative errors of haqjax against SCALE-Sim over `cases`.
+  """Relative errors of haqjax against SCALE-Sim over `cases` (a case's last
+  entry names a layer of `LAYERS` or is a layer row itself).
 
   Returns:
     `{dataflow or 'all': {quantity: (mean, max)}}` of absolute relative
@@ -139,9 +162,10 @@ def agreement(cases=CASES, workdir=None):
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for case in cases:
-      *arch, name = case
-      s = run_scalesim(*arch, LAYERS[name], workdir or tmp)
-      h = run_haqjax(*arch, LAYERS[name], workdir or tmp)
+      *arch, layer = case
+      layer = LAYERS[layer] if isinstance(layer, str) else layer
+      s = run_scalesim(*arch, layer, workdir or tmp)
+      h = run_haqjax(*arch, layer, workdir or tmp)
       rows.append((case, s, h, relative_errors(s, h)))
   summary = {}
   for group in ("os", "ws", "is", "all"):

@@ -270,11 +270,12 @@ class Systolic:
   def scratchpad_geometry(self, layers: Layers) -> dict[str, Array] | None:
     """`layers.conv_geometry`, or None where no layer's costs depend on it.
 
-    The address walk of an input-stationary ifmap with im2col copies and
-    the `-1` words of outputs that read past the input are the geometry's
-    only uses (`systolic_memory`); without them the costs are the same
-    without it, and a scratchpad model compiled without it takes about
-    half the time to compile. Traced layers keep it.
+    The address walks (an input-stationary ifmap with im2col copies, a
+    weight-stationary one whose kernel exceeds its stride) and the `-1`
+    words of outputs that read past the input are the geometry's only uses
+    (`systolic_memory`); without them the costs are the same without it,
+    and a scratchpad model compiled without it takes about half the time to
+    compile. Traced layers keep it.
     """
     g = layers.conv_geometry
     if g is None:
@@ -287,7 +288,8 @@ class Systolic:
     s = np.where(v["stride"] > 0, v["stride"], 1.0)
     gapless = ((v["in_h"] - (v["out_h"] - 1.0) * s >= v["kernel_h"])
                & (v["in_w"] - (v["out_w"] - 1.0) * s >= v["kernel_w"]))
-    walk = copies if self.dataflow == "is" else False
+    overlap = (v["kernel_h"] > s) | (v["kernel_w"] > s)
+    walk = {"is": copies, "ws": overlap}.get(self.dataflow, False)
     return g if np.any((v["stride"] > 0) & (~gapless | walk)) else None
 
 

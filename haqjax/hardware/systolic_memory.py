@@ -60,42 +60,53 @@ What departs from SCALE-Sim, measured over 49 layers and arrays (4x4 to
     input and hold `-1` words, which SCALE-Sim leaves out of its lines. With
     a known stride the walk counts only the words inside the input
     (`systolic_window.inside_words`) and the address walks place them as
-    SCALE-Sim does (`systolic_window.inside_position`, a weight-stationary ifmap on
-    SCALE-Sim's diagonals: `weight_stationary_diagonals`; an output
-    stationary ifmap's folds are still placed as if no word were `-1`).
+    SCALE-Sim does (`systolic_window.inside_position`, a weight-stationary
+    ifmap on SCALE-Sim's diagonals: `weight_stationary_diagonals`; an
+    output-stationary ifmap's folds are still placed as if no word were
+    `-1`).
     Over 13 weight-stationary convs of this kind (8x8 to 32x32 arrays, 3x3
     to 5x5 kernels, strides 2 and 3, 1 to 4 KiB), the ifmap words are
     SCALE-Sim's and total cycles 3.5% off on average (25% at worst, a
     layer that stalls on its ifmap and ofmap at once). Without a known
     stride the walk counts `m * k` words (a 12x12 1x1 stride-2 conv on 8x8
     arrays: 60% fewer ifmap words).
-  * A weight-stationary ifmap wholly inside the input whose kernel exceeds
-    its stride reads each word in several folds, and SCALE-Sim serves a
-    fold's demand from copies in the others: with a known stride it takes
-    the address walk too (`systolic_ws_window.gapless_position`, a closed
-    form). The fold walk, which takes no copies, read up to 233% more ifmap
-    words and, on a ResNet-20 layer's shape (10x10x64 3x3 on a 32x32 array
-    with 64 KiB SRAMs), 104% more cycles; the address walk reads
-    SCALE-Sim's words on every such layer measured.
+  * A weight-stationary ifmap inside the input whose kernel exceeds its
+    stride reads each word in several folds, which SCALE-Sim serves from
+    copies in the others: with a known stride it takes the address walk
+    too (`systolic_ws_window.gapless_position`). The fold walk read up to
+    233% more ifmap words (on a ResNet-20 layer's shape, 10x10x64 3x3 on a
+    32x32 array with 64 KiB, 104% more cycles).
+  * An output-stationary ifmap's folds take no copies: where the operand
+    barely exceeds the window and outputs read past the input, the walk
+    turns the window where SCALE-Sim finds the gap's words as copies (a
+    15x15 5x5 stride-3 conv on 8x8 with 4 KiB: 250% more ifmap words). On
+    SCALE-Sim's ResNet-18 strided convs (its 230x230 7x7 stride-2 stem
+    among them; 32x32, 64 KiB) words are exact, cycles within 0.2%.
   * Stalls oscillate in SCALE-Sim around the wait above by up to one
     prefetch time, as its counted waits shift later rows; where the traffic
     is exact (43 of the 49), total cycles are within 2.4% on average (31% at
     worst, on a 128x128 array whose few folds each wait).
 
-On the 21 layers of `haqjax.hardware.scalesim_reference`
-(`python -m experiments.bench hardware` prints them) total cycles are off by
-1.9% on average (5.6% at worst; input stationary 1.6%, 3.5%), and the DRAM
-words read are SCALE-Sim's. The walk is a `jax.lax.while_loop` over folds,
-jit-able and traced in the bits; past `MAX_SEGMENTS` folds its moves and
-stalls are extrapolated at the rate of the first ones. The address walks
-look the words up `systolic_window.CHUNK_ROWS` rows (diagonals) at a time,
-again after each move (about 10 s for the [1, 8, 8] cost tensor of an
-input-stationary 56x56 3x3 conv of 64 channels on a 32x32 array with 64
-KiB SRAMs, on one CPU core). `haqjax.hardware.Systolic`
-runs each buffer's walk on the bits it depends on (the ifmap's on the
-activation bits), so a `[L, 8, 8]` cost tensor walks `8 L` ifmaps, not
-`64 L`; most of a first call is XLA's compile (about 5 s; 9 s with the
-address walk), whatever the array's size.
+On the 21 layers of `haqjax.hardware.scalesim_reference` total cycles are
+off by 1.8% on average (5.6% at worst) and the DRAM words read are
+SCALE-Sim's; on its 60 random layers and arrays (`sample_cases`; both sets
+printed by `python -m experiments.bench hardware`), weight and input
+stationary cycles are off by 0.8% and 0.6% on average (6.4%, 4.5% at
+worst) with every word read exact, output stationary by 13.9% (two strided
+convs of the kind above, 246% and 42%; 2.1% without them).
+
+The walk is a `jax.lax.while_loop` over folds, jit-able and traced in the
+bits; past `MAX_SEGMENTS` folds its moves and stalls are extrapolated at the
+rate of the first ones. The address walks look the words up
+`systolic_window.CHUNK_ROWS` rows (`systolic_ws_window.CHUNK_DIAGONALS`
+diagonals) at a time, again after each move (about 10 s for the [1, 8, 8]
+cost tensor of an input-stationary 56x56 3x3 conv of 64 channels on a 32x32
+array with 64 KiB SRAMs, on one CPU core; `python -m haqjax.hardware
+--model=resnet18` on a weight-stationary 32x32 array with 64 KiB SRAMs,
+about 26 s). `haqjax.hardware.Systolic` runs each buffer's walk on the bits
+it depends on (the ifmap's on the activation bits), so a `[L, 8, 8]` cost
+tensor walks `8 L` ifmaps, not `64 L`; most of a first call is XLA's
+compile (about 5 s; 9 s with the address walk), whatever the array's size.
 
 Bits: SCALE-Sim's words are bytes (`word_size = 1` in `single_layer_sim`),
 so an 8-bit operand is one word and its bandwidth is bytes per cycle. An
