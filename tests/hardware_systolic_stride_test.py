@@ -19,7 +19,7 @@ from haqjax import hardware
 from haqjax import models
 from haqjax.hardware import model_layers
 from haqjax.hardware import systolic_window
-from haqjax.hardware import systolic_ws_window
+from haqjax.hardware import systolic_fold_window
 from haqjax.hardware import topology
 from haqjax.hardware.scalesim_reference import relative_errors
 from haqjax.hardware.scalesim_reference import run_haqjax
@@ -95,9 +95,10 @@ def test_strided_conv_from_a_model_costs_as_its_topology(name):
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
-def _weight_stationary_stack(h, w, kh, kw, ch, s, rows, batch):
-  """SCALE-Sim's weight-stationary ifmap folds, stacked (`create_ifmap_prefetch_mat`
-  before its roll-out): True where the im2col word lies inside the input."""
+def _im2col_inside(h, w, kh, kw, ch, s, batch):
+  """`[pixels, k]`: True where SCALE-Sim's im2col word lies inside the input
+  (its conv topology's `ceil((H - R + s) / s)` outputs a side), and the
+  geometry."""
   ho, wo = math.ceil((h - kh + s) / s), math.ceil((w - kw + s) / s)
   k, m = kh * kw * ch, batch * ho * wo
   inside = np.zeros((m, k), bool)
@@ -106,14 +107,28 @@ def _weight_stationary_stack(h, w, kh, kw, ch, s, rows, batch):
     for kk in range(k):
       r, c = divmod(kk // ch, kw)
       inside[p, kk] = oh * s + r < h and ow * s + c < w
-  folds = math.ceil(k / rows)
-  stack = np.zeros((folds * m, rows), bool)
-  for f in range(folds):
-    part = inside[:, f * rows:(f + 1) * rows]
-    stack[f * m:(f + 1) * m, :part.shape[1]] = part
   g = {"kernel_h": kh, "kernel_w": kw, "channels": ch, "stride": s, "in_h": h,
        "in_w": w, "out_h": ho, "out_w": wo}
-  return stack, {n: np.float32(v) for n, v in g.items()}, m, folds, k - (folds - 1) * rows
+  return inside, {n: np.float32(v) for n, v in g.items()}
+
+
+def _stack(inside, rows):
+  """Folds of `rows` columns of `inside` `[height, width]`, stacked."""
+  height, width = inside.shape
+  folds = math.ceil(width / rows)
+  stack = np.zeros((folds * height, rows), bool)
+  for f in range(folds):
+    part = inside[:, f * rows:(f + 1) * rows]
+    stack[f * height:(f + 1) * height, :part.shape[1]] = part
+  return stack, height, folds, width - (folds - 1) * rows
+
+
+def _weight_stationary_stack(h, w, kh, kw, ch, s, rows, batch):
+  """SCALE-Sim's weight-stationary ifmap folds, stacked (`create_ifmap_prefetch_mat`
+  before its roll-out): True where the im2col word lies inside the input."""
+  inside, g = _im2col_inside(h, w, kh, kw, ch, s, batch)
+  stack, m, folds, last = _stack(inside, rows)
+  return stack, g, m, folds, last
 
 
 # (H, W, R, S, C, stride, array rows, batch): the last outputs read past the
@@ -175,7 +190,7 @@ WS_COPIES = (("a", 14, 14, 5, 5, 8, 16, 2), ("b", 14, 14, 5, 5, 16, 16, 2))
 
 def test_weight_stationary_ifmap_copies_serve_the_demand(tmp_path):
   # SCALE-Sim finds a demanded word in any line of its window, so a copy of
-  # it in another fold skips a move: `systolic_ws_window` follows the demand
+  # it in another fold skips a move: `systolic_fold_window` follows the demand
   # address by address. Stalls follow SCALE-Sim per fold, not per cycle
   # (systolic_memory's docstring): within 5% of its cycles (1.1% and 0.6%).
   pytest.importorskip("scalesim")
@@ -253,7 +268,7 @@ def test_gapless_position_is_the_diagonal_count(shape):
   rows = shape[6]
   r, c = (i.astype(np.float32) for i in np.nonzero(stack))
   args = (np.float32(m), np.float32(folds), np.float32(last), rows)
-  got = jax.jit(systolic_ws_window.gapless_position, static_argnums=5)(r, c, *args)
+  got = jax.jit(systolic_fold_window.gapless_position, static_argnums=5)(r, c, *args)
   want = jax.jit(systolic_window.weight_stationary_diagonals, static_argnums=5)(
       g, r + c, *args, below=r)
   np.testing.assert_array_equal(got, want)
@@ -297,3 +312,46 @@ def test_overlapping_weight_stationary_costs_traced_or_not(tmp_path):
     np.testing.assert_array_equal(concrete[k], traced[k], err_msg=k)
   # SCALE-Sim: 163,850 ifmap words (the fold walk read 360,470).
   np.testing.assert_array_equal(concrete["ifmap_dram_bytes"], [163850.0])
+
+
+def _output_stationary_stack(h, w, kh, kw, ch, s, rows, batch):
+  """SCALE-Sim's output-stationary ifmap folds, stacked: fold `f` holds the
+  im2col matrix's `k` columns as rows over the pixels `f rows ...`."""
+  inside, g = _im2col_inside(h, w, kh, kw, ch, s, batch)
+  stack, k, folds, last = _stack(inside.T, rows)
+  return stack, g, k, folds, last
+
+
+# (H, W, R, S, C, stride, array rows, batch): outputs past the input in the
+# first two; the second's last fold is narrower.
+OS_STACKS = [(14, 14, 3, 3, 2, 2, 8, 1), (10, 9, 3, 3, 3, 2, 4, 2), (9, 9, 3, 3, 2, 1, 8, 1)]
+
+
+@pytest.mark.parametrize("shape", OS_STACKS)
+def test_output_stationary_positions_follow_the_diagonals(shape):
+  stack, g, k, folds, last = _output_stationary_stack(*shape)
+  rows = shape[6]
+  r, c = (i.astype(np.float32) for i in np.nonzero(stack))
+  got = jax.jit(systolic_fold_window.stack_position, static_argnums=(6, 7, 8))(
+      g, r, c, np.float32(k), np.float32(folds), np.float32(last), rows, False, "os")
+  # The inside words read out diagonal by diagonal, highest row first.
+  order = np.lexsort((-r, r + c))
+  np.testing.assert_array_equal(np.asarray(got)[order], np.arange(r.size))
+
+
+# Output-stationary strided convs whose last outputs read past the input and
+# whose ifmap barely exceeds the read window, as (array, SRAM KiB,
+# words/cycle, conv row as in CASES): SCALE-Sim serves most of the demand
+# from im2col copies in the window; the fold walk read 400% and 250% more
+# ifmap words.
+OS_GAPPED = [(32, 8, 16, ("a", 10, 10, 3, 3, 32, 64, 2)), (8, 4, 1, ("b", 15, 15, 5, 5, 4, 16, 3))]
+
+
+@pytest.mark.parametrize("case", OS_GAPPED, ids=lambda c: c[3][0])
+def test_output_stationary_ifmap_past_the_input_reads(case, tmp_path):
+  pytest.importorskip("scalesim")
+  size, kb, bw, layer = case
+  s = run_scalesim("os", size, size, kb, bw, layer, str(tmp_path))
+  h = run_haqjax("os", size, size, kb, bw, layer, str(tmp_path))
+  assert h["ifmap"] == s["ifmap"] and h["filter"] == s["filter"]
+  assert abs(relative_errors(s, h)["cycles"]) < 0.1

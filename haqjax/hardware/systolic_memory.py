@@ -38,7 +38,9 @@ of whose copies it holds; when the layer's stride is known
 walk follows this address by address over a reversed tile of im2col rows
 (input stationary's ifmap of a conv whose kernel exceeds its stride;
 `systolic_window`) and over the folds of a weight-stationary ifmap whose
-last outputs read past the input (`systolic_ws_window`).
+last outputs read past the input or whose kernel exceeds its stride, and of
+an output-stationary one whose last outputs read past the input
+(`systolic_fold_window`).
 Stalls: SCALE-Sim waits at the row that needs a move until that move
 completes, and counts the wait for the last prefetch twice; the walk does
 the same per block, at the row of its last move. The write
@@ -48,57 +50,45 @@ stalls by the largest of the three. DRAM reads are whole request lines: the
 first window, `min(ceil(A / bw), ceil(E / bw)) * bw` words (`E`: the prefetch matrix with
 its padding), plus `ceil(P / bw) * bw` per move.
 
-What departs from SCALE-Sim, measured over 49 layers and arrays (4x4 to
-128x128, the three dataflows, 1 to 8 KiB SRAMs, 1 to 32 words per cycle):
+What departs from SCALE-Sim, or did (arrays 4x4 to 128x128, the three
+dataflows, 1 to 64 KiB SRAMs, 1 to 32 words per cycle):
 
   * Without a known stride (layers built by hand), a reversed tile of
-    im2col rows takes all of its words as found in the window (no turn),
-    which reads up to 93% fewer ifmap words (81% fewer cycles) where
-    SCALE-Sim turns the window anyway.
+    im2col rows takes all of its words as found in the window (no turn):
+    up to 93% fewer ifmap words (81% fewer cycles) than SCALE-Sim.
   * SCALE-Sim's conv topology gives a layer `ceil((H - R + s) / s)` outputs
     a side; when `s` does not divide `H - R`, the last ones read outside the
     input and hold `-1` words, which SCALE-Sim leaves out of its lines. With
     a known stride the walk counts only the words inside the input
     (`systolic_window.inside_words`) and the address walks place them as
-    SCALE-Sim does (`systolic_window.inside_position`, a weight-stationary
-    ifmap on SCALE-Sim's diagonals: `weight_stationary_diagonals`; an
-    output-stationary ifmap's folds are still placed as if no word were
-    `-1`).
-    Over 13 weight-stationary convs of this kind (8x8 to 32x32 arrays, 3x3
-    to 5x5 kernels, strides 2 and 3, 1 to 4 KiB), the ifmap words are
-    SCALE-Sim's and total cycles 3.5% off on average (25% at worst, a
-    layer that stalls on its ifmap and ofmap at once). Without a known
-    stride the walk counts `m * k` words (a 12x12 1x1 stride-2 conv on 8x8
-    arrays: 60% fewer ifmap words).
-  * A weight-stationary ifmap inside the input whose kernel exceeds its
-    stride reads each word in several folds, which SCALE-Sim serves from
-    copies in the others: with a known stride it takes the address walk
-    too (`systolic_ws_window.gapless_position`). The fold walk read up to
-    233% more ifmap words (on a ResNet-20 layer's shape, 10x10x64 3x3 on a
-    32x32 array with 64 KiB, 104% more cycles).
-  * An output-stationary ifmap's folds take no copies: where the operand
-    barely exceeds the window and outputs read past the input, the walk
-    turns the window where SCALE-Sim finds the gap's words as copies (a
-    15x15 5x5 stride-3 conv on 8x8 with 4 KiB: 250% more ifmap words). On
-    SCALE-Sim's ResNet-18 strided convs (its 230x230 7x7 stride-2 stem
-    among them; 32x32, 64 KiB) words are exact, cycles within 0.2%.
+    SCALE-Sim does (`systolic_window.inside_position`; the rolled ifmaps of
+    weight and output stationary on its diagonals:
+    `weight_stationary_diagonals`). Without, it counts `m * k` words (a
+    12x12 1x1 stride-2 conv on 8x8 arrays: 60% fewer ifmap words).
+  * The address walks take the im2col copies SCALE-Sim finds in its window.
+    The fold walk, which takes none, read up to 233% more ifmap words of a
+    weight-stationary conv inside its input (a ResNet-20 layer's shape,
+    10x10x64 3x3 on a 32x32 array with 64 KiB: 104% more cycles) and 400%
+    more of an output-stationary one past it (10x10 3x3 stride 2, 32x32, 8
+    KiB). An output-stationary ifmap inside its input keeps the fold walk,
+    which read SCALE-Sim's words on every such layer measured.
   * Stalls oscillate in SCALE-Sim around the wait above by up to one
     prefetch time, as its counted waits shift later rows; where the traffic
-    is exact (43 of the 49), total cycles are within 2.4% on average (31% at
-    worst, on a 128x128 array whose few folds each wait).
+    is exact, total cycles are within about 2% on average (31% at worst, on
+    a 128x128 array whose few folds each wait).
 
 On the 21 layers of `haqjax.hardware.scalesim_reference` total cycles are
 off by 1.8% on average (5.6% at worst) and the DRAM words read are
 SCALE-Sim's; on its 60 random layers and arrays (`sample_cases`; both sets
-printed by `python -m experiments.bench hardware`), weight and input
-stationary cycles are off by 0.8% and 0.6% on average (6.4%, 4.5% at
-worst) with every word read exact, output stationary by 13.9% (two strided
-convs of the kind above, 246% and 42%; 2.1% without them).
+printed by `python -m experiments.bench hardware`) every DRAM word read is
+SCALE-Sim's and total cycles are off by 1.6% on average (output, weight and
+input stationary 2.9%, 0.8%, 0.6%; 22% at worst, a 5x5 stride-2 conv on a
+16x16 array whose ifmap stalls oscillate).
 
 The walk is a `jax.lax.while_loop` over folds, jit-able and traced in the
 bits; past `MAX_SEGMENTS` folds its moves and stalls are extrapolated at the
 rate of the first ones. The address walks look the words up
-`systolic_window.CHUNK_ROWS` rows (`systolic_ws_window.CHUNK_DIAGONALS`
+`systolic_window.CHUNK_ROWS` rows (`systolic_fold_window.CHUNK_DIAGONALS`
 diagonals) at a time, again after each move (about 10 s for the [1, 8, 8]
 cost tensor of an input-stationary 56x56 3x3 conv of 64 channels on a 32x32
 array with 64 KiB SRAMs, on one CPU core; `python -m haqjax.hardware
@@ -131,7 +121,7 @@ import jax
 import jax.numpy as jnp
 
 from haqjax.hardware import systolic_window
-from haqjax.hardware import systolic_ws_window
+from haqjax.hardware import systolic_fold_window
 from haqjax.hardware.layers import ceil_div
 from haqjax.typing import Array, ArrayLike
 
@@ -210,7 +200,8 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
                 lines: Array, period: Array, fold_rows: Array,
                 max_segments: int = MAX_SEGMENTS, geometry: dict[str, Array] | None = None,
                 rows: int = 1, cols: int = 1,
-                gaps: dict[str, Array] | None = None) -> tuple[Array, Array]:
+                gaps: dict[str, Array] | None = None,
+                dataflow: str = "ws") -> tuple[Array, Array]:
   """Window moves and stall cycles of one read buffer over the demand.
 
   Follows the window fold by fold (module docstring). After `max_segments`
@@ -218,8 +209,9 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
   With `geometry` (`Layers.conv_geometry`, a known stride), a reversed tile
   of im2col rows is followed address by address
   (`systolic_window.tile_moves`, on an array of `rows` x `cols`), as are,
-  with `gaps` (a weight-stationary ifmap's), the folds of a conv whose last
-  outputs read past the input (`systolic_ws_window.fold_moves`).
+  with `gaps` (the ifmap's of the rolled `dataflow`, 'ws' or 'os'), the
+  folds of a conv whose last outputs read past the input, and for 'ws' of
+  one whose kernel exceeds its stride (`systolic_fold_window.fold_moves`).
 
   Returns:
     `(moves, stall_cycles)`.
@@ -240,9 +232,10 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
     walked = ~rev & (gaps["stride"] > 0) & (lines > a)
     gapped = walked & ~systolic_window.gapless(gaps)
     # Inside the input, a kernel over its stride still reads each word in
-    # several folds, whose copies serve one another.
+    # several weight-stationary folds, whose copies serve one another.
     overlapped = walked & ~gapped & ((gaps["kernel_h"] > gaps["stride"])
                                      | (gaps["kernel_w"] > gaps["stride"]))
+    overlapped = overlapped & (dataflow == "ws")
     ws_words = dict(m=temporal, folds=nb, last=sweep["last"], e=e, a=a, step=step,
                     lines=lines)
   limit = jnp.minimum(segments, float(max_segments))
@@ -328,14 +321,18 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
     if gaps is not None:
       # The fold's demand address by address (copies in other folds serve
       # it); a fold whose own lines are all in the window needs no move.
-      j_ws, t_ws = systolic_ws_window.fold_moves(gaps, ws_words, fold, gapped & live, j, rows)
-      j_ov, t_ov = systolic_ws_window.fold_moves(gaps, ws_words, fold, overlapped & live, j,
-                                                 rows, gapless=True)
+      j_ws, t_ws = systolic_fold_window.fold_moves(gaps, ws_words, fold, gapped & live, j,
+                                                   rows, dataflow=dataflow)
+      j_ov, t_ov = systolic_fold_window.fold_moves(gaps, ws_words, fold, overlapped & live, j,
+                                                   rows, gapless=True)
       j_ws, t_ws = jnp.where(overlapped, j_ov, j_ws), jnp.where(overlapped, t_ov, t_ws)
       walk = gapped | overlapped
       j3 = jnp.where(walk, j_ws, j3)
       t2 = jnp.where(walk, 0.0, t2)
-      row = jnp.where(walk, i * fold_rows + rows + t_ws, row)
+      # Weight stationary demands its ifmap after the `rows` cycles that
+      # load the weights.
+      skew = rows if dataflow == "ws" else 0
+      row = jnp.where(walk, i * fold_rows + skew + t_ws, row)
     late = jnp.where(j3 > j, j3 * period - row - stall - 2.0, 0.0)
     # SCALE-Sim counts the wait for the last prefetch twice.
     late = jnp.maximum(late, 0.0)
@@ -352,7 +349,8 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
 def read_buffer(sweep: dict[str, Array], sram_words: Array, bw: Array,
                 compute: Array, geometry: dict[str, Array] | None = None,
                 rows: int = 1, cols: int = 1,
-                gaps: dict[str, Array] | None = None) -> tuple[Array, Array]:
+                gaps: dict[str, Array] | None = None,
+                dataflow: str = "ws") -> tuple[Array, Array]:
   """DRAM words read and stall cycles of one operand's read buffer.
 
   Args:
@@ -362,7 +360,7 @@ def read_buffer(sweep: dict[str, Array], sram_words: Array, bw: Array,
     compute: stall-free cycles `C` of the GEMM.
     geometry, rows, cols: an input-stationary ifmap's conv on the array
       (`window_walk`).
-    gaps: a weight-stationary ifmap's conv (`window_walk`).
+    gaps, dataflow: a rolled ifmap's conv and the dataflow (`window_walk`).
 
   Returns:
     `(dram_words, stall_cycles)`.
@@ -378,7 +376,7 @@ def read_buffer(sweep: dict[str, Array], sram_words: Array, bw: Array,
   per_move = jnp.ceil(prefetch / bw)
   moves, stall = window_walk(sweep, e, a, step, lines, per_move + 1.0,
                              compute / sweep["segments"], geometry=geometry,
-                             rows=rows, cols=cols, gaps=gaps)
+                             rows=rows, cols=cols, gaps=gaps, dataflow=dataflow)
   moves = jnp.where(fits, 0.0, moves)
   stall = jnp.where(fits, 0.0, stall)
   first = jnp.minimum(jnp.ceil(active / bw), jnp.ceil(sweep["padded"] / bw))
@@ -423,7 +421,7 @@ def scratchpad_costs(dataflow: str, rows: int, cols: int, m: Array, n: Array,
     ifmap_words: distinct input words (`operand_sweeps`).
     geometry: `Layers.conv_geometry`: an input-stationary ifmap with im2col
       copies, or a weight-stationary one with words past the input, is then
-      followed address by address (`systolic_window`, `systolic_ws_window`).
+      followed address by address (`systolic_window`, `systolic_fold_window`).
 
   Returns:
     `stall_cycles` and `ifmap_words`, `filter_words`, `ofmap_words` (DRAM).
@@ -436,9 +434,10 @@ def scratchpad_costs(dataflow: str, rows: int, cols: int, m: Array, n: Array,
   out, stalls = {}, []
   for name in ("ifmap", "filter"):
     g = geometry if name == "ifmap" and dataflow == "is" else None
-    gaps = geometry if name == "ifmap" and dataflow == "ws" else None
+    gaps = geometry if name == "ifmap" and dataflow in ("ws", "os") else None
     words, stall = read_buffer(sweeps[name], sram_words[name], bw_words[name], compute,
-                               geometry=g, rows=rows, cols=cols, gaps=gaps)
+                               geometry=g, rows=rows, cols=cols, gaps=gaps,
+                               dataflow=dataflow)
     out[f"{name}_words"] = words
     stalls.append(stall)
   words, stall = write_buffer(sweeps["ofmap"]["words"], sram_words["ofmap"],

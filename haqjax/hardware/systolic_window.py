@@ -212,7 +212,8 @@ def weight_stationary_span(g: dict[str, Array], fold: Array, m: Array, width: Ar
 
 
 def weight_stationary_diagonals(g: dict[str, Array], d: Array, m: Array, folds: Array,
-                                last: Array, rows: int, below: Array | None = None) -> Array:
+                                last: Array, rows: int, below: Array | None = None,
+                                dataflow: str = "ws") -> Array:
   """Inside words of a weight-stationary ifmap on SCALE-Sim's diagonals before `d`.
 
   SCALE-Sim stacks the folds (`m` rows each, `rows` words wide, the last
@@ -220,6 +221,10 @@ def weight_stationary_diagonals(g: dict[str, Array], d: Array, m: Array, folds: 
   highest row down: the words before diagonal `d` are those of row `R` and
   column `c` with `R + c < d`, and with `below`, also those of diagonal `d`
   in the rows after it (the words before `(below, d - below)`).
+
+  `dataflow='os'`: an output-stationary ifmap, whose folds SCALE-Sim stacks
+  and reads out the same way with the roles swapped: a fold's `m` rows are
+  the im2col columns, its `rows` words the pixels `fold rows ...`.
   """
   x_ = lambda v: jnp.asarray(v, jnp.float32)[..., None]
   g = {name: x_(v) for name, v in g.items()}
@@ -231,6 +236,8 @@ def weight_stationary_diagonals(g: dict[str, Array], d: Array, m: Array, folds: 
   def position(r, q):
     f = jnp.minimum(jnp.floor(r / m), folds - 1.0)
     w = jnp.where(f >= folds - 1.0, last, float(rows))
+    if dataflow == "os":
+      return inside_position(g, f, r - f * m, jnp.minimum(q, w), m, w, rows)
     return weight_stationary_position(g, f, r - f * m, jnp.minimum(q, w), m, w,
                                       float(rows))
 
