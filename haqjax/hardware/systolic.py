@@ -271,7 +271,7 @@ class Systolic:
     """`layers.conv_geometry`, or None where no layer's costs depend on it.
 
     The address walks (an input-stationary ifmap with im2col copies, a
-    weight-stationary one whose kernel exceeds its stride) and the `-1`
+    weight- or output-stationary one whose kernel exceeds its stride) and the `-1`
     words of outputs that read past the input are the geometry's only uses
     (`systolic_memory`); without them the costs are the same without it,
     and a scratchpad model compiled without it takes about half the time to
@@ -289,7 +289,7 @@ class Systolic:
     gapless = ((v["in_h"] - (v["out_h"] - 1.0) * s >= v["kernel_h"])
                & (v["in_w"] - (v["out_w"] - 1.0) * s >= v["kernel_w"]))
     overlap = (v["kernel_h"] > s) | (v["kernel_w"] > s)
-    walk = {"is": copies, "ws": overlap}.get(self.dataflow, False)
+    walk = {"is": copies, "ws": overlap, "os": overlap}[self.dataflow]
     return g if np.any((v["stride"] > 0) & (~gapless | walk)) else None
 
 

@@ -37,10 +37,9 @@ of whose copies it holds; when the layer's stride is known
 (`Layers.conv_geometry`, as `topology` and `model_layers` give it), the
 walk follows this address by address over a reversed tile of im2col rows
 (input stationary's ifmap of a conv whose kernel exceeds its stride;
-`systolic_window`) and over the folds of a weight-stationary ifmap whose
-last outputs read past the input or whose kernel exceeds its stride, and of
-an output-stationary one whose last outputs read past the input
-(`systolic_fold_window`).
+`systolic_window`) and over the folds of a weight- or output-stationary
+ifmap whose last outputs read past the input or whose kernel exceeds its
+stride (`systolic_fold_window`).
 Stalls: SCALE-Sim waits at the row that needs a move until that move
 completes, and counts the wait for the last prefetch twice; the walk does
 the same per block, at the row of its last move. The write
@@ -67,11 +66,10 @@ dataflows, 1 to 64 KiB SRAMs, 1 to 32 words per cycle):
     12x12 1x1 stride-2 conv on 8x8 arrays: 60% fewer ifmap words).
   * The address walks take the im2col copies SCALE-Sim finds in its window.
     The fold walk, which takes none, read up to 233% more ifmap words of a
-    weight-stationary conv inside its input (a ResNet-20 layer's shape,
-    10x10x64 3x3 on a 32x32 array with 64 KiB: 104% more cycles) and 400%
-    more of an output-stationary one past it (10x10 3x3 stride 2, 32x32, 8
-    KiB). An output-stationary ifmap inside its input keeps the fold walk,
-    which read SCALE-Sim's words on every such layer measured.
+    weight-stationary conv and 400% more of an output-stationary one; on a
+    ResNet-20 layer's shape (10x10x64 3x3 on a 32x32 array with 64 KiB), it
+    was 104% (weight stationary) and 174% (output stationary) over
+    SCALE-Sim's cycles, where the address walks are within 8%.
   * Stalls oscillate in SCALE-Sim around the wait above by up to one
     prefetch time, as its counted waits shift later rows; where the traffic
     is exact, total cycles are within about 2% on average (31% at worst, on
@@ -92,8 +90,8 @@ rate of the first ones. The address walks look the words up
 diagonals) at a time, again after each move (about 10 s for the [1, 8, 8]
 cost tensor of an input-stationary 56x56 3x3 conv of 64 channels on a 32x32
 array with 64 KiB SRAMs, on one CPU core; `python -m haqjax.hardware
---model=resnet18` on a weight-stationary 32x32 array with 64 KiB SRAMs,
-about 26 s). `haqjax.hardware.Systolic` runs each buffer's walk on the bits
+--model=resnet18` on a weight- or output-stationary 32x32 array with 64
+KiB SRAMs, about 26 s and 37 s). `haqjax.hardware.Systolic` runs each buffer's walk on the bits
 it depends on (the ifmap's on the activation bits), so a `[L, 8, 8]` cost
 tensor walks `8 L` ifmaps, not `64 L`; most of a first call is XLA's
 compile (about 5 s; 9 s with the address walk), whatever the array's size.
@@ -210,8 +208,8 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
   of im2col rows is followed address by address
   (`systolic_window.tile_moves`, on an array of `rows` x `cols`), as are,
   with `gaps` (the ifmap's of the rolled `dataflow`, 'ws' or 'os'), the
-  folds of a conv whose last outputs read past the input, and for 'ws' of
-  one whose kernel exceeds its stride (`systolic_fold_window.fold_moves`).
+  folds of a conv whose last outputs read past the input or whose kernel
+  exceeds its stride (`systolic_fold_window.fold_moves`).
 
   Returns:
     `(moves, stall_cycles)`.
@@ -232,10 +230,9 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
     walked = ~rev & (gaps["stride"] > 0) & (lines > a)
     gapped = walked & ~systolic_window.gapless(gaps)
     # Inside the input, a kernel over its stride still reads each word in
-    # several weight-stationary folds, whose copies serve one another.
+    # several places, whose copies serve one another.
     overlapped = walked & ~gapped & ((gaps["kernel_h"] > gaps["stride"])
                                      | (gaps["kernel_w"] > gaps["stride"]))
-    overlapped = overlapped & (dataflow == "ws")
     ws_words = dict(m=temporal, folds=nb, last=sweep["last"], e=e, a=a, step=step,
                     lines=lines)
   limit = jnp.minimum(segments, float(max_segments))
@@ -324,7 +321,7 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
       j_ws, t_ws = systolic_fold_window.fold_moves(gaps, ws_words, fold, gapped & live, j,
                                                    rows, dataflow=dataflow)
       j_ov, t_ov = systolic_fold_window.fold_moves(gaps, ws_words, fold, overlapped & live, j,
-                                                   rows, gapless=True)
+                                                   rows, gapless=True, dataflow=dataflow)
       j_ws, t_ws = jnp.where(overlapped, j_ov, j_ws), jnp.where(overlapped, t_ov, t_ws)
       walk = gapped | overlapped
       j3 = jnp.where(walk, j_ws, j3)
