@@ -138,14 +138,14 @@ STACKS = [(14, 14, 3, 3, 8, 2, 8, 1), (8, 7, 3, 2, 2, 2, 4, 2), (12, 12, 1, 1, 1
 
 
 @pytest.mark.parametrize("shape", STACKS)
-def test_weight_stationary_diagonals_count_inside_words(shape):
+def test_stack_diagonals_count_inside_words(shape):
   # SCALE-Sim rolls the stack out diagonal by diagonal (row + column) and
   # its lines skip the words past the input.
   stack, g, m, folds, last = _weight_stationary_stack(*shape)
   rows = shape[6]
   r, c = np.indices(stack.shape)
   d = np.arange(folds * m + rows + 1, dtype=np.float32)
-  got = jax.jit(systolic_window.weight_stationary_diagonals, static_argnums=5)(
+  got = jax.jit(systolic_window.stack_diagonals, static_argnums=5)(
       g, d, np.float32(m), np.float32(folds), np.float32(last), rows)
   np.testing.assert_array_equal(got, [stack[r + c < x].sum() for x in d])
   f = np.arange(folds, dtype=np.float32)
@@ -268,7 +268,7 @@ def test_gapless_position_is_the_diagonal_count(shape):
   r, c = (i.astype(np.float32) for i in np.nonzero(stack))
   args = (np.float32(m), np.float32(folds), np.float32(last), rows)
   got = jax.jit(systolic_fold_window.gapless_position, static_argnums=5)(r, c, *args)
-  want = jax.jit(systolic_window.weight_stationary_diagonals, static_argnums=5)(
+  want = jax.jit(systolic_window.stack_diagonals, static_argnums=5)(
       g, r + c, *args, below=r)
   np.testing.assert_array_equal(got, want)
   # The stack read out diagonal by diagonal, highest row first.

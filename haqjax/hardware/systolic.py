@@ -271,11 +271,11 @@ class Systolic:
     """`layers.conv_geometry`, or None where no layer's costs depend on it.
 
     The address walks (an input-stationary ifmap with im2col copies, a
-    weight- or output-stationary one whose kernel exceeds its stride) and the `-1`
-    words of outputs that read past the input are the geometry's only uses
-    (`systolic_memory`); without them the costs are the same without it,
-    and a scratchpad model compiled without it takes about half the time to
-    compile. Traced layers keep it.
+    weight- or output-stationary one whose kernel exceeds its stride) and
+    the `-1` words of outputs that read past the input are the geometry's
+    only uses (`systolic_memory`); without them the costs are the same
+    without it, and a scratchpad model compiled without it takes about half
+    the time to compile. Traced layers keep it.
     """
     g = layers.conv_geometry
     if g is None:

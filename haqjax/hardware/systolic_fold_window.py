@@ -49,7 +49,7 @@ def stack_position(g: dict[str, Array], row: Array, col: Array, m: Array, folds:
   """
   if gapless:
     return gapless_position(row, col, m, folds, last, rows)
-  return systolic_window.weight_stationary_diagonals(g, row + col, m, folds, last, rows,
+  return systolic_window.stack_diagonals(g, row + col, m, folds, last, rows,
                                                      below=row, dataflow=dataflow)
 
 

@@ -42,12 +42,12 @@ ifmap whose last outputs read past the input or whose kernel exceeds its
 stride (`systolic_fold_window`).
 Stalls: SCALE-Sim waits at the row that needs a move until that move
 completes, and counts the wait for the last prefetch twice; the walk does
-the same per block, at the row of its last move. The write
-buffer credits a drain's `D` words back when the drain starts, so the array
-writes `S_o + D` words before the first wait (`write_buffer`). A GEMM
-stalls by the largest of the three. DRAM reads are whole request lines: the
-first window, `min(ceil(A / bw), ceil(E / bw)) * bw` words (`E`: the prefetch matrix with
-its padding), plus `ceil(P / bw) * bw` per move.
+the same per block, at the row of its last move. The write buffer credits
+a drain's `D` words back when the drain starts, so the array writes
+`S_o + D` words before the first wait (`write_buffer`). A GEMM stalls by
+the largest of the three. DRAM reads are whole request lines: the first
+window, `min(ceil(A / bw), ceil(E / bw)) * bw` words (`E`: the prefetch
+matrix with its padding), plus `ceil(P / bw) * bw` per move.
 
 What departs from SCALE-Sim, or did (arrays 4x4 to 128x128, the three
 dataflows, 1 to 64 KiB SRAMs, 1 to 32 words per cycle):
@@ -62,7 +62,7 @@ dataflows, 1 to 64 KiB SRAMs, 1 to 32 words per cycle):
     (`systolic_window.inside_words`) and the address walks place them as
     SCALE-Sim does (`systolic_window.inside_position`; the rolled ifmaps of
     weight and output stationary on its diagonals:
-    `weight_stationary_diagonals`). Without, it counts `m * k` words (a
+    `stack_diagonals`). Without, it counts `m * k` words (a
     12x12 1x1 stride-2 conv on 8x8 arrays: 60% fewer ifmap words).
   * The address walks take the im2col copies SCALE-Sim finds in its window.
     The fold walk, which takes none, read up to 233% more ifmap words of a
@@ -91,10 +91,11 @@ diagonals) at a time, again after each move (about 10 s for the [1, 8, 8]
 cost tensor of an input-stationary 56x56 3x3 conv of 64 channels on a 32x32
 array with 64 KiB SRAMs, on one CPU core; `python -m haqjax.hardware
 --model=resnet18` on a weight- or output-stationary 32x32 array with 64
-KiB SRAMs, about 26 s and 37 s). `haqjax.hardware.Systolic` runs each buffer's walk on the bits
-it depends on (the ifmap's on the activation bits), so a `[L, 8, 8]` cost
-tensor walks `8 L` ifmaps, not `64 L`; most of a first call is XLA's
-compile (about 5 s; 9 s with the address walk), whatever the array's size.
+KiB SRAMs, about 26 s and 37 s). `haqjax.hardware.Systolic` runs each
+buffer's walk on the bits it depends on (the ifmap's on the activation
+bits), so a `[L, 8, 8]` cost tensor walks `8 L` ifmaps, not `64 L`; most of
+a first call is XLA's compile (about 5 s; 9 s with the address walk),
+whatever the array's size.
 
 Bits: SCALE-Sim's words are bytes (`word_size = 1` in `single_layer_sim`),
 so an 8-bit operand is one word and its bandwidth is bytes per cycle. An
@@ -233,7 +234,7 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
     # several places, whose copies serve one another.
     overlapped = walked & ~gapped & ((gaps["kernel_h"] > gaps["stride"])
                                      | (gaps["kernel_w"] > gaps["stride"]))
-    ws_words = dict(m=temporal, folds=nb, last=sweep["last"], e=e, a=a, step=step,
+    fold_words = dict(m=temporal, folds=nb, last=sweep["last"], e=e, a=a, step=step,
                     lines=lines)
   limit = jnp.minimum(segments, float(max_segments))
 
@@ -318,18 +319,20 @@ def window_walk(sweep: dict[str, Array], e: Array, a: Array, step: Array,
     if gaps is not None:
       # The fold's demand address by address (copies in other folds serve
       # it); a fold whose own lines are all in the window needs no move.
-      j_ws, t_ws = systolic_fold_window.fold_moves(gaps, ws_words, fold, gapped & live, j,
-                                                   rows, dataflow=dataflow)
-      j_ov, t_ov = systolic_fold_window.fold_moves(gaps, ws_words, fold, overlapped & live, j,
-                                                   rows, gapless=True, dataflow=dataflow)
-      j_ws, t_ws = jnp.where(overlapped, j_ov, j_ws), jnp.where(overlapped, t_ov, t_ws)
+      j_fold, t_fold = systolic_fold_window.fold_moves(
+          gaps, fold_words, fold, gapped & live, j, rows, dataflow=dataflow)
+      # Without `-1` words, the faster closed-form positions.
+      j_ov, t_ov = systolic_fold_window.fold_moves(
+          gaps, fold_words, fold, overlapped & live, j, rows, gapless=True, dataflow=dataflow)
+      j_fold = jnp.where(overlapped, j_ov, j_fold)
+      t_fold = jnp.where(overlapped, t_ov, t_fold)
       walk = gapped | overlapped
-      j3 = jnp.where(walk, j_ws, j3)
+      j3 = jnp.where(walk, j_fold, j3)
       t2 = jnp.where(walk, 0.0, t2)
       # Weight stationary demands its ifmap after the `rows` cycles that
       # load the weights.
       skew = rows if dataflow == "ws" else 0
-      row = jnp.where(walk, i * fold_rows + skew + t_ws, row)
+      row = jnp.where(walk, i * fold_rows + skew + t_fold, row)
     late = jnp.where(j3 > j, j3 * period - row - stall - 2.0, 0.0)
     # SCALE-Sim counts the wait for the last prefetch twice.
     late = jnp.maximum(late, 0.0)
@@ -417,8 +420,9 @@ def scratchpad_costs(dataflow: str, rows: int, cols: int, m: Array, n: Array,
     bw_words: 'ifmap', 'filter', 'ofmap' DRAM words per cycle.
     ifmap_words: distinct input words (`operand_sweeps`).
     geometry: `Layers.conv_geometry`: an input-stationary ifmap with im2col
-      copies, or a weight-stationary one with words past the input, is then
-      followed address by address (`systolic_window`, `systolic_fold_window`).
+      copies, or a weight- or output-stationary one with words past the
+      input or a kernel over its stride, is then followed address by address
+      (`systolic_window`, `systolic_fold_window`).
 
   Returns:
     `stall_cycles` and `ifmap_words`, `filter_words`, `ofmap_words` (DRAM).

@@ -211,16 +211,16 @@ def weight_stationary_span(g: dict[str, Array], fold: Array, m: Array, width: Ar
   return fold * m + lo, fold * m + hi
 
 
-def weight_stationary_diagonals(g: dict[str, Array], d: Array, m: Array, folds: Array,
-                                last: Array, rows: int, below: Array | None = None,
-                                dataflow: str = "ws") -> Array:
-  """Inside words of a weight-stationary ifmap on SCALE-Sim's diagonals before `d`.
+def stack_diagonals(g: dict[str, Array], d: Array, m: Array, folds: Array, last: Array,
+                    rows: int, below: Array | None = None, dataflow: str = "ws") -> Array:
+  """Inside words of a rolled ifmap on SCALE-Sim's diagonals before `d`.
 
-  SCALE-Sim stacks the folds (`m` rows each, `rows` words wide, the last
-  `last` wide) and reads the stack out diagonal by diagonal, each from its
-  highest row down: the words before diagonal `d` are those of row `R` and
-  column `c` with `R + c < d`, and with `below`, also those of diagonal `d`
-  in the rows after it (the words before `(below, d - below)`).
+  Weight stationary (`dataflow='ws'`): SCALE-Sim stacks the folds (`m` rows
+  each, `rows` words wide, the last `last` wide) and reads the stack out
+  diagonal by diagonal, each from its highest row down: the words before
+  diagonal `d` are those of row `R` and column `c` with `R + c < d`, and
+  with `below`, also those of diagonal `d` in the rows after it (the words
+  before `(below, d - below)`).
 
   `dataflow='os'`: an output-stationary ifmap, whose folds SCALE-Sim stacks
   and reads out the same way with the roles swapped: a fold's `m` rows are
