@@ -195,3 +195,32 @@ def test_uniform_policy_meets_a_wall_of_itself(name, model):
       assert not tight.fits(w, a), (metric, ref)
       low_w, low_a = tight.enforce(w, a)
       assert tight.fits(low_w, low_a) and (low_w + low_a).sum() < 2 * bits * n
+
+
+@pytest.mark.parametrize("lo, hi", [(2, 8), (1, 8), (4, 4)])
+def test_bits_to_action_is_the_centre_of_the_bits_interval(lo, hi):
+  bits = np.arange(lo, hi + 1)
+  actions = env.bits_to_action(bits, lo, hi)
+  assert actions.min() > 0 and actions.max() < 1
+  np.testing.assert_array_equal(env.action_to_bits(actions, lo, hi), bits)
+  # Half an interval away on either side is still the same bits (the centre).
+  half = 0.5 / (hi - lo + 1)
+  np.testing.assert_array_equal(env.action_to_bits(actions - 0.99 * half, lo, hi), bits)
+  np.testing.assert_array_equal(env.action_to_bits(actions + 0.99 * half, lo, hi), bits)
+  # Fixed bits outside the range go to the nearest end.
+  np.testing.assert_array_equal(env.bits_to_action([32, 0], lo, hi), [1.0, 0.0])
+
+
+def test_policy_to_actions_inverts_actions_to_policy(table):
+  rng = np.random.RandomState(1)
+  n = len(table)
+  w, a = rng.randint(2, 9, n), rng.randint(2, 9, n)
+  actions = env.policy_to_actions(w, a, mode="linear", min_bits=2, max_bits=8)
+  assert actions.shape == (2 * n,)
+  got_w, got_a = env.actions_to_policy(actions, table.names, mode="linear",
+                                       min_bits=2, max_bits=8)
+  np.testing.assert_array_equal(got_w, w)
+  np.testing.assert_array_equal(got_a, a)
+  km = env.policy_to_actions(w, np.full(n, 32), mode="kmeans", min_bits=2, max_bits=8)
+  got_w, _ = env.actions_to_policy(km, table.names, mode="kmeans", min_bits=2, max_bits=8)
+  np.testing.assert_array_equal(got_w, w)

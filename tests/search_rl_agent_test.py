@@ -10,6 +10,7 @@ from haqjax.search.rl import replay as replay_lib
 from haqjax.search.rl.config import DDPGConfig
 from haqjax.search.rl.learning import DDPG
 from haqjax.search.rl.learning import episode_transitions
+from haqjax.search.rl.learning import relabel
 
 
 def _agent(**kwargs):
@@ -144,3 +145,18 @@ def test_episode_transitions():
   np.testing.assert_array_equal(tr.reward, [-0.5] * 3)
   np.testing.assert_array_equal(tr.done, [0, 0, 1])
   np.testing.assert_array_equal(tr.next_state[:2], obs[1:])
+
+
+def test_relabel_replaces_actions_and_previous_action_column():
+  obs = jnp.arange(12, dtype=jnp.float32).reshape(3, 4)
+  new_obs, actions = relabel(obs, jnp.asarray([0.25, 0.5, 0.75]))
+  np.testing.assert_array_equal(actions[:, 0], [0.25, 0.5, 0.75])
+  np.testing.assert_array_equal(new_obs[:, -1], [0.0, 0.25, 0.5])
+  np.testing.assert_array_equal(new_obs[:, :-1], obs[:, :-1])
+
+
+def test_replay_actions_config():
+  assert DDPGConfig().replay_actions == "proposed"
+  assert DDPGConfig(replay_actions="executed").replay_actions == "executed"
+  with pytest.raises(ValueError, match="replay_actions='walled'; allowed: proposed, executed"):
+    DDPGConfig(replay_actions="walled")

@@ -71,6 +71,26 @@ def action_to_bits(action, min_bits: int, max_bits: int) -> np.ndarray:
   return np.clip(bits, min_bits, max_bits).astype(np.int64)
 
 
+def bits_to_action(bits, min_bits: int, max_bits: int) -> np.ndarray:
+  """The action at the centre of each bit-width's interval of `action_to_bits`.
+
+  Bits outside `[min_bits, max_bits]` (a layer fixed by convention, or
+  floating point) map to the nearest end of [0, 1].
+  """
+  b = np.asarray(bits, np.float64)
+  return np.clip((b - min_bits + 0.5) / (max_bits - min_bits + 1), 0.0, 1.0)
+
+
+def policy_to_actions(w, a, *, mode: str, min_bits: int, max_bits: int) -> np.ndarray:
+  """Per-step actions `[T]` of bits `w`, `a`: the inverse of `actions_to_policy`."""
+  w = np.asarray(w)
+  if mode == "linear":
+    bits = np.stack([w, np.asarray(a)], axis=1).reshape(-1)
+  else:
+    bits = w
+  return bits_to_action(bits, min_bits, max_bits)
+
+
 def observations(table: LayerTable, mode: str = "linear") -> np.ndarray:
   """The episode's normalised observations `[T, len(COLUMNS)]` (float32).
 

@@ -7,6 +7,8 @@ from typing import ClassVar
 
 from haqjax.configs import JsonConfig
 
+REPLAY_ACTIONS = ("proposed", "executed")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DDPGConfig(JsonConfig):
@@ -29,6 +31,14 @@ class DDPGConfig(JsonConfig):
     baseline_alpha: rate of the moving-average reward baseline subtracted in
       the critic target (HAQ's `moving_alpha`).
     init_w: the output layers are initialised uniformly in `[-init_w, init_w]`.
+    replay_actions: what the replay buffer stores as each step's action.
+      'proposed' (HAQ's): the agent's own action, even where the budget wall
+      lowered that step's bits afterwards, so the reward of the walled policy
+      is credited to actions it did not take. 'executed': the action of the
+      bits the scored policy has (the centre of the bit's interval of
+      `env.action_to_bits`), with each next observation's previous action
+      relabelled to match, so the critic learns the value of the policies
+      that were actually scored.
   """
   config_name = "DDPG config"
   # Launcher flags of fields whose own name would be ambiguous beside the
@@ -47,6 +57,7 @@ class DDPGConfig(JsonConfig):
   delta_decay: float = 0.99
   baseline_alpha: float = 0.5
   init_w: float = 3e-3
+  replay_actions: str = "proposed"
 
   def __post_init__(self):
     hidden = tuple(self.hidden)
@@ -67,5 +78,8 @@ class DDPGConfig(JsonConfig):
       if getattr(self, field) < 1:
         flag = self.flag_names.get(field, field)
         raise ValueError(f"{flag}={getattr(self, field)!r}; allowed: >= 1")
+    if self.replay_actions not in REPLAY_ACTIONS:
+      raise ValueError(f"replay_actions={self.replay_actions!r}; allowed: "
+                       f"{', '.join(REPLAY_ACTIONS)}")
     if self.warmup_episodes < 0:
       raise ValueError(f"warmup_episodes={self.warmup_episodes!r}; allowed: >= 0")

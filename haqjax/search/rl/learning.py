@@ -233,6 +233,19 @@ class DDPG:
     return state, jax.tree.map(functools.partial(jnp.mean, axis=0), metrics)
 
 
+def relabel(observations: Array, actions: Array,
+            prev_action_column: int = -1) -> tuple[Array, Array]:
+  """`(observations, actions)` of an episode whose actions were replaced.
+
+  Each step's previous-action column takes the new previous action (0 at
+  the first step), so a stored transition reads as if the agent had taken
+  `actions` (`[T]` or `[T, A]`).
+  """
+  actions = jnp.asarray(actions, jnp.float32).reshape(observations.shape[0], -1)
+  prev = jnp.concatenate([jnp.zeros_like(actions[:1]), actions[:-1]], axis=0)
+  return observations.at[:, prev_action_column].set(prev[:, 0]), actions
+
+
 def episode_transitions(observations: Array, actions: Array, reward: Array) -> Transition:
   """An episode's transitions `[T, ...]`, each with the episode's final reward."""
   t = observations.shape[0]

@@ -123,6 +123,10 @@ def run(problem: Problem, scorer: Callable[[Policy], dict[str, float]], director
       policy = Policy.create(problem.names, w, a)
       metrics = scorer(policy)
       reward = scoring.reward(metrics["top1"], problem.fp32_top1)
+      if problem.ddpg.replay_actions == "executed":
+        obs, actions = learning.relabel(obs, env_lib.policy_to_actions(
+            w, a, mode=problem.mode, min_bits=problem.min_bits,
+            max_bits=problem.max_bits), env_lib.PREV_ACTION_COLUMN)
       transitions = learning.episode_transitions(obs, actions, reward)
       state, agent_metrics = agent.observe(state, transitions, not warmup)
       cost = wall.describe(w, a)
