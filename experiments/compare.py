@@ -2,7 +2,8 @@ r"""Every search family against uniform at the same cost, over K seeds.
 
   python -m experiments.compare [--recipe=quickstart] \
       [--targets=bismo-edge,bitfusion,...] [--metrics=latency,energy,size] \
-      [--budgets=w2a2,w3a3,w4a4] [--families=uniform,rl,gumbel,hawq,greedy] \
+      [--budgets=w2a2,w3a3,w4a4] \
+      [--families=uniform,uniform_max,rl,gumbel,hawq,greedy] \
       [--quantizer=minmax|lsq] [--seeds=3] [--workdir=compare] \
       [--init_from=FP32_WORKDIR] [--quick]
 
@@ -13,7 +14,9 @@ the cost of a uniform policy on that target and metric, each family of
 (`config.seed, ..., config.seed + K - 1`): seed s's search (RL's agent and
 scorer, Gumbel's sampling, the HAWQ and greedy sensitivity pass) gives
 policy_s, fine-tuned with seed s. The budget's uniform policy is fine-tuned
-over the same K seeds, so that every family's test top-1 pairs with
+over the same K seeds (and, with family `uniform_max`, the uniform policy
+with the most bits that fits the budget, which is the budget's own unless a
+wider one costs no more on that target), so that every family's test top-1 pairs with
 uniform's seed by seed. The quantizers (`--quantizer`) and the fine-tune
 (the quickstart search recipes' final one) are the same for every row.
 
@@ -55,7 +58,8 @@ quantizers share the FP32 run in the workdir):
   for q in minmax lsq; do
     python -m experiments.compare --recipe=quickstart \
         --targets=bitfusion,systolic,cim --metrics=latency,energy,size \
-        --budgets=w2a2,w3a3,w4a4 --families=uniform,rl,gumbel,hawq,greedy \
+        --budgets=w2a2,w3a3,w4a4 \
+        --families=uniform,uniform_max,rl,gumbel,hawq,greedy \
         --quantizer=$q --seeds=3 --workdir=/tmp/haqjax/compare
   done
 """
@@ -77,6 +81,8 @@ _BUDGET = re.compile(r"^w([1-8])a([1-8])$")
 # Metrics that depend neither on the target nor on its batch size.
 SHARED_METRICS = ("size", "kmeans_size")
 SHARED_TARGET = "bismo-edge"
+# Rows whose policy does not depend on the seed: found once, fine-tuned over all seeds.
+SEEDLESS = ("uniform", *families.BASELINES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +131,8 @@ def check_grid(recipe: str, targets, metrics, budgets, family_names, quantizer: 
               targets=_choices("targets", targets, tuple(hardware.PRESETS)),
               metrics=_choices("metrics", metrics, tuple(hardware.METRICS)),
               budgets=_choices("budgets", budgets, (), "wXaY with X, Y in 1..8"),
-              families=("uniform", *(f for f in _choices("families", family_names,
-                                                         families.FAMILIES)
+              families=("uniform", *(f for f in _choices(
+                  "families", family_names, families.FAMILIES + families.BASELINES)
                                      if f != "uniform")),
               quantizer=quantizer, seeds=seeds_lib.seed_list(first, count), **rest)
 
@@ -249,8 +255,8 @@ def run_cell(grid: Grid, plan: families.Plan, fp32_dir: str, root: str, target: 
               f, config.replace(seed=s), search, gumbel, hawq,
               dataclasses.replace(setup, workdir=os.path.join(cell, f, f"seed_{s}")),
               os.path.join(root, "sensitivity", f"seed_{s}")))
-                       for s in (grid.seeds[:1] if family == "uniform" else grid.seeds)]
-      if family == "uniform":
+                       for s in (grid.seeds[:1] if family in SEEDLESS else grid.seeds)]
+      if family in SEEDLESS:
         found[family] *= len(grid.seeds)
     tuned = finetune_members(
         config, search, setup, [(families.policy_of(r), seed) for family in todo

@@ -7,6 +7,8 @@ top), their sizes (`FULL`, the recipes', or `QUICK`, toy ones) and one
 function per family from the FP32 weights to a policy:
 
   uniform  the budget's uniform policy itself;
+  uniform_max  the uniform policy with the most bits within the budget
+           (a baseline: the budget's own, unless a wider one costs no more);
   rl       HAQ's DDPG search (scorer built, then the episodes);
   gumbel   the differentiable search (calibration, then the steps);
   hawq     one sensitivity pass (Hutchinson traces) and HAWQ-V3's ILP;
@@ -29,6 +31,8 @@ from typing import Any
 
 QUANTIZERS = {"minmax": ("minmax", "static"), "lsq": ("lsq", "lsq")}
 FAMILIES = ("uniform", "rl", "gumbel", "hawq", "greedy")
+# Uniform baselines beside the budget's own uniform policy; they search nothing.
+BASELINES = ("uniform_max",)
 # Budgets of the searches bench's Pareto fronts, ratios of uniform W4A4's
 # latency (W3A3's is 0.83, W5A5's 1.233, W6A6's 1.523).
 FRONT_BUDGETS = (0.7, 0.83, 0.92, 1.0, 1.12, 1.233, 1.38, 1.523)
@@ -244,11 +248,13 @@ def find(family: str, config, search, gumbel, hawq, setup,
   from haqjax.jobs import uniform  # pylint: disable=g-import-not-at-top
   from haqjax.search.hawq import greedy  # pylint: disable=g-import-not-at-top
   from haqjax.search.hawq import ilp  # pylint: disable=g-import-not-at-top
-  if family not in FAMILIES:
-    raise ValueError(f"family is {family!r}; allowed: {', '.join(FAMILIES)}")
+  if family not in FAMILIES + BASELINES:
+    raise ValueError(f"family is {family!r}; allowed: {', '.join(FAMILIES + BASELINES)}")
   if family == "uniform":
     return record(uniform.policy_of(setup.wall, setup.table.names,
                                     search.budget_reference), 0.0)
+  if family == "uniform_max":
+    return record(uniform.widest_fitting(setup.wall, setup.table.names), 0.0)
   if family == "rl":
     return record(*timed(search_rl, config, search, setup))
   if family == "gumbel":

@@ -137,3 +137,35 @@ def test_quick_comparison_pairs_seeds_and_resumes(tmp_path_factory):
   assert {p: os.stat(p).st_mtime_ns
           for p in glob.glob(str(root / "**" / "*.json"), recursive=True)} == written
   assert (root / "compare.csv").read_text() == csv_text
+
+
+@pytest.mark.parametrize("target, batch, metric, budget, widest", [
+    ("bismo-edge", 1, "latency", "w4a4", 4),
+    ("bitfusion", 16, "latency", "w2a2", 2),
+    # At batch 1 the quickstart's small layers leave Bit Fusion's fused array
+    # as idle at 2 bits as at 3, and its DRAM tiles read more: W3A3 costs less.
+    ("bitfusion", 1, "latency", "w2a2", 3),
+    # The preset systolic array computes in 8 bits: every uniform policy
+    # below W8A8 (6 more DRAM stall cycles in one layer) has the same latency.
+    ("systolic", 1, "latency", "w2a2", 7),
+    ("systolic", 1, "energy", "w4a4", 4),
+    ("cim", 1, "energy", "w2a2", 2),
+])
+def test_widest_fitting_uniform_policy(target, batch, metric, budget, widest):
+  from haqjax import hardware
+  from haqjax import models
+  from haqjax.jobs import uniform
+  from haqjax.nn import layer_table
+  from haqjax.search import env
+  table = layer_table(models.create("quickstart_cnn", num_classes=10), (1, 28, 28, 1))
+  layers = hardware.from_layer_table(table, batch=batch)
+  wall = env.BudgetWall(hardware.get_target(target), layers,
+                        hardware.Budget(metric=metric, value=1.0, reference=budget),
+                        min_bits=2, max_bits=8,
+                        fixed=env.Fixed.create(len(table), mode="linear"))
+  policy = uniform.widest_fitting(wall, table.names)
+  assert list(policy.w_bits) == [widest] * len(table) == list(policy.a_bits)
+  assert wall.fits(policy.w_bits, policy.a_bits)
+  if widest < 8:
+    wider = [widest + 1] * len(table)
+    assert not wall.fits(wider, wider)

@@ -68,6 +68,25 @@ def cost_of(wall, name: str) -> float:
   return wall.cost(*wall.fixed.apply(np.full(n, w), np.full(n, a)))
 
 
+def widest_fitting(wall, names) -> Policy:
+  """The uniform `wbab` with the most bits `b` in the wall's range that fits its budget.
+
+  The budget's own reference is one candidate, but not always the widest:
+  where a target's cost does not fall with bits (Bit Fusion pads 3-bit
+  operands to 4-bit bricks; a bit-parallel systolic array computes in 8
+  bits), a wider uniform policy may cost no more, and it is the uniform
+  point a mixed policy must beat at that cost.
+  """
+  n = len(names)
+  for b in range(wall.max_bits, wall.min_bits, -1):
+    w, a = wall.fixed.apply(np.full(n, b), np.full(n, b))
+    if wall.fits(w, a):
+      return Policy.create(names, w, a)
+  # The wall was built only if its lowest bits fit.
+  return Policy.create(names, *wall.fixed.apply(np.full(n, wall.min_bits),
+                                                np.full(n, wall.min_bits)))
+
+
 def reference_name(search: SearchConfig) -> str | None:
   """The uniform policy a ratio budget refers to ('w4a4'), or None (fp32, absolute)."""
   if search.budget_kind != "ratio" or not UNIFORM.match(search.budget_reference):
