@@ -7,8 +7,9 @@ top), their sizes (`FULL`, the recipes', or `QUICK`, toy ones) and one
 function per family from the FP32 weights to a policy:
 
   uniform  the budget's uniform policy itself;
-  uniform_max  the uniform policy with the most bits within the budget
-           (a baseline: the budget's own, unless a wider one costs no more);
+  uniform_max  the uniform policy with the most bits within the budget,
+           at least the budget's own in both roles (a baseline: the
+           budget's own, unless a wider one costs no more);
   rl       HAQ's DDPG search (scorer built, then the episodes);
   gumbel   the differentiable search (calibration, then the steps);
   hawq     one sensitivity pass (Hutchinson traces) and HAWQ-V3's ILP;
@@ -254,7 +255,8 @@ def find(family: str, config, search, gumbel, hawq, setup,
     return record(uniform.policy_of(setup.wall, setup.table.names,
                                     search.budget_reference), 0.0)
   if family == "uniform_max":
-    return record(uniform.widest_fitting(setup.wall, setup.table.names), 0.0)
+    return record(uniform.widest_fitting(setup.wall, setup.table.names,
+                                         uniform.bits_of(search.budget_reference)), 0.0)
   if family == "rl":
     return record(*timed(search_rl, config, search, setup))
   if family == "gumbel":

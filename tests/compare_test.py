@@ -97,17 +97,20 @@ def test_quick_comparison_pairs_seeds_and_resumes(tmp_path_factory):
   flags, folder = lt.digits_fp32(tmp_path_factory, "compare")
   args = ["--recipe=digits", _flag(flags, "data_dir"), _flag(flags, "compilation_cache"),
           _flag(flags, "init_from"), "--targets=bismo-edge", "--metrics=latency",
-          "--budgets=w4a4", "--families=greedy,hawq", "--seeds=2", "--quick",
+          "--budgets=w4a4", "--families=greedy,hawq,uniform_max", "--seeds=2", "--quick",
           f"--workdir={folder}"]
   lt.launch_ok(*args, module="experiments.compare")
   root = folder / "digits_minmax_quick"
   with open(root / "compare.csv") as f:
     rows = {r["family"]: r for r in csv.DictReader(f)}
-  assert list(rows) == ["uniform", "greedy", "hawq"]
+  assert list(rows) == ["uniform", "greedy", "hawq", "uniform_max"]
   members = {f: [float(v) for v in r["members"].split()] for f, r in rows.items()}
   uniform = members["uniform"]
   assert len(uniform) == 2 and float(rows["uniform"]["cost_ratio"]) == 1.0
   assert rows["uniform"]["diff_mean"] == ""
+  # On bismo-edge every bit costs latency: the widest uniform policy within
+  # uniform W4A4's latency is W4A4 itself, the same fine-tunes.
+  assert members["uniform_max"] == uniform and float(rows["uniform_max"]["diff_mean"]) == 0
   cell = root / "cells" / "bismo-edge" / "latency" / "w4a4"
   for family in ("greedy", "hawq"):
     row, diffs = rows[family], [a - b for a, b in zip(members[family], uniform)]
@@ -130,7 +133,7 @@ def test_quick_comparison_pairs_seeds_and_resumes(tmp_path_factory):
              for p in glob.glob(str(root / "**" / "*.json"), recursive=True)}
   csv_text = (root / "compare.csv").read_text()
   grid = compare.check_grid("digits", ["bismo-edge"], ["latency"], ["w4a4"],
-                            ["greedy", "hawq"], "minmax", 2, quick=True,
+                            ["greedy", "hawq", "uniform_max"], "minmax", 2, quick=True,
                             init_from=_flag(flags, "init_from").split("=", 1)[1])
   again = compare.run(grid, str(folder))  # In this process: only reads.
   assert [l["members"] for l in again["lines"]] == list(members.values())
@@ -140,16 +143,21 @@ def test_quick_comparison_pairs_seeds_and_resumes(tmp_path_factory):
 
 
 @pytest.mark.parametrize("target, batch, metric, budget, widest", [
-    ("bismo-edge", 1, "latency", "w4a4", 4),
-    ("bitfusion", 16, "latency", "w2a2", 2),
+    ("bismo-edge", 1, "latency", "w4a4", (4, 4)),
+    ("bitfusion", 16, "latency", "w4a4", (4, 4)),
     # At batch 1 the quickstart's small layers leave Bit Fusion's fused array
-    # as idle at 2 bits as at 3, and its DRAM tiles read more: W3A3 costs less.
-    ("bitfusion", 1, "latency", "w2a2", 3),
-    # The preset systolic array computes in 8 bits: every uniform policy
-    # below W8A8 (6 more DRAM stall cycles in one layer) has the same latency.
-    ("systolic", 1, "latency", "w2a2", 7),
-    ("systolic", 1, "energy", "w4a4", 4),
-    ("cim", 1, "energy", "w2a2", 2),
+    # as idle at 2 bits as at 3 or 5, and its DRAM tiles at 2 bits read more:
+    # W2A3, W2A4, W2A5 and W3A3 all cost less than W2A2.
+    ("bitfusion", 1, "latency", "w2a2", (2, 5)),
+    # The preset systolic array computes in 8 bits: only W8A8 stalls on DRAM
+    # (6 cycles in one layer), so W8A7 has W2A2's latency.
+    ("systolic", 1, "latency", "w2a2", (8, 7)),
+    ("systolic", 1, "energy", "w4a4", (4, 4)),
+    # A crossbar senses each column once per input bit: weight bits are free.
+    ("cim", 1, "latency", "w4a4", (8, 4)),
+    ("cim", 1, "energy", "w2a2", (2, 2)),
+    # A size budget counts no activation bits.
+    ("bismo-edge", 1, "size", "w3a3", (3, 8)),
 ])
 def test_widest_fitting_uniform_policy(target, batch, metric, budget, widest):
   from haqjax import hardware
@@ -163,9 +171,16 @@ def test_widest_fitting_uniform_policy(target, batch, metric, budget, widest):
                         hardware.Budget(metric=metric, value=1.0, reference=budget),
                         min_bits=2, max_bits=8,
                         fixed=env.Fixed.create(len(table), mode="linear"))
-  policy = uniform.widest_fitting(wall, table.names)
-  assert list(policy.w_bits) == [widest] * len(table) == list(policy.a_bits)
+  floor = uniform.bits_of(budget)
+  policy = uniform.widest_fitting(wall, table.names, floor)
+  n = len(table)
+  assert (list(policy.w_bits), list(policy.a_bits)) == ([widest[0]] * n, [widest[1]] * n)
   assert wall.fits(policy.w_bits, policy.a_bits)
-  if widest < 8:
-    wider = [widest + 1] * len(table)
-    assert not wall.fits(wider, wider)
+  # No uniform policy above the floor with more bits in all fits.
+  for w in range(floor[0], 9):
+    for a in range(floor[1], 9):
+      if w + a > sum(widest):
+        assert not wall.fits([w] * n, [a] * n), (w, a)
+  if not wall.fits([8] * n, [8] * n):
+    with pytest.raises(ValueError, match="no uniform policy of at least W8A8 fits"):
+      uniform.widest_fitting(wall, table.names, (8, 8))

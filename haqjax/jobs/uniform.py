@@ -68,23 +68,36 @@ def cost_of(wall, name: str) -> float:
   return wall.cost(*wall.fixed.apply(np.full(n, w), np.full(n, a)))
 
 
-def widest_fitting(wall, names) -> Policy:
-  """The uniform `wbab` with the most bits `b` in the wall's range that fits its budget.
+def widest_fitting(wall, names, floor: tuple[int, int] | None = None) -> Policy:
+  """The uniform `wXaY` with the most bits within the wall's budget, at least `floor`.
 
-  The budget's own reference is one candidate, but not always the widest:
-  where a target's cost does not fall with bits (Bit Fusion pads 3-bit
-  operands to 4-bit bricks; a bit-parallel systolic array computes in 8
-  bits), a wider uniform policy may cost no more, and it is the uniform
-  point a mixed policy must beat at that cost.
+  Every layer gets the same `X`-bit weights and `Y`-bit activations (the
+  wall's fixed layers applied), with `floor[0] <= X` and `floor[1] <= Y`
+  inside the wall's bit range; of those that fit, the one with the most bits
+  `X + Y`, then the most balanced, then the one with more weight bits. With
+  the budget's own reference as the floor this is a uniform policy at least
+  as wide as it in both roles and no dearer: the reference itself where
+  every bit costs, a wider one where a target's cost does not fall with some
+  bits (a bit-parallel systolic array computes in 8 bits; a crossbar senses
+  each column once per input bit whatever the weight's; a size budget counts
+  no activation bits). That is the uniform point a mixed policy must beat.
+
+  Args:
+    wall: the budget (`env.BudgetWall`).
+    names: the layer names.
+    floor: the least `(X, Y)`; default the wall's lowest bits.
   """
   n = len(names)
-  for b in range(wall.max_bits, wall.min_bits, -1):
-    w, a = wall.fixed.apply(np.full(n, b), np.full(n, b))
-    if wall.fits(w, a):
-      return Policy.create(names, w, a)
-  # The wall was built only if its lowest bits fit.
-  return Policy.create(names, *wall.fixed.apply(np.full(n, wall.min_bits),
-                                                np.full(n, wall.min_bits)))
+  lo_w, lo_a = floor or (wall.min_bits, wall.min_bits)
+  pairs = sorted(((w, a) for w in range(max(lo_w, wall.min_bits), wall.max_bits + 1)
+                  for a in range(max(lo_a, wall.min_bits), wall.max_bits + 1)),
+                 key=lambda p: (p[0] + p[1], min(p), p[0]), reverse=True)
+  for w, a in pairs:
+    bits = wall.fixed.apply(np.full(n, w), np.full(n, a))
+    if wall.fits(*bits):
+      return Policy.create(names, *bits)
+  raise ValueError(f"no uniform policy of at least W{lo_w}A{lo_a} fits budget "
+                   f"{wall.budget}; allowed: a floor whose uniform policy fits")
 
 
 def reference_name(search: SearchConfig) -> str | None:
