@@ -3,7 +3,7 @@ r"""Every search family against uniform at the same cost, over K seeds.
   python -m experiments.compare [--recipe=quickstart] \
       [--targets=bismo-edge,bitfusion,...] [--metrics=latency,energy,size] \
       [--budgets=w2a2,w3a3,w4a4] \
-      [--families=uniform,uniform_max,rl,gumbel,hawq,greedy] \
+      [--families=uniform,uniform_max,rl,rl_executed,gumbel,hawq,greedy] \
       [--quantizer=minmax|lsq] [--seeds=3] [--workdir=compare] \
       [--init_from=FP32_WORKDIR] [--quick]
 
@@ -132,7 +132,8 @@ def check_grid(recipe: str, targets, metrics, budgets, family_names, quantizer: 
               metrics=_choices("metrics", metrics, tuple(hardware.METRICS)),
               budgets=_choices("budgets", budgets, (), "wXaY with X, Y in 1..8"),
               families=("uniform", *(f for f in _choices(
-                  "families", family_names, families.FAMILIES + families.BASELINES)
+                  "families", family_names,
+                  families.FAMILIES + families.BASELINES + tuple(families.VARIANTS))
                                      if f != "uniform")),
               quantizer=quantizer, seeds=seeds_lib.seed_list(first, count), **rest)
 

@@ -11,6 +11,8 @@ function per family from the FP32 weights to a policy:
            at least the budget's own in both roles (a baseline: the
            budget's own, unless a wider one costs no more);
   rl       HAQ's DDPG search (scorer built, then the episodes);
+  rl_executed  the same with `quickstart_rl_executed.flags`' agent: the
+           replay stores the walled bits, the noise decays by 0.96;
   gumbel   the differentiable search (calibration, then the steps);
   hawq     one sensitivity pass (Hutchinson traces) and HAWQ-V3's ILP;
   greedy   the same pass and the greedy allocation.
@@ -32,6 +34,8 @@ from typing import Any
 
 QUANTIZERS = {"minmax": ("minmax", "static"), "lsq": ("lsq", "lsq")}
 FAMILIES = ("uniform", "rl", "gumbel", "hawq", "greedy")
+# Variants of a family: (family, recipe whose agent settings replace its own).
+VARIANTS = {"rl_executed": ("rl", "quickstart_rl_executed")}
 # Uniform baselines beside the budget's own uniform policy; they search nothing.
 BASELINES = ("uniform_max",)
 # Budgets of the searches bench's Pareto fronts, ratios of uniform W4A4's
@@ -109,6 +113,19 @@ def configs(quantizer: str, budget: str, plan: Plan, fp32_dir: str | None,
       ("gumbel_epochs", plan.gumbel_epochs),
       ("gumbel_warmup_epochs", plan.gumbel_warmup_epochs)) if v is not None})
   return config, search, gumbel, HawqConfig(**dict(plan.hawq))
+
+
+def variant_ddpg(ddpg, recipe: str):
+  """`ddpg` with the agent settings in which search recipe `recipe` differs from
+  `quickstart_rl` (so a plan's own changes, `QUICK`'s warm-up, stay)."""
+  from experiments import recipes  # pylint: disable=g-import-not-at-top
+  from haqjax.search.config import SearchConfig  # pylint: disable=g-import-not-at-top
+  from haqjax.train.config import Config  # pylint: disable=g-import-not-at-top
+  base, variant = (recipes.read_configs(r, (Config, SearchConfig))[1].ddpg
+                   for r in ("quickstart_rl", recipe))
+  return ddpg.replace(**{f.name: getattr(variant, f.name)
+                         for f in dataclasses.fields(variant)
+                         if getattr(variant, f.name) != getattr(base, f.name)})
 
 
 def timed(fn, *args, **kwargs) -> tuple[Any, float]:
@@ -249,8 +266,12 @@ def find(family: str, config, search, gumbel, hawq, setup,
   from haqjax.jobs import uniform  # pylint: disable=g-import-not-at-top
   from haqjax.search.hawq import greedy  # pylint: disable=g-import-not-at-top
   from haqjax.search.hawq import ilp  # pylint: disable=g-import-not-at-top
-  if family not in FAMILIES + BASELINES:
-    raise ValueError(f"family is {family!r}; allowed: {', '.join(FAMILIES + BASELINES)}")
+  allowed = FAMILIES + BASELINES + tuple(VARIANTS)
+  if family not in allowed:
+    raise ValueError(f"family is {family!r}; allowed: {', '.join(allowed)}")
+  if family in VARIANTS:
+    family, recipe = VARIANTS[family]
+    search = search.replace(ddpg=variant_ddpg(search.ddpg, recipe))
   if family == "uniform":
     return record(uniform.policy_of(setup.wall, setup.table.names,
                                     search.budget_reference), 0.0)

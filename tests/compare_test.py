@@ -184,3 +184,21 @@ def test_widest_fitting_uniform_policy(target, batch, metric, budget, widest):
   if not wall.fits([8] * n, [8] * n):
     with pytest.raises(ValueError, match="no uniform policy of at least W8A8 fits"):
       uniform.widest_fitting(wall, table.names, (8, 8))
+
+
+def test_rl_executed_variant_changes_only_its_agent_settings():
+  from experiments import families
+  from experiments import recipes
+  from haqjax.search.config import SearchConfig
+  from haqjax.train.config import Config
+  config, search = recipes.read_configs("quickstart_rl_executed", (Config, SearchConfig))
+  base_config, base = recipes.read_configs("quickstart_rl", (Config, SearchConfig))
+  assert config == base_config and search.replace(ddpg=base.ddpg) == base
+  assert (search.ddpg.replay_actions, search.ddpg.delta_decay) == ("executed", 0.96)
+  # A plan's own change (QUICK's warm-up) stays; the variant's two settings come in.
+  quick = base.ddpg.replace(warmup_episodes=3)
+  got = families.variant_ddpg(quick, families.VARIANTS["rl_executed"][1])
+  assert got == quick.replace(replay_actions="executed", delta_decay=0.96)
+  grid = compare.check_grid("digits", ["cim"], ["latency"], ["w4a4"],
+                            ["rl_executed", "uniform_max"], "minmax", 1)
+  assert grid.families == ("uniform", "rl_executed", "uniform_max")
