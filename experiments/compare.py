@@ -40,7 +40,8 @@ trained here, in `<workdir>/<recipe>_fp32[_quick]/`):
   compare.csv, compare.md the table (`haqjax.report.comparison`): per row
       the cost ratio to the budget, test top-1 mean, std and members, the
       paired difference to uniform (mean and 95% Student-t interval over
-      seeds) and the search's mean seconds
+      seeds) and the search's mean seconds; compare.md also has it as one
+      row per budget with a column per family (`comparison.summary`)
   compare_<target>.png    mean +- std per budget and family, a panel per metric
 
 Every file is written to a temporary file, then renamed. A rerun with the
@@ -316,6 +317,7 @@ def run(grid: Grid, workdir: str) -> dict[str, Any]:
            "plots": [comparison.plot_target(os.path.join(root, f"compare_{t}.png"), lines,
                                             t, f"{t}: {title}") for t in grid.targets]}
   print(comparison.markdown(lines, title), flush=True)
+  print(comparison.summary(lines), flush=True)
   print(f"{files['csv']}, {files['markdown']}, {', '.join(files['plots'])} "
         f"({time.perf_counter() - t0:.1f} s)", flush=True)
   return {"root": root, "fp32": fp32_dir, "lines": lines, **files}

@@ -202,3 +202,28 @@ def test_rl_executed_variant_changes_only_its_agent_settings():
   grid = compare.check_grid("digits", ["cim"], ["latency"], ["w4a4"],
                             ["rl_executed", "uniform_max"], "minmax", 1)
   assert grid.families == ("uniform", "rl_executed", "uniform_max")
+
+
+def test_summary_has_a_row_per_budget_and_marks_intervals():
+  def row(family, members, budget="w4a4", bits=None):
+    r = _row(family, members, budget)
+    if bits:
+      r["policies"] = [{"w_bits": [8, *bits[0], 8], "a_bits": [8, *bits[1], 8]}] * 2
+    return r
+  lines = comparison.table([
+      row("uniform", [60.0, 62.0]), row("uniform_max", [63.0, 65.0], bits=([8, 8], [4, 4])),
+      row("hawq", [59.0, 59.5]), row("uniform", [50.0, 50.0], "w3a3"),
+      row("uniform_max", [50.0, 50.0], "w3a3", bits=([3, 3], [3, 3])),
+      row("rl", [49.0, 52.0], "w3a3")])
+  text = comparison.summary(lines, "t").splitlines()
+  assert text[2] == "| target | metric | budget | uniform | uniform_max | hawq | rl |"
+  # uniform_max's differences 3 and 3: an interval above zero (bold), named by
+  # its middle layers' bits; hawq's -1 and -2.5 with t_{0.975,1} = 12.7: no mark.
+  assert text[4] == ("| t | latency | w4a4 | 61.00 ± 1.41 | **W8A4 64.00 ± 1.41 "
+                     "(+3.00 [+3.00, +3.00])** | 59.25 ± 0.35 (-1.75 [-11.28, +7.78]) |  |")
+  # The budget's own bits are not named; a family a budget lacks is empty.
+  assert text[5] == ("| t | latency | w3a3 | 50.00 ± 0.00 | 50.00 ± 0.00 "
+                     "(+0.00 [+0.00, +0.00]) |  | 50.50 ± 2.12 (+0.50 [-18.56, +19.56]) |")
+  below = comparison.summary(comparison.table(
+      [row("uniform", [60.0, 62.0, 61.0]), row("rl", [58.0, 60.1, 58.9])]))
+  assert "_59.00 ± 1.05 (-2.00 [-2.25, -1.75])_" in below

@@ -108,6 +108,7 @@ def table(rows: Sequence[Mapping[str, Any]], confidence: float = 0.95
     line["members"] = members
     line["top1_mean"] = float(np.mean(members))
     line["top1_std"] = float(np.std(members, ddof=1)) if len(members) > 1 else None
+    line["policies"] = row.get("policies")
     line.update(diff_mean=None, ci_low=None, ci_high=None)
     if row["family"] != UNIFORM:
       diff = paired_difference(members, ref["members"], confidence)
@@ -154,10 +155,61 @@ def markdown(lines: Sequence[Mapping[str, Any]], title: str = "") -> str:
   return "\n".join(out) + "\n"
 
 
+def _uniform_label(line: Mapping[str, Any]) -> str:
+  """'W8A4 ' for a row whose every policy is one uniform wXaY other than its budget's."""
+  policies = line.get("policies") or []
+  bits = {(tuple(p["w_bits"]), tuple(p["a_bits"])) for p in policies}
+  if len(bits) != 1:
+    return ""
+  w, a = next(iter(bits))
+  # The first and last layers may be fixed by convention: the middle ones say.
+  inner_w, inner_a = set(w[1:-1] or w), set(a[1:-1] or a)
+  if len(inner_w) != 1 or len(inner_a) != 1:
+    return ""
+  label = f"W{inner_w.pop()}A{inner_a.pop()}"
+  return "" if label.lower() == line["budget"] else label + " "
+
+
+def summary(lines: Sequence[Mapping[str, Any]], title: str = "") -> str:
+  """`table`'s lines as one markdown row per target, metric and budget.
+
+  A column per family holds its top-1 "mean +- std" and, beside uniform's,
+  the paired difference to uniform with its interval, "(+d [low, high])";
+  bold where the interval lies above zero, italic where below. A uniform
+  row of other bits than its budget's (`uniform_max`) is named by them.
+  """
+  families = list(dict.fromkeys(l["family"] for l in lines))
+  by = {(*_key(l), l["family"]): l for l in lines}
+  out = [f"# {title}", ""] if title else []
+  out.append("| target | metric | budget | " + " | ".join(families) + " |")
+  out.append("|---|---|---|" + "---|" * len(families))
+  for key in dict.fromkeys(_key(l) for l in lines):
+    cells = []
+    for family in families:
+      line = by.get((*key, family))
+      if line is None:
+        cells.append("")
+        continue
+      std = line["top1_std"]
+      text = (_uniform_label(line) + f"{line['top1_mean']:.2f}"
+              + (f" ± {std:.2f}" if std is not None else ""))
+      if line["diff_mean"] is not None:
+        interval = ("" if line["ci_low"] is None else
+                    f" [{line['ci_low']:+.2f}, {line['ci_high']:+.2f}]")
+        text += f" ({line['diff_mean']:+.2f}{interval})"
+        if line["ci_low"] is not None and line["ci_low"] > 0:
+          text = f"**{text}**"
+        elif line["ci_high"] is not None and line["ci_high"] < 0:
+          text = f"_{text}_"
+      cells.append(text)
+    out.append("| " + " | ".join([*key, *cells]) + " |")
+  return "\n".join(out) + "\n"
+
+
 def write_markdown(path: str, lines: Sequence[Mapping[str, Any]], title: str = "") -> str:
-  """`markdown(lines, title)` written to `path`."""
+  """`markdown(lines, title)`, then `summary(lines)`, written to `path`."""
   with haq_io.atomic_open(path) as f:
-    f.write(markdown(lines, title))
+    f.write(markdown(lines, title) + "\n" + summary(lines))
   return path
 
 
