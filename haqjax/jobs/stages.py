@@ -74,11 +74,12 @@ def check_saved(saved_config, filename: str, resumable: frozenset, workdir: str)
   saved = read_json(os.path.join(workdir, filename))
   if saved is None:
     return
-  # Flag by flag (nested configs flattened), as JSON holds the values.
+  # Flag by flag (nested configs flattened), as JSON holds the values; a
+  # field newer than the saved file holds its default there.
   cls = type(saved_config)
-  saved = configs.flatten(cls, saved)
-  current = json.loads(json.dumps(configs.flatten(cls, saved_config.to_dict())))
-  for key, value in current.items():
+  as_json = lambda c: json.loads(json.dumps(configs.flatten(cls, c.to_dict())))
+  saved = {**as_json(cls()), **configs.flatten(cls, saved)}
+  for key, value in as_json(saved_config).items():
     if key not in resumable and saved.get(key) != value:
       raise ValueError(f"workdir {workdir!r} holds a search with {key}={saved.get(key)!r}, "
                        f"not {value!r}; use another --workdir to keep both")

@@ -1,0 +1,36 @@
+"""A search workdir's saved configs: other values are refused, newer fields read as defaults."""
+
+import json
+
+import pytest
+
+from haqjax.jobs import stages
+from haqjax.search.config import RESUMABLE_CHANGES
+from haqjax.search.config import SearchConfig
+from haqjax.search.rl.config import DDPGConfig
+
+
+def _save(tmp_path, search, drop=()):
+  saved = search.to_dict()
+  for key in drop:
+    saved["ddpg"].pop(key)
+  (tmp_path / "search_config.json").write_text(json.dumps(saved))
+
+
+def test_other_values_are_refused(tmp_path):
+  _save(tmp_path, SearchConfig(budget=0.5))
+  stages.check_saved(SearchConfig(budget=0.5), "search_config.json", RESUMABLE_CHANGES,
+                     str(tmp_path))
+  with pytest.raises(ValueError, match=r"holds a search with budget=0.5, not 0.6; use "
+                                       r"another --workdir"):
+    stages.check_saved(SearchConfig(budget=0.6), "search_config.json", RESUMABLE_CHANGES,
+                       str(tmp_path))
+
+
+def test_a_field_the_saved_file_lacks_reads_as_its_default(tmp_path):
+  # A workdir written before `replay_actions` existed searched as its default does.
+  _save(tmp_path, SearchConfig(), drop=("replay_actions",))
+  stages.check_saved(SearchConfig(), "search_config.json", RESUMABLE_CHANGES, str(tmp_path))
+  executed = SearchConfig(ddpg=DDPGConfig(replay_actions="executed"))
+  with pytest.raises(ValueError, match="replay_actions='proposed', not 'executed'"):
+    stages.check_saved(executed, "search_config.json", RESUMABLE_CHANGES, str(tmp_path))
