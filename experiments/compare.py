@@ -41,7 +41,8 @@ trained here, in `<workdir>/<recipe>_fp32[_quick]/`):
       the cost ratio to the budget, test top-1 mean, std and members, the
       paired difference to uniform (mean and 95% Student-t interval over
       seeds) and the search's mean seconds; compare.md also has it as one
-      row per budget with a column per family (`comparison.summary`)
+      row per budget with a column per family (`comparison.summary`),
+      and, with `uniform_max`, once more paired with that row
   compare_<target>.png    mean +- std per budget and family, a panel per metric
 
 Every file is written to a temporary file, then renamed. A rerun with the
@@ -309,15 +310,20 @@ def run(grid: Grid, workdir: str) -> dict[str, Any]:
           for budget in grid.budgets
           for row in run_cell(grid, plan, fp32_dir, root, target, metric, budget)]
   lines = comparison.table(rows)
+  summaries = [comparison.summary(lines, "Against the budget's uniform policy")]
+  if any(r["family"] == "uniform_max" for r in rows):
+    summaries.append(comparison.summary(
+        comparison.table(rows, reference="uniform_max"),
+        "Against the widest uniform policy within the budget (uniform_max)"))
   title = (f"{grid.recipe}, {grid.quantizer} quantizers, {len(grid.seeds)} seeds"
            f"{' (quick: toy sizes)' if grid.quick else ''}")
   files = {"csv": comparison.write_csv(os.path.join(root, "compare.csv"), lines),
            "markdown": comparison.write_markdown(os.path.join(root, "compare.md"), lines,
-                                                 title),
+                                                 title, summaries),
            "plots": [comparison.plot_target(os.path.join(root, f"compare_{t}.png"), lines,
                                             t, f"{t}: {title}") for t in grid.targets]}
   print(comparison.markdown(lines, title), flush=True)
-  print(comparison.summary(lines), flush=True)
+  print("\n".join(summaries), flush=True)
   print(f"{files['csv']}, {files['markdown']}, {', '.join(files['plots'])} "
         f"({time.perf_counter() - t0:.1f} s)", flush=True)
   return {"root": root, "fp32": fp32_dir, "lines": lines, **files}

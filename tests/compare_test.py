@@ -227,3 +227,13 @@ def test_summary_has_a_row_per_budget_and_marks_intervals():
   below = comparison.summary(comparison.table(
       [row("uniform", [60.0, 62.0, 61.0]), row("rl", [58.0, 60.1, 58.9])]))
   assert "_59.00 ± 1.05 (-2.00 [-2.25, -1.75])_" in below
+
+
+def test_table_pairs_with_another_reference_where_the_budget_has_it():
+  rows = [_row("uniform", [60.0, 62.0]), _row("uniform_max", [63.0, 64.0]),
+          _row("hawq", [64.0, 66.0]), _row("uniform", [50.0, 50.0], "w3a3"),
+          _row("rl", [51.0, 52.0], "w3a3")]
+  lines = comparison.table(rows, reference="uniform_max")
+  # W4A4: every row against uniform_max (uniform too); W3A3 has none: uniform.
+  assert [l["diff_mean"] for l in lines] == [-2.5, None, 1.5, None, 1.5]
+  assert [l["diff_mean"] for l in comparison.table(rows)] == [None, 2.5, 4.0, None, 1.5]

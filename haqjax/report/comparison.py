@@ -78,8 +78,8 @@ def _key(row: Mapping[str, Any]) -> tuple[str, str, str]:
   return row["target"], row["metric"], row["budget"]
 
 
-def table(rows: Sequence[Mapping[str, Any]], confidence: float = 0.95
-          ) -> list[dict[str, Any]]:
+def table(rows: Sequence[Mapping[str, Any]], confidence: float = 0.95,
+          reference: str = UNIFORM) -> list[dict[str, Any]]:
   """The comparison's table: `COLUMNS`' figures per row, in `rows`' order.
 
   Args:
@@ -87,22 +87,26 @@ def table(rows: Sequence[Mapping[str, Any]], confidence: float = 0.95
       `members` (test top-1 per seed, seed order) and `search_seconds`;
       every (target, metric, budget) needs its `family == "uniform"` row.
     confidence: of the paired difference's interval.
+    reference: the family every other row is paired with: uniform, or
+      another (e.g. `uniform_max`, the widest uniform policy within the
+      budget) where the budget has its row, uniform where not.
 
   Returns:
     One dict per row: its keys, `top1_mean`, `top1_std` (ddof=1; None for
-    one seed) and, except for uniform rows, `diff_mean`, `ci_low` and
-    `ci_high` of `paired_difference` against the same budget's uniform row.
+    one seed) and, except for the reference's rows, `diff_mean`, `ci_low`
+    and `ci_high` of `paired_difference` against the same budget's reference.
 
   Raises:
     ValueError: for a budget without a uniform row, or members of another count.
   """
   uniform = {_key(r): r for r in rows if r["family"] == UNIFORM}
+  chosen = {_key(r): r for r in rows if r["family"] == reference}
   out = []
   for row in rows:
-    ref = uniform.get(_key(row))
-    if ref is None:
+    if _key(row) not in uniform:
       raise ValueError(f"{'/'.join(_key(row))} has no uniform row; allowed: rows with a "
                        "uniform row of the same target, metric and budget")
+    ref = chosen.get(_key(row), uniform[_key(row)])
     members = [float(v) for v in row["members"]]
     line = {k: row.get(k) for k, _ in COLUMNS}
     line["members"] = members
@@ -110,7 +114,7 @@ def table(rows: Sequence[Mapping[str, Any]], confidence: float = 0.95
     line["top1_std"] = float(np.std(members, ddof=1)) if len(members) > 1 else None
     line["policies"] = row.get("policies")
     line.update(diff_mean=None, ci_low=None, ci_high=None)
-    if row["family"] != UNIFORM:
+    if row is not ref:
       diff = paired_difference(members, ref["members"], confidence)
       line.update(diff_mean=diff["mean"], ci_low=diff["low"], ci_high=diff["high"])
     out.append(line)
@@ -173,10 +177,11 @@ def _uniform_label(line: Mapping[str, Any]) -> str:
 def summary(lines: Sequence[Mapping[str, Any]], title: str = "") -> str:
   """`table`'s lines as one markdown row per target, metric and budget.
 
-  A column per family holds its top-1 "mean +- std" and, beside uniform's,
-  the paired difference to uniform with its interval, "(+d [low, high])";
-  bold where the interval lies above zero, italic where below. A uniform
-  row of other bits than its budget's (`uniform_max`) is named by them.
+  A column per family holds its top-1 "mean +- std" and, but for the
+  reference's (`table`'s), the paired difference to the reference with its
+  interval, "(+d [low, high])"; bold where the interval lies above zero,
+  italic where below. A row whose policies are one uniform policy of other
+  bits than its budget's (`uniform_max`'s, a search's) is named by them.
   """
   families = list(dict.fromkeys(l["family"] for l in lines))
   by = {(*_key(l), l["family"]): l for l in lines}
@@ -206,10 +211,11 @@ def summary(lines: Sequence[Mapping[str, Any]], title: str = "") -> str:
   return "\n".join(out) + "\n"
 
 
-def write_markdown(path: str, lines: Sequence[Mapping[str, Any]], title: str = "") -> str:
-  """`markdown(lines, title)`, then `summary(lines)`, written to `path`."""
+def write_markdown(path: str, lines: Sequence[Mapping[str, Any]], title: str = "",
+                   summaries: Sequence[str] = ()) -> str:
+  """`markdown(lines, title)`, then `summaries` (e.g. `summary`'s), written to `path`."""
   with haq_io.atomic_open(path) as f:
-    f.write(markdown(lines, title) + "\n" + summary(lines))
+    f.write("\n".join([markdown(lines, title), *summaries]))
   return path
 
 
