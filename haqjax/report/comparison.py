@@ -93,8 +93,9 @@ def table(rows: Sequence[Mapping[str, Any]], confidence: float = 0.95,
 
   Returns:
     One dict per row: its keys, `top1_mean`, `top1_std` (ddof=1; None for
-    one seed) and, except for the reference's rows, `diff_mean`, `ci_low`
-    and `ci_high` of `paired_difference` against the same budget's reference.
+    one seed) and, except for the reference's rows and rows of the same
+    policies (`policies`, when the rows have them), `diff_mean`, `ci_low` and
+    `ci_high` of `paired_difference` against the same budget's reference.
 
   Raises:
     ValueError: for a budget without a uniform row, or members of another count.
@@ -114,7 +115,11 @@ def table(rows: Sequence[Mapping[str, Any]], confidence: float = 0.95,
     line["top1_std"] = float(np.std(members, ddof=1)) if len(members) > 1 else None
     line["policies"] = row.get("policies")
     line.update(diff_mean=None, ci_low=None, ci_high=None)
-    if row is not ref:
+    # A row of the reference's own policies (uniform_max where it is the
+    # budget's uniform, a search that found it) has nothing to pair.
+    same = row is ref or (row.get("policies") is not None
+                          and row.get("policies") == ref.get("policies"))
+    if not same:
       diff = paired_difference(members, ref["members"], confidence)
       line.update(diff_mean=diff["mean"], ci_low=diff["low"], ci_high=diff["high"])
     out.append(line)
