@@ -34,3 +34,13 @@ def test_a_field_the_saved_file_lacks_reads_as_its_default(tmp_path):
   executed = SearchConfig(ddpg=DDPGConfig(replay_actions="executed"))
   with pytest.raises(ValueError, match="replay_actions='proposed', not 'executed'"):
     stages.check_saved(executed, "search_config.json", RESUMABLE_CHANGES, str(tmp_path))
+
+
+def test_a_config_without_defaults_is_checked_as_saved(tmp_path):
+  from haqjax.search.gumbel.sweep import SweepSpec
+  spec = SweepSpec(axes=(("seed", (0.0, 1.0)),))
+  (tmp_path / "sweep.json").write_text(json.dumps(spec.to_dict()))
+  stages.check_saved(spec, "sweep.json", frozenset(), str(tmp_path))
+  with pytest.raises(ValueError, match="holds a search with"):
+    stages.check_saved(SweepSpec(axes=(("seed", (0.0, 2.0)),)), "sweep.json", frozenset(),
+                       str(tmp_path))

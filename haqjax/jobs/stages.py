@@ -75,10 +75,15 @@ def check_saved(saved_config, filename: str, resumable: frozenset, workdir: str)
   if saved is None:
     return
   # Flag by flag (nested configs flattened), as JSON holds the values; a
-  # field newer than the saved file holds its default there.
+  # field newer than the saved file holds its default there (for configs
+  # that have defaults for all their fields).
   cls = type(saved_config)
   as_json = lambda c: json.loads(json.dumps(configs.flatten(cls, c.to_dict())))
-  saved = {**as_json(cls()), **configs.flatten(cls, saved)}
+  try:
+    defaults = as_json(cls())
+  except (TypeError, ValueError):  # A required field: no default config.
+    defaults = {}
+  saved = {**defaults, **configs.flatten(cls, saved)}
   for key, value in as_json(saved_config).items():
     if key not in resumable and saved.get(key) != value:
       raise ValueError(f"workdir {workdir!r} holds a search with {key}={saved.get(key)!r}, "
