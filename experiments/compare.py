@@ -245,10 +245,12 @@ def run_cell(grid: Grid, plan: families.Plan, fp32_dir: str, root: str, target: 
   scope = SHARED_TARGET if metric in SHARED_METRICS else target
   cell = os.path.join(root, "cells", scope, metric, budget)
   row_path = lambda family: os.path.join(cell, "rows", f"{family}.json")
+  config, search, gumbel, hawq = _configs(grid, plan, fp32_dir, scope, metric, budget)
+  stamps = {f: families.stamp_of(f, gumbel) for f in grid.families}
   rows = {f: stages.read_json(row_path(f)) for f in grid.families}
-  todo = [f for f, r in rows.items() if r is None or r["seeds"] != list(grid.seeds)]
+  todo = [f for f, r in rows.items() if r is None or r["seeds"] != list(grid.seeds)
+          or not families.stamped(r, stamps[f])]
   if todo:
-    config, search, gumbel, hawq = _configs(grid, plan, fp32_dir, scope, metric, budget)
     setup = stages.prepare(config, search, cell)
     found = {}
     for family in todo:
@@ -257,7 +259,7 @@ def run_cell(grid: Grid, plan: families.Plan, fp32_dir: str, root: str, target: 
           lambda f=family, s=s: families.find(
               f, config.replace(seed=s), search, gumbel, hawq,
               dataclasses.replace(setup, workdir=os.path.join(cell, f, f"seed_{s}")),
-              os.path.join(root, "sensitivity", f"seed_{s}")))
+              os.path.join(root, "sensitivity", f"seed_{s}")), stamps[family])
                        for s in (grid.seeds[:1] if family in SEEDLESS else grid.seeds)]
       if family in SEEDLESS:
         found[family] *= len(grid.seeds)
@@ -278,7 +280,7 @@ def run_cell(grid: Grid, plan: families.Plan, fp32_dir: str, root: str, target: 
           "fits": all(bool(setup.wall.fits(p.w_bits, p.a_bits)) for p in policies),
           "search_seconds": sum(seconds) / len(seconds), "search_seconds_members": seconds,
           "policies": [{"w_bits": r["w_bits"], "a_bits": r["a_bits"]}
-                       for r in found[family]]}
+                       for r in found[family]], **stamps[family]}
       haq_io.write_json(row_path(family), rows[family])
   return [{**rows[f], "target": target} for f in grid.families]
 

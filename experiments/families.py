@@ -135,15 +135,38 @@ def timed(fn, *args, **kwargs) -> tuple[Any, float]:
   return out, time.perf_counter() - t0
 
 
-def cached(path: str, compute) -> dict[str, Any]:
-  """The JSON object at `path`, else `compute()` written there (atomically)."""
+def cached(path: str, compute, stamp: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The JSON object at `path`, else `compute()` written there (atomically).
+
+  With `stamp` (`stamp_of`), an object whose stamp differs is computed again
+  (a Gumbel search finished with another derivation derives its policy again
+  from its checkpoint, without training), keeping the first search's seconds.
+  """
   from haqjax import io as haq_io  # pylint: disable=g-import-not-at-top
   from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
   done = stages.read_json(path)
-  if done is None:
+  if done is None or not stamped(done, stamp):
+    seconds = None if done is None else done["seconds"]
     done = compute()
+    if seconds is not None:
+      done["seconds"] = seconds
     haq_io.write_json(path, done)
   return done
+
+
+def stamp_of(family: str, gumbel) -> dict[str, Any]:
+  """The settings that a family's cached searches and rows must match beyond
+  their configs' identity: the Gumbel derivation."""
+  return {"gumbel_derive": gumbel.gumbel_derive} if family == "gumbel" else {}
+
+
+# What records written before a stamp's field existed hold.
+_LEGACY = {"gumbel_derive": "wall"}
+
+
+def stamped(done: dict[str, Any], stamp: dict[str, Any] | None) -> bool:
+  """Whether a cached record matches `stamp`."""
+  return all(done.get(k, _LEGACY.get(k)) == v for k, v in (stamp or {}).items())
 
 
 def search_rl(config, search, setup) -> Any:
@@ -281,7 +304,8 @@ def find(family: str, config, search, gumbel, hawq, setup,
   if family == "rl":
     return record(*timed(search_rl, config, search, setup))
   if family == "gumbel":
-    return record(*timed(search_gumbel, config, search, gumbel, setup))
+    return record(*timed(search_gumbel, config, search, gumbel, setup),
+                  **stamp_of(family, gumbel))
   sensitivity, pass_s = sensitivity_pass(config, search, hawq, setup, sensitivity_dir)
   problem = hawq_job.build_problem(search, hawq, setup, sensitivity)
   policy, seconds = timed(ilp.solve if family == "hawq" else greedy.solve, problem)

@@ -10,6 +10,7 @@ import pytest
 
 import launcher_testing as lt
 from experiments import compare
+from experiments import families
 from haqjax.report import comparison
 
 # Student's t quantile t_{0.975} with 2 degrees of freedom, from a printed table.
@@ -240,3 +241,30 @@ def test_table_pairs_with_another_reference_where_the_budget_has_it():
   # A row of the reference's own policies is not paired with it.
   same = [{**r, "policies": [{"w_bits": [4], "a_bits": [4]}]} for r in rows[:2]]
   assert [l["diff_mean"] for l in comparison.table(same)] == [None, None]
+
+
+def test_cached_searches_with_another_gumbel_derivation_are_derived_again(tmp_path):
+  from haqjax.search.gumbel import GumbelConfig
+  path = str(tmp_path / "search.json")
+  stamp = families.stamp_of("gumbel", GumbelConfig())
+  assert stamp == {"gumbel_derive": "map"} and families.stamp_of("hawq", GumbelConfig()) == {}
+  calls = []
+
+  def compute(bits):
+    calls.append(bits)
+    return {"w_bits": [bits], "a_bits": [bits], "seconds": 0.5, **stamp}
+
+  # A record from before the derivation was recorded: the wall's, so derived again,
+  # keeping the search's seconds.
+  with open(path, "w") as f:
+    json.dump({"w_bits": [2], "a_bits": [2], "seconds": 30.0}, f)
+  done = families.cached(path, lambda: compute(4), stamp)
+  assert calls == [4] and done["w_bits"] == [4] and done["seconds"] == 30.0
+  assert json.loads(open(path).read()) == done
+  # A matching record is read back.
+  assert families.cached(path, lambda: compute(8), stamp) == done and calls == [4]
+  # Without a stamp (other families) any record is read back.
+  assert families.cached(path, lambda: compute(8)) == done and calls == [4]
+  assert not families.stamped({"seconds": 1.0}, stamp)
+  assert families.stamped({"seconds": 1.0}, families.stamp_of("gumbel", GumbelConfig(
+      gumbel_derive="wall")))

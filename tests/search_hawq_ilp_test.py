@@ -5,11 +5,14 @@ import itertools
 import numpy as np
 import pytest
 
+from haqjax import hardware
+from haqjax import models
 from haqjax.hardware.budget import TABLE_BITS
 from haqjax.hardware.budget import table_index
 from haqjax.hardware.budget import within
 from haqjax.search.hawq import greedy
 from haqjax.search.hawq import ilp
+from haqjax.nn import layer_table
 from haqjax.search.hawq.problem import Problem
 
 BITS = (2, 4, 8)
@@ -104,6 +107,35 @@ def test_infeasible_budget_is_one_line():
   for solve in (greedy.solve, lambda p: ilp.solve_monotone(p, np.ones(L), np.ones(L))):
     with pytest.raises(ValueError, match="minimum achievable cost"):
       solve(problem.with_limit(0.5 * low))
+
+
+@pytest.mark.parametrize("target", ["bitfusion", "bismo-edge"])
+def test_ilp_is_optimal_at_limits_equal_to_an_allocations_cost(target):
+  # Hardware costs are discrete (Bit Fusion's latency is the same for 3 and
+  # 4 bits), so the best allocation often costs exactly the limit, e.g. one
+  # that spends a uniform policy's budget to the last cycle. The solver's
+  # presolve must not cut such an allocation off at the float64 bound.
+  model = models.create("digits_cnn", num_classes=10)
+  table = layer_table(model, (1, 8, 8, 1))
+  cost = hardware.Budget(metric="latency", value=1.0).table(
+      hardware.get_target(target), hardware.from_layer_table(table))
+  n = len(table)
+  rng = np.random.default_rng(0)
+  idx = table_index(list(BITS))
+  pairs = list(itertools.product(idx, idx))
+  for _ in range(20):
+    omega = np.zeros((n, 9, 9))  # Separable, as -log p of a search's probabilities.
+    omega[:, idx[:, None], idx[None, :]] = -np.log(
+        rng.dirichlet(np.ones(3), n)[:, :, None] * rng.dirichlet(np.ones(3), n)[:, None, :])
+    limit = cost[np.arange(n), table_index(4), table_index(4)].sum()  # Uniform W4A4's.
+    problem = Problem.create(table.names, omega, cost, limit, w_bits=BITS, a_bits=BITS)
+    got, spent = problem.evaluate(ilp.solve(problem))
+    assert within(spent, limit)
+    best = min(sum(omega[l, pairs[c][0], pairs[c][1]] for l, c in enumerate(config))
+               for config in itertools.product(range(len(pairs)), repeat=n)
+               if within(sum(cost[l, pairs[c][0], pairs[c][1]]
+                             for l, c in enumerate(config)), limit))
+    np.testing.assert_allclose(got, best, rtol=1e-9)
 
 
 def test_a_budget_of_exactly_one_allocation_holds_it():

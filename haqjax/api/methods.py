@@ -127,7 +127,7 @@ def gumbel_setup(task: Task, gumbel: GumbelConfig) -> tuple[GumbelSearch, int, P
       task.model, task.table.names, w_rows, a_rows,
       candidate_tensor(wall.layer_costs, w_rows, a_rows),
       (wall.fixed.w >= 0) | (wall.fixed.a >= 0), relaxation=gumbel.gumbel_relaxation,
-      penalty=gumbel.gumbel_penalty, momentum=task.momentum,
+      penalty=gumbel.gumbel_penalty, derivation=gumbel.gumbel_derive, momentum=task.momentum,
       weight_decay=task.weight_decay, label_smoothing=task.label_smoothing)
   per_epoch = haq_data.num_batches(task.train, task.batch_size, drop_remainder=True)
   variables = jax.tree.map(jnp.copy, task.calibrated(task.top_policy(max(bits))))

@@ -6,8 +6,9 @@ The shared stages (`haqjax.jobs.stages`) around the differentiable search
   fp32/          FP32 training (skipped when `config.init_from` names a run)
   search/        the search: checkpoints/, epochs.jsonl, steps.jsonl,
                  metrics.jsonl, TensorBoard
-  policy.json    the argmax policy of the final logits, brought within the
-                 budget by the budget wall, with its cost and accuracies
+  policy.json    the final probabilities' policy within the budget (the most
+                 probable that fits; `--gumbel_derive`, `search.gumbel.derive`),
+                 with its cost and accuracies
   finetune/      QAT of that policy from the FP32 weights, then test
   export/        the fine-tuned model as an integer model (`haqjax.jobs.export`):
                  model.onnx, model.stablehlo, encodings.json, weights.bin and
@@ -106,6 +107,7 @@ def build_search(config: Config, gumbel: GumbelConfig, model, names,
   fixed = (wall.fixed.w >= 0) | (wall.fixed.a >= 0)
   return GumbelSearch(model, names, w_rows, a_rows, tensor, fixed,
                       relaxation=gumbel.gumbel_relaxation, penalty=gumbel.gumbel_penalty,
+                      derivation=gumbel.gumbel_derive,
                       momentum=config.momentum, weight_decay=config.weight_decay,
                       label_smoothing=config.label_smoothing)
 

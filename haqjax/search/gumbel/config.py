@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 
 from haqjax.configs import JsonConfig
+from haqjax.search.gumbel.derive import DERIVATIONS
 from haqjax.search.gumbel.relax import RELAXATIONS
 
 PENALTIES = ("lagrange", "hinge")
 
-# Fields that may differ between a search and its resumption.
-RESUMABLE_CHANGES = frozenset()
+# Fields that may differ between a search and its resumption (a finished
+# search resumed with another derivation derives its policy again).
+RESUMABLE_CHANGES = frozenset({"gumbel_derive"})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,6 +42,10 @@ class GumbelConfig(JsonConfig):
     gumbel_penalty: 'lagrange' (loss + mu * (E[cost] / limit - 1), with mu
       raised by dual ascent while over budget and lowered, not below 0,
       while under) or 'hinge' (loss + lambda * max(0, E[cost] / limit - 1)).
+    gumbel_derive: how the final probabilities become a policy within the
+      budget: 'map' (the most probable policy that fits, an exact knapsack
+      over the log-probabilities) or 'wall' (the argmax, then HAQ's budget
+      wall lowers bits from the last layer up); `derive.py`.
     gumbel_lambda: the hinge's weight, or the Lagrange multiplier's start.
     gumbel_dual_lr: step size of the multiplier's dual ascent per step.
     gumbel_arch_lr: Adam learning rate of the architecture logits.
@@ -55,6 +61,7 @@ class GumbelConfig(JsonConfig):
   gumbel_tau0: float = 5.0
   gumbel_tau_min: float = 0.5
   gumbel_penalty: str = "lagrange"
+  gumbel_derive: str = "map"
   gumbel_lambda: float = 0.1
   gumbel_dual_lr: float = 0.1
   gumbel_arch_lr: float = 0.01
@@ -68,6 +75,9 @@ class GumbelConfig(JsonConfig):
     if self.gumbel_penalty not in PENALTIES:
       raise ValueError(f"gumbel_penalty={self.gumbel_penalty!r} is not allowed; "
                        f"allowed: {', '.join(PENALTIES)}")
+    if self.gumbel_derive not in DERIVATIONS:
+      raise ValueError(f"gumbel_derive={self.gumbel_derive!r} is not allowed; "
+                       f"allowed: {', '.join(DERIVATIONS)}")
     for field in ("gumbel_epochs", "gumbel_tau0", "gumbel_tau_min", "gumbel_arch_lr",
                   "gumbel_weight_lr"):
       if not getattr(self, field) > 0:

@@ -2,13 +2,15 @@
 
 `run(search, hparams, state, ...)` trains weights and architecture logits
 (`supernet.GumbelSearch.train_step`, jitted once, in `step_loop.train`) over the training split
-for `total_steps` steps. At every epoch's end it derives the argmax policy,
-brings it within the budget with the budget wall (`BudgetWall.enforce`, as
-the RL search does), scores it on the held-out split, and checkpoints the
+for `total_steps` steps. At every epoch's end it derives a policy within the budget
+from the probabilities (`derive.py`: the most probable one that fits, or the
+argmax lowered by HAQ's budget wall), scores it on the held-out split, and checkpoints the
 whole search state with orbax, synchronously, beside the records. A process
 killed at any point resumes from the last epoch end; data order depends only
 on (seed, epoch) and step `t` draws from `fold_in(key, t)`, so a resumed
-search ends where an uninterrupted one does.
+search ends where an uninterrupted one does. A finished search resumed with
+another derivation (`GumbelSearch.derivation`) derives and scores its final
+policy again, without training.
 
 Outputs in `directory`: `checkpoints/`, `epochs.jsonl` (one record per
 finished epoch), `steps.jsonl` (the mean metrics and the bit probabilities
@@ -19,15 +21,18 @@ every `log_every` steps), both rewritten from the checkpoint on resume, and
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
 import numpy as np
 
 from haqjax import data as haq_data
+from haqjax import io as haq_io
 from haqjax.policy import Policy
 from haqjax.search import env as env_lib
 from haqjax.search import scoring
+from haqjax.search.gumbel import derive as derive_lib
 from haqjax.search.gumbel import step_loop
 from haqjax.search.gumbel.supernet import GumbelSearch
 from haqjax.search.gumbel.supernet import GumbelState
@@ -40,8 +45,8 @@ class Result:
   """The derived policy and the search's records.
 
   Attributes:
-    policy: the argmax policy of the final logits, within the budget.
-    argmax: `(w_bits, a_bits)` of the argmax policy before enforcement.
+    policy: the final probabilities' policy within the budget (`derive.py`).
+    argmax: `(w_bits, a_bits)` of the argmax policy.
     epochs: one record per epoch (derived policy, its cost and val top-1).
     steps: one record per logging interval (means, bit probabilities).
     seconds: wall time of this call's training and scoring.
@@ -110,6 +115,11 @@ def run(search: GumbelSearch, hparams: HParams, state: GumbelState, *,
       log=log, end_epoch=end_epoch, epoch_lines=list, progress=progress,
       tensorboard=tensorboard, desc="gumbel search")
   last = outcome.epochs[-1]
+  if last.get("derive", "wall") != search.derivation:  # Records before 'derive': the wall.
+    last = {**epoch_record(search, wall, evaluate, outcome.state, val, last["epoch"],
+                           last["step"], fp32_top1), "seconds": last.get("seconds")}
+    outcome.epochs[-1] = last
+    haq_io.write_jsonl(os.path.join(directory, "epochs.jsonl"), outcome.epochs)
   return Result(policy=Policy.create(search.names, last["w_bits"], last["a_bits"]),
                 argmax=(last["argmax_w_bits"], last["argmax_a_bits"]),
                 epochs=outcome.epochs, steps=outcome.steps, seconds=outcome.seconds,
@@ -120,22 +130,23 @@ def epoch_record(search: GumbelSearch, wall: env_lib.BudgetWall, evaluate: Evalu
                   state: GumbelState, val: haq_data.Split, epoch: int, step: int,
                   fp32_top1: float) -> dict[str, Any]:
   """The derived policy of `state`, within the budget, scored on `val`."""
-  w0, a0 = search.derive(jax.device_get(state.logits))
-  w0, a0 = wall.fixed.apply(w0, a0)
-  w, a = wall.enforce(w0, a0)
+  w_probs, a_probs = jax.device_get(search.probabilities(state.logits))
+  w0, a0 = wall.fixed.apply(*search.derive(jax.device_get(state.logits)))
+  w, a = derive_lib.derive(search.derivation, w_probs, a_probs, search.w_bits,
+                           search.a_bits, wall)
   policy = Policy.create(search.names, w, a)
   metrics = evaluate({"params": state.params, "batch_stats": state.batch_stats}, val,
                      policy)
   cost = wall.describe(w, a)
   argmax_cost = wall.describe(w0, a0)
-  w_probs, a_probs = jax.device_get(search.probabilities(state.logits))
   return {
       "epoch": epoch, "step": step, "val_top1": metrics["top1"],
       "reward": scoring.reward(metrics["top1"], fp32_top1),
       "cost": cost["cost"], "cost_ratio": cost["ratio"], "limit": cost["limit"],
       "argmax_cost": argmax_cost["cost"], "argmax_cost_ratio": argmax_cost["ratio"],
       "expected_cost": float(search.expected_cost(state.logits)),
-      "enforced": bool(argmax_cost["cost"] != cost["cost"]),
+      "derive": search.derivation,
+      "enforced": bool((w != w0).any() or (a != a0).any()),
       "multiplier": float(state.multiplier),
       "w_bits": [int(b) for b in w], "a_bits": [int(b) for b in a],
       "argmax_w_bits": [int(b) for b in w0], "argmax_a_bits": [int(b) for b in a0],

@@ -69,6 +69,7 @@ from haqjax.hardware.cost import expected_from_tensor
 from haqjax.policy import Policy
 from haqjax.policy import SoftPolicy
 from haqjax.search.gumbel import batch_invariant
+from haqjax.search.gumbel import derive as derive_lib
 from haqjax.search.gumbel import relax as relax_lib
 from haqjax.search.gumbel.config import PENALTIES
 from haqjax.train import steps
@@ -169,6 +170,8 @@ class GumbelSearch:
       are one bit-width repeated; their probabilities are one-hot).
     relaxation: 'gumbel', 'hard' or 'softmax'.
     penalty: 'lagrange' or 'hinge'.
+    derivation: how the final probabilities become a policy within the
+      budget, 'map' or 'wall' (`derive`).
     momentum: the weights' SGD momentum (Nesterov when > 0).
     weight_decay: L2 on kernels.
     label_smoothing: of the task loss.
@@ -177,7 +180,7 @@ class GumbelSearch:
   def __init__(self, model: nn.Module, names: Sequence[str], w_bits: ArrayLike,
                a_bits: ArrayLike, tensor: ArrayLike, fixed: ArrayLike, *,
                relaxation: str = "gumbel", penalty: str = "lagrange",
-               momentum: float = 0.9, weight_decay: float = 0.0,
+               derivation: str = "map", momentum: float = 0.9, weight_decay: float = 0.0,
                label_smoothing: float = 0.0):
     relax_lib.check_relaxation(relaxation)
     if penalty not in PENALTIES:
@@ -195,7 +198,8 @@ class GumbelSearch:
       raise ValueError(f"shapes do not fit {len(self.names)} layers: w_bits "
                        f"{self.w_bits.shape}, a_bits {self.a_bits.shape}, tensor "
                        f"{self.tensor.shape}, fixed {self.fixed.shape}")
-    self.relaxation, self.penalty = relaxation, penalty
+    derive_lib.check_derivation(derivation)
+    self.relaxation, self.penalty, self.derivation = relaxation, penalty, derivation
     self.label_smoothing = label_smoothing
     # Weights: SGD (Nesterov) with L2 on kernels; logits: Adam (written so
     # that a vmapped sweep computes it as one search does). Learning rates

@@ -19,10 +19,11 @@ hyper-parameters and key takes on the same data.
 (`combine='product'`, the first axis varying slowest) or position by
 position (`combine='zip'`, all axes of one length, or of length 1, which
 broadcasts). `run` trains the stacked searches, and at every epoch's end
-derives each member's argmax policy, brings it within the member's own
-budget (`BudgetWall.enforce`), scores it on the held-out split and
-checkpoints the stacked state, so a killed sweep resumes from the last epoch
-end.
+derives each member's policy within the member's own budget (`derive.py`,
+as a single search does), scores it on the held-out split and checkpoints
+the stacked state, so a killed sweep resumes from the last epoch end; a
+finished sweep resumed with another derivation derives its final policies
+again.
 
 References:
   Cai & Vasconcelos. Rethinking Differentiable Search for Mixed-Precision
@@ -242,6 +243,13 @@ def run(search: GumbelSearch, hparams: HParams, state: GumbelState, *,
       total_steps=total_steps, seed=seed, log_every=log_every, log=log,
       end_epoch=end_epoch, epoch_lines=epoch_lines, progress=progress,
       tensorboard=tensorboard, desc=f"gumbel sweep (K={k})")
+  if any(r.get("derive", "wall") != search.derivation for r in outcome.epochs[-1]):
+    last = outcome.epochs[-1]  # Records before 'derive' were the wall's.
+    outcome.epochs[-1] = [
+        {**single.epoch_record(search, walls[i], evaluate, member(outcome.state, i), val,
+                               last[i]["epoch"], last[i]["step"], fp32_top1),
+         "seconds": last[i].get("seconds")} for i in range(k)]
+    haq_io.write_jsonl(os.path.join(directory, "epochs.jsonl"), epoch_lines(outcome.epochs))
   epochs = [[records[i] for records in outcome.epochs] for i in range(k)]  # [K][epochs]
   policies = [Policy.create(search.names, e[-1]["w_bits"], e[-1]["a_bits"])
               for e in epochs]
