@@ -34,8 +34,10 @@ from typing import Any
 
 QUANTIZERS = {"minmax": ("minmax", "static"), "lsq": ("lsq", "lsq")}
 FAMILIES = ("uniform", "rl", "gumbel", "hawq", "greedy")
-# Variants of a family: (family, recipe whose agent settings replace its own).
-VARIANTS = {"rl_executed": ("rl", "quickstart_rl_executed")}
+# Variants of a family: (family, recipe whose agent or Gumbel settings replace
+# its own).
+VARIANTS = {"rl_executed": ("rl", "quickstart_rl_executed"),
+            "gumbel_absolute": ("gumbel", "quickstart_sweep_absolute")}
 # Uniform baselines beside the budget's own uniform policy; they search nothing.
 BASELINES = ("uniform_max",)
 # Budgets of the searches bench's Pareto fronts, ratios of uniform W4A4's
@@ -128,6 +130,20 @@ def variant_ddpg(ddpg, recipe: str):
                          if getattr(variant, f.name) != getattr(base, f.name)})
 
 
+def variant_gumbel(gumbel, recipe: str):
+  """`gumbel` with the settings in which search recipe `recipe` differs from
+  `quickstart_sweep` (a plan's own search length stays)."""
+  from experiments import recipes  # pylint: disable=g-import-not-at-top
+  from haqjax.search.config import SearchConfig  # pylint: disable=g-import-not-at-top
+  from haqjax.search.gumbel.config import GumbelConfig  # pylint: disable=g-import-not-at-top
+  from haqjax.train.config import Config  # pylint: disable=g-import-not-at-top
+  base, variant = (recipes.read_configs(r, (Config, SearchConfig, GumbelConfig))[2]
+                   for r in ("quickstart_sweep", recipe))
+  return gumbel.replace(**{f.name: getattr(variant, f.name)
+                           for f in dataclasses.fields(variant)
+                           if getattr(variant, f.name) != getattr(base, f.name)})
+
+
 def timed(fn, *args, **kwargs) -> tuple[Any, float]:
   """`(fn(*args, **kwargs), its wall seconds)`."""
   t0 = time.perf_counter()
@@ -157,7 +173,8 @@ def cached(path: str, compute, stamp: dict[str, Any] | None = None) -> dict[str,
 def stamp_of(family: str, gumbel) -> dict[str, Any]:
   """The settings that a family's cached searches and rows must match beyond
   their configs' identity: the Gumbel derivation."""
-  return {"gumbel_derive": gumbel.gumbel_derive} if family == "gumbel" else {}
+  gumbel_family = VARIANTS.get(family, (family,))[0] == "gumbel"
+  return {"gumbel_derive": gumbel.gumbel_derive} if gumbel_family else {}
 
 
 # What records written before a stamp's field existed hold.
@@ -294,7 +311,10 @@ def find(family: str, config, search, gumbel, hawq, setup,
     raise ValueError(f"family is {family!r}; allowed: {', '.join(allowed)}")
   if family in VARIANTS:
     family, recipe = VARIANTS[family]
-    search = search.replace(ddpg=variant_ddpg(search.ddpg, recipe))
+    if family == "rl":
+      search = search.replace(ddpg=variant_ddpg(search.ddpg, recipe))
+    else:
+      gumbel = variant_gumbel(gumbel, recipe)
   if family == "uniform":
     return record(uniform.policy_of(setup.wall, setup.table.names,
                                     search.budget_reference), 0.0)
@@ -305,7 +325,7 @@ def find(family: str, config, search, gumbel, hawq, setup,
     return record(*timed(search_rl, config, search, setup))
   if family == "gumbel":
     return record(*timed(search_gumbel, config, search, gumbel, setup),
-                  **stamp_of(family, gumbel))
+                  **stamp_of("gumbel", gumbel))
   sensitivity, pass_s = sensitivity_pass(config, search, hawq, setup, sensitivity_dir)
   problem = hawq_job.build_problem(search, hawq, setup, sensitivity)
   policy, seconds = timed(ilp.solve if family == "hawq" else greedy.solve, problem)

@@ -205,6 +205,23 @@ def test_rl_executed_variant_changes_only_its_agent_settings():
   assert grid.families == ("uniform", "rl_executed", "uniform_max")
 
 
+def test_gumbel_absolute_variant_changes_only_its_penalty():
+  from experiments import recipes
+  from haqjax.search.config import SearchConfig
+  from haqjax.search.gumbel import GumbelConfig
+  from haqjax.train.config import Config
+  types = (Config, SearchConfig, GumbelConfig)
+  config, search, gumbel = recipes.read_configs("quickstart_sweep_absolute", types)
+  base_config, base_search, base = recipes.read_configs("quickstart_sweep", types)
+  assert (config, search) == (base_config, base_search)
+  assert gumbel == base.replace(gumbel_penalty="absolute", gumbel_lambda=1.0)
+  # A plan's own change (QUICK's search length) stays.
+  quick = base.replace(gumbel_epochs=0.05, gumbel_warmup_epochs=0.01)
+  got = families.variant_gumbel(quick, families.VARIANTS["gumbel_absolute"][1])
+  assert got == quick.replace(gumbel_penalty="absolute", gumbel_lambda=1.0)
+  assert families.stamp_of("gumbel_absolute", got) == {"gumbel_derive": "map"}
+
+
 def test_summary_has_a_row_per_budget_and_marks_intervals():
   def row(family, members, budget="w4a4", bits=None):
     r = _row(family, members, budget)

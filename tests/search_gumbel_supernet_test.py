@@ -105,6 +105,26 @@ def test_penalty_lowers_the_expected_cost(setup):
   assert float(state.multiplier) == 10.0  # The hinge leaves the multiplier alone.
 
 
+def test_absolute_penalty_prices_an_unspent_budget_and_raises_the_cost(setup):
+  """TuNAS's |r - 1|: under the budget it pulls the cost up, over it down."""
+  _, variables, _, _, _, wall, _, batch = setup
+  search = _search(setup, penalty="absolute", relaxation="softmax")
+  step = jax.jit(search.train_step)
+  for limit, direction in ((3.0 * wall.reference, 1.0), (1.05 * wall.min_cost, -1.0)):
+    hp = _hp(lam=10.0, limit=limit)
+    state = search.init(jax.random.PRNGKey(0), hp, variables)
+    trainable = {"model": state.params, "arch": state.logits}
+    _, (m, _) = search.loss(trainable, state, batch, hp, jax.random.PRNGKey(1))
+    np.testing.assert_allclose(float(m["penalty"]), 10.0 * abs(float(m["cost_ratio"]) - 1),
+                               rtol=1e-5)
+    ratios = []
+    for _ in range(15):
+      state, m = step(state, batch, hp)
+      ratios.append(float(m["cost_ratio"]))
+    assert direction * (ratios[-1] - ratios[0]) > 0, (limit, ratios)
+    assert float(state.multiplier) == 10.0  # Not a Lagrangian: the multiplier stays.
+
+
 @pytest.mark.parametrize("relaxation", ["softmax", "gumbel", "hard"])
 def test_penalty_prices_the_mixture_the_network_runs(setup, relaxation):
   """Task loss and penalty see one distribution: the step's mixing weights."""

@@ -14,7 +14,7 @@ from haqjax.configs import JsonConfig
 from haqjax.search.gumbel.derive import DERIVATIONS
 from haqjax.search.gumbel.relax import RELAXATIONS
 
-PENALTIES = ("lagrange", "hinge")
+PENALTIES = ("lagrange", "hinge", "absolute")
 
 # Fields that may differ between a search and its resumption (a finished
 # search resumed with another derivation derives its policy again).
@@ -41,12 +41,16 @@ class GumbelConfig(JsonConfig):
       gumbel_tau0 over the search (after the warm-up).
     gumbel_penalty: 'lagrange' (loss + mu * (E[cost] / limit - 1), with mu
       raised by dual ascent while over budget and lowered, not below 0,
-      while under) or 'hinge' (loss + lambda * max(0, E[cost] / limit - 1)).
+      while under), 'hinge' (loss + lambda * max(0, E[cost] / limit - 1)) or
+      'absolute' (loss + lambda * |E[cost] / limit - 1|, TuNAS's absolute
+      reward: a cost under the budget is penalised too, so the search spends
+      it where the task loss alone would not pull bits back up).
     gumbel_derive: how the final probabilities become a policy within the
       budget: 'map' (the most probable policy that fits, an exact knapsack
       over the log-probabilities) or 'wall' (the argmax, then HAQ's budget
       wall lowers bits from the last layer up); `derive.py`.
-    gumbel_lambda: the hinge's weight, or the Lagrange multiplier's start.
+    gumbel_lambda: the hinge's or the absolute penalty's weight, or the
+      Lagrange multiplier's start.
     gumbel_dual_lr: step size of the multiplier's dual ascent per step.
     gumbel_arch_lr: Adam learning rate of the architecture logits.
     gumbel_weight_lr: constant SGD (Nesterov) learning rate of the weights.

@@ -17,7 +17,8 @@ Gumbel-softmax sample for 'gumbel', its straight-through one-hot for 'hard'.
 The penalty therefore prices the network that the task loss trains (one
 distribution for both terms), and it is the exact cost of a discrete policy
 whenever the mixture is one-hot. The penalty is a hinge
-`hinge_weight * max(0, r - 1)` or the Lagrangian term `mu * (r - 1)`, `mu`
+`hinge_weight * max(0, r - 1)`, TuNAS's absolute value `hinge_weight * |r - 1|`
+(which also prices an unspent budget) or the Lagrangian term `mu * (r - 1)`, `mu`
 starting at `multiplier_init` and updated by projected dual ascent,
 `mu <- max(0, mu + dual_lr * (r - 1))`, so that the cost settles at the budget.
 
@@ -52,6 +53,8 @@ References:
   Cai & Vasconcelos. Rethinking Differentiable Search for Mixed-Precision
   Neural Networks. CVPR 2020. https://arxiv.org/abs/2004.05795
   Boyd & Vandenberghe. Convex Optimization, ch. 5 (duality). 2004.
+  Bender et al. Can Weight Sharing Outperform Random Architecture Search? An
+  Investigation With TuNAS. CVPR 2020. https://arxiv.org/abs/2008.06120
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class HParams(NamedTuple):
   """The swept hyper-parameters of a search: float32 arrays, `[]` each.
 
   Attributes:
-    hinge_weight: the hinge penalty's weight (penalty 'hinge').
+    hinge_weight: the penalty's weight (penalties 'hinge' and 'absolute').
     multiplier_init: the Lagrange multiplier's initial value (penalty
       'lagrange').
     limit: the budget, in the cost tensor's unit.
@@ -169,7 +172,7 @@ class GumbelSearch:
     fixed: `[L]` bool, layers whose bits no search changes (their rows
       are one bit-width repeated; their probabilities are one-hot).
     relaxation: 'gumbel', 'hard' or 'softmax'.
-    penalty: 'lagrange' or 'hinge'.
+    penalty: 'lagrange', 'hinge' or 'absolute'.
     derivation: how the final probabilities become a policy within the
       budget, 'map' or 'wall' (`derive`).
     momentum: the weights' SGD momentum (Nesterov when > 0).
@@ -288,6 +291,8 @@ class GumbelSearch:
     excess = cost / hparams.limit - 1.0
     if self.penalty == "hinge":
       penalty = hparams.hinge_weight * jax.nn.relu(excess)
+    elif self.penalty == "absolute":
+      penalty = hparams.hinge_weight * jnp.abs(excess)
     else:
       penalty = jax.lax.stop_gradient(state.multiplier) * excess
     metrics = {"task_loss": task, "penalty": penalty, "expected_cost": cost,
