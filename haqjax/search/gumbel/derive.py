@@ -12,8 +12,8 @@ skewed distribution may cost more. Two derivations bring it within the budget:
 
   the same multiple-choice knapsack as HAWQ-V3's allocation with `Omega =
   -log p`, solved exactly by `haqjax.search.hawq.ilp`. When the argmax fits
-  it is the answer; otherwise the bits given up are the ones the search was
-  least sure of, per unit of cost saved, wherever they are in the network.
+  it is the answer; otherwise it gives up the least log-probability that
+  saves enough cost, wherever in the network, among the candidates only.
 - 'wall': HAQ's budget wall (`BudgetWall.enforce`) on the argmax, which
   lowers bits one at a time from the last layer up, activations before
   weights, until the policy fits. It ignores the probabilities, so on a
