@@ -237,10 +237,8 @@ class GumbelSearch:
 
   def derive(self, logits: dict[str, Array]) -> tuple[np.ndarray, np.ndarray]:
     """The argmax policy's bits `([L], [L])` (before any budget enforcement)."""
-    rows = np.arange(len(self.names))
-    w = self.w_bits[rows, np.asarray(jnp.argmax(logits["w"], -1))]
-    a = self.a_bits[rows, np.asarray(jnp.argmax(logits["a"], -1))]
-    return w, a
+    return derive_lib.argmax(np.asarray(logits["w"]), np.asarray(logits["a"]),
+                             self.w_bits, self.a_bits)
 
   def policy(self, logits: dict[str, Array]) -> Policy:
     return Policy.create(self.names, *self.derive(logits))
