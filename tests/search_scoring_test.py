@@ -99,6 +99,22 @@ def test_qat_scorer_restarts_from_fp32_each_call(qat_scorer, qat_scores, setup):
   assert qat_scorer.trace_counts() == {"train": 1, "eval": 1, **STATIC_CALIBRATION}
 
 
+def test_qat_scorer_scores_at_several_lengths_in_one_fine_tune(qat_scorer, qat_scores,
+                                                               setup):
+  """`scores` reads the reward at shorter fine-tunes along the way: its last
+  entry is `__call__`'s figure, its first (no step) the calibrated model's."""
+  policy = _policies(setup[3])["mixed"]
+  at = qat_scorer.scores(policy, (4, 0, 2))
+  assert list(at) == [0, 2, 4]
+  assert at[4]["top1"] == dict(qat_scores)["mixed"]["top1"]
+  assert at[4]["loss"] == dict(qat_scores)["mixed"]["loss"]
+  assert at[0]["loss"] != at[2]["loss"] != at[4]["loss"]
+  assert at[0]["seconds"] <= at[2]["seconds"] <= at[4]["seconds"]
+  assert qat_scorer.trace_counts() == {"train": 1, "eval": 1, **STATIC_CALIBRATION}
+  with pytest.raises(ValueError, match=r"^at_steps=\[2, 5\]; allowed: 0..4 "):
+    qat_scorer.scores(policy, (5, 2))
+
+
 def test_qat_scorer_without_steps_only_evaluates(setup):
   config, splits, fp32_dir, names = setup
   scorer = rl_job.make_scorer(config, SearchConfig(search_finetune_steps=0,

@@ -118,6 +118,16 @@ class QATScorer:
 
   def __call__(self, policy: Policy) -> dict[str, float]:
     """`{"top1", "top5", "loss", "seconds"}` of `policy` on the held-out split."""
+    return self.scores(policy, (len(self._batches),))[len(self._batches)]
+
+  def scores(self, policy: Policy, at_steps) -> dict[int, dict[str, float]]:
+    """The held-out metrics of one fine-tune of `policy`, measured after each
+    step count of `at_steps` (each in 0..num_steps; `seconds` counts from the
+    start): how the reward would read with a shorter fine-tune."""
+    at_steps = sorted(set(int(k) for k in at_steps))
+    if not at_steps or at_steps[0] < 0 or at_steps[-1] > len(self._batches):
+      raise ValueError(f"at_steps={at_steps}; allowed: 0..{len(self._batches)} "
+                       "(the scorer's fine-tune steps)")
     t0 = time.perf_counter()
     state = jax.tree.map(jnp.copy, self._initial)  # The step donates its input.
     if self._needs_calibration:
@@ -128,11 +138,15 @@ class QATScorer:
                             opt_state=self._tx.init(variables["params"]))
       # Placed as the train step's outputs are, so that it traces once.
       state = parallel.replicate(state, self._mesh)
-    for batch in self._batches:
-      state, _ = self._train(state, batch, policy)
-    metrics = self._evaluate(state.variables(), self.val, policy)
-    metrics.pop("count", None)
-    return {**metrics, "seconds": time.perf_counter() - t0}
+    out = {}
+    for step in range(at_steps[-1] + 1):
+      if step in at_steps:
+        metrics = self._evaluate(state.variables(), self.val, policy)
+        metrics.pop("count", None)
+        out[step] = {**metrics, "seconds": time.perf_counter() - t0}
+      if step < at_steps[-1]:
+        state, _ = self._train(state, self._batches[step], policy)
+    return out
 
 
 def episode_optimizer(learning_rate: float, momentum: float, weight_decay: float):
