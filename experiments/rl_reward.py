@@ -127,12 +127,14 @@ def _read(path: str) -> dict[str, Any] | None:
 
 
 def search_summary(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Per budget: the searches where HAWQ's or greedy's policy has the higher
-  reward than the agent's best (the search missed it), and where the agent's
-  has it yet the lower final top-1 (the reward misranked)."""
+  """Per RL family and budget: the searches where HAWQ's or greedy's policy
+  has the higher reward than the agent's best (the search missed it), and
+  where the agent's has it yet the lower final top-1 (the reward misranked)."""
   lines = []
-  for budget in sorted({r["cell"].rsplit("/", 1)[-1] for r in records}):
-    rows = [r for r in records if r["cell"].endswith("/" + budget)]
+  for family, budget in sorted({(r["family"], r["cell"].rsplit("/", 1)[-1])
+                                for r in records}):
+    rows = [r for r in records
+            if r["family"] == family and r["cell"].endswith("/" + budget)]
     missed = misranked = ties = 0
     gaps = []
     for r in rows:
@@ -149,7 +151,8 @@ def search_summary(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         finals = [r["final"][o] for o in OTHERS if o in r["final"]]
         misranked += bool(finals) and r["final"].get(r["family"], float("inf")) < max(finals)
     gaps.sort()
-    lines.append({"budget": budget, "searches": len(rows), "missed": missed,
+    lines.append({"family": family, "budget": budget, "searches": len(rows),
+                  "missed": missed,
                   "missed_by_median": gaps[len(gaps) // 2] if gaps else None,
                   "missed_by_max": gaps[-1] if gaps else None,
                   "higher": len(rows) - missed - ties, "higher_but_lower_final": misranked,
@@ -252,12 +255,13 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(f"| {k} steps | {rho} | " + " | ".join(cells) + " |")
   lines += ["", "RL searches under their own reward (HAWQ's or greedy's policy scoring "
             "higher = missed; the agent's higher yet its final lower = misranked):", "",
-            "| budget | searches | missed (median, max gap) | agent's higher | "
-            "of those, final lower | ties |", "|---|---|---|---|---|---|"]
+            "| family | budget | searches | missed (median, max gap) | agent's higher | "
+            "of those, final lower | ties |", "|---|---|---|---|---|---|---|"]
   for s in result["search_summary"]:
     gap = ("" if s["missed_by_median"] is None
            else f" ({s['missed_by_median']:.2f}, {s['missed_by_max']:.2f})")
-    lines.append(f"| {s['budget']} | {s['searches']} | {s['missed']}{gap} | {s['higher']} "
+    lines.append(f"| {s['family']} | {s['budget']} | {s['searches']} | {s['missed']}{gap} "
+                 f"| {s['higher']} "
                  f"| {s['higher_but_lower_final']} | {s['ties']} |")
   return "\n".join(lines)
 

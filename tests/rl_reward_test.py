@@ -79,7 +79,7 @@ def test_rl_searches_read_the_best_episode_and_the_cells_other_policies(tmp_path
   for r in records:
     r["reward"] = {n: float(sum(b[0]) + sum(b[1])) for n, b in r["policies"].items()}
   summary = {s["budget"]: s for s in rl_reward.search_summary(records)}
-  assert summary["w3a3"] == {"budget": "w3a3", "searches": 1, "missed": 1,
+  assert summary["w3a3"] == {"family": "rl", "budget": "w3a3", "searches": 1, "missed": 1,
                              "missed_by_median": 4.0, "missed_by_max": 4.0, "higher": 0,
                              "higher_but_lower_final": 0, "ties": 0}
   assert summary["w4a4"]["missed"] == 0 and summary["w4a4"]["higher"] == 1
