@@ -36,6 +36,7 @@ import itertools
 import json
 import os
 import random
+import statistics
 from typing import Any, Sequence
 
 from absl import flags
@@ -150,11 +151,10 @@ def search_summary(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       else:
         finals = [r["final"][o] for o in OTHERS if o in r["final"]]
         misranked += bool(finals) and r["final"].get(r["family"], float("inf")) < max(finals)
-    gaps.sort()
     lines.append({"family": family, "budget": budget, "searches": len(rows),
                   "missed": missed,
-                  "missed_by_median": gaps[len(gaps) // 2] if gaps else None,
-                  "missed_by_max": gaps[-1] if gaps else None,
+                  "missed_by_median": statistics.median(gaps) if gaps else None,
+                  "missed_by_max": max(gaps) if gaps else None,
                   "higher": len(rows) - missed - ties, "higher_but_lower_final": misranked,
                   "ties": ties})
   return lines
