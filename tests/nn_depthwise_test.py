@@ -160,6 +160,21 @@ class DepthwiseConvTest(parameterized.TestCase):
     step = jax.grad(lambda a, b: jnp.sum(_ours(a, b, (2, 2), "SAME") ** 2), (0, 1))
     self.assertNotIn("convolution(", jax.jit(step).lower(x, w).compile().as_text())
 
+  def test_autodiff_form_equals_the_custom_gradients_and_has_forward_mode(self):
+    x, w, _ = _data((2, 7, 7, 4), (3, 3))
+    conv = lambda a, b, custom: depthwise.depthwise_conv(
+        a, b, window_strides=(2, 2), padding="SAME", custom_gradient=custom)
+    loss = lambda a, b, custom: jnp.sum(jnp.sin(conv(a, b, custom)))
+    for ours, theirs in zip(jax.grad(loss, (0, 1))(x, w, False),
+                            jax.grad(loss, (0, 1))(x, w, True)):
+      np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    # Forward mode, which `jax.custom_vjp` does not allow.
+    tangent = jnp.ones_like(w)
+    got = jax.jvp(lambda b: conv(x, b, False), (w,), (tangent,))[1]
+    np.testing.assert_allclose(got, conv(x, tangent, False), rtol=1e-5, atol=1e-5)
+    with self.assertRaises(TypeError):
+      jax.jvp(lambda b: conv(x, b, True), (w,), (tangent,))
+
   def test_bad_kernel(self):
     x, w, _ = _data((1, 4, 4, 4), (3, 3))
     with self.assertRaisesRegex(ValueError, r"allowed: \[kh, kw, 1, 4 \* m\]"):

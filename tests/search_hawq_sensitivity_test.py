@@ -11,6 +11,7 @@ from haqjax import models
 from haqjax.hardware.budget import TABLE_BITS
 from haqjax.hardware.budget import table_index
 from haqjax.nn import layer_table
+from haqjax.nn.layers import QConv
 from haqjax.nn.layers import QDense
 from haqjax.quant.uniform import StaticRange
 from haqjax.search.hawq import measure
@@ -151,6 +152,45 @@ def test_plain_convolutions_keep_the_outputs(name, shape):
   with nn.intercept_methods(sensitivity.plain_convolutions):
     got = model.apply(variables, x, train=False)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+class Depthwise(nn.Module):
+  """A convolution, a depthwise one (MobileNet's kind) and a classifier."""
+
+  @nn.compact
+  def __call__(self, x, policy=None, train=False):
+    del train
+    x = jnp.tanh(QConv(4, (3, 3), name="conv")(x, policy))
+    x = jnp.tanh(QConv(4, (3, 3), strides=2, feature_group_count=4, name="dw")(x, policy))
+    return QDense(3, name="fc")(x.reshape(x.shape[0], -1), policy)
+
+
+def test_depthwise_traces_with_weights_on_a_mesh():
+  """Replicated weights and a sharded batch, as the jobs place them: JAX
+  cannot batch a grouped convolution's kernel gradient over probes there, so
+  depthwise layers run over their taps, with the outputs and the traces of
+  unplaced weights."""
+  from haqjax import parallel  # pylint: disable=g-import-not-at-top
+  model = Depthwise()
+  key = jax.random.key(2)
+  x = jax.random.normal(key, (4, 6, 6, 1))
+  variables = model.init(key, x)
+  with nn.intercept_methods(sensitivity.plain_convolutions):
+    np.testing.assert_allclose(model.apply(variables, x), model.apply(variables, x),
+                               rtol=1e-6)
+    got = model.apply(variables, x)
+  np.testing.assert_allclose(got, model.apply(variables, x), rtol=1e-5, atol=1e-6)
+  batches = [{"image": x, "label": jnp.arange(4) % 3}]
+  mesh = parallel.data_mesh()
+  placed = parallel.replicate(variables, mesh)
+  on_mesh = [jax.device_put(b, parallel.batch_sharding(mesh)) for b in batches]
+  kwargs = dict(probes=2, tol=0.0, max_iterations=2, curvature="gauss_newton")
+  got = sensitivity.hessian_traces(key, model, placed, on_mesh, **kwargs)
+  want = sensitivity.hessian_traces(key, model, variables, batches, **kwargs)
+  assert got.names == ("conv", "dw", "fc")
+  np.testing.assert_allclose(got.weight, want.weight, rtol=1e-4)
+  np.testing.assert_allclose(got.activation, want.activation, rtol=1e-4)
+  assert np.all(np.isfinite(got.weight)) and np.all(got.weight >= 0)
 
 
 def test_measure_and_its_file_round_trip(tmp_path):

@@ -213,7 +213,8 @@ def _out_size(x_shape: Shape, kernel_shape: Shape, geometry: Geometry) -> tuple[
 
 def depthwise_conv(x: Array, kernel: Array, *, window_strides: Sequence[int],
                    padding: str | Sequence[tuple[int, int]],
-                   rhs_dilation: Sequence[int] = (1, 1), materialize: bool = False) -> Array:
+                   rhs_dilation: Sequence[int] = (1, 1), materialize: bool = False,
+                   custom_gradient: bool = True) -> Array:
   """A depthwise NHWC/HWIO convolution as shifted multiply-adds over the taps.
 
   Args:
@@ -226,6 +227,9 @@ def depthwise_conv(x: Array, kernel: Array, *, window_strides: Sequence[int],
     materialize: write `x` (and, backward, the output gradient) to memory
       once before the taps read it (`by_batch_chunks`), for an input whose
       producer costs more than the extra pass over memory (a fake-quant).
+    custom_gradient: the hand-written gradients above; False differentiates
+      the taps by autodiff instead (slower, but to any order and in forward
+      mode, as Hessian-vector products need).
 
   Returns:
     [N, Ho, Wo, C * m], `jax.lax.conv_general_dilated(x, kernel, ...,
@@ -257,6 +261,7 @@ def depthwise_conv(x: Array, kernel: Array, *, window_strides: Sequence[int],
   if multiplier > 1:  # Output channel c * m + k reads input channel c.
     x = jnp.repeat(x, multiplier, axis=-1)
   dtype = jnp.promote_types(jnp.result_type(x, kernel), jnp.float32)
-  y = _depthwise(x.astype(dtype), kernel.astype(dtype), geometry, bool(materialize))
+  conv = _depthwise if custom_gradient else _forward
+  y = conv(x.astype(dtype), kernel.astype(dtype), geometry, bool(materialize))
   return y.astype(jnp.result_type(x, kernel))
 

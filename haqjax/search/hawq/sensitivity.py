@@ -83,6 +83,7 @@ from haqjax.bitwidths import FLOAT_BITS
 from haqjax.hardware.budget import TABLE_BITS
 from haqjax.hardware.budget import table_index
 from haqjax.nn import calibrate as calibrate_lib
+from haqjax.nn import depthwise
 from haqjax.nn.layers import QConv
 from haqjax.nn.layers import QuantizedLayer
 from haqjax.nn.layers import layer_name
@@ -144,8 +145,10 @@ def plain_convolutions(next_fun, args, kwargs, context):
   derivative. Under this interceptor its convolution step (the method
   `_conv`, which receives the already quantized input and kernel) is
   `jax.lax.conv_general_dilated` with the layer's own strides, padding and
-  groups: the same values to float32 summation order, differentiable to
-  any order in both modes.
+  groups (a depthwise one over its taps, `haqjax.nn.depthwise` with
+  autodiff's gradients, which JAX batches over probes where the weights
+  carry a sharding): the same values to float32 summation order,
+  differentiable to any order in both modes.
   """
   module = context.module
   if not (isinstance(module, QConv) and context.method_name == "_conv"):
@@ -155,6 +158,12 @@ def plain_convolutions(next_fun, args, kwargs, context):
              else tuple(module.strides))
   padding = module.padding if isinstance(module.padding, str) else tuple(
       tuple(p) for p in module.padding)
+  if depthwise.is_depthwise(x.shape, kernel.shape, module.feature_group_count):
+    # Over the taps: JAX cannot batch the kernel gradient of a grouped
+    # convolution over probes once the weights carry a sharding (a mesh).
+    return depthwise.depthwise_conv(x.astype(module.dtype), kernel.astype(module.dtype),
+                                    window_strides=strides, padding=padding,
+                                    custom_gradient=False)
   return jax.lax.conv_general_dilated(
       x.astype(module.dtype), kernel.astype(module.dtype), window_strides=strides,
       padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
