@@ -37,6 +37,7 @@ import json
 import os
 import random
 import statistics
+import types
 from typing import Any, Sequence
 
 from absl import flags
@@ -50,11 +51,6 @@ GAP_BINS = ((0.2, 0.5), (0.5, 1.0), (1.0, 3.0), (3.0, float("inf")))
 OTHERS = ("hawq", "greedy")
 
 
-def policy_key(w_bits: Sequence[int], a_bits: Sequence[int]) -> str:
-  """The comparison's folder name of a policy, e.g. 'w4-4_a8-8'."""
-  return f"w{'-'.join(map(str, w_bits))}_a{'-'.join(map(str, a_bits))}"
-
-
 def final_top1(root: str) -> dict[str, dict[int, float]]:
   """Every fine-tuned policy of the comparison's rows: key -> {seed: test top-1}."""
   finals: dict[str, dict[int, float]] = {}
@@ -63,7 +59,8 @@ def final_top1(root: str) -> dict[str, dict[int, float]]:
     with open(path) as f:
       row = json.load(f)
     for seed, policy, top1 in zip(row["seeds"], row["policies"], row["members"]):
-      finals.setdefault(policy_key(policy["w_bits"], policy["a_bits"]), {})[seed] = top1
+      key = families.policy_key(types.SimpleNamespace(**policy))
+      finals.setdefault(key, {})[seed] = top1
   return finals
 
 
@@ -89,6 +86,7 @@ def agreement(reward: Sequence[float], final: Sequence[float]) -> dict[str, Any]
 def rl_searches(root: str) -> list[dict[str, Any]]:
   """Every finished RL search of the grid: cell, family, seed, its best
   episode and the cell's HAWQ and greedy policies and final top-1 of that seed."""
+  from haqjax.jobs.stages import read_json  # pylint: disable=g-import-not-at-top
   out = []
   pattern = os.path.join(root, "cells", "*", "*", "*", "*", "seed_*", "rl_search",
                          "episodes.jsonl")
@@ -97,7 +95,7 @@ def rl_searches(root: str) -> list[dict[str, Any]]:
     family_dir = os.path.dirname(seed_dir)
     cell_dir, family = os.path.dirname(family_dir), os.path.basename(family_dir)
     seed = int(os.path.basename(seed_dir)[len("seed_"):])
-    found = _read(os.path.join(seed_dir, "search.json"))
+    found = read_json(os.path.join(seed_dir, "search.json"))
     if found is None:  # The search has not finished.
       continue
     with open(path) as f:
@@ -109,22 +107,15 @@ def rl_searches(root: str) -> list[dict[str, Any]]:
               "policies": {family: [best["w_bits"], best["a_bits"]]},
               "episode_top1": best["top1"], "final": {}}
     for other in OTHERS:
-      searched = _read(os.path.join(cell_dir, other, f"seed_{seed}", "search.json"))
+      searched = read_json(os.path.join(cell_dir, other, f"seed_{seed}", "search.json"))
       if searched is not None:
         record["policies"][other] = [searched["w_bits"], searched["a_bits"]]
     for name in (family, *OTHERS):
-      row = _read(os.path.join(cell_dir, "rows", f"{name}.json"))
+      row = read_json(os.path.join(cell_dir, "rows", f"{name}.json"))
       if row is not None and seed in row["seeds"]:
         record["final"][name] = row["members"][row["seeds"].index(seed)]
     out.append(record)
   return out
-
-
-def _read(path: str) -> dict[str, Any] | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
 
 
 def search_summary(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -235,9 +226,10 @@ def run(workdir: str, recipe: str, quantizer: str, *, init_from: str | None = No
 
 
 def _any_names(root: str) -> list[str]:
+  from haqjax.jobs.stages import read_json  # pylint: disable=g-import-not-at-top
   for path in sorted(glob.glob(os.path.join(root, "cells", "*", "*", "*", "*", "seed_*",
                                             "search.json"))):
-    return _read(path)["names"]
+    return read_json(path)["names"]
   raise ValueError(f"{root}: no search record names the model's layers")
 
 
