@@ -3,7 +3,8 @@ r"""Every search family against uniform at the same cost, over K seeds.
   python -m experiments.compare [--recipe=quickstart] \
       [--targets=bismo-edge,bitfusion,...] [--metrics=latency,energy,size] \
       [--budgets=w2a2,w3a3,w4a4] \
-      [--families=uniform,uniform_max,rl,rl_executed,gumbel,gumbel_absolute,hawq,greedy] \
+      [--families=uniform,uniform_max,rl,rl_executed,gumbel,gumbel_absolute,hawq,greedy,
+                  hawq_channel,greedy_channel] \
       [--quantizer=minmax|lsq] [--seeds=3] [--workdir=compare] \
       [--init_from=FP32_WORKDIR] [--quick]
 
@@ -36,6 +37,7 @@ trained here, in `<workdir>/<recipe>_fp32[_quick]/`):
       fine-tune jobs (`finetune_<hash>/`: stacked checkpoints, members.json)
       and `rows/<family>.json`, each row's figures, written last
   sensitivity/seed_<s>/   the HAWQ and greedy sensitivity pass of seed s
+      (`sensitivity_channel/`: hawq_channel's and greedy_channel's)
   policies/<bits>/        policy.json and `seed_<s>/results.json` per seed
   compare.csv, compare.md the table (`haqjax.report.comparison`): per row
       the cost ratio to the budget, test top-1 mean, std and members, the
@@ -135,7 +137,8 @@ def check_grid(recipe: str, targets, metrics, budgets, family_names, quantizer: 
               budgets=_choices("budgets", budgets, (), "wXaY with X, Y in 1..8"),
               families=("uniform", *(f for f in _choices(
                   "families", family_names,
-                  families.FAMILIES + families.BASELINES + tuple(families.VARIANTS))
+                  families.FAMILIES + families.BASELINES + tuple(families.VARIANTS)
+                  + tuple(families.HAWQ_VARIANTS))
                                      if f != "uniform")),
               quantizer=quantizer, seeds=seeds_lib.seed_list(first, count), **rest)
 
@@ -259,7 +262,8 @@ def run_cell(grid: Grid, plan: families.Plan, fp32_dir: str, root: str, target: 
           lambda f=family, s=s: families.find(
               f, config.replace(seed=s), search, gumbel, hawq,
               dataclasses.replace(setup, workdir=os.path.join(cell, f, f"seed_{s}")),
-              os.path.join(root, "sensitivity", f"seed_{s}")), stamps[family])
+              os.path.join(root, families.sensitivity_folder(f), f"seed_{s}")),
+          stamps[family])
                        for s in (grid.seeds[:1] if family in SEEDLESS else grid.seeds)]
       if family in SEEDLESS:
         found[family] *= len(grid.seeds)

@@ -15,7 +15,10 @@ function per family from the FP32 weights to a policy:
            replay stores the walled bits, the noise decays by 0.96;
   gumbel   the differentiable search (calibration, then the steps);
   hawq     one sensitivity pass (Hutchinson traces) and HAWQ-V3's ILP;
-  greedy   the same pass and the greedy allocation.
+  greedy   the same pass and the greedy allocation;
+  hawq_channel, greedy_channel  the same with the pass per channel
+           (`--hawq_granularity=channel`: traces and errors split over
+           channels, so a channel with curvature but no error adds nothing).
 
 Every family reads its seed from `config.seed` (RL: the agent, the scorer's
 fine-tunes; Gumbel: the start and the sampling; HAWQ and greedy: the
@@ -38,6 +41,9 @@ FAMILIES = ("uniform", "rl", "gumbel", "hawq", "greedy")
 # its own).
 VARIANTS = {"rl_executed": ("rl", "quickstart_rl_executed"),
             "gumbel_absolute": ("gumbel", "quickstart_sweep_absolute")}
+# Variants of HAWQ and greedy: (family, the `HawqConfig` fields they change).
+HAWQ_VARIANTS = {"hawq_channel": ("hawq", {"hawq_granularity": "channel"}),
+                 "greedy_channel": ("greedy", {"hawq_granularity": "channel"})}
 # Uniform baselines beside the budget's own uniform policy; they search nothing.
 BASELINES = ("uniform_max",)
 # Budgets of the searches bench's Pareto fronts, ratios of uniform W4A4's
@@ -257,6 +263,14 @@ def sweep_gumbel(config, search, gumbel, setup, walls) -> list[Any]:
       tensorboard=False).policies
 
 
+def sensitivity_folder(family: str) -> str:
+  """The folder name of `family`'s sensitivity passes: HAWQ's and greedy's
+  share "sensitivity", a variant's has its own."""
+  if family in HAWQ_VARIANTS:
+    return "sensitivity_" + HAWQ_VARIANTS[family][1]["hawq_granularity"]
+  return "sensitivity"
+
+
 def sensitivity_pass(config, search, hawq, setup, directory: str) -> tuple[Any, float]:
   """The one sensitivity pass of `config.seed` (`directory/sensitivity.json`), and its seconds.
 
@@ -306,9 +320,12 @@ def find(family: str, config, search, gumbel, hawq, setup,
   from haqjax.jobs import uniform  # pylint: disable=g-import-not-at-top
   from haqjax.search.hawq import greedy  # pylint: disable=g-import-not-at-top
   from haqjax.search.hawq import ilp  # pylint: disable=g-import-not-at-top
-  allowed = FAMILIES + BASELINES + tuple(VARIANTS)
+  allowed = FAMILIES + BASELINES + tuple(VARIANTS) + tuple(HAWQ_VARIANTS)
   if family not in allowed:
     raise ValueError(f"family is {family!r}; allowed: {', '.join(allowed)}")
+  if family in HAWQ_VARIANTS:
+    family, changes = HAWQ_VARIANTS[family]
+    hawq = hawq.replace(**changes)
   if family in VARIANTS:
     family, recipe = VARIANTS[family]
     if family == "rl":

@@ -98,13 +98,14 @@ def test_quick_comparison_pairs_seeds_and_resumes(tmp_path_factory):
   flags, folder = lt.digits_fp32(tmp_path_factory, "compare")
   args = ["--recipe=digits", _flag(flags, "data_dir"), _flag(flags, "compilation_cache"),
           _flag(flags, "init_from"), "--targets=bismo-edge", "--metrics=latency",
-          "--budgets=w4a4", "--families=greedy,hawq,uniform_max", "--seeds=2", "--quick",
+          "--budgets=w4a4", "--families=greedy,hawq,uniform_max,hawq_channel", "--seeds=2",
+          "--quick",
           f"--workdir={folder}"]
   lt.launch_ok(*args, module="experiments.compare")
   root = folder / "digits_minmax_quick"
   with open(root / "compare.csv") as f:
     rows = {r["family"]: r for r in csv.DictReader(f)}
-  assert list(rows) == ["uniform", "greedy", "hawq", "uniform_max"]
+  assert list(rows) == ["uniform", "greedy", "hawq", "uniform_max", "hawq_channel"]
   members = {f: [float(v) for v in r["members"].split()] for f, r in rows.items()}
   uniform = members["uniform"]
   assert len(uniform) == 2 and float(rows["uniform"]["cost_ratio"]) == 1.0
@@ -113,7 +114,15 @@ def test_quick_comparison_pairs_seeds_and_resumes(tmp_path_factory):
   # uniform W4A4's latency is W4A4 itself, the same fine-tunes, nothing to pair.
   assert members["uniform_max"] == uniform and rows["uniform_max"]["diff_mean"] == ""
   cell = root / "cells" / "bismo-edge" / "latency" / "w4a4"
-  for family in ("greedy", "hawq"):
+  # The variant's passes are its own, per channel; HAWQ's and greedy's one per seed.
+  for seed in (0, 1):
+    own = json.loads((root / "sensitivity_channel" / f"seed_{seed}" / "sensitivity.json")
+                     .read_text())
+    shared = json.loads((root / "sensitivity" / f"seed_{seed}" / "sensitivity.json")
+                        .read_text())
+    assert own["estimator"]["granularity"] == "channel" and "activation_channel_traces" in own
+    assert shared["estimator"]["granularity"] == "tensor"
+  for family in ("greedy", "hawq", "hawq_channel"):
     row, diffs = rows[family], [a - b for a, b in zip(members[family], uniform)]
     assert float(row["diff_mean"]) == pytest.approx(sum(diffs) / 2, abs=1e-9)
     assert float(row["ci_low"]) <= float(row["diff_mean"]) <= float(row["ci_high"])
@@ -134,7 +143,8 @@ def test_quick_comparison_pairs_seeds_and_resumes(tmp_path_factory):
              for p in glob.glob(str(root / "**" / "*.json"), recursive=True)}
   csv_text = (root / "compare.csv").read_text()
   grid = compare.check_grid("digits", ["bismo-edge"], ["latency"], ["w4a4"],
-                            ["greedy", "hawq", "uniform_max"], "minmax", 2, quick=True,
+                            ["greedy", "hawq", "uniform_max", "hawq_channel"], "minmax", 2,
+                            quick=True,
                             init_from=_flag(flags, "init_from").split("=", 1)[1])
   again = compare.run(grid, str(folder))  # In this process: only reads.
   assert [l["members"] for l in again["lines"]] == list(members.values())

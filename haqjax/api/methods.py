@@ -205,7 +205,8 @@ def run_hawq(task: Task, hawq: HawqConfig) -> tuple[Policy, dict[str, Any]]:
       batches, w_bits=hawq_job.measured_bits(bits, wall.fixed.w),
       a_bits=hawq_job.measured_bits(bits, wall.fixed.a), probes=hawq.hawq_probes,
       tol=hawq.hawq_tolerance, max_iterations=hawq.hawq_max_iterations,
-      label_smoothing=task.label_smoothing, curvature=hawq.hawq_curvature)
+      label_smoothing=task.label_smoothing, curvature=hawq.hawq_curvature,
+      granularity=hawq.hawq_granularity)
   problem = HawqProblem.create(
       task.table.names, sensitivity.omega, wall.tensor, wall.limit, w_bits=bits,
       a_bits=bits, fixed_w=wall.fixed.w, fixed_a=wall.fixed.a, label=str(wall.budget))

@@ -104,7 +104,8 @@ def sensitivity_stage(config: Config, search: SearchConfig, hawq: HawqConfig,
   path = os.path.join(setup.workdir, SENSITIVITY_FILE)
   if os.path.exists(path):
     done = measure.read_sensitivity(path)
-    if done.names == setup.table.names:
+    if (done.names == setup.table.names and done.granularity == hawq.hawq_granularity
+        and done.traces.curvature == hawq.hawq_curvature):
       return done
   bits = hawq.bits(search.min_bits, search.max_bits)
   wall, splits = setup.wall, setup.splits
@@ -119,7 +120,7 @@ def sensitivity_stage(config: Config, search: SearchConfig, hawq: HawqConfig,
       w_bits=measured_bits(bits, wall.fixed.w), a_bits=measured_bits(bits, wall.fixed.a),
       probes=hawq.hawq_probes, tol=hawq.hawq_tolerance,
       max_iterations=hawq.hawq_max_iterations, label_smoothing=config.label_smoothing,
-      curvature=hawq.hawq_curvature)
+      curvature=hawq.hawq_curvature, granularity=hawq.hawq_granularity)
   measure.write_sensitivity(path, result)
   return result
 

@@ -15,6 +15,8 @@ from haqjax.configs import JsonConfig
 ALLOCATORS = ("ilp", "greedy", "monotone")
 # What the sensitivity pass takes the traces of (`sensitivity.hessian_traces`).
 CURVATURES = ("hessian", "gauss_newton")
+# Over what the quantization noise counts as isotropic (`sensitivity`'s module doc).
+GRANULARITIES = ("tensor", "channel")
 
 # Fields that may differ between a job and its resumption.
 RESUMABLE_CHANGES = frozenset()
@@ -36,6 +38,11 @@ class HawqConfig(JsonConfig):
       `haqjax.search.hawq.gauss_newton`) or 'hessian' (HAWQ-V2/V3's and
       PyHessian's: Hutchinson's estimator on the loss's Hessian,
       forward-over-reverse products).
+    hawq_granularity: 'tensor' (HAWQ-V2/V3's: one trace times the
+      tensor's mean squared error) or 'channel' (traces and errors per
+      channel, summed: a channel with large curvature but no error, such
+      as a dead ReLU channel before a BatchNorm of zero variance, adds
+      nothing).
     hawq_probes: probes per iteration and batch, evaluated together (vmap);
       memory grows with it.
     hawq_tolerance: the estimate stops once every layer's trace has a
@@ -58,6 +65,7 @@ class HawqConfig(JsonConfig):
 
   hawq_bits: str = ""
   hawq_curvature: str = "gauss_newton"
+  hawq_granularity: str = "tensor"
   hawq_probes: int = 8
   hawq_tolerance: float = 0.1
   hawq_max_iterations: int = 30
@@ -70,6 +78,9 @@ class HawqConfig(JsonConfig):
     if self.hawq_curvature not in CURVATURES:
       raise ValueError(f"hawq_curvature={self.hawq_curvature!r} is not allowed; "
                        f"allowed: {', '.join(CURVATURES)}")
+    if self.hawq_granularity not in GRANULARITIES:
+      raise ValueError(f"hawq_granularity={self.hawq_granularity!r} is not allowed; "
+                       f"allowed: {', '.join(GRANULARITIES)}")
     if self.hawq_allocator not in ALLOCATORS:
       raise ValueError(f"hawq_allocator={self.hawq_allocator!r} is not allowed; "
                        f"allowed: {', '.join(ALLOCATORS)}")

@@ -61,12 +61,16 @@ def output_probes(key: PRNGKey, logits: Array, count: int) -> Array:
   return u / jnp.sqrt(jnp.float32(p.shape[0]))
 
 
-def estimator(logits_fn: LogitsFn, *, probes: int) -> hutchinson.Estimator:
+def estimator(logits_fn: LogitsFn, *, probes: int,
+              channels: bool = False) -> hutchinson.Estimator:
   """The estimator of the Gauss-Newton block traces of `mean CE(logits_fn(x, batch))`.
 
   Args:
     logits_fn: `logits_fn(x, batch) -> [B, C]`, differentiable in `x`.
     probes: probes per iteration and batch (one reverse pass each, vmapped).
+    channels: also estimate each leaf's trace per channel (its last axis;
+      `hutchinson`'s module doc): `||g_l,c||^2`, the squared norm of the
+      channel's slice of the same sample.
 
   Returns:
     A `hutchinson.Estimator`: the same iterations, keys, tolerance and cap.
@@ -81,8 +85,11 @@ def estimator(logits_fn: LogitsFn, *, probes: int) -> hutchinson.Estimator:
     if logits.ndim != 2:
       raise ValueError(f"logits have shape {logits.shape}; allowed: [batch, classes]")
     grads = jax.vmap(pullback)(output_probes(key, logits, probes))[0]  # leaves [P, ...]
+    if channels:  # Leaves [P, C].
+      return jax.tree.map(lambda g: jax.vmap(hutchinson.per_channel)(
+          jnp.square(g.astype(jnp.float32))), grads)
     return jax.tree.map(
         lambda g: jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(probes, -1), axis=1),
         grads)  # leaves [P]
 
-  return hutchinson.Estimator(step, probes)
+  return hutchinson.Estimator(step, probes, channels)

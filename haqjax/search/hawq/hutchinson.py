@@ -39,6 +39,12 @@ Example::
     out.traces  # like x, a float per leaf
     out.standard_errors  # like x
 
+Per channel (`channels=True`): each leaf's trace is also split over its
+last axis (a kernel's output channels, an input's channels), the sum over
+the leaf's elements of that channel of the same per-probe sample, so the
+channel traces add up to the leaf's trace probe by probe. The stopping rule
+stays on the leaves' traces.
+
 References:
   Hutchinson. A stochastic estimator of the trace of the influence matrix
   for Laplacian smoothing splines. 1990.
@@ -75,11 +81,25 @@ class Estimate(NamedTuple):
     converged: whether every standard error is at most `tol` times its trace.
     standard_errors: like `x`, each trace's standard error (see the module
       doc; `nan` from a single probe per batch).
+    channel_traces: like `x`, each leaf's trace per channel (`[C]`, its
+      last axis; `[1]` for a leaf of fewer than 2 axes), or None (not
+      estimated per channel).
   """
   traces: PyTree
   iterations: int
   converged: bool
   standard_errors: PyTree = None
+  channel_traces: PyTree = None
+
+
+def channel_count(shape: tuple[int, ...]) -> int:
+  """The channels of a leaf of `shape`: its last axis, or 1 below 2 axes."""
+  return int(shape[-1]) if len(shape) >= 2 else 1
+
+
+def per_channel(a: Array) -> Array:
+  """`[C]`: the sum of `a` over every axis but its channel one (`channel_count`)."""
+  return jnp.sum(a.reshape(-1, channel_count(a.shape)), axis=0)
 
 
 def rademacher_like(key: PRNGKey, x: PyTree, count: int) -> PyTree:
@@ -94,19 +114,24 @@ def rademacher_like(key: PRNGKey, x: PyTree, count: int) -> PyTree:
   return jax.vmap(unravel)(v)
 
 
-def quadratic_forms(loss_fn: LossFn, x: PyTree, batch: PyTree, v: PyTree) -> PyTree:
-  """Per leaf `v_l . (H v)_l`: H the Hessian of `loss_fn(., batch)` at `x`."""
+def quadratic_forms(loss_fn: LossFn, x: PyTree, batch: PyTree, v: PyTree,
+                    channels: bool = False) -> PyTree:
+  """Per leaf `v_l . (H v)_l` (`channels`: split per channel, `[C]`): H the
+  Hessian of `loss_fn(., batch)` at `x`."""
   _, hv = jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (x,), (v,))
+  if channels:
+    return jax.tree.map(lambda a, b: per_channel((a * b).astype(jnp.float32)), v, hv)
   return jax.tree.map(lambda a, b: jnp.vdot(a, b).astype(jnp.float32), v, hv)
 
 
-def estimator(loss_fn: LossFn, *, probes: int) -> Estimator:
+def estimator(loss_fn: LossFn, *, probes: int, channels: bool = False) -> Estimator:
   """The estimator of `loss_fn`'s Hessian-block traces (see `Estimator`).
 
   Args:
     loss_fn: `loss_fn(x, batch) -> scalar`, twice differentiable in `x`.
     probes: probes per iteration and batch, evaluated together by `vmap`
       (memory grows with it: one forward-over-reverse pass per probe).
+    channels: also estimate each leaf's trace per channel (see the module doc).
 
   Raises:
     ValueError: `probes` < 1.
@@ -115,9 +140,10 @@ def estimator(loss_fn: LossFn, *, probes: int) -> Estimator:
 
   def step(key: PRNGKey, x: PyTree, batch: PyTree) -> PyTree:
     vs = rademacher_like(key, x, probes)  # leaves [P, ...]
-    return jax.vmap(lambda v: quadratic_forms(loss_fn, x, batch, v))(vs)  # leaves [P]
+    # Leaves [P], or [P, C] per channel.
+    return jax.vmap(lambda v: quadratic_forms(loss_fn, x, batch, v, channels))(vs)
 
-  return Estimator(step, probes)
+  return Estimator(step, probes, channels)
 
 
 def check_probes(probes: int) -> None:
@@ -130,7 +156,8 @@ class Estimator:
   """`estimate(key, x, batches, tol, max_iterations) -> Estimate`.
 
   One jitted, pure step (`step(key, x, batch)`: per leaf, `probes` trace
-  samples `[probes]` from vmapped probes on one batch; here
+  samples `[probes]`, or `[probes, C]` per channel, from vmapped probes on
+  one batch; here
   `v_l . (H v)_l`, or another estimator's, `haqjax.search.hawq.gauss_newton`)
   is compiled once per shapes, for any key, batch, tolerance and cap; the
   iterations and batches loop in Python. A `lax.scan` or `while_loop`
@@ -145,8 +172,10 @@ class Estimator:
     step: the jitted step.
   """
 
-  def __init__(self, step: Callable[[PRNGKey, PyTree, PyTree], PyTree], probes: int):
+  def __init__(self, step: Callable[[PRNGKey, PyTree, PyTree], PyTree], probes: int,
+               channels: bool = False):
     self.probes = probes
+    self.channels = channels
     self.step = jax.jit(step)
 
   def __call__(self, key: PRNGKey, x: PyTree, batches: Sequence[PyTree], tol: float,
@@ -166,19 +195,27 @@ class Estimator:
       raise ValueError("no batches; allowed: at least one batch")
     treedef = jax.tree.structure(x)
     samples = [[] for _ in batches]  # Per batch: [probes, leaves] per iteration.
+    channels = [[] for _ in batches]  # Per batch: leaves' [probes, C] per iteration.
     converged = False
     i = 0
     while i < max_iterations and not converged:
       ikey = jax.random.fold_in(key, i)
       for j, b in enumerate(batches):
-        out = jax.device_get(self.step(jax.random.fold_in(ikey, j), x, b))
-        samples[j].append(np.stack([np.reshape(a, -1) for a in jax.tree.leaves(out)], axis=1))
+        out = [np.reshape(a, (self.probes, -1)) for a in
+               jax.tree.leaves(jax.device_get(self.step(jax.random.fold_in(ikey, j), x, b)))]
+        samples[j].append(np.stack([a.sum(axis=1) for a in out], axis=1))
+        channels[j].append(out)
       i += 1
       mean, se = _mean_and_standard_error([np.concatenate(s, 0) for s in samples])
       converged = bool(tol > 0 and np.all(se <= tol * np.abs(mean)))
     unflatten = lambda v: treedef.unflatten([float(m) for m in v])
+    by_channel = None
+    if self.channels:  # Leaf k: the mean over batches of each batch's probe mean.
+      by_channel = treedef.unflatten([
+          np.mean([np.concatenate([it[k] for it in c], 0).astype(np.float64).mean(axis=0)
+                   for c in channels], axis=0) for k in range(treedef.num_leaves)])
     return Estimate(traces=unflatten(mean), iterations=i, converged=converged,
-                    standard_errors=unflatten(se))
+                    standard_errors=unflatten(se), channel_traces=by_channel)
 
 
 def _mean_and_standard_error(samples: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

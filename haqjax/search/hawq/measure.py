@@ -15,7 +15,13 @@ atomically), so a job that stops after the pass does not redo it:
      "weight_counts": [...], "activation_counts": [...],
      "weight_mse": [[...]], "activation_mse": [[...]],      # [L, 9]
      "omega": [[[...]]],                                      # [L, 9, 9]
-     "estimator": {"iterations", "probes", "converged", "seconds", ...}}
+     "estimator": {"iterations", "probes", "converged", "seconds",
+                   "granularity", ...},
+     # granularity 'channel' only: per layer, the traces per channel
+     "weight_channel_traces": [[...]], "activation_channel_traces": [[...]]}
+
+With `granularity='channel'` the errors are the trace-weighted ones
+(`sensitivity`'s module doc).
 
 Entries that are `+inf` in memory (bits that were not candidates) are
 `null` in the file.
@@ -37,7 +43,9 @@ import numpy as np
 
 from haqjax import io as haq_io
 from haqjax.hardware.budget import TABLE_BITS
+from haqjax.search.hawq import errors
 from haqjax.search.hawq import sensitivity as sens
+from haqjax.search.hawq.config import GRANULARITIES
 from haqjax.typing import PRNGKey
 from haqjax.typing import PyTree
 
@@ -52,10 +60,12 @@ class Sensitivity:
     traces: the Hessian traces (`sensitivity.Traces`).
     w_bits: candidate weight bit-widths measured.
     a_bits: candidate activation bit-widths measured.
-    weight_mse: `[L, 9]` per-element squared weight error over `TABLE_BITS`.
+    weight_mse: `[L, 9]` per-element squared weight error over `TABLE_BITS`
+      (trace-weighted over channels with `granularity='channel'`).
     activation_mse: `[L, 9]` the same for each layer's input.
     omega: `[L, 9, 9]` the perturbation table.
     seconds: wall time of the whole pass (traces and errors).
+    granularity: 'tensor' (HAWQ's isotropic noise per tensor) or 'channel'.
   """
   traces: sens.Traces
   w_bits: tuple[int, ...]
@@ -64,6 +74,7 @@ class Sensitivity:
   activation_mse: np.ndarray
   omega: np.ndarray
   seconds: float
+  granularity: str = "tensor"
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -72,6 +83,9 @@ class Sensitivity:
   def to_dict(self) -> dict[str, Any]:
     """The JSON form (see the module docstring)."""
     t = self.traces
+    channels = {} if t.weight_channels is None else {
+        "weight_channel_traces": [c.tolist() for c in t.weight_channels],
+        "activation_channel_traces": [c.tolist() for c in t.activation_channels]}
     return {
         "format": FORMAT, "layers": list(t.names), "table_bits": list(TABLE_BITS),
         "w_bits": list(self.w_bits), "a_bits": list(self.a_bits),
@@ -86,7 +100,8 @@ class Sensitivity:
         "estimator": {"curvature": t.curvature, "iterations": t.iterations,
                       "probes": t.probes,
                       "converged": t.converged, "trace_seconds": t.seconds,
-                      "seconds": self.seconds},
+                      "seconds": self.seconds, "granularity": self.granularity},
+        **channels,
     }
 
   @classmethod
@@ -106,10 +121,13 @@ class Sensitivity:
         converged=bool(est["converged"]), seconds=float(est["trace_seconds"]),
         curvature=str(est.get("curvature", "hessian")),
         weight_error=_optional(d.get("weight_trace_errors")),
-        activation_error=_optional(d.get("activation_trace_errors")))
+        activation_error=_optional(d.get("activation_trace_errors")),
+        weight_channels=_channels(d.get("weight_channel_traces")),
+        activation_channels=_channels(d.get("activation_channel_traces")))
     return cls(traces=traces, w_bits=tuple(d["w_bits"]), a_bits=tuple(d["a_bits"]),
                weight_mse=_infs(d["weight_mse"]), activation_mse=_infs(d["activation_mse"]),
-               omega=_infs(d["omega"]), seconds=float(est["seconds"]))
+               omega=_infs(d["omega"]), seconds=float(est["seconds"]),
+               granularity=str(est.get("granularity", "tensor")))
 
 
 def _nulls(a: np.ndarray) -> Any:
@@ -123,6 +141,10 @@ def _optional(x: Any) -> np.ndarray | None:
       np.where(np.equal(np.asarray(x, object), None), np.nan, x), np.float64)
 
 
+def _channels(x: Any) -> tuple[np.ndarray, ...] | None:
+  return None if x is None else tuple(np.asarray(c, np.float64) for c in x)
+
+
 def _infs(x: Any) -> np.ndarray:
   return np.asarray(np.where(np.equal(np.asarray(x, object), None), np.inf, x), np.float64)
 
@@ -131,7 +153,8 @@ def sensitivity_pass(key: PRNGKey, model: nn.Module, variables: PyTree,
                      batches: Sequence[PyTree], *, w_bits: Sequence[int],
                      a_bits: Sequence[int], probes: int, tol: float,
                      max_iterations: int, label_smoothing: float = 0.0,
-                     curvature: str = "hessian") -> Sensitivity:
+                     curvature: str = "hessian", granularity: str = "tensor"
+                     ) -> Sensitivity:
   """The sensitivity pass on `batches` (see `sensitivity.hessian_traces`).
 
   Args:
@@ -147,7 +170,12 @@ def sensitivity_pass(key: PRNGKey, model: nn.Module, variables: PyTree,
     max_iterations: cap on the estimator's iterations.
     label_smoothing: the training loss's.
     curvature: 'hessian' or 'gauss_newton' (`sensitivity.hessian_traces`).
+    granularity: 'tensor' (HAWQ's: one trace and one error per tensor) or
+      'channel' (both per channel; `sensitivity`'s module doc).
   """
+  if granularity not in GRANULARITIES:
+    raise ValueError(f"granularity={granularity!r}; allowed: {', '.join(GRANULARITIES)}")
+  channels = granularity == "channel"
   t0 = time.perf_counter()
   batches = list(batches)
   trace_key, error_key = jax.random.split(key)
@@ -156,17 +184,21 @@ def sensitivity_pass(key: PRNGKey, model: nn.Module, variables: PyTree,
   # in a second thread while the estimator runs (XLA compiles in one
   # thread; the two compilations overlap).
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-    errors = pool.submit(sens.quantization_mse, error_key, variables, recorded,
-                         num_batches=len(batches), w_bits=w_bits, a_bits=a_bits)
+    measured = pool.submit(errors.quantization_mse, error_key, variables, recorded,
+                         num_batches=len(batches), w_bits=w_bits, a_bits=a_bits,
+                         channels=channels)
     traces = sens.hessian_traces(trace_key, model, variables, batches, probes=probes,
                                  tol=tol, max_iterations=max_iterations,
                                  label_smoothing=label_smoothing, recorded=recorded,
-                                 curvature=curvature)
-    w_mse, a_mse = errors.result()
+                                 curvature=curvature, channels=channels)
+    w_mse, a_mse = measured.result()
+  if channels:
+    w_mse = errors.channel_weighted(w_mse, traces.weight_channels)
+    a_mse = errors.channel_weighted(a_mse, traces.activation_channels)
   return Sensitivity(traces=traces, w_bits=tuple(int(b) for b in w_bits),
                      a_bits=tuple(int(b) for b in a_bits), weight_mse=w_mse,
                      activation_mse=a_mse, omega=sens.perturbation_table(traces, w_mse, a_mse),
-                     seconds=time.perf_counter() - t0)
+                     seconds=time.perf_counter() - t0, granularity=granularity)
 
 
 def write_sensitivity(path: str | os.PathLike, sensitivity: Sensitivity) -> None:

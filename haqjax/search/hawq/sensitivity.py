@@ -39,10 +39,11 @@ not the Hessian of a network off a minimum, and the exact input Hessian costs on
 more leaf per layer in each Hessian-vector product, which the forward pass
 computes anyway.
 
-The errors use each layer's own quantizers (`QuantizedLayer.quantizers()`),
-calibrated for each bit-width as QAT's calibration does: the weight
-quantizer on the kernel, the activation quantizer on the inputs of all the
-batches (a dynamic one, e.g. min-max, then takes each batch's own range).
+The errors (`haqjax.search.hawq.errors`) use each layer's own quantizers
+(`QuantizedLayer.quantizers()`), calibrated for each bit-width as QAT's
+calibration does: the weight quantizer on the kernel, the activation
+quantizer on the inputs of all the batches (a dynamic one, e.g. min-max,
+then takes each batch's own range).
 With `fold_bn` the deployed kernel is the BN-folded one; the error here is
 the raw kernel's, which the trace refers to.
 
@@ -53,6 +54,25 @@ second operand, which the policy quantizes to the layer's `w_bits` with
 the activation quantizer (calibrated per batch, as activations), so
 `Omega[l, w, a]` of a matmul is the loss increase of quantizing its second
 operand to `w` bits and its first to `a` bits.
+
+Per channel (`granularity='channel'`). HAWQ's noise is isotropic over a
+whole tensor: one trace times the tensor's mean squared error. Where the
+curvature and the error are spread unevenly over channels that fails. On
+MobileNetV2 a channel that the ReLU before a depthwise layer leaves at zero
+on every input has a zero running variance in the BatchNorm after it, which
+then scales that channel by `gamma / sqrt(eps)`: the input trace is 10^4-10^5
+times the other layers', all of it in channels that quantization maps to
+zero exactly (no error), and the per-tensor product charges it to every
+bit-width. Splitting both factors over the channels (a kernel's output
+channels, an input's channels; `hutchinson`'s `channels`) gives
+
+    Omega_w[l, w] = sum_c Tr(H_w,l,c) * mse_w[l, c, w]
+
+and the same for activations; `weight_mse` and `activation_mse` then hold
+the trace-weighted errors `sum_c Tr_c mse_c / sum_c Tr_c` (the plain mean
+where the traces sum to zero or less), so `Omega = Tr * mse` holds for both
+granularities. Channels of one tensor have equal element counts, so equal
+channel traces give HAWQ's table again.
 
 The table has the cost table's axes (`haqjax.hardware.budget.TABLE_BITS`:
 1..8 and 32; `budget.table_index`), `+inf` at bit-widths that were not
@@ -79,9 +99,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from haqjax.bitwidths import FLOAT_BITS
-from haqjax.hardware.budget import TABLE_BITS
-from haqjax.hardware.budget import table_index
 from haqjax.nn import calibrate as calibrate_lib
 from haqjax.nn import depthwise
 from haqjax.nn.layers import QConv
@@ -89,6 +106,8 @@ from haqjax.nn.layers import QuantizedLayer
 from haqjax.nn.layers import layer_name
 from haqjax.nn.quantized import Quantized
 from haqjax.search.hawq import gauss_newton
+from haqjax.search.hawq.errors import channel_weighted  # noqa: F401 (part of this API)
+from haqjax.search.hawq.errors import quantization_mse  # noqa: F401 (part of this API)
 from haqjax.search.hawq import hutchinson
 from haqjax.search.hawq import wrapped
 from haqjax.search.hawq.config import CURVATURES
@@ -106,6 +125,8 @@ class Traces:
   Attributes:
     names: layer names.
     weight: `[L]` Tr(H) with respect to each layer's kernel.
+    (`weight_channels`, `activation_channels`: per layer, the same split over
+    its channels, `[C_l]`, or None.)
     activation: `[L]` Tr(H) with respect to a perturbation of each layer's
       input (one batch: `[B, ...]`).
     weight_count: `[L]` kernel elements.
@@ -130,6 +151,8 @@ class Traces:
   curvature: str = "hessian"
   weight_error: np.ndarray | None = None
   activation_error: np.ndarray | None = None
+  weight_channels: tuple[np.ndarray, ...] | None = None
+  activation_channels: tuple[np.ndarray, ...] | None = None
 
 
 def _cross_entropy(logits: Array, labels: Array, label_smoothing: float) -> Array:
@@ -215,7 +238,7 @@ def hessian_traces(key: PRNGKey, model: nn.Module, variables: PyTree,
                    batches: Sequence[PyTree], *, probes: int, tol: float,
                    max_iterations: int, label_smoothing: float = 0.0,
                    recorded: dict[str, dict[str, Any]] | None = None,
-                   curvature: str = "hessian") -> Traces:
+                   curvature: str = "hessian", channels: bool = False) -> Traces:
   """Per-layer Hessian traces of the loss (kernels and inputs) on `batches`.
 
   Args:
@@ -234,6 +257,7 @@ def hessian_traces(key: PRNGKey, model: nn.Module, variables: PyTree,
       `haqjax.search.hawq.gauss_newton`: positive semi-definite, the
       Hessian without the network's own second derivatives, estimated
       with far less variance per probe).
+    channels: also the traces per channel (the module doc's `granularity`).
 
   Returns:
     The traces, in the model's call order (its layer table's).
@@ -262,9 +286,9 @@ def hessian_traces(key: PRNGKey, model: nn.Module, variables: PyTree,
                    for n in names}}
     loss = layer_loss(model, variables, paths, criterion=criterion)
   if curvature == "gauss_newton":
-    estimate = gauss_newton.estimator(loss, probes=probes)
+    estimate = gauss_newton.estimator(loss, probes=probes, channels=channels)
   else:
-    estimate = hutchinson.estimator(loss, probes=probes)
+    estimate = hutchinson.estimator(loss, probes=probes, channels=channels)
   t0 = time.perf_counter()
   out = estimate(key, x, [{"image": b["image"], "label": b["label"]} for b in batches],
                  tol, max_iterations)
@@ -273,6 +297,7 @@ def hessian_traces(key: PRNGKey, model: nn.Module, variables: PyTree,
   second = lambda tree, n: tree["kernel"][n] if n in tree["kernel"] else tree["operand"][n]
   weight = lambda tree: np.array([second(tree, n) for n in names], np.float64)
   activation = lambda tree: np.array([tree["input"][n] for n in names], np.float64)
+  by_channel = out.channel_traces
   return Traces(
       names=names, weight=weight(out.traces), activation=activation(out.traces),
       weight_error=weight(out.standard_errors),
@@ -280,143 +305,11 @@ def hessian_traces(key: PRNGKey, model: nn.Module, variables: PyTree,
       weight_count=np.array([second(x, n).size for n in names], np.int64),
       activation_count=np.array([x["input"][n].size for n in names], np.int64),
       iterations=out.iterations, probes=out.iterations * probes,
-      converged=out.converged, seconds=seconds, curvature=curvature)
-
-
-def _calibrated(quantizer, x: Array, bits: Array) -> PyTree:
-  """`quantizer`'s parameters calibrated on `x` at `bits`."""
-  return quantizer.calibrate(quantizer.init(x), x, bits)
-
-
-def _parts_mse(quantizer, params: PyTree, parts: Array, bits: Array, key: PRNGKey) -> Array:
-  """Mean squared error of `quantizer` at `params`, `bits` over `parts` `[n, ...]`."""
-  keys = jax.random.split(key, parts.shape[0])
-
-  def error(part, k):
-    q = quantizer(params, part, bits, k if quantizer.needs_key else None)
-    return jnp.mean(jnp.square(q - part))
-  return jnp.mean(jax.vmap(error)(parts, keys))
-
-
-def _mse(quantizer, x: Array, parts: Array, bits: Array, key: PRNGKey) -> Array:
-  """`_parts_mse` of `quantizer` calibrated on `x` at `bits`."""
-  return _parts_mse(quantizer, _calibrated(quantizer, x, bits), parts, bits, key)
-
-
-_jitted_mse = jax.jit(_mse, static_argnums=0)
-_jitted_parts_mse = jax.jit(_parts_mse, static_argnums=0)
-# What tracing a quantizer's `calibrate` raises when it needs concrete data
-# (e.g. a grid picked from the data's sign).
-_UNTRACEABLE = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
-                jax.errors.TracerIntegerConversionError, jax.errors.TracerBoolConversionError)
-# Quantizers (hashable, equal by value) whose calibration could not be traced.
-_TRACEABLE: dict[Any, bool] = {}
-
-
-def _error(quantizer, x: Array, parts: Array, bits: int, key: PRNGKey) -> float:
-  """`_mse`, compiled once per quantizer and shape (any bits).
-
-  A quantizer whose calibration needs concrete data is calibrated op by op
-  and its error compiled with the parameters as data (run op by op, the
-  vmapped error took longer than the Hessian traces on digits_cnn); an
-  unhashable one runs op by op.
-  """
-  b = jnp.int32(bits)
-  try:
-    hash(quantizer)
-  except TypeError:  # A quantizer holding arrays cannot be a static argument.
-    return float(_mse(quantizer, x, parts, b, key))
-  if _TRACEABLE.get(quantizer, True):
-    try:
-      return float(_jitted_mse(quantizer, x, parts, b, key))
-    except _UNTRACEABLE:
-      _TRACEABLE[quantizer] = False  # Not traced again for other bits and layers.
-  return float(_jitted_parts_mse(quantizer, _calibrated(quantizer, x, b), parts, b, key))
-
-
-def _error_key(key: PRNGKey, layer: int, bits: Array) -> PRNGKey:
-  """Layer `layer`'s key at `bits`: the same inside a program and outside."""
-  return jax.random.fold_in(jax.random.fold_in(key, layer), bits)
-
-
-def _role_table(quantizers: tuple, xs: tuple[Array, ...], parts: tuple[Array, ...],
-                bits: Array, key: PRNGKey) -> Array:
-  """`[L, K]`: `_mse` of every layer's quantizer at every one of `bits` `[K]`.
-
-  One program for all layers, the bits looped in it (`lax.map`: one
-  bit-width's intermediates at a time, as a layer-by-layer loop would
-  hold).
-  """
-  return jnp.stack([
-      jax.lax.map(lambda b, l=l, q=q, x=x, p=p: _mse(q, x, p, b, _error_key(key, l, b)), bits)
-      for l, (q, x, p) in enumerate(zip(quantizers, xs, parts))])
-
-
-_jitted_role_table = jax.jit(_role_table, static_argnums=0)
-
-
-def _role_operands(role: str, variables: PyTree, recorded: dict[str, dict[str, Any]],
-                   num_batches: int) -> list[tuple[Any, Array, Array]]:
-  """Per layer: the quantizer, the data it is calibrated on, and its parts `[n, ...]`."""
-  out = []
-  for entry in recorded.values():
-    weight_q, act_q = entry["quantizers"]
-    if role == "weight" and "rhs_inputs" not in entry:
-      x = get_path(variables["params"], entry["path"])["kernel"]
-      out.append((weight_q, x, x[None]))
-    else:  # An activation, or a matmul's second operand (its weight_q is act_q).
-      quantizer = act_q if role == "activation" else weight_q
-      x = jnp.asarray(entry["inputs" if role == "activation" else "rhs_inputs"])
-      out.append((quantizer, x, x.reshape(num_batches, -1, *x.shape[1:])))  # [n, B, ...]
-  return out
-
-
-def quantization_mse(key: PRNGKey, variables: PyTree, recorded: dict[str, dict[str, Any]],
-                     *, num_batches: int, w_bits: Sequence[int], a_bits: Sequence[int]
-                     ) -> tuple[np.ndarray, np.ndarray]:
-  """Per-element squared errors `(w [L, 9], a [L, 9])` over `TABLE_BITS`.
-
-  Each role's table is one compiled program for all layers and bits when
-  every quantizer is hashable and its calibration traces; otherwise
-  layer by layer (`_error`).
-
-  Args:
-    key: for quantizers that round stochastically.
-    variables: the model's variables (FP32 kernels).
-    recorded: `record(model, variables, batches)`.
-    num_batches: how many batches (of one size) `recorded` concatenates;
-      each batch's activations are quantized on their own, as in training.
-    w_bits: weight bit-widths to evaluate (1..8); others are +inf, 32 is 0.
-    a_bits: activation bit-widths to evaluate.
-  """
-  out = {}
-  for role, bits in (("weight", w_bits), ("activation", a_bits)):
-    table = np.full((len(recorded), len(TABLE_BITS)), np.inf)
-    table[:, table_index(FLOAT_BITS)] = 0.0
-    bits = [int(b) for b in bits if b != FLOAT_BITS]
-    operands = _role_operands(role, variables, recorded, num_batches)
-    if bits and operands:
-      table[:, [table_index(b) for b in bits]] = _table(operands, bits, key)
-    out[role] = table
-  return out["weight"], out["activation"]
-
-
-def _table(operands: list[tuple[Any, Array, Array]], bits: list[int],
-           key: PRNGKey) -> np.ndarray:
-  """`[L, K]` errors of `operands` (`_role_operands`) at `bits`."""
-  quantizers = tuple(q for q, _, _ in operands)
-  try:
-    hash(quantizers)
-    if all(_TRACEABLE.get(q, True) for q in quantizers):
-      return np.asarray(_jitted_role_table(
-          quantizers, tuple(x for _, x, _ in operands), tuple(p for _, _, p in operands),
-          jnp.asarray(bits, jnp.int32), key), np.float64)
-  except TypeError:  # A quantizer holding arrays cannot be a static argument.
-    pass
-  except _UNTRACEABLE:
-    pass  # `_error` finds which quantizer and remembers it.
-  return np.array([[_error(q, x, p, b, _error_key(key, l, b)) for b in bits]
-                   for l, (q, x, p) in enumerate(operands)], np.float64)
+      converged=out.converged, seconds=seconds, curvature=curvature,
+      weight_channels=None if by_channel is None else tuple(
+          np.asarray(second(by_channel, n), np.float64) for n in names),
+      activation_channels=None if by_channel is None else tuple(
+          np.asarray(by_channel["input"][n], np.float64) for n in names))
 
 
 def perturbation_table(traces: Traces, w_mse: np.ndarray, a_mse: np.ndarray) -> np.ndarray:
