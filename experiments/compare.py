@@ -4,7 +4,7 @@ r"""Every search family against uniform at the same cost, over K seeds.
       [--targets=bismo-edge,bitfusion,...] [--metrics=latency,energy,size] \
       [--budgets=w2a2,w3a3,w4a4] \
       [--families=uniform,uniform_max,rl,rl_executed,gumbel,gumbel_absolute,hawq,greedy,
-                  hawq_channel,greedy_channel] \
+                  hawq_tensor,greedy_tensor] \
       [--quantizer=minmax|lsq] [--seeds=3] [--workdir=compare] \
       [--init_from=FP32_WORKDIR] [--quick]
 
@@ -36,8 +36,8 @@ trained here, in `<workdir>/<recipe>_fp32[_quick]/`):
       (`<family>/seed_<s>/search.json`: policy and seconds), the vmapped
       fine-tune jobs (`finetune_<hash>/`: stacked checkpoints, members.json)
       and `rows/<family>.json`, each row's figures, written last
-  sensitivity/seed_<s>/   the HAWQ and greedy sensitivity pass of seed s
-      (`sensitivity_channel/`: hawq_channel's and greedy_channel's)
+  sensitivity_channel/seed_<s>/  the HAWQ and greedy sensitivity pass of
+      seed s (`sensitivity/`: hawq_tensor's and greedy_tensor's, per tensor)
   policies/<bits>/        policy.json and `seed_<s>/results.json` per seed
   compare.csv, compare.md the table (`haqjax.report.comparison`): per row
       the cost ratio to the budget, test top-1 mean, std and members, the
@@ -249,7 +249,7 @@ def run_cell(grid: Grid, plan: families.Plan, fp32_dir: str, root: str, target: 
   cell = os.path.join(root, "cells", scope, metric, budget)
   row_path = lambda family: os.path.join(cell, "rows", f"{family}.json")
   config, search, gumbel, hawq = _configs(grid, plan, fp32_dir, scope, metric, budget)
-  stamps = {f: families.stamp_of(f, gumbel) for f in grid.families}
+  stamps = {f: families.stamp_of(f, gumbel, hawq) for f in grid.families}
   rows = {f: stages.read_json(row_path(f)) for f in grid.families}
   todo = [f for f, r in rows.items() if r is None or r["seeds"] != list(grid.seeds)
           or not families.stamped(r, stamps[f])]
@@ -262,7 +262,8 @@ def run_cell(grid: Grid, plan: families.Plan, fp32_dir: str, root: str, target: 
           lambda f=family, s=s: families.find(
               f, config.replace(seed=s), search, gumbel, hawq,
               dataclasses.replace(setup, workdir=os.path.join(cell, f, f"seed_{s}")),
-              os.path.join(root, families.sensitivity_folder(f), f"seed_{s}")),
+              os.path.join(root, families.sensitivity_folder(families.hawq_of(f, hawq)),
+                           f"seed_{s}")),
           stamps[family])
                        for s in (grid.seeds[:1] if family in SEEDLESS else grid.seeds)]
       if family in SEEDLESS:

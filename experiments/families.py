@@ -14,11 +14,11 @@ function per family from the FP32 weights to a policy:
   rl_executed  the same with `quickstart_rl_executed.flags`' agent: the
            replay stores the walled bits, the noise decays by 0.96;
   gumbel   the differentiable search (calibration, then the steps);
-  hawq     one sensitivity pass (Hutchinson traces) and HAWQ-V3's ILP;
+  hawq     one sensitivity pass (Gauss-Newton traces and errors per
+           channel) and HAWQ-V3's ILP;
   greedy   the same pass and the greedy allocation;
-  hawq_channel, greedy_channel  the same with the pass per channel
-           (`--hawq_granularity=channel`: traces and errors split over
-           channels, so a channel with curvature but no error adds nothing).
+  hawq_tensor, greedy_tensor  the same with HAWQ's pass per tensor
+           (`--hawq_granularity=tensor`).
 
 Every family reads its seed from `config.seed` (RL: the agent, the scorer's
 fine-tunes; Gumbel: the start and the sampling; HAWQ and greedy: the
@@ -42,8 +42,9 @@ FAMILIES = ("uniform", "rl", "gumbel", "hawq", "greedy")
 VARIANTS = {"rl_executed": ("rl", "quickstart_rl_executed"),
             "gumbel_absolute": ("gumbel", "quickstart_sweep_absolute")}
 # Variants of HAWQ and greedy: (family, the `HawqConfig` fields they change).
-HAWQ_VARIANTS = {"hawq_channel": ("hawq", {"hawq_granularity": "channel"}),
-                 "greedy_channel": ("greedy", {"hawq_granularity": "channel"})}
+HAWQ_VARIANTS = {"hawq_tensor": ("hawq", {"hawq_granularity": "tensor"}),
+                 "greedy_tensor": ("greedy", {"hawq_granularity": "tensor"})}
+HAWQ_FAMILIES = ("hawq", "greedy", *HAWQ_VARIANTS)
 # Uniform baselines beside the budget's own uniform policy; they search nothing.
 BASELINES = ("uniform_max",)
 # Budgets of the searches bench's Pareto fronts, ratios of uniform W4A4's
@@ -176,15 +177,19 @@ def cached(path: str, compute, stamp: dict[str, Any] | None = None) -> dict[str,
   return done
 
 
-def stamp_of(family: str, gumbel) -> dict[str, Any]:
+def stamp_of(family: str, gumbel, hawq=None) -> dict[str, Any]:
   """The settings that a family's cached searches and rows must match beyond
-  their configs' identity: the Gumbel derivation."""
-  gumbel_family = VARIANTS.get(family, (family,))[0] == "gumbel"
-  return {"gumbel_derive": gumbel.gumbel_derive} if gumbel_family else {}
+  their configs' identity: the Gumbel derivation, the sensitivity pass's
+  granularity."""
+  if VARIANTS.get(family, (family,))[0] == "gumbel":
+    return {"gumbel_derive": gumbel.gumbel_derive}
+  if family in HAWQ_FAMILIES and hawq is not None:
+    return {"hawq_granularity": hawq_of(family, hawq).hawq_granularity}
+  return {}
 
 
 # What records written before a stamp's field existed hold.
-_LEGACY = {"gumbel_derive": "wall"}
+_LEGACY = {"gumbel_derive": "wall", "hawq_granularity": "tensor"}
 
 
 def stamped(done: dict[str, Any], stamp: dict[str, Any] | None) -> bool:
@@ -263,12 +268,17 @@ def sweep_gumbel(config, search, gumbel, setup, walls) -> list[Any]:
       tensorboard=False).policies
 
 
-def sensitivity_folder(family: str) -> str:
-  """The folder name of `family`'s sensitivity passes: HAWQ's and greedy's
-  share "sensitivity", a variant's has its own."""
-  if family in HAWQ_VARIANTS:
-    return "sensitivity_" + HAWQ_VARIANTS[family][1]["hawq_granularity"]
-  return "sensitivity"
+def hawq_of(family: str, hawq):
+  """The `HawqConfig` of `family`: `hawq`, with a variant's changes."""
+  return hawq.replace(**HAWQ_VARIANTS[family][1]) if family in HAWQ_VARIANTS else hawq
+
+
+def sensitivity_folder(hawq) -> str:
+  """The folder name of the sensitivity passes of `hawq`'s granularity: the
+  families that share it share the passes ("sensitivity" per tensor,
+  "sensitivity_channel" per channel)."""
+  g = hawq.hawq_granularity
+  return "sensitivity" if g == "tensor" else f"sensitivity_{g}"
 
 
 def sensitivity_pass(config, search, hawq, setup, directory: str) -> tuple[Any, float]:
@@ -323,9 +333,8 @@ def find(family: str, config, search, gumbel, hawq, setup,
   allowed = FAMILIES + BASELINES + tuple(VARIANTS) + tuple(HAWQ_VARIANTS)
   if family not in allowed:
     raise ValueError(f"family is {family!r}; allowed: {', '.join(allowed)}")
-  if family in HAWQ_VARIANTS:
-    family, changes = HAWQ_VARIANTS[family]
-    hawq = hawq.replace(**changes)
+  hawq = hawq_of(family, hawq)
+  family = HAWQ_VARIANTS.get(family, (family,))[0]
   if family in VARIANTS:
     family, recipe = VARIANTS[family]
     if family == "rl":

@@ -98,14 +98,14 @@ def test_quick_comparison_pairs_seeds_and_resumes(tmp_path_factory):
   flags, folder = lt.digits_fp32(tmp_path_factory, "compare")
   args = ["--recipe=digits", _flag(flags, "data_dir"), _flag(flags, "compilation_cache"),
           _flag(flags, "init_from"), "--targets=bismo-edge", "--metrics=latency",
-          "--budgets=w4a4", "--families=greedy,hawq,uniform_max,hawq_channel", "--seeds=2",
+          "--budgets=w4a4", "--families=greedy,hawq,uniform_max,hawq_tensor", "--seeds=2",
           "--quick",
           f"--workdir={folder}"]
   lt.launch_ok(*args, module="experiments.compare")
   root = folder / "digits_minmax_quick"
   with open(root / "compare.csv") as f:
     rows = {r["family"]: r for r in csv.DictReader(f)}
-  assert list(rows) == ["uniform", "greedy", "hawq", "uniform_max", "hawq_channel"]
+  assert list(rows) == ["uniform", "greedy", "hawq", "uniform_max", "hawq_tensor"]
   members = {f: [float(v) for v in r["members"].split()] for f, r in rows.items()}
   uniform = members["uniform"]
   assert len(uniform) == 2 and float(rows["uniform"]["cost_ratio"]) == 1.0
@@ -114,15 +114,16 @@ def test_quick_comparison_pairs_seeds_and_resumes(tmp_path_factory):
   # uniform W4A4's latency is W4A4 itself, the same fine-tunes, nothing to pair.
   assert members["uniform_max"] == uniform and rows["uniform_max"]["diff_mean"] == ""
   cell = root / "cells" / "bismo-edge" / "latency" / "w4a4"
-  # The variant's passes are its own, per channel; HAWQ's and greedy's one per seed.
+  # HAWQ and greedy share one pass per seed, per channel; the variant has its
+  # own, per tensor.
   for seed in (0, 1):
-    own = json.loads((root / "sensitivity_channel" / f"seed_{seed}" / "sensitivity.json")
-                     .read_text())
-    shared = json.loads((root / "sensitivity" / f"seed_{seed}" / "sensitivity.json")
+    shared = json.loads((root / "sensitivity_channel" / f"seed_{seed}" / "sensitivity.json")
                         .read_text())
-    assert own["estimator"]["granularity"] == "channel" and "activation_channel_traces" in own
-    assert shared["estimator"]["granularity"] == "tensor"
-  for family in ("greedy", "hawq", "hawq_channel"):
+    own = json.loads((root / "sensitivity" / f"seed_{seed}" / "sensitivity.json").read_text())
+    assert shared["estimator"]["granularity"] == "channel"
+    assert "activation_channel_traces" in shared
+    assert own["estimator"]["granularity"] == "tensor"
+  for family in ("greedy", "hawq", "hawq_tensor"):
     row, diffs = rows[family], [a - b for a, b in zip(members[family], uniform)]
     assert float(row["diff_mean"]) == pytest.approx(sum(diffs) / 2, abs=1e-9)
     assert float(row["ci_low"]) <= float(row["diff_mean"]) <= float(row["ci_high"])
@@ -143,7 +144,7 @@ def test_quick_comparison_pairs_seeds_and_resumes(tmp_path_factory):
              for p in glob.glob(str(root / "**" / "*.json"), recursive=True)}
   csv_text = (root / "compare.csv").read_text()
   grid = compare.check_grid("digits", ["bismo-edge"], ["latency"], ["w4a4"],
-                            ["greedy", "hawq", "uniform_max", "hawq_channel"], "minmax", 2,
+                            ["greedy", "hawq", "uniform_max", "hawq_tensor"], "minmax", 2,
                             quick=True,
                             init_from=_flag(flags, "init_from").split("=", 1)[1])
   again = compare.run(grid, str(folder))  # In this process: only reads.
@@ -272,6 +273,7 @@ def test_table_pairs_with_another_reference_where_the_budget_has_it():
 
 def test_cached_searches_with_another_gumbel_derivation_are_derived_again(tmp_path):
   from haqjax.search.gumbel import GumbelConfig
+  from haqjax.search.hawq import HawqConfig
   path = str(tmp_path / "search.json")
   stamp = families.stamp_of("gumbel", GumbelConfig())
   assert stamp == {"gumbel_derive": "map"} and families.stamp_of("hawq", GumbelConfig()) == {}
@@ -290,6 +292,14 @@ def test_cached_searches_with_another_gumbel_derivation_are_derived_again(tmp_pa
   assert json.loads(open(path).read()) == done
   # A matching record is read back.
   assert families.cached(path, lambda: compute(8), stamp) == done and calls == [4]
+  # HAWQ's and greedy's records carry their pass's granularity; one written
+  # before it was recorded is per tensor.
+  hawq = HawqConfig()
+  assert families.stamp_of("greedy", GumbelConfig(), hawq) == {"hawq_granularity": "channel"}
+  tensor = families.stamp_of("hawq_tensor", GumbelConfig(), hawq)
+  assert tensor == {"hawq_granularity": "tensor"}
+  assert families.stamped({"seconds": 1.0}, tensor)
+  assert not families.stamped({"seconds": 1.0}, families.stamp_of("hawq", GumbelConfig(), hawq))
   # Without a stamp (other families) any record is read back.
   assert families.cached(path, lambda: compute(8)) == done and calls == [4]
   assert not families.stamped({"seconds": 1.0}, stamp)

@@ -128,9 +128,9 @@ def test_a_dead_channel_adds_curvature_but_no_error_per_channel():
   model, variables, batches = dead_channel_problem()
   kwargs = dict(w_bits=(2, 4, 8), a_bits=(2, 4, 8), probes=16, tol=0.0, max_iterations=8,
                 curvature="gauss_newton")
-  tensor = measure.sensitivity_pass(jax.random.key(0), model, variables, batches, **kwargs)
-  channel = measure.sensitivity_pass(jax.random.key(0), model, variables, batches,
-                                     granularity="channel", **kwargs)
+  tensor = measure.sensitivity_pass(jax.random.key(0), model, variables, batches,
+                                    granularity="tensor", **kwargs)
+  channel = measure.sensitivity_pass(jax.random.key(0), model, variables, batches, **kwargs)
   assert tensor.granularity == "tensor" and channel.granularity == "channel"
   i = lambda b: int(table_index(b))
   traces = channel.traces.activation_channels[1]  # fc2's input, [4]
@@ -172,10 +172,10 @@ def test_channel_pass_round_trips_through_its_file(tmp_path):
 
 def test_bad_granularity_is_one_line():
   with pytest.raises(ValueError, match=r"^hawq_granularity='layer' is not allowed; "
-                                       r"allowed: tensor, channel$"):
+                                       r"allowed: channel, tensor$"):
     HawqConfig(hawq_granularity="layer")
   model, variables, batches = dead_channel_problem()
-  with pytest.raises(ValueError, match=r"^granularity='layer'; allowed: tensor, channel$"):
+  with pytest.raises(ValueError, match=r"^granularity='layer'; allowed: channel, tensor$"):
     measure.sensitivity_pass(jax.random.key(0), model, variables, batches, w_bits=(8,),
                              a_bits=(8,), probes=2, tol=0.0, max_iterations=1,
                              granularity="layer")

@@ -31,10 +31,10 @@ def _parse(*args):
 def test_hawq_flags_give_the_config():
   proc = _parse("--hawq_bits=4,8", "--hawq_probes=3", "--hawq_tolerance=0.01",
                 "--hawq_max_iterations=7", "--hawq_batches=1", "--hawq_allocator=greedy",
-                "--hawq_curvature=gauss_newton", "--hawq_granularity=channel")
+                "--hawq_curvature=gauss_newton", "--hawq_granularity=tensor")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
-      "hawq_bits": "4,8", "hawq_curvature": "gauss_newton", "hawq_granularity": "channel",
+      "hawq_bits": "4,8", "hawq_curvature": "gauss_newton", "hawq_granularity": "tensor",
       "hawq_probes": 3, "hawq_tolerance": 0.01,
       "hawq_max_iterations": 7, "hawq_batches": 1, "hawq_allocator": "greedy"}
 

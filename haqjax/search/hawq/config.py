@@ -16,7 +16,7 @@ ALLOCATORS = ("ilp", "greedy", "monotone")
 # What the sensitivity pass takes the traces of (`sensitivity.hessian_traces`).
 CURVATURES = ("hessian", "gauss_newton")
 # Over what the quantization noise counts as isotropic (`sensitivity`'s module doc).
-GRANULARITIES = ("tensor", "channel")
+GRANULARITIES = ("channel", "tensor")
 
 # Fields that may differ between a job and its resumption.
 RESUMABLE_CHANGES = frozenset()
@@ -38,11 +38,12 @@ class HawqConfig(JsonConfig):
       `haqjax.search.hawq.gauss_newton`) or 'hessian' (HAWQ-V2/V3's and
       PyHessian's: Hutchinson's estimator on the loss's Hessian,
       forward-over-reverse products).
-    hawq_granularity: 'tensor' (HAWQ-V2/V3's: one trace times the
-      tensor's mean squared error) or 'channel' (traces and errors per
-      channel, summed: a channel with large curvature but no error, such
-      as a dead ReLU channel before a BatchNorm of zero variance, adds
-      nothing).
+    hawq_granularity: 'channel' (traces and errors per channel, summed:
+      a channel with large curvature but no error, such as a dead ReLU
+      channel before a BatchNorm of zero variance, adds nothing) or
+      'tensor' (HAWQ-V2/V3's: one trace times the tensor's mean squared
+      error, which on MobileNetV2 charged such channels' curvature to
+      every bit-width of the depthwise inputs).
     hawq_probes: probes per iteration and batch, evaluated together (vmap);
       memory grows with it.
     hawq_tolerance: the estimate stops once every layer's trace has a
@@ -65,7 +66,7 @@ class HawqConfig(JsonConfig):
 
   hawq_bits: str = ""
   hawq_curvature: str = "gauss_newton"
-  hawq_granularity: str = "tensor"
+  hawq_granularity: str = "channel"
   hawq_probes: int = 8
   hawq_tolerance: float = 0.1
   hawq_max_iterations: int = 30

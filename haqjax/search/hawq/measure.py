@@ -65,7 +65,8 @@ class Sensitivity:
     activation_mse: `[L, 9]` the same for each layer's input.
     omega: `[L, 9, 9]` the perturbation table.
     seconds: wall time of the whole pass (traces and errors).
-    granularity: 'tensor' (HAWQ's isotropic noise per tensor) or 'channel'.
+    granularity: 'channel' or 'tensor' (HAWQ's isotropic noise per tensor;
+      a file without the field is one).
   """
   traces: sens.Traces
   w_bits: tuple[int, ...]
@@ -153,7 +154,7 @@ def sensitivity_pass(key: PRNGKey, model: nn.Module, variables: PyTree,
                      batches: Sequence[PyTree], *, w_bits: Sequence[int],
                      a_bits: Sequence[int], probes: int, tol: float,
                      max_iterations: int, label_smoothing: float = 0.0,
-                     curvature: str = "hessian", granularity: str = "tensor"
+                     curvature: str = "hessian", granularity: str = "channel"
                      ) -> Sensitivity:
   """The sensitivity pass on `batches` (see `sensitivity.hessian_traces`).
 
@@ -170,8 +171,8 @@ def sensitivity_pass(key: PRNGKey, model: nn.Module, variables: PyTree,
     max_iterations: cap on the estimator's iterations.
     label_smoothing: the training loss's.
     curvature: 'hessian' or 'gauss_newton' (`sensitivity.hessian_traces`).
-    granularity: 'tensor' (HAWQ's: one trace and one error per tensor) or
-      'channel' (both per channel; `sensitivity`'s module doc).
+    granularity: 'channel' (traces and errors per channel; `sensitivity`'s
+      module doc) or 'tensor' (HAWQ's: one trace and one error per tensor).
   """
   if granularity not in GRANULARITIES:
     raise ValueError(f"granularity={granularity!r}; allowed: {', '.join(GRANULARITIES)}")
