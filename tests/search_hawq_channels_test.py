@@ -36,18 +36,20 @@ def test_hutchinson_channel_traces_of_a_diagonal_hessian_are_exact():
   assert plain.traces == pytest.approx(out.traces)
 
 
-class Tiny(nn.Module):
-  """Two dense layers with a curved non-linearity between them."""
+class TwoDense(nn.Module):
+  """Two dense layers with a ReLU between them (`dead_channel_problem` kills
+  fc1's first output and has fc2 amplify that channel 1000 times, as a
+  BatchNorm of zero running variance does)."""
 
   @nn.compact
   def __call__(self, x, policy=None, train=False):
     del train
-    h = jnp.sin(2.0 * QDense(4, name="fc1")(x, policy))
+    h = nn.relu(QDense(4, name="fc1")(x, policy))
     return QDense(3, name="fc2")(h, policy)
 
 
 def test_gauss_newton_channel_traces_match_the_exact_matrix():
-  model = Tiny()
+  model = TwoDense()
   variables = model.init(jax.random.key(1), jnp.zeros((1, 3)))
   batch = {"image": jax.random.normal(jax.random.key(2), (6, 3)),
            "label": jnp.zeros((6,), jnp.int32)}
@@ -69,7 +71,7 @@ def test_gauss_newton_channel_traces_match_the_exact_matrix():
 
 
 def test_channel_errors_average_to_the_tensor_errors():
-  model = Tiny()
+  model = TwoDense()
   variables = model.init(jax.random.key(1), jnp.zeros((1, 3)))
   batches = [{"image": jax.random.normal(k, (4, 3)), "label": jnp.zeros((4,), jnp.int32)}
              for k in jax.random.split(jax.random.key(2), 2)]
@@ -99,20 +101,8 @@ def test_channel_weighted_by_hand():
   assert got[1, 1] == pytest.approx(2.0)  # No curvature at all: the plain mean.
 
 
-class DeadChannel(nn.Module):
-  """fc1's first output is never positive, so fc2's first input channel is
-  zero on every input; fc2 amplifies that channel 1000 times (as a BatchNorm
-  of zero running variance does)."""
-
-  @nn.compact
-  def __call__(self, x, policy=None, train=False):
-    del train
-    h = nn.relu(QDense(4, name="fc1")(x, policy))
-    return QDense(3, name="fc2")(h, policy)
-
-
 def dead_channel_problem():
-  model = DeadChannel()
+  model = TwoDense()
   variables = model.init(jax.random.key(4), jnp.zeros((1, 3)))
   params = jax.tree.map(lambda a: a, variables["params"])
   params["fc1"]["kernel"] = params["fc1"]["kernel"].at[:, 0].set(0.0)
