@@ -195,6 +195,7 @@ def finetune_members(config, search, setup, pairs, root: str, job_root: str
   from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
   from haqjax.policy import save_policy  # pylint: disable=g-import-not-at-top
   from haqjax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from haqjax.train import divergence  # pylint: disable=g-import-not-at-top
   from haqjax.train import members  # pylint: disable=g-import-not-at-top
   from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
   pairs = list({(families.policy_key(p), s): (p, s) for p, s in pairs}.values())
@@ -224,8 +225,13 @@ def finetune_members(config, search, setup, pairs, root: str, job_root: str
     job = os.path.join(job_root, "finetune_" + hashlib.sha1(names.encode()).hexdigest()[:12])
     os.makedirs(job, exist_ok=True)
     haq_io.write_json(os.path.join(job, "members.json"), names.split())
-    fitted = members.fit_members(fconfig, model, splits, states, members.stack(policies),
-                                 seeds, job)
+    try:
+      fitted = members.fit_members(fconfig, model, splits, states, members.stack(policies),
+                                   seeds, job)
+    except divergence.Diverged as e:  # Named by its member: which policy it was.
+      found = re.match(r"member (\d+) ", str(e))
+      which = f" (policy {families.policy_key(pending[int(found.group(1))][0])})" if found else ""
+      raise divergence.Diverged(f"{job}: {e}{which}") from None
     for k, ((policy, seed), resolved) in enumerate(zip(pending, policies)):
       test, val = fitted["test"][k], (fitted["val"][k] if fitted["val"] else {})
       haq_io.write_json(result(policy, seed), {

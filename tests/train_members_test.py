@@ -161,3 +161,12 @@ def test_killed_job_resumes_to_the_same_members(setup):
                resumed["state"].variables(), whole["state"].variables())
   assert [t["top1"] for t in resumed["test"]] == pytest.approx(
       [t["top1"] for t in whole["test"]], abs=ONE_IMAGE + 1e-9)
+
+
+def test_a_diverged_member_is_named():
+  fetched = [{"loss": np.array([0.5, 0.4]), "grad_norm": np.array([1.0, 2.0])},
+             {"loss": np.array([0.5, 0.4]), "grad_norm": np.array([1.0, np.inf])}]
+  members.check_members(fetched[:1], [3, 4], 9, None)  # Finite: nothing raised.
+  with pytest.raises(ValueError, match=r"^member 1 \(seed 4\): training diverged: grad_norm "
+                                       r"is inf at step 10; no checkpoint was written"):
+    members.check_members(fetched, [3, 4], 10, None)

@@ -196,9 +196,7 @@ def fit_members(config: Config, model, splits, states: steps.TrainState,
           first_step_seconds = loop_start - t0
         if step % config.log_every_steps == 0 or step == total_steps:
           fetched = jax.device_get(running)  # Each leaf [K].
-          # A sum over members is finite only when every member's metric is.
-          divergence.check_metrics([{n: np.sum(v) for n, v in m.items()} for m in fetched],
-                                   step, last_checkpoint)
+          check_members(fetched, seeds, step, last_checkpoint)
           means = {f"train/{n}": float(np.mean([m[n] for m in fetched])) for n in fetched[0]}
           writer.write_scalars(step, {**means, "train/lr": float(schedule(step - 1))})
           running = []
@@ -225,6 +223,19 @@ def fit_members(config: Config, model, splits, states: steps.TrainState,
   return {"state": states, "steps": step, "epochs": step / steps_per_epoch,
           "val": val, "test": test, "traces": dict(member_steps.traces),
           "first_step_seconds": first_step_seconds, "train_seconds": train_seconds}
+
+
+def check_members(fetched: Sequence[dict[str, Any]], seeds: Sequence[int], step: int,
+                  last_checkpoint: str | None) -> None:
+  """`divergence.check_metrics` on each member's metrics (leaves `[K]`); the
+  `Diverged` message starts with the first member whose metric is not finite
+  ("member k (seed s): training diverged: ...")."""
+  for k, seed in enumerate(seeds):
+    try:
+      divergence.check_metrics([{n: np.asarray(v)[k] for n, v in m.items()} for m in fetched],
+                               step, last_checkpoint)
+    except divergence.Diverged as e:
+      raise divergence.Diverged(f"member {k} (seed {seed}): {e}") from None
 
 
 def summarize(values: Sequence[float | None]) -> dict[str, Any]:
