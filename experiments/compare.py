@@ -228,10 +228,9 @@ def finetune_members(config, search, setup, pairs, root: str, job_root: str
     try:
       fitted = members.fit_members(fconfig, model, splits, states, members.stack(policies),
                                    seeds, job)
-    except divergence.Diverged as e:  # Named by its member: which policy it was.
-      found = re.match(r"member (\d+) ", str(e))
-      which = f" (policy {families.policy_key(pending[int(found.group(1))][0])})" if found else ""
-      raise divergence.Diverged(f"{job}: {e}{which}") from None
+    except divergence.Diverged as e:  # Which policy its member was.
+      which = "" if e.member is None else f" (policy {families.policy_key(pending[e.member][0])})"
+      raise divergence.Diverged(f"{job}: {e}{which}", member=e.member) from None
     for k, ((policy, seed), resolved) in enumerate(zip(pending, policies)):
       test, val = fitted["test"][k], (fitted["val"][k] if fitted["val"] else {})
       haq_io.write_json(result(policy, seed), {

@@ -32,7 +32,16 @@ from haqjax.typing import PyTree
 
 
 class Diverged(ValueError):
-  """A non-finite loss or state; the message names the step and the last good checkpoint."""
+  """A non-finite loss or state; the message names the step and the last good checkpoint.
+
+  Attributes:
+    member: in a job of stacked members (`haqjax.train.members`), the index
+      of the member that diverged; None otherwise.
+  """
+
+  def __init__(self, message: str, member: int | None = None):
+    super().__init__(message)
+    self.member = member
 
 
 def _kept(last_checkpoint: str | os.PathLike | None) -> str:

@@ -227,15 +227,20 @@ def fit_members(config: Config, model, splits, states: steps.TrainState,
 
 def check_members(fetched: Sequence[dict[str, Any]], seeds: Sequence[int], step: int,
                   last_checkpoint: str | None) -> None:
-  """`divergence.check_metrics` on each member's metrics (leaves `[K]`); the
-  `Diverged` message starts with the first member whose metric is not finite
-  ("member k (seed s): training diverged: ...")."""
-  for k, seed in enumerate(seeds):
-    try:
-      divergence.check_metrics([{n: np.asarray(v)[k] for n, v in m.items()} for m in fetched],
-                               step, last_checkpoint)
-    except divergence.Diverged as e:
-      raise divergence.Diverged(f"member {k} (seed {seed}): {e}") from None
+  """`divergence.check_metrics` of the members' metrics (leaves `[K]`): on a
+  non-finite one, `Diverged` names the first member with one
+  ("member k (seed s): training diverged: ...") and holds `k` as `member`."""
+  try:  # A sum over members is finite only when every member's metric is.
+    divergence.check_metrics([{n: np.sum(v) for n, v in m.items()} for m in fetched],
+                             step, last_checkpoint)
+  except divergence.Diverged:
+    for k, seed in enumerate(seeds):
+      try:
+        divergence.check_metrics([{n: np.asarray(v)[k] for n, v in m.items()}
+                                  for m in fetched], step, last_checkpoint)
+      except divergence.Diverged as e:
+        raise divergence.Diverged(f"member {k} (seed {seed}): {e}", member=k) from None
+    raise
 
 
 def summarize(values: Sequence[float | None]) -> dict[str, Any]:

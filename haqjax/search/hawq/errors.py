@@ -42,8 +42,8 @@ def _parts_mse(quantizer, params: PyTree, parts: Array, bits: Array, key: PRNGKe
   def error(part, k):
     q = quantizer(params, part, bits, k if quantizer.needs_key else None)
     if channels:
-      return hutchinson.per_channel(jnp.square(q - part)) * (
-          hutchinson.channel_count(part.shape) / part.size)
+      return jnp.mean(jnp.square(q - part).reshape(-1, hutchinson.channel_count(part.shape)),
+                      axis=0)
     return jnp.mean(jnp.square(q - part))
   return jnp.mean(jax.vmap(error)(parts, keys), axis=0)
 

@@ -195,7 +195,8 @@ class Estimator:
       raise ValueError("no batches; allowed: at least one batch")
     treedef = jax.tree.structure(x)
     samples = [[] for _ in batches]  # Per batch: [probes, leaves] per iteration.
-    channels = [[] for _ in batches]  # Per batch: leaves' [probes, C] per iteration.
+    # Per leaf, its channel samples `[C]` summed over every probe and batch.
+    channel_sums = None
     converged = False
     i = 0
     while i < max_iterations and not converged:
@@ -204,16 +205,17 @@ class Estimator:
         out = [np.reshape(a, (self.probes, -1)) for a in
                jax.tree.leaves(jax.device_get(self.step(jax.random.fold_in(ikey, j), x, b)))]
         samples[j].append(np.stack([a.sum(axis=1) for a in out], axis=1))
-        channels[j].append(out)
+        if self.channels:
+          sums = [a.astype(np.float64).sum(axis=0) for a in out]
+          channel_sums = sums if channel_sums is None else [
+              s + t for s, t in zip(channel_sums, sums)]
       i += 1
       mean, se = _mean_and_standard_error([np.concatenate(s, 0) for s in samples])
       converged = bool(tol > 0 and np.all(se <= tol * np.abs(mean)))
     unflatten = lambda v: treedef.unflatten([float(m) for m in v])
-    by_channel = None
-    if self.channels:  # Leaf k: the mean over batches of each batch's probe mean.
-      by_channel = treedef.unflatten([
-          np.mean([np.concatenate([it[k] for it in c], 0).astype(np.float64).mean(axis=0)
-                   for c in channels], axis=0) for k in range(treedef.num_leaves)])
+    # Every batch has as many probes: the mean over batches of each batch's mean.
+    by_channel = None if channel_sums is None else treedef.unflatten(
+        [s / (len(batches) * self.probes * i) for s in channel_sums])
     return Estimate(traces=unflatten(mean), iterations=i, converged=converged,
                     standard_errors=unflatten(se), channel_traces=by_channel)
 
