@@ -77,6 +77,7 @@ import time
 from typing import Any
 
 from absl import flags
+from absl import logging
 
 from experiments import cli
 from experiments import families
@@ -185,6 +186,9 @@ def finetune_members(config, search, setup, pairs, root: str, job_root: str
   `member_dir(...)/results.json`, written last, so a fine-tune that two
   families, budgets or targets share runs once. The job's stacked
   checkpoints are in `job_root/finetune_<members>/` (a rerun resumes).
+  A member that diverges is dropped from the job and its results hold
+  `diverged` (the message naming step and metric) and no figures; the
+  others train on.
 
   Returns:
     `{(policy_key, seed): results}` of every pair.
@@ -195,7 +199,6 @@ def finetune_members(config, search, setup, pairs, root: str, job_root: str
   from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
   from haqjax.policy import save_policy  # pylint: disable=g-import-not-at-top
   from haqjax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from haqjax.train import divergence  # pylint: disable=g-import-not-at-top
   from haqjax.train import members  # pylint: disable=g-import-not-at-top
   from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
   pairs = list({(families.policy_key(p), s): (p, s) for p, s in pairs}.values())
@@ -225,21 +228,21 @@ def finetune_members(config, search, setup, pairs, root: str, job_root: str
     job = os.path.join(job_root, "finetune_" + hashlib.sha1(names.encode()).hexdigest()[:12])
     os.makedirs(job, exist_ok=True)
     haq_io.write_json(os.path.join(job, "members.json"), names.split())
-    try:
-      fitted = members.fit_members(fconfig, model, splits, states, members.stack(policies),
-                                   seeds, job)
-    except divergence.Diverged as e:  # Which policy its member was.
-      which = "" if e.member is None else f" (policy {families.policy_key(pending[e.member][0])})"
-      raise divergence.Diverged(f"{job}: {e}{which}", member=e.member) from None
+    fitted = members.fit_members(fconfig, model, splits, states, members.stack(policies),
+                                 seeds, job, keep_going=True)
     for k, ((policy, seed), resolved) in enumerate(zip(pending, policies)):
-      test, val = fitted["test"][k], (fitted["val"][k] if fitted["val"] else {})
+      test, val = fitted["test"][k] or {}, (fitted["val"][k] if fitted["val"] else None) or {}
+      if k in fitted["diverged"]:
+        logging.warning("%s: %s (policy %s); recorded as diverged", job,
+                        fitted["diverged"][k], families.policy_key(policy))
       haq_io.write_json(result(policy, seed), {
           "mode": "qat", "model": config.model, "dataset": config.dataset,
           "policy": resolved.to_dict()["layers"], "seed": seed,
           "weight_quantizer": fconfig.weight_quantizer,
           "act_quantizer": fconfig.act_quantizer, "steps": fitted["steps"],
-          "epochs": fitted["epochs"], "test_top1": test["top1"], "test_top5": test["top5"],
-          "test_loss": test["loss"], "val_top1": val.get("top1"),
+          "epochs": fitted["epochs"], "diverged": fitted["diverged"].get(k),
+          "test_top1": test.get("top1"), "test_top5": test.get("top5"),
+          "test_loss": test.get("loss"), "val_top1": val.get("top1"),
           "val_loss": val.get("loss"), "job": os.path.relpath(job, root),
           "vmapped_members": len(pending), "train_seconds": fitted["train_seconds"]})
   return {(families.policy_key(p), s): stages.read_json(result(p, s)) for p, s in pairs}
@@ -285,6 +288,8 @@ def run_cell(grid: Grid, plan: families.Plan, fp32_dir: str, root: str, target: 
           "seeds": list(grid.seeds),
           "members": [tuned[families.policy_key(p), s]["test_top1"]
                       for p, s in zip(policies, grid.seeds)],
+          "diverged": [tuned[families.policy_key(p), s].get("diverged")
+                       for p, s in zip(policies, grid.seeds)],
           "cost_ratio": sum(c["ratio"] for c in costs) / len(costs),
           "cost_ratios": [c["ratio"] for c in costs], "costs": [c["cost"] for c in costs],
           "fits": all(bool(setup.wall.fits(p.w_bits, p.a_bits)) for p in policies),

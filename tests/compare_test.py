@@ -54,7 +54,7 @@ def test_table_pairs_each_family_with_its_budgets_uniform_row(tmp_path):
   with pytest.raises(ValueError, match="t/latency/w2a2 has no uniform row"):
     comparison.table([_row("uniform", [1.0]), _row("hawq", [1.0], "w2a2")])
   text = open(comparison.write_markdown(str(tmp_path / "c.md"), lines)).read()
-  assert "| t | latency | w4a4 | hawq | 1.000 | 63.00 | 2.83 | 61.00 65.00 | +2.00 |" in text
+  assert "| t | latency | w4a4 | hawq | 1.000 | 63.00 | 2.83 | 61.00 65.00 | 0 | +2.00 |" in text
   with open(comparison.write_csv(str(tmp_path / "c.csv"), lines)) as f:
     rows = list(csv.DictReader(f))
   assert [r["family"] for r in rows] == ["uniform", "hawq", "uniform", "rl"]
@@ -256,6 +256,35 @@ def test_summary_has_a_row_per_budget_and_marks_intervals():
   below = comparison.summary(comparison.table(
       [row("uniform", [60.0, 62.0, 61.0]), row("rl", [58.0, 60.1, 58.9])]))
   assert "_59.00 ± 1.05 (-2.00 [-2.25, -1.75])_" in below
+
+
+def test_a_diverged_member_leaves_its_pair_and_is_counted(tmp_path):
+  lines = comparison.table([
+      _row("uniform", [60.0, 62.0, 61.0]), _row("hawq", [64.0, None, 66.0]),
+      _row("rl", [None, None, None]), _row("greedy", [61.0, 63.0, None])])
+  hawq, rl, greedy = lines[1:]
+  # hawq: mean and std of 64 and 66; differences 4 and 5 (seeds 0 and 2).
+  assert hawq["diverged"] == 1 and hawq["top1_mean"] == 65.0
+  assert hawq["top1_std"] == pytest.approx(math.sqrt(2))
+  assert hawq["diff_mean"] == 4.5
+  assert hawq["ci_high"] - 4.5 == pytest.approx(12.7062 * 0.5, abs=1e-4)
+  assert rl["diverged"] == 3 and rl["top1_mean"] is None and rl["diff_mean"] is None
+  assert greedy["diff_mean"] == 1.0 and greedy["diverged"] == 1
+  # A diverged reference member drops the pair too.
+  ref = comparison.table([_row("uniform", [60.0, None]), _row("hawq", [61.0, 70.0])])
+  assert ref[1]["diff_mean"] == 1.0 and ref[1]["ci_low"] is None
+  text = comparison.summary(lines).splitlines()
+  assert text[2].split(" | ")[4:] == ["65.00 ± 1.41, 1 of 3 diverged (+4.50 [-1.85, +10.85])",
+                                     "diverged (3 of 3)",
+                                     "**62.00 ± 1.41, 1 of 3 diverged (+1.00 [+1.00, +1.00])** |"]
+  markdown = comparison.markdown(lines)
+  assert "| 64.00 diverged 66.00 | 1 |" in markdown
+  with open(comparison.write_csv(str(tmp_path / "c.csv"), lines)) as f:
+    rows = list(csv.DictReader(f))
+  assert rows[2]["members"] == "nan nan nan" and rows[2]["diverged"] == "3"
+  comparison.plot_target(str(tmp_path / "t.png"), lines, "t")
+  with pytest.raises(ValueError, match="hawq has 1 members and uniform 2"):
+    comparison.table([_row("uniform", [1.0, 2.0]), _row("hawq", [1.0])])
 
 
 def test_table_pairs_with_another_reference_where_the_budget_has_it():

@@ -8,6 +8,7 @@ exports member 0.
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -47,21 +48,32 @@ def setup(tmp_path_factory):
   return config, model, splits, uniform, mixed, tmp_path_factory.mktemp("members")
 
 
-def _fit(config, model, splits, policies, seeds, workdir, member_steps=None):
+def _fit(config, model, splits, policies, seeds, workdir, member_steps=None, poison=(),
+         keep_going=False):
+  """fit_members from the FP32 model; members in `poison` start from NaN params."""
   steps_per_epoch = haq_data.num_batches(splits.train, config.batch_size, drop_remainder=True)
   _, _, tx = members.schedule_and_optimizer(config, steps_per_epoch)
   member_steps = member_steps or members.MemberSteps(model, tx)
   states = members.init_members(config, model, tx, splits, policies, seeds,
                                 ckpt_lib.restore_variables(config.init_from))
+  for k in poison:
+    states = states.replace(params=jax.tree.map(lambda x: x.at[k].set(np.nan), states.params))
   fitted = members.fit_members(config, model, splits, states, members.stack(policies),
-                               seeds, str(workdir), member_steps=member_steps)
+                               seeds, str(workdir), member_steps=member_steps,
+                               keep_going=keep_going)
   return fitted, member_steps
 
 
-def test_members_equal_standalone_runs_and_share_one_compile(setup):
+@pytest.fixture(scope="module")
+def pair(setup):
+  """The members (uniform, seed 3) and (mixed, seed 4), fitted once."""
   config, model, splits, uniform, mixed, tmp = setup
-  fitted, member_steps = _fit(config, model, splits, [uniform, mixed], [3, 4],
-                              tmp / "pair")
+  return _fit(config, model, splits, [uniform, mixed], [3, 4], tmp / "pair")
+
+
+def test_members_equal_standalone_runs_and_share_one_compile(setup, pair):
+  config, model, splits, uniform, mixed, tmp = setup
+  fitted, member_steps = pair
   # Member 1 (mixed, seed 4) against the standalone run with --seed=4.
   policy_path = str(tmp / "mixed.json")
   save_policy(policy_path, mixed, model=config.model)
@@ -163,10 +175,43 @@ def test_killed_job_resumes_to_the_same_members(setup):
       [t["top1"] for t in whole["test"]], abs=ONE_IMAGE + 1e-9)
 
 
+def test_a_diverged_member_is_dropped_and_the_others_train_on(setup, pair):
+  config, model, splits, uniform, mixed, tmp = setup
+  whole, member_steps = pair
+  config = config.replace(checkpoint_every_steps=4)
+  with pytest.raises(ValueError, match=r"^member 0 \(seed 3\): training diverged: "):
+    _fit(config, model, splits, [uniform, mixed], [3, 4], tmp / "stops", member_steps,
+         poison=[0])
+  fitted, _ = _fit(config, model, splits, [uniform, mixed], [3, 4], tmp / "drops",
+                   member_steps, poison=[0], keep_going=True)
+  assert list(fitted["diverged"]) == [0]
+  assert fitted["diverged"][0].startswith("member 0 (seed 3): training diverged: ")
+  assert fitted["test"][0] is None and fitted["val"][0] is None
+  assert fitted["steps"] == whole["steps"]
+  # Member 1 trained on as it would beside a healthy member 0.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               members.unstack(fitted["state"].variables(), 1),
+               members.unstack(whole["state"].variables(), 1))
+  assert abs(fitted["test"][1]["top1"] - whole["test"][1]["top1"]) <= ONE_IMAGE + 1e-9
+  # The checkpoints record the dropped member: a rerun drops it again.
+  again, _ = _fit(config, model, splits, [uniform, mixed], [3, 4], tmp / "drops",
+                  member_steps, keep_going=True)
+  assert again["diverged"] == fitted["diverged"] and again["test"][0] is None
+  assert again["test"][1] == fitted["test"][1]
+  # Every member diverged: the job stops early, with nothing to evaluate.
+  lost, _ = _fit(config, model, splits, [uniform, mixed], [3, 4], tmp / "lost",
+                 member_steps, poison=[0, 1], keep_going=True)
+  assert sorted(lost["diverged"]) == [0, 1] and lost["test"] == [None, None]
+  assert lost["steps"] < whole["steps"]
+  assert member_steps.traces["train"] == 1
+
+
 def test_a_diverged_member_is_named():
   fetched = [{"loss": np.array([0.5, 0.4]), "grad_norm": np.array([1.0, 2.0])},
              {"loss": np.array([0.5, 0.4]), "grad_norm": np.array([1.0, np.inf])}]
-  members.check_members(fetched[:1], [3, 4], 9, None)  # Finite: nothing raised.
-  with pytest.raises(ValueError, match=r"^member 1 \(seed 4\): training diverged: grad_norm "
-                                       r"is inf at step 10; no checkpoint was written"):
-    members.check_members(fetched, [3, 4], 10, None)
+  assert members.diverged_members(fetched[:1], [3, 4], 9, None) == {}
+  found = members.diverged_members(fetched, [3, 4], 10, None)
+  assert list(found) == [1]
+  assert re.match(r"^member 1 \(seed 4\): training diverged: grad_norm is inf at step 10; "
+                  r"no checkpoint was written", found[1])
+  assert members.diverged_members(fetched, [3, 4], 10, None, skip={1}) == {}

@@ -13,6 +13,11 @@ comparison; its mean comes with a Student-t confidence interval,
 
   mean(d) +- t_{(1 + confidence) / 2, K - 1} * std(d, ddof=1) / sqrt(K).
 
+A member whose fine-tune diverged has no figure (None): the row's mean and
+std are over its other members, its `diverged` column counts it, and the
+pairs it belongs to (its own, or the reference's member of its seed)
+leave the difference, which is over the remaining pairs.
+
 `table` turns rows into these figures, `write_csv` and `write_markdown` the
 files (each written to a temporary file, then renamed) and `plot_target`
 one figure per target: mean +- std per budget and family.
@@ -37,7 +42,8 @@ UNIFORM = "uniform"
 COLUMNS = (
     ("target", "target"), ("metric", "metric"), ("budget", "budget"),
     ("family", "family"), ("cost_ratio", "cost / budget"), ("top1_mean", "top-1 mean"),
-    ("top1_std", "std"), ("members", "members"), ("diff_mean", "diff mean"),
+    ("top1_std", "std"), ("members", "members"), ("diverged", "diverged"),
+    ("diff_mean", "diff mean"),
     ("ci_low", "CI low"), ("ci_high", "CI high"), ("search_seconds", "search s"),
 )
 _STYLE = {"uniform": ("o", "black"), "uniform_max": ("o", "#7f7f7f"), "rl": ("D", "#d62728"), "rl_executed": ("d", "#9467bd"), "gumbel": ("^", "#1f77b4"),
@@ -84,7 +90,8 @@ def table(rows: Sequence[Mapping[str, Any]], confidence: float = 0.95,
 
   Args:
     rows: dicts with `target`, `metric`, `budget`, `family`, `cost_ratio`,
-      `members` (test top-1 per seed, seed order) and `search_seconds`;
+      `members` (test top-1 per seed, seed order; None for a member that
+      diverged) and `search_seconds`;
       every (target, metric, budget) needs its `family == "uniform"` row.
     confidence: of the paired difference's interval.
     reference: the family every other row is paired with: uniform, or
@@ -92,8 +99,9 @@ def table(rows: Sequence[Mapping[str, Any]], confidence: float = 0.95,
       budget) where the budget has its row, uniform where not.
 
   Returns:
-    One dict per row: its keys, `top1_mean`, `top1_std` (ddof=1; None for
-    one seed) and, except for the reference's rows and rows of the same
+    One dict per row: its keys, `top1_mean`, `top1_std` (ddof=1, over the
+    members that did not diverge; None for one), `diverged` (how many did;
+    `top1_mean` is None when all did) and, except for the reference's rows and rows of the same
     policies (`policies`, when the rows have them), `diff_mean`, `ci_low` and
     `ci_high` of `paired_difference` against the same budget's reference.
 
@@ -108,19 +116,26 @@ def table(rows: Sequence[Mapping[str, Any]], confidence: float = 0.95,
       raise ValueError(f"{'/'.join(_key(row))} has no uniform row; allowed: rows with a "
                        "uniform row of the same target, metric and budget")
     ref = chosen.get(_key(row), uniform[_key(row)])
-    members = [float(v) for v in row["members"]]
+    members = [None if v is None else float(v) for v in row["members"]]
+    ran = [v for v in members if v is not None]
     line = {k: row.get(k) for k, _ in COLUMNS}
     line["members"] = members
-    line["top1_mean"] = float(np.mean(members))
-    line["top1_std"] = float(np.std(members, ddof=1)) if len(members) > 1 else None
+    line["diverged"] = len(members) - len(ran)
+    line["top1_mean"] = float(np.mean(ran)) if ran else None
+    line["top1_std"] = float(np.std(ran, ddof=1)) if len(ran) > 1 else None
     line["policies"] = row.get("policies")
     line.update(diff_mean=None, ci_low=None, ci_high=None)
     # A row of the reference's own policies (uniform_max where it is the
     # budget's uniform, a search that found it) has nothing to pair.
     same = row is ref or (row.get("policies") is not None
                           and row.get("policies") == ref.get("policies"))
-    if not same:
-      diff = paired_difference(members, ref["members"], confidence)
+    if len(ref["members"]) != len(members):
+      raise ValueError(f"{'/'.join(_key(row))}: {row['family']} has {len(members)} members "
+                       f"and {ref['family']} {len(ref['members'])}; allowed: the same number")
+    pairs = [(v, r) for v, r in zip(members, ref["members"])
+             if v is not None and r is not None]
+    if not same and pairs:
+      diff = paired_difference(*zip(*pairs), confidence=confidence)
       line.update(diff_mean=diff["mean"], ci_low=diff["low"], ci_high=diff["high"])
     out.append(line)
   return out
@@ -130,7 +145,7 @@ def _cell(key: str, value: Any) -> str:
   if value is None:
     return ""
   if key == "members":
-    return " ".join(f"{v:.2f}" for v in value)
+    return " ".join("diverged" if v is None else f"{v:.2f}" for v in value)
   if key == "cost_ratio":
     return f"{value:.3f}"
   if key == "search_seconds":
@@ -143,13 +158,15 @@ def _cell(key: str, value: Any) -> str:
 
 
 def write_csv(path: str, lines: Sequence[Mapping[str, Any]]) -> str:
-  """`table`'s lines as CSV (full precision; members space-separated)."""
+  """`table`'s lines as CSV (full precision; members space-separated, a
+  diverged one as `nan`)."""
   with haq_io.atomic_open(path) as f:
     writer = csv.writer(f)
     writer.writerow([k for k, _ in COLUMNS])
     for line in lines:
       writer.writerow(["" if line.get(k) is None else
-                       " ".join(repr(v) for v in line[k]) if k == "members" else line[k]
+                       " ".join("nan" if v is None else repr(v) for v in line[k])
+                       if k == "members" else line[k]
                        for k, _ in COLUMNS])
   return path
 
@@ -186,7 +203,9 @@ def summary(lines: Sequence[Mapping[str, Any]], title: str = "") -> str:
   reference's (`table`'s), the paired difference to the reference with its
   interval, "(+d [low, high])"; bold where the interval lies above zero,
   italic where below. A row whose policies are one uniform policy of other
-  bits than its budget's (`uniform_max`'s, a search's) is named by them.
+  bits than its budget's (`uniform_max`'s, a search's) is named by them; one
+  with diverged members says how many ("81.20 ± 0.40, 1 of 3 diverged"), or
+  "diverged (3 of 3)" when none is left.
   """
   families = list(dict.fromkeys(l["family"] for l in lines))
   by = {(*_key(l), l["family"]): l for l in lines}
@@ -200,9 +219,13 @@ def summary(lines: Sequence[Mapping[str, Any]], title: str = "") -> str:
       if line is None:
         cells.append("")
         continue
-      std = line["top1_std"]
+      std, lost, k = line["top1_std"], line.get("diverged") or 0, len(line["members"])
+      if line["top1_mean"] is None:
+        cells.append(_uniform_label(line) + f"diverged ({lost} of {k})")
+        continue
       text = (_uniform_label(line) + f"{line['top1_mean']:.2f}"
-              + (f" ± {std:.2f}" if std is not None else ""))
+              + (f" ± {std:.2f}" if std is not None else "")
+              + (f", {lost} of {k} diverged" if lost else ""))
       if line["diff_mean"] is not None:
         interval = ("" if line["ci_low"] is None else
                     f" [{line['ci_low']:+.2f}, {line['ci_high']:+.2f}]")
@@ -255,7 +278,7 @@ def plot_target(path: str, lines: Sequence[Mapping[str, Any]], target: str,
       for i, budget in enumerate(budgets):
         line = next((l for l in lines if (l["metric"], l["budget"], l["family"])
                      == (metric, budget, family)), None)
-        if line is not None:
+        if line is not None and line["top1_mean"] is not None:
           xs.append(i - 0.4 + width * (j + 0.5))
           ys.append(line["top1_mean"])
           errs.append(line["top1_std"] or 0.0)

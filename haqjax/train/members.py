@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import jax
@@ -148,8 +148,18 @@ def _stacked_batches(split, config: Config, seeds: Sequence[int], epoch: int,
 
 def fit_members(config: Config, model, splits, states: steps.TrainState,
                 policies: Policy, seeds: Sequence[int], workdir: str, *,
-                member_steps: MemberSteps | None = None) -> dict[str, Any]:
+                member_steps: MemberSteps | None = None,
+                keep_going: bool = False) -> dict[str, Any]:
   """Trains the stacked members `config.epochs` epochs, then evaluates each.
+
+  A member diverges when one of its logged metrics, or its state before a
+  checkpoint, is not finite. By default that stops the job (`Diverged`,
+  naming the member). With `keep_going` the member is dropped instead: its
+  lane goes on computing (the members are independent, so its NaNs reach
+  no other), but it is left out of every later check, of the logged means
+  and of evaluation, and the checkpoints record it (`diverged` in their
+  metadata), so a resumed job drops it again; the job stops once every
+  member has diverged.
 
   Args:
     config: the members' recipe (its `seed` is not used: `seeds` are).
@@ -161,10 +171,15 @@ def fit_members(config: Config, model, splits, states: steps.TrainState,
       and every `config.checkpoint_every_steps`; a rerun resumes from the
       latest) and `metrics.jsonl` (means over members).
     member_steps: the compiled steps (default: new ones for `model`).
+    keep_going: drop a diverged member rather than stop the job.
 
   Returns:
     `state` (the final stacked state), `steps`, `epochs`, `val` and `test`
-    (one `steps.summarize_eval` dict per member), `traces` and timings.
+    (one `steps.summarize_eval` dict per member, None for a diverged one),
+    `diverged` (`{k: message}` of the dropped members), `traces` and timings.
+
+  Raises:
+    divergence.Diverged: without `keep_going`, when a member diverges.
   """
   steps_per_epoch = haq_data.num_batches(splits.train, config.batch_size,
                                          drop_remainder=True)
@@ -176,14 +191,31 @@ def fit_members(config: Config, model, splits, states: steps.TrainState,
                                              label_smoothing=config.label_smoothing)
   keys = jnp.stack([quant_key(s) for s in seeds])  # [K]
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  diverged: dict[int, str] = {}
   if checkpointer.latest_step() is not None:
-    states, _ = checkpointer.restore(states)
+    states, meta = checkpointer.restore(states)
+    diverged = {int(k): v for k, v in meta.get("diverged", {}).items()}
   step = int(states.step[0])
   last_checkpoint = checkpointer.path(step) if step else None
   writer = writers.create_writer(workdir, tensorboard=False)
   first_step_seconds, loop_start, running = None, None, []
+
+  def drop(found: dict[int, str]) -> None:
+    """Records the newly diverged members, or stops the job on one."""
+    if found and not keep_going:
+      k = min(found)
+      raise divergence.Diverged(found[k], member=k)
+    diverged.update(found)
+
+  def save(epoch: int) -> None:
+    nonlocal last_checkpoint
+    drop(unfinite_members(states, seeds, step, last_checkpoint, skip=diverged))
+    checkpointer.save(step, states, {"epoch": epoch, "seeds": list(seeds),
+                                     "diverged": {str(k): m for k, m in diverged.items()}})
+    last_checkpoint = checkpointer.path(step)
+
   try:
-    while step < total_steps:
+    while step < total_steps and len(diverged) < len(seeds):
       epoch, skip = divmod(step, steps_per_epoch)
       for batch in _stacked_batches(splits.train, config, seeds, epoch, skip):
         t0 = time.perf_counter()
@@ -196,51 +228,87 @@ def fit_members(config: Config, model, splits, states: steps.TrainState,
           first_step_seconds = loop_start - t0
         if step % config.log_every_steps == 0 or step == total_steps:
           fetched = jax.device_get(running)  # Each leaf [K].
-          check_members(fetched, seeds, step, last_checkpoint)
-          means = {f"train/{n}": float(np.mean([m[n] for m in fetched])) for n in fetched[0]}
-          writer.write_scalars(step, {**means, "train/lr": float(schedule(step - 1))})
+          drop(diverged_members(fetched, seeds, step, last_checkpoint, skip=diverged))
+          live = [k for k in range(len(seeds)) if k not in diverged]
+          if live:
+            means = {f"train/{n}": float(np.mean([np.asarray(m[n])[live] for m in fetched]))
+                     for n in fetched[0]}
+            writer.write_scalars(step, {**means, "train/lr": float(schedule(step - 1))})
           running = []
+          if not live:
+            break
         if step == total_steps or step % steps_per_epoch == 0:
           break  # The epoch-end checkpoint below covers this step.
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-          divergence.check_state_finite(states, step, last_checkpoint)
-          checkpointer.save(step, states, {"epoch": epoch, "seeds": list(seeds)})
-          last_checkpoint = checkpointer.path(step)
-      divergence.check_state_finite(states, step, last_checkpoint)
+          save(epoch)
+      if len(diverged) == len(seeds):
+        break  # Nothing left to train or to keep.
       writer.flush()
-      checkpointer.save(step, states, {"epoch": epoch, "seeds": list(seeds)})
-      last_checkpoint = checkpointer.path(step)
+      save(epoch)
     jax.block_until_ready(states)
   finally:
     checkpointer.wait()
     checkpointer.close()
   train_seconds = time.perf_counter() - loop_start if loop_start is not None else 0.0
-  variables = states.variables()
-  val = member_steps.evaluate(variables, splits.val, policies, config.eval_batch_size)
-  test = member_steps.evaluate(variables, splits.test, policies, config.eval_batch_size)
-  writer.write_scalars(step, {"test/top1_mean": float(np.mean([t["top1"] for t in test]))})
+  val, test = [], [None] * len(seeds)
+  if len(diverged) < len(seeds):
+    variables = states.variables()
+    val = member_steps.evaluate(variables, splits.val, policies, config.eval_batch_size)
+    test = member_steps.evaluate(variables, splits.test, policies, config.eval_batch_size)
+  val = [None if k in diverged else v for k, v in enumerate(val)]
+  test = [None if k in diverged else t for k, t in enumerate(test)]
+  if any(t is not None for t in test):
+    writer.write_scalars(step, {"test/top1_mean": float(np.mean(
+        [t["top1"] for t in test if t is not None]))})
   writer.close()
   return {"state": states, "steps": step, "epochs": step / steps_per_epoch,
-          "val": val, "test": test, "traces": dict(member_steps.traces),
+          "val": val, "test": test, "diverged": dict(sorted(diverged.items())),
+          "traces": dict(member_steps.traces),
           "first_step_seconds": first_step_seconds, "train_seconds": train_seconds}
 
 
-def check_members(fetched: Sequence[dict[str, Any]], seeds: Sequence[int], step: int,
-                  last_checkpoint: str | None) -> None:
-  """`divergence.check_metrics` of the members' metrics (leaves `[K]`): on a
-  non-finite one, `Diverged` names the first member with one
-  ("member k (seed s): training diverged: ...") and holds `k` as `member`."""
-  try:  # A sum over members is finite only when every member's metric is.
-    divergence.check_metrics([{n: np.sum(v) for n, v in m.items()} for m in fetched],
-                             step, last_checkpoint)
-  except divergence.Diverged:
-    for k, seed in enumerate(seeds):
-      try:
-        divergence.check_metrics([{n: np.asarray(v)[k] for n, v in m.items()}
-                                  for m in fetched], step, last_checkpoint)
-      except divergence.Diverged as e:
-        raise divergence.Diverged(f"member {k} (seed {seed}): {e}", member=k) from None
-    raise
+def diverged_members(fetched: Sequence[dict[str, Any]], seeds: Sequence[int], step: int,
+                     last_checkpoint: str | None, skip: Collection[int] = ()
+                     ) -> dict[int, str]:
+  """The members, but `skip`, with a non-finite metric in `fetched` (leaves `[K]`).
+
+  Returns:
+    `{k: "member k (seed s): training diverged: ..."}` (`divergence.check_metrics`'
+    message of member k's metrics), empty when every member's are finite.
+  """
+  live = [k for k in range(len(seeds)) if k not in skip]
+  # A sum over members is finite only when every member's metric is.
+  if all(np.isfinite(np.sum(np.asarray(v)[live])) for m in fetched for v in m.values()):
+    return {}
+  found = {}
+  for k in live:
+    try:
+      divergence.check_metrics([{n: np.asarray(v)[k] for n, v in m.items()}
+                                for m in fetched], step, last_checkpoint)
+    except divergence.Diverged as e:
+      found[k] = f"member {k} (seed {seeds[k]}): {e}"
+  return found
+
+
+def unfinite_members(states: PyTree, seeds: Sequence[int], step: int,
+                     last_checkpoint: str | None, skip: Collection[int] = ()
+                     ) -> dict[int, str]:
+  """The members, but `skip`, whose stacked state holds a NaN or an infinity.
+
+  Returns:
+    `{k: "member k (seed s): training diverged: the state is not finite ..."}`
+    (`divergence.check_state_finite`'s message of member k's state).
+  """
+  finite = np.asarray(jax.device_get(jax.vmap(divergence.all_finite)(states)))
+  found = {}
+  for k in np.flatnonzero(~finite):
+    if int(k) in skip:
+      continue
+    try:
+      divergence.check_state_finite(unstack(states, int(k)), step, last_checkpoint)
+    except divergence.Diverged as e:
+      found[int(k)] = f"member {k} (seed {seeds[k]}): {e}"
+  return found
 
 
 def summarize(values: Sequence[float | None]) -> dict[str, Any]:
