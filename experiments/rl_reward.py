@@ -59,6 +59,8 @@ def final_top1(root: str) -> dict[str, dict[int, float]]:
     with open(path) as f:
       row = json.load(f)
     for seed, policy, top1 in zip(row["seeds"], row["policies"], row["members"]):
+      if top1 is None:  # Its fine-tune diverged.
+        continue
       key = families.policy_key(types.SimpleNamespace(**policy))
       finals.setdefault(key, {})[seed] = top1
   return finals
@@ -112,8 +114,10 @@ def rl_searches(root: str) -> list[dict[str, Any]]:
         record["policies"][other] = [searched["w_bits"], searched["a_bits"]]
     for name in (family, *OTHERS):
       row = read_json(os.path.join(cell_dir, "rows", f"{name}.json"))
-      if row is not None and seed in row["seeds"]:
-        record["final"][name] = row["members"][row["seeds"].index(seed)]
+      top1 = (row["members"][row["seeds"].index(seed)]
+              if row is not None and seed in row["seeds"] else None)
+      if top1 is not None:  # None: not fine-tuned, or its fine-tune diverged.
+        record["final"][name] = top1
     out.append(record)
   return out
 

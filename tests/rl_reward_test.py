@@ -88,6 +88,18 @@ def test_rl_searches_read_the_best_episode_and_the_cells_other_policies(tmp_path
   assert finals["w3-3_a3-3"] == {0: 88.0} and finals["w2-2_a2-2"] == {0: 85.0}
 
 
+def test_a_diverged_fine_tune_has_no_final_figure(tmp_path):
+  root = str(tmp_path)
+  _cell(root, "w3a3", ([3, 3], [3, 3]), ([4, 4], [4, 4]),
+        {"rl": 88.0, "hawq": None, "greedy": 85.0})
+  (record,) = rl_reward.rl_searches(root)
+  assert record["final"] == {"rl": 88.0, "greedy": 85.0}
+  assert "w4-4_a4-4" not in rl_reward.final_top1(root)
+  record["reward"] = {"rl": 2.0, "hawq": 1.0, "greedy": 1.0}
+  (line,) = rl_reward.search_summary([record])
+  assert line["higher"] == 1 and line["higher_but_lower_final"] == 0
+
+
 def test_on_a_quick_comparison_the_reward_reads_as_the_search_scored_it(tmp_path_factory):
   flags, folder = lt.digits_fp32(tmp_path_factory, "rl_reward")
   value = dict(f[2:].split("=", 1) for f in flags if "=" in f)
