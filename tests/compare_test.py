@@ -154,6 +154,43 @@ def test_quick_comparison_pairs_seeds_and_resumes(tmp_path_factory):
   assert (root / "compare.csv").read_text() == csv_text
 
 
+def test_a_diverged_fine_tune_is_recorded_and_its_row_reported(tmp_path_factory,
+                                                              monkeypatch):
+  import jax
+  import numpy as np
+  from haqjax.train import members
+  flags, folder = lt.digits_fp32(tmp_path_factory, "compare_diverged")
+  fit = members.fit_members
+
+  def seed_1_from_nan(config, model, splits, states, policies, seeds, workdir, **kw):
+    k = list(seeds).index(1)
+    states = states.replace(params=jax.tree.map(lambda x: x.at[k].set(np.nan),
+                                                states.params))
+    return fit(config, model, splits, states, policies, seeds, workdir, **kw)
+
+  monkeypatch.setattr(members, "fit_members", seed_1_from_nan)
+  grid = compare.check_grid("digits", ["bismo-edge"], ["latency"], ["w4a4"], ["uniform"],
+                            "minmax", 2, quick=True,
+                            init_from=_flag(flags, "init_from").split("=", 1)[1],
+                            data_dir=_flag(flags, "data_dir").split("=", 1)[1])
+  out = compare.run(grid, str(folder))
+  (line,) = out["lines"]
+  assert line["members"][1] is None and line["diverged"] == 1
+  assert line["top1_mean"] == line["members"][0] and line["top1_std"] is None
+  root = folder / "digits_minmax_quick"
+  row = json.loads((root / "cells" / "bismo-edge" / "latency" / "w4a4" / "rows"
+                    / "uniform.json").read_text())
+  assert row["diverged"][0] is None
+  assert row["diverged"][1].startswith("member 1 (seed 1): training diverged: ")
+  key = next(p.name for p in (root / "policies").iterdir())
+  result = json.loads((root / "policies" / key / "seed_1" / "results.json").read_text())
+  assert result["test_top1"] is None and result["diverged"] == row["diverged"][1]
+  assert "| 1 |" in (root / "compare.md").read_text()
+  # A rerun keeps the diverged member's record: nothing is trained again.
+  monkeypatch.setattr(members, "fit_members", fit)
+  assert compare.run(grid, str(folder))["lines"][0]["members"] == line["members"]
+
+
 @pytest.mark.parametrize("target, batch, metric, budget, widest", [
     ("bismo-edge", 1, "latency", "w4a4", (4, 4)),
     ("bitfusion", 16, "latency", "w4a4", (4, 4)),
