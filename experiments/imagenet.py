@@ -21,7 +21,8 @@ figure beside it, test_top1_fake_quant); --noexport skips it. ONNX needs
 the `export` extra; without it the rest is still written. `--seeds=K`
 (modes qat, rl, gumbel, hawq) runs the fine-tunes over K seeds as one
 vmapped job (`haqjax.train.seeds`): test_top1 is their mean, with
-test_top1_std and test_top1_members beside it, and member 0 is exported.
+test_top1_std and test_top1_members beside it (a diverged member dropped and
+listed), and member 0, or the first that did not diverge, is exported.
 """
 
 from __future__ import annotations

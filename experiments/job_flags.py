@@ -38,7 +38,9 @@ SEEDS = flags.DEFINE_integer(
     "--seed+K-1 as one vmapped job. results.json gains test_top1_mean, "
     "test_top1_std (sample, ddof=1) and test_top1_members (val_top1_* too); "
     "test_top1 and val_top1 are the means, so readers of one run keep working. "
-    "--export exports member 0 (export_member in results.json). 1: one run.")
+    "A member that diverges is dropped and listed (diverged); the rest are "
+    "reported. --export exports member 0, or the first that did not diverge "
+    "(export_member in results.json). 1: one run.")
 CACHE = flags.DEFINE_string("compilation_cache", "~/.cache/haqjax/jit",
                             "JAX persistent compilation cache folder ('' disables).")
 

@@ -139,6 +139,48 @@ def test_seeds_job_summarises_and_keeps_finished_members(setup):
     assert json.load(f) == exported
 
 
+def test_seeds_job_drops_a_diverged_member_and_reports_the_rest(setup, monkeypatch):
+  from haqjax.report import versus_uniform
+  config, _, _, _, _, tmp = setup
+  config = config.replace(seed=7, epochs=0.25)
+  fit, poisoned = members.fit_members, {7}
+
+  def from_nan(config, model, splits, states, policies, seeds, workdir, **kw):
+    for k, seed in enumerate(seeds):
+      if seed in poisoned:
+        states = states.replace(params=jax.tree.map(lambda x: x.at[k].set(np.nan),
+                                                    states.params))
+    return fit(config, model, splits, states, policies, seeds, workdir, **kw)
+
+  monkeypatch.setattr(members, "fit_members", from_nan)
+  workdir = str(tmp / "seeds_diverged")
+  results = seeds_lib.train_and_evaluate_seeds(config, workdir, (7, 8))
+  first, second = results["test_top1_members"]
+  assert first is None and results["test_top1"] == second
+  assert results["test_top1_std"] is None and results["val_top1_members"][0] is None
+  assert [d["seed"] for d in results["diverged"]] == [7]
+  assert results["diverged"][0]["message"].startswith("member 0 (seed 7): training diverged: ")
+  assert results["members"][0]["diverged"] == results["diverged"][0]["message"]
+  assert not os.path.isdir(os.path.join(workdir, "seed_7", "checkpoints"))
+  assert ckpt_lib.Checkpointer(os.path.join(workdir, "seed_8"),
+                               create=False).latest_step() == results["steps"]
+  # The first member that did not diverge is the one exported.
+  assert seeds_lib.exported_member(results) == 1
+  top1 = seeds_job.seeds_top1(results, {"test_top1": second, "test_top1_source": "fake_quant"})
+  assert (top1["export_member"], top1["export_seed"]) == (1, 8)
+  assert versus_uniform.seeds_pct(results).endswith(f"(2 seeds: diverged, {second:.2f}%)")
+  # A rerun reads the dropped member back: nothing is trained again.
+  os.remove(os.path.join(workdir, "results.json"))
+  monkeypatch.setattr(members, "fit_members", None)
+  assert seeds_lib.train_and_evaluate_seeds(config, workdir, (7, 8)) == results
+  # Every member diverged: the job stops, naming the first.
+  monkeypatch.setattr(members, "fit_members", from_nan)
+  poisoned.update({9, 10})
+  with pytest.raises(ValueError, match=r"^every member diverged; the first: member 0 "
+                                       r"\(seed 9\): training diverged: "):
+    seeds_lib.train_and_evaluate_seeds(config.replace(seed=9), str(tmp / "lost"), (9, 10))
+
+
 def test_seeds_refuses_bad_counts():
   for bad in (0, -1, True):
     with pytest.raises(ValueError, match=r"^--seeds is .*; allowed: a positive integer$"):

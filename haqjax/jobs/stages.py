@@ -278,10 +278,10 @@ def export_stage(config: Config, setup: Setup, directory: str, finetuned: dict[s
   """
   if not enabled:
     return export_lib.final_top1(finetuned, None)
-  # K seeds: member 0 is exported (`haqjax.jobs.seeds`).
+  # K seeds: one member is exported (`haqjax.jobs.seeds`).
   run, member = os.path.join(directory, "finetune"), finetuned
   if "seeds" in finetuned:
-    run = seeds_lib.member_dir(run, finetuned["seeds"][0])
+    run = seeds_lib.member_dir(run, finetuned["seeds"][seeds_lib.exported_member(finetuned)])
     member = read_json(os.path.join(run, "results.json"))
   t0 = time.perf_counter()
   try:

@@ -33,9 +33,10 @@ def final_top1(results: dict[str, Any]) -> str:
   """The final test top-1 and what it is of: the integer model, or fake-quant and why."""
   r = results
   top1, source = pct(r.get("test_top1")), r.get("test_top1_source")
-  if len(r.get("test_top1_members") or ()) > 1:  # K seeds: member 0 was exported.
+  if len(r.get("test_top1_members") or ()) > 1:  # K seeds: one member was exported.
     exported = ("" if r.get("export_test_top1_source") != "integer" else
-                f"; member 0's integer model {pct(r.get('export_test_top1'))}")
+                f"; member {r.get('export_member', 0)}'s integer model "
+                f"{pct(r.get('export_test_top1'))}")
     return f"{seeds_pct(r)}, fake-quant{exported}"
   if source is None:
     return top1

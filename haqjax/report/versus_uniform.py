@@ -36,14 +36,17 @@ def pct(value: float | None) -> str:
 def seeds_pct(results: dict[str, Any]) -> str:
   """A test top-1, as mean +- std over the seeds and the members when there are several.
 
-  "91.10% +- 0.12 (3 seeds: 91.00%, 91.10%, 91.20%)"; one run: `pct`.
+  "91.10% +- 0.12 (3 seeds: 91.00%, 91.10%, 91.20%)"; one run: `pct`. A
+  member that diverged reads "diverged" and the mean is over the others.
   """
   members = results.get("test_top1_members")
   if not members or len(members) < 2:
     return pct(results.get("test_top1"))
   std = results.get("test_top1_std")
-  return (f"{pct(results.get('test_top1_mean'))} ± {std:.2f} ({len(members)} seeds: "
-          f"{', '.join(pct(v) for v in members)})")
+  return (f"{pct(results.get('test_top1_mean'))}"
+          + (f" ± {std:.2f}" if std is not None else "")
+          + f" ({len(members)} seeds: "
+          + ", ".join("diverged" if v is None else pct(v) for v in members) + ")")
 
 
 def points(value: float | None) -> str:

@@ -312,11 +312,13 @@ def unfinite_members(states: PyTree, seeds: Sequence[int], step: int,
 
 
 def summarize(values: Sequence[float | None]) -> dict[str, Any]:
-  """`mean`, `std` (sample, ddof=1; None for one member) and `members` of K figures."""
-  values = [None if v is None else float(v) for v in values]
-  if any(v is None for v in values):
-    return {"mean": None, "std": None, "members": values}
-  return {"mean": float(np.mean(values)),
-          "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
-          "members": values}
+  """`mean` and `std` (sample, ddof=1) of the K figures that are not None
+  (a diverged member's, or a split that is not there), and `members`, all K.
 
+  `mean` is None when no figure is there, `std` when fewer than two are.
+  """
+  values = [None if v is None else float(v) for v in values]
+  there = [v for v in values if v is not None]
+  return {"mean": float(np.mean(there)) if there else None,
+          "std": float(np.std(there, ddof=1)) if len(there) > 1 else None,
+          "members": values}

@@ -18,6 +18,12 @@ A member whose `seed_S/results.json` exists is finished and never trained
 again, so a rerun after a kill keeps every finished member (and a rerun with
 more seeds trains only the new ones). Every results file is written to a
 temporary file, then renamed.
+
+A member that diverges (`haqjax.train.divergence`) is dropped from the job
+while the others train on: its `seed_S/results.json` holds `diverged` (the
+message naming step and metric) and no figures or checkpoint, and the
+summary is over the other members, with `diverged` listing the dropped
+ones. Only when every member diverges does the job stop (`Diverged`).
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from haqjax import data as haq_data
 from haqjax import io as haq_io
 from haqjax.nn import layer_table
 from haqjax.policy import save_policy
 from haqjax.train import checkpoint as ckpt_lib
+from haqjax.train import divergence
 from haqjax.train import members
 from haqjax.train import trainer
 from haqjax.train.config import Config
@@ -83,11 +91,14 @@ def aggregate(config: Config, workdir: str, seeds: Sequence[int],
               done: Sequence[dict[str, Any]]) -> dict[str, Any]:
   """The K-seed results of finished members `done` (in `seeds`' order).
 
-  `test_top1` and `val_top1` are the members' means (readers of one run's
-  results keep working); beside them `<name>_mean`, `<name>_std` (sample,
-  ddof=1) and `<name>_members`, and `members` (seed, folder, figures).
+  `test_top1` and `val_top1` are the means of the members that did not
+  diverge (readers of one run's results keep working); beside them
+  `<name>_mean`, `<name>_std` (sample, ddof=1) and `<name>_members` (None for
+  a diverged member), `members` (seed, folder, figures, `diverged`) and
+  `diverged` (`{"seed", "message"}` of each dropped member).
   """
-  first = done[0]
+  finished = [r for r in done if not r.get("diverged")]
+  first = finished[0]
   results = {k: first.get(k) for k in ("mode", "model", "dataset", "policy",
                                        "weight_quantizer", "act_quantizer", "steps",
                                        "epochs", "devices")}
@@ -97,12 +108,14 @@ def aggregate(config: Config, workdir: str, seeds: Sequence[int],
     results[name] = stats["mean"]
     results.update({f"{name}_{part}": value for part, value in stats.items()})
   for name in AVERAGED:
-    values = [r.get(name) for r in done]
+    values = [r.get(name) for r in finished]
     results[name] = None if None in values else float(np.mean(values))
   results["members"] = [
       {"seed": s, "directory": os.path.relpath(member_dir(workdir, s), workdir),
-       **{name: r.get(name) for name in (*SUMMARISED, "test_top5")}}
+       **{name: r.get(name) for name in (*SUMMARISED, "test_top5", "diverged")}}
       for s, r in zip(seeds, done)]
+  results["diverged"] = [{"seed": s, "message": r["diverged"]}
+                         for s, r in zip(seeds, done) if r.get("diverged")]
   results["first_step_seconds"] = first.get("first_step_seconds")
   results["train_seconds"] = first.get("train_seconds")
   return results
@@ -124,6 +137,7 @@ def train_and_evaluate_seeds(config: Config, workdir: str, seeds: Sequence[int]
   Raises:
     ValueError: as `trainer.train_and_evaluate` does, and for a config whose
       seed is not the first member's.
+    divergence.Diverged: when every member diverged.
   """
   seeds = tuple(int(s) for s in seeds)
   if config.seed != seeds[0]:
@@ -148,6 +162,8 @@ def train_and_evaluate_seeds(config: Config, workdir: str, seeds: Sequence[int]
   if pending:
     _train_pending(config, workdir, model, splits, table, policy, pending, primary)
   done = [_read(os.path.join(member_dir(workdir, s), "results.json")) for s in seeds]
+  if all(r.get("diverged") for r in done):
+    raise divergence.Diverged(f"every member diverged; the first: {done[0]['diverged']}")
   results = aggregate(config, workdir, seeds, done)
   if primary:
     haq_io.write_json(os.path.join(workdir, "results.json"), results)
@@ -165,7 +181,8 @@ def _train_pending(config: Config, workdir: str, model, splits, table, policy,
                                 pending, variables)
   policies = members.stack([policy] * len(pending))
   job_dir = os.path.join(workdir, "members_" + "_".join(str(s) for s in pending))
-  fitted = members.fit_members(config, model, splits, states, policies, pending, job_dir)
+  fitted = members.fit_members(config, model, splits, states, policies, pending, job_dir,
+                               keep_going=True)
   if not primary:
     return
   for k, seed in enumerate(pending):
@@ -176,6 +193,13 @@ def _train_pending(config: Config, workdir: str, model, splits, table, policy,
     haq_io.write_json(os.path.join(directory, "layers.json"), table.rows())
     if policy is not None:
       save_policy(os.path.join(directory, "policy.json"), policy, model=config.model)
+    if k in fitted["diverged"]:
+      logging.warning("%s; dropped, the other members train on", fitted["diverged"][k])
+      haq_io.write_json(os.path.join(directory, "results.json"), {
+          "mode": config.mode, "model": config.model, "dataset": config.dataset,
+          "seed": seed, "diverged": fitted["diverged"][k], "test_top1": None,
+          "val_top1": None, "steps": fitted["steps"]})
+      continue
     checkpointer = ckpt_lib.Checkpointer(directory, max_to_keep=config.keep_checkpoints)
     checkpointer.save(fitted["steps"], members.unstack(fitted["state"], k),
                       {"epoch": int(fitted["epochs"]) - 1})
@@ -195,3 +219,11 @@ def _train_pending(config: Config, workdir: str, model, splits, table, policy,
         "train_seconds": fitted["train_seconds"], "vmapped_members": len(pending),
         "devices": jax.device_count(),
     })
+
+
+def exported_member(results: dict[str, Any]) -> int:
+  """The member a K-seed run exports: the first that did not diverge (the
+  first with a test top-1 in `test_top1_members`, `results` or its
+  `summary_keys`)."""
+  tops = results.get("test_top1_members") or []
+  return next((k for k, v in enumerate(tops) if v is not None), 0)
