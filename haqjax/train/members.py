@@ -228,15 +228,14 @@ def fit_members(config: Config, model, splits, states: steps.TrainState,
           first_step_seconds = loop_start - t0
         if step % config.log_every_steps == 0 or step == total_steps:
           fetched = jax.device_get(running)  # Each leaf [K].
+          running = []
           drop(diverged_members(fetched, seeds, step, last_checkpoint, skip=diverged))
           live = [k for k in range(len(seeds)) if k not in diverged]
-          if live:
-            means = {f"train/{n}": float(np.mean([np.asarray(m[n])[live] for m in fetched]))
-                     for n in fetched[0]}
-            writer.write_scalars(step, {**means, "train/lr": float(schedule(step - 1))})
-          running = []
           if not live:
             break
+          means = {f"train/{n}": float(np.mean([np.asarray(m[n])[live] for m in fetched]))
+                   for n in fetched[0]}
+          writer.write_scalars(step, {**means, "train/lr": float(schedule(step - 1))})
         if step == total_steps or step % steps_per_epoch == 0:
           break  # The epoch-end checkpoint below covers this step.
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
