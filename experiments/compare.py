@@ -47,6 +47,11 @@ trained here, in `<workdir>/<recipe>_fp32[_quick]/`):
       and, with `uniform_max`, once more paired with that row
   compare_<target>.png    mean +- std per budget and family, a panel per metric
 
+A folder holds one comparison at a time: a second run of the same recipe
+and quantizer in the same workdir stops at once with one line naming the
+first, and two comparisons that share the FP32 run it trains (one per
+quantizer) take turns, the second reading the first's model.
+
 Every file is written to a temporary file, then renamed. A rerun with the
 same flags reads every finished row back and resumes unfinished searches
 and fine-tunes; more seeds add only the new members. `--quick` runs every
@@ -303,14 +308,23 @@ def run_cell(grid: Grid, plan: families.Plan, fp32_dir: str, root: str, target: 
 def fp32_stage(grid: Grid, plan: families.Plan, workdir: str) -> str:
   """The FP32 run every search starts from: `--init_from`, else one trained once."""
   from experiments import recipes  # pylint: disable=g-import-not-at-top
+  from haqjax import io as haq_io  # pylint: disable=g-import-not-at-top
   from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
   if grid.init_from:
     return os.path.abspath(grid.init_from)
   fp32_dir = os.path.join(workdir, f"{grid.recipe}_fp32{'_quick' if grid.quick else ''}")
   epochs = {"epochs": plan.fp32_epochs} if grid.quick else {}
-  stages.train_stage(recipes.load_recipe(grid.recipe, progress=False, tensorboard=False,
-                                         data_dir=grid.data_dir, **epochs), fp32_dir)
+  # Both quantizers' comparisons start from it: a second one waits, then reads it.
+  with haq_io.exclusive(fp32_dir):
+    stages.train_stage(recipes.load_recipe(grid.recipe, progress=False, tensorboard=False,
+                                           data_dir=grid.data_dir, **epochs), fp32_dir)
   return fp32_dir
+
+
+def root_dir(grid: Grid, workdir: str) -> str:
+  """Where the comparison of `grid`'s recipe and quantizer is written."""
+  return os.path.join(os.path.abspath(workdir),
+                      f"{grid.recipe}_{grid.quantizer}{'_quick' if grid.quick else ''}")
 
 
 def run(grid: Grid, workdir: str) -> dict[str, Any]:
@@ -319,8 +333,7 @@ def run(grid: Grid, workdir: str) -> dict[str, Any]:
   plan = families.QUICK if grid.quick else families.FULL
   check_walls(grid, plan)
   workdir = os.path.abspath(workdir)
-  root = os.path.join(workdir, f"{grid.recipe}_{grid.quantizer}"
-                               f"{'_quick' if grid.quick else ''}")
+  root = root_dir(grid, workdir)
   t0 = time.perf_counter()
   fp32_dir = fp32_stage(grid, plan, workdir)
   rows = [row for target in grid.targets for metric in grid.metrics
@@ -383,6 +396,8 @@ def main(argv: list[str]) -> None:
     # which each seed's pass would otherwise compile again.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   cli.quiet_libraries()
+  from haqjax import io as haq_io  # pylint: disable=g-import-not-at-top
+  haq_io.claim(root_dir(grid, f.workdir))  # A second run of this grid's folder stops here.
   run(grid, f.workdir)
 
 

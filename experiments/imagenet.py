@@ -44,9 +44,14 @@ def main(argv: list[str]) -> None:
   search = job_flags.search_from_flags() if searching else None
   gumbel = job_flags.gumbel_from_flags() if config.mode == "gumbel" else None
   hawq = job_flags.hawq_from_flags() if config.mode == "hawq" else None
+  from haqjax import io as haq_io  # pylint: disable=g-import-not-at-top
   if job_flags.MULTIHOST.value:
     from haqjax import parallel  # pylint: disable=g-import-not-at-top
     parallel.initialize_multihost()
+    import jax  # pylint: disable=g-import-not-at-top
+    haq_io.claim(workdir, part=f"process {jax.process_index()}")
+  else:
+    haq_io.claim(workdir)  # A second run with this --workdir stops here.
   cli.enable_compilation_cache(job_flags.CACHE.value)
   cli.quiet_libraries()
   command = job_flags.command_line("experiments.imagenet", sys.argv)

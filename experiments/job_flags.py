@@ -24,7 +24,8 @@ SEARCH_FLAGS = cli.define_flags_from(SearchConfig)
 GUMBEL_FLAGS = cli.define_flags_from(GumbelConfig)
 HAWQ_FLAGS = cli.define_flags_from(HawqConfig)
 WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes everything; "
-                              "rerun with the same workdir to resume.")
+                              "rerun with the same workdir to resume (one run at a time: a "
+                              "second one on this machine stops, naming the first).")
 MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() "
                               "first (multi-host TPU/GPU jobs).")
 EXPORT = flags.DEFINE_bool("export", True, "Modes qat, ptq, rl, gumbel and hawq: end by "

@@ -64,6 +64,7 @@ def main(argv: list[str]) -> None:
   from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
 
   root = os.path.abspath(_WORKDIR.value)
+  haq_io.claim(root)  # A second run with this --workdir stops here.
   common = {"progress": False, "tensorboard": False, "data_dir": _DATA_DIR.value}
   fp32_dir = os.path.join(root, "fp32")
   t0 = time.perf_counter()

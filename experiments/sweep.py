@@ -51,6 +51,8 @@ def main(argv: list[str]) -> None:
   gumbel = job_flags.gumbel_from_flags()
   cli.enable_compilation_cache(job_flags.CACHE.value)
   cli.quiet_libraries()
+  from haqjax import io as haq_io  # pylint: disable=g-import-not-at-top
+  haq_io.claim(workdir)  # A second run with this --workdir stops here.
   from haqjax.jobs import sweep as sweep_job  # pylint: disable=g-import-not-at-top
   results = sweep_job.sweep_and_evaluate(
       config, search, gumbel, spec, workdir, finetune=_FINETUNE.value,

@@ -1,8 +1,11 @@
 """Tests of the atomic JSON and JSON-lines helpers."""
 
+import fcntl
 import json
 import math
 import os
+import threading
+import time
 
 import pytest
 
@@ -66,3 +69,59 @@ def test_read_jsonl_round_trips_nan_and_skips_blank_lines(tmp_path):
   assert len(records) == 2 and math.isnan(records[0]["loss"]) and records[1]["loss"] == 1.0
   with pytest.raises(FileNotFoundError):
     haq_io.read_jsonl(tmp_path / "missing.jsonl")
+
+
+def _hold(directory, text="pid 4242"):
+  """Another process's hold on `directory` (flock locks are per open file)."""
+  path = haq_io.lock_path(directory)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  held = open(path, "w")  # pylint: disable=consider-using-with
+  fcntl.flock(held, fcntl.LOCK_EX)
+  held.write(text)
+  held.flush()
+  return held
+
+
+def test_a_claimed_folder_belongs_to_one_process(tmp_path):
+  run = tmp_path / "run"
+  assert haq_io.lock_path(run) == haq_io.lock_path(tmp_path / "x" / ".." / "run")
+  assert haq_io.lock_path(run) != haq_io.lock_path(run, part="process 1")
+  with _hold(run):
+    with pytest.raises(haq_io.Busy, match=r"^workdir=.*run is in use by another run "
+                       r"\(pid 4242\); allowed: one run per folder"):
+      haq_io.claim(run)
+    with pytest.raises(haq_io.Busy):
+      with haq_io.exclusive(run, wait=False):
+        pass
+    haq_io.claim(run, part="process 1")  # Another part of it is free.
+    haq_io.release(run, part="process 1")
+  haq_io.claim(run)
+  haq_io.claim(run)  # Held already: nothing to do.
+  with haq_io.exclusive(run):  # Nor within this process.
+    pass
+  assert not run.exists()  # Holding a folder writes nothing into it.
+  with open(haq_io.lock_path(run)) as other:
+    with pytest.raises(BlockingIOError):
+      fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    haq_io.release(run)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_exclusive_waits_for_the_holder(tmp_path):
+  run, entered = tmp_path / "fp32", []
+
+  def second():
+    with haq_io.exclusive(run):
+      entered.append(time.monotonic())
+
+  held = _hold(run)
+  thread = threading.Thread(target=second)
+  thread.start()
+  time.sleep(0.3)
+  assert not entered  # Still waiting.
+  released = time.monotonic()
+  held.close()
+  thread.join(10)
+  assert entered and entered[0] >= released
+  with haq_io.exclusive(run, wait=False):  # Given back after the block.
+    pass

@@ -1,11 +1,13 @@
 """The launcher as a user runs it: exit codes, one-line errors, a real run."""
 
+import fcntl
 import json
 import os
 import re
 import signal
 
 import pytest
+from haqjax import io as haq_io
 from launcher_testing import launch
 from launcher_testing import launch_many
 from launcher_testing import assert_one_line_error
@@ -53,7 +55,15 @@ def bad_input(tmp_path_factory):
   policy.parent.mkdir()
   policy.write_text(json.dumps({"layers": [{"w_bits": 4, "a_bits": 4}] * 2}))
   cases["policy"] = [*_digits_args(root / "policy"), "--mode=qat", f"--policy={policy}"]
-  return dict(zip(cases, launch_many(cases.values()))), root
+  cases["busy"] = _digits_args(root / "busy")
+  lock = haq_io.lock_path(root / "busy" / "run")
+  os.makedirs(os.path.dirname(lock), exist_ok=True)
+  with open(lock, "w") as held:  # Another run holds the busy case's --workdir.
+    fcntl.flock(held, fcntl.LOCK_EX)
+    held.write("pid 4242")
+    held.flush()
+    procs = launch_many(cases.values())
+  return dict(zip(cases, procs)), root
 
 
 @pytest.mark.parametrize("flag, fragments", _BAD_FLAGS)
@@ -69,6 +79,13 @@ def test_missing_data_names_place_and_command(bad_input):
   procs, root = bad_input
   assert_one_line_error(procs["missing_data"], "cifar10", str(root / "cifar10" / "empty"),
                         "cifar-10-python.tar.gz")
+
+
+def test_a_workdir_in_use_is_refused_and_left_alone(bad_input):
+  procs, root = bad_input
+  assert_one_line_error(procs["busy"], f"workdir={root / 'busy' / 'run'} is in use by another "
+                        "run (pid 4242)", "allowed: one run per folder at a time")
+  assert not (root / "busy" / "run").exists()
 
 
 def test_policy_json_with_wrong_layer_count(bad_input):
