@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from launcher_testing import hold_folder
 
 from haqjax import io as haq_io
 
@@ -71,22 +72,11 @@ def test_read_jsonl_round_trips_nan_and_skips_blank_lines(tmp_path):
     haq_io.read_jsonl(tmp_path / "missing.jsonl")
 
 
-def _hold(directory, text="pid 4242"):
-  """Another process's hold on `directory` (flock locks are per open file)."""
-  path = haq_io.lock_path(directory)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  held = open(path, "w")  # pylint: disable=consider-using-with
-  fcntl.flock(held, fcntl.LOCK_EX)
-  held.write(text)
-  held.flush()
-  return held
-
-
 def test_a_claimed_folder_belongs_to_one_process(tmp_path):
   run = tmp_path / "run"
   assert haq_io.lock_path(run) == haq_io.lock_path(tmp_path / "x" / ".." / "run")
   assert haq_io.lock_path(run) != haq_io.lock_path(run, part="process 1")
-  with _hold(run):
+  with hold_folder(run):
     with pytest.raises(haq_io.Busy, match=r"^workdir=.*run is in use by another run "
                        r"\(pid 4242\); allowed: one run per folder"):
       haq_io.claim(run)
@@ -114,7 +104,7 @@ def test_exclusive_waits_for_the_holder(tmp_path):
     with haq_io.exclusive(run):
       entered.append(time.monotonic())
 
-  held = _hold(run)
+  held = hold_folder(run)
   thread = threading.Thread(target=second)
   thread.start()
   time.sleep(0.3)

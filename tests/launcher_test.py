@@ -1,13 +1,12 @@
 """The launcher as a user runs it: exit codes, one-line errors, a real run."""
 
-import fcntl
 import json
 import os
 import re
 import signal
 
 import pytest
-from haqjax import io as haq_io
+from launcher_testing import hold_folder
 from launcher_testing import launch
 from launcher_testing import launch_many
 from launcher_testing import assert_one_line_error
@@ -56,12 +55,7 @@ def bad_input(tmp_path_factory):
   policy.write_text(json.dumps({"layers": [{"w_bits": 4, "a_bits": 4}] * 2}))
   cases["policy"] = [*_digits_args(root / "policy"), "--mode=qat", f"--policy={policy}"]
   cases["busy"] = _digits_args(root / "busy")
-  lock = haq_io.lock_path(root / "busy" / "run")
-  os.makedirs(os.path.dirname(lock), exist_ok=True)
-  with open(lock, "w") as held:  # Another run holds the busy case's --workdir.
-    fcntl.flock(held, fcntl.LOCK_EX)
-    held.write("pid 4242")
-    held.flush()
+  with hold_folder(root / "busy" / "run"):  # Another run holds the busy case's --workdir.
     procs = launch_many(cases.values())
   return dict(zip(cases, procs)), root
 

@@ -58,6 +58,22 @@ def launch_ok(*args, module="experiments.imagenet", timeout=300):
   return proc
 
 
+def hold_folder(directory, holder="pid 4242"):
+  """Another process's hold on `directory` (`haqjax.io.claim`), as an open file.
+
+  flock locks belong to open files, so this one refuses the test's own
+  process too until it is closed.
+  """
+  from haqjax import io as haq_io  # pylint: disable=g-import-not-at-top
+  path = haq_io.lock_path(directory)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  held = open(path, "w")  # pylint: disable=consider-using-with
+  fcntl.flock(held, fcntl.LOCK_EX)
+  held.write(holder)
+  held.flush()
+  return held
+
+
 def _shared_root(tmp_path_factory):
   """A folder every test module of this pytest run sees, xdist workers included."""
   base = tmp_path_factory.getbasetemp()
