@@ -13,6 +13,8 @@ function per family from the FP32 weights to a policy:
   rl       HAQ's DDPG search (scorer built, then the episodes);
   rl_executed  the same with `quickstart_rl_executed.flags`' agent: the
            replay stores the walled bits, the noise decays by 0.96;
+  rl_saving  `rl_executed` with `quickstart_rl_saving.flags`' budget wall,
+           which lowers the bits that save the most cost per bit first;
   gumbel   the differentiable search (calibration, then the steps);
   hawq     one sensitivity pass (Gauss-Newton traces and errors per
            channel) and HAWQ-V3's ILP;
@@ -40,6 +42,7 @@ FAMILIES = ("uniform", "rl", "gumbel", "hawq", "greedy")
 # Variants of a family: (family, recipe whose agent or Gumbel settings replace
 # its own).
 VARIANTS = {"rl_executed": ("rl", "quickstart_rl_executed"),
+            "rl_saving": ("rl", "quickstart_rl_saving"),
             "gumbel_absolute": ("gumbel", "quickstart_sweep_absolute")}
 # Variants of HAWQ and greedy: (family, the `HawqConfig` fields they change).
 HAWQ_VARIANTS = {"hawq_tensor": ("hawq", {"hawq_granularity": "tensor"}),
@@ -122,6 +125,17 @@ def configs(quantizer: str, budget: str, plan: Plan, fp32_dir: str | None,
       ("gumbel_epochs", plan.gumbel_epochs),
       ("gumbel_warmup_epochs", plan.gumbel_warmup_epochs)) if v is not None})
   return config, search, gumbel, HawqConfig(**dict(plan.hawq))
+
+
+def variant_search(search, recipe: str):
+  """`search` with the agent settings (`variant_ddpg`) and the budget wall's
+  order of search recipe `recipe`."""
+  from experiments import recipes  # pylint: disable=g-import-not-at-top
+  from haqjax.search.config import SearchConfig  # pylint: disable=g-import-not-at-top
+  from haqjax.train.config import Config  # pylint: disable=g-import-not-at-top
+  variant = recipes.read_configs(recipe, (Config, SearchConfig))[1]
+  return search.replace(ddpg=variant_ddpg(search.ddpg, recipe),
+                        wall_order=variant.wall_order)
 
 
 def variant_ddpg(ddpg, recipe: str):
@@ -338,7 +352,7 @@ def find(family: str, config, search, gumbel, hawq, setup,
   if family in VARIANTS:
     family, recipe = VARIANTS[family]
     if family == "rl":
-      search = search.replace(ddpg=variant_ddpg(search.ddpg, recipe))
+      search = variant_search(search, recipe)
     else:
       gumbel = variant_gumbel(gumbel, recipe)
   if family == "uniform":

@@ -17,7 +17,7 @@ family's reward, the held-out top-1 after a short QAT fine-tune
    orders as the final figures do, by how far apart those are (pairs closer
    than 0.2 points, within seed noise, are left out).
 2. Does the agent find what its reward ranks best? For every RL search of
-   the grid (a family folder with `rl_search/`: `rl`, `rl_executed`), seed s:
+   the grid (a family folder with `rl_search/`: `rl`, `rl_executed`, `rl_saving`), seed s:
    the best episode's reward top-1, that policy scored again (the reward is
    deterministic, so the two agree), and the same cell's HAWQ and greedy
    policies of seed s under seed s's reward; beside them each family's final

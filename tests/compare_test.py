@@ -253,6 +253,23 @@ def test_rl_executed_variant_changes_only_its_agent_settings():
   assert grid.families == ("uniform", "rl_executed", "uniform_max")
 
 
+def test_rl_saving_variant_is_rl_executed_with_the_saving_wall():
+  from experiments import families
+  from experiments import recipes
+  from haqjax.search.config import SearchConfig
+  from haqjax.train.config import Config
+  config, search = recipes.read_configs("quickstart_rl_saving", (Config, SearchConfig))
+  executed_config, executed = recipes.read_configs("quickstart_rl_executed",
+                                                   (Config, SearchConfig))
+  assert config == executed_config and search == executed.replace(wall_order="saving")
+  base = recipes.read_configs("quickstart_rl", (Config, SearchConfig))[1]
+  quick = base.replace(ddpg=base.ddpg.replace(warmup_episodes=3), target="cim")
+  got = families.variant_search(quick, families.VARIANTS["rl_saving"][1])
+  assert got == quick.replace(ddpg=quick.ddpg.replace(replay_actions="executed",
+                                                      delta_decay=0.96),
+                              wall_order="saving")
+
+
 def test_gumbel_absolute_variant_changes_only_its_penalty():
   from experiments import recipes
   from haqjax.search.config import SearchConfig

@@ -116,6 +116,97 @@ def test_enforce_matches_haq_wall(table, layers, first, last):
   np.testing.assert_array_equal(wall.enforce(w, w)[0], fixed.apply(w, w)[0])
 
 
+def _layers(n):
+  """`n` dense layers (a table target reads only their count)."""
+  one = [1] * n
+  return hardware.make_layers(names=[f"l{i}" for i in range(n)], in_channels=[4] * n,
+                              out_channels=[4] * n, kernel_h=one, kernel_w=one, groups=one,
+                              in_h=one, in_w=one, out_h=one, out_w=one, batch=1)
+
+
+def _table_wall(layers, w_cost, a_cost, limit, order, fixed=None):
+  """A wall over a table target whose entry `[l, w-1, a-1]` is
+  `w_cost[l, w-1] + a_cost[l, a-1]`, with an absolute cycle limit."""
+  target = hardware.TableTarget(table=w_cost[:, :, None] + a_cost[:, None, :])
+  fixed = fixed or env.Fixed.create(len(layers), mode="linear")
+  return env.BudgetWall(target, layers, hardware.Budget(metric="cycles", value=limit,
+                                                        kind="absolute"),
+                        min_bits=2, max_bits=8, fixed=fixed, order=order)
+
+
+def test_saving_order_lowers_the_layer_that_costs():
+  # Layer 0 costs 100 a bit, every other layer 1; all at 5 bits, the limit is
+  # uniform 4 bits' cost. Three drops of layer 0 (activations first, then the
+  # role with more bits) save more than the 2 x (100 + L - 1) needed.
+  n = 9
+  bits = np.arange(1, 9, dtype=np.float64)
+  c = np.array([100.0] + [1.0] * (n - 1))
+  per_bit = c[:, None] * bits[None, :]
+  walls = {o: _table_wall(_layers(n), per_bit, per_bit, float(2 * c.sum() * 4), o)
+           for o in env.WALL_ORDERS}
+  five = np.full(n, 5)
+  w, a = walls["saving"].enforce(five, five)
+  np.testing.assert_array_equal(w, [4] + [5] * (n - 1))
+  np.testing.assert_array_equal(a, [3] + [5] * (n - 1))
+  # HAQ's sweep lowers every layer (18 bits where 3 do).
+  np.testing.assert_array_equal(walls["haq"].enforce(five, five), np.full((2, n), 4))
+
+
+def test_saving_order_skips_plateaus_and_gives_bits_back():
+  # Only layer 0's weights change the cost, with Bit Fusion-like steps. The
+  # best saving per bit is 8 -> 3 (90 over 5 bits); once within the limit
+  # (8 below the start), bits come back while it fits: 3 -> 4 -> 5.
+  n = 6
+  w_cost = np.zeros((n, 8))
+  w_cost[0] = [0, 0, 10, 40, 90, 95, 98, 100]
+  a_cost = np.zeros((n, 8))
+  w_cost[1:] = 1.0  # Flat: lowering these saves nothing.
+  total = 100.0 + (n - 1)
+  wall = _table_wall(_layers(n), w_cost, a_cost, total - 8, "saving")
+  eight = np.full(n, 8)
+  w, a = wall.enforce(eight, eight)
+  np.testing.assert_array_equal(w, [5] + [8] * (n - 1))
+  np.testing.assert_array_equal(a, eight)
+
+
+@pytest.mark.parametrize("first, last", [(False, False), (True, True)])
+def test_saving_order_fits_and_only_lowers(table, layers, first, last):
+  target = hardware.get_target("bitfusion")
+  fixed = env.Fixed.create(len(table), mode="linear", first_layer_w8=first,
+                           last_layer_w8a8=last)
+  walls = {o: env.BudgetWall(target, layers, hardware.Budget(metric="latency", value=1.0,
+                                                             reference="w4a4"),
+                             min_bits=2, max_bits=8, fixed=fixed, order=o)
+           for o in env.WALL_ORDERS}
+  rng = np.random.RandomState(1)
+  removed = {o: 0 for o in walls}
+  for _ in range(20):
+    w0, a0 = fixed.apply(rng.randint(2, 9, len(table)), rng.randint(2, 9, len(table)))
+    for order, wall in walls.items():
+      w, a = wall.enforce(w0, a0)
+      assert wall.fits(w, a)
+      assert (w <= w0).all() and (a <= a0).all() and min(w.min(), a.min()) >= 2
+      np.testing.assert_array_equal(fixed.apply(w, a)[0], w)
+      np.testing.assert_array_equal(fixed.apply(w, a)[1], a)
+      removed[order] += int((w0 - w).sum() + (a0 - a).sum())
+      if order == "saving":  # No lowered bit could come back.
+        for bits, start in ((w, w0), (a, a0)):
+          for i in np.flatnonzero(bits < start):
+            bits[i] += 1
+            assert not wall.fits(w, a)
+            bits[i] -= 1
+  assert removed["saving"] < removed["haq"]
+  # A policy within the budget is left alone.
+  np.testing.assert_array_equal(walls["saving"].enforce(w, a), (w, a))
+
+
+def test_unknown_wall_order(table, layers):
+  with pytest.raises(ValueError, match=r"^wall_order='cost' is not allowed; allowed: haq, saving$"):
+    env.BudgetWall(hardware.get_target("bismo-edge"), layers,
+                   hardware.Budget(metric="latency", value=0.6), min_bits=2, max_bits=8,
+                   fixed=env.Fixed.create(len(table), mode="linear"), order="cost")
+
+
 def test_infeasible_budget_names_the_minimum(table, layers):
   target = hardware.get_target("bismo-edge")
   fixed = env.Fixed.create(len(table), mode="linear")

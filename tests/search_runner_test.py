@@ -49,6 +49,7 @@ _BAD_FLAGS = [
     ("--target=tpu9", ("target='tpu9'", "bismo-edge")),
     ("--budget_reference=int8", ("budget_reference", "'int8'", "w8a8")),
     ("--search_scorer=foo", ("search_scorer='foo'", "qat, ptq")),
+    ("--wall_order=cost", ("wall_order='cost'", "haq, saving")),
     ("--hidden=a,b", ("hidden='a,b'", "300,300")),
     ("--search_finetune_steps=1000", ("search_finetune_steps=1000", "the training split has")),
 ]

@@ -65,22 +65,23 @@ def make_budget(budget: float | str | hardware.Budget, metric: str) -> hardware.
 
 
 def make_wall(table, target: str, budget: hardware.Budget, *, min_bits: int,
-              max_bits: int, first_layer_w8: bool, last_layer_w8a8: bool
-              ) -> env_lib.BudgetWall:
+              max_bits: int, first_layer_w8: bool, last_layer_w8a8: bool,
+              wall_order: str = "haq") -> env_lib.BudgetWall:
   """Costs, budget and fixed layers of a table (`haqjax.jobs.stages.build_wall`)."""
   hw = hardware.get_target(target)
   layers = hardware.from_layer_table(table, batch=int(getattr(hw, "batch", 1)))
   fixed = env_lib.Fixed.create(len(table), mode="linear", first_layer_w8=first_layer_w8,
                                last_layer_w8a8=last_layer_w8a8)
   return env_lib.BudgetWall(hw, layers, budget, min_bits=min_bits, max_bits=max_bits,
-                            fixed=fixed)
+                            fixed=fixed, order=wall_order)
 
 
 def search_policy(model, variables: PyTree | None, train: Any, val: Any, *,
                   test: Any = None, target: str = "bismo-edge", metric: str = "latency",
                   budget: float | str | hardware.Budget = "w4a4", method: str = "gumbel",
                   min_bits: int = 2, max_bits: int = 8, first_layer_w8: bool = False,
-                  last_layer_w8a8: bool = False, quant_scheme: QuantScheme | None = None,
+                  last_layer_w8a8: bool = False, wall_order: str = "haq",
+                  quant_scheme: QuantScheme | None = None,
                   batch_size: int = 128, eval_batch_size: int = 500,
                   finetune_epochs: float = 1.0, finetune_learning_rate: float = 0.01,
                   uniform: Sequence[str] = (), search_epochs: float | None = None,
@@ -112,6 +113,9 @@ def search_policy(model, variables: PyTree | None, train: Any, val: Any, *,
       'hawq' (Hessian sensitivities and an ILP).
     min_bits, max_bits: the bit range of the search.
     first_layer_w8, last_layer_w8a8: HAQ's fixed first and last layers.
+    wall_order: how a policy over the budget (an RL episode's, a Gumbel
+      argmax) is lowered into it: 'haq' (HAQ's sweep) or 'saving' (the
+      drops that save the most cost per bit first; `haqjax.search.env`).
     quant_scheme: quantizers of a wrapped plain model; default min-max
       weights and static (calibrated) activation ranges.
     batch_size, eval_batch_size: training and evaluation batch sizes.
@@ -151,7 +155,8 @@ def search_policy(model, variables: PyTree | None, train: Any, val: Any, *,
                                     quant_scheme=quant_scheme)
   table = layer_table(qmodel, input_shape)
   wall = make_wall(table, target, budget, min_bits=min_bits, max_bits=max_bits,
-                   first_layer_w8=first_layer_w8, last_layer_w8a8=last_layer_w8a8)
+                   first_layer_w8=first_layer_w8, last_layer_w8a8=last_layer_w8a8,
+                   wall_order=wall_order)
   uniform_policies = [uniform_policy(u, table, wall) for u in uniform]
   timings: dict[str, float] = {}
   t0 = time.perf_counter()

@@ -116,7 +116,7 @@ def build_wall(config: Config, search: SearchConfig, table) -> env_lib.BudgetWal
                                last_layer_w8a8=config.last_layer_w8a8)
   return env_lib.BudgetWall(target, layers, search.budget_spec(),
                             min_bits=search.min_bits, max_bits=search.max_bits,
-                            fixed=fixed)
+                            fixed=fixed, order=search.wall_order)
 
 
 def qat_config(config: Config, search: SearchConfig, **changes: Any) -> Config:

@@ -46,7 +46,8 @@ COLUMNS = (
     ("diff_mean", "diff mean"),
     ("ci_low", "CI low"), ("ci_high", "CI high"), ("search_seconds", "search s"),
 )
-_STYLE = {"uniform": ("o", "black"), "uniform_max": ("o", "#7f7f7f"), "rl": ("D", "#d62728"), "rl_executed": ("d", "#9467bd"), "gumbel": ("^", "#1f77b4"),
+_STYLE = {"uniform": ("o", "black"), "uniform_max": ("o", "#7f7f7f"), "rl": ("D", "#d62728"), "rl_executed": ("d", "#9467bd"),
+          "rl_saving": ("P", "#8c564b"), "gumbel": ("^", "#1f77b4"),
           "hawq": ("s", "#2ca02c"), "greedy": ("v", "#ff7f0e")}
 
 

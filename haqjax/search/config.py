@@ -39,6 +39,10 @@ class SearchConfig(JsonConfig):
       uniform 'wXaY' (budget 1 with w4a4: "no more than uniform W4A4").
     min_bits: lowest bit-width the search may choose.
     max_bits: highest bit-width the search may choose.
+    wall_order: how a policy over the budget is lowered into it: 'haq' (HAQ's
+      sweep: last layer first, activations then weights, a bit each) or
+      'saving' (the drop that saves the most cost per bit first, then bits
+      given back while it fits; `haqjax.search.env`).
     quantization: 'linear' (weight and activation bits per layer) or 'kmeans'
       (weight bits only, k-means codebooks, float activations).
     search_episodes: episodes of the RL search (HAQ: 600).
@@ -74,6 +78,7 @@ class SearchConfig(JsonConfig):
   budget_reference: str = "w8a8"
   min_bits: int = 2
   max_bits: int = 8
+  wall_order: str = "haq"
   quantization: str = "linear"
   search_episodes: int = 600
   search_scorer: str = "qat"
@@ -94,6 +99,7 @@ class SearchConfig(JsonConfig):
                        f"{', '.join(targets.TARGETS)}")
     self.budget_spec()
     env.check_bit_range(self.min_bits, self.max_bits)
+    env.check_wall_order(self.wall_order)
     if self.quantization not in QUANTIZATIONS:
       raise ValueError(f"quantization={self.quantization!r} is not allowed; allowed: "
                        f"{', '.join(QUANTIZATIONS)}")
