@@ -50,6 +50,25 @@ def test_lsq_forward_and_step_gradient_match_the_paper(bits, signed):
   np.testing.assert_array_equal(dx, ((v >= -qn) & (v <= qp)).astype(np.float32))
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_a_step_carried_past_zero_keeps_quantizing_and_learning(signed):
+  # An SGD step that carries s below zero (seen on a 3-bit classifier input)
+  # must not freeze the quantizer at the floor with a constant output.
+  x = np.abs(np.random.default_rng(0).normal(size=(32, 16)).astype(np.float32))
+  if signed:
+    x = x - 0.5
+  fq = lambda s: learned.lsq_fake_quant(jnp.asarray(x), s, 3, signed=signed,
+                                        num_elements=x.size)
+  np.testing.assert_allclose(fq(jnp.float32(-0.4)), fq(jnp.float32(0.4)))
+  assert len(np.unique(np.asarray(fq(jnp.float32(-0.4))))) > 4
+  loss = lambda s: jnp.sum((fq(s) - x) ** 2)
+  assert float(jax.grad(loss)(jnp.float32(-0.4))) == pytest.approx(
+      -float(jax.grad(loss)(jnp.float32(0.4))), rel=1e-6)
+  clip = lambda a: jnp.sum(learned.pact_fake_quant(jnp.asarray(x), a, 3, signed=signed))
+  np.testing.assert_allclose(clip(jnp.float32(-1.2)), clip(jnp.float32(1.2)))
+  assert float(jax.grad(clip)(jnp.float32(-1.2))) != 0.0
+
+
 def test_lsq_initialisation_and_binary_case():
   x = jax.random.normal(jax.random.key(0), (3, 3, 4, 8))
   q = quant.LSQ(sign="signed")

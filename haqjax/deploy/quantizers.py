@@ -109,7 +109,7 @@ def _act_grid(where: str, quantizer: Quantizer, params: Any, bits: int,
     spec = _spec_for(quantizer, lo)
     return (spec, *affine.compute_scale(lo.reshape(()), hi.reshape(()), bits, spec))
   if isinstance(quantizer, PACT):  # HAQActivation too.
-    clip = np.maximum(np.asarray(params["clip"], np.float32).reshape(()),
+    clip = np.maximum(np.abs(np.asarray(params["clip"], np.float32).reshape(())),
                       np.float32(MIN_STEP))
     if _learned_signed(quantizer, params):  # As `pact_fake_quant`.
       spec, lo = affine.AffineSpec(signed=True, narrow_range=True), -clip

@@ -7,12 +7,17 @@ through a forward pass written so that the gradient is the paper's:
 * LSQ (Esser et al. 2020): `x_hat = round(clip(x / s, -Qn, Qp)) * s` with the
   rounding straight-through; the step gradient is `-x/s + round(x/s)` inside
   the range and `-Qn` / `Qp` outside, scaled by `g = 1 / sqrt(N * Qp)`.
-  Step initialisation `2 * mean|x| / sqrt(Qp)`.
+  Step initialisation `2 * mean|x| / sqrt(Qp)`. The forward pass uses
+  `max(|s|, MIN_STEP)` (as NNCF does with its scales): an SGD step that
+  carries `s` past zero leaves a working quantizer whose gradient still
+  flows, where `max(s, MIN_STEP)` would freeze it at the floor, every input
+  on the grid's last level and the layer's output constant.
 * LSQ+ (Bhalgat et al. 2020): LSQ with a learned offset `beta`,
   `x_hat = round(clip((x - beta) / s, -Qn, Qp)) * s + beta`, initialised from
   the min/max so that `[min, max]` spans the grid.
 * PACT (Choi et al. 2018): `y = clip(x, 0, alpha)` quantized on `[0, alpha]`
-  with the STE, so `d x_hat / d alpha = 1[x >= alpha]`.
+  with the STE, so `d x_hat / d alpha = 1[x >= alpha]`; `|alpha|` is used,
+  as LSQ's `|s|`.
 * HAQ's activation quantizer (Wang et al. 2019, the released code): a
   learnable clip initialised to 6, unsigned on `[0, r]` after ReLU and signed
   on `[-r, r]` elsewhere (one bit of the budget goes to the sign), gradient as
@@ -69,13 +74,14 @@ def _lsq_gradient_scale(qp: Array, num_elements: int) -> Array:
 
 
 def lsq_step(step: Array, bits: ArrayLike, *, signed: bool, num_elements: int) -> Array:
-  """The step LSQ's forward pass multiplies by: `max(step, MIN_STEP)` through `grad_scale`.
+  """The step LSQ's forward pass multiplies by: `max(|step|, MIN_STEP)` through `grad_scale`.
 
   The gradient scaling leaves the value but can move it by an ulp, so an
   integer grid of LSQ's (`haqjax.deploy`) takes this step, not the stored one.
   """
   _, qp = lsq_bounds(jnp.asarray(bits, jnp.int32), signed)
-  return grad_scale(jnp.maximum(step, MIN_STEP), _lsq_gradient_scale(qp, num_elements))
+  return grad_scale(jnp.maximum(jnp.abs(step), MIN_STEP),
+                    _lsq_gradient_scale(qp, num_elements))
 
 
 def lsq_fake_quant(x: Array, step: Array, bits: ArrayLike, *, signed: bool,
@@ -206,7 +212,7 @@ def pact_fake_quant(x: Array, clip: Array, bits: ArrayLike, *, signed: bool) -> 
   signed); to `x` it is `1` inside the clip range and 0 outside.
   """
   bits = jnp.asarray(bits, jnp.int32)
-  clip = jnp.maximum(clip, MIN_STEP)
+  clip = jnp.maximum(jnp.abs(clip), MIN_STEP)
   if signed:
     y = jnp.minimum(jnp.maximum(x, -clip), clip)
     spec = affine.AffineSpec(signed=True, narrow_range=True)
