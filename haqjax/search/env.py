@@ -31,12 +31,13 @@ W8A8) are never lowered.
 
 That sweep lowers layers whether or not their bits cost much: on a network
 whose costs sit in a few layers it removes many bits to save little (on
-MobileNetV2 at a Bit Fusion W4A4 budget, about 125 bits from a random
-policy, most of its activations down to 2 bits). `wall_order='saving'`
-instead lowers, one drop at a time, the layer and role whose drop saves the
-most cost per bit removed (a drop may skip bit-widths that cost the same,
-as Bit Fusion's 3 and 4), then gives bits back, last drop first, while the
-policy still fits (about 16 bits from the same policies).
+MobileNetV2 at Bit Fusion's W4A4 latency, a median 134 bits from a random
+policy, 19 of its 53 activations left at 2 bits; `python -m
+experiments.wall_orders`). `wall_order='saving'` instead lowers, one drop
+at a time, the layer and role whose drop saves the most cost per bit
+removed (a drop may skip bit-widths that cost the same, as Bit Fusion's 3
+and 4), then gives bits back, last drop first, while the policy still fits
+(a median 16 bits from the same policies, 10 activations at 2 bits).
 """
 
 from __future__ import annotations
