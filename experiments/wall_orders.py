@@ -17,6 +17,7 @@ trained: it reads the model's layer table and the cost models only.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import statistics
 from typing import Any
@@ -35,18 +36,20 @@ def measure(wall, rng, policies: int, orders) -> dict[str, dict[str, Any]]:
   """`{order: {removed, a2, w2, budget_ratio}: {median, mean}}` over random policies."""
   from haqjax.search import env  # pylint: disable=g-import-not-at-top
   n = len(wall.fixed.w)
+  free_w, free_a = wall.fixed.w < 0, wall.fixed.a < 0
   rows: dict[str, dict[str, list[float]]] = {
       o: {"removed": [], "a2": [], "w2": [], "budget_ratio": []} for o in orders}
-  walls = {o: env.BudgetWall(wall.target, wall.layers, wall.budget, min_bits=wall.min_bits,
-                             max_bits=wall.max_bits, fixed=wall.fixed, order=o)
-           for o in orders}
+  walls = {}
+  for o in orders:  # The same cost tensor and limit, another order.
+    env.check_wall_order(o)
+    walls[o] = copy.copy(wall)
+    walls[o].order = o
   for _ in range(policies):
     w0, a0 = wall.fixed.apply(
         env.action_to_bits(rng.uniform(size=n), wall.min_bits, wall.max_bits),
         env.action_to_bits(rng.uniform(size=n), wall.min_bits, wall.max_bits))
     for order, ordered in walls.items():
       w, a = ordered.enforce(w0, a0)
-      free_w, free_a = wall.fixed.w < 0, wall.fixed.a < 0
       rows[order]["removed"].append(int((w0 - w)[free_w].sum() + (a0 - a)[free_a].sum()))
       rows[order]["a2"].append(int((a[free_a] == 2).sum()))
       rows[order]["w2"].append(int((w[free_w] == 2).sum()))

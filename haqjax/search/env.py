@@ -258,10 +258,9 @@ class BudgetWall:
     current bits) are -inf.
     """
     rows = np.arange(len(w))[:, None]
-    targets = np.arange(1, 9)[None, :]
+    lowered = np.broadcast_to(np.arange(1, 9)[None, :], (len(w), 8))
     out = np.full((len(w), 2, 8), -np.inf)
     for r, (bits, fixed) in enumerate(((a, self.fixed.a), (w, self.fixed.w))):
-      lowered = np.broadcast_to(targets, (len(w), 8))
       if r == 0:
         new = self.tensor[rows, self._index(w)[:, None], lowered - 1]
       else:
