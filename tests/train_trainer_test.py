@@ -3,6 +3,8 @@
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 
 from haqjax import data as haq_data
@@ -11,6 +13,7 @@ from haqjax.policy import Policy
 from haqjax.policy import save_policy
 from haqjax.train import Checkpointer
 from haqjax.train import Config
+from haqjax.train import restore_variables
 from haqjax.train import train_and_evaluate
 from haqjax.train import trainer
 
@@ -94,6 +97,23 @@ def test_qat_from_fp32_under_uniform_and_json_policies(tmp_path, fp32_run):
   assert [l["w_bits"] for l in mixed["policy"]] == [8] + [2] * (len(names) - 1)
   saved = json.load(open(tmp_path / "mixed" / "policy.json"))
   assert [l["name"] for l in saved["layers"]] == names
+
+
+def test_qat_on_frozen_bn_statistics_keeps_them(tmp_path, fp32_run):
+  config, fp32_dir, fp32 = fp32_run
+  qat = config.replace(mode="qat", policy="w4a4", init_from=fp32_dir, epochs=1,
+                       learning_rate=0.005, freeze_bn_stats=True)
+  assert trainer.build_model(qat, 10).freeze_bn_stats
+  assert not trainer.build_model(qat.replace(freeze_bn_stats=False), 10).freeze_bn_stats
+  frozen = train_and_evaluate(qat, str(tmp_path / "frozen"))
+  assert frozen["test_top1"] > fp32["test_top1"] - 5.0, frozen
+  before = restore_variables(fp32_dir)
+  after = restore_variables(str(tmp_path / "frozen"))
+  same = jax.tree.map(np.array_equal, before["batch_stats"], after["batch_stats"])
+  assert all(jax.tree.leaves(same))
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b),
+                       before["params"]["conv1_bn"], after["params"]["conv1_bn"])
+  assert all(jax.tree.leaves(moved))  # BN's scale and bias still train.
 
 
 def test_policy_for_another_model_is_rejected(tmp_path, fp32_run):

@@ -62,6 +62,12 @@ class Config(JsonConfig):
       eps)`, as an integer deployment stores them (simulated BN folding,
       Krishnamoorthi 2018; see `haqjax.models.cnn`). Same variables as
       without it, so FP32 checkpoints initialise it.
+    freeze_bn_stats: QAT: BN normalizes with the running statistics of the
+      `init_from` model and keeps them (its scale and bias still train).
+      Batch statistics divide by a channel's batch deviation, which
+      quantization can make zero (every weight or input of the channel
+      rounded to one level): its gradient is then scaled by
+      `1 / sqrt(eps)`, about 300x, at each such layer.
     calibration_batches: training batches that calibrate the quantizers
       (LSQ steps, PACT clips, k-means codebooks, static ranges) before QAT.
     calibration_size: training images that calibrate PTQ.
@@ -109,6 +115,7 @@ class Config(JsonConfig):
   first_layer_w8: bool = False
   last_layer_w8a8: bool = False
   fold_bn: bool = False
+  freeze_bn_stats: bool = False
   calibration_batches: int = 4
   calibration_size: int = 1024
   ptq_cle: bool = True

@@ -80,6 +80,7 @@ def build_model(config: Config, num_classes: int):
         weight=quant.weight_quantizer(config.weight_quantizer),
         act=quant.act_quantizer(config.act_quantizer))
     kwargs["fold_bn"] = config.fold_bn
+    kwargs["freeze_bn_stats"] = config.freeze_bn_stats
   return haq_models.create(config.model, num_classes=num_classes, **kwargs)
 
 
