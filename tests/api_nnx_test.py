@@ -107,3 +107,22 @@ def test_finetuned_variables_go_back_into_the_nnx_model(twins):
   np.testing.assert_allclose(after, linen.apply(ltuned, x), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="variables lack params/bn1/bias"):
     nnx_update(model, {"params": {"conv1": tuned["params"]["conv1"]}})
+
+
+def test_finetune_of_an_nnx_model_on_frozen_bn_statistics(twins):
+  model, _, _ = twins
+  x, y = arrays(64, 5)
+  policy = Policy.uniform(("conv1", "dw", "head"), 4, 4)
+  qmodel, qvars = haqjax.quantize(model, None, x[:1])
+  frozen = haqjax.finetune(model, None, (x, y), policy, epochs=1, batch_size=32,
+                           learning_rate=0.1, freeze_bn_stats=True)
+  moving = haqjax.finetune(model, None, (x, y), policy, epochs=1, batch_size=32,
+                           learning_rate=0.1)
+  stats = qvars["batch_stats"]["bn1"]
+  for k in ("mean", "var"):
+    np.testing.assert_array_equal(frozen["batch_stats"]["bn1"][k], stats[k])
+    assert not np.array_equal(moving["batch_stats"]["bn1"][k], stats[k])
+  assert not np.array_equal(frozen["params"]["bn1"]["scale"], qvars["params"]["bn1"]["scale"])
+  fmodel = haqjax.nn.nnx_quantized(model, freeze_bn_stats=True)
+  train, _ = fmodel.apply(qvars, x[:8], policy=policy, train=True, mutable=["batch_stats"])
+  np.testing.assert_array_equal(train, fmodel.apply(qvars, x[:8], policy=policy, train=False))

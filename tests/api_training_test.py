@@ -178,3 +178,53 @@ def test_evaluate_checks_integer(setup):
     haqjax.evaluate(qmodel, qvars, (x, y), integer="yes")
   with pytest.raises(ValueError, match="integer=True with policy None"):
     haqjax.evaluate(qmodel, qvars, (x, y), integer=True)
+
+
+def test_finetune_on_frozen_bn_statistics_keeps_them(setup):
+  model, variables, qmodel, qvars = setup
+  x, y = _data(256, 3)
+  policy = haqjax.Policy.uniform(("Conv_0", "Dense_0"), 4, 4)
+  frozen = haqjax.finetune(qmodel, qvars, (x, y), policy, epochs=1, learning_rate=0.1,
+                           batch_size=64, freeze_bn_stats=True)
+  moving = haqjax.finetune(qmodel, qvars, (x, y), policy, epochs=1, learning_rate=0.1,
+                           batch_size=64)
+  assert _equal(frozen["batch_stats"], qvars["batch_stats"])
+  assert not _equal(moving["batch_stats"], qvars["batch_stats"])
+  bn = frozen["params"]["BatchNorm_0"]
+  assert not np.array_equal(bn["scale"], qvars["params"]["BatchNorm_0"]["scale"])
+  # In training the frozen wrapper is its eval-mode self.
+  fmodel = haqjax.nn.quantized(model, freeze_bn_stats=True)
+  train, updates = fmodel.apply(qvars, x[:32], policy=policy, train=True,
+                                mutable=["batch_stats"])
+  np.testing.assert_array_equal(train, fmodel.apply(qvars, x[:32], policy=policy,
+                                                    train=False))
+  assert _equal(updates["batch_stats"], qvars["batch_stats"])
+  with pytest.raises(ValueError, match="freeze_bn_stats is 1; allowed: True or False"):
+    haqjax.nn.quantized(model, freeze_bn_stats=1)
+  with pytest.raises(ValueError, match="freeze_bn_stats=True for a Net; allowed"):
+    haqjax.finetune(model, variables, (x, y), None, freeze_bn_stats=True, batch_size=64)
+
+
+class CallTimeBN(nn.Module):
+  """`Net` with BN's mode given at call time, positionally."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(4, (3, 3), strides=2)(x)
+    x = nn.BatchNorm()(x, not train)
+    return nn.Dense(3)(nn.relu(x).reshape(x.shape[0], -1))
+
+
+def test_frozen_bn_statistics_with_the_mode_given_at_call_time():
+  model = CallTimeBN()
+  x, _ = _data(16, 4)
+  variables = model.init(jax.random.key(0), x[:1])
+  variables = {**variables, "batch_stats": jax.tree.map(lambda v: v + 0.5,
+                                                        variables["batch_stats"])}
+  for frozen in (True, False):
+    qmodel = haqjax.nn.quantized(model, freeze_bn_stats=frozen)
+    qvars = haqjax.nn.init_quantizers(qmodel, variables, x[:1])
+    train, updates = qmodel.apply(qvars, x, train=True, mutable=["batch_stats"])
+    evaluated = qmodel.apply(qvars, x, train=False)
+    assert np.array_equal(train, evaluated) == frozen
+    assert _equal(updates["batch_stats"], variables["batch_stats"]) == frozen

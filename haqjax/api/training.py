@@ -38,6 +38,7 @@ model (`integer_scores`, which `haqjax.search_policy` reports too)::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -57,6 +58,7 @@ from haqjax import quant
 from haqjax.deploy import build as deploy_build
 from haqjax.deploy import engine as deploy_engine
 from haqjax.nn import calibrate as calibrate_lib
+from haqjax.nn.nnx_model import FromNnx
 from haqjax.nn.nnx_model import nnx_quantized
 from haqjax.nn.nnx_model import nnx_variables
 from haqjax.nn.quantized import Quantized
@@ -327,12 +329,23 @@ def _train_step(model: nn.Module, total: int, warmup: int, learning_rate: float,
   return tx, jax.jit(step)
 
 
+def _frozen_bn(model: nn.Module) -> nn.Module:
+  """`model` with its BatchNorm layers on frozen statistics (a zoo model or a wrapped one)."""
+  if isinstance(model, Quantized) and isinstance(model.model, FromNnx):
+    return model.clone(freeze_bn_stats=True,
+                       model=model.model.clone(freeze_bn_stats=True))
+  if "freeze_bn_stats" not in {f.name for f in dataclasses.fields(model)}:
+    raise ValueError(f"freeze_bn_stats=True for a {type(model).__name__}; allowed: "
+                     "haqjax's zoo models and models wrapped by haqjax.nn.quantized")
+  return model.clone(freeze_bn_stats=True)
+
+
 def finetune(model: nn.Module | nnx.Module, variables: PyTree | None, train: Any,
              policy: Policy | None, *, epochs: float = 1.0, learning_rate: float = 0.01,
              batch_size: int = 128, optimizer: str = "sgd", momentum: float = 0.9,
              weight_decay: float = 0.0, label_smoothing: float = 0.0,
              warmup_epochs: float = 0.0, calibration_batches: int = 4,
-             seed: int = 0) -> PyTree:
+             seed: int = 0, freeze_bn_stats: bool = False) -> PyTree:
   """QAT of `model` under `policy` on `train` (FP32 training when `policy` is None).
 
   The trainer's step (`haqjax.train.steps.train_step`, compiled once) with a
@@ -362,6 +375,10 @@ def finetune(model: nn.Module | nnx.Module, variables: PyTree | None, train: Any
       (e.g. a transformer) usually wants one epoch or so.
     calibration_batches: batches that calibrate the quantizers first.
     seed: data order and the `quant` stream of stochastic rounding.
+    freeze_bn_stats: BatchNorm layers normalize with their running
+      statistics and keep them (their scale and bias still train): steadier
+      QAT at 2-3 bits, where a channel that quantization flattens has a
+      batch variance of zero (`haqjax.train.Config.freeze_bn_stats`).
 
   Returns:
     The fine-tuned variables (of an NNX model: in linen's layout, for
@@ -382,6 +399,8 @@ def finetune(model: nn.Module | nnx.Module, variables: PyTree | None, train: Any
                      f"({len(split)} examples)")
   model, variables = _converted(model, variables, split)
   variables = _collections(variables)
+  if freeze_bn_stats:
+    model = _frozen_bn(model)
   if policy is not None:
     variables = calibrate(model, variables, split, policy, batch_size=batch_size,
                           batches=calibration_batches, seed=seed)

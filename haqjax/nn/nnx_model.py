@@ -282,11 +282,13 @@ class FromNnx(nn.Module):
     intercepted_as: how the root model's own products are intercepted.
     model_train_arg: the model's `__call__` argument that `train` sets, or None.
     train_inverted: whether that argument means "not training".
+    freeze_bn_stats: every `nnx.BatchNorm` uses its running statistics.
   """
   parts: _Parts
   intercepted_as: tuple[Any, ...]
   model_train_arg: str | None = None
   train_inverted: bool = False
+  freeze_bn_stats: bool = False
 
   @nn.compact
   def __call__(self, *args: Any, train: bool | None = None, **kwargs: Any) -> Any:
@@ -321,6 +323,10 @@ class FromNnx(nn.Module):
           paths[id(node)] = tuple(str(p) for p in path)
     if train is not None:
       module.train() if train else module.eval()  # pylint: disable=expression-not-assigned
+    if self.freeze_bn_stats:
+      for _, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.BatchNorm):
+          node.use_running_average = True
       if self.model_train_arg is not None:
         if self.model_train_arg in kwargs:
           raise ValueError(f"train={train} and {self.model_train_arg}="
@@ -342,7 +348,8 @@ class FromNnx(nn.Module):
 
 def nnx_quantized(model: nnx.Module, quant_scheme: Any = None, *,
                   train_arg: str | None = "auto",
-                  train_inverted: bool | None = None) -> Quantized:
+                  train_inverted: bool | None = None,
+                  freeze_bn_stats: bool = False) -> Quantized:
   """An NNX `model` made quantizable by a policy at call time.
 
   Args:
@@ -353,6 +360,8 @@ def nnx_quantized(model: nnx.Module, quant_scheme: Any = None, *,
       model's mode (`train()` / `eval()`) is set either way.
     train_inverted: whether `train_arg` means "not training"; None: from
       its name.
+    freeze_bn_stats: its `nnx.BatchNorm`s use and keep their running
+      statistics in training too (QAT on frozen statistics).
 
   Returns:
     A `haqjax.nn.Quantized` module, called as `apply(variables, *args,
@@ -367,5 +376,6 @@ def nnx_quantized(model: nnx.Module, quant_scheme: Any = None, *,
     raise ValueError(f"model is a {type(model).__name__}; allowed: a flax.nnx Module")
   name = train_argument(model, train_arg)
   inverted = TRAIN_ARGS.get(name, False) if train_inverted is None else train_inverted
-  inner = FromNnx(_Parts(model), intercepted_as(model), name, inverted)
-  return quantized(inner, quant_scheme, train_arg="train", train_inverted=False)
+  inner = FromNnx(_Parts(model), intercepted_as(model), name, inverted, freeze_bn_stats)
+  return quantized(inner, quant_scheme, train_arg="train", train_inverted=False,
+                   freeze_bn_stats=freeze_bn_stats)

@@ -44,11 +44,15 @@ wrapper passes `train` to the model's own mode argument, named by
 `train_arg`: by default ('auto') the first of `TRAIN_ARGS` that the model's
 `__call__` takes, inverted for `deterministic`, `use_running_average`,
 `eval` and `inference`; None passes nothing (the model has no mode).
+With `freeze_bn_stats=True` every `nn.BatchNorm` of the model runs on its
+running statistics, in training too, and leaves them unchanged (QAT on
+frozen statistics; its scale and bias still train).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import contextlib
 import inspect
 from typing import Any
 
@@ -132,11 +136,16 @@ class Quantized(nn.Module):
       `TRAIN_ARGS` its `__call__` takes; None: `train` is not passed on.
     train_inverted: whether that argument means "not training"; None:
       inferred from its name (`TRAIN_ARGS`).
+    freeze_bn_stats: every `flax.linen.BatchNorm` of the model normalizes
+      with its running statistics and leaves them as they are, in training
+      too (QAT on frozen statistics, as the zoo models' option); its scale
+      and bias still train.
   """
   model: nn.Module
   quant_scheme: Any = None
   train_arg: str | None = "auto"
   train_inverted: bool | None = None
+  freeze_bn_stats: bool = False
 
   def setup(self):
     nn.share_scope(self, self.model)
@@ -167,7 +176,8 @@ class Quantized(nn.Module):
       seen.append(site.name)
       return compute(*self._quantize(site, lhs, rhs, policy))
 
-    with nn.intercept_methods(intercept.interceptor(handle)):
+    with frozen_batch_norms(self.freeze_bn_stats), \
+        nn.intercept_methods(intercept.interceptor(handle)):
       out = self.model(*args, **kwargs)
     if policy is not None:
       check_policy_names(policy.names, seen)
@@ -197,6 +207,28 @@ class Quantized(nn.Module):
               mix(rq, r_params, rhs, w_bits, w_probs, r_key))
     w_bits, a_bits = policy.bits_for(site.name)
     return aq(a_params, lhs, a_bits, a_key), rq(r_params, rhs, w_bits, r_key)
+
+
+def _running_average(next_fun, args, kwargs, context):
+  """Interceptor: `nn.BatchNorm` calls run with `use_running_average=True`."""
+  module = context.module
+  if not (isinstance(module, nn.BatchNorm) and context.method_name == "__call__"):
+    return next_fun(*args, **kwargs)
+  if module.use_running_average is None:  # Given at call time (or not at all).
+    return next_fun(*args[:1], **{**kwargs, "use_running_average": True})
+  # Set at construction, as `nn.BatchNorm(use_running_average=not train)`:
+  # flax takes it from one place only, so the attribute is set for this call.
+  given = module.use_running_average
+  object.__setattr__(module, "use_running_average", True)
+  try:
+    return next_fun(*args, **kwargs)
+  finally:
+    object.__setattr__(module, "use_running_average", given)
+
+
+def frozen_batch_norms(frozen: bool):
+  """A context in which every `nn.BatchNorm` uses its running statistics (if `frozen`)."""
+  return nn.intercept_methods(_running_average) if frozen else contextlib.nullcontext()
 
 
 def mode_kwargs(model: Quantized, train: bool | None, kwargs: dict[str, Any]
@@ -237,7 +269,8 @@ def apply_float(model: Quantized, variables: PyTree, handle: intercept.Handler,
     What the model returns.
   """
   kwargs = mode_kwargs(model, train, kwargs)
-  with nn.intercept_methods(intercept.interceptor(handle)):
+  with frozen_batch_norms(model.freeze_bn_stats), \
+      nn.intercept_methods(intercept.interceptor(handle)):
     return model.model.apply(variables, *args, **kwargs)
 
 
@@ -265,7 +298,8 @@ def _variable(site: intercept.Site, name: str, make: Callable[[], PyTree]) -> Py
 
 def quantized(model: nn.Module, quant_scheme: Any = None, *,
               train_arg: str | None = "auto",
-              train_inverted: bool | None = None) -> Quantized:
+              train_inverted: bool | None = None,
+              freeze_bn_stats: bool = False) -> Quantized:
   """`model` made quantizable by a policy at call time; see the module docstring.
 
   Args:
@@ -277,6 +311,8 @@ def quantized(model: nn.Module, quant_scheme: Any = None, *,
       or None (the model has none).
     train_inverted: whether `train_arg` means "not training"; None: from its
       name (`deterministic`, `use_running_average`, `eval`, `inference`).
+    freeze_bn_stats: the model's `nn.BatchNorm`s use and keep their running
+      statistics in training too (`Quantized.freeze_bn_stats`).
 
   Returns:
     The `Quantized` module, called as `apply(variables, *args, policy=...,
@@ -290,7 +326,9 @@ def quantized(model: nn.Module, quant_scheme: Any = None, *,
     raise ValueError(f"model is a {type(model).__name__}; allowed: a flax.linen "
                      "Module that is not already quantized")
   train_argument(model, train_arg)
-  return Quantized(model, quant_scheme, train_arg, train_inverted)
+  if not isinstance(freeze_bn_stats, bool):
+    raise ValueError(f"freeze_bn_stats is {freeze_bn_stats!r}; allowed: True or False")
+  return Quantized(model, quant_scheme, train_arg, train_inverted, freeze_bn_stats)
 
 
 def init_quantizers(model: Quantized, variables: PyTree, *args: Any,
