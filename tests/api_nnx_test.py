@@ -126,3 +126,24 @@ def test_finetune_of_an_nnx_model_on_frozen_bn_statistics(twins):
   fmodel = haqjax.nn.nnx_quantized(model, freeze_bn_stats=True)
   train, _ = fmodel.apply(qvars, x[:8], policy=policy, train=True, mutable=["batch_stats"])
   np.testing.assert_array_equal(train, fmodel.apply(qvars, x[:8], policy=policy, train=False))
+
+
+class TrainSwitch(nnx.Module):
+  """An NNX model whose `__call__` takes `train` (its output doubles in training)."""
+
+  def __init__(self, rngs):
+    self.head = nnx.Linear(3, 2, rngs=rngs)
+
+  def __call__(self, x, train: bool = False):
+    y = self.head(x)
+    return 2.0 * y if train else y
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_train_reaches_an_nnx_models_own_argument(frozen):
+  model = TrainSwitch(nnx.Rngs(0))
+  qmodel = haqjax.nn.nnx_quantized(model, freeze_bn_stats=frozen)
+  x = np.ones((4, 3), np.float32)
+  qvars = haqjax.nn.init_quantizers(qmodel, nnx_variables(model), x)
+  np.testing.assert_allclose(qmodel.apply(qvars, x, train=True),
+                             2.0 * qmodel.apply(qvars, x, train=False), rtol=1e-6)

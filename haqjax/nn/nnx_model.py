@@ -323,16 +323,16 @@ class FromNnx(nn.Module):
           paths[id(node)] = tuple(str(p) for p in path)
     if train is not None:
       module.train() if train else module.eval()  # pylint: disable=expression-not-assigned
-    if self.freeze_bn_stats:
-      for _, node in nnx.iter_graph(module):
-        if isinstance(node, nnx.BatchNorm):
-          node.use_running_average = True
       if self.model_train_arg is not None:
         if self.model_train_arg in kwargs:
           raise ValueError(f"train={train} and {self.model_train_arg}="
                            f"{kwargs[self.model_train_arg]!r} are both given; "
                            "allowed: one of them")
         kwargs[self.model_train_arg] = (not train) if self.train_inverted else train
+    if self.freeze_bn_stats:  # After `train()`, which sets it back.
+      for _, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.BatchNorm):
+          node.use_running_average = True
     previous = getattr(_ROUTING, "active", None)
     _ROUTING.active = _Routing(paths, self)
     try:
