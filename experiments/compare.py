@@ -5,7 +5,7 @@ r"""Every search family against uniform at the same cost, over K seeds.
       [--budgets=w2a2,w3a3,w4a4] \
       [--families=uniform,uniform_max,rl,rl_executed,rl_saving,gumbel,gumbel_absolute,hawq,greedy,
                   hawq_tensor,greedy_tensor] \
-      [--quantizer=minmax|lsq] [--seeds=3] [--workdir=compare] \
+      [--quantizer=minmax|lsq|lsq_mse] [--seeds=3] [--workdir=compare] \
       [--init_from=FP32_WORKDIR] [--quick]
 
 For one model (the training recipe `--recipe`: its FP32 run, `--init_from`
@@ -370,7 +370,7 @@ def define_flags() -> None:
                     "cost the searches may spend, wXaY.")
   flags.DEFINE_list("families", list(families.FAMILIES), "Search families (uniform is "
                     "always fine-tuned: it is the reference).")
-  flags.DEFINE_string("quantizer", "minmax", "Quantizers of every row: minmax or lsq.")
+  flags.DEFINE_string("quantizer", "minmax", "Quantizers of every row: minmax, lsq or lsq_mse.")
   flags.DEFINE_integer("seeds", 3, "K: seeds of every search and fine-tune.")
   flags.DEFINE_string("workdir", "compare", "Where everything is written.")
   flags.DEFINE_string("init_from", None, "The recipe's FP32 run (default: train one "

@@ -37,7 +37,8 @@ import os
 import time
 from typing import Any
 
-QUANTIZERS = {"minmax": ("minmax", "static"), "lsq": ("lsq", "lsq")}
+QUANTIZERS = {"minmax": ("minmax", "static"), "lsq": ("lsq", "lsq"),
+              "lsq_mse": ("lsq_mse", "lsq_mse")}
 FAMILIES = ("uniform", "rl", "gumbel", "hawq", "greedy")
 # Variants of a family: (family, recipe whose agent or Gumbel settings replace
 # its own).

@@ -5,7 +5,7 @@ r"""QAT of the quickstart model under several quantizers and uniform policies.
 Trains (or reuses) the FP32 quickstart model in `<workdir>/fp32`, then
 fine-tunes it from there with each (quantizer, policy) pair of the sweep:
 min-max STE weights with static (calibrated, fixed) activation ranges, LSQ
-and PACT at W8A8 (min-max only), W4A4, W3A3 and W2A2, and
+(the paper's initial step, and `lsq_mse`'s least-squared-error one) and PACT at W8A8 (min-max only), W4A4, W3A3 and W2A2, and
 k-means weight-only at 2/3/4 bits (activations in floating point, kernels without weight decay). Every run
 has its own workdir (a rerun resumes or skips finished runs). Writes
 `<workdir>/qat_sweep.json` and prints a markdown table of test top-1.
@@ -46,6 +46,7 @@ SWEEP = {
     **{f"{kind}_w{b}a{b}": (w, a, f"w{b}a{b}")
        for b in (4, 3, 2)
        for kind, (w, a) in {"ste": ("minmax", "static"), "lsq": ("lsq", "lsq"),
+                            "lsq_mse": ("lsq_mse", "lsq_mse"),
                             "pact": ("minmax", "pact")}.items()},
     **{f"kmeans_w{b}": ("kmeans", "static", f"w{b}a32") for b in (2, 3, 4)},
 }

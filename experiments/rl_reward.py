@@ -1,7 +1,7 @@
 r"""HAQ's episode reward, checked against a comparison's fine-tuned results.
 
   python -m experiments.rl_reward --workdir=WORKDIR [--recipe=quickstart] \
-      [--quantizer=minmax|lsq] [--init_from=FP32_WORKDIR] [--policies=100] \
+      [--quantizer=minmax|lsq|lsq_mse] [--init_from=FP32_WORKDIR] [--policies=100] \
       [--steps=20,60,200] [--quick] [--out=PATH]
 
 Reads what `python -m experiments.compare` wrote with the same `--workdir`,
@@ -265,7 +265,7 @@ def markdown(result: dict[str, Any]) -> str:
 def define_flags() -> None:
   flags.DEFINE_string("workdir", "compare", "The comparison's --workdir.")
   flags.DEFINE_string("recipe", "quickstart", "The comparison's --recipe.")
-  flags.DEFINE_string("quantizer", "minmax", "The comparison's --quantizer: minmax or lsq.")
+  flags.DEFINE_string("quantizer", "minmax", "The comparison's --quantizer: minmax, lsq or lsq_mse.")
   flags.DEFINE_string("init_from", None, "The comparison's --init_from (default: the "
                       "FP32 run it trained in the workdir).")
   flags.DEFINE_string("data_dir", None, "Prepared datasets folder.")

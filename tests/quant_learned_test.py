@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from haqjax import quant
+from haqjax.quant import affine
 from haqjax.quant import learned
 
 
@@ -84,6 +85,39 @@ def test_lsq_initialisation_and_binary_case():
   np.testing.assert_array_equal(jnp.sign(out), jnp.where(x >= 0, 1.0, -1.0))
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_lsq_mse_initialisation_is_the_least_error_step_per_channel(bits):
+  x = jax.random.laplace(jax.random.key(5), (3, 3, 16, 6))
+  q = quant.LSQ(sign="signed", channel_axis=-1, step_init="mse")
+  step = np.asarray(q.calibrate(q.init(x), x, bits)["step"]).ravel()
+  xs = np.asarray(x).reshape(-1, 6)
+  qn, qp = 2.0 ** (bits - 1), 2.0 ** (bits - 1) - 1
+  half_span = (qp + qn) * (0.5 + 0.5 * affine.TIE_MARGIN)
+  for c in range(6):  # Brute force over the candidate clips f * max|x|, f = k / 100.
+    candidates = np.arange(100, 0, -1) / 100 * np.abs(xs[:, c]).max() / half_span
+    errors = [np.mean((np.clip(np.round(xs[:, c] / s), -qn, qp) * s - xs[:, c]) ** 2)
+              for s in candidates.astype(np.float32)]
+    np.testing.assert_allclose(step[c], candidates[int(np.argmin(errors))], rtol=1e-5)
+  paper = quant.LSQ(sign="signed", channel_axis=-1)
+  mse = lambda qz: float(jnp.mean((qz(qz.calibrate(qz.init(x), x, bits), x, bits) - x) ** 2))
+  assert mse(q) < mse(paper)
+
+
+def test_lsq_mse_initialisation_picks_the_grid_traced_and_subsampled():
+  relu = jax.nn.relu(jax.random.normal(jax.random.key(6), (32, 6, 6, 8)))
+  q = quant.LSQ(sign="auto", batch_axis=0, step_init="mse")
+  eager = q.calibrate(q.init(relu), relu, 2)
+  traced = jax.jit(q.calibrate)(q.init(relu), relu, jnp.int32(2))
+  chex.assert_trees_all_close(eager, traced)
+  assert float(eager["signed"]) == 0.0
+  codes = np.unique(np.round(np.asarray(q(eager, relu, 2)) / float(eager["step"])))
+  np.testing.assert_array_equal(codes, [0, 1, 2, 3])  # all four unsigned levels used
+  # Past `max_samples` values a per-tensor search scores a strided subset.
+  small = quant.LSQ(sign="auto", batch_axis=0, step_init="mse", max_samples=512)
+  sub = small.calibrate(small.init(relu), relu, 2)
+  np.testing.assert_allclose(sub["step"], eager["step"], rtol=0.1)
+
+
 def test_lsq_plus_offset_maps_the_range_onto_the_grid():
   x = jax.random.uniform(jax.random.key(1), (256,), minval=-0.5, maxval=3.5)
   q = quant.LSQ(sign="signed", learn_offset=True, batch_axis=0)
@@ -124,6 +158,7 @@ def test_haq_activation_is_unsigned_after_relu_signed_elsewhere():
 
 
 @pytest.mark.parametrize("quantizer", [quant.LSQ(sign="signed", channel_axis=-1),
+                                       quant.LSQ(sign="auto", step_init="mse"),
                                        quant.LSQ(sign="auto", learn_offset=True),
                                        quant.PACT(sign="auto"), quant.HAQActivation(),
                                        quant.MinMaxWeight(), quant.MinMaxActivation(),
@@ -155,6 +190,8 @@ def test_one_trace_for_all_bits_and_vmap_equals_loop(quantizer):
 def test_bad_configs():
   with pytest.raises(ValueError, match="sign is 'both'"):
     quant.LSQ(sign="both")
+  with pytest.raises(ValueError, match="step_init is 'max'; allowed: mean, mse"):
+    quant.LSQ(step_init="max")
   with pytest.raises(ValueError, match="init_clip is -1"):
     quant.PACT(init_clip=-1)
   with pytest.raises(ValueError, match="estimator is 'soft'"):

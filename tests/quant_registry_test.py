@@ -47,3 +47,10 @@ def test_every_weight_quantizer_is_built(name):
 @pytest.mark.parametrize("name", quant.ACT_QUANTIZERS)
 def test_every_act_quantizer_is_built(name):
   assert isinstance(quant.act_quantizer(name), quant.Quantizer)
+
+
+def test_lsq_mse_is_lsq_with_the_least_error_initial_step():
+  w, a = quant.weight_quantizer("lsq_mse"), quant.act_quantizer("lsq_mse")
+  assert w == quant.LSQ(sign="signed", channel_axis=-1, step_init="mse")
+  assert a == quant.LSQ(sign="auto", batch_axis=0, step_init="mse")
+  assert quant.weight_quantizer("lsq").step_init == quant.act_quantizer("lsq").step_init == "mean"

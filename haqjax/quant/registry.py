@@ -3,14 +3,16 @@
 Weight quantizers: 'minmax' (symmetric per-channel, plain STE), 'mse'
 (per-channel range calibrated to the least squared error, then fixed; it
 clips, so the clipped STE gives clipped weights no gradient), 'lsq'
-(per-channel learned step), 'kmeans' (codebook of 2^b centroids, HAQ's size
+(per-channel learned step), 'lsq_mse' (LSQ, initial step of least squared
+error), 'kmeans' (codebook of 2^b centroids, HAQ's size
 mode), 'binary' (XNOR-Net), 'ternary' (TWN), 'fp8_e4m3', 'fp8_e5m2'.
 
 Activation quantizers: 'static' (min-max range calibrated on a few batches,
 then fixed: the default of jobs, since a deployed integer model holds fixed
 ranges), 'dynamic' (range of each batch, unsigned after ReLU: outputs depend
 on the other examples of the batch), 'percentile', 'mse', 'kl' (calibrated
-ranges), 'lsq', 'lsq+' (learned step, and offset), 'pact' (learned clip),
+ranges), 'lsq', 'lsq_mse', 'lsq+' (learned step; initial step of least
+squared error; and offset), 'pact' (learned clip),
 'haq' (HAQ's learned clip, signed or unsigned), 'fp8_e4m3', 'fp8_e5m2'.
 """
 
@@ -57,6 +59,7 @@ _WEIGHT: dict[str, Callable[[], Quantizer]] = {
     "mse": lambda: StaticRange(spec=_PER_CHANNEL, sign="signed", method="mse",
                                estimator="clipped"),
     "lsq": lambda: LSQ(sign="signed", channel_axis=-1),
+    "lsq_mse": lambda: LSQ(sign="signed", channel_axis=-1, step_init="mse"),
     "kmeans": _kmeans,
     "binary": _binary,
     "ternary": _ternary,
@@ -71,6 +74,7 @@ _ACT: dict[str, Callable[[], Quantizer]] = {
     "mse": lambda: StaticRange(method="mse"),
     "kl": lambda: StaticRange(method="kl"),
     "lsq": lambda: LSQ(sign="auto", batch_axis=0),
+    "lsq_mse": lambda: LSQ(sign="auto", batch_axis=0, step_init="mse"),
     "lsq+": lambda: LSQ(sign="auto", batch_axis=0, learn_offset=True),
     "pact": lambda: PACT(sign="auto"),
     "haq": HAQActivation,
