@@ -9,8 +9,8 @@ through a forward pass written so that the gradient is the paper's:
   the range and `-Qn` / `Qp` outside, scaled by `g = 1 / sqrt(N * Qp)`.
   Step initialisation `2 * mean|x| / sqrt(Qp)` (the paper's), or with
   `step_init='mse'` the step of least squared quantization error on the
-  calibration data (LSQ+'s initialisation, without its offset). The forward pass uses
-  `max(|s|, MIN_STEP)` (as NNCF does with its scales): an SGD step that
+  calibration data (LSQ+'s initialisation, without its offset). The
+  forward pass uses `max(|s|, MIN_STEP)` (as NNCF does with its scales): an SGD step that
   carries `s` past zero leaves a working quantizer whose gradient still
   flows, where `max(s, MIN_STEP)` would freeze it at the floor, every input
   on the grid's last level and the layer's output constant.
@@ -134,12 +134,12 @@ class LSQ(Quantizer):
       then counts the features of one example. None for weights.
     learn_offset: LSQ+: also learn an offset `beta`.
     step_init: the initial step `calibrate` sets without an offset: 'mean' (the
-      paper's `2 mean|x| / sqrt(Qp)`) or 'mse' (of the steps `f * max|x| /
-      Qp` for `f` in 1/100..1, with `Qp` the grid's half-span on a signed
-      grid, the one of least mean squared quantization error, per step;
-      LSQ+'s initialisation). From a trained model at 2 bits the paper's step
-      can leave a network that a short fine-tune does not recover (README,
-      Quantizers).
+      paper's `2 mean|x| / sqrt(Qp)`) or 'mse' (LSQ+'s initialisation: of the
+      grids whose end lies at `f * max|x|`, `f` = 1/100..1, as
+      `calibration.mse_range` searches them, the step of the one with the
+      least mean squared quantization error, per step). From a trained model
+      at 2 bits the paper's step can leave a network that a short fine-tune
+      does not recover (README, Quantizers).
     max_samples: a per-tensor 'mse' search scores this many values, evenly
       strided over the data, when there are more (as `StaticRange`'s).
   """
