@@ -5,8 +5,10 @@ r"""QAT of the quickstart model under several quantizers and uniform policies.
 Trains (or reuses) the FP32 quickstart model in `<workdir>/fp32`, then
 fine-tunes it from there with each (quantizer, policy) pair of the sweep:
 min-max STE weights with static (calibrated, fixed) activation ranges, LSQ
-(the paper's initial step, and `lsq_mse`'s least-squared-error one) and PACT at W8A8 (min-max only), W4A4, W3A3 and W2A2, and
-k-means weight-only at 2/3/4 bits (activations in floating point, kernels without weight decay). Every run
+(the paper's initial step, and `lsq_mse`'s least-squared-error one) and
+PACT at W8A8 (min-max only), W4A4, W3A3 and W2A2, and k-means weight-only
+at 2/3/4 bits (activations in floating point, kernels without weight
+decay). Every run
 has its own workdir (a rerun resumes or skips finished runs). Writes
 `<workdir>/qat_sweep.json` and prints a markdown table of test top-1.
 

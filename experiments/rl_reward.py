@@ -265,7 +265,8 @@ def markdown(result: dict[str, Any]) -> str:
 def define_flags() -> None:
   flags.DEFINE_string("workdir", "compare", "The comparison's --workdir.")
   flags.DEFINE_string("recipe", "quickstart", "The comparison's --recipe.")
-  flags.DEFINE_string("quantizer", "minmax", "The comparison's --quantizer: minmax, lsq or lsq_mse.")
+  flags.DEFINE_string("quantizer", "minmax",
+                      "The comparison's --quantizer: minmax, lsq or lsq_mse.")
   flags.DEFINE_string("init_from", None, "The comparison's --init_from (default: the "
                       "FP32 run it trained in the workdir).")
   flags.DEFINE_string("data_dir", None, "Prepared datasets folder.")

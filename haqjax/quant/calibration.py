@@ -243,6 +243,17 @@ def percentile_range(x: ArrayLike, spec: AffineSpec = AffineSpec(),
   return affine.nan_where_non_finite(lo, hi, xg, axes)
 
 
+def strided_subset(x: ArrayLike, max_samples: int) -> Array:
+  """`max_samples` values evenly strided over `x` (flattened), its minimum
+  and maximum among them, so that a clip search's candidates span the whole
+  range; `x` flattened when it holds no more."""
+  flat = jnp.ravel(jnp.asarray(x))
+  if flat.size <= max_samples:
+    return flat
+  index = (jnp.arange(max_samples) * (flat.size / max_samples)).astype(jnp.int32)
+  return flat[index].at[0].set(jnp.min(flat)).at[1].set(jnp.max(flat))
+
+
 def _eval_spec(spec: AffineSpec) -> AffineSpec:
   """`spec` with deterministic rounding, for scoring candidate ranges."""
   if spec.rounding == "stochastic":

@@ -189,10 +189,7 @@ class LSQ(Quantizer):
   def _mse_step(self, x: Array, bits: ArrayLike, signed: Array) -> Array:
     """The least-squared-error step on LSQ's grid (signed or not, traced)."""
     if self.channel_axis is None and self.max_samples and x.size > self.max_samples:
-      flat = jnp.ravel(x)
-      index = (jnp.arange(self.max_samples) * (flat.size / self.max_samples)).astype(jnp.int32)
-      # The extremes stay, so the candidates span the whole range.
-      x = flat[index].at[0].set(flat[jnp.argmin(flat)]).at[1].set(flat[jnp.argmax(flat)])
+      x = calibration.strided_subset(x, self.max_samples)
     grids = {"signed": (True,), "unsigned": (False,)}.get(self.sign, (True, False))
     steps = []
     for is_signed in grids:

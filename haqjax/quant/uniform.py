@@ -210,11 +210,7 @@ class StaticRange(Quantizer):
     per_tensor = not self.spec.channel_axes and self.spec.group_size is None
     if (per_tensor and self.max_samples and x.size > self.max_samples
         and self.method in ("percentile", "mse", "kl")):
-      flat = jnp.ravel(x)
-      lo_all, hi_all = jnp.min(flat), jnp.max(flat)
-      index = (jnp.arange(self.max_samples) * (flat.size / self.max_samples)).astype(jnp.int32)
-      # Keep the extremes so the search's candidate clips span the full range.
-      x = flat[index].at[0].set(lo_all).at[1].set(hi_all)
+      x = calibration.strided_subset(x, self.max_samples)
     lo, hi = calibration.calibrate_range(x, bits, self._spec(signed), self.method,
                                          **dict(self.options))
     return {"lo": jnp.broadcast_to(lo, params["lo"].shape).astype(jnp.float32),
