@@ -1,4 +1,6 @@
-"""Every `haqjax.x.y` name README.md uses resolves, as a user would reach it.
+"""Every `haqjax.x.y` name the docs use resolves, as a user would reach it.
+
+The docs are README.md and experiments/RESULTS.md (the comparison's record).
 
 A name resolves attribute by attribute from `import haqjax`; a part that is
 not an attribute may be a submodule (`import haqjax.ptq.folding`), but a
@@ -18,10 +20,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NAME = re.compile(r"\bhaqjax(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 
 
+DOCS = ("README.md", os.path.join("experiments", "RESULTS.md"))
+
+
 def readme_names() -> list[str]:
-  with open(os.path.join(ROOT, "README.md")) as f:
-    text = f.read()
-  return sorted(set(_NAME.findall(text)))
+  names = set()
+  for doc in DOCS:
+    with open(os.path.join(ROOT, doc)) as f:
+      names.update(_NAME.findall(f.read()))
+  return sorted(names)
 
 
 def resolve(name: str):
