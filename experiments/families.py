@@ -15,7 +15,12 @@ function per family from the FP32 weights to a policy:
            replay stores the walled bits, the noise decays by 0.96;
   rl_saving  `rl_executed` with `quickstart_rl_saving.flags`' budget wall,
            which lowers the bits that save the most cost per bit first;
-  gumbel   the differentiable search (calibration, then the steps);
+  gumbel   the differentiable search (calibration, then the steps), a
+           quantizer per candidate bit-width;
+  gumbel_absolute  the same with `quickstart_sweep_absolute.flags`' penalty,
+           TuNAS's absolute value;
+  gumbel_shared  the same with one quantizer per layer shared by every
+           candidate, calibrated at the top one (`quickstart_sweep_shared.flags`);
   hawq     one sensitivity pass (Gauss-Newton traces and errors per
            channel) and HAWQ-V3's ILP;
   greedy   the same pass and the greedy allocation;
@@ -44,7 +49,8 @@ FAMILIES = ("uniform", "rl", "gumbel", "hawq", "greedy")
 # its own).
 VARIANTS = {"rl_executed": ("rl", "quickstart_rl_executed"),
             "rl_saving": ("rl", "quickstart_rl_saving"),
-            "gumbel_absolute": ("gumbel", "quickstart_sweep_absolute")}
+            "gumbel_absolute": ("gumbel", "quickstart_sweep_absolute"),
+            "gumbel_shared": ("gumbel", "quickstart_sweep_shared")}
 # Variants of HAWQ and greedy: (family, the `HawqConfig` fields they change).
 HAWQ_VARIANTS = {"hawq_tensor": ("hawq", {"hawq_granularity": "tensor"}),
                  "greedy_tensor": ("greedy", {"hawq_granularity": "tensor"})}
@@ -176,15 +182,19 @@ def timed(fn, *args, **kwargs) -> tuple[Any, float]:
 def cached(path: str, compute, stamp: dict[str, Any] | None = None) -> dict[str, Any]:
   """The JSON object at `path`, else `compute()` written there (atomically).
 
-  With `stamp` (`stamp_of`), an object whose stamp differs is computed again
-  (a Gumbel search finished with another derivation derives its policy again
-  from its checkpoint, without training), keeping the first search's seconds.
+  With `stamp` (`stamp_of`), an object whose stamp differs is computed again:
+  a Gumbel search finished with another derivation only derives its policy
+  again from its checkpoint, without training, and keeps the first search's
+  seconds; one with other quantizers searches anew, in its own folder
+  (`search_folder`), and counts its own.
   """
   from haqjax import io as haq_io  # pylint: disable=g-import-not-at-top
   from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
   done = stages.read_json(path)
   if done is None or not stamped(done, stamp):
-    seconds = None if done is None else done["seconds"]
+    rederived = done is not None and stamped(
+        done, {k: v for k, v in (stamp or {}).items() if k != "gumbel_derive"})
+    seconds = done["seconds"] if rederived else None
     done = compute()
     if seconds is not None:
       done["seconds"] = seconds
@@ -194,17 +204,21 @@ def cached(path: str, compute, stamp: dict[str, Any] | None = None) -> dict[str,
 
 def stamp_of(family: str, gumbel, hawq=None) -> dict[str, Any]:
   """The settings that a family's cached searches and rows must match beyond
-  their configs' identity: the Gumbel derivation, the sensitivity pass's
-  granularity."""
+  their configs' identity: the Gumbel derivation and quantizer sharing (a
+  variant's), the sensitivity pass's granularity."""
   if VARIANTS.get(family, (family,))[0] == "gumbel":
-    return {"gumbel_derive": gumbel.gumbel_derive}
+    if family in VARIANTS:
+      gumbel = variant_gumbel(gumbel, VARIANTS[family][1])
+    return {"gumbel_derive": gumbel.gumbel_derive,
+            "gumbel_quantizers": gumbel.gumbel_quantizers}
   if family in HAWQ_FAMILIES and hawq is not None:
     return {"hawq_granularity": hawq_of(family, hawq).hawq_granularity}
   return {}
 
 
 # What records written before a stamp's field existed hold.
-_LEGACY = {"gumbel_derive": "wall", "hawq_granularity": "tensor"}
+_LEGACY = {"gumbel_derive": "wall", "gumbel_quantizers": "shared",
+           "hawq_granularity": "tensor"}
 
 
 def stamped(done: dict[str, Any], stamp: dict[str, Any] | None) -> bool:
@@ -226,18 +240,14 @@ def search_rl(config, search, setup) -> Any:
 
 def gumbel_start(config, search, gumbel, setup):
   """`(model, search, variables)`: the Gumbel search's start from the FP32 weights."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
   from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
-  from haqjax.policy import Policy  # pylint: disable=g-import-not-at-top
   from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
   model = trainer.build_model(stages.qat_config(config, search, policy="w8a8"),
                               setup.splits.spec.num_classes)
   gsearch = gumbel_job.build_search(config, gumbel, model, setup.table.names, setup.wall)
-  n, top = len(setup.table), max(gumbel.bits())
-  start = Policy.create(setup.table.names, *setup.wall.fixed.apply(np.full(n, top),
-                                                                   np.full(n, top)))
-  return gsearch, stages.start_variables(config, model, setup.splits, setup.fp32_dir, start)
+  return gsearch, stages.start_variables(config, model, setup.splits, setup.fp32_dir,
+                                         gsearch.calibration_policies())
 
 
 def gumbel_plan(config, gumbel, setup) -> tuple[int, int]:
@@ -246,6 +256,13 @@ def gumbel_plan(config, gumbel, setup) -> tuple[int, int]:
   from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
   per_epoch = haq_data.num_batches(setup.splits.train, config.batch_size, drop_remainder=True)
   return per_epoch, gumbel_job.schedule(gumbel, per_epoch)["total"]
+
+
+def search_folder(name: str, gumbel) -> str:
+  """The folder of a Gumbel search's state: `name`, suffixed for per-candidate
+  quantizers (a search with shared ones, written before they existed, is not
+  resumed as one with its own)."""
+  return name if gumbel.gumbel_quantizers == "shared" else f"{name}_per_candidate"
 
 
 def search_gumbel(config, search, gumbel, setup) -> Any:
@@ -260,7 +277,8 @@ def search_gumbel(config, search, gumbel, setup) -> Any:
   return single.run(
       gsearch, hparams, gsearch.init(jax.random.PRNGKey(config.seed), hparams, variables),
       train=setup.splits.train, val=scoring.subset(setup.splits.val, search.search_val_size),
-      wall=setup.wall, directory=os.path.join(setup.workdir, "gumbel_search"),
+      wall=setup.wall, directory=os.path.join(setup.workdir, search_folder("gumbel_search",
+                                                                          gumbel)),
       batch_size=config.batch_size, total_steps=total, seed=config.seed,
       eval_batch_size=config.eval_batch_size, tensorboard=False).policy
 
@@ -278,7 +296,8 @@ def sweep_gumbel(config, search, gumbel, setup, walls) -> list[Any]:
   return sweep_lib.run(
       gsearch, hps, sweep_lib.init(gsearch, keys, hps, variables), train=setup.splits.train,
       val=scoring.subset(setup.splits.val, search.search_val_size), walls=walls,
-      directory=os.path.join(setup.workdir, "gumbel_sweep"), batch_size=config.batch_size,
+      directory=os.path.join(setup.workdir, search_folder("gumbel_sweep", gumbel)),
+      batch_size=config.batch_size,
       total_steps=total, seed=config.seed, eval_batch_size=config.eval_batch_size,
       tensorboard=False).policies
 

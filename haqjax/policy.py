@@ -167,6 +167,15 @@ class SoftPolicy:
   rows of one repeated bit-width. All four fields are array leaves: one
   compiled step serves every distribution and candidate set of a shape.
 
+  With `per_candidate`, every layer holds one set of quantizer parameters per
+  candidate, stacked on a leading `[K]` axis of each parameter
+  (`haqjax.nn.calibrate.calibrate_candidates` makes them), and candidate `k`
+  is quantized with set `k`: a quantizer per bit-width, as EdMIPS keeps one.
+  Without it every candidate shares the layer's one set, which suits
+  quantizers whose range does not depend on the bit-width (min-max) but not
+  a learned step: a step calibrated at 8 bits clips a 2-bit grid at three
+  steps.
+
   Example::
 
       soft = SoftPolicy.create(table.names, w_probs, a_probs, bits=(2, 4, 8))
@@ -178,6 +187,7 @@ class SoftPolicy:
     w_bits: `[L, K]` int32 candidate weight bit-widths per layer.
     a_bits: `[L, K]` int32 candidate activation bit-widths per layer.
     names: layer names in layer-table order (static).
+    per_candidate: quantizer parameters hold one set per candidate (static).
 
   References:
     Wu et al. Mixed Precision Quantization of ConvNets via Differentiable
@@ -190,10 +200,12 @@ class SoftPolicy:
   w_bits: Array
   a_bits: Array
   names: tuple[str, ...] = flax.struct.field(pytree_node=False)
+  per_candidate: bool = flax.struct.field(pytree_node=False, default=False)
 
   @classmethod
   def create(cls, names: Sequence[str], w_probs: ArrayLike, a_probs: ArrayLike,
-             bits: ArrayLike, a_bits: ArrayLike | None = None) -> SoftPolicy:
+             bits: ArrayLike, a_bits: ArrayLike | None = None, *,
+             per_candidate: bool = False) -> SoftPolicy:
     """A soft policy over candidates `bits` (`[K]` or per layer `[L, K]`).
 
     `a_bits` defaults to `bits`. Probabilities are not renormalised.
@@ -213,7 +225,7 @@ class SoftPolicy:
     return cls(w_probs=jnp.asarray(w_probs, jnp.float32),
                a_probs=jnp.asarray(a_probs, jnp.float32),
                w_bits=jnp.asarray(w_bits, jnp.int32), a_bits=jnp.asarray(a_bits, jnp.int32),
-               names=names)
+               names=names, per_candidate=per_candidate)
 
   @classmethod
   def from_policy(cls, policy: Policy, bits: ArrayLike) -> SoftPolicy:

@@ -299,7 +299,27 @@ def test_gumbel_absolute_variant_changes_only_its_penalty():
   quick = base.replace(gumbel_epochs=0.05, gumbel_warmup_epochs=0.01)
   got = families.variant_gumbel(quick, families.VARIANTS["gumbel_absolute"][1])
   assert got == quick.replace(gumbel_penalty="absolute", gumbel_lambda=1.0)
-  assert families.stamp_of("gumbel_absolute", got) == {"gumbel_derive": "map"}
+  assert families.stamp_of("gumbel_absolute", got) == {
+      "gumbel_derive": "map", "gumbel_quantizers": "per_candidate"}
+
+
+def test_gumbel_shared_variant_shares_the_quantizers_and_its_own_folder():
+  from experiments import recipes
+  from haqjax.search.config import SearchConfig
+  from haqjax.search.gumbel import GumbelConfig
+  from haqjax.train.config import Config
+  types = (Config, SearchConfig, GumbelConfig)
+  config, search, gumbel = recipes.read_configs("quickstart_sweep_shared", types)
+  base_config, base_search, base = recipes.read_configs("quickstart_sweep", types)
+  assert (config, search) == (base_config, base_search)
+  assert gumbel == base.replace(gumbel_quantizers="shared")
+  assert families.stamp_of("gumbel_shared", base) == {
+      "gumbel_derive": base.gumbel_derive, "gumbel_quantizers": "shared"}
+  # Records from before the field existed searched with shared quantizers.
+  assert families.stamped({"gumbel_derive": "map"}, families.stamp_of("gumbel_shared", base))
+  assert not families.stamped({"gumbel_derive": "map"}, families.stamp_of("gumbel", base))
+  assert families.search_folder("gumbel_search", gumbel) == "gumbel_search"
+  assert families.search_folder("gumbel_search", base) == "gumbel_search_per_candidate"
 
 
 def test_summary_has_a_row_per_budget_and_marks_intervals():
@@ -373,8 +393,9 @@ def test_cached_searches_with_another_gumbel_derivation_are_derived_again(tmp_pa
   from haqjax.search.gumbel import GumbelConfig
   from haqjax.search.hawq import HawqConfig
   path = str(tmp_path / "search.json")
-  stamp = families.stamp_of("gumbel", GumbelConfig())
-  assert stamp == {"gumbel_derive": "map"} and families.stamp_of("hawq", GumbelConfig()) == {}
+  stamp = families.stamp_of("gumbel", GumbelConfig(gumbel_quantizers="shared"))
+  assert stamp == {"gumbel_derive": "map", "gumbel_quantizers": "shared"}
+  assert families.stamp_of("hawq", GumbelConfig()) == {}
   calls = []
 
   def compute(bits):
@@ -402,4 +423,9 @@ def test_cached_searches_with_another_gumbel_derivation_are_derived_again(tmp_pa
   assert families.cached(path, lambda: compute(8)) == done and calls == [4]
   assert not families.stamped({"seconds": 1.0}, stamp)
   assert families.stamped({"seconds": 1.0}, families.stamp_of("gumbel", GumbelConfig(
-      gumbel_derive="wall")))
+      gumbel_derive="wall", gumbel_quantizers="shared")))
+  # Other quantizers: a new search, which counts its own seconds.
+  own = families.stamp_of("gumbel", GumbelConfig())
+  assert own["gumbel_quantizers"] == "per_candidate"
+  renewed = families.cached(path, lambda: {**compute(6), **own}, own)
+  assert calls == [4, 6] and renewed["seconds"] == 0.5 and renewed["w_bits"] == [6]

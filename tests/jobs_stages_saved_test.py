@@ -1,4 +1,5 @@
-"""A search workdir's saved configs: other values are refused, newer fields read as defaults."""
+"""A search workdir's saved configs: other values are refused, newer fields read as
+defaults (or as what earlier runs had)."""
 
 import json
 
@@ -43,4 +44,18 @@ def test_a_config_without_defaults_is_checked_as_saved(tmp_path):
   stages.check_saved(spec, "sweep.json", frozenset(), str(tmp_path))
   with pytest.raises(ValueError, match="holds a search with"):
     stages.check_saved(SweepSpec(axes=(("seed", (0.0, 2.0)),)), "sweep.json", frozenset(),
+                       str(tmp_path))
+
+
+def test_a_field_the_saved_file_lacks_reads_as_what_earlier_runs_had(tmp_path):
+  # A Gumbel workdir written before `gumbel_quantizers` existed shared them.
+  from haqjax.search.gumbel.config import GumbelConfig
+  from haqjax.search.gumbel.config import RESUMABLE_CHANGES as GUMBEL_RESUMABLE
+  saved = GumbelConfig().to_dict()
+  saved.pop("gumbel_quantizers")
+  (tmp_path / "gumbel_config.json").write_text(json.dumps(saved))
+  shared = GumbelConfig(gumbel_quantizers="shared")
+  stages.check_saved(shared, "gumbel_config.json", GUMBEL_RESUMABLE, str(tmp_path))
+  with pytest.raises(ValueError, match="gumbel_quantizers='shared', not 'per_candidate'"):
+    stages.check_saved(GumbelConfig(), "gumbel_config.json", GUMBEL_RESUMABLE,
                        str(tmp_path))

@@ -104,17 +104,12 @@ def _problem(name: str, init_from: str, data_dir: str | None) -> _Problem:
 
 def _start(p: _Problem, gumbel=None):
   """`(search, variables)`: the static search and the calibrated FP32 start."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
   from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
-  from haqjax.policy import Policy  # pylint: disable=g-import-not-at-top
   gumbel = gumbel or p.gumbel
   gsearch = gumbel_job.build_search(p.config, gumbel, p.model, p.table.names, p.wall)
-  top = max(gumbel.bits())
-  n = len(p.table)
-  policy = Policy.create(p.table.names, *p.wall.fixed.apply(np.full(n, top),
-                                                             np.full(n, top)))
-  variables = stages.start_variables(p.config, p.model, p.splits, p.fp32_dir, policy)
+  variables = stages.start_variables(p.config, p.model, p.splits, p.fp32_dir,
+                                     gsearch.calibration_policies())
   return gsearch, variables
 
 

@@ -97,8 +97,9 @@ class Task:
     return Policy.create(self.table.names,
                          *self.wall.fixed.apply(np.full(n, bits), np.full(n, bits)))
 
-  def calibrated(self, policy: Policy) -> PyTree:
-    """The FP32 variables with the quantizers calibrated for `policy`."""
+  def calibrated(self, policy: Policy | tuple[Policy, ...]) -> PyTree:
+    """The FP32 variables with the quantizers calibrated for `policy` (for each
+    of a tuple's policies, stacked: `haqjax.api.training.calibrate`)."""
     return training.calibrate(self.model, self.variables, self.train, policy,
                               batch_size=self.batch_size,
                               batches=self.calibration_batches, seed=self.seed)
@@ -109,7 +110,8 @@ def gumbel_setup(task: Task, gumbel: GumbelConfig) -> tuple[GumbelSearch, int, P
 
   The static search (candidates within the bit range, their costs on the
   task's wall, the optimizers) and its start: the FP32 variables calibrated
-  at the top candidate, copied (the search's step donates its state, the
+  for the search's `calibration_policies()` (at every candidate, stacked, for
+  per-candidate quantizers; else at the top one), copied (the search's step donates its state, the
   user's arrays stay). A sweep (`haqjax.api.sweeps`) stacks K states of it.
 
   Raises:
@@ -128,9 +130,10 @@ def gumbel_setup(task: Task, gumbel: GumbelConfig) -> tuple[GumbelSearch, int, P
       candidate_tensor(wall.layer_costs, w_rows, a_rows),
       (wall.fixed.w >= 0) | (wall.fixed.a >= 0), relaxation=gumbel.gumbel_relaxation,
       penalty=gumbel.gumbel_penalty, derivation=gumbel.gumbel_derive, momentum=task.momentum,
-      weight_decay=task.weight_decay, label_smoothing=task.label_smoothing)
+      weight_decay=task.weight_decay, label_smoothing=task.label_smoothing,
+      per_candidate=gumbel.gumbel_quantizers == "per_candidate")
   per_epoch = haq_data.num_batches(task.train, task.batch_size, drop_remainder=True)
-  variables = jax.tree.map(jnp.copy, task.calibrated(task.top_policy(max(bits))))
+  variables = jax.tree.map(jnp.copy, task.calibrated(search.calibration_policies()))
   return search, per_epoch, variables
 
 

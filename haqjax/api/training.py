@@ -171,12 +171,15 @@ def quantize(model: nn.Module | nnx.Module, variables: PyTree | None, sample: An
 
 
 def calibrate(model: nn.Module | nnx.Module, variables: PyTree | None, data: Any,
-              policy: Policy, *, batch_size: int = 128, batches: int = 4,
-              seed: int = 0) -> PyTree:
+              policy: Policy | tuple[Policy, ...], *, batch_size: int = 128,
+              batches: int = 4, seed: int = 0) -> PyTree:
   """Variables with the quantizers calibrated for `policy` on `batches` batches of `data`.
 
   Quantizers without parameters (min-max) leave the variables unchanged. An
   NNX model is taken as `quantize` takes it (linen-layout variables back).
+  A tuple of policies calibrates once per policy and stacks the parameters
+  (`haqjax.nn.calibrate.calibrate_candidates`: a differentiable search's
+  quantizer per candidate bit-width).
   """
   split = haq_data.as_split(data)
   model, variables = _converted(model, variables, split)
@@ -185,7 +188,9 @@ def calibrate(model: nn.Module | nnx.Module, variables: PyTree | None, data: Any
   chosen = itertools.islice(haq_data.batches(
       split, batch_size=batch_size, seed=seed, epoch=0, shuffle=True,
       drop_remainder=False), batches)
-  return calibrate_lib.calibrate(model, variables, chosen, policy)
+  if isinstance(policy, Policy):
+    return calibrate_lib.calibrate(model, variables, chosen, policy)
+  return calibrate_lib.calibrate_candidates(model, variables, chosen, policy)
 
 
 def evaluate(model: nn.Module | nnx.Module, variables: PyTree | None, data: Any,

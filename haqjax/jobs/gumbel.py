@@ -27,7 +27,9 @@ The shared stages (`haqjax.jobs.stages`) around the differentiable search
 
 The search starts from the FP32 weights and trains them together with the
 logits (`haqjax.search.gumbel.supernet`), so it needs no per-policy fine-tunes: its cost is a
-few epochs of QAT with K fake-quantizers per tensor.
+few epochs of QAT with K fake-quantizers per tensor. With
+`--gumbel_quantizers=per_candidate` (the default) each of the K is a quantizer
+of its own, calibrated at its bit-width before the search.
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ from haqjax import hardware
 from haqjax import report
 from haqjax.jobs import stages
 from haqjax.jobs import uniform
-from haqjax.policy import Policy
 from haqjax.search import env as env_lib
 from haqjax.search import scoring
 from haqjax.search.config import SearchConfig
@@ -109,7 +110,8 @@ def build_search(config: Config, gumbel: GumbelConfig, model, names,
                       relaxation=gumbel.gumbel_relaxation, penalty=gumbel.gumbel_penalty,
                       derivation=gumbel.gumbel_derive,
                       momentum=config.momentum, weight_decay=config.weight_decay,
-                      label_smoothing=config.label_smoothing)
+                      label_smoothing=config.label_smoothing,
+                      per_candidate=gumbel.gumbel_quantizers == "per_candidate")
 
 
 def search_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConfig,
@@ -153,12 +155,9 @@ def search_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConf
                                          drop_remainder=True)
   hparams = make_hparams(gumbel, wall.limit, steps_per_epoch)
   plan = schedule(gumbel, steps_per_epoch)
-  top = max(gumbel.bits())
-  start_policy = Policy.create(setup.table.names, *wall.fixed.apply(
-      np.full(len(setup.table), top), np.full(len(setup.table), top)))
-
   t0 = time.perf_counter()
-  variables = stages.start_variables(config, model, splits, setup.fp32_dir, start_policy)
+  variables = stages.start_variables(config, model, splits, setup.fp32_dir,
+                                     gsearch.calibration_policies())
   state = gsearch.init(jax.random.PRNGKey(config.seed), hparams, variables)
   show = config.progress if config.progress is not None else os.isatty(2)
   result = single.run(

@@ -76,13 +76,15 @@ def check_saved(saved_config, filename: str, resumable: frozenset, workdir: str)
     return
   # Flag by flag (nested configs flattened), as JSON holds the values; a
   # field newer than the saved file holds its default there (for configs
-  # that have defaults for all their fields).
+  # that have defaults for all their fields), or the value that the runs
+  # before it had, where the class names one (`legacy_values`).
   cls = type(saved_config)
   as_json = lambda c: json.loads(json.dumps(configs.flatten(cls, c.to_dict())))
   try:
     defaults = as_json(cls())
   except (TypeError, ValueError):  # A required field: no default config.
     defaults = {}
+  defaults.update(getattr(cls, "legacy_values", {}))
   saved = {**defaults, **configs.flatten(cls, saved)}
   for key, value in as_json(saved_config).items():
     if key not in resumable and saved.get(key) != value:
@@ -335,13 +337,15 @@ def fp32_top1(config: Config, splits, search: SearchConfig, fp32_dir: str) -> fl
                   None)["top1"]
 
 
-def start_variables(config: Config, model, splits, fp32_dir: str, policy: Policy):
+def start_variables(config: Config, model, splits, fp32_dir: str,
+                    policy: Policy | tuple[Policy, ...]):
   """The FP32 weights, with quantizer parameters initialised and calibrated.
 
   The start of a search that trains the weights (the Gumbel search and
   sweep): `model`'s variables with the FP32 run's weights merged in, and
   every quantizer calibrated under `policy` on `config.calibration_batches`
-  training batches.
+  training batches; for a tuple of policies, once per policy and stacked
+  (`haqjax.nn.calibrate.calibrate_candidates`).
   """
   input_shape = (1, *splits.spec.image_shape)
   tx = optax.identity()
@@ -354,7 +358,10 @@ def start_variables(config: Config, model, splits, fp32_dir: str, policy: Policy
     batches = itertools.islice(haq_data.batches(
         splits.train, batch_size=config.batch_size, seed=config.seed, epoch=0,
         shuffle=True, drop_remainder=False), config.calibration_batches)
-    variables = calibrate_lib.calibrate(model, variables, batches, policy)
+    if isinstance(policy, Policy):
+      variables = calibrate_lib.calibrate(model, variables, batches, policy)
+    else:
+      variables = calibrate_lib.calibrate_candidates(model, variables, batches, policy)
   return variables
 
 

@@ -51,7 +51,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
 from haqjax import data as haq_data
 from haqjax import hardware
@@ -62,7 +61,6 @@ from haqjax.hardware import budget as budget_lib
 from haqjax.jobs import gumbel as gumbel_job
 from haqjax.jobs import stages
 from haqjax.jobs import uniform as uniform_lib
-from haqjax.policy import Policy
 from haqjax.search import scoring
 from haqjax.search.config import SearchConfig
 from haqjax.search.gumbel import sweep as sweep_lib
@@ -189,12 +187,9 @@ def sweep_and_evaluate(config: Config, search: SearchConfig, gumbel: GumbelConfi
       gumbel_job.make_hparams(g, w.limit, steps_per_epoch)
       for (_, _, g), w in zip(members, walls)])
   keys = member_keys(config.seed, values)
-  top = max(gumbel.bits())
-  start_policy = Policy.create(setup.table.names, *wall.fixed.apply(
-      np.full(len(setup.table), top), np.full(len(setup.table), top)))
-
   t0 = time.perf_counter()
-  variables = stages.start_variables(config, model, splits, setup.fp32_dir, start_policy)
+  variables = stages.start_variables(config, model, splits, setup.fp32_dir,
+                                     gsearch.calibration_policies())
   state = sweep_lib.init(gsearch, keys, hparams, variables)
   show = config.progress if config.progress is not None else os.isatty(2)
   result = sweep_lib.run(

@@ -15,6 +15,10 @@ matmul of two activations calibrates its first operand's quantizer
 (`act_quant`) for `a_bits` and its second's (`rhs_quant`) for `w_bits`, each
 on that operand's recorded values.
 
+`calibrate_candidates(model, variables, batches, policies)` calibrates once
+per policy from one recording and stacks the results: a quantizer per
+candidate bit-width for a differentiable bit search.
+
 Both steps are compiled once per model and input shapes: a `Calibrator`
 holds a model's two jitted functions, the recording of the layer inputs and
 the quantizers' calibrations, which take the policy as data, so a search
@@ -29,6 +33,7 @@ traces: it fits both grids and selects inside the program.)
 from __future__ import annotations
 
 from collections.abc import Iterable
+from collections.abc import Sequence
 import functools
 from typing import Any
 
@@ -148,9 +153,36 @@ class Calibrator:
     """`calibrate` for this model; see there."""
     if recorded is None:
       recorded = self.record(variables, batches)
+    params = copy_tree(variables["params"])
+    out = self._calibrated(variables, recorded, policy, weights, activations)
+    for name, new in out.items():
+      get_path(params, recorded[name]["path"]).update(new)
+    return {**variables, "params": params}
+
+  def candidates(self, variables: PyTree, batches: Iterable[Any] | None,
+                 policies: Sequence[Policy],
+                 recorded: dict[str, dict[str, Any]] | None = None) -> PyTree:
+    """`calibrate_candidates` for this model; see there."""
+    if not policies:
+      raise ValueError("calibrate_candidates: no policies; allowed: at least one")
+    if recorded is None:
+      recorded = self.record(variables, batches)
+    outs = [self._calibrated(variables, recorded, policy, True, True)
+            for policy in policies]
+    params = copy_tree(variables["params"])
+    for name, roles in outs[0].items():
+      get_path(params, recorded[name]["path"]).update({
+          role: jax.tree.map(lambda *p: jnp.stack(p), *(out[name][role] for out in outs))
+          for role in roles})
+    return {**variables, "params": params}
+
+  def _calibrated(self, variables: PyTree, recorded: dict[str, dict[str, Any]],
+                  policy: Policy, weights: bool, activations: bool
+                  ) -> dict[str, dict[str, PyTree]]:
+    """`{layer: {role: parameters}}` of every quantizer with parameters, for `policy`."""
     for name, entry in recorded.items():
       self._layers.setdefault(name, {k: entry[k] for k in ("path", "quantizers", "bn")})
-    params = copy_tree(variables["params"])
+    params = variables["params"]
     traced, eager = [], []
     for name, entry in recorded.items():
       policy.index(name)  # A layer the policy lacks is an error, as in the model.
@@ -177,9 +209,7 @@ class Calibrator:
       if not bool(ok):
         raise ValueError(f"calibration: the kernel of layer {name!r} has non-finite "
                          "values (NaN or Inf); allowed: finite weights")
-    for name, new in out.items():
-      get_path(params, recorded[name]["path"]).update(new)
-    return {**variables, "params": params}
+    return out
 
   def _capture_inputs(self, variables: PyTree, images: Array
                       ) -> tuple[dict[str, Array], dict[str, Array]]:
@@ -360,3 +390,20 @@ def calibrate(model: nn.Module, variables: PyTree, batches: Iterable[Array],
   """
   return calibrator(model)(variables, batches, policy, weights=weights,
                            activations=activations, recorded=recorded)
+
+
+def calibrate_candidates(model: nn.Module, variables: PyTree, batches: Iterable[Array],
+                         policies: Sequence[Policy]) -> PyTree:
+  """Variables with one set of quantizer parameters per policy, stacked.
+
+  The start of a differentiable search that keeps a quantizer per candidate
+  bit-width (`haqjax.policy.SoftPolicy`'s `per_candidate`): every quantizer
+  parameter of the model gets a leading `[K]` axis, `K = len(policies)`,
+  whose entry `k` is what `calibrate(model, variables, batches, policies[k])`
+  sets. The layer inputs are recorded once (in floating point, so they are
+  the same for every policy) and the calibration is compiled once.
+
+  Raises:
+    ValueError: as `calibrate`, or no policies.
+  """
+  return calibrator(model).candidates(variables, batches, policies)

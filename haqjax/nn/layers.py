@@ -148,8 +148,8 @@ class QuantizedLayer(nn.Module):
     w_key = self.make_rng("quant") if wq.needs_key else None
     if isinstance(policy, SoftPolicy):
       w_bits, w_probs, a_bits, a_probs = policy.candidates_for(layer_name(self))
-      return (mix(aq, a_params, x, a_bits, a_probs, a_key),
-              mix(wq, w_params, kernel, w_bits, w_probs, w_key))
+      return (mix(aq, a_params, x, a_bits, a_probs, a_key, policy.per_candidate),
+              mix(wq, w_params, kernel, w_bits, w_probs, w_key, policy.per_candidate))
     w_bits, a_bits = policy.bits_for(layer_name(self))
     return aq(a_params, x, a_bits, a_key), wq(w_params, kernel, w_bits, w_key)
 
@@ -161,8 +161,12 @@ def _quantize_candidate(quantizer: Quantizer, params: Any, x: Array, bits: Array
 
 
 def mix(quantizer: Quantizer, params: Any, x: Array, bits: Array, probs: Array,
-        key: Array | None) -> Array:
+        key: Array | None, per_candidate: bool = False) -> Array:
   """`sum_k probs[k] * Q(x, bits[k])`: EdMIPS's composite tensor, shape of `x`.
+
+  With `per_candidate`, every leaf of `params` has a leading `[K]` axis and
+  candidate `k` is quantized with `params[k]` (a quantizer per bit-width, as
+  `SoftPolicy.per_candidate` describes); otherwise all share `params`.
 
   The K fake-quantized copies are elementwise work; the layer then runs one
   convolution on the mixture instead of one per candidate (Cai & Vasconcelos
@@ -183,10 +187,14 @@ def mix(quantizer: Quantizer, params: Any, x: Array, bits: Array, probs: Array,
     quantize = _quantize_candidate
   except TypeError:  # A quantizer holding arrays: trace it per candidate.
     quantize = lambda q, *args: q(*args)
+  if per_candidate:
+    candidate_params = [jax.tree.map(lambda p, i=i: p[i], params) for i in range(k)]
+  else:
+    candidate_params = [params] * k
   probs = probs.astype(x.dtype)
-  mixed = probs[0] * quantize(quantizer, params, x, bits[0], keys[0])
+  mixed = probs[0] * quantize(quantizer, candidate_params[0], x, bits[0], keys[0])
   for i in range(1, k):
-    mixed = mixed + probs[i] * quantize(quantizer, params, x, bits[i], keys[i])
+    mixed = mixed + probs[i] * quantize(quantizer, candidate_params[i], x, bits[i], keys[i])
   return mixed
 
 

@@ -203,8 +203,8 @@ class Quantized(nn.Module):
     r_key = module.make_rng("quant") if rq.needs_key else None
     if isinstance(policy, SoftPolicy):
       w_bits, w_probs, a_bits, a_probs = policy.candidates_for(site.name)
-      return (mix(aq, a_params, lhs, a_bits, a_probs, a_key),
-              mix(rq, r_params, rhs, w_bits, w_probs, r_key))
+      return (mix(aq, a_params, lhs, a_bits, a_probs, a_key, policy.per_candidate),
+              mix(rq, r_params, rhs, w_bits, w_probs, r_key, policy.per_candidate))
     w_bits, a_bits = policy.bits_for(site.name)
     return aq(a_params, lhs, a_bits, a_key), rq(r_params, rhs, w_bits, r_key)
 

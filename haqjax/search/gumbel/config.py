@@ -15,6 +15,7 @@ from haqjax.search.gumbel.derive import DERIVATIONS
 from haqjax.search.gumbel.relax import RELAXATIONS
 
 PENALTIES = ("lagrange", "hinge", "absolute")
+QUANTIZER_SHARING = ("per_candidate", "shared")
 
 # Fields that may differ between a search and its resumption (a finished
 # search resumed with another derivation derives its policy again).
@@ -54,8 +55,16 @@ class GumbelConfig(JsonConfig):
     gumbel_dual_lr: step size of the multiplier's dual ascent per step.
     gumbel_arch_lr: Adam learning rate of the architecture logits.
     gumbel_weight_lr: constant SGD (Nesterov) learning rate of the weights.
+    gumbel_quantizers: 'per_candidate' (each layer keeps a quantizer per
+      candidate bit-width, calibrated at it and learned apart, as EdMIPS
+      keeps one; `SoftPolicy.per_candidate`) or 'shared' (every candidate
+      uses the layer's one quantizer, calibrated at the top candidate: a
+      learned step then clips the low candidates' grids a few steps from
+      zero).
   """
   config_name = "gumbel config"
+  # What a saved config without the field ran with (`stages.check_saved`).
+  legacy_values = {"gumbel_quantizers": "shared"}
 
   gumbel_bits: str = "2,3,4,5,6,8"
   gumbel_relaxation: str = "gumbel"
@@ -70,6 +79,7 @@ class GumbelConfig(JsonConfig):
   gumbel_dual_lr: float = 0.1
   gumbel_arch_lr: float = 0.01
   gumbel_weight_lr: float = 0.005
+  gumbel_quantizers: str = "per_candidate"
 
   def __post_init__(self):
     self.bits()
@@ -79,6 +89,9 @@ class GumbelConfig(JsonConfig):
     if self.gumbel_penalty not in PENALTIES:
       raise ValueError(f"gumbel_penalty={self.gumbel_penalty!r} is not allowed; "
                        f"allowed: {', '.join(PENALTIES)}")
+    if self.gumbel_quantizers not in QUANTIZER_SHARING:
+      raise ValueError(f"gumbel_quantizers={self.gumbel_quantizers!r} is not allowed; "
+                       f"allowed: {', '.join(QUANTIZER_SHARING)}")
     if self.gumbel_derive not in DERIVATIONS:
       raise ValueError(f"gumbel_derive={self.gumbel_derive!r} is not allowed; "
                        f"allowed: {', '.join(DERIVATIONS)}")

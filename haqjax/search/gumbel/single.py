@@ -134,9 +134,8 @@ def epoch_record(search: GumbelSearch, wall: env_lib.BudgetWall, evaluate: Evalu
   w0, a0 = wall.fixed.apply(*search.derive(jax.device_get(state.logits)))
   w, a = derive_lib.derive(search.derivation, w_probs, a_probs, search.w_bits,
                            search.a_bits, wall)
-  policy = Policy.create(search.names, w, a)
   metrics = evaluate({"params": state.params, "batch_stats": state.batch_stats}, val,
-                     policy)
+                     search.eval_policy(w, a))
   cost = wall.describe(w, a)
   argmax_cost = wall.describe(w0, a0)
   return {

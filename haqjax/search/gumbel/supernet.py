@@ -4,7 +4,8 @@ Each quantizable layer `l` has architecture logits over K candidate
 bit-widths for its weights and for its input activations, `[L, K]` each. A
 training step relaxes them (`relax.py`), runs the model under the resulting
 `SoftPolicy` (every layer quantizes to the mixture of its candidates and runs
-one convolution) and minimises
+one convolution; with `per_candidate`, each candidate with its own quantizer,
+as EdMIPS keeps one per bit-width) and minimises
 
     task loss + penalty(E[cost] / limit),
 
@@ -178,13 +179,18 @@ class GumbelSearch:
     momentum: the weights' SGD momentum (Nesterov when > 0).
     weight_decay: L2 on kernels.
     label_smoothing: of the task loss.
+    per_candidate: each layer keeps a quantizer per candidate bit-width
+      (`SoftPolicy.per_candidate`): the start's variables hold their
+      parameters stacked, calibrated for `calibration_policies()` by
+      `haqjax.nn.calibrate.calibrate_candidates`. False: every candidate
+      shares the layer's quantizer, calibrated at the top candidate.
   """
 
   def __init__(self, model: nn.Module, names: Sequence[str], w_bits: ArrayLike,
                a_bits: ArrayLike, tensor: ArrayLike, fixed: ArrayLike, *,
                relaxation: str = "gumbel", penalty: str = "lagrange",
                derivation: str = "map", momentum: float = 0.9, weight_decay: float = 0.0,
-               label_smoothing: float = 0.0):
+               label_smoothing: float = 0.0, per_candidate: bool = False):
     relax_lib.check_relaxation(relaxation)
     if penalty not in PENALTIES:
       raise ValueError(f"gumbel_penalty={penalty!r} is not allowed; allowed: "
@@ -204,6 +210,7 @@ class GumbelSearch:
     derive_lib.check_derivation(derivation)
     self.relaxation, self.penalty, self.derivation = relaxation, penalty, derivation
     self.label_smoothing = label_smoothing
+    self.per_candidate = per_candidate
     # Weights: SGD (Nesterov) with L2 on kernels; logits: Adam (written so
     # that a vmapped sweep computes it as one search does). Learning rates
     # are applied in the step, from HParams.
@@ -228,7 +235,37 @@ class GumbelSearch:
   def soft_policy(self, w_probs: Array, a_probs: Array) -> SoftPolicy:
     return SoftPolicy(w_probs=w_probs, a_probs=a_probs,
                       w_bits=jnp.asarray(self.w_bits, jnp.int32),
-                      a_bits=jnp.asarray(self.a_bits, jnp.int32), names=self.names)
+                      a_bits=jnp.asarray(self.a_bits, jnp.int32), names=self.names,
+                      per_candidate=self.per_candidate)
+
+  def calibration_policies(self) -> Policy | tuple[Policy, ...]:
+    """What the start's quantizers are calibrated for: one policy per candidate
+    column (`per_candidate`), else the top candidates' policy."""
+    if not self.per_candidate:
+      return Policy.create(self.names, self.w_bits.max(1), self.a_bits.max(1))
+    return tuple(Policy.create(self.names, self.w_bits[:, k], self.a_bits[:, k])
+                 for k in range(self.w_bits.shape[1]))
+
+  def eval_policy(self, w_bits: ArrayLike, a_bits: ArrayLike) -> Policy | SoftPolicy:
+    """The discrete policy `([L], [L])` as the search's weights run it.
+
+    A `Policy`; with `per_candidate`, the one-hot `SoftPolicy` that runs each
+    layer at its bits with the quantizer of the candidate of those bits (of
+    the nearest candidate above them when they are none, e.g. after HAQ's
+    budget wall; else of the top one).
+    """
+    if not self.per_candidate:
+      return Policy.create(self.names, w_bits, a_bits)
+    rows, probs = [], []
+    for cand, bits in ((self.w_bits, w_bits), (self.a_bits, a_bits)):
+      bits = np.asarray(bits, np.int64)[:, None]
+      d = cand - bits
+      pick = np.argmin(np.where(d >= 0, d, 1000 - d), axis=1)
+      onehot = np.eye(cand.shape[1], dtype=np.float32)[pick]
+      rows.append(np.where(onehot > 0, bits, cand))
+      probs.append(onehot)
+    return SoftPolicy.create(self.names, probs[0], probs[1], rows[0], rows[1],
+                             per_candidate=True)
 
   def expected_cost(self, logits: dict[str, Array]) -> Array:
     """The expected cost of the sampled discrete policy, `[]` (exact at one-hot)."""
