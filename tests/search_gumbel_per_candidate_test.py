@@ -174,3 +174,16 @@ def test_config_checks_the_sharing():
   GumbelConfig(gumbel_quantizers="shared")
   with pytest.raises(ValueError, match="gumbel_quantizers='each'.*per_candidate, shared"):
     GumbelConfig(gumbel_quantizers="each")
+
+
+def test_min_max_ranges_are_one_quantizer_for_every_candidate():
+  """Min-max ranges do not depend on the bit-width: both searches run one network."""
+  x = jax.random.normal(jax.random.key(1), (64, 32))
+  q = quant.act_quantizer("static")
+  init = q.init(x)
+  per_bits = [q.calibrate(init, x, b) for b in BITS]
+  stacked = jax.tree.map(lambda *p: jnp.stack(p), *per_bits)
+  bits = jnp.asarray(BITS, jnp.int32)
+  probs = jax.nn.softmax(jnp.arange(len(BITS), dtype=jnp.float32))
+  np.testing.assert_array_equal(mix(q, stacked, x, bits, probs, None, per_candidate=True),
+                                mix(q, per_bits[-1], x, bits, probs, None))

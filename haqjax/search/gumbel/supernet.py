@@ -160,10 +160,16 @@ class GumbelSearch:
 
   Example::
 
-      search = GumbelSearch(model, names, w_bits, a_bits, tensor, fixed)
-      state = search.init(jax.random.key(0), hp, fp32_variables)
+      search = GumbelSearch(model, names, w_bits, a_bits, tensor, fixed,
+                            per_candidate=True)
+      start = calibrate_candidates(model, fp32_variables, batches,
+                                   search.calibration_policies())
+      state = search.init(jax.random.key(0), hp, start)
       state, metrics = jax.jit(search.train_step)(state, batch, hp)
       w, a = search.derive(state.logits)
+
+  (`haqjax.nn.calibrate.calibrate_candidates`; the jobs and `haqjax.api`
+  build the search from a `GumbelConfig`, per candidate by default.)
 
   Args:
     model: the flax model; called as `model.apply(v, x, policy=, train=)`.
