@@ -9,7 +9,8 @@ epochs in a temporary folder) and measures on this machine:
 
   * steps (median ms after compilation, with min and max, batch 128;
     `timing.time_call`): the search's mixed step
-    (K = 6 candidates per tensor, quickstart_gumbel.flags), the same with 3
+    (K = 6 candidates per tensor, quickstart_gumbel.flags), the same with
+    the other `--gumbel_quantizers` (shared or per candidate), with 3
     candidates, a plain W4A4 QAT step, an FP32 step, and the K-member
     vmapped mixed step (per member);
   * (a) each recipe of `--gumbel_recipes` (default quickstart_sweep, the
@@ -132,13 +133,16 @@ def bench_steps(p: _Problem) -> dict[str, Any]:
   batch = next(haq_data.batches(p.splits.train, batch_size=p.config.batch_size, seed=0,
                                 epoch=0, shuffle=True, drop_remainder=True))
   out: dict[str, Any] = {"batch_size": p.config.batch_size}
-  for bits in (p.gumbel.gumbel_bits, "2,4,8"):
-    gumbel = p.gumbel.replace(gumbel_bits=bits)
+  shared = "per_candidate" if p.gumbel.gumbel_quantizers == "shared" else "shared"
+  for bits, sharing, suffix in ((p.gumbel.gumbel_bits, p.gumbel.gumbel_quantizers, ""),
+                                (p.gumbel.gumbel_bits, shared, f"_{shared}"),
+                                ("2,4,8", p.gumbel.gumbel_quantizers, "")):
+    gumbel = p.gumbel.replace(gumbel_bits=bits, gumbel_quantizers=sharing)
     gsearch, variables = _start(p, gumbel)
     hp = gumbel_job.make_hparams(gumbel, p.wall.limit, p.steps_per_epoch)
     state = gsearch.init(jax.random.PRNGKey(0), hp, variables)
     step = jax.jit(gsearch.train_step)
-    _time_ms(out, f"mixed_k{len(gumbel.bits())}_ms",
+    _time_ms(out, f"mixed_k{len(gumbel.bits())}{suffix}_ms",
              lambda: step(state, batch, hp)[1]["loss"], 15)
   tx = steps_lib.make_optimizer(name="sgd", learning_rate=0.01, momentum=0.9,
                                 weight_decay=5e-4)
@@ -314,8 +318,11 @@ def _print(result: dict[str, Any]) -> None:
   print(f"Steps (median ms, batch {s['batch_size']}, after compile):")
   for key, what in (("fp32_ms", "FP32 step"), ("qat_w4a4_ms", "QAT W4A4 step"),
                     ("mixed_k3_ms", "mixed step, 3 candidates"),
-                    ("mixed_k6_ms", "mixed step, 6 candidates (recipe)")):
-    print(f"  {what:<40}{s[key]:>9.1f}")
+                    ("mixed_k6_ms", "mixed step, 6 candidates (recipe)"),
+                    ("mixed_k6_shared_ms", "the same, quantizers shared"),
+                    ("mixed_k6_per_candidate_ms", "the same, a quantizer per candidate")):
+    if key in s:
+      print(f"  {what:<40}{s[key]:>9.1f}")
   print(f"(a) search at the W4A4 budget vs RL ({result['rl']['seconds']:.0f} s, "
         f"{result['rl']['source']}); target <= {TARGET_RL_FRACTION:.0%} of RL:")
   print(f"  {'recipe':<42}{'steps':>6}{'seconds':>9}{'x RL':>7}  met")
