@@ -10,7 +10,8 @@ epochs in a temporary folder) and measures on this machine:
   * steps (median ms after compilation, with min and max, batch 128;
     `timing.time_call`): the search's mixed step
     (K = 6 candidates per tensor, quickstart_gumbel.flags), the same with
-    the other `--gumbel_quantizers` (shared or per candidate), with 3
+    the other `--gumbel_quantizers` (shared or per candidate), both again on
+    LSQ quantizers (a learned step per candidate costs a gradient each), with 3
     candidates, a plain W4A4 QAT step, an FP32 step, and the K-member
     vmapped mixed step (per member);
   * (a) each recipe of `--gumbel_recipes` (default quickstart_sweep, the
@@ -81,14 +82,14 @@ class _Problem:
   steps_per_epoch: int
 
 
-def _problem(name: str, init_from: str, data_dir: str | None) -> _Problem:
+def _problem(name: str, init_from: str, data_dir: str | None, **overrides: Any) -> _Problem:
   from experiments.bench import search_rl  # pylint: disable=g-import-not-at-top
   from haqjax import data as haq_data  # pylint: disable=g-import-not-at-top
   from haqjax.nn import layer_table  # pylint: disable=g-import-not-at-top
   from haqjax.jobs import stages  # pylint: disable=g-import-not-at-top
   from haqjax.train import trainer  # pylint: disable=g-import-not-at-top
   config, search, gumbel = gumbel_recipe(name, data_dir=data_dir, progress=False,
-                                         tensorboard=False, init_from=init_from)
+                                         tensorboard=False, init_from=init_from, **overrides)
   splits = haq_data.load(config.dataset, data_dir=config.data_dir,
                          val_size=config.val_size, split_seed=config.split_seed)
   table = layer_table(trainer.build_model(config.replace(mode="train"),
@@ -122,28 +123,43 @@ def _time_ms(out: dict[str, Any], key: str, fn, calls: int) -> float:
   return out[key]
 
 
-def bench_steps(p: _Problem) -> dict[str, Any]:
-  """Median step times: mixed (6 and 3 candidates), QAT, FP32."""
+def _mixed_step_ms(out: dict[str, Any], p: _Problem, bits: str, sharing: str, key: str,
+                   batch) -> float:
+  """Times the search's mixed step with `bits` candidates and `sharing` quantizers."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
+  gumbel = p.gumbel.replace(gumbel_bits=bits, gumbel_quantizers=sharing)
+  gsearch, variables = _start(p, gumbel)
+  hp = gumbel_job.make_hparams(gumbel, p.wall.limit, p.steps_per_epoch)
+  state = gsearch.init(jax.random.PRNGKey(0), hp, variables)
+  step = jax.jit(gsearch.train_step)
+  return _time_ms(out, key, lambda: step(state, batch, hp)[1]["loss"], 15)
+
+
+def bench_steps(p: _Problem, lsq: _Problem | None = None) -> dict[str, Any]:
+  """Median step times: mixed (6 and 3 candidates), QAT, FP32.
+
+  With `lsq` (the same recipe on LSQ quantizers) also its 6-candidate mixed
+  step, a quantizer per candidate and shared: each candidate's learned step
+  then has a gradient of its own.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from haqjax import data as haq_data  # pylint: disable=g-import-not-at-top
   from haqjax.policy import Policy  # pylint: disable=g-import-not-at-top
-  from haqjax.jobs import gumbel as gumbel_job  # pylint: disable=g-import-not-at-top
   from haqjax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
   batch = next(haq_data.batches(p.splits.train, batch_size=p.config.batch_size, seed=0,
                                 epoch=0, shuffle=True, drop_remainder=True))
   out: dict[str, Any] = {"batch_size": p.config.batch_size}
   shared = "per_candidate" if p.gumbel.gumbel_quantizers == "shared" else "shared"
-  for bits, sharing, suffix in ((p.gumbel.gumbel_bits, p.gumbel.gumbel_quantizers, ""),
-                                (p.gumbel.gumbel_bits, shared, f"_{shared}"),
-                                ("2,4,8", p.gumbel.gumbel_quantizers, "")):
-    gumbel = p.gumbel.replace(gumbel_bits=bits, gumbel_quantizers=sharing)
-    gsearch, variables = _start(p, gumbel)
-    hp = gumbel_job.make_hparams(gumbel, p.wall.limit, p.steps_per_epoch)
-    state = gsearch.init(jax.random.PRNGKey(0), hp, variables)
-    step = jax.jit(gsearch.train_step)
-    _time_ms(out, f"mixed_k{len(gumbel.bits())}{suffix}_ms",
-             lambda: step(state, batch, hp)[1]["loss"], 15)
+  k, bits, sharing = len(p.gumbel.bits()), p.gumbel.gumbel_bits, p.gumbel.gumbel_quantizers
+  _mixed_step_ms(out, p, bits, sharing, f"mixed_k{k}_ms", batch)
+  _mixed_step_ms(out, p, bits, shared, f"mixed_k{k}_{shared}_ms", batch)
+  _mixed_step_ms(out, p, "2,4,8", sharing, "mixed_k3_ms", batch)
+  if lsq is not None:
+    for sharing in ("per_candidate", "shared"):
+      _mixed_step_ms(out, lsq, lsq.gumbel.gumbel_bits, sharing,
+                     f"lsq_mixed_k{len(lsq.gumbel.bits())}_{sharing}_ms", batch)
   tx = steps_lib.make_optimizer(name="sgd", learning_rate=0.01, momentum=0.9,
                                 weight_decay=5e-4)
   state = steps_lib.init_state(jax.random.key(0), p.model, tx,
@@ -320,7 +336,9 @@ def _print(result: dict[str, Any]) -> None:
                     ("mixed_k3_ms", "mixed step, 3 candidates"),
                     ("mixed_k6_ms", "mixed step, 6 candidates (recipe)"),
                     ("mixed_k6_shared_ms", "the same, quantizers shared"),
-                    ("mixed_k6_per_candidate_ms", "the same, a quantizer per candidate")):
+                    ("mixed_k6_per_candidate_ms", "the same, a quantizer per candidate"),
+                    ("lsq_mixed_k6_per_candidate_ms", "LSQ, a quantizer per candidate"),
+                    ("lsq_mixed_k6_shared_ms", "LSQ, quantizers shared")):
     if key in s:
       print(f"  {what:<40}{s[key]:>9.1f}")
   print(f"(a) search at the W4A4 budget vs RL ({result['rl']['seconds']:.0f} s, "
@@ -376,7 +394,8 @@ def run(init_from: str | None = None, data_dir: str | None = None,
       projected = search_rl.run(init_from=init_from, data_dir=data_dir)["projection"]
       rl = {"seconds": projected["seconds"], "source": "bench search-rl projection"}
     p = _problem("quickstart_gumbel", init_from, data_dir)
-    steps = bench_steps(p)
+    steps = bench_steps(p, _problem("quickstart_gumbel", init_from, data_dir,
+                                    weight_quantizer="lsq", act_quantizer="lsq"))
     print(f"steps: {steps}", flush=True)
     rows = bench_recipes(recipes_, init_from, data_dir, rl["seconds"],
                          steps["mixed_k6_ms"], max_search_seconds, tmp)
