@@ -4,7 +4,8 @@ r"""Every search family against uniform at the same cost, over K seeds.
       [--targets=bismo-edge,bitfusion,...] [--metrics=latency,energy,size] \
       [--budgets=w2a2,w3a3,w4a4] \
       [--families=uniform,uniform_max,rl,rl_executed,rl_saving,gumbel,gumbel_absolute,
-                  gumbel_shared,hawq,greedy,hawq_tensor,greedy_tensor] \
+                  gumbel_shared,gumbel_undominated,hawq,greedy,hawq_tensor,
+                  greedy_tensor] \
       [--quantizer=minmax|lsq|lsq_mse] [--seeds=3] [--workdir=compare] \
       [--init_from=FP32_WORKDIR] [--quick]
 

@@ -21,6 +21,8 @@ function per family from the FP32 weights to a policy:
            TuNAS's absolute value;
   gumbel_shared  the same with one quantizer per layer shared by every
            candidate, calibrated at the top one (`quickstart_sweep_shared.flags`);
+  gumbel_undominated  the same with the candidates a wider one matches at no
+           more cost widened (`quickstart_sweep_undominated.flags`);
   hawq     one sensitivity pass (Gauss-Newton traces and errors per
            channel) and HAWQ-V3's ILP;
   greedy   the same pass and the greedy allocation;
@@ -50,7 +52,8 @@ FAMILIES = ("uniform", "rl", "gumbel", "hawq", "greedy")
 VARIANTS = {"rl_executed": ("rl", "quickstart_rl_executed"),
             "rl_saving": ("rl", "quickstart_rl_saving"),
             "gumbel_absolute": ("gumbel", "quickstart_sweep_absolute"),
-            "gumbel_shared": ("gumbel", "quickstart_sweep_shared")}
+            "gumbel_shared": ("gumbel", "quickstart_sweep_shared"),
+            "gumbel_undominated": ("gumbel", "quickstart_sweep_undominated")}
 # Variants of HAWQ and greedy: (family, the `HawqConfig` fields they change).
 HAWQ_VARIANTS = {"hawq_tensor": ("hawq", {"hawq_granularity": "tensor"}),
                  "greedy_tensor": ("greedy", {"hawq_granularity": "tensor"})}
@@ -204,13 +207,17 @@ def cached(path: str, compute, stamp: dict[str, Any] | None = None) -> dict[str,
 
 def stamp_of(family: str, gumbel, hawq=None) -> dict[str, Any]:
   """The settings that a family's cached searches and rows must match beyond
-  their configs' identity: the Gumbel derivation and quantizer sharing (a
-  variant's), the sensitivity pass's granularity."""
+  their configs' identity: the Gumbel derivation, quantizer sharing and
+  candidates (a variant's; candidates only when not all, as before the field
+  existed), the sensitivity pass's granularity."""
   if VARIANTS.get(family, (family,))[0] == "gumbel":
     if family in VARIANTS:
       gumbel = variant_gumbel(gumbel, VARIANTS[family][1])
-    return {"gumbel_derive": gumbel.gumbel_derive,
-            "gumbel_quantizers": gumbel.gumbel_quantizers}
+    stamp = {"gumbel_derive": gumbel.gumbel_derive,
+             "gumbel_quantizers": gumbel.gumbel_quantizers}
+    if gumbel.gumbel_candidates != "all":
+      stamp["gumbel_candidates"] = gumbel.gumbel_candidates
+    return stamp
   if family in HAWQ_FAMILIES and hawq is not None:
     return {"hawq_granularity": hawq_of(family, hawq).hawq_granularity}
   return {}
@@ -218,7 +225,7 @@ def stamp_of(family: str, gumbel, hawq=None) -> dict[str, Any]:
 
 # What records written before a stamp's field existed hold.
 _LEGACY = {"gumbel_derive": "wall", "gumbel_quantizers": "shared",
-           "hawq_granularity": "tensor"}
+           "gumbel_candidates": "all", "hawq_granularity": "tensor"}
 
 
 def stamped(done: dict[str, Any], stamp: dict[str, Any] | None) -> bool:
@@ -261,8 +268,10 @@ def gumbel_plan(config, gumbel, setup) -> tuple[int, int]:
 def search_folder(name: str, gumbel) -> str:
   """The folder of a Gumbel search's state: `name`, suffixed for per-candidate
   quantizers (a search with shared ones, written before they existed, is not
-  resumed as one with its own)."""
-  return name if gumbel.gumbel_quantizers == "shared" else f"{name}_per_candidate"
+  resumed as one with its own) and for candidates other than all."""
+  if gumbel.gumbel_quantizers != "shared":
+    name = f"{name}_per_candidate"
+  return name if gumbel.gumbel_candidates == "all" else f"{name}_{gumbel.gumbel_candidates}"
 
 
 def search_gumbel(config, search, gumbel, setup) -> Any:

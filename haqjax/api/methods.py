@@ -31,8 +31,7 @@ from haqjax.search import scoring
 from haqjax.search.gumbel import single
 from haqjax.search.gumbel.config import GumbelConfig
 from haqjax.search.gumbel.supernet import GumbelSearch
-from haqjax.search.gumbel.supernet import candidate_rows
-from haqjax.search.gumbel.supernet import candidate_tensor
+from haqjax.search.gumbel.supernet import search_candidates
 from haqjax.search.hawq import measure
 from haqjax.search.hawq.config import HawqConfig
 from haqjax.search.hawq.problem import Problem as HawqProblem
@@ -124,10 +123,10 @@ def gumbel_setup(task: Task, gumbel: GumbelConfig) -> tuple[GumbelSearch, int, P
     raise ValueError(f"gumbel_bits={gumbel.gumbel_bits!r} has {outside[0]}, outside "
                      f"min_bits..max_bits = {wall.min_bits}..{wall.max_bits}; allowed: "
                      "candidates within that range")
-  w_rows, a_rows = candidate_rows(bits, wall.fixed.w, wall.fixed.a)
+  w_rows, a_rows, tensor = search_candidates(bits, wall,
+                                             gumbel.gumbel_candidates == "undominated")
   search = GumbelSearch(
-      task.model, task.table.names, w_rows, a_rows,
-      candidate_tensor(wall.layer_costs, w_rows, a_rows),
+      task.model, task.table.names, w_rows, a_rows, tensor,
       (wall.fixed.w >= 0) | (wall.fixed.a >= 0), relaxation=gumbel.gumbel_relaxation,
       penalty=gumbel.gumbel_penalty, derivation=gumbel.gumbel_derive, momentum=task.momentum,
       weight_decay=task.weight_decay, label_smoothing=task.label_smoothing,

@@ -57,8 +57,7 @@ from haqjax.search.gumbel.config import RESUMABLE_CHANGES
 from haqjax.search.gumbel.config import GumbelConfig
 from haqjax.search.gumbel.supernet import GumbelSearch
 from haqjax.search.gumbel.supernet import HParams
-from haqjax.search.gumbel.supernet import candidate_rows
-from haqjax.search.gumbel.supernet import candidate_tensor
+from haqjax.search.gumbel.supernet import search_candidates
 from haqjax.train import trainer
 from haqjax.train.config import Config
 
@@ -103,8 +102,8 @@ def make_hparams(gumbel: GumbelConfig, limit: float, steps_per_epoch: int) -> HP
 def build_search(config: Config, gumbel: GumbelConfig, model, names,
                  wall: env_lib.BudgetWall) -> GumbelSearch:
   """The static search of a config: candidates, their costs, the optimizers."""
-  w_rows, a_rows = candidate_rows(gumbel.bits(), wall.fixed.w, wall.fixed.a)
-  tensor = candidate_tensor(wall.layer_costs, w_rows, a_rows)
+  w_rows, a_rows, tensor = search_candidates(gumbel.bits(), wall,
+                                             gumbel.gumbel_candidates == "undominated")
   fixed = (wall.fixed.w >= 0) | (wall.fixed.a >= 0)
   return GumbelSearch(model, names, w_rows, a_rows, tensor, fixed,
                       relaxation=gumbel.gumbel_relaxation, penalty=gumbel.gumbel_penalty,

@@ -15,5 +15,7 @@ from haqjax.search.gumbel.supernet import GumbelState
 from haqjax.search.gumbel.supernet import HParams
 from haqjax.search.gumbel.supernet import candidate_rows
 from haqjax.search.gumbel.supernet import candidate_tensor
+from haqjax.search.gumbel.supernet import search_candidates
+from haqjax.search.gumbel.supernet import widen_dominated
 from haqjax.search.gumbel.relax import RELAXATIONS
 from haqjax.search.gumbel.relax import temperature

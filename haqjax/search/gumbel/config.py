@@ -16,6 +16,7 @@ from haqjax.search.gumbel.relax import RELAXATIONS
 
 PENALTIES = ("lagrange", "hinge", "absolute")
 QUANTIZER_SHARING = ("per_candidate", "shared")
+CANDIDATE_SETS = ("all", "undominated")
 
 # Fields that may differ between a search and its resumption (a finished
 # search resumed with another derivation derives its policy again).
@@ -61,6 +62,11 @@ class GumbelConfig(JsonConfig):
       uses the layer's one quantizer, calibrated at the top candidate: a
       learned step then clips the low candidates' grids a few steps from
       zero).
+    gumbel_candidates: 'all' (every layer searches every bit-width of
+      gumbel_bits) or 'undominated' (a layer's candidate that costs no less
+      than a wider one, whatever the other role's bits, takes the widest
+      such one's bits: a role whose bits cost nothing holds only the top
+      candidate; `supernet.widen_dominated`).
   """
   config_name = "gumbel config"
   # What a saved config without the field ran with (`stages.check_saved`).
@@ -80,6 +86,7 @@ class GumbelConfig(JsonConfig):
   gumbel_arch_lr: float = 0.01
   gumbel_weight_lr: float = 0.005
   gumbel_quantizers: str = "per_candidate"
+  gumbel_candidates: str = "all"
 
   def __post_init__(self):
     self.bits()
@@ -92,6 +99,9 @@ class GumbelConfig(JsonConfig):
     if self.gumbel_quantizers not in QUANTIZER_SHARING:
       raise ValueError(f"gumbel_quantizers={self.gumbel_quantizers!r} is not allowed; "
                        f"allowed: {', '.join(QUANTIZER_SHARING)}")
+    if self.gumbel_candidates not in CANDIDATE_SETS:
+      raise ValueError(f"gumbel_candidates={self.gumbel_candidates!r} is not allowed; "
+                       f"allowed: {', '.join(CANDIDATE_SETS)}")
     if self.gumbel_derive not in DERIVATIONS:
       raise ValueError(f"gumbel_derive={self.gumbel_derive!r} is not allowed; "
                        f"allowed: {', '.join(DERIVATIONS)}")

@@ -42,12 +42,24 @@ def check_derivation(derivation: str) -> None:
                      f"{', '.join(DERIVATIONS)}")
 
 
+def by_bits(probs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+  """`[L, len(TABLE_BITS)]`: each bit-width's probability, summed over the
+  candidates that stand for it (a repeated candidate: a fixed layer's row, or a
+  widened one, `supernet.widen_dominated`); 0 where none does."""
+  rows = np.asarray(rows, np.int64)
+  out = np.zeros((len(rows), len(TABLE_BITS)))
+  for l in range(len(rows)):
+    np.add.at(out[l], table_index(rows[l]), np.asarray(probs[l], np.float64))
+  return out
+
+
 def argmax(w_probs: np.ndarray, a_probs: np.ndarray, w_rows: np.ndarray,
            a_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """The argmax bits `([L], [L])` of `[L, K]` probabilities over `[L, K]` candidates."""
-  rows = np.arange(len(w_rows))
-  return (np.asarray(w_rows)[rows, np.argmax(w_probs, -1)],
-          np.asarray(a_rows)[rows, np.argmax(a_probs, -1)])
+  """The most probable bits `([L], [L])` of `[L, K]` probabilities over `[L, K]`
+  candidates (a repeated candidate's probabilities summed)."""
+  table = np.asarray(TABLE_BITS, np.int64)
+  return (table[np.argmax(by_bits(w_probs, w_rows), -1)],
+          table[np.argmax(by_bits(a_probs, a_rows), -1)])
 
 
 def most_probable(w_probs: np.ndarray, a_probs: np.ndarray, w_rows: np.ndarray,
@@ -58,21 +70,24 @@ def most_probable(w_probs: np.ndarray, a_probs: np.ndarray, w_rows: np.ndarray,
   Args:
     w_probs, a_probs: `[L, K]` probabilities of the candidates.
     w_rows, a_rows: `[L, K]` candidate bit-widths per layer (a fixed layer's
-      row repeats its bits; `supernet.candidate_rows`).
+      row repeats its bits, `supernet.candidate_rows`; so may a widened one,
+      `supernet.widen_dominated`: a bit-width's probability is the sum over
+      the candidates that stand for it).
     wall: the budget, its cost table and the fixed layers.
 
   Returns:
     `(w_bits, a_bits)`, each `[L]`.
   """
   w_rows, a_rows = np.asarray(w_rows, np.int64), np.asarray(a_rows, np.int64)
-  n, size = len(w_rows), len(TABLE_BITS)
-  log_w = np.full((n, size), -np.inf)
-  log_a = np.full((n, size), -np.inf)
-  for l in range(n):  # A repeated candidate (a fixed layer's row) keeps its best entry.
-    np.maximum.at(log_w[l], table_index(w_rows[l]),
-                  np.log(np.maximum(np.asarray(w_probs[l], np.float64), _FLOOR)))
-    np.maximum.at(log_a[l], table_index(a_rows[l]),
-                  np.log(np.maximum(np.asarray(a_probs[l], np.float64), _FLOOR)))
+  n = len(w_rows)
+
+  def log_p(probs, rows):  # -inf off the candidates
+    p = by_bits(probs, rows)
+    present = np.zeros(p.shape, bool)
+    present[np.arange(n)[:, None], table_index(rows)] = True
+    return np.where(present, np.log(np.maximum(p, _FLOOR)), -np.inf)
+
+  log_w, log_a = log_p(w_probs, w_rows), log_p(a_probs, a_rows)
   omega = -(log_w[:, :, None] + log_a[:, None, :])  # [L, 9, 9], inf off the candidates
   free_w, free_a = wall.fixed.w < 0, wall.fixed.a < 0
   problem = Problem.create(

@@ -155,6 +155,58 @@ def candidate_tensor(layer_cost, w_bits: np.ndarray, a_bits: np.ndarray) -> np.n
                             axis=-1) for i in range(k)], axis=-2)
 
 
+def search_candidates(bits: Sequence[int], wall, undominated: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`(w_bits, a_bits, tensor)` of a search under `wall` (a `BudgetWall`):
+  `candidate_rows` and `candidate_tensor`, the dominated candidates widened
+  (`widen_dominated`) when `undominated`."""
+  w_rows, a_rows = candidate_rows(bits, wall.fixed.w, wall.fixed.a)
+  tensor = candidate_tensor(wall.layer_costs, w_rows, a_rows)
+  return widen_dominated(w_rows, a_rows, tensor) if undominated else (w_rows, a_rows, tensor)
+
+
+def widen_dominated(w_bits: np.ndarray, a_bits: np.ndarray, tensor: np.ndarray,
+                    rtol: float = 1e-9) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Candidates that cost no less than a wider one, replaced by the widest such.
+
+  A layer's weight candidate `i` is dominated when some wider candidate `j`
+  costs no more than it whatever the layer's activation candidate
+  (`tensor[l, j, :] <= tensor[l, i, :]`), and likewise for activations: no
+  budget is ever better spent on `i`. Each dominated candidate takes the bits
+  (and costs) of the widest candidate that dominates it, until none is left.
+  A role whose bits cost nothing (weights under CIM's latency, activations
+  under a size budget) then holds only its widest candidate, where a search
+  would otherwise leave its logits near their start, the task loss alone
+  barely moving them in a short search. Where costs do not rise with every
+  bit (a layer bound by something the bits do not change), the candidates
+  on a flat stretch give way to its widest.
+
+  Args:
+    w_bits, a_bits: `[L, K]` candidates per layer (`candidate_rows`).
+    tensor: `[L, K, K]` their costs (`candidate_tensor`).
+    rtol: costs within this relative tolerance count as equal.
+
+  Returns:
+    `(w_bits, a_bits, tensor)`, new arrays; a repeated candidate stands for
+    its bits, as a fixed layer's repeated row does.
+  """
+  w, a = np.array(w_bits, np.int64), np.array(a_bits, np.int64)
+  t = np.array(tensor, np.float64)
+  changed = True
+  while changed:
+    changed = False
+    # `costs[l, i]`: candidate i's costs over the other role's candidates (a view of t).
+    for rows, costs in ((w, t), (a, t.transpose(0, 2, 1))):
+      for l, i in np.ndindex(rows.shape):
+        wider = [j for j in range(rows.shape[1]) if rows[l, j] > rows[l, i]
+                 and np.all(costs[l, j] <= costs[l, i] * (1 + rtol))]
+        if wider:
+          j = max(wider, key=lambda j, l=l: rows[l, j])
+          rows[l, i], costs[l, i] = rows[l, j], costs[l, j]
+          changed = True
+  return w, a, t
+
+
 class GumbelSearch:
   """The static half of the search: model, candidates, costs, optimizers.
 
