@@ -342,6 +342,11 @@ def test_summary_has_a_row_per_budget_and_marks_intervals():
   # The budget's own bits are not named; a family a budget lacks is empty.
   assert text[5] == ("| t | latency | w3a3 | 50.00 ± 0.00 | 50.00 ± 0.00 "
                      "(+0.00 [+0.00, +0.00]) |  | 50.50 ± 2.12 (+0.50 [-18.56, +19.56]) |")
+  # A policy whose ends hold bits no convention fixes is not a uniform one.
+  mixed = {**_row("gumbel", [63.0, 65.0]),
+           "policies": [{"w_bits": [6, 2, 2, 3], "a_bits": [8, 8, 8, 8]}] * 2}
+  line = comparison.table([row("uniform", [60.0, 62.0]), mixed])[1]
+  assert "| **64.00 ± 1.41 (+3.00" in comparison.summary([line])
   below = comparison.summary(comparison.table(
       [row("uniform", [60.0, 62.0, 61.0]), row("rl", [58.0, 60.1, 58.9])]))
   assert "_59.00 ± 1.05 (-2.00 [-2.25, -1.75])_" in below

@@ -189,9 +189,13 @@ def _uniform_label(line: Mapping[str, Any]) -> str:
   if len(bits) != 1:
     return ""
   w, a = next(iter(bits))
-  # The first and last layers may be fixed by convention: the middle ones say.
+  # The first and last layers may be fixed by convention (8-bit weights, 8- or
+  # 32-bit inputs): the middle ones say, if the ends hold theirs or a fixed one.
   inner_w, inner_a = set(w[1:-1] or w), set(a[1:-1] or a)
   if len(inner_w) != 1 or len(inner_a) != 1:
+    return ""
+  ends_w, ends_a = {w[0], w[-1]} - inner_w, {a[0], a[-1]} - inner_a
+  if not ends_w <= {8} or not ends_a <= {8, 32}:
     return ""
   label = f"W{inner_w.pop()}A{inner_a.pop()}"
   return "" if label.lower() == line["budget"] else label + " "
