@@ -151,3 +151,14 @@ def test_config_names_the_field_and_the_compare_variant_stamps_it():
   assert families.search_folder("gumbel_search", gumbel) == (
       "gumbel_search_per_candidate_undominated")
   assert families.search_folder("gumbel_search", base) == "gumbel_search_per_candidate"
+
+
+def test_the_argmax_of_a_search_sums_the_probabilities_of_a_repeated_candidate():
+  from haqjax.search.gumbel import GumbelSearch
+  w = np.array([[4, 4, 4, 5, 8, 8]])
+  a = np.array([[2, 3, 4, 5, 6, 8]])
+  search = GumbelSearch(None, ["l0"], w, a, np.ones((1, 6, 6)), np.zeros(1, bool))
+  # Logits whose largest entry is 5 bits', while 4 bits hold more probability.
+  logits = {"w": np.log(np.array([[0.2, 0.2, 0.2, 0.3, 0.05, 0.05]])),
+            "a": np.zeros((1, 6))}
+  assert search.derive(logits)[0].tolist() == [4]

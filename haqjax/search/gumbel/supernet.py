@@ -332,8 +332,8 @@ class GumbelSearch:
 
   def derive(self, logits: dict[str, Array]) -> tuple[np.ndarray, np.ndarray]:
     """The argmax policy's bits `([L], [L])` (before any budget enforcement)."""
-    return derive_lib.argmax(np.asarray(logits["w"]), np.asarray(logits["a"]),
-                             self.w_bits, self.a_bits)
+    probs = lambda x: np.asarray(jax.nn.softmax(jnp.asarray(x, jnp.float32), axis=-1))
+    return derive_lib.argmax(probs(logits["w"]), probs(logits["a"]), self.w_bits, self.a_bits)
 
   def policy(self, logits: dict[str, Array]) -> Policy:
     return Policy.create(self.names, *self.derive(logits))
