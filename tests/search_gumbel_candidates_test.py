@@ -162,3 +162,18 @@ def test_the_argmax_of_a_search_sums_the_probabilities_of_a_repeated_candidate()
   logits = {"w": np.log(np.array([[0.2, 0.2, 0.2, 0.3, 0.05, 0.05]])),
             "a": np.zeros((1, 6))}
   assert search.derive(logits)[0].tolist() == [4]
+
+
+def test_the_policy_within_the_budget_keeps_each_layers_own_candidates(quickstart_layers):
+  table, layers = quickstart_layers
+  n = len(table)
+  wall = _wall(layers, n, "bitfusion", "latency")
+  w, a = candidate_rows(BITS, wall.fixed.w, wall.fixed.a)
+  # Layers whose low candidates were widened: 2 and 3 bits stand for 4 or 5.
+  w[1:4, :3], a[2:5, :2] = 4, 5
+  rng = np.random.default_rng(1)
+  for _ in range(5):
+    pw, pa = (rng.dirichlet(np.ones(len(BITS)), n) for _ in range(2))
+    wb, ab = most_probable(pw, pa, w, a, wall)
+    assert bool(wall.fits(wb, ab))
+    assert all(wb[l] in w[l] and ab[l] in a[l] for l in range(n)), (wb, ab)

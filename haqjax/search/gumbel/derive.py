@@ -94,7 +94,8 @@ def most_probable(w_probs: np.ndarray, a_probs: np.ndarray, w_rows: np.ndarray,
       [str(l) for l in range(n)], np.where(np.isfinite(omega), omega, 0.0), wall.tensor,
       wall.limit, w_bits=sorted(set(w_rows[free_w].ravel().tolist())) or [8],
       a_bits=sorted(set(a_rows[free_a].ravel().tolist())) or [8],
-      fixed_w=wall.fixed.w, fixed_a=wall.fixed.a, label=str(wall.budget))
+      fixed_w=wall.fixed.w, fixed_a=wall.fixed.a, label=str(wall.budget),
+      mask=np.isfinite(omega))  # Each layer's own candidates only.
   policy = ilp.solve(problem)
   return np.asarray(policy.w_bits, np.int64), np.asarray(policy.a_bits, np.int64)
 

@@ -81,7 +81,7 @@ class Problem:
              limit: float, *, w_bits: Sequence[int], a_bits: Sequence[int],
              fixed_w: np.ndarray | None = None, fixed_a: np.ndarray | None = None,
              ties: Sequence[Sequence[int]] = (), label: str = "budget",
-             unit: str = "") -> Problem:
+             unit: str = "", mask: np.ndarray | None = None) -> Problem:
     """A validated problem.
 
     Args:
@@ -96,6 +96,8 @@ class Problem:
       ties: groups of layer indices that take one choice together.
       label: the budget, as messages name it.
       unit: the metric's unit.
+      mask: `[L, 9, 9]` bool, the choices a layer may take besides the bits
+        above (a layer's own candidates); all where None.
 
     Raises:
       ValueError: tables of other shapes, a tie naming a layer twice or out
@@ -120,6 +122,8 @@ class Problem:
         allowed[l] = False
         allowed[l, table_index(fixed[l])] = True
     allowed = allowed_w[:, :, None] & allowed_a[:, None, :]  # [L, 9, 9]
+    if mask is not None:
+      allowed &= np.asarray(mask, bool)
     bad = allowed & ~np.isfinite(omega)
     if bad.any():
       l, wi, ai = np.argwhere(bad)[0]
