@@ -270,18 +270,19 @@ def test_rl_saving_variant_is_rl_executed_with_the_saving_wall():
                               wall_order="saving")
 
 
-def test_frozen_bn_recipe_fine_tunes_on_frozen_statistics_and_trains_the_same():
+@pytest.mark.parametrize("recipe", ["fashion_mobilenet_v2", "quickstart"])
+def test_frozen_bn_recipe_fine_tunes_on_frozen_statistics_and_trains_the_same(recipe):
   from experiments import recipes
   from haqjax.train.config import Config
   plan = families.Plan()
   base = families.configs("minmax", "w4a4", plan, "/fp32", None,
-                          recipe="fashion_mobilenet_v2", target="bitfusion")
+                          recipe=recipe, target="bitfusion")
   frozen = families.configs("minmax", "w4a4", plan, "/fp32", None,
-                            recipe="fashion_mobilenet_v2_frozen_bn", target="bitfusion")
+                            recipe=f"{recipe}_frozen_bn", target="bitfusion")
   assert frozen[0].freeze_bn_stats and not base[0].freeze_bn_stats
   assert frozen[0].replace(freeze_bn_stats=False) == base[0] and frozen[1:] == base[1:]
-  (trained,) = recipes.read_configs("fashion_mobilenet_v2", (Config,))
-  (trained_frozen,) = recipes.read_configs("fashion_mobilenet_v2_frozen_bn", (Config,))
+  (trained,) = recipes.read_configs(recipe, (Config,))
+  (trained_frozen,) = recipes.read_configs(f"{recipe}_frozen_bn", (Config,))
   assert trained_frozen == trained.replace(freeze_bn_stats=True)  # Used by QAT only.
 
 
